@@ -1,0 +1,40 @@
+"""Metric and artifact names, shared by the trainables, the Tuners, TensorBoard and analysis/.
+
+One name per metric (STYLE habit 7): a rename here reaches every reader and writer at once.
+"""
+
+# Reported by every trial, every epoch (epoch 0 is the evaluation before any training step).
+EPOCH = "epoch"
+TRAIN_LOSS = "train_loss"  # mean loss over the epoch's training batches; NaN at epoch 0
+EPOCH_SECONDS = "epoch_seconds"  # wall-clock training seconds of this epoch (CUDA synchronised)
+TRAIN_SECONDS = "train_seconds"  # cumulative training seconds up to and including this epoch
+IMAGES_PER_SECOND = "images_per_second"  # training images / epoch_seconds
+STATUS = "status"  # one of the STATUS_* values below
+DIVERGED = "diverged"  # True once the training loss became NaN or inf
+NOISE_SCALE = "noise_scale"  # B_simple, McCandlish et al. 2018 (NaN when disabled or not yet estimable)
+LR = "lr"  # learning rate in effect at the end of the epoch (after scaling and warmup)
+DEVICE = "device"  # cpu | cuda
+GPU_IDS = "gpu_ids"  # the physical GPU(s) Ray gave the trial, comma-separated ("" on CPU)
+GPU_SHARE = "gpu_share"  # the trial's fraction of a GPU (--gpus-per-trial)
+
+STATUS_RUNNING = "running"
+STATUS_DONE = "done"
+STATUS_DIVERGED = "diverged"
+
+# MNIST regression.
+VAL_MSE = "val_mse"  # on the held-out validation images; NaN when no validation split
+TEST_MSE = "test_mse"
+
+# PCam classification.
+VAL_LOSS = "val_loss"
+VAL_ACC = "val_acc"
+VAL_AUC = "val_auc"
+BEST_EPOCH = "best_epoch"  # epoch of the best validation accuracy so far
+BEST_VAL_ACC = "best_val_acc"
+TEST_AUC = "test_auc"  # of the best-on-validation model; reported once, at the end
+TEST_ACC = "test_acc"
+
+# Files inside a trial's final checkpoint (persisted to the storage path with it).
+PREDICTIONS_FILE = "test_predictions.csv"  # columns: index, label, probability
+SUBMISSION_FILE = "submission.csv"  # Kaggle layout: id, label (predicted probability)
+STATE_FILE = "state.pt"

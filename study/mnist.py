@@ -1,0 +1,228 @@
+"""The MNIST regression study: `python -m study.mnist --data-dir DIR` (or `--smoke` on built-in synthetic digits).
+
+Stage 1 searches the learning rate per target at batch 32 (a log grid, then a finer grid round the best), selected
+on a held-out validation split; stage 2 sweeps the batch sizes with each target's chosen rate, 10 seeded runs each.
+Each stage is one Tune experiment under <storage-path>/<name>/: lr_coarse, lr_fine, batch_sweep; the chosen
+rates are in chosen_lr.json, the arguments in study.json. `tensorboard --logdir <storage-path>/<name>`.
+"""
+
+import argparse
+import math
+import sys
+
+from ray import tune
+
+from study import metrics as M
+from study.config import (MNIST_BATCH_SIZES, MNIST_FINE_FACTORS, MNIST_LR_GRID, MNIST_LR_SEARCH_BATCH, MNIST_RUNS,
+                          MNIST_TARGETS, MNIST_VAL_SIZE, OPTIMIZERS, MnistConfig)
+from study.data import mnist as mnist_data
+from study.errors import StudyError
+from study.trainables import train_mnist
+from study.tuning import (StudyFolder, add_common_args, check_common_args, code_version, default_name, fail,
+                          fit_resources, run_stage, start_ray)
+
+CHOSEN_FILE = "chosen_lr.json"
+TARGET_STATS_FILE = "target_stats.json"  # box-plot statistics of each target over the training images
+SMOKE = dict(targets=["mean", "std"], lr_grid=[1e-3, 1e-2, 1e3], fine_factors=[0.5, 1.0, 2.0], batch_sizes=[16, 64],
+             runs=2, epochs=2, val_size=128, train_limit=0, test_limit=0)  # lr 1e3 diverges (NaN) on purpose
+RESOURCE_FLAGS = ("address", "gpus_per_trial", "cpus_per_trial", "num_cpus", "max_failures", "resume",
+                  "retry_errored", "storage_path", "name")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m study.mnist", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--data-dir", help="folder with the four MNIST idx files (.gz or not; MNIST/raw/ layout too)")
+    data.add_argument("--download", action="store_true", help="fetch MNIST through torchvision into --data-dir")
+    data.add_argument("--smoke", action="store_true",
+                      help="the whole pipeline on built-in synthetic digits with a tiny grid (under a minute on CPU)")
+    data.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
+    data.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
+    grid = p.add_argument_group("grid (defaults: the original study)")
+    grid.add_argument("--targets", nargs="+", default=None, help=f"of {', '.join(MNIST_TARGETS)} (default all)")
+    grid.add_argument("--lr", type=float, default=None, help="use this learning rate for every target; skips stage 1")
+    grid.add_argument("--lr-grid", type=float, nargs="+", default=None, help="stage 1 coarse grid")
+    grid.add_argument("--fine-factors", type=float, nargs="+", default=None, help="stage 1 fine grid, x best lr")
+    grid.add_argument("--lr-search-batch", type=int, default=MNIST_LR_SEARCH_BATCH)
+    grid.add_argument("--select-on", choices=("val", "test"), default="val",
+                      help="stage 1 selects on the validation split (default) or, as the original, the test set")
+    grid.add_argument("--val-size", type=int, default=None, help=f"validation images (default {MNIST_VAL_SIZE})")
+    grid.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="stage 2 batch sizes")
+    grid.add_argument("--runs", type=int, default=None, help=f"seeded runs per batch size (default {MNIST_RUNS})")
+    grid.add_argument("--epochs", type=int, default=None, help="epochs per trial (default 10)")
+    grid.add_argument("--optimizer", default="adam", help=f"one of {', '.join(OPTIMIZERS)}")
+    grid.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
+    grid.add_argument("--input-scale", choices=("raw", "unit"), default="raw")
+    grid.add_argument("--target-scale", choices=("raw", "unit"), default="raw")
+    grid.add_argument("--noise-scale", choices=("on", "off"), default="on", help="estimate the gradient noise scale")
+    grid.add_argument("--lr-scaling", choices=("none", "linear", "sqrt"), default="none",
+                      help="stage 2: lr = chosen x (batch / --lr-reference-batch) or its square root")
+    grid.add_argument("--lr-reference-batch", type=int, default=MNIST_LR_SEARCH_BATCH)
+    grid.add_argument("--warmup-epochs", type=float, default=0.0)
+    add_common_args(p, gpus_per_trial=0.125)
+    args = p.parse_args(argv)
+    defaults = dict(targets=list(MNIST_TARGETS), lr_grid=list(MNIST_LR_GRID), fine_factors=list(MNIST_FINE_FACTORS),
+                    batch_sizes=list(MNIST_BATCH_SIZES), runs=MNIST_RUNS, epochs=10, val_size=MNIST_VAL_SIZE,
+                    train_limit=0, test_limit=0)
+    for key, value in (SMOKE if args.smoke else defaults).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.name = args.name or default_name("mnist-smoke" if args.smoke else "mnist")
+    return args
+
+
+def check_grid(args, n_train: int) -> None:
+    """Refuse impossible grids before Ray starts; every message names the value and the allowed range."""
+    check_common_args(args)
+    if not args.targets or not args.batch_sizes or (args.lr is None and not (args.lr_grid and args.fine_factors)):
+        raise StudyError("empty grid: --targets, --batch-sizes, --lr-grid and --fine-factors need at least one value")
+    for t in args.targets:
+        if t not in MNIST_TARGETS:
+            raise StudyError(f"unknown target {t!r}; choose from {', '.join(MNIST_TARGETS)}")
+    if args.optimizer not in OPTIMIZERS:
+        raise StudyError(f"unknown optimizer {args.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+    rates = ([args.lr] if args.lr is not None else list(args.lr_grid)) + list(args.fine_factors or [])
+    for value in rates:
+        if not (math.isfinite(value) and value > 0):
+            raise StudyError(f"learning rates and fine factors must be positive numbers, got {value}")
+    if args.runs < 1 or args.epochs < 1:
+        raise StudyError(f"--runs and --epochs must be >= 1, got {args.runs} and {args.epochs}")
+    if args.lr is None and not 0 < args.val_size < n_train and args.select_on == "val":
+        raise StudyError(f"--val-size must be in 1..{n_train - 1} (training images: {n_train}), got {args.val_size}")
+    for b in args.batch_sizes:
+        if not 1 <= b <= n_train:
+            raise StudyError(f"batch size {b} is outside 1..{n_train} (the number of training images)")
+    search_train = n_train - (args.val_size if args.select_on == "val" else 0)
+    if args.lr is None and not 1 <= args.lr_search_batch <= search_train:
+        raise StudyError(f"--lr-search-batch {args.lr_search_batch} is outside 1..{search_train}")
+
+
+def load_data(args) -> tuple[mnist_data.Mnist, str]:
+    if args.smoke:
+        return mnist_data.synthetic(512 + args.val_size, 128), "synthetic digits (built-in)"
+    if not args.data_dir:
+        raise StudyError("no data: pass --data-dir DIR (add --download to fetch MNIST there), or --smoke")
+    if args.download:
+        mnist_data.download(args.data_dir)
+    return mnist_data.load(args.data_dir).limit(args.train_limit, args.test_limit), args.data_dir
+
+
+def trial_base(args, version: str) -> dict:
+    """Every config key of a trial (so each trial stores its full config), with what this study sets."""
+    return dict(MnistConfig().to_dict(), epochs=args.epochs, optimizer=args.optimizer, momentum=args.momentum, input_scale=args.input_scale,
+                target_scale=args.target_scale, noise_scale=args.noise_scale == "on", code_version=version)
+
+
+def choose_lr(results, select_on: str) -> dict:
+    """Per target, the learning rate with the lowest final MSE among trials that finished and did not diverge."""
+    key = M.VAL_MSE if select_on == "val" else M.TEST_MSE
+    best = {}
+    for result in results:
+        cfg, last = result.config, result.metrics or {}
+        if result.error is not None or last.get(M.DIVERGED) or not math.isfinite(last.get(key, math.nan)):
+            continue
+        if last.get(M.EPOCH) != cfg["epochs"]:
+            continue
+        if cfg["target"] not in best or last[key] < best[cfg["target"]]["mse"]:
+            best[cfg["target"]] = {"lr": cfg["lr"], "mse": last[key], "selected_on": key}
+    return best
+
+
+def lr_search(args, folder, resources, data, base) -> dict:
+    common = dict(base, batch_size=args.lr_search_batch, seed=args.lr_search_batch,
+                  val_size=args.val_size if args.select_on == "val" else 0, noise_scale=False)
+    coarse = run_stage(train_mnist, dict(common, stage="lr_coarse", target=tune.grid_search(args.targets),
+                                         lr=tune.grid_search(args.lr_grid)),
+                       folder=folder, stage="lr_coarse", args=args, resources=resources, data=data)
+    best = choose_lr(coarse, args.select_on)
+    missing = sorted(set(args.targets) - set(best))
+    if missing:
+        raise StudyError(f"stage 1: every coarse learning rate diverged or failed for {', '.join(missing)}; "
+                         f"see {folder.child('lr_coarse')}")
+    centre = {t: best[t]["lr"] for t in best}
+    fine = run_stage(train_mnist, dict(common, stage="lr_fine", target=tune.grid_search(args.targets),
+                                       lr=tune.sample_from(lambda spec: centre[spec.config.target] *
+                                                           spec.config.lr_factor),
+                                       lr_factor=tune.grid_search(args.fine_factors)),
+                     folder=folder, stage="lr_fine", args=args, resources=resources, data=data)
+    chosen = choose_lr(fine, args.select_on)
+    for t in args.targets:  # the fine grid includes the coarse best (factor 1), so this only guards failures
+        chosen.setdefault(t, best[t])
+        chosen[t]["coarse_lr"] = centre[t]
+    return chosen
+
+
+def run(args) -> int:
+    data, source = load_data(args)
+    n_train = len(data.train_x)
+    check_grid(args, n_train)
+    folder = StudyFolder(args.storage_path, args.name)
+    folder.prepare(args.resume)
+    start_ray(args)
+    resources = fit_resources(args)
+    version = code_version()
+    if not args.resume:
+        folder.write_json("study.json", {"study": "mnist", "args": vars(args), "code_version": version,
+                                         "data": {"source": source, "n_train": n_train, "n_test": len(data.test_x)},
+                                         "resources_per_trial": resources})
+    targets = {t: (mnist_data.targets(data.train_x, t), mnist_data.targets(data.test_x, t)) for t in args.targets}
+    if not args.resume:  # the analysis draws the target distributions from this; it never reads the images
+        folder.write_json(TARGET_STATS_FILE, mnist_data.target_stats(data.train_x))
+    shared = {"train_x": data.train_x, "test_x": data.test_x, "targets": targets}
+    base = trial_base(args, version)
+    print(f"study folder: {folder.uri}")
+
+    if args.lr is not None:
+        chosen = {t: {"lr": args.lr, "selected_on": "--lr"} for t in args.targets}
+    elif args.resume and folder.has(CHOSEN_FILE):
+        chosen = folder.read_json(CHOSEN_FILE)
+    else:
+        chosen = lr_search(args, folder, resources, shared, base)
+    folder.write_json(CHOSEN_FILE, chosen)
+    for t in args.targets:
+        print(f"learning rate for {t}: {chosen[t]['lr']:.4g} ({chosen[t]['selected_on']})")
+
+    lrs = {t: chosen[t]["lr"] for t in args.targets}
+    sweep = run_stage(train_mnist, dict(base, stage="batch_sweep", val_size=0, target=tune.grid_search(args.targets),
+                                        batch_size=tune.grid_search(args.batch_sizes),
+                                        run=tune.grid_search(list(range(args.runs))),
+                                        seed=tune.sample_from(lambda spec: spec.config.batch_size + spec.config.run),
+                                        lr=tune.sample_from(lambda spec: lrs[spec.config.target]),
+                                        lr_scaling=args.lr_scaling, lr_reference_batch=args.lr_reference_batch,
+                                        warmup_epochs=args.warmup_epochs),
+                      folder=folder, stage="batch_sweep", args=args, resources=resources, data=shared)
+    print_summary(sweep)
+    print(f"results: {folder.uri}  (report: python -m analysis.report {folder.uri})")
+    return 1 if any(r.error is not None for r in sweep) else 0
+
+
+def print_summary(results) -> None:
+    rows = {}
+    for r in results:
+        last = r.metrics or {}
+        rows.setdefault((r.config["target"], r.config["batch_size"]), []).append(
+            math.nan if r.error is not None else last.get(M.TEST_MSE, math.nan))
+    print(f"{'target':>7} {'batch':>6} {'runs':>5} {'min MSE':>11} {'mean MSE':>11} {'max MSE':>11}")
+    for (target, batch), values in sorted(rows.items()):
+        finite = [v for v in values if math.isfinite(v)]
+        low, mean, high = (min(finite), sum(finite) / len(finite), max(finite)) if finite else (math.nan,) * 3
+        print(f"{target:>7} {batch:>6} {len(finite):>2}/{len(values):<2} {low:>11.4g} {mean:>11.4g} {high:>11.4g}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.resume:
+        folder = StudyFolder(args.storage_path, args.name)
+        if folder.exists() and folder.has("study.json"):
+            # The grid is the one the study started with; only where and how to run may change.
+            saved = folder.read_json("study.json")["args"]
+            args = argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in RESOURCE_FLAGS}})
+    try:
+        return run(args)
+    except StudyError as err:
+        return fail(err)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The training loop and its helpers, shared by both studies and free of Ray.
+
+`fit` is the loop: evaluate at epoch 0, then per epoch draw the data order from (seed, epoch), train, evaluate,
+and hand metrics plus a resumable state to `report` (the trainables turn that into `tune.report` + checkpoint).
+Because the order and the augmentation are drawn from (seed, epoch) alone, a trial resumed from the checkpoint
+of epoch e continues exactly as an uninterrupted one would (bit for bit on CPU).
+"""
+
+import math
+import random
+import time
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from study import metrics as M
+from study.lr_scaling import scaled_lr, set_lr, warmup_factor
+from study.noise import NoiseScale
+
+
+def pick_device(gpus_requested: float = 0.0) -> torch.device:
+    """CUDA when Tune gave this trial a GPU share (Ray sets CUDA_VISIBLE_DEVICES to it), CPU otherwise."""
+    return torch.device("cuda" if gpus_requested > 0 and torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_generator(seed: int, epoch: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The random stream of one epoch: data order and augmentation depend on (seed, epoch) only."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed * 1_000_003 + epoch)
+    return gen
+
+
+def make_optimizer(name: str, params, lr: float, momentum: float, device: torch.device):
+    """Adam or SGD on the fused path on CUDA (one kernel per step), the foreach path on CPU."""
+    params = [p for p in params if p.requires_grad]
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, **fast)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, **fast)
+
+
+class DeviceBatches:
+    """A dataset held on the device as tensors, batched by indexing a shuffled permutation there."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int):
+        self.x, self.y, self.batch_size = x, y, batch_size
+
+    def __len__(self):
+        return math.ceil(len(self.x) / self.batch_size)
+
+    def epoch(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(self.x), generator=generator).to(self.x.device)
+        for idx in order.split(self.batch_size):
+            yield self.x[idx], self.y[idx]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.nn.Module], dict], report: Callable,
+        *, cfg, device: torch.device, prepare: Callable | None = None, start: dict | None = None,
+        select: str | None = None, autocast_dtype: torch.dtype | None = None) -> dict:
+    """Train `model` for cfg.epochs epochs; returns the final state (see `state` below).
+
+    batches: has `epoch(generator)` yielding (x, y) on the device and `len()`.
+    prepare(x, generator): turns a raw batch into model input on the device (augmentation); None for identity.
+    evaluate(model) -> metrics dict; report(metrics, state) is called after every epoch, epoch 0 included.
+    select: a metric to maximise; the state then carries the best epoch's weights ("best_model").
+    start: a state from an earlier `report` to resume from (as loaded from a checkpoint).
+    """
+    steps_per_epoch = len(batches)
+    base_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_reference_batch, cfg.lr_scaling)
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    noise = NoiseScale(model.parameters(), cfg.batch_size) if cfg.noise_scale else None
+    state = {"epoch": 0, "train_seconds": 0.0, "best": {"value": -math.inf, "epoch": -1}, "best_model": None}
+    if start is not None:
+        model.load_state_dict(start["model"])
+        optimizer.load_state_dict(start["optimizer"])
+        if noise is not None and start.get("noise") is not None:
+            noise.load_state_dict(start["noise"])
+        torch.set_rng_state(start["torch_rng"])
+        state.update({k: start[k] for k in ("epoch", "train_seconds", "best", "best_model")})
+
+    def snapshot():
+        return {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "noise": noise.state_dict() if noise else None, "torch_rng": torch.get_rng_state()}
+
+    def evaluate_and_track(metrics):
+        metrics = {**metrics, **evaluate(model)}
+        if select is not None and metrics[select] > state["best"]["value"]:
+            state["best"] = {"value": metrics[select], "epoch": state["epoch"]}
+            state["best_model"] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if select is not None:
+            metrics[M.BEST_EPOCH] = state["best"]["epoch"]
+        return metrics
+
+    if state["epoch"] == 0:
+        set_lr(optimizer, base_lr * warmup_factor(0, warmup_steps))
+        metrics = {M.EPOCH: 0, M.TRAIN_LOSS: math.nan, M.EPOCH_SECONDS: 0.0, M.TRAIN_SECONDS: 0.0,
+                   M.IMAGES_PER_SECOND: math.nan, M.NOISE_SCALE: math.nan, M.DIVERGED: False,
+                   M.LR: optimizer.param_groups[0]["lr"], M.STATUS: M.STATUS_RUNNING}
+        report(evaluate_and_track(metrics), snapshot())
+
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        model.train()
+        gen = epoch_generator(cfg.seed, epoch)
+        aug_gen = epoch_generator(cfg.seed, epoch, device) if prepare is not None else None
+        loss_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync per step
+        seen = 0
+        sync(device)
+        started = time.perf_counter()
+        for step, (x, y) in enumerate(batches.epoch(gen), start=(epoch - 1) * steps_per_epoch):
+            if step < warmup_steps:
+                set_lr(optimizer, base_lr * warmup_factor(step, warmup_steps))
+            elif step == warmup_steps:
+                set_lr(optimizer, base_lr)
+            if prepare is not None:
+                x = prepare(x, aug_gen)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if noise is not None:
+                noise.step()
+            optimizer.step()
+            loss_sum += loss.detach().float() * len(y)
+            seen += len(y)
+        sync(device)
+        seconds = time.perf_counter() - started
+        if noise is not None:
+            noise.end_epoch()
+        train_loss = (loss_sum / max(seen, 1)).item()
+        diverged = not math.isfinite(train_loss)
+        state["epoch"] = epoch
+        state["train_seconds"] += seconds
+        metrics = {M.EPOCH: epoch, M.TRAIN_LOSS: train_loss, M.EPOCH_SECONDS: seconds,
+                   M.TRAIN_SECONDS: state["train_seconds"], M.IMAGES_PER_SECOND: seen / seconds,
+                   M.NOISE_SCALE: noise.value() if noise else math.nan, M.DIVERGED: diverged,
+                   M.LR: optimizer.param_groups[0]["lr"],
+                   M.STATUS: M.STATUS_DIVERGED if diverged else
+                   (M.STATUS_DONE if epoch == cfg.epochs else M.STATUS_RUNNING)}
+        report(evaluate_and_track(metrics), snapshot())
+        if diverged:  # a NaN/inf model has nothing left to learn: the trial ends here, marked diverged
+            return state
+    return state
+
+
+@torch.no_grad()
+def predict(model, x: torch.Tensor, batch_size: int, prepare: Callable | None = None,
+            autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Model outputs for all of x (on the device), in batches, as float32."""
+    model.eval()
+    outs = []
+    for chunk in x.split(batch_size):
+        if prepare is not None:
+            chunk = prepare(chunk)
+        with torch.autocast(chunk.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            outs.append(model(chunk).float())
+    model.train()
+    return torch.cat(outs)

@@ -1,0 +1,202 @@
+"""Ray and Tune plumbing shared by both study CLIs: common flags, the study folder, the Tuner.
+
+Everything a user can get wrong is checked before Ray starts or anything is written: a study folder that
+already exists (without --resume), an unwritable storage path, impossible resources.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from study.errors import StudyError
+
+STUDY_FILE = "study.json"  # what ran: the study's kind, its arguments, code version, stages
+
+
+def add_common_args(parser: argparse.ArgumentParser, *, gpus_per_trial: float) -> None:
+    ray_group = parser.add_argument_group("Ray and storage")
+    ray_group.add_argument("--storage-path", default="results",
+                           help="where Tune stores the study: a local folder or any URI pyarrow accepts "
+                                "(s3://bucket/prefix, gs://...). Multi-node clusters need shared storage.")
+    ray_group.add_argument("--name", default=None, help="study folder under the storage path (default: kind-timestamp)")
+    ray_group.add_argument("--address", default=None,
+                           help="Ray cluster to join: auto or HOST:PORT (default: $RAY_ADDRESS, else start a local one)")
+    ray_group.add_argument("--gpus-per-trial", type=float, default=gpus_per_trial,
+                           help=f"GPU share per trial; fractions pack trials on one GPU (default {gpus_per_trial}); "
+                                "falls back to CPU on a local machine with no GPU")
+    ray_group.add_argument("--cpus-per-trial", type=float, default=1.0)
+    ray_group.add_argument("--num-cpus", type=int, default=None,
+                           help="CPUs of the local Ray instance started when no --address is given (default: all)")
+    ray_group.add_argument("--max-failures", type=int, default=3,
+                           help="times a failed trial is retried from its last checkpoint")
+    ray_group.add_argument("--resume", action="store_true",
+                           help="continue an interrupted study in --storage-path/--name; finished trials are kept")
+    ray_group.add_argument("--retry-errored", action="store_true",
+                           help="with --resume: also retry trials that ended in an error")
+
+
+def check_common_args(args) -> None:
+    if args.cpus_per_trial <= 0:
+        raise StudyError(f"--cpus-per-trial must be > 0, got {args.cpus_per_trial}")
+    if args.gpus_per_trial < 0:
+        raise StudyError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
+    if args.gpus_per_trial > 1 and args.gpus_per_trial != int(args.gpus_per_trial):
+        raise StudyError(f"--gpus-per-trial above 1 must be a whole number, got {args.gpus_per_trial}")
+    if args.max_failures < 0:
+        raise StudyError(f"--max-failures must be >= 0, got {args.max_failures}")
+    if args.retry_errored and not args.resume:
+        raise StudyError("--retry-errored only makes sense with --resume")
+
+
+def default_name(kind: str) -> str:
+    return f"{kind}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+
+
+class StudyFolder:
+    """The study's folder under the storage path, local or remote, through pyarrow's filesystems."""
+
+    def __init__(self, storage_path: str, name: str):
+        if "://" in storage_path:
+            try:
+                self.fs, root = pafs.FileSystem.from_uri(storage_path)
+            except Exception as err:  # pyarrow raises ArrowInvalid/OSError for bad or unsupported URIs
+                raise StudyError(f"storage path {storage_path!r} is not usable: {err}")
+            self.uri = storage_path.rstrip("/") + "/" + name
+        else:
+            self.fs, root = pafs.LocalFileSystem(), str(Path(storage_path).expanduser().resolve())
+            self.uri = str(Path(root) / name)
+        self.storage_uri = self.uri.rsplit("/", 1)[0]
+        self.path = f"{root.rstrip('/')}/{name}"
+
+    def exists(self) -> bool:
+        try:
+            return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
+        except OSError as err:
+            raise StudyError(f"cannot reach storage {self.uri}: {err}")
+
+    def prepare(self, resume: bool) -> None:
+        """Refuse to start over an existing study (without --resume) and check the storage is writable."""
+        if self.exists() and not resume:
+            raise StudyError(f"{self.uri} already holds a study; pass --resume to continue it, or choose another "
+                             f"--name. Nothing was changed.")
+        if resume and not self.exists():
+            raise StudyError(f"--resume: no study at {self.uri}")
+        try:
+            self.fs.create_dir(self.path, recursive=True)
+            probe = f"{self.path}/.write-test"
+            with self.fs.open_output_stream(probe) as out:
+                out.write(b"ok")
+            self.fs.delete_file(probe)
+        except OSError as err:
+            raise StudyError(f"storage path {self.uri} is not writable: {err}")
+
+    def child(self, name: str) -> str:
+        return f"{self.uri}/{name}"
+
+    def has(self, name: str) -> bool:
+        return self.fs.get_file_info(f"{self.path}/{name}").type != pafs.FileType.NotFound
+
+    def write_json(self, name: str, data) -> None:
+        with self.fs.open_output_stream(f"{self.path}/{name}") as out:
+            out.write(json.dumps(data, indent=2, sort_keys=True, default=str).encode())
+
+    def read_json(self, name: str):
+        with self.fs.open_input_stream(f"{self.path}/{name}") as src:
+            return json.loads(src.read())
+
+
+def code_version() -> str:
+    """The git commit of the code (with -dirty for local changes), or the installed package version."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+        if sha.returncode == 0:
+            return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return "batchsize-study " + version("batchsize-study")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def start_ray(args) -> None:
+    """Join the cluster named by --address / RAY_ADDRESS, or start a local Ray (reusing one already running in
+    this process, as the tests do)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise StudyError(f"cannot start or join Ray at {address or 'a local instance'}: {err}")
+
+
+def fit_resources(args) -> dict:
+    """The per-trial resources, checked against what the cluster has (after start_ray)."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    max_gpus = max((n["Resources"].get("GPU", 0) for n in nodes), default=0)
+    max_cpus = max((n["Resources"].get("CPU", 0) for n in nodes), default=0)
+    gpus = args.gpus_per_trial
+    local = not (args.address or os.environ.get("RAY_ADDRESS"))
+    if gpus > 0 and max_gpus == 0:
+        if local:
+            print(f"note: no GPU on this machine; trials run on CPU (--gpus-per-trial {gpus} ignored)")
+            gpus = 0.0
+        else:
+            print(f"note: no GPU node is up yet; trials wait for the autoscaler to add one")
+    elif gpus > max_gpus:
+        raise StudyError(f"--gpus-per-trial {gpus} is more than any node has (largest: {max_gpus:g} GPUs)")
+    if args.cpus_per_trial > max_cpus and (local or max_cpus > 0):
+        raise StudyError(f"--cpus-per-trial {args.cpus_per_trial:g} is more than any node has "
+                         f"(largest: {max_cpus:g} CPUs)")
+    return {"cpu": args.cpus_per_trial, "gpu": gpus}
+
+
+def run_stage(trainable, param_space: dict, *, folder: StudyFolder, stage: str, args, resources: dict,
+              data: dict):
+    """Run (or, with --resume, continue) one Tune experiment of the study; returns its ResultGrid."""
+    from ray import tune
+
+    wrapped = tune.with_resources(tune.with_parameters(trainable, data=data), resources)
+    path = folder.child(stage)
+    if args.resume and tune.Tuner.can_restore(path, storage_filesystem=None if "://" in path else None):
+        print(f"resuming {path}")
+        tuner = tune.Tuner.restore(path, trainable=wrapped, resume_errored=args.retry_errored)
+    else:
+        tuner = tune.Tuner(
+            wrapped,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(reuse_actors=True),
+            run_config=tune.RunConfig(
+                name=stage,
+                storage_path=folder.uri,
+                failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                # The latest checkpoint is all a restart needs; the best model travels inside it.
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                verbose=int(os.environ.get("STUDY_TUNE_VERBOSE", "1")),
+            ),
+        )
+    return tuner.fit()
+
+
+def fail(err: StudyError) -> int:
+    print(f"error: {err}", file=sys.stderr)
+    return 2

@@ -1,0 +1,95 @@
+"""Bad input to `python -m study.mnist`: one clear message, exit 2, before Ray starts, nothing written."""
+
+import gzip
+
+import pytest
+import ray
+
+from study import mnist as cli
+
+
+@pytest.fixture(autouse=True)
+def no_ray_left():
+    yield
+    ray.shutdown()  # a failing case must not leave a Ray behind for the next one
+
+
+@pytest.fixture
+def store(tmp_path):
+    return tmp_path / "store"
+
+
+def run(capsys, store, *argv):
+    code = cli.main([*argv, "--storage-path", str(store), "--name", "s"])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--smoke", "--batch-sizes", "0"], "batch size 0 is outside 1..640"),
+    (["--smoke", "--batch-sizes", "100000"], "batch size 100000 is outside"),
+    (["--smoke", "--lr", "0"], "positive"),
+    (["--smoke", "--lr-grid", "-0.001"], "positive"),
+    (["--smoke", "--targets", "mode"], "unknown target 'mode'"),
+    (["--smoke", "--optimizer", "rmsprop"], "unknown optimizer 'rmsprop'"),
+    (["--smoke", "--targets"], "empty grid"),
+    (["--smoke", "--val-size", "0"], "--val-size must be in 1..511"),
+    (["--smoke", "--cpus-per-trial", "0"], "--cpus-per-trial must be > 0"),
+    (["--smoke", "--gpus-per-trial", "1.5"], "whole number"),
+    ([], "no data"),
+])
+def test_bad_grids_fail_before_ray(capsys, store, argv, message):
+    if argv == ["--smoke", "--targets"]:
+        pytest.raises(SystemExit, cli.main, argv)  # argparse: --targets needs a value
+        return
+    code, err = run(capsys, store, *argv)
+    assert code == 2 and message in err and err.startswith("error: ")
+    assert not ray.is_initialized() and not store.exists()
+
+
+def test_missing_and_bad_data_dir(capsys, store, tmp_path):
+    code, err = run(capsys, store, "--data-dir", str(tmp_path / "none"))
+    assert code == 2 and "does not exist" in err and "--download" in err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in cli.mnist_data.FILES.values():
+        (bad / f"{name}.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x03garbage"))
+    code, err = run(capsys, store, "--data-dir", str(bad))
+    assert code == 2 and "too short" in err or "header" in err
+    assert not ray.is_initialized() and not store.exists()
+
+
+def test_existing_study_is_never_touched(capsys, store):
+    folder = store / "s"
+    folder.mkdir(parents=True)
+    (folder / "study.json").write_text('{"study": "mnist"}')
+    code, err = run(capsys, store, "--smoke")
+    assert code == 2 and "already holds a study" in err and "--resume" in err
+    assert [p.name for p in folder.iterdir()] == ["study.json"]
+    assert (folder / "study.json").read_text() == '{"study": "mnist"}'
+
+
+def test_resume_needs_a_study(capsys, store):
+    code, err = run(capsys, store, "--smoke", "--resume")
+    assert code == 2 and "no study at" in err
+
+
+def test_unwritable_storage(capsys, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        import os
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+        code = cli.main(["--smoke", "--storage-path", str(locked), "--name", "s"])
+        assert code == 2 and "not writable" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o700)
+
+
+def test_storage_on_a_file_is_not_writable(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code = cli.main(["--smoke", "--storage-path", str(blocker), "--name", "s"])
+    err = capsys.readouterr().err
+    assert code == 2 and "not writable" in err and blocker.read_text() == "x"

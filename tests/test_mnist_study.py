@@ -1,0 +1,107 @@
+"""End to end: real (tiny) Ray Tune studies on CPU, checked through what they stored."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from study import metrics as M
+from study import mnist as cli
+
+pytestmark = pytest.mark.slow
+
+
+def trials(stage_dir: Path) -> list[dict]:
+    """Every trial of one stored Tune experiment: its params and its reported rows."""
+    out = []
+    for folder in sorted(p for p in stage_dir.iterdir() if p.is_dir()):
+        rows = [json.loads(line) for line in (folder / "result.json").read_text().splitlines()]
+        out.append({"dir": folder, "config": json.loads((folder / "params.json").read_text()), "rows": rows})
+    return out
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """`python -m study.mnist --smoke`, as a user runs it, in its own process (it starts its own Ray)."""
+    store = tmp_path_factory.mktemp("store")
+    done = subprocess.run([sys.executable, "-m", "study.mnist", "--smoke", "--storage-path", str(store),
+                           "--name", "smoke", "--num-cpus", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return store / "smoke", done.stdout
+
+
+def test_smoke_stores_both_stages(smoke):
+    folder, stdout = smoke
+    coarse, fine, sweep = (trials(folder / s) for s in ("lr_coarse", "lr_fine", "batch_sweep"))
+    smoke_grid = cli.SMOKE
+    assert len(coarse) == len(smoke_grid["targets"]) * len(smoke_grid["lr_grid"])
+    assert len(fine) == len(smoke_grid["targets"]) * len(smoke_grid["fine_factors"])
+    assert len(sweep) == len(smoke_grid["targets"]) * len(smoke_grid["batch_sizes"]) * smoke_grid["runs"]
+    for trial in fine + sweep:
+        assert [r[M.EPOCH] for r in trial["rows"]] == list(range(smoke_grid["epochs"] + 1))
+        assert all(math.isfinite(r[M.TEST_MSE]) for r in trial["rows"])
+        assert trial["rows"][-1][M.STATUS] == M.STATUS_DONE
+    for trial in sweep:  # seed = batch size + run index, as the original; full config stored
+        cfg = trial["config"]
+        assert cfg["seed"] == cfg["batch_size"] + cfg["run"] and cfg["val_size"] == 0
+        assert {"code_version", "eval_batch_size", "input_scale", "lr_scaling"} <= set(cfg)
+    assert "learning rate for mean" in stdout
+
+
+def test_diverged_trials_are_marked_and_never_chosen(smoke):
+    folder, _ = smoke
+    coarse = trials(folder / "lr_coarse")
+    diverged = [t for t in coarse if t["rows"][-1][M.DIVERGED]]
+    assert {t["config"]["lr"] for t in diverged} == {1e3}  # the smoke grid's deliberately huge rate
+    assert all(t["rows"][-1][M.STATUS] == M.STATUS_DIVERGED for t in diverged)
+    chosen = json.loads((folder / "chosen_lr.json").read_text())
+    # recompute the choice from the stored fine stage: lowest final validation MSE per target
+    for target in cli.SMOKE["targets"]:
+        fine = [t for t in trials(folder / "lr_fine") if t["config"]["target"] == target]
+        best = min(fine, key=lambda t: t["rows"][-1][M.VAL_MSE])
+        assert chosen[target]["lr"] == pytest.approx(best["config"]["lr"])
+        assert chosen[target]["lr"] != 1e3
+        sweep = [t for t in trials(folder / "batch_sweep") if t["config"]["target"] == target]
+        assert {t["config"]["lr"] for t in sweep} == {chosen[target]["lr"]}
+
+
+def test_tensorboard_has_every_trial_with_hparams(smoke):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folder, _ = smoke
+    for trial in trials(folder / "batch_sweep"):
+        events = list(trial["dir"].glob("events.out.tfevents.*"))
+        assert events, trial["dir"]
+        acc = EventAccumulator(str(trial["dir"]))
+        acc.Reload()
+        tags = acc.Tags()["scalars"]
+        assert any(tag.endswith(M.TEST_MSE) for tag in tags)
+        mse = [e.value for e in acc.Scalars(next(t for t in tags if t.endswith(M.TEST_MSE)))]
+        assert len(mse) == cli.SMOKE["epochs"] + 1
+        assert "_hparams_/session_start_info" in acc.summary_metadata or any(
+            "hparams" in tag for tag in acc.summary_metadata)
+
+
+def test_study_records_and_checkpoints(smoke):
+    folder, _ = smoke
+    study = json.loads((folder / "study.json").read_text())
+    assert study["study"] == "mnist" and study["data"]["n_train"] == 512 + cli.SMOKE["val_size"]
+    stats = json.loads((folder / "target_stats.json").read_text())
+    assert set(stats) == {"mean", "median", "std", "var"}
+    for trial in trials(folder / "batch_sweep"):
+        checkpoints = sorted(trial["dir"].glob("checkpoint_*"))
+        assert 1 <= len(checkpoints) <= 2 and (checkpoints[-1] / M.STATE_FILE).is_file()
+
+
+def test_real_mnist_mean_mse_falls(mnist_dir, tmp_path, local_ray):
+    code = cli.main(["--data-dir", str(mnist_dir), "--train-limit", "3000", "--test-limit", "1000",
+                     "--targets", "mean", "--lr", "1e-3", "--batch-sizes", "32", "--runs", "1", "--epochs", "3",
+                     "--storage-path", str(tmp_path), "--name", "real"])
+    assert code == 0
+    (trial,) = trials(tmp_path / "real" / "batch_sweep")
+    mse = [r[M.TEST_MSE] for r in trial["rows"]]
+    assert len(mse) == 4 and mse[3] < mse[1] < mse[0]
+    assert trial["config"]["seed"] == 32

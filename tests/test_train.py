@@ -1,0 +1,125 @@
+"""The training loop without Ray: shapes, determinism, exact resume, divergence, learning."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from study import metrics as M
+from study.config import MnistConfig
+from study.data import mnist
+from study.models import RegressionCNN
+from study.trainables import run_mnist
+from study.train import DeviceBatches, epoch_generator
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def data():
+    d = mnist.synthetic(640, 128, seed=3)
+    targets = {t: (mnist.targets(d.train_x, t), mnist.targets(d.test_x, t)) for t in ("mean", "var")}
+    return {"train_x": d.train_x, "test_x": d.test_x, "targets": targets}
+
+
+def collect(cfg, data, start=None, stop_after=None):
+    """Run a trial, returning the reported metrics and states; stop_after simulates a crash after that epoch."""
+    rows, states = [], []
+
+    class Crash(Exception):
+        pass
+
+    def report(metrics, state):
+        rows.append(metrics)
+        states.append(copy.deepcopy(state))
+        if stop_after is not None and metrics[M.EPOCH] == stop_after:
+            raise Crash
+
+    try:
+        run_mnist(cfg, data, CPU, report, start)
+    except Crash:
+        pass
+    return rows, states
+
+
+def test_model_shape():
+    out = RegressionCNN()(torch.zeros(7, 1, 28, 28))
+    assert out.shape == (7,)
+    assert sum(p.numel() for p in RegressionCNN().parameters()) == 10 * 25 + 10 + 20 * 250 + 20 + 320 * 50 + 50 + 51
+
+
+def test_device_batches_cover_every_image_once():
+    x = torch.arange(10).float()
+    batches = DeviceBatches(x, x, batch_size=4)
+    seen = torch.cat([bx for bx, _ in batches.epoch(epoch_generator(0, 1))])
+    assert len(batches) == 3 and sorted(seen.tolist()) == list(range(10))
+    again = torch.cat([bx for bx, _ in batches.epoch(epoch_generator(0, 1))])
+    other = torch.cat([bx for bx, _ in batches.epoch(epoch_generator(0, 2))])
+    assert torch.equal(seen, again) and not torch.equal(seen, other)
+
+
+def test_epochs_reported_from_zero_and_loss_falls(data):
+    cfg = MnistConfig(target="mean", lr=1e-3, batch_size=32, epochs=3, val_size=128, seed=5)
+    rows, _ = collect(cfg, data)
+    assert [r[M.EPOCH] for r in rows] == [0, 1, 2, 3]
+    assert math.isnan(rows[0][M.TRAIN_LOSS]) and rows[-1][M.STATUS] == M.STATUS_DONE
+    assert rows[-1][M.TEST_MSE] < rows[0][M.TEST_MSE] / 5
+    assert all(math.isfinite(r[M.VAL_MSE]) for r in rows)
+    assert rows[-1][M.TRAIN_SECONDS] == pytest.approx(sum(r[M.EPOCH_SECONDS] for r in rows))
+
+
+def test_same_seed_same_metrics_other_seed_not(data):
+    cfg = MnistConfig(target="var", lr=1e-3, batch_size=64, epochs=2, seed=7)
+    first, _ = collect(cfg, data)
+    second, _ = collect(cfg, data)
+    keys = (M.TRAIN_LOSS, M.TEST_MSE, M.NOISE_SCALE)
+    assert [[r[k] for k in keys] for r in first[1:]] == [[r[k] for k in keys] for r in second[1:]]
+    other, _ = collect(MnistConfig(target="var", lr=1e-3, batch_size=64, epochs=2, seed=8), data)
+    assert other[-1][M.TEST_MSE] != first[-1][M.TEST_MSE]
+
+
+def test_resume_from_a_checkpoint_ends_exactly_like_an_uninterrupted_run(data):
+    cfg = MnistConfig(target="mean", lr=1e-3, batch_size=16, epochs=3, seed=11, val_size=64)
+    full, _ = collect(cfg, data)
+    crashed, states = collect(cfg, data, stop_after=1)
+    # what a checkpoint round trip does to the state
+    saved = torch.load(_save(states[-1]), weights_only=True)
+    resumed, _ = collect(cfg, data, start=saved)
+    assert [r[M.EPOCH] for r in resumed] == [2, 3]
+    for key in (M.TRAIN_LOSS, M.TEST_MSE, M.VAL_MSE, M.NOISE_SCALE):
+        assert resumed[-1][key] == full[-1][key] or (math.isnan(full[-1][key]) and math.isnan(resumed[-1][key]))
+
+
+def _save(state):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def test_nan_loss_ends_the_trial_marked_diverged(data):
+    cfg = MnistConfig(target="var", lr=10.0, optimizer="sgd", batch_size=32, epochs=5)
+    rows, _ = collect(cfg, data)
+    assert rows[-1][M.DIVERGED] and rows[-1][M.STATUS] == M.STATUS_DIVERGED
+    assert len(rows) < 6  # stopped at the first diverged epoch
+    assert not rows[-2][M.DIVERGED]
+
+
+def test_unit_scales(data):
+    cfg = MnistConfig(target="var", lr=1e-3, batch_size=64, epochs=1, input_scale="unit", target_scale="unit")
+    rows, _ = collect(cfg, data)
+    raw, _ = collect(MnistConfig(target="var", lr=1e-3, batch_size=64, epochs=1), data)
+    assert rows[0][M.TEST_MSE] < 1 < raw[0][M.TEST_MSE]  # variance on 0..1 is below 1/4, on 0..255 thousands
+
+
+def test_lr_scaling_and_warmup_reach_the_optimizer(data):
+    cfg = MnistConfig(target="mean", lr=1e-3, batch_size=128, epochs=2, lr_scaling="linear",
+                      lr_reference_batch=32, warmup_epochs=1.0)
+    rows, _ = collect(cfg, data)
+    assert rows[0][M.LR] == pytest.approx(4e-3 / 5)  # 640 images / 128 = 5 warmup steps; step 0 at 1/5
+    assert rows[-1][M.LR] == pytest.approx(4e-3)
+    assert math.isfinite(rows[-1][M.NOISE_SCALE]) or np.isnan(rows[-1][M.NOISE_SCALE])
