@@ -76,6 +76,7 @@ class PcamConfig:
     seed: int = 0
     run: int = 0  # index of the repeated seed (--seeds)
     data_dir: str = ""  # folder with the official HDF5 layout (prepared once by the driver)
+    download: bool = False  # a node without the files fetches them into data_dir once (under a file lock)
     weights: str = "imagenet"  # imagenet | none | path to a VGG16 state_dict
     freeze_blocks: int = 2  # VGG16 conv blocks kept frozen (the original fine-tunes the last three)
     flip: bool = True  # random horizontal and vertical flips

@@ -142,8 +142,7 @@ def lr_search(args, folder, resources, data, base) -> dict:
                          f"see {folder.child('lr_coarse')}")
     centre = {t: best[t]["lr"] for t in best}
     fine = run_stage(train_mnist, dict(common, stage="lr_fine", target=tune.grid_search(args.targets),
-                                       lr=tune.sample_from(lambda spec: centre[spec.config.target] *
-                                                           spec.config.lr_factor),
+                                       lr=tune.sample_from(lambda c: centre[c["target"]] * c["lr_factor"]),
                                        lr_factor=tune.grid_search(args.fine_factors)),
                      folder=folder, stage="lr_fine", args=args, resources=resources, data=data)
     chosen = choose_lr(fine, args.select_on)
@@ -187,8 +186,8 @@ def run(args) -> int:
     sweep = run_stage(train_mnist, dict(base, stage="batch_sweep", val_size=0, target=tune.grid_search(args.targets),
                                         batch_size=tune.grid_search(args.batch_sizes),
                                         run=tune.grid_search(list(range(args.runs))),
-                                        seed=tune.sample_from(lambda spec: spec.config.batch_size + spec.config.run),
-                                        lr=tune.sample_from(lambda spec: lrs[spec.config.target]),
+                                        seed=tune.sample_from(lambda c: c["batch_size"] + c["run"]),
+                                        lr=tune.sample_from(lambda c: lrs[c["target"]]),
                                         lr_scaling=args.lr_scaling, lr_reference_batch=args.lr_reference_batch,
                                         warmup_epochs=args.warmup_epochs),
                       folder=folder, stage="batch_sweep", args=args, resources=resources, data=shared)

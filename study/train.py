@@ -99,8 +99,9 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
         if select is not None and metrics[select] > state["best"]["value"]:
             state["best"] = {"value": metrics[select], "epoch": state["epoch"]}
             state["best_model"] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        if select is not None:
+        if select is not None:  # e.g. best_val_acc (M.BEST_VAL_ACC) and its epoch
             metrics[M.BEST_EPOCH] = state["best"]["epoch"]
+            metrics[f"best_{select}"] = state["best"]["value"]
         return metrics
 
     if state["epoch"] == 0:

@@ -10,12 +10,18 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from ray import tune
+from sklearn.metrics import roc_auc_score
 
 from study import metrics as M
-from study.config import MnistConfig
-from study.models import RegressionCNN
+from study.augment import to_input
+from study.config import MnistConfig, PcamConfig
+from study.data import kaggle
+from study.data import pcam as pcam_data
+from study.data.batches import PatchBatches
+from study.models import RegressionCNN, VGG16Patches
 from study.train import DeviceBatches, fit, make_optimizer, pick_device, predict, seed_everything
 
 VAL_SPLIT_SEED = 0  # the validation images are the same for every trial of a study
@@ -29,8 +35,23 @@ def trial_device() -> tuple[torch.device, dict]:
     resources = tune.get_context().get_trial_resources().required_resources
     torch.set_num_threads(max(1, int(resources.get("CPU", 1))))  # do not oversubscribe cores shared by trials
     device = pick_device(resources.get("GPU", 0))
-    gpu_ids = ",".join(str(i) for i in ray.get_gpu_ids()) if device.type == "cuda" else ""
+    gpu_ids = ",".join(str(i) for i in ray.get_gpu_ids())  # Ray's assignment (also on nodes that only declare GPUs)
     return device, {M.DEVICE: device.type, M.GPU_IDS: gpu_ids, M.GPU_SHARE: float(resources.get("GPU", 0))}
+
+
+def out_of_memory_is_fatal(train):
+    """Turn CUDA out-of-memory into a clear error for this trial alone; the study and other trials go on."""
+    def wrapped(config, data):
+        try:
+            return train(config, data)
+        except torch.cuda.OutOfMemoryError as err:
+            torch.cuda.empty_cache()
+            raise RuntimeError(
+                f"CUDA out of memory at batch size {config.get('batch_size')} with "
+                f"{tune.get_context().get_trial_resources().required_resources.get('GPU', 0):g} GPU per trial: "
+                f"give each trial a larger share (--gpus-per-trial) or use smaller batches. ({err})") from None
+    wrapped.__name__, wrapped.__doc__ = train.__name__, train.__doc__
+    return wrapped
 
 
 def load_start() -> dict | None:
@@ -57,6 +78,7 @@ def mnist_split(n_train: int, val_size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(order[val_size:]), np.sort(order[:val_size])
 
 
+@out_of_memory_is_fatal
 def train_mnist(config: dict, data: dict) -> None:
     """One MNIST regression trial, as Tune runs it."""
     cfg = MnistConfig.from_dict(config)
@@ -94,3 +116,83 @@ def run_mnist(cfg: MnistConfig, data: dict, device: torch.device, report, start:
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, device)
     return fit(model, optimizer, DeviceBatches(train_x, train_y, cfg.batch_size), torch.nn.functional.mse_loss,
                evaluate, report, cfg=cfg, device=device, start=start)
+
+
+@out_of_memory_is_fatal
+def train_pcam(config: dict, data: dict) -> None:
+    """One PCam trial, as Tune runs it. data: {"features": VGG16 conv state_dict or None}."""
+    cfg = PcamConfig.from_dict(config)
+    device, placement = trial_device()
+    if device.type == "cuda" and 0 < placement[M.GPU_SHARE] < 1:
+        # Packed trials: an allocation past this trial's share fails here instead of starving its neighbours.
+        torch.cuda.set_per_process_memory_fraction(placement[M.GPU_SHARE])
+    run_pcam(cfg, data["features"], device, lambda metrics, state, files: report({**metrics, **placement}, state,
+                                                                                   files), load_start())
+
+
+def run_pcam(cfg: PcamConfig, features: dict | None, device: torch.device, report, start: dict | None = None):
+    """The PCam trial without Ray: fine-tune, keep the best-on-validation weights, evaluate them on the test split.
+    report(metrics, state, files) gets every epoch; the last one carries the test metrics and prediction files."""
+    seed_everything(cfg.seed)
+    splits = pcam_data.locate(cfg.data_dir)
+    (train_x, train_y), (val_x, val_y), (test_x, test_y) = (pcam_data.load_split(*splits[s]) for s in pcam_data.SPLITS)
+    if cfg.train_limit:
+        train_x, train_y = train_x[:cfg.train_limit], train_y[:cfg.train_limit]
+    cuda = device.type == "cuda"
+    amp = torch.bfloat16 if cuda and cfg.amp else None
+    model = VGG16Patches(features, cfg.freeze_blocks).to(device)
+    if cuda and cfg.amp:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, device)
+    batches = PatchBatches(train_x, train_y, cfg.batch_size, device)
+    val_batches = PatchBatches(val_x, val_y, cfg.eval_batch_size, device, shuffle=False)
+    test_batches = PatchBatches(test_x, test_y, cfg.eval_batch_size, device, shuffle=False)
+    augment = dict(flip=cfg.flip, rot90=cfg.rot90, zoom=cfg.zoom, brightness=cfg.brightness)
+
+    @torch.no_grad()
+    def probabilities(split):
+        model.eval()
+        out = []
+        for x, _ in split.epoch():
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                out.append(torch.sigmoid(model(to_input(x, train=False)).float()))
+        model.train()
+        return torch.cat(out).cpu().numpy().astype(np.float64)
+
+    def evaluate(model):
+        p = probabilities(val_batches)
+        return {M.VAL_LOSS: bce(val_y, p), M.VAL_ACC: float(np.mean((p >= 0.5) == val_y)), M.VAL_AUC: auc(val_y, p),
+                M.GPU_MEMORY_MB: torch.cuda.max_memory_allocated(device) / 2**20 if cuda else math.nan}
+
+    def report_epoch(metrics, state):
+        files = {}
+        if metrics[M.STATUS] != M.STATUS_RUNNING and state["best_model"] is not None:
+            # The end (done or diverged): the best-on-validation weights, judged once on the test split.
+            model.load_state_dict(state["best_model"])
+            p = probabilities(test_batches)
+            if test_y is not None:
+                metrics = {**metrics, M.TEST_AUC: auc(test_y, p), M.TEST_ACC: float(np.mean((p >= 0.5) == test_y))}
+                files[M.PREDICTIONS_FILE] = lambda path: pd.DataFrame(
+                    {"index": np.arange(len(p)), "label": test_y.astype(int), "probability": p}).to_csv(path,
+                                                                                                      index=False)
+            ids = kaggle.read_ids(cfg.data_dir, "test")
+            if ids is not None:
+                files[M.SUBMISSION_FILE] = lambda path: pd.DataFrame({"id": ids, "label": p}).to_csv(path, index=False)
+        report(metrics, state, files)
+
+    prepare = lambda x, generator: to_input(x, generator=generator, **augment)  # noqa: E731 (one-liner hook)
+    return fit(model, optimizer, batches, torch.nn.functional.binary_cross_entropy_with_logits, evaluate,
+               report_epoch, cfg=cfg, device=device, prepare=prepare, start=start, select=M.VAL_ACC,
+               autocast_dtype=amp)
+
+
+def bce(labels: np.ndarray, p: np.ndarray) -> float:
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
+
+
+def auc(labels: np.ndarray, p: np.ndarray) -> float:
+    """ROC AUC (scikit-learn); NaN when a split holds one class only or the model produced NaN."""
+    if len(np.unique(labels)) < 2 or not np.all(np.isfinite(p)):
+        return math.nan
+    return float(roc_auc_score(labels, p))

@@ -171,20 +171,20 @@ def fit_resources(args) -> dict:
 
 
 def run_stage(trainable, param_space: dict, *, folder: StudyFolder, stage: str, args, resources: dict,
-              data: dict):
+              data: dict, search_alg=None, num_samples: int = 1):
     """Run (or, with --resume, continue) one Tune experiment of the study; returns its ResultGrid."""
     from ray import tune
 
     wrapped = tune.with_resources(tune.with_parameters(trainable, data=data), resources)
     path = folder.child(stage)
-    if args.resume and tune.Tuner.can_restore(path, storage_filesystem=None if "://" in path else None):
+    if args.resume and tune.Tuner.can_restore(path):
         print(f"resuming {path}")
         tuner = tune.Tuner.restore(path, trainable=wrapped, resume_errored=args.retry_errored)
     else:
         tuner = tune.Tuner(
             wrapped,
             param_space=param_space,
-            tune_config=tune.TuneConfig(reuse_actors=True),
+            tune_config=tune.TuneConfig(reuse_actors=True, search_alg=search_alg, num_samples=num_samples),
             run_config=tune.RunConfig(
                 name=stage,
                 storage_path=folder.uri,

@@ -1,0 +1,186 @@
+"""The PCam study: `python -m study.pcam --data-dir DIR` (or `--smoke` on a generated PCam-like set).
+
+VGG16 (ImageNet weights; the first two conv blocks frozen) fine-tuned on PatchCamelyon 96x96 patches over the
+grid batch size x (optimizer, learning rate) x seed; the best-on-validation weights are tested at the end. One Tune
+experiment, <storage-path>/<name>/grid; `tensorboard --logdir <storage-path>/<name>`.
+--data-dir takes the official HDF5 files (.h5 or .h5.gz, also torchvision's pcam/ layout) or the Kaggle
+"Histopathologic Cancer Detection" folder (train/, train_labels.csv, test/), converted once with a stratified
+split; a study on Kaggle data writes each trial's submission.csv.
+"""
+
+import argparse
+import itertools
+import sys
+import tempfile
+from pathlib import Path
+
+from ray import tune
+from ray.tune.search import BasicVariantGenerator
+
+from study import metrics as M
+from study.config import OPTIMIZERS, PCAM_BATCH_SIZES, PCAM_LRS, PcamConfig
+from study.data import kaggle
+from study.data import pcam as pcam_data
+from study.errors import StudyError
+from study.models import vgg16_features_state
+from study.trainables import train_pcam
+from study.tuning import (StudyFolder, add_common_args, check_common_args, code_version, default_name, fail,
+                          fit_resources, run_stage, start_ray)
+
+SMOKE = dict(batch_sizes=[8, 16], optimizers=["sgd", "adam"], sgd_lrs=[0.01], adam_lrs=[1e-4], epochs=2,
+             weights="none", eval_batch_size=32)
+SMOKE_SIZES = dict(n_train=48, n_valid=16, n_test=24)
+RESOURCE_FLAGS = ("address", "gpus_per_trial", "cpus_per_trial", "num_cpus", "max_failures", "resume",
+                  "retry_errored", "storage_path", "name")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m study.pcam", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--data-dir", help="official PCam HDF5 files, or the Kaggle layout (train/, train_labels.csv)")
+    data.add_argument("--download", action="store_true", help="fetch PCam through torchvision into --data-dir")
+    data.add_argument("--prepared-dir", help="where Kaggle data is converted to HDF5 (default DATA_DIR/prepared-h5)")
+    data.add_argument("--val-fraction", type=float, default=0.2, help="Kaggle data: validation share (default 0.2)")
+    data.add_argument("--split-seed", type=int, default=0, help="Kaggle data: seed of the stratified split")
+    data.add_argument("--train-limit", type=int, default=0, help="use only the first N training patches")
+    data.add_argument("--smoke", action="store_true",
+                      help="the whole pipeline on a generated PCam-like set, two small configurations, random init")
+    grid = p.add_argument_group("grid (defaults: the original study)")
+    grid.add_argument("--batch-sizes", type=int, nargs="+", default=None)
+    grid.add_argument("--optimizers", nargs="+", default=None, help=f"of {', '.join(OPTIMIZERS)} (default both)")
+    grid.add_argument("--sgd-lrs", type=float, nargs="+", default=None, help=f"default {PCAM_LRS['sgd']}")
+    grid.add_argument("--adam-lrs", type=float, nargs="+", default=None, help=f"default {PCAM_LRS['adam']}")
+    grid.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    grid.add_argument("--epochs", type=int, default=None, help="default 55")
+    grid.add_argument("--seeds", type=int, default=1, help="runs per configuration, seeds 0..N-1 (default 1)")
+    grid.add_argument("--weights", default=None,
+                      help="imagenet (torchvision's cache; default), none (random init) or PATH to a state_dict")
+    grid.add_argument("--freeze-blocks", type=int, default=2, help="VGG16 conv blocks kept frozen (default 2)")
+    grid.add_argument("--no-flip", action="store_true")
+    grid.add_argument("--no-rot90", action="store_true")
+    grid.add_argument("--zoom", type=float, default=0.1, help="random zoom up to this fraction (0 disables)")
+    grid.add_argument("--brightness", type=float, default=0.1, help="random brightness up to this fraction")
+    grid.add_argument("--no-amp", action="store_true", help="on CUDA: fp32 instead of bf16 autocast")
+    grid.add_argument("--eval-batch-size", type=int, default=None)
+    grid.add_argument("--noise-scale", choices=("on", "off"), default="on", help="estimate the gradient noise scale")
+    grid.add_argument("--lr-scaling", choices=("none", "linear", "sqrt"), default="none")
+    grid.add_argument("--lr-reference-batch", type=int, default=32)
+    grid.add_argument("--warmup-epochs", type=float, default=0.0)
+    add_common_args(p, gpus_per_trial=0.25)
+    args = p.parse_args(argv)
+    defaults = dict(batch_sizes=list(PCAM_BATCH_SIZES), optimizers=list(OPTIMIZERS), sgd_lrs=list(PCAM_LRS["sgd"]),
+                    adam_lrs=list(PCAM_LRS["adam"]), epochs=55, weights="imagenet", eval_batch_size=512)
+    for key, value in (SMOKE if args.smoke else defaults).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.name = args.name or default_name("pcam-smoke" if args.smoke else "pcam")
+    return args
+
+
+def prepare_data(args) -> tuple[str, dict[str, int]]:
+    """The folder of the official HDF5 layout the trials read (converted from Kaggle data once), and its sizes."""
+    if args.smoke:
+        folder = Path(tempfile.gettempdir()) / "batchsize-study-pcam-smoke"
+        if not (folder / pcam_data.file_name("test", "y")).is_file():
+            pcam_data.make_synthetic(folder, **SMOKE_SIZES)
+        return str(folder), pcam_data.verify(pcam_data.locate(folder))
+    if not args.data_dir:
+        raise StudyError("no data: pass --data-dir DIR (add --download to fetch PCam there), or --smoke")
+    root = Path(args.data_dir).expanduser().resolve()
+    if (root / "train_labels.csv").is_file():
+        root = kaggle.prepare_kaggle(root, Path(args.prepared_dir or root / "prepared-h5"), args.val_fraction,
+                                     args.split_seed)
+    elif args.download:
+        pcam_data.download(root)
+    return str(root), pcam_data.verify(pcam_data.locate(root))
+
+
+def check_grid(args, n_train: int) -> None:
+    check_common_args(args)
+    if not args.batch_sizes or not args.optimizers:
+        raise StudyError("empty grid: --batch-sizes and --optimizers need at least one value")
+    for name in args.optimizers:
+        if name not in OPTIMIZERS:
+            raise StudyError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+        if not lrs_of(args, name):
+            raise StudyError(f"empty grid: --{name}-lrs needs at least one value")
+        for lr in lrs_of(args, name):
+            if not lr > 0:
+                raise StudyError(f"learning rates must be positive numbers, got {lr} for {name}")
+    for b in args.batch_sizes:
+        if not 1 <= b <= n_train:
+            raise StudyError(f"batch size {b} is outside 1..{n_train} (the number of training patches)")
+    if args.epochs < 1 or args.seeds < 1:
+        raise StudyError(f"--epochs and --seeds must be >= 1, got {args.epochs} and {args.seeds}")
+
+
+def lrs_of(args, optimizer: str) -> list[float]:
+    return list(args.sgd_lrs if optimizer == "sgd" else args.adam_lrs)
+
+
+def run(args) -> int:
+    data_dir, sizes = prepare_data(args)
+    n_train = min(sizes["train"], args.train_limit or sizes["train"])
+    check_grid(args, n_train)
+    version = code_version()
+    base = PcamConfig(data_dir=data_dir, download=bool(args.download), momentum=args.momentum, epochs=args.epochs,
+                      weights=args.weights, freeze_blocks=args.freeze_blocks, flip=not args.no_flip,
+                      rot90=not args.no_rot90, zoom=args.zoom, brightness=args.brightness, amp=not args.no_amp,
+                      eval_batch_size=args.eval_batch_size, train_limit=args.train_limit,
+                      noise_scale=args.noise_scale == "on", lr_scaling=args.lr_scaling,
+                      lr_reference_batch=args.lr_reference_batch, warmup_epochs=args.warmup_epochs,
+                      code_version=version)
+    features = vgg16_features_state(args.weights)  # before Ray: missing weights fail here, not in every trial
+    folder = StudyFolder(args.storage_path, args.name)
+    folder.prepare(args.resume)
+    start_ray(args)
+    resources = fit_resources(args)
+    if not args.resume:
+        folder.write_json("study.json", {"study": "pcam", "args": vars(args), "code_version": version,
+                                         "data": {"dir": data_dir, "sizes": sizes,
+                                                  "kaggle": kaggle.read_ids(data_dir, "test") is not None},
+                                         "resources_per_trial": resources})
+    print(f"study folder: {folder.uri}")
+    # (optimizer, lr) pairs are not a product, so each pair is one of Tune's points_to_evaluate (one sample per
+    # pair, never a random draw); Tune crosses each point with the grid over batch size and seed.
+    pairs = [{"optimizer": o, "lr": lr} for o in args.optimizers for lr in lrs_of(args, o)]
+    space = dict(base.to_dict(), optimizer=tune.choice(args.optimizers),
+                 lr=tune.choice(sorted({p["lr"] for p in pairs})))
+    space.update(batch_size=tune.grid_search(args.batch_sizes),
+                 run=tune.grid_search(list(range(args.seeds))), seed=tune.sample_from(lambda c: c["run"]))
+    results = run_stage(train_pcam, space, folder=folder, stage="grid", args=args, resources=resources,
+                        data={"features": features},
+                        search_alg=BasicVariantGenerator(points_to_evaluate=pairs), num_samples=len(pairs))
+    print_summary(results)
+    print(f"results: {folder.uri}  (report: python -m analysis.report {folder.uri})")
+    return 1 if any(r.error is not None for r in results) else 0
+
+
+def print_summary(results) -> None:
+    print(f"{'optimizer':>9} {'lr':>8} {'batch':>6} {'seed':>5} {'status':>9} {'best val acc':>12} {'test AUC':>9}")
+    rows = []
+    for r in results:
+        last, c = r.metrics or {}, r.config
+        status = "error" if r.error is not None else last.get(M.STATUS, "?")
+        rows.append((c["optimizer"], c["lr"], c["batch_size"], c["run"], status,
+                     last.get(M.BEST_VAL_ACC, float("nan")), last.get(M.TEST_AUC, float("nan"))))
+    for o, lr, b, s, status, acc, test_auc in sorted(rows):
+        print(f"{o:>9} {lr:>8.2g} {b:>6} {s:>5} {status:>9} {acc:>12.4f} {test_auc:>9.4f}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.resume:
+        folder = StudyFolder(args.storage_path, args.name)
+        if folder.exists() and folder.has("study.json"):
+            saved = folder.read_json("study.json")["args"]
+            args = argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in RESOURCE_FLAGS}})
+    try:
+        return run(args)
+    except StudyError as err:
+        return fail(err)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
