@@ -36,7 +36,8 @@ def trial_device() -> tuple[torch.device, dict]:
     torch.set_num_threads(max(1, int(resources.get("CPU", 1))))  # do not oversubscribe cores shared by trials
     device = pick_device(resources.get("GPU", 0))
     gpu_ids = ",".join(str(i) for i in ray.get_gpu_ids())  # Ray's assignment (also on nodes that only declare GPUs)
-    return device, {M.DEVICE: device.type, M.GPU_IDS: gpu_ids, M.GPU_SHARE: float(resources.get("GPU", 0))}
+    return device, {M.DEVICE: device.type, M.GPU_IDS: gpu_ids, M.GPU_SHARE: float(resources.get("GPU", 0)),
+                    M.NODE_ID: ray.get_runtime_context().get_node_id()}
 
 
 def out_of_memory_is_fatal(train):
@@ -167,9 +168,12 @@ def run_pcam(cfg: PcamConfig, features: dict | None, device: torch.device, repor
     def report_epoch(metrics, state):
         files = {}
         if metrics[M.STATUS] != M.STATUS_RUNNING and state["best_model"] is not None:
-            # The end (done or diverged): the best-on-validation weights, judged once on the test split.
+            # The end (done or diverged): the best-on-validation weights, judged once on the test split. The
+            # state to checkpoint references the live weights, so they are put back afterwards.
+            last = {k: v.detach().clone() for k, v in model.state_dict().items()}
             model.load_state_dict(state["best_model"])
             p = probabilities(test_batches)
+            model.load_state_dict(last)
             if test_y is not None:
                 metrics = {**metrics, M.TEST_AUC: auc(test_y, p), M.TEST_ACC: float(np.mean((p >= 0.5) == test_y))}
                 files[M.PREDICTIONS_FILE] = lambda path: pd.DataFrame(

@@ -142,7 +142,8 @@ def start_ray(args) -> None:
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+            # "local": always a fresh instance, never silently joining another Ray running on this machine.
+            ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise StudyError(f"cannot start or join Ray at {address or 'a local instance'}: {err}")
 

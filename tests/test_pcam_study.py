@@ -1,0 +1,154 @@
+"""The PCam study: model and trainable without Ray, CLI errors before Ray, end-to-end smoke and Kaggle runs."""
+
+import json
+import math
+import subprocess
+import sys
+import urllib.error
+
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+import torch
+from sklearn.metrics import roc_auc_score
+
+from study import metrics as M
+from study import pcam as cli
+from study.config import PcamConfig
+from study.data import pcam as pcam_data
+from study.errors import StudyError
+from study.models import VGG16_BLOCK_ENDS, VGG16Patches, vgg16_features_state
+from study.trainables import auc, run_pcam
+from tests.conftest import SHARED_KAGGLE
+
+
+@pytest.fixture(scope="module")
+def tiny_pcam(tmp_path_factory):
+    return pcam_data.make_synthetic(tmp_path_factory.mktemp("pcam"), n_train=16, n_valid=8, n_test=8, seed=1)
+
+
+def test_auc_hand_checked():
+    # positives 0.8, 0.4; negatives 0.5, 0.1: pairs (0.8>0.5) (0.8>0.1) (0.4<0.5) (0.4>0.1) -> 3/4
+    assert auc(np.array([1, 1, 0, 0]), np.array([0.8, 0.4, 0.5, 0.1])) == 0.75
+    assert math.isnan(auc(np.array([1, 1]), np.array([0.2, 0.3])))
+
+
+def test_frozen_blocks_receive_no_updates(tiny_pcam):
+    cfg = PcamConfig(data_dir=str(tiny_pcam), weights="none", epochs=1, batch_size=8, lr=0.05, eval_batch_size=8)
+    torch.manual_seed(cfg.seed)
+    before = VGG16Patches(None, cfg.freeze_blocks).state_dict()  # the same init run_pcam draws for this seed
+    rows, states = [], []
+    run_pcam(cfg, None, torch.device("cpu"), lambda m, s, f: (rows.append(m), states.append(s)))
+    after = states[-1]["model"]
+    frozen = VGG16_BLOCK_ENDS[cfg.freeze_blocks - 1]
+    for name, value in after.items():
+        layer = int(name.split(".")[1]) if name.startswith("features.") else None
+        if layer is not None and layer < frozen:
+            assert torch.equal(value, before[name]), f"{name} changed but its block is frozen"
+        elif name.endswith("weight"):
+            assert not torch.equal(value, before[name]), f"{name} is trained but did not change"
+    assert [r[M.EPOCH] for r in rows] == [0, 1]
+    assert 0 <= rows[-1][M.TEST_AUC] <= 1 and rows[-1][M.BEST_EPOCH] in (0, 1)
+    assert states[-1]["best_model"] is not None
+
+
+def test_weights_from_a_file_and_bad_files(tmp_path, monkeypatch):
+    model = VGG16Patches(None)
+    good = tmp_path / "vgg.pt"
+    torch.save({f"features.{k}": v for k, v in model.features.state_dict().items()}, good)
+    loaded = vgg16_features_state(str(good))
+    assert torch.equal(loaded["0.weight"], model.features[0].weight)
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(StudyError, match="cannot read --weights"):
+        vgg16_features_state(str(tmp_path / "junk.pt"))
+    torch.save({"0.weight": torch.zeros(3)}, tmp_path / "wrong.pt")
+    with pytest.raises(StudyError, match="does not fit VGG16"):
+        vgg16_features_state(str(tmp_path / "wrong.pt"))
+    with pytest.raises(StudyError, match="cannot read --weights"):
+        vgg16_features_state(str(tmp_path / "absent.pt"))
+
+    from torchvision.models import VGG16_Weights
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(type(VGG16_Weights.IMAGENET1K_V1), "get_state_dict", offline)
+    with pytest.raises(StudyError, match="--weights PATH.*--weights none"):
+        vgg16_features_state("imagenet")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch-sizes", "100"], "batch size 100 is outside 1..48"),
+    (["--sgd-lrs", "0"], "positive"),
+    (["--optimizers", "rmsprop"], "unknown optimizer 'rmsprop'"),
+    (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--weights", "/nonexistent/vgg.pt"], "cannot read --weights"),
+])
+def test_bad_grids_fail_before_ray(capsys, tmp_path, extra, message):
+    code = cli.main(["--smoke", *extra, "--storage-path", str(tmp_path / "s"), "--name", "x"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert not ray.is_initialized() and not (tmp_path / "s").exists()
+
+
+def test_missing_and_corrupt_data(capsys, tmp_path, tiny_pcam):
+    code = cli.main(["--data-dir", str(tmp_path / "none"), "--storage-path", str(tmp_path / "s")])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in tiny_pcam.glob("*.h5"):
+        (broken / f.name).write_bytes(f.read_bytes())
+    target = broken / pcam_data.file_name("valid", "x")
+    target.write_bytes(target.read_bytes()[:5000])
+    code = cli.main(["--data-dir", str(broken), "--weights", "none", "--storage-path", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert code == 2 and target.name in err
+    assert not ray.is_initialized() and not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_smoke_study_end_to_end(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "study.pcam", "--smoke", "--storage-path", str(tmp_path),
+                           "--name", "smoke", "--num-cpus", "2"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    study = json.loads((tmp_path / "smoke" / "study.json").read_text())
+    _, test_y = pcam_data.load_split(*pcam_data.locate(study["data"]["dir"])["test"])
+    trials = sorted(p for p in (tmp_path / "smoke" / "grid").iterdir() if p.is_dir())
+    grid = cli.SMOKE
+    assert len(trials) == len(grid["batch_sizes"]) * (len(grid["sgd_lrs"]) + len(grid["adam_lrs"]))
+    configs = set()
+    for trial in trials:
+        rows = [json.loads(line) for line in (trial / "result.json").read_text().splitlines()]
+        cfg = json.loads((trial / "params.json").read_text())
+        configs.add((cfg["optimizer"], cfg["lr"], cfg["batch_size"]))
+        assert [r[M.EPOCH] for r in rows] == list(range(grid["epochs"] + 1))
+        assert all(math.isfinite(r[M.VAL_ACC]) and math.isfinite(r[M.VAL_LOSS]) for r in rows)
+        last = rows[-1]
+        assert last[M.STATUS] == M.STATUS_DONE and last[M.BEST_VAL_ACC] == max(r[M.VAL_ACC] for r in rows)
+        checkpoint = trial / last["checkpoint_dir_name"]
+        state = torch.load(checkpoint / M.STATE_FILE, weights_only=True)
+        assert state["best"]["epoch"] == last[M.BEST_EPOCH] and state["best_model"] is not None
+        predictions = pd.read_csv(checkpoint / M.PREDICTIONS_FILE)
+        assert predictions["label"].tolist() == test_y.tolist()
+        assert last[M.TEST_AUC] == pytest.approx(roc_auc_score(predictions["label"], predictions["probability"]))
+        assert cfg["weights"] == "none" and cfg["code_version"]
+    assert ("sgd", 0.01, 8) in configs and ("adam", 1e-4, 16) in configs
+
+
+@pytest.mark.slow
+def test_kaggle_layout_study_writes_submissions(tmp_path):
+    if not SHARED_KAGGLE.is_dir():
+        pytest.skip("../shared/data/pcam-kaggle-sample is absent")
+    done = subprocess.run([sys.executable, "-m", "study.pcam", "--data-dir", str(SHARED_KAGGLE), "--prepared-dir",
+                           str(tmp_path / "h5"), "--weights", "none", "--epochs", "1", "--batch-sizes", "4",
+                           "--optimizers", "sgd", "--sgd-lrs", "0.01", "--storage-path", str(tmp_path),
+                           "--name", "kaggle", "--num-cpus", "2"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (trial,) = [p for p in (tmp_path / "kaggle" / "grid").iterdir() if p.is_dir()]
+    last = json.loads((trial / "result.json").read_text().splitlines()[-1])
+    submission = pd.read_csv(trial / last["checkpoint_dir_name"] / M.SUBMISSION_FILE, dtype={"id": str})
+    test_ids = sorted(p.stem for p in (SHARED_KAGGLE / "test").glob("*.tif"))
+    assert sorted(submission["id"]) == test_ids and list(submission.columns) == ["id", "label"]
+    assert submission["label"].between(0, 1).all()
+    assert M.TEST_AUC not in last  # the Kaggle test split has no labels
