@@ -19,7 +19,7 @@ from study.data import mnist as mnist_data
 from study.errors import StudyError
 from study.trainables import train_mnist
 from study.tuning import (StudyFolder, add_common_args, check_common_args, code_version, default_name, fail,
-                          fit_resources, run_stage, start_ray)
+                          open_study, run_stage)
 
 CHOSEN_FILE = "chosen_lr.json"
 TARGET_STATS_FILE = "target_stats.json"  # box-plot statistics of each target over the training images
@@ -157,9 +157,7 @@ def run(args) -> int:
     n_train = len(data.train_x)
     check_grid(args, n_train)
     folder = StudyFolder(args.storage_path, args.name)
-    folder.prepare(args.resume)
-    start_ray(args)
-    resources = fit_resources(args)
+    resources = open_study(folder, args)
     version = code_version()
     if not args.resume:
         folder.write_json("study.json", {"study": "mnist", "args": vars(args), "code_version": version,

@@ -25,7 +25,7 @@ from study.errors import StudyError
 from study.models import vgg16_features_state
 from study.trainables import train_pcam
 from study.tuning import (StudyFolder, add_common_args, check_common_args, code_version, default_name, fail,
-                          fit_resources, run_stage, start_ray)
+                          open_study, run_stage)
 
 SMOKE = dict(batch_sizes=[8, 16], optimizers=["sgd", "adam"], sgd_lrs=[0.01], adam_lrs=[1e-4], epochs=2,
              weights="none", eval_batch_size=32)
@@ -133,9 +133,7 @@ def run(args) -> int:
                       code_version=version)
     features = vgg16_features_state(args.weights)  # before Ray: missing weights fail here, not in every trial
     folder = StudyFolder(args.storage_path, args.name)
-    folder.prepare(args.resume)
-    start_ray(args)
-    resources = fit_resources(args)
+    resources = open_study(folder, args)
     if not args.resume:
         folder.write_json("study.json", {"study": "pcam", "args": vars(args), "code_version": version,
                                          "data": {"dir": data_dir, "sizes": sizes,

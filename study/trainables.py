@@ -40,17 +40,22 @@ def trial_device() -> tuple[torch.device, dict]:
                     M.NODE_ID: ray.get_runtime_context().get_node_id()}
 
 
+class TrialOutOfMemory(RuntimeError):
+    """This trial ran out of GPU memory; Tune records it as the trial's error."""
+
+
 def out_of_memory_is_fatal(train):
     """Turn CUDA out-of-memory into a clear error for this trial alone; the study and other trials go on."""
     def wrapped(config, data):
         try:
             return train(config, data)
         except torch.cuda.OutOfMemoryError as err:
-            torch.cuda.empty_cache()
-            raise RuntimeError(
-                f"CUDA out of memory at batch size {config.get('batch_size')} with "
-                f"{tune.get_context().get_trial_resources().required_resources.get('GPU', 0):g} GPU per trial: "
-                f"give each trial a larger share (--gpus-per-trial) or use smaller batches. ({err})") from None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise TrialOutOfMemory(
+                f"CUDA out of memory at batch size {config.get('batch_size')}: give each trial a larger GPU share "
+                f"(--gpus-per-trial) or use smaller batches; the other trials go on. ({str(err).splitlines()[0]})"
+            ) from None
     wrapped.__name__, wrapped.__doc__ = train.__name__, train.__doc__
     return wrapped
 

@@ -80,9 +80,11 @@ class StudyFolder:
         except OSError as err:
             raise StudyError(f"cannot reach storage {self.uri}: {err}")
 
-    def prepare(self, resume: bool) -> None:
-        """Refuse to start over an existing study (without --resume) and check the storage is writable."""
-        if self.exists() and not resume:
+    def prepare(self, resume: bool) -> bool:
+        """Refuse to start over an existing study (without --resume) and check the storage is writable by
+        creating the folder; returns whether it was created now (so a later failure can take it back)."""
+        existed = self.exists()
+        if existed and not resume:
             raise StudyError(f"{self.uri} already holds a study; pass --resume to continue it, or choose another "
                              f"--name. Nothing was changed.")
         if resume and not self.exists():
@@ -95,6 +97,27 @@ class StudyFolder:
             self.fs.delete_file(probe)
         except OSError as err:
             raise StudyError(f"storage path {self.uri} is not writable: {err}")
+        return not existed
+
+    def remove_if_empty(self) -> None:
+        """Take back a folder this run created before it wrote anything (bad resources found after Ray started)."""
+        try:
+            if not self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True)):
+                self.fs.delete_dir(self.path)
+        except OSError:
+            pass
+
+
+def open_study(folder: StudyFolder, args) -> dict:
+    """Check the study folder, start or join Ray, fit the per-trial resources; on a bad input leave no trace."""
+    created = folder.prepare(args.resume)
+    try:
+        start_ray(args)
+        return fit_resources(args)
+    except StudyError:
+        if created:
+            folder.remove_if_empty()
+        raise
 
     def child(self, name: str) -> str:
         return f"{self.uri}/{name}"

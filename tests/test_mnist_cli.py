@@ -3,6 +3,7 @@
 import gzip
 
 import pytest
+import torch
 import ray
 
 from study import mnist as cli
@@ -93,3 +94,24 @@ def test_storage_on_a_file_is_not_writable(capsys, tmp_path):
     code = cli.main(["--smoke", "--storage-path", str(blocker), "--name", "s"])
     err = capsys.readouterr().err
     assert code == 2 and "not writable" in err and blocker.read_text() == "x"
+
+
+def test_resources_beyond_the_cluster_fail_and_leave_nothing(capsys, store):
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False)  # a node declaring one GPU
+    code, err = run(capsys, store, "--smoke", "--gpus-per-trial", "2")
+    assert code == 2 and "more than any node has (largest: 1 GPUs)" in err
+    code, err = run(capsys, store, "--smoke", "--cpus-per-trial", "3")
+    assert code == 2 and "--cpus-per-trial 3 is more than any node has" in err
+    assert not (store / "s").exists()
+
+
+def test_cuda_out_of_memory_becomes_the_trials_clear_error():
+    from study.trainables import TrialOutOfMemory, out_of_memory_is_fatal
+
+    @out_of_memory_is_fatal
+    def train(config, data):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(TrialOutOfMemory, match="batch size 512: give each trial a larger GPU share"):
+        train({"batch_size": 512}, None)
+    assert train.__name__ == "train"
