@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from filelock import FileLock
 import torch
 from ray import tune
 from sklearn.metrics import roc_auc_score
@@ -21,6 +22,7 @@ from study.config import MnistConfig, PcamConfig
 from study.data import kaggle
 from study.data import pcam as pcam_data
 from study.data.batches import PatchBatches
+from study.errors import StudyError
 from study.models import RegressionCNN, VGG16Patches
 from study.train import DeviceBatches, fit, make_optimizer, pick_device, predict, seed_everything
 
@@ -140,7 +142,7 @@ def run_pcam(cfg: PcamConfig, features: dict | None, device: torch.device, repor
     """The PCam trial without Ray: fine-tune, keep the best-on-validation weights, evaluate them on the test split.
     report(metrics, state, files) gets every epoch; the last one carries the test metrics and prediction files."""
     seed_everything(cfg.seed)
-    splits = pcam_data.locate(cfg.data_dir)
+    splits = locate_or_fetch(cfg)
     (train_x, train_y), (val_x, val_y), (test_x, test_y) = (pcam_data.load_split(*splits[s]) for s in pcam_data.SPLITS)
     if cfg.train_limit:
         train_x, train_y = train_x[:cfg.train_limit], train_y[:cfg.train_limit]
@@ -193,6 +195,24 @@ def run_pcam(cfg: PcamConfig, features: dict | None, device: torch.device, repor
     return fit(model, optimizer, batches, torch.nn.functional.binary_cross_entropy_with_logits, evaluate,
                report_epoch, cfg=cfg, device=device, prepare=prepare, start=start, select=M.VAL_ACC,
                autocast_dtype=amp)
+
+
+def locate_or_fetch(cfg: PcamConfig) -> dict:
+    """The PCam files on this node. With --download, a node of a cluster that lacks them fetches them once: the
+    first trial there downloads under a file lock while the node's other trials wait for it."""
+    try:
+        return pcam_data.locate(cfg.data_dir)
+    except StudyError:
+        if not cfg.download:
+            raise
+    root = Path(cfg.data_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / ".download.lock")):
+        try:
+            return pcam_data.locate(root)
+        except StudyError:
+            pcam_data.download(root)
+            return pcam_data.locate(root)
 
 
 def bce(labels: np.ndarray, p: np.ndarray) -> float:

@@ -152,3 +152,30 @@ def test_kaggle_layout_study_writes_submissions(tmp_path):
     assert sorted(submission["id"]) == test_ids and list(submission.columns) == ["id", "label"]
     assert submission["label"].between(0, 1).all()
     assert M.TEST_AUC not in last  # the Kaggle test split has no labels
+
+
+def test_a_node_without_the_files_fetches_them_once(tmp_path, monkeypatch, tiny_pcam):
+    """--download on a cluster: concurrent trials on a node that lacks the data download it once, under a lock."""
+    import shutil
+    import threading
+
+    from study.trainables import locate_or_fetch
+
+    calls = []
+
+    def fake_download(root):  # stands in for torchvision's PCAM download (no network here)
+        calls.append(root)
+        shutil.copytree(tiny_pcam, root / "pcam")
+        return root / "pcam"
+
+    monkeypatch.setattr(pcam_data, "download", fake_download)
+    cfg = PcamConfig(data_dir=str(tmp_path / "node-local"), download=True)
+    found = []
+    threads = [threading.Thread(target=lambda: found.append(locate_or_fetch(cfg))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(found) == 4 and all(f == found[0] for f in found)
+    with pytest.raises(StudyError, match="does not exist"):
+        locate_or_fetch(PcamConfig(data_dir=str(tmp_path / "elsewhere"), download=False))
