@@ -18,15 +18,13 @@ from study.config import (MNIST_BATCH_SIZES, MNIST_FINE_FACTORS, MNIST_LR_GRID, 
 from study.data import mnist as mnist_data
 from study.errors import StudyError
 from study.trainables import train_mnist
-from study.tuning import (StudyFolder, add_common_args, check_common_args, code_version, default_name, fail,
-                          open_study, run_stage)
+from study.tuning import (STUDY_FILE, StudyFolder, add_common_args, check_common_args, code_version, default_name,
+                          main_of, open_study, run_stage)
 
 CHOSEN_FILE = "chosen_lr.json"
 TARGET_STATS_FILE = "target_stats.json"  # box-plot statistics of each target over the training images
 SMOKE = dict(targets=["mean", "std"], lr_grid=[1e-3, 1e-2, 1e3], fine_factors=[0.5, 1.0, 2.0], batch_sizes=[16, 64],
              runs=2, epochs=2, val_size=128, train_limit=0, test_limit=0)  # lr 1e3 diverges (NaN) on purpose
-RESOURCE_FLAGS = ("address", "gpus_per_trial", "cpus_per_trial", "num_cpus", "max_failures", "resume",
-                  "retry_errored", "storage_path", "name")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -110,8 +108,9 @@ def load_data(args) -> tuple[mnist_data.Mnist, str]:
 
 def trial_base(args, version: str) -> dict:
     """Every config key of a trial (so each trial stores its full config), with what this study sets."""
-    return dict(MnistConfig().to_dict(), epochs=args.epochs, optimizer=args.optimizer, momentum=args.momentum, input_scale=args.input_scale,
-                target_scale=args.target_scale, noise_scale=args.noise_scale == "on", code_version=version)
+    return dict(MnistConfig().to_dict(), epochs=args.epochs, optimizer=args.optimizer, momentum=args.momentum,
+                input_scale=args.input_scale, target_scale=args.target_scale, noise_scale=args.noise_scale == "on",
+                code_version=version)
 
 
 def choose_lr(results, select_on: str) -> dict:
@@ -160,7 +159,7 @@ def run(args) -> int:
     resources = open_study(folder, args)
     version = code_version()
     if not args.resume:
-        folder.write_json("study.json", {"study": "mnist", "args": vars(args), "code_version": version,
+        folder.write_json(STUDY_FILE, {"study": "mnist", "args": vars(args), "code_version": version,
                                          "data": {"source": source, "n_train": n_train, "n_test": len(data.test_x)},
                                          "resources_per_trial": resources})
     targets = {t: (mnist_data.targets(data.train_x, t), mnist_data.targets(data.test_x, t)) for t in args.targets}
@@ -208,17 +207,7 @@ def print_summary(results) -> None:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.resume:
-        folder = StudyFolder(args.storage_path, args.name)
-        if folder.exists() and folder.has("study.json"):
-            # The grid is the one the study started with; only where and how to run may change.
-            saved = folder.read_json("study.json")["args"]
-            args = argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in RESOURCE_FLAGS}})
-    try:
-        return run(args)
-    except StudyError as err:
-        return fail(err)
+    return main_of(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ split; a study on Kaggle data writes each trial's submission.csv.
 """
 
 import argparse
-import itertools
 import sys
 import tempfile
 from pathlib import Path
@@ -24,14 +23,12 @@ from study.data import pcam as pcam_data
 from study.errors import StudyError
 from study.models import vgg16_features_state
 from study.trainables import train_pcam
-from study.tuning import (StudyFolder, add_common_args, check_common_args, code_version, default_name, fail,
-                          open_study, run_stage)
+from study.tuning import (STUDY_FILE, StudyFolder, add_common_args, check_common_args, code_version, default_name,
+                          main_of, open_study, run_stage)
 
 SMOKE = dict(batch_sizes=[8, 16], optimizers=["sgd", "adam"], sgd_lrs=[0.01], adam_lrs=[1e-4], epochs=2,
              weights="none", eval_batch_size=32)
 SMOKE_SIZES = dict(n_train=48, n_valid=16, n_test=24)
-RESOURCE_FLAGS = ("address", "gpus_per_trial", "cpus_per_trial", "num_cpus", "max_failures", "resume",
-                  "retry_errored", "storage_path", "name")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -135,7 +132,7 @@ def run(args) -> int:
     folder = StudyFolder(args.storage_path, args.name)
     resources = open_study(folder, args)
     if not args.resume:
-        folder.write_json("study.json", {"study": "pcam", "args": vars(args), "code_version": version,
+        folder.write_json(STUDY_FILE, {"study": "pcam", "args": vars(args), "code_version": version,
                                          "data": {"dir": data_dir, "sizes": sizes,
                                                   "kaggle": kaggle.read_ids(data_dir, "test") is not None},
                                          "resources_per_trial": resources})
@@ -168,16 +165,7 @@ def print_summary(results) -> None:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.resume:
-        folder = StudyFolder(args.storage_path, args.name)
-        if folder.exists() and folder.has("study.json"):
-            saved = folder.read_json("study.json")["args"]
-            args = argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in RESOURCE_FLAGS}})
-    try:
-        return run(args)
-    except StudyError as err:
-        return fail(err)
+    return main_of(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, gpus_per_trial: float) -
     ray_group.add_argument("--storage-path", default="results",
                            help="where Tune stores the study: a local folder or any URI pyarrow accepts "
                                 "(s3://bucket/prefix, gs://...). Multi-node clusters need shared storage.")
-    ray_group.add_argument("--name", default=None, help="study folder under the storage path (default: kind-timestamp)")
+    ray_group.add_argument("--name", default=None,
+                           help="study folder under the storage path (default: kind-timestamp)")
     ray_group.add_argument("--address", default=None,
                            help="Ray cluster to join: auto or HOST:PORT (default: $RAY_ADDRESS, else start a local one)")
     ray_group.add_argument("--gpus-per-trial", type=float, default=gpus_per_trial,
@@ -185,7 +186,7 @@ def fit_resources(args) -> dict:
             print(f"note: no GPU on this machine; trials run on CPU (--gpus-per-trial {gpus} ignored)")
             gpus = 0.0
         else:
-            print(f"note: no GPU node is up yet; trials wait for the autoscaler to add one")
+            print("note: no GPU node is up yet; trials wait for the autoscaler to add one")
     elif gpus > max_gpus:
         raise StudyError(f"--gpus-per-trial {gpus} is more than any node has (largest: {max_gpus:g} GPUs)")
     if args.cpus_per_trial > max_cpus and (local or max_cpus > 0):
@@ -221,6 +222,22 @@ def run_stage(trainable, param_space: dict, *, folder: StudyFolder, stage: str, 
     return tuner.fit()
 
 
-def fail(err: StudyError) -> int:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
+# What a --resume may change: where and how the study runs, never its grid.
+RESOURCE_FLAGS = ("address", "gpus_per_trial", "cpus_per_trial", "num_cpus", "max_failures", "resume",
+                  "retry_errored", "storage_path", "name")
+
+
+def main_of(parse_args, run, argv=None) -> int:
+    """A study CLI's main: with --resume the stored arguments come back (the resource flags may change); a
+    StudyError becomes one line on stderr and exit status 2."""
+    args = parse_args(argv)
+    try:
+        if args.resume:
+            folder = StudyFolder(args.storage_path, args.name)
+            if folder.exists() and folder.has(STUDY_FILE):
+                saved = folder.read_json(STUDY_FILE)["args"]
+                args = argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in RESOURCE_FLAGS}})
+        return run(args)
+    except StudyError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
