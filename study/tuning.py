@@ -108,18 +108,6 @@ class StudyFolder:
         except OSError:
             pass
 
-
-def open_study(folder: StudyFolder, args) -> dict:
-    """Check the study folder, start or join Ray, fit the per-trial resources; on a bad input leave no trace."""
-    created = folder.prepare(args.resume)
-    try:
-        start_ray(args)
-        return fit_resources(args)
-    except StudyError:
-        if created:
-            folder.remove_if_empty()
-        raise
-
     def child(self, name: str) -> str:
         return f"{self.uri}/{name}"
 
@@ -133,6 +121,18 @@ def open_study(folder: StudyFolder, args) -> dict:
     def read_json(self, name: str):
         with self.fs.open_input_stream(f"{self.path}/{name}") as src:
             return json.loads(src.read())
+
+
+def open_study(folder: StudyFolder, args) -> dict:
+    """Check the study folder, start or join Ray, fit the per-trial resources; on a bad input leave no trace."""
+    created = folder.prepare(args.resume)
+    try:
+        start_ray(args)
+        return fit_resources(args)
+    except StudyError:
+        if created:
+            folder.remove_if_empty()
+        raise
 
 
 def code_version() -> str:
