@@ -163,7 +163,7 @@ def start_ray(args) -> None:
         return
     address = args.address or os.environ.get("RAY_ADDRESS")
     try:
-        if address:
+        if address and address != "local":
             ray.init(address=address, log_to_driver=True)
         else:
             # "local": always a fresh instance, never silently joining another Ray running on this machine.
@@ -180,7 +180,7 @@ def fit_resources(args) -> dict:
     max_gpus = max((n["Resources"].get("GPU", 0) for n in nodes), default=0)
     max_cpus = max((n["Resources"].get("CPU", 0) for n in nodes), default=0)
     gpus = args.gpus_per_trial
-    local = not (args.address or os.environ.get("RAY_ADDRESS"))
+    local = (args.address or os.environ.get("RAY_ADDRESS") or "local") == "local"
     if gpus > 0 and max_gpus == 0:
         if local:
             print(f"note: no GPU on this machine; trials run on CPU (--gpus-per-trial {gpus} ignored)")

@@ -1,0 +1,210 @@
+"""Report sections both studies share: timing and cost, the timeline of trials per node and GPU, the trials that
+errored, diverged or did not finish, and the gradient noise scale. Used by analysis/report.py.
+"""
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from analysis.figures import ReportWriter, epoch_axis, fmt, new_figure
+from analysis.load import Study, Trial
+from study import metrics as M
+
+STAGE_COLOURS = ("tab:blue", "tab:green", "tab:purple", "tab:olive", "tab:cyan", "tab:brown")
+OUTCOME_HATCH = {"error": "xxx", "diverged": "///", "running": "...", "incomplete": "..."}
+
+
+def _num(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _median_finite(values) -> float:
+    v = np.asarray([_num(x) for x in values], dtype=float)
+    v = v[np.isfinite(v)]
+    return float(np.median(v)) if len(v) else math.nan
+
+
+def wall_seconds(trial: Trial) -> float:
+    """Seconds the trial ran, as Tune measured it (setup, data transfer and evaluation included)."""
+    total = _num(trial.last("time_total_s"))
+    if math.isfinite(total):
+        return total
+    return trial.end_time - trial.start_time  # an errored trial without a result row
+
+
+def timing_table(study: Study, label_keys: list) -> pd.DataFrame:
+    """One row per trial: where it ran, when (seconds after the study's first trial started), for how long, and
+    what it cost: GPU-seconds = GPU share x wall seconds, CPU-seconds = CPUs per trial x wall seconds."""
+    trials = study.trials()
+    starts = [t.start_time for t in trials if math.isfinite(t.start_time)]
+    origin = min(starts) if starts else 0.0
+    cpus = _num(study.meta.get("resources_per_trial", {}).get("cpu", math.nan))
+    records = []
+    for t in trials:
+        wall = wall_seconds(t)
+        share = _num(t.last(M.GPU_SHARE))
+        ips = [r.get(M.IMAGES_PER_SECOND) for r in t.rows if _num(r.get(M.EPOCH)) >= 1]
+        records.append({
+            "stage": t.stage, "trial_id": t.trial_id, **{k: t.config.get(k) for k in label_keys},
+            "outcome": t.outcome, "node_ip": t.last("node_ip", ""), "gpu_ids": t.last(M.GPU_IDS, ""),
+            "device": t.last(M.DEVICE, ""), "gpu_share": share,
+            "start_s": t.start_time - origin, "end_s": t.end_time - origin, "wall_seconds": wall,
+            "train_seconds": _num(t.last(M.TRAIN_SECONDS)), "gpu_seconds": share * wall, "cpu_seconds": cpus * wall,
+            "images_per_second": _median_finite(ips)})
+    return pd.DataFrame.from_records(records).sort_values(["stage", "trial_id"], kind="stable",
+                                                          ignore_index=True) if records else pd.DataFrame()
+
+
+def cost_table(timing: pd.DataFrame) -> pd.DataFrame:
+    """Per stage and for the whole study: trials, elapsed span, summed trial seconds, GPU- and CPU-seconds."""
+    def row(name, part):
+        span = part["end_s"].max() - part["start_s"].min()
+        return {"stage": name, "trials": len(part), "elapsed_seconds": span,
+                "trial_seconds": part["wall_seconds"].sum(min_count=1),
+                "gpu_seconds": part["gpu_seconds"].sum(min_count=1),
+                "cpu_seconds": part["cpu_seconds"].sum(min_count=1),
+                "gpu_hours": part["gpu_seconds"].sum(min_count=1) / 3600}
+
+    rows = [row(stage, part) for stage, part in timing.groupby("stage", sort=True)]
+    rows.append(row("study total", timing))
+    return pd.DataFrame.from_records(rows)
+
+
+def failure_reason(trial: Trial) -> str:
+    epoch = trial.last(M.EPOCH, None) if trial.rows else None
+    if trial.outcome == "error":
+        return trial.error or f"Tune marked the trial as errored (no error.txt; last epoch {fmt(epoch)})"
+    if trial.outcome == "diverged":
+        first = next((r.get(M.EPOCH) for r in trial.rows
+                      if r.get(M.DIVERGED) is True or r.get(M.STATUS) == M.STATUS_DIVERGED), epoch)
+        return f"training loss became NaN/inf in epoch {fmt(first)}; stopped there"
+    if trial.outcome == "pending":
+        return "not started yet"
+    if trial.outcome == "running":
+        return f"still running (last reported epoch {fmt(epoch)})"
+    return f"stopped at epoch {fmt(epoch)} without finishing (Tune status {trial.tune_status})"
+
+
+def failures_table(study: Study, label_keys: list) -> pd.DataFrame:
+    records = [{"stage": t.stage, "trial_id": t.trial_id, **{k: t.config.get(k) for k in label_keys},
+                "outcome": t.outcome, "last_epoch": t.last(M.EPOCH, None) if t.rows else None,
+                "reason": failure_reason(t)}
+               for t in study.trials() if t.outcome != "done"]
+    return pd.DataFrame.from_records(records, columns=["stage", "trial_id", *label_keys, "outcome", "last_epoch",
+                                                      "reason"])
+
+
+def lanes(timing: pd.DataFrame) -> list:
+    """A lane label per trial: node, GPU (or CPU) and a slot, so trials packed on one GPU sit on adjacent lanes
+    and a gap in a lane is time that slot stood idle. Slots are filled greedily in order of start."""
+    labels = [""] * len(timing)
+    free_at: dict = {}
+    order = timing.sort_values(["start_s", "trial_id"], kind="stable").index
+    for i in order:
+        row = timing.loc[i]
+        device = f"GPU {row['gpu_ids']}" if row["gpu_ids"] else "CPU"
+        key = (str(row["node_ip"]) or "unknown node", device)
+        slots = free_at.setdefault(key, [])
+        slot = next((k for k, end in enumerate(slots) if end <= row["start_s"]), len(slots))
+        end = row["end_s"] if math.isfinite(row["end_s"]) else row["start_s"]
+        if slot == len(slots):
+            slots.append(end)
+        else:
+            slots[slot] = end
+        labels[timing.index.get_loc(i)] = f"{key[0]} · {key[1]} · slot {slot + 1}"
+    return labels
+
+
+def timeline_figure(timing: pd.DataFrame):
+    shown = timing[np.isfinite(timing["start_s"]) & np.isfinite(timing["end_s"])].copy()
+    shown["lane"] = lanes(shown) if len(shown) else []
+    lane_names = sorted(set(shown["lane"]))
+    height = max(2.5, 0.28 * len(lane_names) + 1.5)
+    fig, (ax,) = new_figure(1, width=9, height=height)
+    stages = sorted(set(timing["stage"]))
+    colours = {s: STAGE_COLOURS[i % len(STAGE_COLOURS)] for i, s in enumerate(stages)}
+    for row in shown.itertuples():
+        ax.barh(lane_names.index(row.lane), max(row.end_s - row.start_s, 1e-3), left=row.start_s, height=0.8,
+                color=colours[row.stage], edgecolor="red" if row.outcome == "error" else "black", linewidth=0.5,
+                hatch=OUTCOME_HATCH.get(row.outcome))
+    ax.set_yticks(range(len(lane_names)), lane_names)
+    ax.invert_yaxis()
+    ax.set_xlabel("time since the first trial started (s)")
+    ax.set_title("trials over time per node, GPU and slot")
+    from matplotlib.patches import Patch
+
+    handles = [Patch(facecolor=colours[s], edgecolor="black", label=s) for s in stages]
+    handles += [Patch(facecolor="white", edgecolor="black", hatch=h, label=o) for o, h in OUTCOME_HATCH.items()
+                if o in set(shown["outcome"]) and o != "incomplete"]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return fig, len(timing) - len(shown)
+
+
+def write_timing(report: ReportWriter, study: Study, label_keys: list) -> None:
+    timing = timing_table(study, label_keys)
+    report.heading("Timing and cost")
+    if timing.empty:
+        report.text("No trial has started yet.")
+        return
+    report.text("Wall seconds are Tune's `time_total_s` of a trial (setup and evaluation included); training "
+                "seconds count the training epochs only. GPU-seconds = the trial's GPU share x wall seconds; "
+                "CPU-seconds = CPUs per trial x wall seconds. Images per second: median over epochs 1 and later.")
+    report.table("cost", cost_table(timing), "Cost per stage and for the whole study")
+    report.table("timing", timing, "Timing per trial")
+    fig, hidden = timeline_figure(timing)
+    report.figure("timeline", fig, "Timeline: one bar per trial, one lane per node, GPU and packing slot; "
+                                   "gaps are idle time")
+    if hidden:
+        report.text(f"{hidden} trial(s) have no start or end time (not started, or no result yet) and are not "
+                    f"drawn.")
+
+
+def write_failures(report: ReportWriter, study: Study, label_keys: list) -> None:
+    failures = failures_table(study, label_keys)
+    report.heading("Errored, diverged and unfinished trials")
+    if failures.empty:
+        report.text("Every trial finished normally.")
+        return
+    counts = failures["outcome"].value_counts().sort_index()
+    report.text("Counts: " + ", ".join(f"{n} {o}" for o, n in counts.items()) + ". Their metrics are shown as "
+                "missing (–) in the tables above, never as zeros. For an error the reason is the exception line "
+                "of the trial's error.txt.")
+    report.table("failures", failures, "Trials that did not finish normally")
+
+
+def measured_noise_scale(trials: list) -> tuple[float, int]:
+    """(median over trials of each trial's last finite B_simple, number of trials that had one)."""
+    values = [v for v in (t.last_finite(M.NOISE_SCALE) for t in trials) if math.isfinite(v)]
+    return (float(np.median(values)) if values else math.nan), len(values)
+
+
+def mark_noise_scale(ax, value: float, colour: str = "grey", prefix: str = "") -> None:
+    """A vertical line at the measured noise scale on a batch-size axis: the theory's knee of the curve."""
+    if math.isfinite(value) and value > 0:
+        ax.axvline(value, color=colour, linestyle="--", linewidth=1, label=f"{prefix}measured B_simple ≈ {value:.3g}")
+
+
+def noise_curves(report: ReportWriter, epochs: pd.DataFrame, panel_key: str, line_key: str, name: str) -> bool:
+    """B_simple per epoch, one panel per `panel_key` value, a line per `line_key` value (mean over trials).
+    Returns False (and draws nothing) when no trial has a finite noise scale."""
+    finite = epochs[np.isfinite(epochs[M.NOISE_SCALE].astype(float))]
+    if finite.empty:
+        return False
+    panels = sorted(finite[panel_key].unique(), key=str)
+    fig, axes = new_figure(len(panels))
+    for ax, panel in zip(axes, panels):
+        part = finite[finite[panel_key] == panel]
+        for value, group in sorted(part.groupby(line_key), key=lambda kv: kv[0]):
+            mean = group.groupby(M.EPOCH)[M.NOISE_SCALE].mean().sort_index()
+            ax.plot(mean.index, mean.values, marker="o", label=f"{line_key} {value}")
+        ax.set_yscale("log")
+        epoch_axis(ax)
+        ax.set_ylabel("B_simple (images)")
+        ax.set_title(f"{panel_key} {panel}")
+        ax.legend()
+    report.figure(name, fig, f"Gradient noise scale B_simple over training, mean over runs, per {panel_key}")
+    return True

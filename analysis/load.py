@@ -1,0 +1,328 @@
+"""Read what a study stored, through pyarrow's filesystems, so a local folder and s3://... read the same way.
+
+    from analysis.load import open_study
+    study = open_study("results/mnist-20250101-120000")   # or file:///..., s3://bucket/prefix/name, a stage folder
+    study.trials("batch_sweep")[0].last("test_mse")
+
+The layout read here is the one `study.tuning` writes: `<study>/study.json`, one Tune experiment per stage with
+`experiment_state-*.json` (every trial and its Tune status, including trials that errored or never started), one
+folder per trial with `params.json`, `result.json` (a JSON line per epoch), `error.txt` and `checkpoint_*/`.
+Nothing here writes to the study folder.
+"""
+
+import io
+import json
+import math
+import posixpath
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.fs as pafs
+
+from study import metrics as M
+from study.errors import StudyError
+
+STUDY_FILE = "study.json"
+CHOSEN_FILE = "chosen_lr.json"
+TARGET_STATS_FILE = "target_stats.json"
+EXPERIMENT_STATE = re.compile(r"^experiment_state-.*\.json$")
+STAGES = {"mnist": ("lr_coarse", "lr_fine", "batch_sweep"), "pcam": ("grid",)}
+# Tune statuses of a trial that has not finished yet; a study holding one is reported as partial.
+UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@dataclass
+class Trial:
+    """One Tune trial: its full config, its per-epoch rows and how it ended."""
+
+    stage: str
+    trial_id: str
+    dirname: str  # folder under the stage; "" for a trial Tune listed but never started
+    config: dict
+    rows: list = field(default_factory=list)  # result.json, one dict per reported epoch, in order
+    tune_status: str = "UNKNOWN"  # TERMINATED | ERROR | RUNNING | PENDING | PAUSED, from experiment_state
+    error: str = ""  # the exception line of error.txt
+    start_time: float = math.nan  # unix seconds, from experiment_state
+    end_time: float = math.nan  # unix seconds of the last result
+    checkpoint: str = ""  # path (in the study's filesystem) of the latest checkpoint folder
+    checkpoint_files: tuple = ()
+
+    @property
+    def outcome(self) -> str:
+        """error | diverged | done | running | pending | incomplete (stopped without finishing or erroring)."""
+        if self.tune_status == "ERROR" or self.error:
+            return "error"
+        if any(r.get(M.DIVERGED) is True or r.get(M.STATUS) == M.STATUS_DIVERGED for r in self.rows):
+            return "diverged"
+        if self.rows and self.rows[-1].get(M.STATUS) == M.STATUS_DONE:
+            return "done"
+        if self.tune_status in UNFINISHED:
+            return "running" if self.rows or self.tune_status != "PENDING" else "pending"
+        return "incomplete"
+
+    def last(self, key: str, default=math.nan):
+        """The key's value in the last row that has it (test metrics appear only at the end)."""
+        for row in reversed(self.rows):
+            if key in row:
+                return row[key]
+        return default
+
+    def last_finite(self, key: str) -> float:
+        for row in reversed(self.rows):
+            value = _number(row.get(key))
+            if math.isfinite(value):
+                return value
+        return math.nan
+
+
+@dataclass
+class Study:
+    """A study folder: its study.json, and its trials per stage."""
+
+    uri: str
+    fs: pafs.FileSystem
+    path: str  # the study folder inside fs
+    kind: str  # mnist | pcam
+    meta: dict  # study.json ({} when the folder is a bare Tune experiment)
+    stages: dict  # stage name -> [Trial], sorted by trial id
+    files: dict  # optional study-level JSON files (chosen_lr.json, target_stats.json) that exist
+    only_stage: str = ""  # set when the report was pointed at one stage folder
+
+    @property
+    def args(self) -> dict:
+        return self.meta.get("args", {})
+
+    def trials(self, stage: str | None = None) -> list:
+        if stage is not None:
+            return list(self.stages.get(stage, []))
+        return [t for name in sorted(self.stages) for t in self.stages[name]]
+
+    def expected_stages(self) -> list:
+        if self.only_stage:
+            return [self.only_stage]
+        if self.kind == "mnist" and self.args.get("lr") is not None:
+            return ["batch_sweep"]
+        return list(STAGES.get(self.kind, ()))
+
+    def partial_reasons(self) -> list:
+        """Why the results are not (yet) the whole study; empty when it finished."""
+        reasons = [f"stage {s} has not started" for s in self.expected_stages() if s not in self.stages]
+        unfinished = [t for t in self.trials() if t.outcome in ("running", "pending")]
+        if unfinished:
+            reasons.append(f"{len(unfinished)} trial(s) still running or pending")
+        return reasons
+
+    def read_bytes(self, path: str) -> bytes:
+        return read_bytes(self.fs, path)
+
+    def read_csv(self, path: str) -> pd.DataFrame:
+        return pd.read_csv(io.BytesIO(self.read_bytes(path)))
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or any URI pyarrow understands."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+    except Exception as err:  # pyarrow raises ArrowInvalid/OSError for bad or unsupported URIs
+        raise StudyError(f"cannot open {uri}: {err}")
+    return fs, path.rstrip("/") or "/"
+
+
+def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as src:
+        return src.read()
+
+
+def read_json(fs: pafs.FileSystem, path: str):
+    try:
+        return json.loads(read_bytes(fs, path))
+    except json.JSONDecodeError as err:
+        raise StudyError(f"{path} is not valid JSON ({err}); was it cut short while being written?")
+
+
+def _listing(fs: pafs.FileSystem, path: str) -> dict:
+    """name -> FileType of the entries directly inside a folder."""
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return {posixpath.basename(i.path.rstrip("/")): i.type for i in infos}
+
+
+def _is_dir(kind) -> bool:
+    return kind == pafs.FileType.Directory
+
+
+def _number(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _is_experiment(fs: pafs.FileSystem, path: str, listing: dict) -> bool:
+    """A Tune experiment folder: it has an experiment_state file, or (state not yet written) trial folders."""
+    if any(EXPERIMENT_STATE.match(name) for name in listing):
+        return True
+    return any(_is_dir(kind) and "params.json" in _listing(fs, f"{path}/{name}") for name, kind in listing.items())
+
+
+def open_study(uri: str) -> Study:
+    """Read a study folder (or one stage folder inside it). Raises StudyError when there is no study there."""
+    fs, path = resolve(uri)
+    try:
+        info = fs.get_file_info(path)
+    except OSError as err:
+        raise StudyError(f"cannot reach {uri}: {err}")
+    if info.type == pafs.FileType.NotFound:
+        raise StudyError(f"{uri} does not exist; pass the study folder, <storage-path>/<name>, that the study "
+                         f"printed at its start")
+    if not _is_dir(info.type):
+        raise StudyError(f"{uri} is a file; pass the study folder, <storage-path>/<name>")
+    listing = _listing(fs, path)
+    if not listing:
+        raise StudyError(f"{uri} is empty; no study has stored anything there yet")
+    only_stage, stage_root, study_dir = "", path, path
+    if STUDY_FILE not in listing and _is_experiment(fs, path, listing):
+        stage_root, only_stage = posixpath.dirname(path), posixpath.basename(path)
+        if STUDY_FILE in _listing(fs, stage_root):
+            study_dir = stage_root
+    meta = read_json(fs, f"{study_dir}/{STUDY_FILE}") if STUDY_FILE in _listing(fs, study_dir) else {}
+    if only_stage:
+        stage_names = [only_stage]
+    else:
+        stage_names = sorted(name for name, kind in listing.items()
+                             if _is_dir(kind) and _is_experiment(fs, f"{path}/{name}", _listing(fs, f"{path}/{name}")))
+    if not meta and not stage_names:
+        inside = sorted(name for name, kind in listing.items()
+                        if _is_dir(kind) and STUDY_FILE in _listing(fs, f"{path}/{name}"))
+        hint = f" It holds the studies {', '.join(inside)}: pass one of them." if inside else ""
+        raise StudyError(f"{uri} is not a study folder: it has no {STUDY_FILE} and no Tune experiment "
+                         f"(experiment_state-*.json). Pass <storage-path>/<name> of a study.{hint}")
+    stages = {name: _read_stage(fs, f"{stage_root}/{name}", name) for name in stage_names}
+    kind = meta.get("study") or _guess_kind(stages)
+    if kind not in STAGES:
+        raise StudyError(f"{uri}: cannot tell which study this is (study.json says {meta.get('study')!r}); "
+                         f"expected one of {', '.join(STAGES)}")
+    files = {name: read_json(fs, f"{study_dir}/{name}") for name in (CHOSEN_FILE, TARGET_STATS_FILE)
+             if name in _listing(fs, study_dir)}
+    return Study(uri=uri, fs=fs, path=study_dir, kind=kind, meta=meta, stages=stages, files=files,
+                 only_stage=only_stage)
+
+
+def _guess_kind(stages: dict) -> str:
+    """For a bare Tune experiment without study.json: MNIST trials have a regression target, PCam trials not."""
+    configs = [t.config for trials in stages.values() for t in trials]
+    if not configs:
+        return ""
+    return "mnist" if all("target" in c for c in configs) else "pcam"
+
+
+def _read_stage(fs: pafs.FileSystem, stage_dir: str, stage: str) -> list:
+    """Every trial of one Tune experiment: those with a folder, and those experiment_state lists without one."""
+    listing = _listing(fs, stage_dir)
+    states = _trial_states(fs, stage_dir, listing)
+    trials = {}
+    for name in sorted(n for n, kind in listing.items() if _is_dir(kind) and not n.startswith(".")):
+        trial = _read_trial(fs, f"{stage_dir}/{name}", stage, name, states.get(name))
+        if trial is not None:
+            trials[name] = trial
+    for dirname, state in sorted(states.items()):
+        if dirname not in trials:  # listed by Tune, but no folder (never started, or not yet synced)
+            trials[dirname] = Trial(stage=stage, trial_id=state["trial_id"], dirname="", config=state["config"],
+                                    tune_status=state["status"], start_time=state["start_time"])
+    return sorted(trials.values(), key=lambda t: (t.trial_id, t.dirname))
+
+
+def _trial_states(fs: pafs.FileSystem, stage_dir: str, listing: dict) -> dict:
+    """Trial folder name -> {trial_id, status, config, start_time, end_time} from the newest experiment_state."""
+    names = sorted(n for n in listing if EXPERIMENT_STATE.match(n))
+    if not names:
+        return {}
+    state = read_json(fs, f"{stage_dir}/{names[-1]}")  # timestamped names: the last one is the newest
+    out = {}
+    for entry in state.get("trial_data", []):
+        try:
+            trial, run = json.loads(entry[0]), json.loads(entry[1])
+        except (TypeError, IndexError, json.JSONDecodeError):
+            continue
+        out[trial.get("relative_logdir") or trial["trial_id"]] = {
+            "trial_id": trial["trial_id"], "status": trial.get("status", "UNKNOWN"),
+            "config": trial.get("config") or {}, "start_time": _number(run.get("start_time")),
+            "end_time": _number(run.get("last_result_time"))}
+    return out
+
+
+def _read_trial(fs, trial_dir: str, stage: str, dirname: str, state: dict | None) -> Trial | None:
+    files = _listing(fs, trial_dir)
+    if "params.json" not in files and state is None:
+        return None  # not a trial folder (e.g. a report written into the study folder)
+    config = read_json(fs, f"{trial_dir}/params.json") if "params.json" in files else state["config"]
+    rows = parse_results(read_bytes(fs, f"{trial_dir}/result.json")) if "result.json" in files else []
+    error = error_reason(read_bytes(fs, f"{trial_dir}/error.txt").decode(errors="replace")) \
+        if "error.txt" in files else ""
+    checkpoints = sorted(n for n, kind in files.items() if _is_dir(kind) and n.startswith("checkpoint_"))
+    checkpoint = f"{trial_dir}/{checkpoints[-1]}" if checkpoints else ""
+    state = state or {}
+    end = state.get("end_time", math.nan)
+    if not math.isfinite(end) and rows:
+        end = _number(rows[-1].get("timestamp"))
+    start = state.get("start_time", math.nan)
+    if not math.isfinite(start) and rows:  # Tune's timestamp is whole seconds: good enough for a timeline
+        start = _number(rows[0].get("timestamp")) - _number(rows[0].get("time_this_iter_s", 0))
+    trial_id = state.get("trial_id") or (rows[0].get("trial_id") if rows else "") or dirname
+    return Trial(stage=stage, trial_id=trial_id, dirname=dirname, config=config, rows=rows,
+                 tune_status=state.get("status", "UNKNOWN"), error=error, start_time=start, end_time=end,
+                 checkpoint=checkpoint, checkpoint_files=tuple(sorted(_listing(fs, checkpoint))) if checkpoint else ())
+
+
+def parse_results(raw: bytes) -> list:
+    """result.json rows, one per epoch in epoch order. A last line cut short by a study still writing is skipped;
+    after a restart from a checkpoint Tune appends the repeated epochs again, and the later row wins."""
+    by_epoch = {}
+    for line in raw.decode(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)  # Python's json reads the NaN/Infinity Tune writes
+        except json.JSONDecodeError:
+            continue
+        row.pop("config", None)  # the same as params.json, repeated on every line
+        by_epoch.pop(row.get(M.EPOCH), None)
+        by_epoch[row.get(M.EPOCH)] = row
+    return sorted(by_epoch.values(), key=lambda r: _number(r.get(M.EPOCH)))
+
+
+def error_reason(text: str) -> str:
+    """The exception line of a Tune error.txt: its last non-empty line (the first one is only a timestamp)."""
+    lines = [_ANSI.sub("", line).strip() for line in text.splitlines()]
+    lines = [line for line in lines if line]
+    return lines[-1] if lines else "error (error.txt is empty)"
+
+
+def trial_table(trials: list, config_keys: list, metric_keys: list) -> pd.DataFrame:
+    """One row per trial: stage, trial id, the config keys, outcome, last epoch, last values of the metrics."""
+    records = []
+    for t in trials:
+        record = {"stage": t.stage, "trial_id": t.trial_id}
+        record.update({k: t.config.get(k) for k in config_keys})
+        record.update(outcome=t.outcome, epochs=t.last(M.EPOCH, None) if t.rows else None)
+        record.update({k: _number(t.last(k)) for k in metric_keys})
+        record["error"] = t.error
+        records.append(record)
+    columns = ["stage", "trial_id", *config_keys, "outcome", "epochs", *metric_keys, "error"]
+    return pd.DataFrame.from_records(records, columns=columns).astype({k: float for k in metric_keys})
+
+
+def epoch_table(trials: list, config_keys: list, metric_keys: list) -> pd.DataFrame:
+    """One row per trial and reported epoch (long form), for curves over training."""
+    records = []
+    for t in trials:
+        base = {"stage": t.stage, "trial_id": t.trial_id, **{k: t.config.get(k) for k in config_keys},
+                "outcome": t.outcome}
+        for row in t.rows:
+            records.append({**base, M.EPOCH: row.get(M.EPOCH), **{k: _number(row.get(k)) for k in metric_keys}})
+    columns = ["stage", "trial_id", *config_keys, "outcome", M.EPOCH, *metric_keys]
+    return pd.DataFrame.from_records(records, columns=columns).astype({k: float for k in metric_keys})

@@ -1,0 +1,292 @@
+"""The MNIST regression study's report sections (the original paper's Figures 5-12), from stored results only.
+
+Called by `python -m analysis.report EXPERIMENT_DIR`; `write(report, study)` adds the sections to a ReportWriter.
+"Final" MSE is the last epoch's test MSE of a trial that finished; diverged and errored trials have none.
+"""
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from analysis import stats
+from analysis.common import mark_noise_scale, measured_noise_scale, noise_curves
+from analysis.figures import ReportWriter, batch_axis, epoch_axis, log_scale_if_wide, new_figure
+from analysis.load import CHOSEN_FILE, TARGET_STATS_FILE, Study, epoch_table, trial_table
+from study import metrics as M
+
+TARGET_ORDER = ("mean", "median", "std", "var")  # the variance is ~100x the others: it gets its own axis
+LABELS = ["target", "batch_size", "lr", "run"]
+REACH_FACTOR = 1.1  # time to reach: first epoch with test MSE <= 1.1 x the target's best final MSE
+
+
+def _targets(values) -> list:
+    present = set(values)
+    return [t for t in TARGET_ORDER if t in present] + sorted(present - set(TARGET_ORDER))
+
+
+def _groups(targets: list) -> list:
+    """Panels of targets sharing an axis: the variance alone, the rest together."""
+    return [g for g in ([t for t in targets if t != "var"], [t for t in targets if t == "var"]) if g]
+
+
+def sweep_table(study: Study) -> pd.DataFrame:
+    """One row per stage-2 trial, with final_test_mse set only for trials that finished."""
+    table = trial_table(study.trials("batch_sweep"), LABELS, [M.TEST_MSE, M.TRAIN_SECONDS, M.NOISE_SCALE])
+    table["final_test_mse"] = table[M.TEST_MSE].where(table["outcome"] == "done")
+    table["last_noise_scale"] = [t.last_finite(M.NOISE_SCALE) for t in study.trials("batch_sweep")]
+    return table.sort_values(["target", "batch_size", "run", "trial_id"], kind="stable", ignore_index=True)
+
+
+def write(report: ReportWriter, study: Study) -> None:
+    write_lr_search(report, study)
+    write_target_distributions(report, study)
+    if not study.trials("batch_sweep"):
+        report.heading("Batch-size sweep")
+        report.text("Stage 2 (batch_sweep) has no trials yet.")
+        return
+    sweep = sweep_table(study)
+    epochs = epoch_table(study.trials("batch_sweep"), LABELS, [M.TEST_MSE, M.TRAIN_SECONDS, M.NOISE_SCALE])
+    report.heading("Batch-size sweep: every trial")
+    report.table("sweep_trials", sweep, "Stage 2 trials: final test MSE (finished trials only), training seconds")
+    if epochs.empty:
+        report.text("No stage-2 trial has reported an epoch yet.")
+        return
+    write_convergence(report, epochs)
+    write_sensitivity(report, study, sweep)
+    write_spread(report, sweep)
+    write_time(report, sweep, epochs)
+    write_noise(report, sweep, epochs)
+
+
+def write_lr_search(report: ReportWriter, study: Study) -> None:
+    report.heading("Stage 1: learning-rate search")
+    trials = study.trials("lr_coarse") + study.trials("lr_fine")
+    if study.args.get("lr") is not None:
+        report.text(f"The learning rate was given with --lr {study.args['lr']:g} for every target; no search ran.")
+        return
+    if not trials:
+        report.text("No learning-rate search trials are stored.")
+        return
+    chosen = study.files.get(CHOSEN_FILE, {})
+    key = next((c["selected_on"] for c in chosen.values() if c.get("selected_on") in (M.VAL_MSE, M.TEST_MSE)),
+               M.VAL_MSE if study.args.get("select_on", "val") == "val" else M.TEST_MSE)
+    table = trial_table(trials, ["target", "lr", "lr_factor", "batch_size"], [M.VAL_MSE, M.TEST_MSE])
+    table["chosen"] = [t in chosen and math.isclose(lr, chosen[t]["lr"], rel_tol=1e-9)
+                       for t, lr in zip(table["target"], table["lr"])]
+    table = table.sort_values(["target", "lr", "stage", "trial_id"], kind="stable", ignore_index=True)
+    report.text(f"Each target's rate is chosen on the final {key} among trials that finished (not diverged). "
+                f"Coarse grid first, then the fine grid as factors of the best coarse rate.")
+    report.table("lr_search", table, f"Learning-rate search: final MSE per trial; chosen = the rate in {CHOSEN_FILE}")
+    if chosen:
+        rows = [{"target": t, "chosen_lr": c.get("lr"), "coarse_lr": c.get("coarse_lr"), "mse": c.get("mse"),
+                 "selected_on": c.get("selected_on")} for t, c in sorted(chosen.items())]
+        report.table("chosen_lr", pd.DataFrame.from_records(rows), "Chosen learning rate per target")
+    else:
+        report.text(f"{CHOSEN_FILE} is not stored yet: the search has not finished.")
+    targets = _targets(table["target"])
+    fig, axes = new_figure(len(targets))
+    for ax, target in zip(axes, targets):
+        part = table[table["target"] == target]
+        for stage, marker in (("lr_coarse", "o"), ("lr_fine", "s")):
+            ok = part[(part["stage"] == stage) & np.isfinite(part[key]) & (part["outcome"] == "done")]
+            ax.plot(ok["lr"], ok[key], marker, linestyle="", label=stage.replace("_", " "))
+        bad = part[part["outcome"] != "done"]
+        if len(bad):  # no MSE to plot: drawn along the top edge so the reader sees they ran
+            ax.plot(bad["lr"], [0.97] * len(bad), "x", color="red", transform=ax.get_xaxis_transform(),
+                    label="diverged / failed")
+        ax.set_xscale("log")
+        log_scale_if_wide(ax, part[key])
+        if target in chosen:
+            ax.axvline(chosen[target]["lr"], color="black", linestyle=":", linewidth=1,
+                       label=f"chosen {chosen[target]['lr']:.3g}")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel(f"final {key} (target units²)")
+        ax.set_title(f"target: {target}")
+        ax.legend()
+    report.figure("lr_search", fig, f"Learning-rate search: final {key} vs learning rate, chosen rate dotted")
+
+
+def write_target_distributions(report: ReportWriter, study: Study) -> None:
+    report.heading("Target distributions")
+    summaries = study.files.get(TARGET_STATS_FILE)
+    if not summaries:
+        report.text(f"The study did not store {TARGET_STATS_FILE} (box-plot statistics of each target over the "
+                    f"training images), so the target distributions cannot be drawn; the report never reads images.")
+        return
+    targets = _targets(summaries)
+    rows = [{"target": t, **{k: summaries[t].get(k) for k in ("n", "min", "whislo", "q1", "med", "mean", "q3",
+                                                             "whishi", "max")}} for t in targets]
+    report.table("target_stats", pd.DataFrame.from_records(rows),
+                 "Each target over the training images (0..255 pixel scale; whiskers at 1.5 IQR)")
+    groups = _groups(targets)
+    fig, axes = new_figure(len(groups), width=4.2)
+    for ax, group in zip(axes, groups):
+        boxes = [{**{k: summaries[t][k] for k in ("whislo", "q1", "med", "q3", "whishi")},
+                  "mean": summaries[t].get("mean"), "fliers": [], "label": t} for t in group]
+        ax.bxp(boxes, showmeans=all(b["mean"] is not None for b in boxes))
+        ax.set_ylabel("variance (pixel units²)" if group == ["var"] else "target value (pixel units)")
+        ax.set_xlabel("target")
+    report.figure("target_distributions", fig, "Distribution of each regression target over the training images")
+
+
+def _curve_panels(targets):
+    fig, axes = new_figure(len(targets))
+    return fig, dict(zip(targets, axes))
+
+
+def write_convergence(report: ReportWriter, epochs: pd.DataFrame) -> None:
+    report.heading("Convergence")
+    finite = epochs[np.isfinite(epochs[M.TEST_MSE])]
+    curve = (finite.groupby(["target", "batch_size", M.EPOCH])[M.TEST_MSE]
+             .agg(runs="count", mean="mean", min="min", max="max").reset_index()
+             .rename(columns={"mean": "mean_test_mse", "min": "min_test_mse", "max": "max_test_mse"}))
+    report.text("Test MSE after each epoch (epoch 0: before training), averaged over the runs with a finite value; "
+                "a diverged run stops contributing at the epoch its loss became NaN.")
+    report.table("convergence", curve, "Test MSE per epoch, per target and batch size")
+    targets = _targets(epochs["target"])
+    fig, axes = _curve_panels(targets)
+    for target, ax in axes.items():
+        part = curve[curve["target"] == target]
+        for batch, line in part.groupby("batch_size"):
+            ax.plot(line[M.EPOCH], line["mean_test_mse"], marker="o", label=f"batch {batch}")
+        log_scale_if_wide(ax, part["mean_test_mse"])
+        epoch_axis(ax)
+        ax.set_ylabel("test MSE (target units²)")
+        ax.set_title(f"target: {target}")
+        ax.legend()
+    report.figure("convergence", fig, "Convergence: test MSE per epoch, a line per batch size (mean over runs)")
+
+
+def spread_table(sweep: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for (target, batch), part in sweep.groupby(["target", "batch_size"], sort=True):
+        s = stats.spread(part["final_test_mse"].dropna())
+        rows.append({"target": target, "batch_size": batch, "runs": len(part), "finished": s["n"],
+                     "not_finished": len(part) - s["n"], "min": s["min"], "mean": s["mean"], "max": s["max"],
+                     "std": s["std"], "cv": s["cv"]})
+    return pd.DataFrame.from_records(rows)
+
+
+def write_sensitivity(report: ReportWriter, study: Study, sweep: pd.DataFrame) -> None:
+    report.heading("Sensitivity to the batch size")
+    spread = spread_table(sweep)
+    targets = _targets(sweep["target"])
+    noise = {t: measured_noise_scale([x for x in study.trials("batch_sweep") if x.config.get("target") == t])[0]
+             for t in targets}
+    groups = _groups(targets)
+    fig, axes = new_figure(len(groups))
+    for ax, group in zip(axes, groups):
+        for target in group:
+            part = spread[(spread["target"] == target) & (spread["finished"] > 0)]
+            lines = ax.errorbar(part["batch_size"], part["mean"], yerr=[part["mean"] - part["min"],
+                                                                        part["max"] - part["mean"]],
+                                marker="o", capsize=3, label=f"{target}")
+            mark_noise_scale(ax, noise[target], lines[0].get_color(), f"{target}: ")
+        batch_axis(ax, sweep["batch_size"])
+        log_scale_if_wide(ax, spread[spread["target"].isin(group)]["mean"])
+        ax.set_ylabel("final test MSE (target units²)")
+        ax.set_title("variance target" if group == ["var"] else "targets: " + ", ".join(group))
+        ax.legend()
+    note = ("Dashed: the measured gradient noise scale (median over the target's trials of the last finite "
+            "B_simple), where theory puts the knee of the curve." if any(map(math.isfinite, noise.values()))
+            else "No trial measured a finite gradient noise scale, so no knee is marked.")
+    report.text("Final test MSE against batch size: mean over finished runs, bars from min to max. " + note)
+    report.figure("sensitivity", fig, "Final test MSE vs batch size per target (variance on its own axis)")
+
+
+def write_spread(report: ReportWriter, sweep: pd.DataFrame) -> None:
+    report.heading("Run-to-run spread")
+    spread = spread_table(sweep)
+    report.table("spread", spread, "Final test MSE over runs per batch size (finished runs only)",
+                 notes=["cv = coefficient of variation, std (ddof 1) / mean; – with fewer than 2 finished runs."])
+    targets = _targets(sweep["target"])
+    fig, axes = new_figure(len(targets) + 1)
+    for ax, target in zip(axes, targets):
+        part = spread[(spread["target"] == target) & (spread["finished"] > 0)]
+        ax.fill_between(part["batch_size"], part["min"], part["max"], alpha=0.3, label="min–max over runs")
+        ax.plot(part["batch_size"], part["mean"], marker="o", label="mean")
+        batch_axis(ax, sweep["batch_size"])
+        log_scale_if_wide(ax, list(part["min"]) + list(part["max"]))
+        ax.set_ylabel("final test MSE (target units²)")
+        ax.set_title(f"target: {target}")
+        ax.legend()
+    ax = axes[-1]
+    for target in targets:
+        part = spread[spread["target"] == target]
+        ax.plot(part["batch_size"], part["cv"], marker="o", label=target)
+    batch_axis(ax, sweep["batch_size"])
+    ax.set_ylabel("coefficient of variation (std / mean)")
+    ax.set_title("run-to-run variation")
+    ax.legend()
+    report.figure("spread", fig, "Run-to-run spread of the final test MSE per batch size, and its CV")
+
+
+def reach_table(sweep: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
+    """Per trial: the first epoch (and training seconds) with test MSE <= REACH_FACTOR x the target's best final."""
+    best = sweep.groupby("target")["final_test_mse"].min()
+    rows = []
+    for trial_id, part in epochs.sort_values([M.EPOCH]).groupby("trial_id", sort=True):
+        target = part["target"].iloc[0]
+        threshold = REACH_FACTOR * best.get(target, math.nan)
+        hit = part[part[M.TEST_MSE] <= threshold]
+        rows.append({"trial_id": trial_id, "threshold_mse": threshold,
+                     "epoch_reached": hit[M.EPOCH].iloc[0] if len(hit) else math.nan,
+                     "seconds_to_reach": hit[M.TRAIN_SECONDS].iloc[0] if len(hit) else math.nan})
+    return pd.DataFrame.from_records(rows, columns=["trial_id", "threshold_mse", "epoch_reached", "seconds_to_reach"])
+
+
+def write_time(report: ReportWriter, sweep: pd.DataFrame, epochs: pd.DataFrame) -> None:
+    report.heading("Training time")
+    merged = sweep.merge(reach_table(sweep, epochs), on="trial_id", how="left")
+    rows = []
+    for (target, batch), part in merged.groupby(["target", "batch_size"], sort=True):
+        done = part[part["outcome"] == "done"]  # a diverged or errored run's seconds cover fewer epochs
+        rows.append({"target": target, "batch_size": batch, "runs": len(part), "finished": len(done),
+                     "mean_train_seconds": done[M.TRAIN_SECONDS].mean(),
+                     "mean_final_test_mse": part["final_test_mse"].mean(),
+                     "threshold_mse": part["threshold_mse"].iloc[0],
+                     "runs_reached": int(part["seconds_to_reach"].notna().sum()),
+                     "median_epoch_reached": part["epoch_reached"].median(),
+                     "median_seconds_to_reach": part["seconds_to_reach"].median()})
+    table = pd.DataFrame.from_records(rows)
+    report.text(f"Training seconds are the summed epoch times of a finished trial (evaluation excluded). "
+                f"Time to reach: "
+                f"the training seconds up to the first epoch whose test MSE is at most {REACH_FACTOR} x the best "
+                f"final test MSE of that target over all batch sizes and runs (median over the runs that reach "
+                f"it; runs_reached counts them).")
+    report.table("time", table, "Training time, final MSE and time to reach the MSE threshold")
+    targets = _targets(sweep["target"])
+    fig, (ax_time, ax_mse, ax_reach) = new_figure(3)
+    for target in targets:
+        part = table[table["target"] == target]
+        trials = sweep[(sweep["target"] == target) & (sweep["outcome"] == "done")]
+        line, = ax_time.plot(part["batch_size"], part["mean_train_seconds"], marker="o", label=target)
+        ax_time.plot(trials["batch_size"], trials[M.TRAIN_SECONDS], ".", color=line.get_color(), alpha=0.5)
+        ax_mse.plot(part["batch_size"], part["mean_final_test_mse"], marker="o", label=target)
+        ax_reach.plot(part["batch_size"], part["median_seconds_to_reach"], marker="o", label=target)
+    for ax, ylabel, title in ((ax_time, "training seconds per trial (s)", "training time (dots: runs)"),
+                              (ax_mse, "final test MSE (target units²)", "final MSE (mean over runs)"),
+                              (ax_reach, "training seconds to reach (s)", f"time to ≤ {REACH_FACTOR} x best MSE")):
+        batch_axis(ax, sweep["batch_size"])
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend()
+    log_scale_if_wide(ax_mse, table["mean_final_test_mse"])
+    report.figure("time", fig, "Training seconds per trial, final MSE and time to reach the threshold vs batch size")
+
+
+def write_noise(report: ReportWriter, sweep: pd.DataFrame, epochs: pd.DataFrame) -> None:
+    report.heading("Gradient noise scale")
+    finite = sweep[np.isfinite(sweep["last_noise_scale"])]
+    if finite.empty:
+        report.text("No trial measured a finite gradient noise scale (B_simple); the study ran with "
+                    "--noise-scale off, or every estimate was NaN.")
+        return
+    table = (finite.groupby(["target", "batch_size"])["last_noise_scale"]
+             .agg(trials="count", median="median", min="min", max="max").reset_index())
+    report.text("B_simple (McCandlish et al. 2018) per configuration: the last finite value of each trial, "
+                "summarised over runs. Batches well below it use examples efficiently; well above it the returns "
+                "per example fall.")
+    report.table("noise_scale", table, "Measured gradient noise scale B_simple (images)")
+    noise_curves(report, epochs, "target", "batch_size", "noise_scale")

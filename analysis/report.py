@@ -1,0 +1,97 @@
+"""Tables and charts from what a study stored: `python -m analysis.report EXPERIMENT_DIR [--out DIR]`.
+
+EXPERIMENT_DIR is the study folder `<storage-path>/<name>` (or one stage folder inside it), a local path or any
+URI pyarrow reads (file://..., s3://bucket/prefix/name). The report goes to --out (default EXPERIMENT_DIR/report
+for local folders; required for remote ones): report.md with every figure (PNG) and table (CSV) next to it.
+It only reads: running it again on the same results writes the same bytes. A study still running is reported
+as far as it got, marked partial.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from analysis import mnist_report, pcam_report
+from analysis.common import write_failures, write_timing
+from analysis.figures import ReportWriter
+from analysis.load import Study, open_study, resolve
+from study.errors import StudyError
+
+TITLES = {"mnist": "MNIST regression study", "pcam": "PCam classification study"}
+OUTCOMES = ("done", "diverged", "error", "incomplete", "running", "pending")
+LABELS = {"mnist": ["target", "batch_size", "lr", "run"], "pcam": ["optimizer", "lr", "batch_size", "run"]}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiment_dir", metavar="EXPERIMENT_DIR", help="the study folder, <storage-path>/<name>")
+    p.add_argument("--out", default=None, help="local folder for the report (default: EXPERIMENT_DIR/report)")
+    return p.parse_args(argv)
+
+
+def output_dir(study: Study, experiment_dir: str, out: str | None) -> Path:
+    if out:
+        return Path(out).expanduser()
+    if not isinstance(study.fs, pafs.LocalFileSystem):
+        raise StudyError(f"{experiment_dir} is remote; pass --out DIR for the report (a local folder)")
+    return Path(resolve(experiment_dir)[1]) / "report"
+
+
+def write_header(report: ReportWriter, study: Study) -> None:
+    report.heading(f"{TITLES[study.kind]}: report", level=1)
+    report.text(f"Study folder: `{study.uri}`" + (f" (stage {study.only_stage} only)" if study.only_stage else ""))
+    reasons = study.partial_reasons()
+    if reasons:
+        report.text("**PARTIAL RESULTS**: the study has not finished (" + "; ".join(reasons) + "). Everything "
+                    "below covers what was stored so far.")
+    facts = [f"code version: {study.meta.get('code_version', 'unknown')}"]
+    if study.meta.get("data"):
+        facts.append("data: " + json.dumps(study.meta["data"], sort_keys=True))
+    if study.meta.get("resources_per_trial"):
+        facts.append("resources per trial: " + json.dumps(study.meta["resources_per_trial"], sort_keys=True))
+    if study.args:
+        facts.append("arguments: `" + json.dumps(study.args, sort_keys=True, default=str) + "`")
+    else:
+        facts.append("no study.json: a bare Tune experiment; the study kind was inferred from its trial configs")
+    report.bullets(facts)
+    import pandas as pd
+
+    rows = []
+    for stage in sorted(set(study.stages) | set(study.expected_stages())):
+        outcomes = [t.outcome for t in study.trials(stage)]
+        rows.append({"stage": stage, "trials": len(outcomes), **{o: outcomes.count(o) for o in OUTCOMES}})
+    report.table("stages", pd.DataFrame.from_records(rows), "Trials per stage and how they ended")
+
+
+def build(study: Study, out: Path) -> Path:
+    """Write the whole report for a loaded study into `out`; returns the path of report.md."""
+    report = ReportWriter(out)
+    write_header(report, study)
+    (mnist_report if study.kind == "mnist" else pcam_report).write(report, study)
+    write_timing(report, study, LABELS[study.kind])
+    write_failures(report, study, LABELS[study.kind])
+    path = report.finish()
+    for stale in sorted(out.glob("*")):  # left by an earlier run of the report on fewer or other results
+        if stale.suffix in (".png", ".csv") and stale.name not in report.figures + report.tables:
+            stale.unlink()
+    return path
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        study = open_study(args.experiment_dir)
+        path = build(study, output_dir(study, args.experiment_dir, args.out))
+    except StudyError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
