@@ -47,8 +47,12 @@ class TrialOutOfMemory(RuntimeError):
 
 
 def out_of_memory_is_fatal(train):
-    """Turn CUDA out-of-memory into a clear error for this trial alone; the study and other trials go on."""
-    def wrapped(config, data):
+    """Turn CUDA out-of-memory into a clear error for this trial alone; the study and other trials go on. Also
+    keeps a trial that errored before a --resume errored (errored: trial folder names; see tuning.run_stage)."""
+    def wrapped(config, data, errored=()):
+        if errored and Path(tune.get_context().get_trial_dir()).name in errored:
+            raise RuntimeError("this trial ended in an error before the study was resumed; "
+                               "resume with --retry-errored to retry it")
         try:
             return train(config, data)
         except torch.cuda.OutOfMemoryError as err:

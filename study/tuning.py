@@ -17,6 +17,7 @@ import pyarrow.fs as pafs
 from study.errors import StudyError
 
 STUDY_FILE = "study.json"  # what ran: the study's kind, its arguments, code version, stages
+ERRORED_FILE = "errored_trials.json"  # in each stage folder: the trial folders that ended in an error
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, gpus_per_trial: float) -> None:
@@ -200,9 +201,16 @@ def run_stage(trainable, param_space: dict, *, folder: StudyFolder, stage: str, 
     """Run (or, with --resume, continue) one Tune experiment of the study; returns its ResultGrid."""
     from ray import tune
 
-    wrapped = tune.with_resources(tune.with_parameters(trainable, data=data), resources)
     path = folder.child(stage)
-    if args.resume and tune.Tuner.can_restore(path):
+    errored_file = f"{stage}/{ERRORED_FILE}"
+    resuming = args.resume and tune.Tuner.can_restore(path)
+    # Ray Tune can save a trial whose worker died as RUNNING although it ended in ERROR (its experiment snapshot
+    # races the worker's death), and a plain restore would then retry it. Our own record of the errored trials,
+    # handed to the trainables, keeps such a trial errored unless --retry-errored asks for it.
+    errored = (folder.read_json(errored_file)
+               if resuming and not args.retry_errored and folder.has(errored_file) else [])
+    wrapped = tune.with_resources(tune.with_parameters(trainable, data=data, errored=errored), resources)
+    if resuming:
         print(f"resuming {path}")
         tuner = tune.Tuner.restore(path, trainable=wrapped, resume_errored=args.retry_errored)
     else:
@@ -219,7 +227,9 @@ def run_stage(trainable, param_space: dict, *, folder: StudyFolder, stage: str, 
                 verbose=int(os.environ.get("STUDY_TUNE_VERBOSE", "1")),
             ),
         )
-    return tuner.fit()
+    results = tuner.fit()
+    folder.write_json(errored_file, sorted(Path(r.path).name for r in results if r.error is not None))
+    return results
 
 
 # What a --resume may change: where and how the study runs, never its grid.
