@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from filelock import FileLock
 import torch
+from filelock import FileLock
 from ray import tune
 from sklearn.metrics import roc_auc_score
 
@@ -46,9 +46,10 @@ class TrialOutOfMemory(RuntimeError):
     """This trial ran out of GPU memory; Tune records it as the trial's error."""
 
 
-def out_of_memory_is_fatal(train):
-    """Turn CUDA out-of-memory into a clear error for this trial alone; the study and other trials go on. Also
-    keeps a trial that errored before a --resume errored (errored: trial folder names; see tuning.run_stage)."""
+def trial_entry(train):
+    """What every trainable runs inside: CUDA out-of-memory becomes a clear error of this trial alone (the study and
+    the other trials go on), and a trial that errored before a --resume stays errored (errored: trial folder
+    names; see tuning.run_stage)."""
     def wrapped(config, data, errored=()):
         if errored and Path(tune.get_context().get_trial_dir()).name in errored:
             raise RuntimeError("this trial ended in an error before the study was resumed; "
@@ -90,7 +91,7 @@ def mnist_split(n_train: int, val_size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(order[val_size:]), np.sort(order[:val_size])
 
 
-@out_of_memory_is_fatal
+@trial_entry
 def train_mnist(config: dict, data: dict) -> None:
     """One MNIST regression trial, as Tune runs it."""
     cfg = MnistConfig.from_dict(config)
@@ -130,7 +131,7 @@ def run_mnist(cfg: MnistConfig, data: dict, device: torch.device, report, start:
                evaluate, report, cfg=cfg, device=device, start=start)
 
 
-@out_of_memory_is_fatal
+@trial_entry
 def train_pcam(config: dict, data: dict) -> None:
     """One PCam trial, as Tune runs it. data: {"features": VGG16 conv state_dict or None}."""
     cfg = PcamConfig.from_dict(config)

@@ -106,9 +106,9 @@ def test_resources_beyond_the_cluster_fail_and_leave_nothing(capsys, store):
 
 
 def test_cuda_out_of_memory_becomes_the_trials_clear_error():
-    from study.trainables import TrialOutOfMemory, out_of_memory_is_fatal
+    from study.trainables import TrialOutOfMemory, trial_entry
 
-    @out_of_memory_is_fatal
+    @trial_entry
     def train(config, data):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
