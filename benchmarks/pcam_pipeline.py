@@ -1,17 +1,29 @@
 """PCam input pipeline: images/s of augmented, normalised batches on the device, project vs torchvision.
 
-    python benchmarks/pcam_pipeline.py [--data-dir DIR] [--n 4096] [--batch-size 128] [--batches 50] [--device auto]
+    python benchmarks/pcam_pipeline.py [--data-dir DIR] [--n 4096] [--batch-size 128] [--batches 50]
+                                       [--seconds 2] [--rounds 3] [--device auto] [--on-device auto]
 
 (a) the project: `PatchBatches` over the memory-mapped split + batched `to_input` on the device.
 (b) the baseline it replaces: `torchvision.datasets.PCAM` with v2 transforms doing the same augmentations per
     item (flips, 90-degree rotation, zoom 0.9-1.1, brightness 0.9-1.1, ImageNet normalisation), in a DataLoader
     with the same batch size and num_workers = os.cpu_count(), moved to the device.
-Both deliver the same number of batches after one warm-up batch; the ratio is project / baseline. Without
---data-dir a PCam-like train split of --n random patches is written to a temporary folder.
+Both use every core: the project runs torch on os.cpu_count() threads (plus its reader thread), the baseline
+os.cpu_count() worker processes. They are timed in alternating windows, --rounds of each, so a change in the
+machine's load hits both alike; a window is one warm-up batch, then at least --batches batches and --seconds
+seconds, and it shuts its reader thread or DataLoader workers down before the next window starts, so neither
+side's prefetching runs in the other's window. The ratio printed is the median of the rounds' ratios, next to
+the load average (the machine may be shared). Without --data-dir a PCam-like train split of --n random patches
+is written to a temporary folder.
+
+On a machine busy with other jobs, run it with OMP_WAIT_POLICY=PASSIVE: by default OpenMP threads spin while
+they wait for a partner thread, and when that partner has been descheduled every parallel torch op costs a
+scheduler time slice, which can slow the project several-fold (the baseline's workers run one thread each and
+never wait on each other). On an idle machine spinning is faster, so the policy is left to the caller.
 """
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -48,20 +60,20 @@ def torchvision_root(x_path: Path, y_path: Path, folder: Path) -> Path:
     return folder
 
 
-def endless(make_epoch):
-    while True:
-        yield from make_epoch()
-
-
-def images_per_second(stream, batches: int, device: torch.device) -> float:
-    """Images/s over `batches` batches, after one warm-up batch (worker start-up, allocations, kernels)."""
-    next(stream)
-    sync(device)
-    start, images = time.perf_counter(), 0
-    for _ in range(batches):
-        images += len(next(stream))
-    sync(device)
-    return images / (time.perf_counter() - start)
+def window(stream, args, device: torch.device) -> tuple[float, int]:
+    """(images/s, batches) of one window of `stream`: a warm-up batch (worker start-up, allocations, kernels),
+    then at least args.batches batches and args.seconds seconds. Closes the stream, stopping its background work."""
+    try:
+        next(stream)
+        sync(device)
+        start, images, batches = time.perf_counter(), 0, 0
+        while batches < args.batches or time.perf_counter() - start < args.seconds:
+            images += len(next(stream))
+            batches += 1
+        sync(device)
+        return images / (time.perf_counter() - start), batches
+    finally:
+        stream.close()
 
 
 def sync(device: torch.device) -> None:
@@ -69,17 +81,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def project(x_path, y_path, args, device):
-    x, y = pcam.load_split(x_path, y_path)
-    on_device = {"auto": None, "yes": True, "no": False}[args.on_device]
-    batches = PatchBatches(x, y, args.batch_size, device, drop_last=True, on_device=on_device)
-    data_gen, aug_gen = torch.Generator().manual_seed(0), torch.Generator(device=device).manual_seed(0)
-    stream = (to_input(xb, generator=aug_gen) for xb, _ in endless(lambda: batches.epoch(data_gen)))
-    path = "whole split on device" if batches.on_device else "memmap reads, prefetch thread"
-    return images_per_second(stream, args.batches, device), path
+def project(batches: PatchBatches, device, seed: int):
+    """Endless augmented batches; closing it closes the current epoch, which stops PatchBatches' reader thread."""
+    data_gen, aug_gen = torch.Generator().manual_seed(seed), torch.Generator(device=device).manual_seed(seed)
+    while True:
+        epoch = batches.epoch(data_gen)
+        try:
+            for xb, _ in epoch:
+                yield to_input(xb, generator=aug_gen)
+        finally:
+            epoch.close()
 
 
 def baseline(root: Path, args, device):
+    """Endless batches of the typical torchvision pipeline; closing it shuts its worker processes down."""
     from torch.utils.data import DataLoader
     from torchvision.datasets import PCAM
     from torchvision.transforms import v2
@@ -94,13 +109,17 @@ def baseline(root: Path, args, device):
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(list(IMAGENET_MEAN), list(IMAGENET_STD)),
     ])
-    workers = os.cpu_count()
     loader = DataLoader(PCAM(str(root), split="train", transform=per_item), batch_size=args.batch_size,
-                        shuffle=True, drop_last=True, num_workers=workers, persistent_workers=True,
+                        shuffle=True, drop_last=True, num_workers=os.cpu_count(), persistent_workers=True,
                         pin_memory=device.type == "cuda")
-    to_device = lambda xb: xb.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-    stream = (to_device(xb) for xb, _ in endless(lambda: iter(loader)))
-    return images_per_second(stream, args.batches, device), workers
+    iterator = None
+    try:
+        while True:
+            iterator = iter(loader)  # persistent workers: a new epoch reuses the same processes
+            for xb, _ in iterator:
+                yield xb.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    finally:
+        del iterator, loader  # the last references: the iterator's finaliser stops the workers now
 
 
 def main(argv=None) -> None:
@@ -108,12 +127,18 @@ def main(argv=None) -> None:
     parser.add_argument("--data-dir", help="a PCam folder (official names, flat or torchvision layout, .h5 or .gz)")
     parser.add_argument("--n", type=int, default=4096, help="patches to generate when no --data-dir")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--batches", type=int, default=50, help="timed batches per pipeline")
+    parser.add_argument("--batches", type=int, default=50, help="timed batches per window, at least")
+    parser.add_argument("--seconds", type=float, default=2.0, help="timed seconds per window, at least")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating windows of each pipeline")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--on-device", choices=["auto", "yes", "no"], default="auto",
                         help="the project's path: upload the split (yes), stream from the memmap (no)")
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.batches < 1:
+        parser.error("--rounds and --batches must be at least 1")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    workers = os.cpu_count()
+    torch.set_num_threads(workers)
     with tempfile.TemporaryDirectory(prefix="pcam-bench-") as tmp:
         tmp = Path(tmp)
         if args.data_dir:
@@ -123,12 +148,30 @@ def main(argv=None) -> None:
         n = pcam.verify({"train": (x_path, y_path)})["train"]
         if n < args.batch_size:
             parser.error(f"the train split has {n} patches, fewer than one batch of {args.batch_size}")
-        print(f"device {device}, train split {n} patches, batch {args.batch_size}, {args.batches} timed batches")
-        ours, path = project(x_path, y_path, args, device)
-        print(f"project  PatchBatches + to_input ({path}): {ours:10.0f} images/s")
-        theirs, workers = baseline(torchvision_root(x_path, y_path, tmp / "tv"), args, device)
-        print(f"baseline torchvision PCAM + v2 per item, DataLoader({workers} workers): {theirs:10.0f} images/s")
-        print(f"ratio project / baseline: {ours / theirs:.2f}x")
+        x, y = pcam.load_split(x_path, y_path)
+        on_device = {"auto": None, "yes": True, "no": False}[args.on_device]
+        batches = PatchBatches(x, y, args.batch_size, device, drop_last=True, on_device=on_device)
+        root = torchvision_root(x_path, y_path, tmp / "tv")
+        print(f"device {device}, train split {n} patches, batch {args.batch_size}, windows of >= {args.batches} "
+              f"batches and >= {args.seconds:g} s; torch threads {torch.get_num_threads()}, "
+              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+        print("load average before: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+        ours, theirs = [], []
+        for r in range(args.rounds):
+            ours.append(window(project(batches, device, seed=r), args, device))
+            theirs.append(window(baseline(root, args, device), args, device))
+            (a, na), (b, nb) = ours[-1], theirs[-1]
+            print(f"round {r + 1}: project {a:8.0f} images/s ({1000 * args.batch_size / a:6.1f} ms/batch, {na} "
+                  f"batches) | baseline {b:6.0f} images/s ({1000 * args.batch_size / b:6.1f} ms/batch, {nb} "
+                  f"batches) | ratio {a / b:.2f}x")
+        ratios = [a / b for (a, _), (b, _) in zip(ours, theirs)]
+        path = "whole split on device" if batches.on_device else "memmap reads, prefetch thread"
+        print(f"project  PatchBatches + to_input ({path}): {statistics.median(a for a, _ in ours):10.0f} images/s")
+        print(f"baseline torchvision PCAM + v2 per item, DataLoader({workers} workers): "
+              f"{statistics.median(b for b, _ in theirs):10.0f} images/s")
+        print(f"ratio project / baseline: {statistics.median(ratios):.2f}x (median of {args.rounds} rounds, "
+              f"range {min(ratios):.2f}-{max(ratios):.2f})")
+        print("load average after: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 
 
 if __name__ == "__main__":

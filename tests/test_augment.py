@@ -1,12 +1,25 @@
-"""On-device augmentation: layout, exact normalisation, exact flips/rotations, ranges, label alignment."""
+"""On-device augmentation: layout, exact normalisation, exact flips/rotations, ranges, label alignment, both paths.
+
+`to_input` has a uint8 grouped path (CPU) and a grid_sample path (CUDA, large zooms); the `path` fixture runs
+each test on both, forcing the grid path on CPU.
+"""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
+from study import augment
 from study.augment import IMAGENET_MEAN, IMAGENET_STD, to_input
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=["grouped", "grid"])
+def path(request, monkeypatch):
+    if request.param == "grid":
+        monkeypatch.setattr(augment, "_grouped", lambda *args: False)
+    return request.param
 
 
 def gen(seed: int, device="cpu") -> torch.Generator:
@@ -26,7 +39,7 @@ def unnormalise(out: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("train", [True, False])
-def test_shape_dtype_memory_format(device, train):
+def test_shape_dtype_memory_format(device, train, path):
     out = to_input(random_batch(5, device), generator=gen(1, device), train=train)
     assert out.shape == (5, 3, 96, 96) and out.dtype == torch.float32 and out.device.type == device
     assert out.is_contiguous(memory_format=torch.channels_last)
@@ -62,29 +75,71 @@ def which_transform(x: torch.Tensor, out: torch.Tensor) -> list[int]:
     (False, True, {0, 1, 2, 3}),
     (True, False, {0, 2, 4, 6}),  # identity, rot180 = both flips, horizontal flip, vertical flip
 ])
-def test_flips_and_rotations_are_exact_pixel_permutations(flip, rot90, allowed):
+def test_flips_and_rotations_are_exact_pixel_permutations(flip, rot90, allowed, path):
     x = random_batch(64)
     out = to_input(x, generator=gen(2), flip=flip, rot90=rot90, zoom=0, brightness=0)
     assert set(which_transform(x, out)) == allowed  # all allowed ones drawn among 64 images, no others
 
 
-def test_same_generator_same_output_other_seed_differs():
+def test_flips_and_rotations_compose_with_zoom(path):
+    # The same generator draws the same zoom whatever the switches: with flips and rotations on,
+    # each output is a flip/rotation of the zoom-only output, to the rounding of resized pixels to whole levels.
+    x = random_batch(32)
+    zoomed = unnormalise(to_input(x, generator=gen(5), flip=False, rot90=False, brightness=0))
+    both = unnormalise(to_input(x, generator=gen(5), brightness=0))
+    found = []
+    for z, a in zip(zoomed, both):
+        errors = [(c - a).abs().max().item() for c in dihedral_images(z)]
+        assert min(errors) <= 1.01
+        found.append(errors.index(min(errors)))
+    assert len(set(found)) >= 6
+
+
+def test_both_paths_draw_the_same_symmetry_and_brightness(monkeypatch):
+    x = random_batch(32)
+    grouped = to_input(x, generator=gen(9), zoom=0)
+    monkeypatch.setattr(augment, "_grouped", lambda *args: False)
+    torch.testing.assert_close(to_input(x, generator=gen(9), zoom=0), grouped, rtol=0, atol=1e-6)
+
+
+def test_same_generator_same_output_other_seed_differs(path):
     x = random_batch(8)
     a = to_input(x, generator=gen(7))
     assert torch.equal(a, to_input(x, generator=gen(7)))
     assert not torch.equal(a, to_input(x, generator=gen(8)))
 
 
-def test_zoom_factors_lie_in_range_and_vary():
-    # A horizontal ramp of 2 levels per pixel: magnifying by s makes the slope 2/s in the image's middle.
+def test_zoom_factors_lie_in_range_and_vary(path):
+    # A horizontal ramp of 2 levels per pixel: magnifying by s makes the slope 2/s. A least-squares slope over
+    # the middle 65 columns (away from reflected edges) averages out the grouped path's rounding to whole levels.
     ramp = (torch.arange(96) * 2 + 30).to(torch.uint8).view(1, 1, 96, 1).expand(32, 96, 96, 3).contiguous()
     out = unnormalise(to_input(ramp, generator=gen(4), flip=False, rot90=False, zoom=0.1, brightness=0))
-    factor = 2 / out[:, 48, 40:56, 0].diff(dim=1).mean(dim=1)
-    assert factor.min() >= 0.9 - 1e-3 and factor.max() <= 1.1 + 1e-3
+    values = out[:, 48, 16:81, 0]
+    cols = torch.arange(16, 81, dtype=torch.float32) - 48
+    slope = ((values - values.mean(dim=1, keepdim=True)) * cols).sum(dim=1) / (cols * cols).sum()
+    factor = 2 / slope
+    assert factor.min() >= 0.9 - 2e-3 and factor.max() <= 1.1 + 2e-3
     assert factor.max() - factor.min() > 0.05
+    if path == "grouped":  # quantised to centred crops: factor = 96 / s for an even size s
+        sizes = 96 / factor
+        assert (sizes / 2 - (sizes / 2).round()).abs().max() < 0.15
 
 
-def test_brightness_factors_lie_in_range_and_vary():
+def test_grouped_zoom_is_grid_sample_at_the_quantised_factor():
+    # Reference: grid_sample with reflection at factor 96 / s. Inside the outermost pixels (where a crop is
+    # bilinear within itself) they agree to the rounding to whole levels, zoomed-out reflected margins included.
+    x, u = random_batch(64), torch.rand(64, generator=gen(3))
+    sizes, s_min, s_max = augment._crop_sizes(u, 96, 0.1)
+    assert (sizes > 96).any() and (sizes < 96).any()
+    y, order = augment._zoom_u8(x, None, None, sizes, s_min, s_max)
+    y = y.index_select(0, augment._inverse(order)).float()
+    c = ((torch.arange(96) * 2 + 1) / 96 - 1) * sizes.view(64, 1) / 96
+    grid = torch.stack(torch.broadcast_tensors(c.view(64, 1, 96), c.view(64, 96, 1)), dim=-1)
+    ref = F.grid_sample(x.permute(0, 3, 1, 2).float(), grid, padding_mode="reflection", align_corners=False)
+    assert (y - ref.permute(0, 2, 3, 1)).abs()[:, 1:-1, 1:-1].max() <= 1.01
+
+
+def test_brightness_factors_lie_in_range_and_vary(path):
     x = torch.full((32, 96, 96, 3), 100, dtype=torch.uint8)
     out = unnormalise(to_input(x, generator=gen(5), flip=False, rot90=False, zoom=0, brightness=0.1))
     factor = out.mean(dim=(1, 2, 3)) / 100
@@ -92,8 +147,16 @@ def test_brightness_factors_lie_in_range_and_vary():
     assert factor.max() - factor.min() > 0.05
 
 
+def test_brightness_clamps_at_white(path):
+    x = torch.full((32, 96, 96, 3), 250, dtype=torch.uint8)
+    out = unnormalise(to_input(x, generator=gen(5), brightness=0.3))
+    level = out.mean(dim=(1, 2, 3))
+    assert out.max() <= 255 + 1e-3
+    assert (level > 255 - 1e-3).any() and (level < 240).any()  # brightened ones saturate, darkened ones do not
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_batch_order_keeps_labels_aligned(device):
+def test_batch_order_keeps_labels_aligned(device, path):
     # Each image is one flat colour encoding its position: red = 20 + 2i, green = 200 - 2i. Flips, rotation and
     # zoom keep a flat image flat; brightness scales red and green alike, so red / (red + green) still gives i.
     i = torch.arange(64)
@@ -105,6 +168,20 @@ def test_batch_order_keeps_labels_aligned(device):
     assert torch.equal(decoded, i)
 
 
-def test_rejects_non_uint8_input():
+def test_large_zoom_uses_the_grid_path_and_stays_flat():
+    u = torch.rand(8)
+    assert augment._grouped(torch.device("cpu"), 96, augment._crop_sizes(u, 96, 0.1))
+    assert not augment._grouped(torch.device("cpu"), 96, augment._crop_sizes(u, 96, 0.6))
+    assert not augment._grouped(torch.device("cpu"), 96, augment._crop_sizes(u, 96, 0.005))  # under 2 px
+    x = torch.full((8, 96, 96, 3), 77, dtype=torch.uint8)
+    out = unnormalise(to_input(x, generator=gen(1), zoom=0.6, brightness=0))
+    torch.testing.assert_close(out, torch.full_like(out, 77.0), rtol=0, atol=1e-3)  # reflection, no black fill
+
+
+def test_rejects_non_uint8_input_and_non_square_augmentation():
     with pytest.raises(ValueError, match="uint8"):
         to_input(torch.zeros(2, 96, 96, 3))
+    wide = torch.zeros(2, 96, 64, 3, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="square"):
+        to_input(wide)
+    assert to_input(wide, train=False).shape == (2, 3, 96, 64)

@@ -1,6 +1,7 @@
-"""PatchBatches: coverage, reproducible order, drop_last, host/device paths agree, memmap input, early exit."""
+"""PatchBatches: coverage, reproducible order, drop_last, both paths agree, memmap input, read-ahead, early exit."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -102,6 +103,24 @@ def test_stopping_early_ends_the_reader_thread():
     next(stream)
     stream.close()
     assert not any(t.name == "pcam-prefetch" for t in threading.enumerate())
+
+
+def test_reader_thread_reads_ahead_while_the_consumer_works():
+    class Counted(np.ndarray):
+        reads = 0
+
+        def take(self, *args, **kwargs):
+            Counted.reads += 1
+            return super().take(*args, **kwargs)
+
+    x, y = indexed(64)
+    stream = PatchBatches(x.view(Counted), y, 8, "cpu", on_device=False, prefetch=2).epoch()
+    next(stream)
+    deadline = time.monotonic() + 5
+    while Counted.reads < 3 and time.monotonic() < deadline:  # the batch handed out + 2 queued behind it
+        time.sleep(0.01)
+    assert Counted.reads >= 3
+    stream.close()
 
 
 def test_read_error_reaches_the_consumer():
