@@ -67,6 +67,9 @@ def write_header(report: ReportWriter, study: Study) -> None:
     report.table("stages", pd.DataFrame.from_records(rows), "Trials per stage and how they ended")
 
 
+MANIFEST = ".report-files"  # the figures and tables the last run wrote
+
+
 def build(study: Study, out: Path) -> Path:
     """Write the whole report for a loaded study into `out`; returns the path of report.md."""
     report = ReportWriter(out)
@@ -74,10 +77,16 @@ def build(study: Study, out: Path) -> Path:
     (mnist_report if study.kind == "mnist" else pcam_report).write(report, study)
     write_timing(report, study, LABELS[study.kind])
     write_failures(report, study, LABELS[study.kind])
+    # Files an earlier run of the report wrote (listed in its manifest) and this one did not are stale; nothing
+    # else in `out` is ever touched.
+    manifest = out / MANIFEST
+    written = sorted(report.figures + report.tables)
+    earlier = manifest.read_text().split() if manifest.is_file() else []
     path = report.finish()
-    for stale in sorted(out.glob("*")):  # left by an earlier run of the report on fewer or other results
-        if stale.suffix in (".png", ".csv") and stale.name not in report.figures + report.tables:
-            stale.unlink()
+    for name in earlier:
+        if name not in written and Path(name).name == name and (out / name).is_file():
+            (out / name).unlink()
+    manifest.write_text("\n".join(written) + "\n")
     return path
 
 

@@ -125,7 +125,7 @@ def _check_common(cfg):
         if getattr(cfg, name) < 1:
             raise StudyError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.momentum < 0 or cfg.warmup_epochs < 0:
-        raise StudyError("momentum and warmup_epochs must be >= 0")
+        raise StudyError(f"momentum and warmup_epochs must be >= 0, got {cfg.momentum} and {cfg.warmup_epochs}")
 
 
 def _from_dict(cls, values: dict):

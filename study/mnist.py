@@ -66,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in (SMOKE if args.smoke else defaults).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.resume and not args.name:
+        p.error("--resume needs --name: the study folder to continue")
     args.name = args.name or default_name("mnist-smoke" if args.smoke else "mnist")
     return args
 
@@ -101,9 +103,14 @@ def load_data(args) -> tuple[mnist_data.Mnist, str]:
         return mnist_data.synthetic(512 + args.val_size, 128), "synthetic digits (built-in)"
     if not args.data_dir:
         raise StudyError("no data: pass --data-dir DIR (add --download to fetch MNIST there), or --smoke")
-    if args.download:
-        mnist_data.download(args.data_dir)
-    return mnist_data.load(args.data_dir).limit(args.train_limit, args.test_limit), args.data_dir
+    try:
+        data = mnist_data.load(args.data_dir)
+    except StudyError:
+        if not args.download:
+            raise
+        mnist_data.download(args.data_dir)  # only when the files are not there yet
+        data = mnist_data.load(args.data_dir)
+    return data.limit(args.train_limit, args.test_limit), args.data_dir
 
 
 def trial_base(args, version: str) -> dict:
@@ -118,8 +125,8 @@ def choose_lr(results, select_on: str) -> dict:
     key = M.VAL_MSE if select_on == "val" else M.TEST_MSE
     best = {}
     for result in results:
-        cfg, last = result.config, result.metrics or {}
-        if result.error is not None or last.get(M.DIVERGED) or not math.isfinite(last.get(key, math.nan)):
+        cfg, last = result.config or {}, result.metrics or {}
+        if not cfg or result.error is not None or last.get(M.DIVERGED) or not math.isfinite(last.get(key, math.nan)):
             continue
         if last.get(M.EPOCH) != cfg["epochs"]:
             continue
@@ -155,6 +162,8 @@ def run(args) -> int:
     data, source = load_data(args)
     n_train = len(data.train_x)
     check_grid(args, n_train)
+    MnistConfig.from_dict(dict(trial_base(args, ""), lr_scaling=args.lr_scaling, warmup_epochs=args.warmup_epochs,
+                               lr_reference_batch=args.lr_reference_batch))  # every other flag, before Ray starts
     folder = StudyFolder(args.storage_path, args.name)
     resources = open_study(folder, args)
     version = code_version()
@@ -197,6 +206,8 @@ def print_summary(results) -> None:
     rows = {}
     for r in results:
         last = r.metrics or {}
+        if not r.config:  # errored before it reported anything (after a --resume)
+            continue
         rows.setdefault((r.config["target"], r.config["batch_size"]), []).append(
             math.nan if r.error is not None else last.get(M.TEST_MSE, math.nan))
     print(f"{'target':>7} {'batch':>6} {'runs':>5} {'min MSE':>11} {'mean MSE':>11} {'max MSE':>11}")
@@ -207,7 +218,7 @@ def print_summary(results) -> None:
 
 
 def main(argv=None) -> int:
-    return main_of(parse_args, run, argv)
+    return main_of("mnist", parse_args, run, argv)
 
 
 if __name__ == "__main__":

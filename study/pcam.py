@@ -71,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in (SMOKE if args.smoke else defaults).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.resume and not args.name:
+        p.error("--resume needs --name: the study folder to continue")
     args.name = args.name or default_name("pcam-smoke" if args.smoke else "pcam")
     return args
 
@@ -157,6 +159,8 @@ def print_summary(results) -> None:
     rows = []
     for r in results:
         last, c = r.metrics or {}, r.config
+        if not c:  # errored before it reported anything (after a --resume)
+            continue
         status = "error" if r.error is not None else last.get(M.STATUS, "?")
         rows.append((c["optimizer"], c["lr"], c["batch_size"], c["run"], status,
                      last.get(M.BEST_VAL_ACC, float("nan")), last.get(M.TEST_AUC, float("nan"))))
@@ -165,7 +169,7 @@ def print_summary(results) -> None:
 
 
 def main(argv=None) -> int:
-    return main_of(parse_args, run, argv)
+    return main_of("pcam", parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -96,12 +96,13 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
 
     def evaluate_and_track(metrics):
         metrics = {**metrics, **evaluate(model)}
-        if select is not None and metrics[select] > state["best"]["value"]:
+        # Epoch 0 is the untrained network: reported, never the "best" model that gets tested.
+        if select is not None and state["epoch"] > 0 and metrics[select] > state["best"]["value"]:
             state["best"] = {"value": metrics[select], "epoch": state["epoch"]}
             state["best_model"] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         if select is not None:  # e.g. best_val_acc (M.BEST_VAL_ACC) and its epoch
             metrics[M.BEST_EPOCH] = state["best"]["epoch"]
-            metrics[f"best_{select}"] = state["best"]["value"]
+            metrics["best_" + select] = state["best"]["value"] if state["best"]["epoch"] > 0 else math.nan
         return metrics
 
     if state["epoch"] == 0:

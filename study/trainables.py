@@ -138,6 +138,8 @@ def train_pcam(config: dict, data: dict) -> None:
     """One PCam trial, as Tune runs it. data: {"features": VGG16 conv state_dict or None}."""
     cfg = PcamConfig.from_dict(config)
     device, placement = trial_device()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the worker may have run another trial before (reused actors)
     if device.type == "cuda" and 0 < placement[M.GPU_SHARE] < 1:
         # Packed trials: an allocation past this trial's share fails here instead of starving its neighbours.
         torch.cuda.set_per_process_memory_fraction(placement[M.GPU_SHARE])

@@ -85,11 +85,11 @@ class StudyFolder:
     def prepare(self, resume: bool) -> bool:
         """Refuse to start over an existing study (without --resume) and check the storage is writable by
         creating the folder; returns whether it was created now (so a later failure can take it back)."""
-        existed = self.exists()
+        existed = self.exists() and bool(self.fs.get_file_info(pafs.FileSelector(self.path)))  # empty: no study
         if existed and not resume:
             raise StudyError(f"{self.uri} already holds a study; pass --resume to continue it, or choose another "
                              f"--name. Nothing was changed.")
-        if resume and not self.exists():
+        if resume and not existed:
             raise StudyError(f"--resume: no study at {self.uri}")
         try:
             self.fs.create_dir(self.path, recursive=True)
@@ -237,7 +237,7 @@ RESOURCE_FLAGS = ("address", "gpus_per_trial", "cpus_per_trial", "num_cpus", "ma
                   "retry_errored", "storage_path", "name")
 
 
-def main_of(parse_args, run, argv=None) -> int:
+def main_of(kind: str, parse_args, run, argv=None) -> int:
     """A study CLI's main: with --resume the stored arguments come back (the resource flags may change); a
     StudyError becomes one line on stderr and exit status 2."""
     args = parse_args(argv)
@@ -245,8 +245,11 @@ def main_of(parse_args, run, argv=None) -> int:
         if args.resume:
             folder = StudyFolder(args.storage_path, args.name)
             if folder.exists() and folder.has(STUDY_FILE):
-                saved = folder.read_json(STUDY_FILE)["args"]
-                args = argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in RESOURCE_FLAGS}})
+                saved = folder.read_json(STUDY_FILE)
+                if saved.get("study") != kind:
+                    raise StudyError(f"{folder.uri} holds a {saved.get('study')} study; resume it with "
+                                     f"python -m study.{saved.get('study')} --resume")
+                args = argparse.Namespace(**{**saved["args"], **{k: getattr(args, k) for k in RESOURCE_FLAGS}})
         return run(args)
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -185,3 +185,4 @@ def test_report_when_no_trial_has_reported_yet(tmp_path, kind, stage, config):
     assert report.main([str(root), "--out", str(tmp_path / "out")]) == 0
     text = (tmp_path / "out" / "report.md").read_text()
     assert "PARTIAL" in text and "not started yet" in text
+

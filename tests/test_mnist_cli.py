@@ -55,7 +55,7 @@ def test_missing_and_bad_data_dir(capsys, store, tmp_path):
     for name in cli.mnist_data.FILES.values():
         (bad / f"{name}.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x03garbage"))
     code, err = run(capsys, store, "--data-dir", str(bad))
-    assert code == 2 and "too short" in err or "header" in err
+    assert code == 2 and ("too short" in err or "header" in err)
     assert not ray.is_initialized() and not store.exists()
 
 
@@ -115,3 +115,36 @@ def test_cuda_out_of_memory_becomes_the_trials_clear_error():
     with pytest.raises(TrialOutOfMemory, match="batch size 512: give each trial a larger GPU share"):
         train({"batch_size": 512}, None)
     assert train.__name__ == "train"
+
+
+def test_every_flag_is_checked_before_ray(capsys, store):
+    code, err = run(capsys, store, "--smoke", "--momentum", "-1", "--optimizer", "sgd")
+    assert code == 2 and "momentum and warmup_epochs must be >= 0, got -1.0" in err
+    assert not ray.is_initialized() and not store.exists()
+
+
+def test_resume_needs_a_name_and_the_right_study(capsys, store):
+    with pytest.raises(SystemExit):
+        cli.main(["--smoke", "--resume", "--storage-path", str(store)])
+    assert "--resume needs --name" in capsys.readouterr().err
+    (store / "s").mkdir(parents=True)
+    (store / "s" / "study.json").write_text('{"study": "pcam", "args": {}}')
+    code, err = run(capsys, store, "--smoke", "--resume")
+    assert code == 2 and "holds a pcam study; resume it with python -m study.pcam --resume" in err
+
+
+def test_an_empty_folder_is_not_a_study(store):
+    from study.tuning import StudyFolder
+
+    (store / "s").mkdir(parents=True)  # e.g. left by a start that died while connecting to Ray
+    StudyFolder(str(store), "s").prepare(resume=False)  # accepted: nothing in it to protect
+    (store / "s" / "study.json").write_text("{}")
+    with pytest.raises(cli.StudyError, match="already holds a study"):
+        StudyFolder(str(store), "s").prepare(resume=False)
+
+
+def test_download_is_skipped_when_the_files_are_there(monkeypatch, mnist_dir):
+    monkeypatch.setattr(cli.mnist_data, "download", lambda root: pytest.fail("downloaded although present"))
+    args = cli.parse_args(["--data-dir", str(mnist_dir), "--download", "--train-limit", "10", "--test-limit", "5"])
+    data, _ = cli.load_data(args)
+    assert len(data.train_x) == 10 and len(data.test_x) == 5

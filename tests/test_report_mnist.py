@@ -251,3 +251,17 @@ def test_remote_study_needs_out(tmp_path):
     with pytest.raises(StudyError, match="--out"):
         report.output_dir(study, "s3://bucket/study", None)
     assert report.output_dir(study, "s3://bucket/study", str(tmp_path)) == tmp_path
+
+
+def test_report_never_deletes_files_it_did_not_write(smoke, smoke_report, tmp_path):
+    out = tmp_path / "mixed"
+    out.mkdir()
+    (out / "my_data.csv").write_text("keep")
+    (out / "photo.png").write_bytes(b"keep")
+    assert report.main([str(smoke), "--out", str(out)]) == 0
+    written = set((out / report.MANIFEST).read_text().split())
+    (out / "stale.csv").write_text("a table an earlier run wrote")
+    (out / report.MANIFEST).write_text("\n".join(sorted(written | {"stale.csv"})) + "\n")
+    assert report.main([str(smoke), "--out", str(out)]) == 0
+    assert (out / "my_data.csv").read_text() == "keep" and (out / "photo.png").read_bytes() == b"keep"
+    assert not (out / "stale.csv").exists() and all((out / name).exists() for name in written)
