@@ -158,7 +158,7 @@ def run_pcam(cfg: PcamConfig, features: dict | None, device: torch.device, repor
     cuda = device.type == "cuda"
     amp = torch.bfloat16 if cuda and cfg.amp else None
     model = VGG16Patches(features, cfg.freeze_blocks).to(device)
-    if cuda and cfg.amp:
+    if cuda:  # the batches arrive channels_last (study.augment.to_input); the convolutions run fastest in it
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, device)
     batches = PatchBatches(train_x, train_y, cfg.batch_size, device)
