@@ -83,7 +83,7 @@ class PcamConfig:
     rot90: bool = True  # random 90-degree rotations
     zoom: float = 0.1  # random zoom factor in [1 - zoom, 1 + zoom]
     brightness: float = 0.1  # random brightness factor in [1 - b, 1 + b]
-    amp: bool = True  # bf16 autocast and channels_last on CUDA (ignored on CPU)
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     eval_batch_size: int = 512
     train_limit: int = 0  # use only the first N training patches (0: all)
     noise_scale: bool = True
