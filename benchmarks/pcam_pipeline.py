@@ -93,13 +93,11 @@ def project(batches: PatchBatches, device, seed: int):
             epoch.close()
 
 
-def baseline(root: Path, args, device):
-    """Endless batches of the typical torchvision pipeline; closing it shuts its worker processes down."""
-    from torch.utils.data import DataLoader
-    from torchvision.datasets import PCAM
+def per_item_transform():
+    """The typical per-item torchvision pipeline doing the project's augmentations, then ImageNet normalisation."""
     from torchvision.transforms import v2
 
-    per_item = v2.Compose([
+    return v2.Compose([
         v2.PILToTensor(),
         v2.RandomHorizontalFlip(),
         v2.RandomVerticalFlip(),
@@ -109,7 +107,14 @@ def baseline(root: Path, args, device):
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(list(IMAGENET_MEAN), list(IMAGENET_STD)),
     ])
-    loader = DataLoader(PCAM(str(root), split="train", transform=per_item), batch_size=args.batch_size,
+
+
+def baseline(root: Path, args, device):
+    """Endless batches of the typical torchvision pipeline; closing it shuts its worker processes down."""
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import PCAM
+
+    loader = DataLoader(PCAM(str(root), split="train", transform=per_item_transform()), batch_size=args.batch_size,
                         shuffle=True, drop_last=True, num_workers=os.cpu_count(), persistent_workers=True,
                         pin_memory=device.type == "cuda")
     iterator = None

@@ -97,9 +97,29 @@ def test_flips_and_rotations_compose_with_zoom(path):
 
 def test_both_paths_draw_the_same_symmetry_and_brightness(monkeypatch):
     x = random_batch(32)
-    grouped = to_input(x, generator=gen(9), zoom=0)
+    grouped = to_input(x, generator=gen(9), zoom=0, brightness=0)
+    brightened = unnormalise(to_input(x, generator=gen(9), zoom=0))
     monkeypatch.setattr(augment, "_grouped", lambda *args: False)
-    torch.testing.assert_close(to_input(x, generator=gen(9), zoom=0), grouped, rtol=0, atol=1e-6)
+    torch.testing.assert_close(to_input(x, generator=gen(9), zoom=0, brightness=0), grouped, rtol=0, atol=1e-6)
+    # The uint8 path rounds a factor f > 1 down to 255 / ceil(255 / f): less than 0.5 % lower.
+    reference = unnormalise(to_input(x, generator=gen(9), zoom=0))
+    assert ((brightened - reference) / reference.clamp(min=1)).abs().max() < 0.005
+    assert (brightened - reference).abs().max() > 0  # the rounding is real: this test would see it go
+
+
+def test_uint8_brightness_maps_the_first_saturated_level_to_white():
+    factor = torch.tensor([0.9, 1.0, 1.0001, 1.05, 1.1])
+    x = torch.arange(256, dtype=torch.uint8).view(1, 1, 256, 1).expand(5, 1, 256, 3).contiguous()
+    y, scaled = augment._saturate_u8(x, factor, in_place=False)
+    out = y.float() * scaled.view(5, 1, 1, 1)
+    exact = torch.minimum(x.float() * factor.view(5, 1, 1, 1), torch.tensor(255.0))
+    assert torch.equal(x, torch.arange(256, dtype=torch.uint8).view(1, 1, 256, 1).expand(5, 1, 256, 3))  # untouched
+    assert out.max() <= 255 + 1e-4
+    torch.testing.assert_close(out[:2], exact[:2])  # f <= 1: no rounding, no clamp
+    assert ((out - exact).abs() <= 0.005 * exact + 1e-4).all()
+    c = torch.ceil(255 / factor[2:])
+    for row, level in zip(out[2:], c.long()):  # the first saturated level and all above are exactly white
+        assert torch.all(row[0, level:] == 255.0) and torch.all(row[0, :level] < 255)
 
 
 def test_same_generator_same_output_other_seed_differs(path):
@@ -131,8 +151,8 @@ def test_grouped_zoom_is_grid_sample_at_the_quantised_factor():
     x, u = random_batch(64), torch.rand(64, generator=gen(3))
     sizes, s_min, s_max = augment._crop_sizes(u, 96, 0.1)
     assert (sizes > 96).any() and (sizes < 96).any()
-    y, order = augment._zoom_u8(x, None, None, sizes, s_min, s_max)
-    y = y.index_select(0, augment._inverse(order)).float()
+    y, order = augment._zoom_u8(x, None, None, sizes.numpy(), s_min, s_max)
+    y = y.index_select(0, torch.from_numpy(augment._inverse(order))).float()
     c = ((torch.arange(96) * 2 + 1) / 96 - 1) * sizes.view(64, 1) / 96
     grid = torch.stack(torch.broadcast_tensors(c.view(64, 1, 96), c.view(64, 96, 1)), dim=-1)
     ref = F.grid_sample(x.permute(0, 3, 1, 2).float(), grid, padding_mode="reflection", align_corners=False)

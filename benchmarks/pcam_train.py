@@ -1,0 +1,209 @@
+"""PCam training throughput: images/s of the project's trial against a plain fp32 loop fed by a DataLoader.
+
+    python benchmarks/pcam_train.py [--data-dir DIR [--limit N]] [--n 16384] [--eval-n 512] [--batch-size 128]
+                                    [--epochs 3] [--packed 1 4] [--device auto] [--memory-batch 512] [--lr 1e-4]
+
+(a) the project: `study.trainables.run_pcam`, a PCam trial as Tune runs it minus Ray: PatchBatches (the split on
+    the GPU when it fits), batched `to_input` augmentation on the device, bf16 autocast, channels_last, fused SGD,
+    the gradient noise scale. Its throughput is the trial's own `images_per_second` (training steps only,
+    synchronised), the median over the epochs after the first (which holds cuDNN's autotuning and allocations).
+(b) the baseline: `torchvision.datasets.PCAM` with the same augmentations per item (v2 transforms) in a
+    `DataLoader` (batch size as (a), shuffled, pinned memory, os.cpu_count() / P workers), the same
+    `VGG16Patches` in fp32 with contiguous NCHW input, `torch.optim.SGD(momentum=0.9)`, the plain loop; timed
+    the same way (a synchronised wall clock per epoch, median over the epochs after the first).
+Both train the same model (random init: weights do not change the speed) on the same HDF5 files, lr --lr.
+
+--packed P1 P2 ...: for each P, P processes start together on one GPU, as P Tune trials with
+--gpus-per-trial 1/P would (each the project's with its memory capped at 1/P of the GPU, as `train_pcam` does);
+the figure is the sum of their images/s. --memory-batch B: afterwards one project trial at batch B runs one epoch
+alone, and its peak GPU memory (torch.cuda.max_memory_allocated, the `gpu_memory_mb` every PCam trial reports)
+is printed against a quarter of the GPU (the default --gpus-per-trial 0.25).
+
+--limit N trains both on the first N patches of the train split. Without --data-dir, random patches in the
+official HDF5 layout are written to a temporary folder (--n train, --eval-n validation and test). On CPU this
+runs, slowly, to check the benchmark itself; the goal (>= 5x, alone and packed) is about CUDA.
+"""
+
+import argparse
+import datetime
+import math
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the checkout
+
+from benchmarks.mnist_trial import device_name  # noqa: E402
+from benchmarks.pcam_pipeline import per_item_transform, torchvision_root, write_random_split  # noqa: E402
+from study import metrics as M  # noqa: E402
+from study.config import PcamConfig  # noqa: E402
+from study.data import pcam  # noqa: E402
+
+def write_random_set(folder: Path, n: int, n_eval: int) -> Path:
+    """Random train (n), valid and test (n_eval each) splits in the official layout; returns the folder."""
+    write_random_split(folder, n)
+    rng = np.random.default_rng(1)
+    for split in ("valid", "test"):
+        pcam.write_split(folder, split, rng.integers(0, 256, (n_eval, 96, 96, 3), dtype=np.uint8),
+                         rng.integers(0, 2, n_eval))
+    return folder
+
+
+def steady(rates: list[float]) -> float:
+    """The median images/s of the epochs after the first (all of them when there is only one)."""
+    return statistics.median(rates[1:] or rates)
+
+
+def project_trial(args, data_dir: str, device: torch.device, share: float, batch_size: int, epochs: int) -> dict:
+    """One project trial; its per-epoch images/s and peak GPU memory (MiB)."""
+    from study.trainables import run_pcam
+
+    if device.type == "cuda" and share < 1:
+        torch.cuda.set_per_process_memory_fraction(share, device)
+    cfg = PcamConfig(batch_size=batch_size, optimizer="sgd", lr=args.lr, epochs=epochs, data_dir=data_dir,
+                     weights="none", train_limit=args.limit)
+    epochs_seen = []
+    run_pcam(cfg, None, device, lambda metrics, state, files: epochs_seen.append(metrics))
+    trained = [m for m in epochs_seen if m[M.EPOCH] > 0]
+    if any(m[M.DIVERGED] for m in trained):
+        raise RuntimeError(f"the project trial diverged at lr {args.lr}: lower --lr")
+    return {"rates": [m[M.IMAGES_PER_SECOND] for m in trained],
+            "memory_mb": max(m[M.GPU_MEMORY_MB] for m in epochs_seen)}
+
+
+def baseline_trial(args, data_dir: str, device: torch.device, workers: int) -> dict:
+    """The plain fp32 loop over torchvision's PCAM in a DataLoader; its per-epoch images/s."""
+    from torch.utils.data import DataLoader, Subset
+    from torchvision.datasets import PCAM
+
+    from study.models import VGG16Patches
+
+    # torchvision's PCAM holds the h5py module, which cannot be pickled: the workers are forked, and forked before
+    # this process touches CUDA (they only read and transform on the CPU).
+    dataset = PCAM(args.tv_root, split="train", transform=per_item_transform())
+    if args.limit:
+        dataset = Subset(dataset, range(args.limit))
+    loader = DataLoader(dataset, batch_size=args.batch_size,
+                        shuffle=True, num_workers=workers, persistent_workers=True, multiprocessing_context="fork",
+                        pin_memory=device.type == "cuda")
+    batches = iter(loader)
+    model = VGG16Patches(None, freeze_blocks=2).to(device)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr, momentum=0.9)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    rates = []
+    for epoch in range(args.epochs):
+        if epoch:
+            batches = iter(loader)  # persistent workers: the same processes serve every epoch
+        sync(device)
+        started, seen = time.perf_counter(), 0
+        for x, y in batches:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True).float()
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            seen += len(y)
+        sync(device)
+        if not math.isfinite(loss.item()):
+            raise RuntimeError(f"the baseline diverged at lr {args.lr}: lower --lr")
+        rates.append(seen / (time.perf_counter() - started))
+    return {"rates": rates, "memory_mb": math.nan}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def child(way: str, args, data_dir: str, device: str, packed: int, barrier, results) -> None:
+    """One trial in its own process (its own CUDA context, as a Tune trial has), started with its neighbours."""
+    try:
+        device = torch.device(device)
+        torch.set_num_threads(max(1, os.cpu_count() // packed))
+        barrier.wait()
+        if way == "project":
+            out = project_trial(args, data_dir, device, 1 / packed, args.batch_size, args.epochs)
+        elif way == "memory":
+            out = project_trial(args, data_dir, device, 1.0, args.memory_batch, 1)
+        else:
+            out = baseline_trial(args, data_dir, device, max(1, os.cpu_count() // packed))
+        results.put(out)
+    except BaseException as err:  # reported to the parent, which stops with it
+        results.put({"error": f"{way}: {type(err).__name__}: {err}"})
+
+
+def run_packed(way: str, args, data_dir: str, device: torch.device, packed: int) -> list[dict]:
+    """`packed` processes of one way at once; each one's result."""
+    ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children
+    barrier, results = ctx.Barrier(packed), ctx.Queue()
+    procs = [ctx.Process(target=child, args=(way, args, data_dir, str(device), packed, barrier, results))
+             for _ in range(packed)]
+    for p in procs:
+        p.start()
+    outs = [results.get() for _ in procs]  # before join: a child cannot exit while its queue item is unread
+    for p in procs:
+        p.join()
+    errors = [o["error"] for o in outs if "error" in o]
+    if errors:
+        raise SystemExit("benchmark failed: " + "; ".join(errors))
+    return outs
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", help="a PCam folder with the three splits (official names)")
+    parser.add_argument("--limit", type=int, default=0, help="train on the first N patches only (0: all)")
+    parser.add_argument("--n", type=int, default=16384, help="train patches to generate when no --data-dir")
+    parser.add_argument("--eval-n", type=int, default=512,
+                        help="validation and test patches to generate (evaluated, not timed)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per trial; the first is left out")
+    parser.add_argument("--packed", type=int, nargs="+", default=[1, 4], help="trials sharing the device at once")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    parser.add_argument("--memory-batch", type=int, default=0, help="also measure peak GPU memory at this batch")
+    parser.add_argument("--lr", type=float, default=1e-4, help="SGD learning rate of both ways")
+    args = parser.parse_args(argv)
+    if (min(args.epochs, args.batch_size, *args.packed) < 1 or args.eval_n < 2
+            or min(args.memory_batch, args.limit) < 0 or args.lr <= 0):
+        parser.error("--epochs, --batch-size and --packed must be at least 1, --eval-n at least 2, --memory-batch "
+                     "and --limit >= 0, --lr > 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but PyTorch sees no CUDA GPU here")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    with tempfile.TemporaryDirectory(prefix="pcam-train-bench-") as tmp:
+        data_dir = args.data_dir or str(write_random_set(Path(tmp) / "data", args.n, args.eval_n))
+        files = pcam.locate(data_dir)
+        n = pcam.verify(files)["train"]
+        n = min(n, args.limit or n)
+        args.tv_root = str(torchvision_root(*files["train"], Path(tmp) / "tv"))  # links: data_dir may be read-only
+        if n < max(args.batch_size, args.memory_batch):
+            parser.error(f"the train split has {n} patches, fewer than one batch")
+        print(f"{datetime.date.today()}, {device_name(device)}, torch {torch.__version__}, {os.cpu_count()} cores; "
+              f"train split {n} patches, batch {args.batch_size}, {args.epochs} epochs per trial, lr {args.lr:g}")
+        for packed in args.packed:
+            ours = run_packed("project", args, data_dir, device, packed)
+            theirs = run_packed("baseline", args, data_dir, device, packed)
+            a, b = sum(steady(o["rates"]) for o in ours), sum(steady(o["rates"]) for o in theirs)
+            each = lambda outs: ", ".join(f"{steady(o['rates']):.0f}" for o in outs)  # noqa: E731
+            print(f"{packed} trial(s) at once: project {a:8.0f} images/s ({each(ours)}) | "
+                  f"baseline fp32 DataLoader({max(1, os.cpu_count() // packed)} workers each) {b:7.0f} images/s "
+                  f"({each(theirs)}) | ratio {a / b:.2f}x")
+        if args.memory_batch:
+            peak = run_packed("memory", args, data_dir, device, 1)[0]["memory_mb"]
+            if device.type == "cuda":
+                quarter = torch.cuda.get_device_properties(device).total_memory / 4 / 2**20
+                print(f"peak GPU memory of one trial at batch {args.memory_batch}: {peak:.0f} MiB "
+                      f"(a quarter of this GPU: {quarter:.0f} MiB)")
+            else:
+                print(f"peak GPU memory at batch {args.memory_batch}: not measured on {device}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""The benchmarks run: tiny CPU runs that check each prints its figures (never their values: timing belongs in
+the benchmarks, not in tests). The CUDA figures they exist for can only be taken on a GPU machine."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str, timeout: int) -> str:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_mnist_trial_prints_both_ways_and_the_ratio():
+    out = run("mnist_trial.py", "--train-limit", "512", "--epochs", "1", "--batch-size", "64", timeout=180)
+    assert re.search(r"ratio \(classic / project\) at batch 64: \d+\.\d+x", out)
+    assert "same initial weights in both ways: yes" in out
+
+
+def test_pcam_pipeline_prints_both_rates_and_the_ratio():
+    out = run("pcam_pipeline.py", "--n", "256", "--batches", "3", "--seconds", "0", "--rounds", "1", timeout=180)
+    assert re.search(r"round 1: project +\d+ images/s .* baseline +\d+ images/s .* ratio \d+\.\d+x", out)
+    assert re.search(r"ratio project / baseline: \d+\.\d+x", out)
+
+
+@pytest.mark.slow
+def test_pcam_train_runs_both_ways_alone_and_packed():
+    out = run("pcam_train.py", "--device", "cpu", "--n", "32", "--eval-n", "4", "--batch-size", "16", "--epochs", "1",
+              "--packed", "1", "2", "--memory-batch", "32", timeout=600)
+    for packed in (1, 2):
+        line = re.search(rf"{packed} trial\(s\) at once: project +(\d+) images/s \(([\d, ]+)\) \| baseline .* "
+                         rf"(\d+) images/s \(([\d, ]+)\) \| ratio (\d+\.\d+)x", out)
+        assert line, out
+        assert len(line.group(2).split(",")) == packed and len(line.group(4).split(",")) == packed
+        assert int(line.group(1)) > 0 and int(line.group(3)) > 0
+    assert "peak GPU memory at batch 32: not measured on cpu" in out
+
+
+def test_pcam_train_refuses_bad_arguments():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pcam_train.py"), "--packed", "0"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2 and "--packed must be at least 1" in done.stderr
