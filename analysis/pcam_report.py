@@ -159,7 +159,9 @@ def write_auc_tables(report, trials, configs, tests, best) -> None:
         shown = shown.reset_index()
         notes = [f"* a trial of this configuration differs in AUC from the best configuration ({best_text}) at "
                  f"p < {ALPHA}: DeLong's paired test against its trial with the same seed, on the same test images "
-                 f"(per-trial p-values below and in delong.csv)."]
+                 f"(per-trial p-values below and in delong.csv). The p-values are not corrected for the number of "
+                 f"comparisons, and the best configuration was picked by its test AUC, which favours finding it "
+                 f"better: read a p-value near {ALPHA} as a hint, not a finding."]
         in_table = tests[tests["optimizer"] == optimizer] if len(tests) else tests
         for r in in_table.itertuples(index=False):
             if math.isfinite(r.p_value):

@@ -9,15 +9,18 @@
     synchronised), the median over the epochs after the first (which holds cuDNN's autotuning and allocations).
 (b) the baseline: `torchvision.datasets.PCAM` with the same augmentations per item (v2 transforms) in a
     `DataLoader` (batch size as (a), shuffled, pinned memory, os.cpu_count() / P workers), the same
-    `VGG16Patches` in fp32 with contiguous NCHW input, `torch.optim.SGD(momentum=0.9)`, the plain loop; timed
-    the same way (a synchronised wall clock per epoch, median over the epochs after the first).
+    `VGG16Patches` in fp32 (with PyTorch's defaults, so cuDNN may use TF32 for the convolutions) and contiguous
+    NCHW input, `torch.optim.SGD(momentum=0.9)`, the plain loop; timed the same way (a synchronised wall clock
+    per epoch, median over the epochs after the first).
 Both train the same model (random init: weights do not change the speed) on the same HDF5 files, lr --lr.
 
---packed P1 P2 ...: for each P, P processes start together on one GPU, as P Tune trials with
---gpus-per-trial 1/P would (each the project's with its memory capped at 1/P of the GPU, as `train_pcam` does);
-the figure is the sum of their images/s. --memory-batch B: afterwards one project trial at batch B runs one epoch
-alone, and its peak GPU memory (torch.cuda.max_memory_allocated, the `gpu_memory_mb` every PCam trial reports)
-is printed against a quarter of the GPU (the default --gpus-per-trial 0.25).
+--packed P1 P2 ...: for each P, P processes share one GPU, as P Tune trials with --gpus-per-trial 1/P would (each
+the project's with its memory capped at 1/P of the GPU, as `train_pcam` does). They start every epoch together
+(a barrier), and an epoch's figure is all their images over the time the slowest took; each process's own rate
+is printed in brackets. --memory-batch B: afterwards one project trial at batch B runs one epoch alone, and its
+peak GPU memory (torch.cuda.max_memory_allocated, the `gpu_memory_mb` every PCam trial reports, and the peak
+reserved by PyTorch's caching allocator, which the per-trial cap limits) is printed against a quarter of the GPU
+(the default --gpus-per-trial 0.25).
 
 --limit N trains both on the first N patches of the train split. Without --data-dir, random patches in the
 official HDF5 layout are written to a temporary folder (--n train, --eval-n validation and test). On CPU this
@@ -29,6 +32,7 @@ import datetime
 import math
 import multiprocessing as mp
 import os
+import queue
 import statistics
 import sys
 import tempfile
@@ -56,51 +60,67 @@ def write_random_set(folder: Path, n: int, n_eval: int) -> Path:
     return folder
 
 
-def steady(rates: list[float]) -> float:
-    """The median images/s of the epochs after the first (all of them when there is only one)."""
-    return statistics.median(rates[1:] or rates)
+BARRIER_SECONDS = 900  # longest wait for the slowest neighbour at an epoch boundary before giving up
 
 
-def project_trial(args, data_dir: str, device: torch.device, share: float, batch_size: int, epochs: int) -> dict:
-    """One project trial; its per-epoch images/s and peak GPU memory (MiB)."""
+def combined_rate(outs: list[dict]) -> tuple[float, list[float]]:
+    """Images/s of all processes together, and of each alone: medians over the epochs after the first (all of them
+    when there is only one). The processes start each epoch together (a barrier), so an epoch's combined rate is
+    the images they trained over the time the slowest of them took."""
+    epochs = list(zip(*(o["epochs"] for o in outs)))  # per epoch: (images, seconds) of every process
+    epochs = epochs[1:] or epochs
+    together = statistics.median(sum(i for i, _ in e) / max(s for _, s in e) for e in epochs)
+    alone = [statistics.median(i / s for i, s in (o["epochs"][1:] or o["epochs"])) for o in outs]
+    return together, alone
+
+
+def project_trial(args, data_dir: str, device: torch.device, share: float, batch_size: int, epochs: int,
+                  barrier) -> dict:
+    """One project trial: (images, seconds) of each trained epoch, peak GPU memory allocated and reserved (MiB)."""
     from study.trainables import run_pcam
 
     if device.type == "cuda" and share < 1:
-        torch.cuda.set_per_process_memory_fraction(share, device)
+        torch.cuda.set_per_process_memory_fraction(share)  # the current device, as train_pcam caps a trial
     cfg = PcamConfig(batch_size=batch_size, optimizer="sgd", lr=args.lr, epochs=epochs, data_dir=data_dir,
                      weights="none", train_limit=args.limit)
-    epochs_seen = []
-    run_pcam(cfg, None, device, lambda metrics, state, files: epochs_seen.append(metrics))
-    trained = [m for m in epochs_seen if m[M.EPOCH] > 0]
+    seen = []
+
+    def report(metrics, state, files):
+        seen.append(metrics)
+        barrier.wait(BARRIER_SECONDS)  # every trial starts its next epoch with its neighbours
+
+    run_pcam(cfg, None, device, report)
+    trained = [m for m in seen if m[M.EPOCH] > 0]
     if any(m[M.DIVERGED] for m in trained):
         raise RuntimeError(f"the project trial diverged at lr {args.lr}: lower --lr")
-    return {"rates": [m[M.IMAGES_PER_SECOND] for m in trained],
-            "memory_mb": max(m[M.GPU_MEMORY_MB] for m in epochs_seen)}
+    reserved = torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else math.nan
+    return {"epochs": [(m[M.IMAGES_PER_SECOND] * m[M.EPOCH_SECONDS], m[M.EPOCH_SECONDS]) for m in trained],
+            "memory_mb": max(m[M.GPU_MEMORY_MB] for m in seen), "reserved_mb": reserved}
 
 
-def baseline_trial(args, data_dir: str, device: torch.device, workers: int) -> dict:
-    """The plain fp32 loop over torchvision's PCAM in a DataLoader; its per-epoch images/s."""
+def baseline_trial(args, device: torch.device, workers: int, barrier) -> dict:
+    """The plain fp32 loop over torchvision's PCAM in a DataLoader: (images, seconds) of each epoch."""
     from torch.utils.data import DataLoader, Subset
     from torchvision.datasets import PCAM
 
     from study.models import VGG16Patches
 
-    # torchvision's PCAM holds the h5py module, which cannot be pickled: the workers are forked, and forked before
-    # this process touches CUDA (they only read and transform on the CPU).
     dataset = PCAM(args.tv_root, split="train", transform=per_item_transform())
     if args.limit:
         dataset = Subset(dataset, range(args.limit))
-    loader = DataLoader(dataset, batch_size=args.batch_size,
-                        shuffle=True, num_workers=workers, persistent_workers=True, multiprocessing_context="fork",
-                        pin_memory=device.type == "cuda")
+    # torchvision's PCAM holds the h5py module, which cannot be pickled: the workers are forked, and forked before
+    # this process touches CUDA (they only read and transform on the CPU).
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=workers,
+                        persistent_workers=True, multiprocessing_context="fork", pin_memory=device.type == "cuda")
     batches = iter(loader)
     model = VGG16Patches(None, freeze_blocks=2).to(device)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr, momentum=0.9)
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    rates = []
+    epochs = []
     for epoch in range(args.epochs):
         if epoch:
             batches = iter(loader)  # persistent workers: the same processes serve every epoch
+        barrier.wait(BARRIER_SECONDS)
         sync(device)
         started, seen = time.perf_counter(), 0
         for x, y in batches:
@@ -111,10 +131,10 @@ def baseline_trial(args, data_dir: str, device: torch.device, workers: int) -> d
             optimizer.step()
             seen += len(y)
         sync(device)
+        epochs.append((seen, time.perf_counter() - started))
         if not math.isfinite(loss.item()):
             raise RuntimeError(f"the baseline diverged at lr {args.lr}: lower --lr")
-        rates.append(seen / (time.perf_counter() - started))
-    return {"rates": rates, "memory_mb": math.nan}
+    return {"epochs": epochs}
 
 
 def sync(device: torch.device) -> None:
@@ -123,36 +143,47 @@ def sync(device: torch.device) -> None:
 
 
 def child(way: str, args, data_dir: str, device: str, packed: int, barrier, results) -> None:
-    """One trial in its own process (its own CUDA context, as a Tune trial has), started with its neighbours."""
+    """One trial in its own process (its own CUDA context, as a Tune trial has), in step with its neighbours."""
     try:
         device = torch.device(device)
         torch.set_num_threads(max(1, os.cpu_count() // packed))
-        barrier.wait()
         if way == "project":
-            out = project_trial(args, data_dir, device, 1 / packed, args.batch_size, args.epochs)
+            out = project_trial(args, data_dir, device, 1 / packed, args.batch_size, args.epochs, barrier)
         elif way == "memory":
-            out = project_trial(args, data_dir, device, 1.0, args.memory_batch, 1)
+            out = project_trial(args, data_dir, device, 1.0, args.memory_batch, 1, barrier)
         else:
-            out = baseline_trial(args, data_dir, device, max(1, os.cpu_count() // packed))
+            out = baseline_trial(args, device, max(1, os.cpu_count() // packed), barrier)
         results.put(out)
     except BaseException as err:  # reported to the parent, which stops with it
+        barrier.abort()  # neighbours waiting for this process stop waiting
         results.put({"error": f"{way}: {type(err).__name__}: {err}"})
 
 
 def run_packed(way: str, args, data_dir: str, device: torch.device, packed: int) -> list[dict]:
-    """`packed` processes of one way at once; each one's result."""
+    """`packed` processes of one way at once; each one's result. Stops (non-zero exit) if one fails or dies."""
     ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children
     barrier, results = ctx.Barrier(packed), ctx.Queue()
     procs = [ctx.Process(target=child, args=(way, args, data_dir, str(device), packed, barrier, results))
              for _ in range(packed)]
     for p in procs:
         p.start()
-    outs = [results.get() for _ in procs]  # before join: a child cannot exit while its queue item is unread
-    for p in procs:
-        p.join()
-    errors = [o["error"] for o in outs if "error" in o]
-    if errors:
-        raise SystemExit("benchmark failed: " + "; ".join(errors))
+    outs = []
+    try:
+        while len(outs) < packed:  # results before join: a child cannot exit while its queue item is unread
+            try:
+                outs.append(results.get(timeout=5))
+            except queue.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead:  # killed (e.g. for memory) or crashed without a word
+                    raise SystemExit(f"benchmark failed: a {way} process died (exit code {dead[0]})")
+        errors = [o["error"] for o in outs if "error" in o]
+        if errors:
+            raise SystemExit("benchmark failed: " + "; ".join(errors))
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
     return outs
 
 
@@ -188,22 +219,21 @@ def main(argv=None) -> None:
         print(f"{datetime.date.today()}, {device_name(device)}, torch {torch.__version__}, {os.cpu_count()} cores; "
               f"train split {n} patches, batch {args.batch_size}, {args.epochs} epochs per trial, lr {args.lr:g}")
         for packed in args.packed:
-            ours = run_packed("project", args, data_dir, device, packed)
-            theirs = run_packed("baseline", args, data_dir, device, packed)
-            a, b = sum(steady(o["rates"]) for o in ours), sum(steady(o["rates"]) for o in theirs)
-            each = lambda outs: ", ".join(f"{steady(o['rates']):.0f}" for o in outs)  # noqa: E731
+            (a, ours), (b, theirs) = (combined_rate(run_packed(way, args, data_dir, device, packed))
+                                      for way in ("project", "baseline"))
+            each = lambda rates: ", ".join(f"{r:.0f}" for r in rates)  # noqa: E731
             print(f"{packed} trial(s) at once: project {a:8.0f} images/s ({each(ours)}) | "
                   f"baseline fp32 DataLoader({max(1, os.cpu_count() // packed)} workers each) {b:7.0f} images/s "
                   f"({each(theirs)}) | ratio {a / b:.2f}x")
         if args.memory_batch:
-            peak = run_packed("memory", args, data_dir, device, 1)[0]["memory_mb"]
+            out = run_packed("memory", args, data_dir, device, 1)[0]
             if device.type == "cuda":
                 quarter = torch.cuda.get_device_properties(device).total_memory / 4 / 2**20
-                print(f"peak GPU memory of one trial at batch {args.memory_batch}: {peak:.0f} MiB "
-                      f"(a quarter of this GPU: {quarter:.0f} MiB)")
+                print(f"peak GPU memory of one trial at batch {args.memory_batch}: {out['memory_mb']:.0f} MiB "
+                      f"allocated, {out['reserved_mb']:.0f} MiB reserved by PyTorch's cache (a quarter of this GPU: "
+                      f"{quarter:.0f} MiB; the CUDA context, outside both, comes on top)")
             else:
                 print(f"peak GPU memory at batch {args.memory_batch}: not measured on {device}")
-
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,7 @@ has no up or left), a zoom about the centre and a brightness factor. Two ways to
   of h's parity (so every crop is exactly centred): steps of 2 px, about 2% at 96 px, 10 sizes for zoom 0.1.
   Resized pixels are rounded to whole levels, as torchvision's uint8 transforms do, and the outermost ones
   interpolate within the crop (up to 4% of a neighbour outside it is left out). Brightness is clamped at white
-  on the bytes too (see _saturate_u8: a factor above 1 is rounded down by less than 0.5 %).
+  on the bytes too (see _saturate_u8: a factor f above 1 is rounded down, by less than f / 255).
 - CUDA, or a zoom with too few or too many crop sizes: one grid_sample on floats does flip, rotation and zoom
   (exact factor) in one kernel, without host synchronisation. With zoom=0 it samples nearest, so flips stay exact.
   Brightness is exact there, clamped on the floats.
@@ -22,6 +22,7 @@ stays at most white (255), as torchvision's ColorJitter clamps. Zooming out refl
 
 import functools
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -40,7 +41,7 @@ def to_input(x_u8: torch.Tensor, *, generator: torch.Generator | None = None, fl
     With train, per image: random horizontal and vertical flips, rotation by a random multiple of 90 degrees,
     zoom by a factor in [1-zoom, 1+zoom] (in steps of about 2% on CPU, see the module docstring) and brightness
     scaled by a factor in [1-brightness, 1+brightness] (clamped at white; on CPU a factor above 1 is rounded
-    down by less than 0.5 %), each switched off by False or 0.
+    down, by under 0.45 % for brightness 0.1), each switched off by False or 0.
     Images stay in batch order, so labels stay aligned.
     """
     if x_u8.dtype != torch.uint8 or x_u8.dim() != 4 or x_u8.shape[-1] != 3:
@@ -92,9 +93,9 @@ def _geometry_u8(x_u8: torch.Tensor, t: np.ndarray, sizes, flip: bool, rot90: bo
 
 def _saturate_u8(y: torch.Tensor, factor: torch.Tensor, in_place: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Brightness clamped at white in uint8, ahead of normalisation: returns the clamped images and the factors
-    to scale them by. A factor f > 1 saturates the levels from c = ceil(255 / f) up, so the images are clamped at c
-    and scaled by 255 / c (within 0.5 % of f, below it), which maps c exactly to white. One pass over the bytes
-    replaces a clamp over the floats, which move 4x as many bytes."""
+    to scale them by. A factor f > 1 saturates the levels from c = ceil(255 / f) up, so the images are clamped at
+    c and scaled by 255 / c (below f by less than f / 255, relative), which maps c exactly to white. One pass over
+    the bytes replaces a clamp over the floats, which move 4x as many bytes."""
     brighter = factor > 1
     c = torch.where(brighter, torch.ceil(255 / factor), 255.0)
     factor = torch.where(brighter, 255 / c, factor)
@@ -225,13 +226,18 @@ def _resize_all(jobs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         shares.append(share)
     if threads <= 1:
         return _resize(shares[0] if shares else [])
-    futures = [_pool(threads - 1).submit(_resize, share) for share in shares[1:]]
+    # Threads do not inherit the caller's inference mode, and writing an inference tensor outside it fails.
+    inference = torch.is_inference_mode_enabled()
+    futures = [_pool(threads - 1).submit(_resize, share, inference) for share in shares[1:]]
     _resize(shares[0])
     for future in futures:
         future.result()  # re-raises a worker's error
 
 
-def _resize(jobs) -> None:
+def _resize(jobs, inference: bool = False) -> None:
+    if inference and not torch.is_inference_mode_enabled():
+        with torch.inference_mode():
+            return _resize(jobs)
     for crop, dest in jobs:
         if crop.shape[1] == dest.shape[1]:
             dest.copy_(crop)
@@ -242,8 +248,12 @@ def _resize(jobs) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _pool(workers: int) -> ThreadPoolExecutor:
-    """Threads for _resize_all, made on first use (importing this module starts nothing)."""
+    """Threads for _resize_all, made on first use (importing this module starts nothing). A forked child has the
+    pool object but not its threads, so the fork forgets it (see the register_at_fork below)."""
     return ThreadPoolExecutor(workers, thread_name_prefix="augment-resize")
+
+
+os.register_at_fork(after_in_child=_pool.cache_clear)
 
 
 def _pad_columns(x: torch.Tensor, p: int) -> torch.Tensor:

@@ -205,3 +205,16 @@ def test_rejects_non_uint8_input_and_non_square_augmentation():
     with pytest.raises(ValueError, match="square"):
         to_input(wide)
     assert to_input(wide, train=False).shape == (2, 3, 96, 64)
+
+
+def test_threaded_resizes_work_under_inference_mode():
+    x = random_batch(16)
+    expected = to_input(x, generator=gen(3))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the resizes run on a second Python thread
+    try:
+        with torch.inference_mode():
+            out = to_input(x, generator=gen(3))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out, expected)
