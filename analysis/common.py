@@ -15,6 +15,23 @@ STAGE_COLOURS = ("tab:blue", "tab:green", "tab:purple", "tab:olive", "tab:cyan",
 OUTCOME_HATCH = {"error": "xxx", "diverged": "///", "running": "...", "incomplete": "..."}
 
 
+def fold_lr_scaling(trials: list, key: str) -> bool:
+    """With several lr-scaling rules in one grid (--lr-scaling none linear ...), the rule joins the config value
+    `key` of every trial (e.g. target "mean" -> "mean, lr linear"), so every table and figure grouped by `key`
+    keeps the rules apart. Changes the trials' configs in memory only; True if it did."""
+    rules = {t.config.get("lr_scaling", "none") for t in trials}
+    if len(rules) < 2:
+        return False
+    for t in trials:
+        t.config = {**t.config, key: f"{t.config.get(key)}, lr {t.config.get('lr_scaling', 'none')}"}
+    return True
+
+
+def base_value(label: str) -> str:
+    """The config value under a label that fold_lr_scaling may have extended."""
+    return str(label).split(", lr ")[0]
+
+
 def _num(value) -> float:
     try:
         return float(value)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import stats
-from analysis.common import mark_noise_scale, measured_noise_scale, noise_curves
+from analysis.common import base_value, fold_lr_scaling, mark_noise_scale, measured_noise_scale, noise_curves
 from analysis.figures import ReportWriter, batch_axis, epoch_axis, log_scale_if_wide, new_figure
 from analysis.load import CHOSEN_FILE, TARGET_STATS_FILE, Study, epoch_table, trial_table
 from study import metrics as M
@@ -21,13 +21,15 @@ REACH_FACTOR = 1.1  # time to reach: first epoch with test MSE <= 1.1 x the targ
 
 
 def _targets(values) -> list:
-    present = set(values)
-    return [t for t in TARGET_ORDER if t in present] + sorted(present - set(TARGET_ORDER))
+    """Targets in the paper's order (each rule of a target after it, see fold_lr_scaling), then any others."""
+    rank = {t: i for i, t in enumerate(TARGET_ORDER)}
+    return sorted(set(values), key=lambda t: (rank.get(base_value(t), len(rank)), str(t)))
 
 
 def _groups(targets: list) -> list:
     """Panels of targets sharing an axis: the variance alone, the rest together."""
-    return [g for g in ([t for t in targets if t != "var"], [t for t in targets if t == "var"]) if g]
+    return [g for g in ([t for t in targets if base_value(t) != "var"], [t for t in targets if base_value(t) == "var"])
+            if g]
 
 
 def sweep_table(study: Study) -> pd.DataFrame:
@@ -41,6 +43,9 @@ def sweep_table(study: Study) -> pd.DataFrame:
 def write(report: ReportWriter, study: Study) -> None:
     write_lr_search(report, study)
     write_target_distributions(report, study)
+    if fold_lr_scaling(study.trials("batch_sweep"), "target"):
+        report.text("The sweep ran several learning-rate scaling rules (a grid axis, same seeds): from here on each "
+                    "target is shown once per rule, as 'target, lr rule'.")
     if not study.trials("batch_sweep"):
         report.heading("Batch-size sweep")
         report.text("Stage 2 (batch_sweep) has no trials yet.")

@@ -7,12 +7,13 @@ Every AUC interval comes from the test predictions each trial stored (test_predi
 """
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
 
 from analysis import stats
-from analysis.common import mark_noise_scale, measured_noise_scale, noise_curves
+from analysis.common import fold_lr_scaling, mark_noise_scale, measured_noise_scale, noise_curves
 from analysis.figures import ReportWriter, batch_axis, epoch_axis, fmt, new_figure
 from analysis.load import Study, Trial, epoch_table
 from study import metrics as M
@@ -127,6 +128,9 @@ def _cell(config: pd.Series, marks: set) -> str:
 
 
 def write(report: ReportWriter, study: Study) -> None:
+    if fold_lr_scaling(study.trials(STAGE), "optimizer"):
+        report.text("The grid ran several learning-rate scaling rules (a grid axis, same seeds): each optimizer is "
+                    "shown once per rule, as 'optimizer, lr rule'; the learning rates are the base rates.")
     trials, predictions = trial_table(study)
     if trials.empty:
         report.heading("Test AUC")
@@ -167,8 +171,8 @@ def write_auc_tables(report, trials, configs, tests, best) -> None:
             if math.isfinite(r.p_value):
                 notes.append(f"lr {fmt(r.lr)}, batch {r.batch_size}, seed {r.run}: p = {r.p_value:.3g}"
                              + (" (significant)" if r.significant else ""))
-        report.table(f"auc_{optimizer}", shown, f"Test AUC, optimizer {optimizer} (rows: batch size; columns: "
-                     f"learning rate)", notes=notes)
+        report.table("auc_" + re.sub(r"[^A-Za-z0-9]+", "_", optimizer), shown,
+                     f"Test AUC, optimizer {optimizer} (rows: batch size; columns: learning rate)", notes=notes)
     report.table("auc_summary", configs, "Test AUC per configuration")
     report.table("trials", trials, "Every trial: stored test AUC, AUC recomputed from its predictions, bootstrap "
                                    "95 % interval")

@@ -65,3 +65,9 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
             group["lr"].fill_(lr)
         else:
             group["lr"] = float(lr)
+
+
+def scaling_rules(value) -> list[str]:
+    """--lr-scaling as a list of distinct rules in the order given (a study stored before the flag took several
+    values holds one string)."""
+    return [value] if isinstance(value, str) else list(dict.fromkeys(value))

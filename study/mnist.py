@@ -17,8 +17,11 @@ from study.config import (MNIST_BATCH_SIZES, MNIST_FINE_FACTORS, MNIST_LR_GRID, 
                           MNIST_TARGETS, MNIST_VAL_SIZE, OPTIMIZERS, MnistConfig)
 from study.data import mnist as mnist_data
 from study.errors import StudyError
+from study.lr_scaling import RULES as LR_SCALING_RULES
+from study.lr_scaling import scaling_rules
 from study.trainables import train_mnist
 from study.tuning import (STUDY_FILE, StudyFolder, add_common_args, check_common_args, code_version, default_name,
+                          grid_axis,
                           main_of, open_study, run_stage)
 
 CHOSEN_FILE = "chosen_lr.json"
@@ -54,8 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     grid.add_argument("--input-scale", choices=("raw", "unit"), default="raw")
     grid.add_argument("--target-scale", choices=("raw", "unit"), default="raw")
     grid.add_argument("--noise-scale", choices=("on", "off"), default="on", help="estimate the gradient noise scale")
-    grid.add_argument("--lr-scaling", choices=("none", "linear", "sqrt"), default="none",
-                      help="stage 2: lr = chosen x (batch / --lr-reference-batch) or its square root")
+    grid.add_argument("--lr-scaling", choices=LR_SCALING_RULES, nargs="+", default=["none"],
+                      help="stage 2: lr = chosen x (batch / --lr-reference-batch) or its square root; several "
+                           "rules are a grid axis (each with the same seeds)")
     grid.add_argument("--lr-reference-batch", type=int, default=MNIST_LR_SEARCH_BATCH)
     grid.add_argument("--warmup-epochs", type=float, default=0.0)
     add_common_args(p, gpus_per_trial=0.125)
@@ -162,8 +166,10 @@ def run(args) -> int:
     data, source = load_data(args)
     n_train = len(data.train_x)
     check_grid(args, n_train)
-    MnistConfig.from_dict(dict(trial_base(args, ""), lr_scaling=args.lr_scaling, warmup_epochs=args.warmup_epochs,
-                               lr_reference_batch=args.lr_reference_batch))  # every other flag, before Ray starts
+    rules = scaling_rules(args.lr_scaling)
+    for rule in rules:  # every other flag, before Ray starts
+        MnistConfig.from_dict(dict(trial_base(args, ""), lr_scaling=rule, warmup_epochs=args.warmup_epochs,
+                                   lr_reference_batch=args.lr_reference_batch))
     folder = StudyFolder(args.storage_path, args.name)
     resources = open_study(folder, args)
     version = code_version()
@@ -194,7 +200,7 @@ def run(args) -> int:
                                         run=tune.grid_search(list(range(args.runs))),
                                         seed=tune.sample_from(lambda c: c["batch_size"] + c["run"]),
                                         lr=tune.sample_from(lambda c: lrs[c["target"]]),
-                                        lr_scaling=args.lr_scaling, lr_reference_batch=args.lr_reference_batch,
+                                        lr_scaling=grid_axis(rules), lr_reference_batch=args.lr_reference_batch,
                                         warmup_epochs=args.warmup_epochs),
                       folder=folder, stage="batch_sweep", args=args, resources=resources, data=shared)
     print_summary(sweep)

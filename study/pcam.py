@@ -9,6 +9,7 @@ split; a study on Kaggle data writes each trial's submission.csv.
 """
 
 import argparse
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -21,9 +22,12 @@ from study.config import OPTIMIZERS, PCAM_BATCH_SIZES, PCAM_LRS, PcamConfig
 from study.data import kaggle
 from study.data import pcam as pcam_data
 from study.errors import StudyError
+from study.lr_scaling import RULES as LR_SCALING_RULES
+from study.lr_scaling import scaling_rules
 from study.models import vgg16_features_state
 from study.trainables import train_pcam
 from study.tuning import (STUDY_FILE, StudyFolder, add_common_args, check_common_args, code_version, default_name,
+                          grid_axis,
                           main_of, open_study, run_stage)
 
 SMOKE = dict(batch_sizes=[8, 16], optimizers=["sgd", "adam"], sgd_lrs=[0.01], adam_lrs=[1e-4], epochs=2,
@@ -61,7 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     grid.add_argument("--no-amp", action="store_true", help="on CUDA: fp32 instead of bf16 autocast")
     grid.add_argument("--eval-batch-size", type=int, default=None)
     grid.add_argument("--noise-scale", choices=("on", "off"), default="on", help="estimate the gradient noise scale")
-    grid.add_argument("--lr-scaling", choices=("none", "linear", "sqrt"), default="none")
+    grid.add_argument("--lr-scaling", choices=LR_SCALING_RULES, nargs="+", default=["none"],
+                      help="lr = lr x (batch / --lr-reference-batch) or its square root; several rules are a grid "
+                           "axis (each with the same seeds)")
     grid.add_argument("--lr-reference-batch", type=int, default=32)
     grid.add_argument("--warmup-epochs", type=float, default=0.0)
     add_common_args(p, gpus_per_trial=0.25)
@@ -91,7 +97,10 @@ def prepare_data(args) -> tuple[str, dict[str, int]]:
         root = kaggle.prepare_kaggle(root, Path(args.prepared_dir or root / "prepared-h5"), args.val_fraction,
                                      args.split_seed)
     elif args.download:
-        pcam_data.download(root)
+        try:  # files already there (flat, .gz or torchvision's layout) are used, never fetched again
+            pcam_data.locate(root)
+        except StudyError:
+            pcam_data.download(root)
     return str(root), pcam_data.verify(pcam_data.locate(root))
 
 
@@ -105,7 +114,7 @@ def check_grid(args, n_train: int) -> None:
         if not lrs_of(args, name):
             raise StudyError(f"empty grid: --{name}-lrs needs at least one value")
         for lr in lrs_of(args, name):
-            if not lr > 0:
+            if not (math.isfinite(lr) and lr > 0):
                 raise StudyError(f"learning rates must be positive numbers, got {lr} for {name}")
     for b in args.batch_sizes:
         if not 1 <= b <= n_train:
@@ -127,7 +136,7 @@ def run(args) -> int:
                       weights=args.weights, freeze_blocks=args.freeze_blocks, flip=not args.no_flip,
                       rot90=not args.no_rot90, zoom=args.zoom, brightness=args.brightness, amp=not args.no_amp,
                       eval_batch_size=args.eval_batch_size, train_limit=args.train_limit,
-                      noise_scale=args.noise_scale == "on", lr_scaling=args.lr_scaling,
+                      noise_scale=args.noise_scale == "on", lr_scaling=scaling_rules(args.lr_scaling)[0],
                       lr_reference_batch=args.lr_reference_batch, warmup_epochs=args.warmup_epochs,
                       code_version=version)
     features = vgg16_features_state(args.weights)  # before Ray: missing weights fail here, not in every trial
@@ -144,7 +153,7 @@ def run(args) -> int:
     pairs = [{"optimizer": o, "lr": lr} for o in args.optimizers for lr in lrs_of(args, o)]
     space = dict(base.to_dict(), optimizer=tune.choice(args.optimizers),
                  lr=tune.choice(sorted({p["lr"] for p in pairs})))
-    space.update(batch_size=tune.grid_search(args.batch_sizes),
+    space.update(lr_scaling=grid_axis(scaling_rules(args.lr_scaling)), batch_size=tune.grid_search(args.batch_sizes),
                  run=tune.grid_search(list(range(args.seeds))), seed=tune.sample_from(lambda c: c["run"]))
     results = run_stage(train_pcam, space, folder=folder, stage="grid", args=args, resources=resources,
                         data={"features": features},

@@ -97,7 +97,9 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
     def evaluate_and_track(metrics):
         metrics = {**metrics, **evaluate(model)}
         # Epoch 0 is the untrained network: reported, never the "best" model that gets tested.
-        if select is not None and state["epoch"] > 0 and metrics[select] > state["best"]["value"]:
+        # A diverged epoch is never the best: NaN outputs can still score, e.g. an accuracy of the negatives' share.
+        if (select is not None and state["epoch"] > 0 and not metrics.get(M.DIVERGED)
+                and metrics[select] > state["best"]["value"]):
             state["best"] = {"value": metrics[select], "epoch": state["epoch"]}
             state["best_model"] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         if select is not None:  # e.g. best_val_acc (M.BEST_VAL_ACC) and its epoch

@@ -27,8 +27,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, gpus_per_trial: float) -
                                 "(s3://bucket/prefix, gs://...). Multi-node clusters need shared storage.")
     ray_group.add_argument("--name", default=None,
                            help="study folder under the storage path (default: kind-timestamp)")
-    ray_group.add_argument("--address", default=None,
-                           help="Ray cluster to join: auto or HOST:PORT (default: $RAY_ADDRESS, else start a local one)")
+    ray_group.add_argument("--address", default=None, help="Ray cluster to join: auto or HOST:PORT (default: "
+                                                           "$RAY_ADDRESS, else start a local one)")
     ray_group.add_argument("--gpus-per-trial", type=float, default=gpus_per_trial,
                            help=f"GPU share per trial; fractions pack trials on one GPU (default {gpus_per_trial}); "
                                 "falls back to CPU on a local machine with no GPU")
@@ -233,8 +233,16 @@ def run_stage(trainable, param_space: dict, *, folder: StudyFolder, stage: str, 
 
 
 # What a --resume may change: where and how the study runs, never its grid.
-RESOURCE_FLAGS = ("address", "gpus_per_trial", "cpus_per_trial", "num_cpus", "max_failures", "resume",
-                  "retry_errored", "storage_path", "name")
+def grid_axis(values: list):
+    """One value as itself, several as a Tune grid axis (one value leaves trial names as they were)."""
+    from ray import tune
+
+    return values[0] if len(values) == 1 else tune.grid_search(list(values))
+
+
+# Not --max-failures: Tune's restore keeps the run config the study started with.
+RESOURCE_FLAGS = ("address", "gpus_per_trial", "cpus_per_trial", "num_cpus", "resume", "retry_errored",
+                  "storage_path", "name")
 
 
 def main_of(kind: str, parse_args, run, argv=None) -> int:

@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -81,6 +82,7 @@ def test_weights_from_a_file_and_bad_files(tmp_path, monkeypatch):
 @pytest.mark.parametrize("extra, message", [
     (["--batch-sizes", "100"], "batch size 100 is outside 1..48"),
     (["--sgd-lrs", "0"], "positive"),
+    (["--adam-lrs", "inf"], "positive"),
     (["--optimizers", "rmsprop"], "unknown optimizer 'rmsprop'"),
     (["--seeds", "0"], "--seeds must be >= 1"),
     (["--weights", "/nonexistent/vgg.pt"], "cannot read --weights"),
@@ -181,3 +183,13 @@ def test_a_node_without_the_files_fetches_them_once(tmp_path, monkeypatch, tiny_
     assert len(calls) == 1 and len(found) == 4 and all(f == found[0] for f in found)
     with pytest.raises(StudyError, match="does not exist"):
         locate_or_fetch(PcamConfig(data_dir=str(tmp_path / "elsewhere"), download=False))
+
+
+def test_download_uses_files_already_there(tmp_path, monkeypatch, tiny_pcam):
+    def no_network(root):
+        raise AssertionError("--download fetched PCam although its files were there")
+
+    monkeypatch.setattr(pcam_data, "download", no_network)
+    args = cli.parse_args(["--data-dir", str(tiny_pcam), "--download"])
+    folder, sizes = cli.prepare_data(args)
+    assert Path(folder) == Path(tiny_pcam).resolve() and sizes["train"] > 0

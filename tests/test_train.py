@@ -12,7 +12,7 @@ from study.config import MnistConfig
 from study.data import mnist
 from study.models import RegressionCNN
 from study.trainables import run_mnist
-from study.train import DeviceBatches, epoch_generator
+from study.train import DeviceBatches, epoch_generator, fit, make_optimizer
 
 CPU = torch.device("cpu")
 
@@ -107,6 +107,21 @@ def test_nan_loss_ends_the_trial_marked_diverged(data):
     assert rows[-1][M.DIVERGED] and rows[-1][M.STATUS] == M.STATUS_DIVERGED
     assert len(rows) < 6  # stopped at the first diverged epoch
     assert not rows[-2][M.DIVERGED]
+
+
+def test_a_diverged_epoch_is_never_the_best_model():
+    # NaN weights can still score (e.g. accuracy = the share of one class): selection must skip diverged epochs.
+    model = torch.nn.Linear(4, 1)
+    x, y = torch.randn(64, 4), torch.randn(64)
+    cfg = MnistConfig(target="mean", lr=1.0, optimizer="sgd", batch_size=16, epochs=3, noise_scale=False)
+    loss_fn = lambda out, target: torch.nn.functional.mse_loss(out.squeeze(1), target) * torch.nan  # noqa: E731
+    seen = []
+    state = fit(model, make_optimizer("sgd", model.parameters(), 1.0, 0.0, torch.device("cpu")),
+                DeviceBatches(x, y, 16), loss_fn, lambda m: {"score": 0.5}, lambda m, s: seen.append(m), cfg=cfg,
+                device=torch.device("cpu"), select="score")
+    assert seen[-1][M.DIVERGED] and seen[-1][M.EPOCH] == 1
+    assert state["best"]["epoch"] == -1 and state["best_model"] is None
+    assert math.isnan(seen[-1]["best_score"])
 
 
 def test_unit_scales(data):
