@@ -67,7 +67,8 @@ def timing_table(study: Study, label_keys: list) -> pd.DataFrame:
         ips = [r.get(M.IMAGES_PER_SECOND) for r in t.rows if _num(r.get(M.EPOCH)) >= 1]
         records.append({
             "stage": t.stage, "trial_id": t.trial_id, **{k: t.config.get(k) for k in label_keys},
-            "outcome": t.outcome, "node_ip": t.last("node_ip", ""), "gpu_ids": t.last(M.GPU_IDS, ""),
+            "outcome": t.outcome, "node_ip": t.last("node_ip", ""), "node_id": t.last(M.NODE_ID, ""),
+            "gpu_ids": t.last(M.GPU_IDS, ""),
             "device": t.last(M.DEVICE, ""), "gpu_share": share,
             "start_s": t.start_time - origin, "end_s": t.end_time - origin, "wall_seconds": wall,
             "train_seconds": _num(t.last(M.TRAIN_SECONDS)), "gpu_seconds": share * wall, "cpu_seconds": cpus * wall,
@@ -124,7 +125,11 @@ def lanes(timing: pd.DataFrame) -> list:
     for i in order:
         row = timing.loc[i]
         device = f"GPU {row['gpu_ids']}" if row["gpu_ids"] else "CPU"
-        key = (str(row["node_ip"]) or "unknown node", device)
+        # Ray's node id, not the IP alone: several nodes can share an IP (containers, one-machine test clusters).
+        node = str(row["node_ip"]) or "unknown node"
+        if row.get("node_id"):
+            node += f" ({str(row['node_id'])[:6]})"
+        key = (node, device)
         slots = free_at.setdefault(key, [])
         slot = next((k for k, end in enumerate(slots) if end <= row["start_s"]), len(slots))
         end = row["end_s"] if math.isfinite(row["end_s"]) else row["start_s"]

@@ -16,6 +16,7 @@ LR = "lr"  # learning rate in effect at the end of the epoch (after scaling and 
 DEVICE = "device"  # cpu | cuda
 GPU_IDS = "gpu_ids"  # the physical GPU(s) Ray gave the trial, comma-separated ("" on CPU)
 GPU_SHARE = "gpu_share"  # the trial's fraction of a GPU (--gpus-per-trial)
+CUDA_VISIBLE = "cuda_visible_devices"  # CUDA_VISIBLE_DEVICES in the trial's process: what PyTorch could see
 NODE_ID = "node_id"  # Ray's id of the node the trial ran on (node_ip alone cannot tell nodes of one host apart)
 GPU_MEMORY_MB = "gpu_memory_mb"  # peak CUDA memory allocated by the trial so far, MiB (NaN on CPU)
 

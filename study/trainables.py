@@ -6,6 +6,7 @@ node, shared by every trial there.
 """
 
 import math
+import os
 import tempfile
 from pathlib import Path
 
@@ -39,7 +40,8 @@ def trial_device() -> tuple[torch.device, dict]:
     device = pick_device(resources.get("GPU", 0))
     gpu_ids = ",".join(str(i) for i in ray.get_gpu_ids())  # Ray's assignment (also on nodes that only declare GPUs)
     return device, {M.DEVICE: device.type, M.GPU_IDS: gpu_ids, M.GPU_SHARE: float(resources.get("GPU", 0)),
-                    M.NODE_ID: ray.get_runtime_context().get_node_id()}
+                    M.NODE_ID: ray.get_runtime_context().get_node_id(),
+                    M.CUDA_VISIBLE: os.environ.get("CUDA_VISIBLE_DEVICES", "")}
 
 
 class TrialOutOfMemory(RuntimeError):

@@ -186,3 +186,13 @@ def test_report_when_no_trial_has_reported_yet(tmp_path, kind, stage, config):
     text = (tmp_path / "out" / "report.md").read_text()
     assert "PARTIAL" in text and "not started yet" in text
 
+
+
+def test_timeline_lanes_keep_nodes_that_share_an_ip_apart():
+    from analysis.common import lanes
+
+    timing = pd.DataFrame({
+        "trial_id": ["a", "b", "c", "d"], "node_ip": ["10.0.0.1"] * 4, "node_id": ["n1aaaa", "n1aaaa", "n2bbbb", ""],
+        "gpu_ids": ["0", "0", "0", ""], "start_s": [0.0, 1.0, 0.5, 0.0], "end_s": [10.0, 5.0, 8.0, 2.0]})
+    assert lanes(timing) == ["10.0.0.1 (n1aaaa) · GPU 0 · slot 1", "10.0.0.1 (n1aaaa) · GPU 0 · slot 2",
+                             "10.0.0.1 (n2bbbb) · GPU 0 · slot 1", "10.0.0.1 · CPU · slot 1"]

@@ -117,3 +117,25 @@ def test_target_stats_are_box_plot_statistics():
     assert stats["mean"]["med"] == pytest.approx(float(np.median(means)), rel=1e-6)
     for s in stats.values():
         assert s["whislo"] <= s["q1"] <= s["med"] <= s["q3"] <= s["whishi"] and s["n"] == 300
+
+
+def test_empty_file_and_wrong_image_shape(tmp_path):
+    folder = fake_mnist(tmp_path / "empty")
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(b"")
+    with pytest.raises(StudyError, match="t10k-labels-idx1-ubyte"):
+        mnist.load(folder)
+    folder = fake_mnist(tmp_path / "shape")
+    write_idx(folder / "train-images-idx3-ubyte", np.zeros((20, 32, 32)), 2051)
+    with pytest.raises(StudyError, match="28x28"):
+        mnist.load(folder)
+
+
+def test_download_failure_is_a_clear_error(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    with pytest.raises(StudyError, match="downloading MNIST .* failed: no network.*--data-dir"):
+        mnist.download(tmp_path)

@@ -118,6 +118,7 @@ def test_every_trial_had_a_quarter_of_one_gpu(sweep):
         for row in trial["rows"]:
             assert row[M.GPU_SHARE] == GPU_SHARE, trial["dir"]
             assert len(row[M.GPU_IDS].split(",")) == 1 and row[M.GPU_IDS] != "", trial["dir"]
+            assert row[M.CUDA_VISIBLE] == row[M.GPU_IDS], trial["dir"]  # the process sees its GPU and no other
         assert len({r[M.GPU_IDS] for r in trial["rows"]}) == 1, trial["dir"]
 
 

@@ -247,3 +247,11 @@ def test_download_failure_is_a_study_error(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets, "PCAM", lambda root, split, download: calls.append(split))
     assert pcam.download(tmp_path) == tmp_path / "pcam"
     assert calls == ["train", "train", "val", "test"]
+
+
+def test_empty_h5_names_the_file(official):
+    folder, _ = official
+    empty = folder / pcam.file_name("test", "y")
+    empty.write_bytes(b"")
+    with pytest.raises(StudyError, match=empty.name):
+        pcam.verify(pcam.locate(folder))

@@ -1,5 +1,6 @@
 """The PCam study: model and trainable without Ray, CLI errors before Ray, end-to-end smoke and Kaggle runs."""
 
+import io
 import json
 import math
 import subprocess
@@ -14,6 +15,7 @@ import ray
 import torch
 from sklearn.metrics import roc_auc_score
 
+from analysis import report as analysis_report
 from study import metrics as M
 from study import pcam as cli
 from study.config import PcamConfig
@@ -119,7 +121,7 @@ def test_smoke_study_end_to_end(tmp_path):
     trials = sorted(p for p in (tmp_path / "smoke" / "grid").iterdir() if p.is_dir())
     grid = cli.SMOKE
     assert len(trials) == len(grid["batch_sizes"]) * (len(grid["sgd_lrs"]) + len(grid["adam_lrs"]))
-    configs = set()
+    configs, stored_auc = set(), {}
     for trial in trials:
         rows = [json.loads(line) for line in (trial / "result.json").read_text().splitlines()]
         cfg = json.loads((trial / "params.json").read_text())
@@ -137,7 +139,17 @@ def test_smoke_study_end_to_end(tmp_path):
         assert predictions["label"].tolist() == test_y.tolist()
         assert last[M.TEST_AUC] == pytest.approx(roc_auc_score(predictions["label"], predictions["probability"]))
         assert cfg["weights"] == "none" and cfg["code_version"]
+        stored_auc[(cfg["optimizer"], cfg["lr"], cfg["batch_size"])] = last[M.TEST_AUC]
     assert ("sgd", 0.01, 8) in configs and ("adam", 1e-4, 16) in configs
+    # The report, from what this real study stored: one AUC table per optimizer, values as stored.
+    out = tmp_path / "report"
+    assert analysis_report.main([str(tmp_path / "smoke"), "--out", str(out)]) == 0
+    summary = pd.read_csv(out / "auc_summary.csv")
+    assert len(summary) == len(stored_auc)
+    for row in summary.itertuples():
+        assert row.mean_test_auc == pytest.approx(stored_auc[(row.optimizer, row.lr, row.batch_size)])
+    assert (out / "auc_sgd.csv").is_file() and (out / "auc_adam.csv").is_file()
+    assert (out / "validation_val_acc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
@@ -193,3 +205,31 @@ def test_download_uses_files_already_there(tmp_path, monkeypatch, tiny_pcam):
     args = cli.parse_args(["--data-dir", str(tiny_pcam), "--download"])
     folder, sizes = cli.prepare_data(args)
     assert Path(folder) == Path(tiny_pcam).resolve() and sizes["train"] > 0
+
+
+def test_resumed_from_a_checkpoint_ends_exactly_like_an_uninterrupted_run(tiny_pcam):
+    cfg = PcamConfig(data_dir=str(tiny_pcam), weights="none", epochs=2, batch_size=8, lr=0.01, eval_batch_size=8)
+    cpu = torch.device("cpu")
+    full = []
+    run_pcam(cfg, None, cpu, lambda m, s, f: full.append(m))
+
+    class Killed(Exception):
+        pass
+
+    saved = io.BytesIO()
+
+    def killed_after_epoch_1(metrics, state, files):
+        if metrics[M.EPOCH] == 1:
+            torch.save(state, saved)  # what the trial's checkpoint holds
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_pcam(cfg, None, cpu, killed_after_epoch_1)
+    saved.seek(0)
+    resumed = []
+    run_pcam(cfg, None, cpu, lambda m, s, f: resumed.append(m), start=torch.load(saved, weights_only=True))
+    assert [m[M.EPOCH] for m in resumed] == [2]
+    for key in (M.TRAIN_LOSS, M.VAL_LOSS, M.VAL_ACC, M.VAL_AUC, M.BEST_EPOCH, M.BEST_VAL_ACC, M.TEST_AUC,
+                M.TEST_ACC, M.NOISE_SCALE, M.LR):
+        a, b = full[-1][key], resumed[-1][key]
+        assert a == b or (math.isnan(a) and math.isnan(b)), (key, a, b)

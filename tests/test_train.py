@@ -124,6 +124,11 @@ def test_a_diverged_epoch_is_never_the_best_model():
     assert math.isnan(seen[-1]["best_score"])
 
 
+def test_noise_scale_off_reports_nan(data):
+    rows, _ = collect(MnistConfig(target="mean", lr=1e-3, batch_size=64, epochs=1, noise_scale=False), data)
+    assert all(math.isnan(r[M.NOISE_SCALE]) for r in rows)
+
+
 def test_unit_scales(data):
     cfg = MnistConfig(target="var", lr=1e-3, batch_size=64, epochs=1, input_scale="unit", target_scale="unit")
     rows, _ = collect(cfg, data)
