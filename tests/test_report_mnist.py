@@ -149,6 +149,30 @@ def test_timing_matches_tune_times(smoke, smoke_report):
 
 
 @pytest.mark.slow
+def test_time_to_reach_matches_raw_results(smoke, smoke_report):
+    raw = raw_trials(smoke / "batch_sweep")
+    best = {}
+    for config, rows, _ in raw:
+        if finished(rows):
+            best[config["target"]] = min(best.get(config["target"], math.inf), rows[-1]["test_mse"])
+    reached = {}  # (target, batch) -> [(epoch, train seconds) of the first epoch at most 1.1 x the target's best]
+    for config, rows, _ in raw:
+        hit = [r for r in rows if r["test_mse"] <= 1.1 * best[config["target"]]]
+        if hit:
+            reached.setdefault((config["target"], config["batch_size"]), []).append(
+                (hit[0]["epoch"], hit[0]["train_seconds"]))
+    time = pd.read_csv(smoke_report / "time.csv")
+    assert len(time) == 4
+    for row in time.itertuples():
+        got = reached.get((row.target, row.batch_size), [])
+        assert row.threshold_mse == pytest.approx(1.1 * best[row.target])
+        assert row.runs_reached == len(got)
+        if got:
+            assert row.median_epoch_reached == pytest.approx(np.median([e for e, _ in got]))
+            assert row.median_seconds_to_reach == pytest.approx(np.median([t for _, t in got]))
+
+
+@pytest.mark.slow
 def test_stage_folder_and_default_output(smoke, tmp_path):
     copy = tmp_path / "study"
     shutil.copytree(smoke, copy, ignore=shutil.ignore_patterns("checkpoint_*"))
