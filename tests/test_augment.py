@@ -207,14 +207,28 @@ def test_rejects_non_uint8_input_and_non_square_augmentation():
     assert to_input(wide, train=False).shape == (2, 3, 96, 64)
 
 
-def test_threaded_resizes_work_under_inference_mode():
+def test_threaded_shares_work_under_inference_mode():
     x = random_batch(16)
     expected = to_input(x, generator=gen(3))
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # the resizes run on a second Python thread
+    torch.set_num_threads(2)  # half the batch runs on a second Python thread
     try:
         with torch.inference_mode():
             out = to_input(x, generator=gen(3))
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(out, expected)
+
+
+def test_shares_on_threads_give_the_same_batch_and_restore_the_thread_count():
+    x = random_batch(64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = to_input(x, generator=gen(11))  # one share: no threads
+        torch.set_num_threads(2)
+        shared = to_input(x, generator=gen(11))  # two shares of 32 on two threads
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(alone, shared)
