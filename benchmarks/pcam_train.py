@@ -49,6 +49,7 @@ from benchmarks.pcam_pipeline import per_item_transform, torchvision_root, write
 from study import metrics as M  # noqa: E402
 from study.config import PcamConfig  # noqa: E402
 from study.data import pcam  # noqa: E402
+from study.train import sync  # noqa: E402
 
 def write_random_set(folder: Path, n: int, n_eval: int) -> Path:
     """Random train (n), valid and test (n_eval each) splits in the official layout; returns the folder."""
@@ -135,11 +136,6 @@ def baseline_trial(args, device: torch.device, workers: int, barrier) -> dict:
         if not math.isfinite(loss.item()):
             raise RuntimeError(f"the baseline diverged at lr {args.lr}: lower --lr")
     return {"epochs": epochs}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def child(way: str, args, data_dir: str, device: str, packed: int, barrier, results) -> None:

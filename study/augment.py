@@ -235,34 +235,27 @@ def _zoom_u8(y: torch.Tensor, order, rows_flipped, sizes: np.ndarray, s_min: int
     pad = (s_max - h) // 2
     sources = [_gather(y, order, by_key[:n_inside], rows_flipped),
                _pad_columns(_gather(y, order, by_key[n_inside:], rows_flipped, pad), pad)]
-    out, start, jobs = y.new_empty(len(by_key), h, h, y.shape[3]), 0, []
+    out, start = y.new_empty(len(by_key), h, h, y.shape[3]), 0
     for k, n in enumerate(counts):
         s = s_min + 2 * k
         source = sources[s > h]
         first = start if s <= h else start - n_inside
         offset = (pad if s > h else 0) + (h - s) // 2
-        if n:
-            jobs.append((source[first:first + n, offset:offset + s, offset:offset + s], out[start:start + n]))
-        start += n
-    _resize_all(jobs)
-    return out, by_key
-
-
-def _resize_all(jobs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Each NHWC crop resized into its NHWC destination (same number of images)."""
-    for crop, dest in jobs:
-        if crop.shape[1] == dest.shape[1]:
+        crop, dest = source[first:first + n, offset:offset + s, offset:offset + s], out[start:start + n]
+        if n and s == h:
             dest.copy_(crop)
-        else:  # channels_last NCHW views: torch's vectorised uint8 resize, written in place
-            torch.ops.aten.upsample_bilinear2d.out(crop.permute(0, 3, 1, 2), list(dest.shape[1:3]), False, None,
-                                                   None, out=dest.permute(0, 3, 1, 2))
+        elif n:  # channels_last NCHW views: torch's vectorised uint8 resize, written in place
+            torch.ops.aten.upsample_bilinear2d.out(crop.permute(0, 3, 1, 2), [h, h], False, None, None,
+                                                   out=dest.permute(0, 3, 1, 2))
+        start += n
+    return out, by_key
 
 
 @functools.lru_cache(maxsize=None)
 def _pool(workers: int) -> ThreadPoolExecutor:
     """Threads for _run_parts, made on first use (importing this module starts nothing). A forked child has the
     pool object but not its threads, so the fork forgets it (see the register_at_fork below)."""
-    return ThreadPoolExecutor(workers, thread_name_prefix="augment-resize")
+    return ThreadPoolExecutor(workers, thread_name_prefix="augment-share")
 
 
 os.register_at_fork(after_in_child=_pool.cache_clear)

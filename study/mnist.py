@@ -17,12 +17,10 @@ from study.config import (MNIST_BATCH_SIZES, MNIST_FINE_FACTORS, MNIST_LR_GRID, 
                           MNIST_TARGETS, MNIST_VAL_SIZE, OPTIMIZERS, MnistConfig)
 from study.data import mnist as mnist_data
 from study.errors import StudyError
-from study.lr_scaling import RULES as LR_SCALING_RULES
-from study.lr_scaling import scaling_rules
+from study.lr_scaling import RULES as LR_SCALING_RULES, scaling_rules
 from study.trainables import train_mnist
 from study.tuning import (STUDY_FILE, StudyFolder, add_common_args, check_common_args, code_version, default_name,
-                          grid_axis,
-                          main_of, open_study, run_stage)
+                          grid_axis, main_of, open_study, run_stage)
 
 CHOSEN_FILE = "chosen_lr.json"
 TARGET_STATS_FILE = "target_stats.json"  # box-plot statistics of each target over the training images

@@ -22,13 +22,11 @@ from study.config import OPTIMIZERS, PCAM_BATCH_SIZES, PCAM_LRS, PcamConfig
 from study.data import kaggle
 from study.data import pcam as pcam_data
 from study.errors import StudyError
-from study.lr_scaling import RULES as LR_SCALING_RULES
-from study.lr_scaling import scaling_rules
+from study.lr_scaling import RULES as LR_SCALING_RULES, scaling_rules
 from study.models import vgg16_features_state
 from study.trainables import train_pcam
 from study.tuning import (STUDY_FILE, StudyFolder, add_common_args, check_common_args, code_version, default_name,
-                          grid_axis,
-                          main_of, open_study, run_stage)
+                          grid_axis, main_of, open_study, run_stage)
 
 SMOKE = dict(batch_sizes=[8, 16], optimizers=["sgd", "adam"], sgd_lrs=[0.01], adam_lrs=[1e-4], epochs=2,
              weights="none", eval_batch_size=32)
