@@ -64,16 +64,23 @@ class StudyFolder:
     """The study's folder under the storage path, local or remote, through pyarrow's filesystems."""
 
     def __init__(self, storage_path: str, name: str):
-        if "://" in storage_path:
+        # pyarrow's options ride in a URI's query (s3://bucket/prefix?endpoint_override=http://host:9000 for MinIO
+        # or another S3-compatible store): every URI made from this one keeps them, so Tune and the trials reach
+        # the same store.
+        remote = "://" in storage_path
+        base, query = storage_path.split("?", 1) if remote and "?" in storage_path else (storage_path, "")
+        self._query = f"?{query}" if query else ""
+        if remote:
             try:
                 self.fs, root = pafs.FileSystem.from_uri(storage_path)
             except Exception as err:  # pyarrow raises ArrowInvalid/OSError for bad or unsupported URIs
                 raise StudyError(f"storage path {storage_path!r} is not usable: {err}")
-            self.uri = storage_path.rstrip("/") + "/" + name
+            self._base = base.rstrip("/") + "/" + name
         else:
             self.fs, root = pafs.LocalFileSystem(), str(Path(storage_path).expanduser().resolve())
-            self.uri = str(Path(root) / name)
-        self.storage_uri = self.uri.rsplit("/", 1)[0]
+            self._base = str(Path(root) / name)
+        self.uri = self._base + self._query
+        self.storage_uri = self._base.rsplit("/", 1)[0] + self._query
         self.path = f"{root.rstrip('/')}/{name}"
 
     def exists(self) -> bool:
@@ -110,7 +117,7 @@ class StudyFolder:
             pass
 
     def child(self, name: str) -> str:
-        return f"{self.uri}/{name}"
+        return f"{self._base}/{name}{self._query}"
 
     def has(self, name: str) -> bool:
         return self.fs.get_file_info(f"{self.path}/{name}").type != pafs.FileType.NotFound
