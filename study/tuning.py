@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from study import cluster
 from study.errors import StudyError
 
 STUDY_FILE = "study.json"  # what ran: the study's kind, its arguments, code version, stages
@@ -189,6 +190,17 @@ def fit_resources(args) -> dict:
     max_cpus = max((n["Resources"].get("CPU", 0) for n in nodes), default=0)
     gpus = args.gpus_per_trial
     local = (args.address or os.environ.get("RAY_ADDRESS") or "local") == "local"
+    if not local:
+        try:
+            place = cluster.trial_placement(args.cpus_per_trial, gpus, nodes,
+                                            cluster.node_types(ray.get_runtime_context().gcs_address))
+        except ValueError as err:
+            raise StudyError(str(err))
+        if place is not None:  # the autoscaler's node types are known: they, not the nodes up now, decide
+            if place != "now":
+                print(f"note: no node up now can hold a trial ({gpus:g} GPUs, {args.cpus_per_trial:g} CPUs); "
+                      f"trials wait for the autoscaler to start a {place} node")
+            return {"cpu": args.cpus_per_trial, "gpu": gpus}
     if gpus > 0 and max_gpus == 0:
         if local:
             print(f"note: no GPU on this machine; trials run on CPU (--gpus-per-trial {gpus} ignored)")
