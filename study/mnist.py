@@ -8,6 +8,7 @@ rates are in chosen_lr.json, the arguments in study.json. `tensorboard --logdir 
 
 import argparse
 import math
+import shlex
 import sys
 
 from ray import tune
@@ -202,7 +203,7 @@ def run(args) -> int:
                                         warmup_epochs=args.warmup_epochs),
                       folder=folder, stage="batch_sweep", args=args, resources=resources, data=shared)
     print_summary(sweep)
-    print(f"results: {folder.uri}  (report: python -m analysis.report {folder.uri})")
+    print(f"results: {folder.uri}  (report: python -m analysis.report {shlex.quote(folder.uri)})")
     return 1 if any(r.error is not None for r in sweep) else 0
 
 

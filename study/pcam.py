@@ -10,6 +10,7 @@ split; a study on Kaggle data writes each trial's submission.csv.
 
 import argparse
 import math
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -157,7 +158,7 @@ def run(args) -> int:
                         data={"features": features},
                         search_alg=BasicVariantGenerator(points_to_evaluate=pairs), num_samples=len(pairs))
     print_summary(results)
-    print(f"results: {folder.uri}  (report: python -m analysis.report {folder.uri})")
+    print(f"results: {folder.uri}  (report: python -m analysis.report {shlex.quote(folder.uri)})")
     return 1 if any(r.error is not None for r in results) else 0
 
 

@@ -90,9 +90,14 @@ class FakeCluster:
 
     def node_pids(self, node_id: str) -> list[int]:
         """The processes of one fake node: its raylet and everything under it carry its node id."""
-        return [pid for pid in tagged_pids(self.tag)
-                if f"RAY_OVERRIDE_NODE_ID_FOR_TESTING={node_id}".encode()
-                in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")]
+        needle, pids = f"RAY_OVERRIDE_NODE_ID_FOR_TESTING={node_id}".encode(), []
+        for pid in tagged_pids(self.tag):
+            try:
+                if needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                    pids.append(pid)
+            except OSError:  # ended meanwhile
+                pass
+        return pids
 
     def study(self, tmp: Path, *argv: str) -> tuple[subprocess.Popen, Path]:
         """`python -m study.mnist` joined to this cluster, as a user on the head runs it; output to a log."""

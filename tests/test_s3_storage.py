@@ -126,6 +126,7 @@ def stored(s3, tmp_path_factory):
     code, out = study(tmp, s3, "--resume")
     assert code == 0, out[-3000:]
     assert f"resuming s3://{BUCKET}/{PREFIX}/{NAME}/lr_coarse?endpoint_override={s3}" in out, out[-3000:]
+    assert f"python -m analysis.report '{study_uri(s3)}'" in out  # quoted: a shell takes it as printed
     return coarse
 
 
