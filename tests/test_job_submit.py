@@ -1,7 +1,7 @@
 """The README's cluster path on one machine: a token-authenticated Ray head as cluster.yaml starts it, a worker
 with a fake GPU, and the study submitted with the README's own `ray job submit` command.
 
-`python -m pytest tests/test_job_submit.py -q` (about 2 min on two cores). The head declares 0 CPUs and serves
+`python -m pytest tests/test_job_submit.py -q` (2-3 min on two cores). The head declares 0 CPUs and serves
 its dashboard and job server on 127.0.0.1; a second raylet joins it with 2 CPUs and 1 (fake) GPU. Every process
 runs with RAY_AUTH_MODE=token and one token file (RAY_AUTH_TOKEN_PATH stands in for ~/.ray/auth_token, which
 cluster.yaml copies to every node), and the CLI is shown to be refused without it. The smoke study is submitted
@@ -129,6 +129,7 @@ def test_the_job_cli_is_refused_without_the_token(cluster):
 
 
 def test_the_submitted_study_succeeds_with_every_trial_on_the_worker(cluster, first_job, store):
+    assert f"--runtime-env-json '{json.dumps({'excludes': EXCLUDES})}'" in (REPO / "README.md").read_text()
     logs, status, rows = first_job
     assert status == "SUCCEEDED", logs[-3000:]
     assert f"results: {store / 'job'}" in logs

@@ -1,6 +1,6 @@
 """A study stored on S3 through the real S3 protocol: moto's S3 API server on 127.0.0.1 stands in for AWS.
 
-`python -m pytest tests/test_s3_storage.py -q` (about 2 min on two cores). The MNIST smoke study runs with
+`python -m pytest tests/test_s3_storage.py -q` (2-3 min on two cores). The MNIST smoke study runs with
 `--storage-path 's3://studies/prefix?endpoint_override=http://127.0.0.1:PORT'`, the form pyarrow and Ray accept
 for MinIO and every other S3-compatible store; it is killed in its second stage, `--resume` finishes it there
 without re-running the finished first stage, a second start into it is refused and changes nothing, and
