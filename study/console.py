@@ -122,9 +122,13 @@ class StudyConsole(tune.Callback):
         epochs_total = sum(r["epochs"] for r in rows) + (total - len(rows)) * (rows[0]["epochs"] if rows else 1)
         epochs_done = sum(r["epochs"] if r["status"] in ("done", "diverged", "error") else r["epoch"] for r in rows)
         elapsed = time.monotonic() - self.started
-        left = elapsed * (epochs_total - epochs_done) / epochs_done if epochs_done else math.nan
-        return (f"[{self.stage}] {finished}/{total} trials finished, {running} running; elapsed {duration(elapsed)}, "
-                f"" + (f"about {duration(left)} left" if finished < total else "finished"))
+        if finished == total:
+            left = "stage finished"
+        elif epochs_done:  # the epochs so far set the pace (a trial's start-up counts into it)
+            left = f"about {duration(elapsed * (epochs_total - epochs_done) / epochs_done)} left"
+        else:
+            left = "time left known after the first epoch"
+        return f"[{self.stage}] {finished}/{total} trials finished, {running} running; elapsed {duration(elapsed)}, {left}"
 
     def table(self) -> list[str]:
         rows = list(self.trials.values())

@@ -82,7 +82,7 @@ class RunName:
         scaling = [f"scaling={c['lr_scaling']}"] if c.get("lr_scaling", "none") != "none" else []
         # PCam's seed is the run index (the seed itself is drawn later, like a sampled lr).
         repeat = ([f"run={c['run']}"] if applies("run", c) else []) if mnist else [f"seed={c['run']}"]
-        parts = [c["target"] if mnist else c["optimizer"], f"lr={lr:.3g}", *scaling, f"batch={c['batch_size']}",
+        parts = [c["target"] if mnist else c["optimizer"], f"lr={lr:g}", *scaling, f"batch={c['batch_size']}",
                  *repeat, trial.trial_id.rsplit("_", 1)[-1]]
         return "_".join(parts)
 
@@ -160,7 +160,8 @@ class StudyTensorBoard(LoggerCallback):
         if trial in self._writers:
             self._writers[trial].close()
         writer = SummaryWriter(trial.local_path)
-        writer.file_writer.add_summary(session_start(trial.config, Path(trial.local_path).name))
+        folder = Path(trial.local_path)  # stage/run: unique across the study's stages, so no two trials merge
+        writer.file_writer.add_summary(session_start(trial.config, f"{folder.parent.name}/{folder.name}"))
         self._writers[trial] = writer
 
     def log_trial_result(self, iteration, trial, result):
