@@ -166,7 +166,7 @@ def timeline_figure(timing: pd.DataFrame, label_keys: list = ()):
     lane_names = sorted(set(shown["lane"]))
     by_config = 0 < shown["configuration"].nunique() <= len(CONFIG_COLOURS)
     key = "configuration" if by_config else "stage"
-    groups = sorted(set(shown[key]), key=lambda g: list(shown[key]).index(g))  # in order of first start
+    groups = list(shown.groupby(key)["start_s"].min().sort_values(kind="stable").index)  # in order of start
     palette = CONFIG_COLOURS if by_config else STAGE_COLOURS
     colours = {g: palette[i % len(palette)] for i, g in enumerate(groups)}
     height = max(2.5, 0.28 * max(len(lane_names), len(groups) * 0.8) + 1.5)

@@ -177,5 +177,5 @@ def stage_callbacks(args, kind: str, stage: str, columns: list[str], metrics: li
     from study.tensorboard import StudyTensorBoard
 
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
-    return [CSVLoggerCallback(), JsonLoggerCallback(), StudyTensorBoard(kind)] + (
+    return [CSVLoggerCallback(), JsonLoggerCallback(), StudyTensorBoard(kind, stage)] + (
         [] if args.verbose else [StudyConsole(stage, columns, metrics)])

@@ -48,11 +48,14 @@ COMMON_METRICS = [("train/loss", "train loss"), ("time/epoch_seconds", "epoch se
 # Values a failed trial must not keep: its result metrics (the ones before the common ones).
 FAILED_NAN = {kind: [tag for tag, _ in metrics] for kind, metrics in KEY_METRICS.items()}
 
-# The grid's hyperparameters, in HPARAMS column order.
+# The grid's hyperparameters, most telling first: TensorBoard ticks the first SHOWN that vary in a study (it puts
+# those it is told "differ" first, and ticks five), so derived ones (lr_factor sets lr; seed = batch + run) and
+# constants stay in the list, unticked.
 HPARAMS = {
-    "mnist": ["stage", "target", "optimizer", "lr", "lr_factor", "lr_scaling", "batch_size", "run", "seed"],
-    "pcam": ["optimizer", "lr", "momentum", "lr_scaling", "batch_size", "seed"],
+    "mnist": ["stage", "target", "lr_scaling", "batch_size", "lr", "run", "lr_factor", "seed", "optimizer"],
+    "pcam": ["optimizer", "lr", "lr_scaling", "batch_size", "seed", "momentum"],
 }
+SHOWN = 5  # hyperparameter columns TensorBoard 2.x ticks by default
 
 
 def applies(name: str, config: dict) -> bool:
@@ -103,14 +106,16 @@ def _value(v):
 
 def experiment_summary(kind: str, domains: dict) -> Summary:
     """The study's HPARAMS experiment. domains: hyperparameter -> the values the study can give it."""
-    infos = []
+    infos, shown = [], 0
     for name in HPARAMS[kind]:
         values = sorted(set(domains.get(name) or []))
         if not values:
             continue
         kind_of = (api_pb2.DATA_TYPE_BOOL if isinstance(values[0], bool) else
                    api_pb2.DATA_TYPE_FLOAT64 if isinstance(values[0], (int, float)) else api_pb2.DATA_TYPE_STRING)
-        infos.append(api_pb2.HParamInfo(name=name, type=kind_of,
+        differs = len(values) > 1 and shown < SHOWN
+        shown += differs
+        infos.append(api_pb2.HParamInfo(name=name, type=kind_of, differs=differs,
                                         domain_discrete=struct_pb2.ListValue(values=[_value(v) for v in values])))
     metric_infos = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=label)
                     for tag, label in KEY_METRICS[kind] + COMMON_METRICS]
@@ -149,8 +154,8 @@ class StudyTensorBoard(LoggerCallback):
     """Tune logger callback (on the driver) writing each trial's session and scalars into its folder; Tune's own
     TBXLoggerCallback is left out (study.console.stage_callbacks), so no second, conflicting HPARAMS table."""
 
-    def __init__(self, kind: str):
-        self.kind = kind
+    def __init__(self, kind: str, stage: str):
+        self.kind, self.stage = kind, stage
         self._writers = {}
         self._last = {}  # trial -> (epoch, val AUC of the best epoch)
 
@@ -160,8 +165,8 @@ class StudyTensorBoard(LoggerCallback):
         if trial in self._writers:
             self._writers[trial].close()
         writer = SummaryWriter(trial.local_path)
-        folder = Path(trial.local_path)  # stage/run: unique across the study's stages, so no two trials merge
-        writer.file_writer.add_summary(session_start(trial.config, f"{folder.parent.name}/{folder.name}"))
+        # stage/trial folder: unique across the study's stages, so no two trials merge into one HPARAMS row
+        writer.file_writer.add_summary(session_start(trial.config, f"{self.stage}/{Path(trial.local_path).name}"))
         self._writers[trial] = writer
 
     def log_trial_result(self, iteration, trial, result):

@@ -12,7 +12,7 @@ from tensorboard.plugins.hparams import api_pb2, metadata
 
 from study import metrics as M
 from study.console import StudyConsole
-from study.tensorboard import RunName, StudyTensorBoard, applies, session_start
+from study.tensorboard import RunName, StudyTensorBoard, applies, experiment_summary, session_start
 
 
 class Trial(SimpleNamespace):
@@ -41,10 +41,10 @@ def end_status(acc) -> int:
 
 
 def test_diverged_trial_ends_failed_with_no_finite_key_metric(tmp_path):
-    writer = StudyTensorBoard("mnist")
+    writer = StudyTensorBoard("mnist", "lr_coarse")
     cfg = {"stage": "lr_coarse", "target": "mean", "lr": 1e3, "lr_factor": 1.0, "batch_size": 32, "run": 0,
            "seed": 32, "optimizer": "adam", "momentum": 0.0}
-    trial = fake_trial(tmp_path / "lr_coarse" / "t", cfg)
+    trial = fake_trial(tmp_path / "driver_artifacts" / "t", cfg)
     writer.log_trial_start(trial)
     writer.log_trial_result(1, trial, epoch(0, test_mse=40.0, val_mse=41.0, train_loss=math.nan))
     trial.last_result = epoch(1, test_mse=math.nan, val_mse=39.0, train_loss=math.inf, diverged=True)
@@ -65,7 +65,7 @@ def test_diverged_trial_ends_failed_with_no_finite_key_metric(tmp_path):
 
 
 def test_finished_and_errored_trials(tmp_path):
-    writer = StudyTensorBoard("pcam")
+    writer = StudyTensorBoard("pcam", "grid")
     base = {"optimizer": "sgd", "lr": 0.002, "momentum": 0.9, "batch_size": 32, "run": 0, "seed": 0}
     done, failed = fake_trial(tmp_path / "a", base), fake_trial(tmp_path / "b", dict(base, optimizer="adam"))
     for trial in (done, failed):
@@ -80,6 +80,17 @@ def test_finished_and_errored_trials(tmp_path):
     assert ok.Scalars("test/auc")[-1].value == pytest.approx(0.8)  # float32 in the event file
     assert ok.Scalars("val/best_auc")[-1].value == pytest.approx(0.7)  # the best-accuracy epoch's AUC, not the last epoch's
     assert math.isnan(bad.Scalars("val/best_auc")[-1].value) and math.isnan(bad.Scalars("val/best_acc")[-1].value)
+
+
+def test_experiment_ticks_the_telling_hyperparameters_first():
+    domains = dict(stage=["lr_coarse", "batch_sweep"], target=["mean", "std"], lr=[1e-3, 1e-2], lr_factor=[0.5, 1],
+                   batch_size=[16, 32], run=[0, 1], seed=[16, 17, 32], optimizer=["adam"], lr_scaling=["none"])
+    data = metadata.parse_experiment_plugin_data(experiment_summary("mnist", domains).value[0].metadata.plugin_data
+                                                 .content)
+    differs = {h.name for h in data.hparam_infos if h.differs}
+    assert differs == {"stage", "target", "batch_size", "lr", "run"}  # TensorBoard ticks five
+    assert {h.name for h in data.hparam_infos} == set(domains)
+    assert [m.name.tag for m in data.metric_infos][:2] == ["test/mse", "val/mse"]
 
 
 def test_hyperparameters_that_apply():
