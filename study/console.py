@@ -92,6 +92,7 @@ class StudyConsole(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self._row(trial)["status"] = "error"
         self._dirty = True
+        self._drawn_lines = 0  # Tune has just printed the error: the next table goes below it, never over it
 
     def on_step_end(self, iteration, trials, **info):
         for trial in trials:  # pending trials too, so the table shows the whole grid
