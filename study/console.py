@@ -6,6 +6,7 @@ and then and the table once, at the end of the stage. A stage with more trials t
 per configuration, its repeated runs (MNIST `run`, PCam `seed`) counted together.
 """
 
+import contextlib
 import logging
 import math
 import os
@@ -23,13 +24,25 @@ REDRAW_EVERY_S = 1.0
 QUIET_LOGGERS = ("ray.tune", "ray.train", "ray.air")  # their warnings are benign in a study (snapshot timing, ...)
 
 
-def quiet_ray(verbose: bool) -> None:
-    """Hide Ray's benign warnings unless --verbose; errors stay visible. Tune's newer console prints its
-    experiment box and a TensorBoard hint (a temporary staging folder) even at verbose=0; its older one, chosen
-    by this variable, prints nothing at verbose=0."""
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "1" if verbose else "0"
+@contextlib.contextmanager
+def tune_console(verbose: bool):
+    """While a stage runs: Ray's benign warnings hidden unless --verbose (errors stay visible), and Tune's older
+    console, which prints nothing at verbose=0 and never the TensorBoard hint of a temporary staging folder
+    (the newer one prints both even at verbose=0). Everything is put back afterwards."""
+    saved_env = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    saved_levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
+    try:
+        yield
+    finally:
+        if saved_env is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = saved_env
+        for name, level in saved_levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def tensorboard_hint(uri: str) -> str:
@@ -170,13 +183,8 @@ def mean(values: list[float]) -> float:
 
 
 def stage_callbacks(args, kind: str, stage: str, columns: list[str], metrics: list[str]) -> list:
-    """The Tune callbacks of one stage: Tune's CSV and JSON loggers, the study's TensorBoard writer in place of
-    Tune's (which Tune would add by itself, next to ours, without this variable), and the compact console unless
-    --verbose (which leaves the console to Tune)."""
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-
+    """The Tune callbacks of one stage: the study's TensorBoard writer (in place of Tune's), and the compact
+    console unless --verbose (which leaves the console to Tune)."""
     from study.tensorboard import StudyTensorBoard
 
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
-    return [CSVLoggerCallback(), JsonLoggerCallback(), StudyTensorBoard(kind, stage)] + (
-        [] if args.verbose else [StudyConsole(stage, columns, metrics)])
+    return [StudyTensorBoard(kind, stage)] + ([] if args.verbose else [StudyConsole(stage, columns, metrics)])

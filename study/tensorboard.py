@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from google.protobuf import struct_pb2
-from ray.tune.logger import LoggerCallback
+from ray.tune.logger import TBXLoggerCallback
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 
@@ -150,11 +150,12 @@ def session_end(success: bool) -> Summary:
     return _summary(metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_end_info=info))
 
 
-class StudyTensorBoard(LoggerCallback):
-    """Tune logger callback (on the driver) writing each trial's session and scalars into its folder; Tune's own
-    TBXLoggerCallback is left out (study.console.stage_callbacks), so no second, conflicting HPARAMS table."""
+class StudyTensorBoard(TBXLoggerCallback):
+    """Tune logger callback (on the driver) writing each trial's session and scalars into its folder. It takes the
+    place of Tune's TBXLoggerCallback (Tune adds its own only when none is given), so there is no second,
+    conflicting HPARAMS table; it shares nothing else with it."""
 
-    def __init__(self, kind: str, stage: str):
+    def __init__(self, kind: str, stage: str):  # noqa: no super().__init__: Tune's writer is not wanted
         self.kind, self.stage = kind, stage
         self._writers = {}
         self._last = {}  # trial -> (epoch, val AUC of the best epoch)

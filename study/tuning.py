@@ -208,7 +208,7 @@ def run_stage(trainable, param_space: dict, *, folder: StudyFolder, stage: str, 
     study.tensorboard.RunName naming the trial folders."""
     from ray import tune
 
-    from study.console import quiet_ray
+    from study.console import tune_console
     from study.tensorboard import RunName
 
     path = folder.child(stage)
@@ -235,12 +235,12 @@ def run_stage(trainable, param_space: dict, *, folder: StudyFolder, stage: str, 
                 failure_config=tune.FailureConfig(max_failures=args.max_failures),
                 # The latest checkpoint is all a restart needs; the best model travels inside it.
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                verbose=1 if getattr(args, "verbose", False) else 0,
+                verbose=3 if getattr(args, "verbose", False) else 0,  # 3: every trial's config and results
                 callbacks=list(callbacks),
             ),
         )
-    quiet_ray(getattr(args, "verbose", False))
-    results = tuner.fit()
+    with tune_console(getattr(args, "verbose", False)):
+        results = tuner.fit()
     folder.write_json(errored_file, sorted(Path(r.path).name for r in results if r.error is not None))
     return results
 

@@ -3,6 +3,7 @@ with TensorBoard's own event reader. (The HTTP API of a real TensorBoard is chec
 test_mnist_study.py and test_pcam_study.py.)"""
 
 import math
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import api_pb2, metadata
 
 from study import metrics as M
-from study.console import StudyConsole
+from study.console import StudyConsole, tune_console
 from study.tensorboard import RunName, StudyTensorBoard, applies, experiment_summary, session_start
 
 
@@ -144,3 +145,16 @@ def test_console_counts_repeats_together_when_the_grid_is_long(monkeypatch):
         console.on_trial_complete(0, trials, t)
     lines = console.table()
     assert len(lines) == 3 and lines[1].split() == ["adam", "40", "done", "-"]
+
+
+def test_tune_console_quiets_ray_only_while_a_stage_runs(monkeypatch):
+    import logging
+
+    monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "1")
+    logger = logging.getLogger("ray.tune")
+    before = logger.level
+    with tune_console(verbose=False):
+        assert os.environ["RAY_AIR_NEW_OUTPUT"] == "0" and logger.level == logging.ERROR
+    assert os.environ["RAY_AIR_NEW_OUTPUT"] == "1" and logger.level == before  # other Tuners in this process
+    with tune_console(verbose=True):
+        assert logger.level == logging.INFO
