@@ -128,7 +128,7 @@ def hparam_domains(args) -> dict:
     return dict(optimizer=args.optimizers, lr=[lr for o in args.optimizers for lr in lrs_of(args, o)],
                 momentum=[args.momentum] if "sgd" in args.optimizers else [],
                 lr_scaling=scaling_rules(args.lr_scaling), batch_size=args.batch_sizes,
-                run=list(range(args.seeds)), seed=list(range(args.seeds)))
+                seed=list(range(args.seeds)))  # the seed is the run index
 
 
 def lrs_of(args, optimizer: str) -> list[float]:
