@@ -1,4 +1,4 @@
-"""Shared fixtures: the real MNIST files when present, a small local Ray, quiet Tune output."""
+"""Shared fixtures: the real MNIST files when present, a small local Ray, a TensorBoard server."""
 
 import os
 from pathlib import Path
@@ -9,7 +9,6 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
 SHARED_KAGGLE = REPO.parent / "shared" / "data" / "pcam-kaggle-sample"
 
-os.environ.setdefault("STUDY_TUNE_VERBOSE", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
