@@ -19,12 +19,14 @@ from ray import tune
 from ray.tune.search import BasicVariantGenerator
 
 from study import metrics as M
+from study.console import stage_callbacks, tensorboard_hint
 from study.config import OPTIMIZERS, PCAM_BATCH_SIZES, PCAM_LRS, PcamConfig
 from study.data import kaggle
 from study.data import pcam as pcam_data
 from study.errors import StudyError
 from study.lr_scaling import RULES as LR_SCALING_RULES, scaling_rules
 from study.models import vgg16_features_state
+from study.tensorboard import write_experiment
 from study.trainables import train_pcam
 from study.tuning import (STUDY_FILE, StudyFolder, add_common_args, check_common_args, code_version, default_name,
                           grid_axis, main_of, open_study, run_stage)
@@ -122,6 +124,14 @@ def check_grid(args, n_train: int) -> None:
         raise StudyError(f"--epochs and --seeds must be >= 1, got {args.epochs} and {args.seeds}")
 
 
+def hparam_domains(args) -> dict:
+    """Every value each grid hyperparameter can take in this study (TensorBoard's HPARAMS experiment)."""
+    return dict(optimizer=args.optimizers, lr=[lr for o in args.optimizers for lr in lrs_of(args, o)],
+                momentum=[args.momentum] if "sgd" in args.optimizers else [],
+                lr_scaling=scaling_rules(args.lr_scaling), batch_size=args.batch_sizes,
+                seed=list(range(args.seeds)))  # the seed is the run index
+
+
 def lrs_of(args, optimizer: str) -> list[float]:
     return list(args.sgd_lrs if optimizer == "sgd" else args.adam_lrs)
 
@@ -146,7 +156,8 @@ def run(args) -> int:
                                          "data": {"dir": data_dir, "sizes": sizes,
                                                   "kaggle": kaggle.read_ids(data_dir, "test") is not None},
                                          "resources_per_trial": resources})
-    print(f"study folder: {folder.uri}")
+        write_experiment(folder, "pcam", hparam_domains(args))
+    print(f"study folder: {folder.uri}\n{tensorboard_hint(folder.uri)}")
     # (optimizer, lr) pairs are not a product, so each pair is one of Tune's points_to_evaluate (one sample per
     # pair, never a random draw); Tune crosses each point with the grid over batch size and seed.
     pairs = [{"optimizer": o, "lr": lr} for o in args.optimizers for lr in lrs_of(args, o)]
@@ -156,7 +167,10 @@ def run(args) -> int:
                  run=tune.grid_search(list(range(args.seeds))), seed=tune.sample_from(lambda c: c["run"]))
     results = run_stage(train_pcam, space, folder=folder, stage="grid", args=args, resources=resources,
                         data={"features": features},
-                        search_alg=BasicVariantGenerator(points_to_evaluate=pairs), num_samples=len(pairs))
+                        search_alg=BasicVariantGenerator(points_to_evaluate=pairs), num_samples=len(pairs),
+                        callbacks=stage_callbacks(args, "pcam", "grid", ["optimizer", "lr"] + (
+                            ["lr_scaling"] if len(args.lr_scaling) > 1 else []) + ["batch_size", "seed"],
+                                                  [M.BEST_VAL_ACC, M.TEST_AUC]))
     print_summary(results)
     print(f"results: {folder.uri}  (report: python -m analysis.report {shlex.quote(folder.uri)})")
     return 1 if any(r.error is not None for r in results) else 0

@@ -42,6 +42,9 @@ def add_common_args(parser: argparse.ArgumentParser, *, gpus_per_trial: float) -
                            help="continue an interrupted study in --storage-path/--name; finished trials are kept")
     ray_group.add_argument("--retry-errored", action="store_true",
                            help="with --resume: also retry trials that ended in an error")
+    ray_group.add_argument("--verbose", action="store_true",
+                           help="Tune's own output (a config and a result box per trial) and Ray's warnings, "
+                                "instead of one compact table per stage")
 
 
 def check_common_args(args) -> None:
@@ -171,12 +174,14 @@ def start_ray(args) -> None:
     if ray.is_initialized():
         return
     address = args.address or os.environ.get("RAY_ADDRESS")
+    # Ray's INFO lines from the trials' processes (one per checkpoint) only with --verbose.
+    logging = ray.LoggingConfig(log_level="INFO" if getattr(args, "verbose", False) else "WARNING")
     try:
         if address and address != "local":
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=True, logging_config=logging)
         else:
             # "local": always a fresh instance, never silently joining another Ray running on this machine.
-            ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
+            ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, logging_config=logging)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise StudyError(f"cannot start or join Ray at {address or 'a local instance'}: {err}")
 
@@ -216,9 +221,14 @@ def fit_resources(args) -> dict:
 
 
 def run_stage(trainable, param_space: dict, *, folder: StudyFolder, stage: str, args, resources: dict,
-              data: dict, search_alg=None, num_samples: int = 1):
-    """Run (or, with --resume, continue) one Tune experiment of the study; returns its ResultGrid."""
+              data: dict, search_alg=None, num_samples: int = 1, callbacks: list = (), run_names=None):
+    """Run (or, with --resume, continue) one Tune experiment of the study; returns its ResultGrid.
+    callbacks: the study's loggers and console (study.console.stage_callbacks); run_names: a
+    study.tensorboard.RunName naming the trial folders."""
     from ray import tune
+
+    from study.console import tune_console
+    from study.tensorboard import RunName
 
     path = folder.child(stage)
     errored_file = f"{stage}/{ERRORED_FILE}"
@@ -236,17 +246,20 @@ def run_stage(trainable, param_space: dict, *, folder: StudyFolder, stage: str, 
         tuner = tune.Tuner(
             wrapped,
             param_space=param_space,
-            tune_config=tune.TuneConfig(reuse_actors=True, search_alg=search_alg, num_samples=num_samples),
+            tune_config=tune.TuneConfig(reuse_actors=True, search_alg=search_alg, num_samples=num_samples,
+                                        trial_dirname_creator=run_names or RunName()),
             run_config=tune.RunConfig(
                 name=stage,
                 storage_path=folder.uri,
                 failure_config=tune.FailureConfig(max_failures=args.max_failures),
                 # The latest checkpoint is all a restart needs; the best model travels inside it.
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                verbose=int(os.environ.get("STUDY_TUNE_VERBOSE", "1")),
+                verbose=3 if getattr(args, "verbose", False) else 0,  # 3: every trial's config and results
+                callbacks=list(callbacks),
             ),
         )
-    results = tuner.fit()
+    with tune_console(getattr(args, "verbose", False)):
+        results = tuner.fit()
     folder.write_json(errored_file, sorted(Path(r.path).name for r in results if r.error is not None))
     return results
 
@@ -261,7 +274,7 @@ def grid_axis(values: list):
 
 # Not --max-failures: Tune's restore keeps the run config the study started with.
 RESOURCE_FLAGS = ("address", "gpus_per_trial", "cpus_per_trial", "num_cpus", "resume", "retry_errored",
-                  "storage_path", "name")
+                  "storage_path", "name", "verbose")
 
 
 def main_of(kind: str, parse_args, run, argv=None) -> int:
