@@ -78,19 +78,20 @@ def combined_rate(outs: list[dict]) -> tuple[float, list[float]]:
 def project_trial(args, data_dir: str, device: torch.device, share: float, batch_size: int, epochs: int,
                   barrier) -> dict:
     """One project trial: (images, seconds) of each trained epoch, peak GPU memory allocated and reserved (MiB)."""
+    from study.memory import cap_memory, configure_cuda
     from study.trainables import run_pcam
 
-    if device.type == "cuda" and share < 1:
-        torch.cuda.set_per_process_memory_fraction(share)  # the current device, as train_pcam caps a trial
     cfg = PcamConfig(batch_size=batch_size, optimizer="sgd", lr=args.lr, epochs=epochs, data_dir=data_dir,
                      weights="none", train_limit=args.limit)
+    configure_cuda(device, tf32=cfg.tf32, benchmark=True)  # as train_pcam sets up a trial
+    budget = cap_memory(device, share)
     seen = []
 
     def report(metrics, state, files):
         seen.append(metrics)
         barrier.wait(BARRIER_SECONDS)  # every trial starts its next epoch with its neighbours
 
-    run_pcam(cfg, None, device, report)
+    run_pcam(cfg, None, device, report, memory_budget=budget, packed=share < 1)
     trained = [m for m in seen if m[M.EPOCH] > 0]
     if any(m[M.DIVERGED] for m in trained):
         raise RuntimeError(f"the project trial diverged at lr {args.lr}: lower --lr")
