@@ -169,3 +169,23 @@ def test_cuda_switches_are_set_per_trial_and_left_alone_on_cpu():
     finally:
         (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
          torch.backends.cudnn.benchmark) = before
+
+
+@pytest.mark.slow
+def test_tune_does_not_retry_an_out_of_memory_trial(local_ray, tmp_path):
+    from ray import tune
+
+    def oom_trainable(config, data):  # defined here: Ray's workers get it by value, not by importing this file
+        with open(config["log"], "a") as log:
+            log.write("started\n")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    log = tmp_path / "starts.log"
+    tuner = tune.Tuner(tune.with_parameters(trainables.trial_entry(oom_trainable), data=None),
+                       param_space={"batch_size": 512, "log": str(log)},
+                       run_config=tune.RunConfig(storage_path=str(tmp_path / "store"), name="oom", verbose=0,
+                                                 failure_config=tune.FailureConfig(max_failures=3)))
+    [result] = list(tuner.fit())
+    assert log.read_text().count("started") == 1  # no retry, although max_failures=3
+    assert result.error is None and result.metrics[M.STATUS] == M.STATUS_OOM
+    assert "batch size 512" in result.metrics[M.MESSAGE]
