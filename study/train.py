@@ -173,13 +173,14 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
 
 
 def eval_logits(model, x: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Logits of a model with `features` and `head` (VGG16Patches): the features under autocast, the head in fp32.
+    """(B,) logits of a model with `features` and a one-logit `head` (VGG16Patches): the features under autocast,
+    the head in fp32.
     Under bf16 the logits would keep 8 bits of mantissa: a few thousand distinct probabilities over tens of
     thousands of images, whose ties bias AUC, its bootstrap intervals and DeLong's test."""
     with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         features = model.features(x)
     with torch.autocast(x.device.type, enabled=False):
-        return model.head(features.float()).float()
+        return model.head(features.float()).float().squeeze(1)
 
 
 @torch.no_grad()

@@ -189,3 +189,12 @@ def test_tune_does_not_retry_an_out_of_memory_trial(local_ray, tmp_path):
     assert log.read_text().count("started") == 1  # no retry, although max_failures=3
     assert result.error is None and result.metrics[M.STATUS] == M.STATUS_OOM
     assert "batch size 512" in result.metrics[M.MESSAGE]
+
+
+def test_evaluation_logits_match_the_models_forward_in_fp32():
+    from study.models import VGG16Patches
+
+    model = VGG16Patches(None, freeze_blocks=2).eval()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.allclose(eval_logits(model, x, None), model(x))
