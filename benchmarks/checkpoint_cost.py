@@ -96,7 +96,7 @@ def main(argv=None) -> int:
             print(f"{optimizer}: checkpoint {r['mb']:.0f} MB in {r['checkpoint_s']:.2f} s (torch.save "
                   f"{r['save_s']:.2f} s, the rest the copy to storage) | epoch of {args.full_train} patches at "
                   f"{r['images_per_s']:.0f} images/s: {r['epoch_s']:.1f} s | checkpoint / epoch "
-                  f"{100 * r['checkpoint_s'] / r['epoch_s']:.2f} %")
+                  f"{100 * r['checkpoint_s'] / r['epoch_s']:.3g} %")
     return 0
 
 

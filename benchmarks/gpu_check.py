@@ -9,6 +9,7 @@ others' figures:
   versions    GPU, driver, torch, CUDA, cuDNN, Ray
   cuda_tests  pytest -m cuda tests/test_cuda.py (the CUDA paths: caps, uploads, OOM, RNG resume, fp32 logits)
   mnist       benchmarks/mnist_trial.py at batch 16: the trial vs the classic per-item DataLoader loop (goal >= 10x)
+  tf32        benchmarks/tf32_effect.py: the MNIST variance regression's test MSE with TF32 off and on
   packing     benchmarks/tune_packing.py: a Ray Tune grid, 8 trials at 0.125 GPU vs one at a time (goal >= 3x)
   pcam        benchmarks/pcam_train.py at batch 512, alone and 4 packed: vs an fp32 DataLoader loop (goal >= 5x),
               peak GPU memory per trial, model FLOP utilisation in bf16
@@ -58,7 +59,13 @@ def parts(args) -> list[dict]:
                                                              ["--train-limit", "20000", "--epochs", "2",
                                                               "--batch-size", "16"]),
              parse=lambda text: figures(text, mnist_ratio=r"ratio \(classic / project\) at batch \d+: ([\d.]+)x")),
-        dict(name="packing", cap=100 if not dry else 600,
+        dict(name="tf32", cap=40 if not dry else 240,
+             cmd=bench("tf32_effect.py") + mnist + device + (["--train-limit", "256", "--epochs", "1"] if dry else
+                                                             ["--train-limit", "20000", "--epochs", "2"]),
+             parse=lambda text: figures(text, mse_change_percent=r"relative to without: ([+-][\d.]+)%",
+                                        mse_fp32=r"tf32 off: test MSE ([\d.e+-]+)",
+                                        mse_tf32=r"tf32 on : test MSE ([\d.e+-]+)")),
+        dict(name="packing", cap=90 if not dry else 600,
              cmd=bench("tune_packing.py") + (["--smoke", "--packed", "2", "--alone", "1", "--epochs", "1",
                                                "--num-cpus", "2", "--batch-size", "64"] if dry else
                                               (mnist or ["--smoke"]) + ["--train-limit", "10000", "--packed", "8",
@@ -66,7 +73,7 @@ def parts(args) -> list[dict]:
              parse=lambda text: figures(text, packed_over_alone=r"ratio packed / alone at batch \d+: ([\d.]+)x wall",
                                         packed_steps_per_s=r"packed: .* = ([\d.e+]+) steps/s",
                                         alone_steps_per_s=r"alone: .* = ([\d.e+]+) steps/s")),
-        dict(name="pcam", cap=120 if not dry else 600,
+        dict(name="pcam", cap=110 if not dry else 600,
              cmd=bench("pcam_train.py") + device + (["--n", "32", "--eval-n", "4", "--batch-size", "16", "--epochs",
                                                      "1", "--packed", "1"] if dry else
                                                     ["--n", "8192", "--eval-n", "512", "--batch-size", "512",

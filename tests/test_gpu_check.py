@@ -20,12 +20,14 @@ def test_dry_run_runs_every_part_and_summarises_it(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     parts = {p["name"]: p for p in summary["parts"]}
     assert done.returncode == 0, done.stdout + done.stderr + (out / "gpu_check.log").read_text()[-4000:]
-    assert list(parts) == ["install", "versions", "cuda_tests", "mnist", "packing", "pcam", "checkpoint"]
+    assert list(parts) == ["install", "versions", "cuda_tests", "mnist", "tf32", "packing", "pcam",
+                           "checkpoint"]
     assert parts["install"]["status"] == "skipped"
     assert all(p["status"] == "ok" for name, p in parts.items() if name != "install")
     assert parts["versions"]["figures"]["torch"] and parts["versions"]["figures"]["ray"]
     assert parts["cuda_tests"]["figures"].get("skipped", 0) >= 1  # no GPU here: every cuda test skips
     assert parts["mnist"]["figures"]["mnist_ratio"] > 0
+    assert parts["tf32"]["figures"]["mse_change_percent"] == 0  # CPU: no TF32, the same run twice
     assert parts["packing"]["figures"]["packed_over_alone"] > 0
     assert parts["pcam"]["figures"]["ratio_1"] > 0 and parts["pcam"]["figures"]["gflop_per_image"] > 1
     assert parts["checkpoint"]["figures"]["sgd"]["mb"] > 100  # VGG16 + momentum + best weights
