@@ -198,3 +198,21 @@ def test_evaluation_logits_match_the_models_forward_in_fp32():
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         assert torch.allclose(eval_logits(model, x, None), model(x))
+
+
+def test_the_analysis_reads_an_out_of_memory_trial_as_failed_with_its_message(tmp_path):
+    import json
+
+    import pyarrow.fs as pafs
+
+    from analysis.load import _read_trial
+
+    folder = tmp_path / "train_pcam_00000"
+    folder.mkdir()
+    (folder / "params.json").write_text(json.dumps({"batch_size": 512}))
+    rows = [{M.EPOCH: 0, M.STATUS: M.STATUS_RUNNING, "timestamp": 1},
+            {M.EPOCH: 1, M.STATUS: M.STATUS_OOM, M.MESSAGE: "CUDA out of memory at batch size 512: ...",
+             "timestamp": 2}]
+    (folder / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trial = _read_trial(pafs.LocalFileSystem(), str(folder), "grid", folder.name, None)
+    assert trial.outcome == "error" and trial.error.startswith("CUDA out of memory at batch size 512")
