@@ -140,7 +140,7 @@ def parse_checkpoint(text: str) -> dict:
     out = {}
     for opt, mb, seconds, epoch, share in re.findall(r"(sgd|adam): checkpoint (\d+) MB in ([\d.]+) s .* epoch of \d+ "
                                                       r"patches at [\d.]+ images/s: ([\d.]+) s \| checkpoint / "
-                                                      r"epoch ([\d.]+) %", text):
+                                                      r"epoch ([\d.e+-]+) %", text):
         out[opt] = {"mb": int(mb), "checkpoint_s": float(seconds), "epoch_s": float(epoch),
                     "percent_of_epoch": float(share)}
     return out
