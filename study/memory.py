@@ -1,7 +1,7 @@
 """A trial's GPU memory: its allocator cap, what it may upload, the per-trial CUDA switches, and out-of-memory.
 
 Every decision here is a pure function of numbers the trial measures (card size, share, model bytes), so the
-tests give them their inputs on CPU; `configure_cuda` and `free_cuda` are the only lines that touch a GPU.
+tests give them their inputs on CPU; `cap_memory`, `configure_cuda` and `free_cuda` are what touches a GPU.
 """
 
 import gc
@@ -9,14 +9,14 @@ import gc
 import torch
 
 # Each process's CUDA context (driver state, cuBLAS/cuDNN handles and kernels) lives outside the caching allocator,
-# so set_per_process_memory_fraction does not count it: about 0.5 GiB per process on recent drivers, more with
-# cuDNN's and cuBLAS's workspaces. Packed trials leave this much of their share free.
+# so set_per_process_memory_fraction does not count it: about 0.5 GiB per process on recent drivers, more once
+# cuDNN and cuBLAS have loaded their kernels. Packed trials leave this much of their share free.
 CUDA_CONTEXT_BYTES = 768 * 2**20
 
 # Memory a training step needs besides the model: autograd's saved activations (measured per image by
-# `saved_bytes_per_image`), their gradients in the backward pass and cuDNN workspaces. 2x the saved bytes covers
-# the backward's transient copy of them.
+# `saved_bytes_per_image`) and their gradients in the backward pass: 2x the saved bytes.
 ACTIVATION_FACTOR = 2.0
+WORKSPACE_BYTES = 1 * 2**30  # cuDNN/cuBLAS workspaces, taken through the allocator (cudnn.benchmark may pick big ones)
 OPTIMIZER_SLOTS = {"sgd": 1, "adam": 2}  # fp32 state tensors per trainable parameter (momentum; Adam's two moments)
 
 
@@ -72,12 +72,13 @@ def saved_bytes_per_image(model: torch.nn.Module, example: torch.Tensor, autocas
 
 
 def training_bytes(model: torch.nn.Module, optimizer: str, batch_size: int, per_image: int) -> int:
-    """What the model, its gradients, the optimizer's state and the largest batch's activations take (bytes)."""
+    """What the model, its gradients, the optimizer's state, the batch's activations and the kernels' workspaces
+    take (bytes)."""
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     trained = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)  # fp32 grads and state
     casts = params // 2  # autocast's bf16 copies of the weights, made every forward
     return (params + casts + trained * (1 + OPTIMIZER_SLOTS[optimizer])
-            + int(ACTIVATION_FACTOR * per_image * batch_size))
+            + int(ACTIVATION_FACTOR * per_image * batch_size) + WORKSPACE_BYTES)
 
 
 def plan_uploads(split_bytes: dict, *, budget_bytes: int | None, needs_bytes: int, packed: bool) -> dict:
