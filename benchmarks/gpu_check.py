@@ -74,13 +74,13 @@ def parts(args) -> list[dict]:
                                         packed_steps_per_s=r"packed: .* = ([\d.e+]+) steps/s",
                                         alone_steps_per_s=r"alone: .* = ([\d.e+]+) steps/s")),
         dict(name="pcam", cap=130 if not dry else 600,
-             cmd=bench("pcam_train.py") + device + (["--n", "32", "--eval-n", "4", "--batch-size", "16", "--epochs",
+             cmd=bench("pcam_train.py") + device + (["--n", "16", "--eval-n", "2", "--batch-size", "8", "--epochs",
                                                      "1", "--packed", "1"] if dry else
                                                     ["--n", "8192", "--eval-n", "512", "--batch-size", "512",
                                                      "--epochs", "3", "--packed", "1", "4"]),
              parse=parse_pcam),
         dict(name="checkpoint", cap=40 if not dry else 400,
-             cmd=bench("checkpoint_cost.py") + device + (["--optimizer", "sgd", "--batch-size", "16", "--n", "32",
+             cmd=bench("checkpoint_cost.py") + device + (["--optimizer", "sgd", "--batch-size", "8", "--n", "16",
                                                           "--epochs", "1"] if dry else
                                                          ["--batch-size", "128", "--n", "4096", "--epochs", "2"]),
              parse=parse_checkpoint),
