@@ -15,10 +15,11 @@
 Both train the same model (random init: weights do not change the speed) on the same HDF5 files, lr --lr.
 
 --packed P1 P2 ...: for each P, P processes share one GPU, as P Tune trials with --gpus-per-trial 1/P would (each
-the project's with its memory capped at 1/P of the GPU, as `train_pcam` does). They start every epoch together
-(a barrier), and an epoch's figure is all their images over the time the slowest took; each process's own rate
-is printed in brackets. --memory-batch B: afterwards one project trial at batch B runs one epoch alone, and its
-peak GPU memory (torch.cuda.max_memory_allocated, the `gpu_memory_mb` every PCam trial reports, and the peak
+the project's with its memory capped at 1/P of the GPU less a CUDA context, as `train_pcam` does; packed, each
+reads pinned host batches). They start every epoch together (a barrier), and an epoch's figure is all their
+images over the time the slowest took; each process's own rate and peak memory are printed. The model FLOP
+utilisation is images/s x the FLOPs of a training step per image (FlopCounterMode) over the bf16 peak.
+--memory-batch B: afterwards one project trial at batch B runs one epoch alone, and its peak GPU memory (torch.cuda.max_memory_allocated, the `gpu_memory_mb` every PCam trial reports, and the peak
 reserved by PyTorch's caching allocator, which the per-trial cap limits) is printed against a quarter of the GPU
 (the default --gpus-per-trial 0.25).
 
