@@ -19,9 +19,10 @@ the project's with its memory capped at 1/P of the GPU less a CUDA context, as `
 reads pinned host batches). They start every epoch together (a barrier), and an epoch's figure is all their
 images over the time the slowest took; each process's own rate and peak memory are printed. The model FLOP
 utilisation is images/s x the FLOPs of a training step per image (FlopCounterMode) over the bf16 peak.
---memory-batch B: afterwards one project trial at batch B runs one epoch alone, and its peak GPU memory (torch.cuda.max_memory_allocated, the `gpu_memory_mb` every PCam trial reports, and the peak
-reserved by PyTorch's caching allocator, which the per-trial cap limits) is printed against a quarter of the GPU
-(the default --gpus-per-trial 0.25).
+--memory-batch B: afterwards one project trial at batch B runs one epoch alone, and its peak GPU memory
+(torch.cuda.max_memory_allocated, the `gpu_memory_mb` every PCam trial reports, and the peak reserved by
+PyTorch's caching allocator, which the per-trial cap limits) is printed against a quarter of the GPU (the
+default --gpus-per-trial 0.25).
 
 --limit N trains both on the first N patches of the train split. Without --data-dir, random patches in the
 official HDF5 layout are written to a temporary folder (--n train, --eval-n validation and test). On CPU this
