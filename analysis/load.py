@@ -263,6 +263,8 @@ def _read_trial(fs, trial_dir: str, stage: str, dirname: str, state: dict | None
     rows = parse_results(read_bytes(fs, f"{trial_dir}/result.json")) if "result.json" in files else []
     error = error_reason(read_bytes(fs, f"{trial_dir}/error.txt").decode(errors="replace")) \
         if "error.txt" in files else ""
+    if not error and rows and rows[-1].get(M.STATUS) == M.STATUS_OOM:  # ended by out-of-memory without raising
+        error = rows[-1].get(M.MESSAGE) or "CUDA out of memory"
     checkpoints = sorted(n for n, kind in files.items() if _is_dir(kind) and n.startswith("checkpoint_"))
     checkpoint = f"{trial_dir}/{checkpoints[-1]}" if checkpoints else ""
     state = state or {}

@@ -58,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     grid.add_argument("--input-scale", choices=("raw", "unit"), default="raw")
     grid.add_argument("--target-scale", choices=("raw", "unit"), default="raw")
     grid.add_argument("--noise-scale", choices=("on", "off"), default="on", help="estimate the gradient noise scale")
+    grid.add_argument("--tf32", action="store_true", help="on CUDA: TF32 convolutions and matmuls (default fp32)")
     grid.add_argument("--lr-scaling", choices=LR_SCALING_RULES, nargs="+", default=["none"],
                       help="stage 2: lr = chosen x (batch / --lr-reference-batch) or its square root; several "
                            "rules are a grid axis (each with the same seeds)")
@@ -122,7 +123,7 @@ def trial_base(args, version: str) -> dict:
     """Every config key of a trial (so each trial stores its full config), with what this study sets."""
     return dict(MnistConfig().to_dict(), epochs=args.epochs, optimizer=args.optimizer, momentum=args.momentum,
                 input_scale=args.input_scale, target_scale=args.target_scale, noise_scale=args.noise_scale == "on",
-                code_version=version)
+                tf32=getattr(args, "tf32", False), code_version=version)
 
 
 def choose_lr(results, select_on: str) -> dict:
@@ -229,7 +230,7 @@ def run(args) -> int:
                                           + ["batch_size", "run"]), run_names=RunName(lrs))
     print_summary(sweep)
     print(f"results: {folder.uri}  (report: python -m analysis.report {shlex.quote(folder.uri)})")
-    return 1 if any(r.error is not None for r in sweep) else 0
+    return 1 if any(r.error is not None or (r.metrics or {}).get(M.STATUS) == M.STATUS_OOM for r in sweep) else 0
 
 
 def print_summary(results) -> None:

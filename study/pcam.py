@@ -66,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     grid.add_argument("--no-amp", action="store_true", help="on CUDA: fp32 instead of bf16 autocast")
     grid.add_argument("--eval-batch-size", type=int, default=None)
     grid.add_argument("--noise-scale", choices=("on", "off"), default="on", help="estimate the gradient noise scale")
+    grid.add_argument("--tf32", action="store_true", help="on CUDA: TF32 for what runs in fp32 (default off)")
+    grid.add_argument("--checkpoint-every", type=int, default=1,
+                      help="epochs between checkpoints (default 1; epoch 0 and the last always checkpoint)")
     grid.add_argument("--lr-scaling", choices=LR_SCALING_RULES, nargs="+", default=["none"],
                       help="lr = lr x (batch / --lr-reference-batch) or its square root; several rules are a grid "
                            "axis (each with the same seeds)")
@@ -147,6 +150,7 @@ def run(args) -> int:
                       eval_batch_size=args.eval_batch_size, train_limit=args.train_limit,
                       noise_scale=args.noise_scale == "on", lr_scaling=scaling_rules(args.lr_scaling)[0],
                       lr_reference_batch=args.lr_reference_batch, warmup_epochs=args.warmup_epochs,
+                      tf32=getattr(args, "tf32", False), checkpoint_every=getattr(args, "checkpoint_every", 1),
                       code_version=version)
     features = vgg16_features_state(args.weights)  # before Ray: missing weights fail here, not in every trial
     folder = StudyFolder(args.storage_path, args.name)
@@ -173,7 +177,7 @@ def run(args) -> int:
                                                   [M.BEST_VAL_ACC, M.TEST_AUC]))
     print_summary(results)
     print(f"results: {folder.uri}  (report: python -m analysis.report {shlex.quote(folder.uri)})")
-    return 1 if any(r.error is not None for r in results) else 0
+    return 1 if any(r.error is not None or (r.metrics or {}).get(M.STATUS) == M.STATUS_OOM for r in results) else 0
 
 
 def print_summary(results) -> None:
