@@ -55,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     grid.add_argument("--input-scale", choices=("raw", "unit"), default="raw")
     grid.add_argument("--target-scale", choices=("raw", "unit"), default="raw")
     grid.add_argument("--noise-scale", choices=("on", "off"), default="on", help="estimate the gradient noise scale")
+    grid.add_argument("--noise-every", type=int, default=32,
+                      help="probe the noise scale on every Nth training step of an epoch (default 32: < 4 %% time)")
     grid.add_argument("--lr-scaling", choices=LR_SCALING_RULES, nargs="+", default=["none"],
                       help="stage 2: lr = chosen x (batch / --lr-reference-batch) or its square root; several "
                            "rules are a grid axis (each with the same seeds)")
@@ -119,7 +121,7 @@ def trial_base(args, version: str) -> dict:
     """Every config key of a trial (so each trial stores its full config), with what this study sets."""
     return dict(MnistConfig().to_dict(), epochs=args.epochs, optimizer=args.optimizer, momentum=args.momentum,
                 input_scale=args.input_scale, target_scale=args.target_scale, noise_scale=args.noise_scale == "on",
-                code_version=version)
+                noise_every=args.noise_every, code_version=version)
 
 
 def choose_lr(results, select_on: str) -> dict:

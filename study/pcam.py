@@ -63,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     grid.add_argument("--no-amp", action="store_true", help="on CUDA: fp32 instead of bf16 autocast")
     grid.add_argument("--eval-batch-size", type=int, default=None)
     grid.add_argument("--noise-scale", choices=("on", "off"), default="on", help="estimate the gradient noise scale")
+    grid.add_argument("--noise-every", type=int, default=32,
+                      help="probe the noise scale on every Nth training step of an epoch (default 32: < 4 %% time)")
     grid.add_argument("--lr-scaling", choices=LR_SCALING_RULES, nargs="+", default=["none"],
                       help="lr = lr x (batch / --lr-reference-batch) or its square root; several rules are a grid "
                            "axis (each with the same seeds)")
@@ -136,7 +138,7 @@ def run(args) -> int:
                       eval_batch_size=args.eval_batch_size, train_limit=args.train_limit,
                       noise_scale=args.noise_scale == "on", lr_scaling=scaling_rules(args.lr_scaling)[0],
                       lr_reference_batch=args.lr_reference_batch, warmup_epochs=args.warmup_epochs,
-                      code_version=version)
+                      noise_every=args.noise_every, code_version=version)
     features = vgg16_features_state(args.weights)  # before Ray: missing weights fail here, not in every trial
     folder = StudyFolder(args.storage_path, args.name)
     resources = open_study(folder, args)
