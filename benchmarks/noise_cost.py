@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks.mnist_trial import device_name  # noqa: E402
 from study.augment import to_input  # noqa: E402
-from study.config import MNIST_BATCH_SIZES, PCAM_BATCH_SIZES, MnistConfig  # noqa: E402
+from study.config import MNIST_BATCH_SIZES, NOISE_EVERY, PCAM_BATCH_SIZES  # noqa: E402
 from study.models import RegressionCNN, VGG16Patches  # noqa: E402
 from study.noise import NoiseScale  # noqa: E402
 from study.train import make_optimizer, sync  # noqa: E402
@@ -94,7 +94,7 @@ def timed(way, device: torch.device, reps: int) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--every", type=int, default=MnistConfig().noise_every, help="probe interval, steps (the flag)")
+    p.add_argument("--every", type=int, default=NOISE_EVERY, help="probe interval, steps (the flag)")
     p.add_argument("--rounds", type=int, default=5, help="alternating timings of each kind of step")
     p.add_argument("--mnist-batch-sizes", type=int, nargs="*", default=list(MNIST_BATCH_SIZES))
     p.add_argument("--pcam-batch-sizes", type=int, nargs="*", default=None,

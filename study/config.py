@@ -13,6 +13,7 @@ from study.errors import StudyError
 
 OPTIMIZERS = ("adam", "sgd")
 LR_SCALING_RULES = ("none", "linear", "sqrt")
+NOISE_EVERY = 32  # the gradient noise scale is probed on every 32nd training step of an epoch (study.noise)
 
 # MNIST regression study ("Is the batch size affecting the performance of regression CNNs?").
 MNIST_TARGETS = ("mean", "median", "std", "var")  # statistics of each image's 784 pixels, 0..255 scale
@@ -45,7 +46,7 @@ class MnistConfig:
     val_size: int = 0  # training images held out for validation (0: train on all of them)
     eval_batch_size: int = 4096  # images per evaluation forward pass (memory only, no effect on results)
     noise_scale: bool = True  # estimate the gradient noise scale B_simple during training
-    noise_every: int = 32  # probe the noise scale on every Nth training step of an epoch (study.noise)
+    noise_every: int = NOISE_EVERY  # probe the noise scale on every Nth training step of an epoch
     lr_scaling: str = "none"  # none | linear | sqrt: lr = base x f(batch / lr_reference_batch)
     lr_reference_batch: int = 32
     warmup_epochs: float = 0.0  # linear warmup (Goyal et al. 2017) over this many epochs
@@ -88,7 +89,7 @@ class PcamConfig:
     eval_batch_size: int = 512
     train_limit: int = 0  # use only the first N training patches (0: all)
     noise_scale: bool = True
-    noise_every: int = 32
+    noise_every: int = NOISE_EVERY
     lr_scaling: str = "none"
     lr_reference_batch: int = 32
     warmup_epochs: float = 0.0

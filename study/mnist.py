@@ -14,7 +14,7 @@ from ray import tune
 
 from study import metrics as M
 from study.config import (MNIST_BATCH_SIZES, MNIST_FINE_FACTORS, MNIST_LR_GRID, MNIST_LR_SEARCH_BATCH, MNIST_RUNS,
-                          MNIST_TARGETS, MNIST_VAL_SIZE, OPTIMIZERS, MnistConfig)
+                          MNIST_TARGETS, MNIST_VAL_SIZE, NOISE_EVERY, OPTIMIZERS, MnistConfig)
 from study.data import mnist as mnist_data
 from study.errors import StudyError
 from study.lr_scaling import RULES as LR_SCALING_RULES, scaling_rules
@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     grid.add_argument("--input-scale", choices=("raw", "unit"), default="raw")
     grid.add_argument("--target-scale", choices=("raw", "unit"), default="raw")
     grid.add_argument("--noise-scale", choices=("on", "off"), default="on", help="estimate the gradient noise scale")
-    grid.add_argument("--noise-every", type=int, default=32,
+    grid.add_argument("--noise-every", type=int, default=NOISE_EVERY,
                       help="probe the noise scale on every Nth training step of an epoch (default 32: < 4 %% time)")
     grid.add_argument("--lr-scaling", choices=LR_SCALING_RULES, nargs="+", default=["none"],
                       help="stage 2: lr = chosen x (batch / --lr-reference-batch) or its square root; several "

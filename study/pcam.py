@@ -18,7 +18,7 @@ from ray import tune
 from ray.tune.search import BasicVariantGenerator
 
 from study import metrics as M
-from study.config import OPTIMIZERS, PCAM_BATCH_SIZES, PCAM_LRS, PcamConfig
+from study.config import NOISE_EVERY, OPTIMIZERS, PCAM_BATCH_SIZES, PCAM_LRS, PcamConfig
 from study.data import kaggle
 from study.data import pcam as pcam_data
 from study.errors import StudyError
@@ -29,7 +29,7 @@ from study.tuning import (STUDY_FILE, StudyFolder, add_common_args, check_common
                           grid_axis, main_of, open_study, run_stage)
 
 SMOKE = dict(batch_sizes=[8, 16], optimizers=["sgd", "adam"], sgd_lrs=[0.01], adam_lrs=[1e-4], epochs=2,
-             weights="none", eval_batch_size=32)
+             weights="none", eval_batch_size=32, noise_every=1)
 SMOKE_SIZES = dict(n_train=48, n_valid=16, n_test=24)
 
 
@@ -63,8 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     grid.add_argument("--no-amp", action="store_true", help="on CUDA: fp32 instead of bf16 autocast")
     grid.add_argument("--eval-batch-size", type=int, default=None)
     grid.add_argument("--noise-scale", choices=("on", "off"), default="on", help="estimate the gradient noise scale")
-    grid.add_argument("--noise-every", type=int, default=32,
-                      help="probe the noise scale on every Nth training step of an epoch (default 32: < 4 %% time)")
+    grid.add_argument("--noise-every", type=int, default=None,
+                      help="probe the noise scale on every Nth training step of an epoch (default 32: < 4 %% time; "
+                           "--smoke: 1, its epochs have 3-6 steps)")
     grid.add_argument("--lr-scaling", choices=LR_SCALING_RULES, nargs="+", default=["none"],
                       help="lr = lr x (batch / --lr-reference-batch) or its square root; several rules are a grid "
                            "axis (each with the same seeds)")
@@ -73,7 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_common_args(p, gpus_per_trial=0.25)
     args = p.parse_args(argv)
     defaults = dict(batch_sizes=list(PCAM_BATCH_SIZES), optimizers=list(OPTIMIZERS), sgd_lrs=list(PCAM_LRS["sgd"]),
-                    adam_lrs=list(PCAM_LRS["adam"]), epochs=55, weights="imagenet", eval_batch_size=512)
+                    adam_lrs=list(PCAM_LRS["adam"]), epochs=55, weights="imagenet", eval_batch_size=512,
+                    noise_every=NOISE_EVERY)
     for key, value in (SMOKE if args.smoke else defaults).items():
         if getattr(args, key) is None:
             setattr(args, key, value)

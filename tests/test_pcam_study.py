@@ -139,6 +139,9 @@ def test_smoke_study_end_to_end(tmp_path):
         assert predictions["label"].tolist() == test_y.tolist()
         assert last[M.TEST_AUC] == pytest.approx(roc_auc_score(predictions["label"], predictions["probability"]))
         assert cfg["weights"] == "none" and cfg["code_version"]
+        # Probing every step of these 3-6 step epochs: every trial measures the noise scale.
+        assert cfg["noise_every"] == 1 and all(r[M.NOISE_PROBES] >= 3 for r in rows[1:])
+        assert any(math.isfinite(r[M.NOISE_SCALE]) and r[M.NOISE_SCALE] > 0 for r in rows[1:])
         stored_auc[(cfg["optimizer"], cfg["lr"], cfg["batch_size"])] = last[M.TEST_AUC]
     assert ("sgd", 0.01, 8) in configs and ("adam", 1e-4, 16) in configs
     # The report, from what this real study stored: one AUC table per optimizer, values as stored.
