@@ -15,17 +15,18 @@ both unbiased at the probe's weights whatever the optimizer did before (for equa
 formulas with B_small = n/k, B_big = n). Each epoch reports the ratio of its probes' mean S and mean |G|^2; the
 sums restart every epoch, so an epoch's value describes that epoch and a checkpoint needs none of them.
 
-Why this design (measured on the MNIST CNN, one CPU thread, see benchmarks/RESULTS.md):
+Why this design (measured, one CPU thread; figures in benchmarks/RESULTS.md):
 - The estimator this replaces treated 8 consecutive training batches as one big batch. They were taken at 8
-  different weights; with Adam at lr 0.0015 the weights oscillate along one sharp direction (the per-example
-  gradients at fixed weights have an effective rank of ~1.2 and B_simple ~ 1-40 images), so the |G|^2 estimate
-  went negative in 120 of 120 epochs. At fixed weights the same quantity is easy to estimate.
-- Per-example gradients (torch.func.vmap) cost 1.8x (batch 16) to 3.4x (batch 1024) a training step for the
-  small CNN, and would need batch x 15M floats for the trained VGG16 layers: not cheap.
-- Micro-batches cost nothing in FLOPs; what they cost is per-call overhead: a 4-way split step took 2.0x a plain
-  step at batch 16, 1.4x at 64, 0.9x at 256 and 0.7x at 1024 (smaller operands stay in cache). Probing the first
-  step of every `every` steps of an epoch (--noise-every, default 32) keeps the extra time at (cost - 1) / every, under 4 % of
-  training at batch 16, and gives every epoch at least one probe however short it is.
+  different weights; with Adam at lr 0.0015 on MNIST the weights swing along one sharp direction (at fixed
+  weights the per-example gradients have an effective rank of ~1.2 and B_simple is ~1-60 images), so its |G|^2
+  estimate went negative in 120 of 120 epochs. At fixed weights the same quantity is easy to estimate.
+- Per-example gradients (torch.func.vmap) cost 1.9x (batch 16) to 3.4x (batch 1024) a training step of the small
+  CNN, and would hold batch x 15M floats for VGG16's trained layers: not cheap.
+- Micro-batches add no FLOPs, only per-call overhead: a probe step took 2.3x a plain step at batch 16, 1.6x at
+  32-64, 1.3x at 128, and 0.8x at 256-1024 (smaller operands stay in cache); VGG16 1.2-1.5x at 8-16 patches.
+  Probing the first of every `every` steps of an epoch (--noise-every, default 32) keeps the extra training time
+  at (probe / plain - 1) / every: 4 % at batch 16, under 2 % elsewhere, and every epoch gets at least one probe
+  however short it is.
 """
 
 import math
