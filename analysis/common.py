@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from analysis.figures import ReportWriter, epoch_axis, fmt, new_figure
+from analysis.figures import ReportWriter, fmt, new_figure
 from analysis.load import Study, Trial
 from study import metrics as M
 

@@ -61,7 +61,7 @@ def write(report: ReportWriter, study: Study) -> None:
     write_sensitivity(report, study, sweep)
     write_spread(report, sweep)
     write_time(report, sweep, epochs)
-    write_noise(report, sweep, epochs)
+    write_noise(report, sweep)
     noise_figures.write(report, study.trials("batch_sweep"), LABELS, lambda c: f"target {c.get('target')}")
 
 
@@ -285,7 +285,7 @@ def write_time(report: ReportWriter, sweep: pd.DataFrame, epochs: pd.DataFrame) 
     report.figure("time", fig, "Training seconds per trial, final MSE and time to reach the threshold vs batch size")
 
 
-def write_noise(report: ReportWriter, sweep: pd.DataFrame, epochs: pd.DataFrame) -> None:
+def write_noise(report: ReportWriter, sweep: pd.DataFrame) -> None:
     report.heading("Gradient noise scale")
     finite = sweep[np.isfinite(sweep["last_noise_scale"])]
     if finite.empty:

@@ -115,8 +115,8 @@ def over_training(report: ReportWriter, trials: list, panel_of: Callable[[dict],
         ax.set_ylabel("B_simple (images)")
         ax.set_title(panel)
         ax.legend()
-    report.figure(name, fig, f"Gradient noise scale B_simple over training per batch size (median over runs, "
-                             f"band: min to max)")
+    report.figure(name, fig, "Gradient noise scale B_simple over training per batch size (median over runs, "
+                             "band: min to max)")
     return True
 
 

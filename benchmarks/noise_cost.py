@@ -115,7 +115,8 @@ def main(argv=None) -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"{datetime.date.today()}  {device_name(device)}  torch {torch.__version__}  threads {args.threads}  "
           f"probe every {args.every} steps, median of {args.rounds} rounds  (load {load:.2f})")
-    print(f"{'study':>6} {'batch':>6} {'plain step':>12} {'probe step':>12} {'probe/plain':>12} {'noise on: +time':>16}")
+    print(f"{'study':>6} {'batch':>6} {'plain step':>12} {'probe step':>12} {'probe/plain':>12} "
+          f"{'noise on: +time':>16}")
     worst = 0.0
     for study, setup, sizes in (("mnist", mnist_setup, args.mnist_batch_sizes), ("pcam", pcam_setup, pcam_sizes)):
         for batch in sizes:
