@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from analysis.figures import ReportWriter, epoch_axis, fmt, new_figure
+from analysis.figures import ReportWriter, fmt, new_figure
 from analysis.load import Study, Trial
 from study import metrics as M
 
@@ -230,25 +230,3 @@ def mark_noise_scale(ax, value: float, colour: str = "grey", prefix: str = "") -
     """A vertical line at the measured noise scale on a batch-size axis: the theory's knee of the curve."""
     if math.isfinite(value) and value > 0:
         ax.axvline(value, color=colour, linestyle="--", linewidth=1, label=f"{prefix}measured B_simple ≈ {value:.3g}")
-
-
-def noise_curves(report: ReportWriter, epochs: pd.DataFrame, panel_key: str, line_key: str, name: str) -> bool:
-    """B_simple per epoch, one panel per `panel_key` value, a line per `line_key` value (mean over trials).
-    Returns False (and draws nothing) when no trial has a finite noise scale."""
-    finite = epochs[np.isfinite(epochs[M.NOISE_SCALE].astype(float))]
-    if finite.empty:
-        return False
-    panels = sorted(finite[panel_key].unique(), key=str)
-    fig, axes = new_figure(len(panels))
-    for ax, panel in zip(axes, panels):
-        part = finite[finite[panel_key] == panel]
-        for value, group in sorted(part.groupby(line_key), key=lambda kv: kv[0]):
-            mean = group.groupby(M.EPOCH)[M.NOISE_SCALE].mean().sort_index()
-            ax.plot(mean.index, mean.values, marker="o", label=f"{line_key} {value}")
-        ax.set_yscale("log")
-        epoch_axis(ax)
-        ax.set_ylabel("B_simple (images)")
-        ax.set_title(f"{panel_key} {panel}")
-        ax.legend()
-    report.figure(name, fig, f"Gradient noise scale B_simple over training, mean over runs, per {panel_key}")
-    return True

@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pandas as pd
 
-from analysis import stats
-from analysis.common import base_value, fold_lr_scaling, mark_noise_scale, measured_noise_scale, noise_curves
+from analysis import noise_figures, stats
+from analysis.common import base_value, fold_lr_scaling, mark_noise_scale, measured_noise_scale
 from analysis.figures import ReportWriter, batch_axis, epoch_axis, log_scale_if_wide, new_figure
 from analysis.load import CHOSEN_FILE, TARGET_STATS_FILE, Study, epoch_table, trial_table
 from study import metrics as M
@@ -63,7 +63,8 @@ def write(report: ReportWriter, study: Study) -> None:
     write_sensitivity(report, study, sweep)
     write_spread(report, sweep)
     write_time(report, sweep, epochs)
-    write_noise(report, sweep, epochs)
+    write_noise(report, sweep)
+    noise_figures.write(report, study.trials("batch_sweep"), LABELS, lambda c: f"target {c.get('target')}")
 
 
 def write_lr_search(report: ReportWriter, study: Study) -> None:
@@ -192,13 +193,16 @@ def write_sensitivity(report: ReportWriter, study: Study, sweep: pd.DataFrame) -
                                                                         part["max"] - part["mean"]],
                                 marker="o", capsize=3, label=f"target: {target}")
             mark_noise_scale(ax, noise[target], lines[0].get_color(), f"{target}: ")
+            noise_figures.overlay(ax, [x for x in study.trials("batch_sweep") if x.config.get("target") == target],
+                                  lines[0].get_color(), f"{target}: ")
         batch_axis(ax, sweep["batch_size"])
         log_scale_if_wide(ax, spread[spread["target"].isin(group)]["mean"])
         ax.set_ylabel("final test MSE (target units²)")
         ax.set_title("variance target" if group == ["var"] else "targets: " + ", ".join(group))
         ax.legend()
     note = ("Dashed: the measured gradient noise scale (median over the target's trials of the last finite "
-            "B_simple), where theory puts the knee of the curve." if any(map(math.isfinite, noise.values()))
+            "B_simple), where theory puts the knee of the curve; dotted, right axis: B_simple per batch size (median "
+            "of each trial's epochs, bars over runs)." if any(map(math.isfinite, noise.values()))
             else "No trial measured a finite gradient noise scale, so no knee is marked.")
     report.text("Final test MSE against batch size: mean over finished runs, bars from min to max. " + note)
     report.figure("sensitivity", fig, "Final test MSE vs batch size per target (variance on its own axis)")
@@ -295,7 +299,7 @@ def not_reached(table: pd.DataFrame) -> str:
                      for t, part in gone.groupby("target", sort=False))
 
 
-def write_noise(report: ReportWriter, sweep: pd.DataFrame, epochs: pd.DataFrame) -> None:
+def write_noise(report: ReportWriter, sweep: pd.DataFrame) -> None:
     report.heading("Gradient noise scale")
     finite = sweep[np.isfinite(sweep["last_noise_scale"])]
     if finite.empty:
@@ -308,4 +312,3 @@ def write_noise(report: ReportWriter, sweep: pd.DataFrame, epochs: pd.DataFrame)
                 "summarised over runs. Batches well below it use examples efficiently; well above it the returns "
                 "per example fall.")
     report.table("noise_scale", table, "Measured gradient noise scale B_simple (images)")
-    noise_curves(report, epochs, "target", "batch_size", "noise_scale")

@@ -12,8 +12,8 @@ import re
 import numpy as np
 import pandas as pd
 
-from analysis import stats
-from analysis.common import fold_lr_scaling, mark_noise_scale, measured_noise_scale, noise_curves
+from analysis import noise_figures, stats
+from analysis.common import fold_lr_scaling, mark_noise_scale, measured_noise_scale
 from analysis.figures import ReportWriter, batch_axis, epoch_axis, fmt, new_figure
 from analysis.load import Study, Trial, epoch_table
 from study import metrics as M
@@ -296,6 +296,7 @@ def write_noise(report: ReportWriter, study: Study, configs: pd.DataFrame) -> No
                         marker="o", capsize=3, label=f"lr {lr:g}")
         value, _ = measured_noise_scale([t for t in trials if t.config.get("optimizer") == optimizer])
         mark_noise_scale(ax, value)
+        noise_figures.overlay(ax, [t for t in trials if t.config.get("optimizer") == optimizer])
         marked |= math.isfinite(value)
         batch_axis(ax, configs["batch_size"])
         auc_axis(ax)
@@ -304,12 +305,8 @@ def write_noise(report: ReportWriter, study: Study, configs: pd.DataFrame) -> No
         ax.legend()
     report.text("Test AUC against batch size with its 95 % interval. " + (
         "Dashed: the measured gradient noise scale B_simple (median over the optimizer's trials of the last finite "
-        "value), where theory puts the knee of the curve." if marked
+        "value), where theory puts the knee of the curve; dotted, right axis: B_simple per batch size (median of "
+        "each trial's epochs, bars over runs)." if marked
         else "No trial measured a finite gradient noise scale (B_simple), so no knee is marked."))
     report.figure("sensitivity", fig, "Test AUC vs batch size per optimizer, a line per learning rate")
-    epochs = epoch_table(trials, CONFIG, [M.NOISE_SCALE])
-    if len(epochs):
-        epochs["configuration"] = [f"{o}, lr {lr:g}" for o, lr in zip(epochs["optimizer"], epochs["lr"])]
-        if noise_curves(report, epochs, "configuration", "batch_size", "noise_scale"):
-            return
-    report.text("The gradient noise scale is NaN in every stored epoch: not measured, nothing to draw.")
+    noise_figures.write(report, trials, CONFIG, lambda c: f"{c.get('optimizer')}, lr {c.get('lr'):g}")

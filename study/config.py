@@ -13,6 +13,7 @@ from study.errors import StudyError
 
 OPTIMIZERS = ("adam", "sgd")
 LR_SCALING_RULES = ("none", "linear", "sqrt")
+NOISE_EVERY = 32  # the gradient noise scale is probed on every 32nd training step of an epoch (study.noise)
 
 # MNIST regression study ("Is the batch size affecting the performance of regression CNNs?").
 MNIST_TARGETS = ("mean", "median", "std", "var")  # statistics of each image's 784 pixels, 0..255 scale
@@ -45,6 +46,7 @@ class MnistConfig:
     val_size: int = 0  # training images held out for validation (0: train on all of them)
     eval_batch_size: int = 4096  # images per evaluation forward pass (memory only, no effect on results)
     noise_scale: bool = True  # estimate the gradient noise scale B_simple during training
+    noise_every: int = NOISE_EVERY  # probe the noise scale on every Nth training step of an epoch
     lr_scaling: str = "none"  # none | linear | sqrt: lr = base x f(batch / lr_reference_batch)
     lr_reference_batch: int = 32
     warmup_epochs: float = 0.0  # linear warmup (Goyal et al. 2017) over this many epochs
@@ -88,6 +90,7 @@ class PcamConfig:
     eval_batch_size: int = 512
     train_limit: int = 0  # use only the first N training patches (0: all)
     noise_scale: bool = True
+    noise_every: int = NOISE_EVERY
     lr_scaling: str = "none"
     lr_reference_batch: int = 32
     warmup_epochs: float = 0.0
@@ -126,7 +129,7 @@ def _check_common(cfg):
     _choice("lr_scaling", cfg.lr_scaling, LR_SCALING_RULES)
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise StudyError(f"learning rate must be a positive number, got {cfg.lr}")
-    for name in ("batch_size", "epochs", "eval_batch_size", "lr_reference_batch"):
+    for name in ("batch_size", "epochs", "eval_batch_size", "lr_reference_batch", "noise_every"):
         if getattr(cfg, name) < 1:
             raise StudyError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.momentum < 0 or cfg.warmup_epochs < 0:

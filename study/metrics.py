@@ -11,7 +11,8 @@ TRAIN_SECONDS = "train_seconds"  # cumulative training seconds up to and includi
 IMAGES_PER_SECOND = "images_per_second"  # training images / epoch_seconds
 STATUS = "status"  # one of the STATUS_* values below
 DIVERGED = "diverged"  # True once the training loss became NaN or inf
-NOISE_SCALE = "noise_scale"  # B_simple, McCandlish et al. 2018 (NaN when disabled or not yet estimable)
+NOISE_SCALE = "noise_scale"  # B_simple of the epoch, McCandlish et al. 2018 (NaN: off, no probe, |G|^2 est. <= 0)
+NOISE_PROBES = "noise_probes"  # probe steps behind this epoch's noise_scale (0: off, or epoch 0)
 LR = "lr"  # learning rate in effect at the end of the epoch (after scaling and warmup)
 DEVICE = "device"  # cpu | cuda
 GPU_IDS = "gpu_ids"  # the physical GPU(s) Ray gave the trial, comma-separated ("" on CPU)

@@ -16,7 +16,7 @@ from ray import tune
 from study import metrics as M
 from study.console import stage_callbacks, tensorboard_hint
 from study.config import (MNIST_BATCH_SIZES, MNIST_FINE_FACTORS, MNIST_LR_GRID, MNIST_LR_SEARCH_BATCH, MNIST_RUNS,
-                          MNIST_TARGETS, MNIST_VAL_SIZE, OPTIMIZERS, MnistConfig)
+                          MNIST_TARGETS, MNIST_VAL_SIZE, NOISE_EVERY, OPTIMIZERS, MnistConfig)
 from study.data import mnist as mnist_data
 from study.errors import StudyError
 from study.lr_scaling import RULES as LR_SCALING_RULES, scaling_rules
@@ -59,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     grid.add_argument("--target-scale", choices=("raw", "unit"), default="raw")
     grid.add_argument("--noise-scale", choices=("on", "off"), default="on", help="estimate the gradient noise scale")
     grid.add_argument("--tf32", action="store_true", help="on CUDA: TF32 convolutions and matmuls (default fp32)")
+    grid.add_argument("--noise-every", type=int, default=NOISE_EVERY,
+                      help="probe the noise scale on every Nth training step of an epoch (default 32: < 4 %% time)")
     grid.add_argument("--lr-scaling", choices=LR_SCALING_RULES, nargs="+", default=["none"],
                       help="stage 2: lr = chosen x (batch / --lr-reference-batch) or its square root; several "
                            "rules are a grid axis (each with the same seeds)")
@@ -123,7 +125,7 @@ def trial_base(args, version: str) -> dict:
     """Every config key of a trial (so each trial stores its full config), with what this study sets."""
     return dict(MnistConfig().to_dict(), epochs=args.epochs, optimizer=args.optimizer, momentum=args.momentum,
                 input_scale=args.input_scale, target_scale=args.target_scale, noise_scale=args.noise_scale == "on",
-                tf32=getattr(args, "tf32", False), code_version=version)
+                tf32=getattr(args, "tf32", False), noise_every=args.noise_every, code_version=version)
 
 
 def choose_lr(results, select_on: str) -> dict:

@@ -20,7 +20,7 @@ from ray.tune.search import BasicVariantGenerator
 
 from study import metrics as M
 from study.console import stage_callbacks, tensorboard_hint
-from study.config import OPTIMIZERS, PCAM_BATCH_SIZES, PCAM_LRS, PcamConfig
+from study.config import NOISE_EVERY, OPTIMIZERS, PCAM_BATCH_SIZES, PCAM_LRS, PcamConfig
 from study.data import kaggle
 from study.data import pcam as pcam_data
 from study.errors import StudyError
@@ -32,7 +32,7 @@ from study.tuning import (STUDY_FILE, StudyFolder, add_common_args, check_common
                           grid_axis, main_of, open_study, run_stage)
 
 SMOKE = dict(batch_sizes=[8, 16], optimizers=["sgd", "adam"], sgd_lrs=[0.01], adam_lrs=[1e-4], epochs=2,
-             weights="none", eval_batch_size=32)
+             weights="none", eval_batch_size=32, noise_every=1)
 SMOKE_SIZES = dict(n_train=48, n_valid=16, n_test=24)
 
 
@@ -69,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     grid.add_argument("--tf32", action="store_true", help="on CUDA: TF32 for what runs in fp32 (default off)")
     grid.add_argument("--checkpoint-every", type=int, default=1,
                       help="epochs between checkpoints (default 1; epoch 0 and the last always checkpoint)")
+    grid.add_argument("--noise-every", type=int, default=None,
+                      help="probe the noise scale on every Nth training step of an epoch (default 32: < 4 %% time; "
+                           "--smoke: 1, its epochs have 3-6 steps)")
     grid.add_argument("--lr-scaling", choices=LR_SCALING_RULES, nargs="+", default=["none"],
                       help="lr = lr x (batch / --lr-reference-batch) or its square root; several rules are a grid "
                            "axis (each with the same seeds)")
@@ -77,7 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_common_args(p, gpus_per_trial=0.25)
     args = p.parse_args(argv)
     defaults = dict(batch_sizes=list(PCAM_BATCH_SIZES), optimizers=list(OPTIMIZERS), sgd_lrs=list(PCAM_LRS["sgd"]),
-                    adam_lrs=list(PCAM_LRS["adam"]), epochs=55, weights="imagenet", eval_batch_size=512)
+                    adam_lrs=list(PCAM_LRS["adam"]), epochs=55, weights="imagenet", eval_batch_size=512,
+                    noise_every=NOISE_EVERY)
     for key, value in (SMOKE if args.smoke else defaults).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -151,7 +155,7 @@ def run(args) -> int:
                       noise_scale=args.noise_scale == "on", lr_scaling=scaling_rules(args.lr_scaling)[0],
                       lr_reference_batch=args.lr_reference_batch, warmup_epochs=args.warmup_epochs,
                       tf32=getattr(args, "tf32", False), checkpoint_every=getattr(args, "checkpoint_every", 1),
-                      code_version=version)
+                      noise_every=args.noise_every, code_version=version)
     features = vgg16_features_state(args.weights)  # before Ray: missing weights fail here, not in every trial
     folder = StudyFolder(args.storage_path, args.name)
     resources = open_study(folder, args)

@@ -94,19 +94,21 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
     steps_per_epoch = len(batches)
     base_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_reference_batch, cfg.lr_scaling)
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    noise = NoiseScale(model.parameters(), cfg.batch_size) if cfg.noise_scale else None
+    noise = NoiseScale(model.parameters(), cfg.noise_every) if cfg.noise_scale else None
     state = {"epoch": 0, "train_seconds": 0.0, "best": {"value": -math.inf, "epoch": -1}, "best_model": None}
     if start is not None:
         model.load_state_dict(start["model"])
         optimizer.load_state_dict(start["optimizer"])
-        if noise is not None and start.get("noise") is not None:
-            noise.load_state_dict(start["noise"])
         set_rng_state(start, device)
         state.update({k: start[k] for k in ("epoch", "train_seconds", "best", "best_model")})
 
     def snapshot():
         return {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "noise": noise.state_dict() if noise else None, **rng_state(device)}
+                **rng_state(device)}
+
+    def loss_of(x, y):
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            return loss_fn(model(x), y)
 
     def evaluate_and_track(metrics):
         metrics = {**metrics, **evaluate(model)}
@@ -124,7 +126,7 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
     if state["epoch"] == 0:
         set_lr(optimizer, base_lr * warmup_factor(0, warmup_steps))
         metrics = {M.EPOCH: 0, M.TRAIN_LOSS: math.nan, M.EPOCH_SECONDS: 0.0, M.TRAIN_SECONDS: 0.0,
-                   M.IMAGES_PER_SECOND: math.nan, M.NOISE_SCALE: math.nan, M.DIVERGED: False,
+                   M.IMAGES_PER_SECOND: math.nan, M.NOISE_SCALE: math.nan, M.NOISE_PROBES: 0, M.DIVERGED: False,
                    M.LR: optimizer.param_groups[0]["lr"], M.STATUS: M.STATUS_RUNNING}
         report(evaluate_and_track(metrics), snapshot())
 
@@ -134,6 +136,8 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
         aug_gen = epoch_generator(cfg.seed, epoch, device) if prepare is not None else None
         loss_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync per step
         seen = 0
+        if noise is not None:
+            noise.start_epoch()
         sync(device)
         started = time.perf_counter()
         for step, (x, y) in enumerate(batches.epoch(gen), start=(epoch - 1) * steps_per_epoch):
@@ -143,26 +147,25 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
                 set_lr(optimizer, base_lr)
             if prepare is not None:
                 x = prepare(x, aug_gen)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss = loss_fn(model(x), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if noise is not None:
-                noise.step()
+            if noise is not None and noise.due(step % steps_per_epoch):
+                loss = noise.probe(loss_of, x, y)  # the same gradient, taken in micro-batches at these weights
+            else:
+                loss = loss_of(x, y)
+                loss.backward()
             optimizer.step()
             loss_sum += loss.detach().float() * len(y)
             seen += len(y)
         sync(device)
         seconds = time.perf_counter() - started
-        if noise is not None:
-            noise.end_epoch()
         train_loss = (loss_sum / max(seen, 1)).item()
         diverged = not math.isfinite(train_loss)
         state["epoch"] = epoch
         state["train_seconds"] += seconds
         metrics = {M.EPOCH: epoch, M.TRAIN_LOSS: train_loss, M.EPOCH_SECONDS: seconds,
                    M.TRAIN_SECONDS: state["train_seconds"], M.IMAGES_PER_SECOND: seen / seconds,
-                   M.NOISE_SCALE: noise.value() if noise else math.nan, M.DIVERGED: diverged,
+                   M.NOISE_SCALE: noise.value() if noise else math.nan,
+                   M.NOISE_PROBES: noise.probes if noise else 0, M.DIVERGED: diverged,
                    M.LR: optimizer.param_groups[0]["lr"],
                    M.STATUS: M.STATUS_DIVERGED if diverged else
                    (M.STATUS_DONE if epoch == cfg.epochs else M.STATUS_RUNNING)}

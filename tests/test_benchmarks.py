@@ -47,3 +47,14 @@ def test_pcam_train_refuses_bad_arguments():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pcam_train.py"), "--packed", "0"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 2 and "--packed must be at least 1" in done.stderr
+
+
+def test_noise_cost_prints_both_steps_and_the_overhead_per_batch_size():
+    out = run("noise_cost.py", "--rounds", "1", "--mnist-batch-sizes", "16", "64", "--pcam-batch-sizes", "4",
+              timeout=300)
+    for study, batch in (("mnist", 16), ("mnist", 64), ("pcam", 4)):
+        assert re.search(rf"{study} +{batch} +\d+\.\d+ ms +\d+\.\d+ ms +\d+\.\d+x +-?\d+\.\d+%", out), out
+    assert re.search(r"largest extra training time with noise on: -?\d+\.\d+%", out)
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "noise_cost.py"), "--mnist-batch-sizes", "1"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2 and "batch sizes must be >= 2" in done.stderr

@@ -81,3 +81,15 @@ def test_noise_scale_off_reaches_every_trial():
 
     assert mnist.trial_base(mnist.parse_args(["--noise-scale", "off"]), "")["noise_scale"] is False
     assert mnist.trial_base(mnist.parse_args([]), "")["noise_scale"] is True
+
+
+def test_noise_every_reaches_every_trial_and_must_be_positive():
+    from study import mnist, pcam
+    from study.config import NOISE_EVERY
+
+    assert mnist.trial_base(mnist.parse_args(["--noise-every", "8"]), "")["noise_every"] == 8
+    assert mnist.trial_base(mnist.parse_args([]), "")["noise_every"] == MnistConfig().noise_every
+    assert pcam.parse_args(["--smoke"]).noise_every == 1
+    assert pcam.parse_args([]).noise_every == PcamConfig(data_dir="x").noise_every == NOISE_EVERY
+    with pytest.raises(StudyError, match="noise_every must be >= 1, got 0"):
+        MnistConfig(noise_every=0)

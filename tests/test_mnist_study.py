@@ -51,9 +51,10 @@ def test_smoke_stores_both_stages(smoke):
         assert cfg["seed"] == cfg["batch_size"] + cfg["run"] and cfg["val_size"] == 0
         assert {"code_version", "eval_batch_size", "input_scale", "lr_scaling"} <= set(cfg)
     assert "learning rate for mean" in stdout
-    # B_simple is NaN where its |G|^2 estimate is <= 0 (noise dominates); a few epochs of the sweep must have one.
+    # B_simple is NaN where its |G|^2 estimate is <= 0 (noise dominates); epochs of the sweep must have one.
     scales = [r[M.NOISE_SCALE] for t in sweep for r in t["rows"]]
     assert any(math.isfinite(v) and v > 0 for v in scales)
+    assert all(r[M.NOISE_PROBES] >= 1 for t in sweep for r in t["rows"][1:])  # every epoch probes its step 0
 
 
 def test_diverged_trials_are_marked_and_never_chosen(smoke):

@@ -122,7 +122,7 @@ def test_smoke_study_end_to_end(tmp_path, tensorboard_api):
     trials = sorted(p for p in (tmp_path / "smoke" / "grid").iterdir() if p.is_dir())
     grid = cli.SMOKE
     assert len(trials) == len(grid["batch_sizes"]) * (len(grid["sgd_lrs"]) + len(grid["adam_lrs"]))
-    configs, stored_auc = set(), {}
+    configs, stored_auc, noise = set(), {}, {}
     for trial in trials:
         rows = [json.loads(line) for line in (trial / "result.json").read_text().splitlines()]
         cfg = json.loads((trial / "params.json").read_text())
@@ -140,6 +140,10 @@ def test_smoke_study_end_to_end(tmp_path, tensorboard_api):
         assert predictions["label"].tolist() == test_y.tolist()
         assert last[M.TEST_AUC] == pytest.approx(roc_auc_score(predictions["label"], predictions["probability"]))
         assert cfg["weights"] == "none" and cfg["code_version"]
+        # Every step of these 3-6 step epochs is a probe. At random init B_simple is ~100-600 patches (measured),
+        # so at batch 8-16 the |G|^2 estimate of a few probes can still be <= 0: the report must then say so.
+        assert cfg["noise_every"] == 1 and all(r[M.NOISE_PROBES] >= 3 for r in rows[1:])
+        noise[trial.name] = [r[M.NOISE_SCALE] for r in rows[1:]]
         stored_auc[(cfg["optimizer"], cfg["lr"], cfg["batch_size"])] = last[M.TEST_AUC]
     assert ("sgd", 0.01, 8) in configs and ("adam", 1e-4, 16) in configs
     # The report, from what this real study stored: one AUC table per optimizer, values as stored.
@@ -147,6 +151,14 @@ def test_smoke_study_end_to_end(tmp_path, tensorboard_api):
     assert analysis_report.main([str(tmp_path / "smoke"), "--out", str(out)]) == 0
     summary = pd.read_csv(out / "auc_summary.csv")
     assert len(summary) == len(stored_auc)
+    assert any(math.isfinite(v) and v > 0 for values in noise.values() for v in values)
+    coverage = pd.read_csv(out / "noise_coverage.csv", keep_default_na=False)
+    assert len(coverage) == len(noise)
+    for row in coverage.itertuples():
+        (values,) = [v for name, v in noise.items() if row.trial_id in name]
+        assert row.finite_epochs == sum(map(math.isfinite, values))
+        assert (row.why_none == "") == (row.finite_epochs > 0)
+        assert row.finite_epochs > 0 or "<= 0" in row.why_none
     for row in summary.itertuples():
         assert row.mean_test_auc == pytest.approx(stored_auc[(row.optimizer, row.lr, row.batch_size)])
     assert (out / "auc_sgd.csv").is_file() and (out / "auc_adam.csv").is_file()

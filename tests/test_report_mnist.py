@@ -255,7 +255,7 @@ def test_errored_and_diverged_trials_are_listed_not_dropped(errored, tmp_path):
         last = [[r["noise_scale"] for r in rows if math.isfinite(r["noise_scale"])][-1]
                 for c, rows, _ in raw_trials(errored / "batch_sweep") if c["batch_size"] == batch]
         assert noise.loc[batch, "median"] == pytest.approx(np.median(last)) and noise.loc[batch, "trials"] == 4
-    assert (out / "noise_scale.png").is_file()
+    assert (out / "noise_over_training.png").is_file()
 
 
 def test_cli_errors_exit_2_with_a_message(tmp_path):

@@ -194,7 +194,7 @@ def test_tables_figures_and_submissions(pcam, out, tmp_path):
     assert len(submissions) == 1 and submissions["path"].iloc[0].endswith("submission.csv")
     assert Path(submissions["path"].iloc[0]).is_file()
     text = (out / "report.md").read_text()
-    for name in ("validation_val_acc.png", "validation_val_auc.png", "sensitivity.png", "noise_scale.png",
+    for name in ("validation_val_acc.png", "validation_val_auc.png", "sensitivity.png", "noise_over_training.png",
                  "timeline.png"):
         assert (out / name).is_file()
     for png in out.glob("*.png"):

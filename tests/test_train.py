@@ -129,6 +129,15 @@ def test_noise_scale_off_reports_nan(data):
     assert all(math.isnan(r[M.NOISE_SCALE]) for r in rows)
 
 
+def test_probing_every_step_trains_the_same_model(data):
+    """A probe takes the batch's gradient in micro-batches: the optimizer sees the same gradient (to float rounding)."""
+    probed, _ = collect(MnistConfig(target="mean", lr=1e-3, batch_size=64, epochs=1, noise_every=1), data)
+    plain, _ = collect(MnistConfig(target="mean", lr=1e-3, batch_size=64, epochs=1, noise_scale=False), data)
+    assert probed[-1][M.NOISE_PROBES] == 10 and math.isfinite(probed[-1][M.NOISE_SCALE])  # 640 images / 64
+    assert probed[-1][M.TEST_MSE] == pytest.approx(plain[-1][M.TEST_MSE], rel=1e-4)
+    assert probed[-1][M.TRAIN_LOSS] == pytest.approx(plain[-1][M.TRAIN_LOSS], rel=1e-4)
+
+
 def test_unit_scales(data):
     cfg = MnistConfig(target="var", lr=1e-3, batch_size=64, epochs=1, input_scale="unit", target_scale="unit")
     rows, _ = collect(cfg, data)
