@@ -6,6 +6,7 @@ the end-to-end check with a real autoscaler is tests/test_autoscaler.py.
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,11 @@ def test_the_autoscaler_config_is_found_from_its_process(tmp_path):
                              f"/x/ray/{cluster.MONITOR}", f"--gcs-address=127.0.0.1:{port}",
                              f"--autoscaling-config={config}"])
     try:
+        # Until the child has exec'd, /proc shows the parent's command line: wait for it (a loaded machine is slow).
+        deadline = time.monotonic() + 30
+        while cluster.MONITOR not in Path(f"/proc/{fake.pid}/cmdline").read_bytes().decode(errors="replace"):
+            assert time.monotonic() < deadline, "the stand-in autoscaler process never started"
+            time.sleep(0.05)
         assert cluster.autoscaling_config_path(f"10.0.0.1:{port}") == config
         assert cluster.autoscaling_config_path(f"127.0.0.1:{free_port()}") is None
         assert cluster._types_from_file(cluster.autoscaling_config_path(f"127.0.0.1:{port}")) == TYPES
