@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from study.cli_checks import MAX_TRIALS, check_common_flags, check_name, check_uri, reachable
 from study.errors import StudyError
 
 STUDY_FILE = "study.json"  # what ran: the study's kind, its arguments, code version, stages
@@ -41,9 +42,13 @@ def add_common_args(parser: argparse.ArgumentParser, *, gpus_per_trial: float) -
                            help="continue an interrupted study in --storage-path/--name; finished trials are kept")
     ray_group.add_argument("--retry-errored", action="store_true",
                            help="with --resume: also retry trials that ended in an error")
+    ray_group.add_argument("--max-trials", type=int, default=MAX_TRIALS,
+                           help=f"refuse a grid of more trials than this (default {MAX_TRIALS}; the driver holds "
+                                "every trial in memory)")
 
 
 def check_common_args(args) -> None:
+    check_common_flags(args)
     if args.cpus_per_trial <= 0:
         raise StudyError(f"--cpus-per-trial must be > 0, got {args.cpus_per_trial}")
     if args.gpus_per_trial < 0:
@@ -75,6 +80,7 @@ class StudyFolder:
             self.uri = str(Path(root) / name)
         self.storage_uri = self.uri.rsplit("/", 1)[0]
         self.path = f"{root.rstrip('/')}/{name}"
+        self._made = []  # local folders prepare() created, innermost first: taken back if the run is refused
 
     def exists(self) -> bool:
         try:
@@ -92,6 +98,8 @@ class StudyFolder:
         if resume and not existed:
             raise StudyError(f"--resume: no study at {self.uri}")
         try:
+            if isinstance(self.fs, pafs.LocalFileSystem):
+                self._made = [p for p in (Path(self.path), *Path(self.path).parents) if not p.exists()]
             self.fs.create_dir(self.path, recursive=True)
             probe = f"{self.path}/.write-test"
             with self.fs.open_output_stream(probe) as out:
@@ -102,10 +110,13 @@ class StudyFolder:
         return not existed
 
     def remove_if_empty(self) -> None:
-        """Take back a folder this run created before it wrote anything (bad resources found after Ray started)."""
+        """Take back a folder this run created before it wrote anything (bad resources found after Ray started),
+        with the storage folders above it that prepare() created."""
         try:
             if not self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True)):
                 self.fs.delete_dir(self.path)
+            for folder in self._made[1:]:
+                folder.rmdir()  # OSError once a folder is not empty: someone else's files, left alone
         except OSError:
             pass
 
@@ -126,6 +137,11 @@ class StudyFolder:
 
 def open_study(folder: StudyFolder, args) -> dict:
     """Check the study folder, start or join Ray, fit the per-trial resources; on a bad input leave no trace."""
+    import ray
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address and not ray.is_initialized():
+        reachable(address)  # before anything is written: ray.init retries an unreachable address for good
     created = folder.prepare(args.resume)
     try:
         start_ray(args)
@@ -250,14 +266,23 @@ def main_of(kind: str, parse_args, run, argv=None) -> int:
     StudyError becomes one line on stderr and exit status 2."""
     args = parse_args(argv)
     try:
+        check_name(args.name)
+        check_uri(args.storage_path, "--storage-path")
         if args.resume:
             folder = StudyFolder(args.storage_path, args.name)
-            if folder.exists() and folder.has(STUDY_FILE):
+            if not (folder.exists() and folder.has(STUDY_FILE)):
+                raise StudyError(f"--resume: no study at {folder.uri} (no {STUDY_FILE}); check --storage-path and "
+                                 f"--name, or start a new study without --resume")
+            try:
                 saved = folder.read_json(STUDY_FILE)
-                if saved.get("study") != kind:
-                    raise StudyError(f"{folder.uri} holds a {saved.get('study')} study; resume it with "
-                                     f"python -m study.{saved.get('study')} --resume")
-                args = argparse.Namespace(**{**saved["args"], **{k: getattr(args, k) for k in RESOURCE_FLAGS}})
+                stored_args = dict(saved["args"])
+            except (ValueError, KeyError, TypeError) as err:  # cut short, edited, or not ours
+                raise StudyError(f"{folder.child(STUDY_FILE)} is not a readable study record ({err!r}); restore it "
+                                 f"from a copy, or start a new study under another --name")
+            if saved.get("study") != kind:
+                raise StudyError(f"{folder.uri} holds a {saved.get('study')} study; resume it with "
+                                 f"python -m study.{saved.get('study')} --resume")
+            args = argparse.Namespace(**{**stored_args, **{k: getattr(args, k) for k in RESOURCE_FLAGS}})
         return run(args)
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)
