@@ -84,9 +84,9 @@ def check_flags(args) -> None:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value < 0:
             raise StudyError(f"{flag} must be >= 0 (0 for --train-limit/--test-limit: all images), got {value}")
-    if args.runs < 1 or args.epochs < 1 or args.lr_search_batch < 1:
-        raise StudyError(f"--runs, --epochs and --lr-search-batch must be >= 1, got {args.runs}, {args.epochs} "
-                         f"and {args.lr_search_batch}")
+    for flag in ("--runs", "--epochs", "--lr-search-batch"):
+        if getattr(args, flag[2:].replace("-", "_")) < 1:
+            raise StudyError(f"{flag} must be >= 1, got {getattr(args, flag[2:].replace('-', '_'))}")
     for flag in ("--targets", "--lr-grid", "--fine-factors", "--batch-sizes"):
         checks.check_unique(flag, getattr(args, flag[2:].replace("-", "_")))
     targets, rules = len(args.targets or ()), len(scaling_rules(args.lr_scaling))

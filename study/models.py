@@ -78,9 +78,8 @@ def vgg16_features_state(weights: str) -> dict | None:
         try:
             state = torch.load(Path(weights).expanduser(), map_location="cpu", weights_only=True)
         except Exception as err:  # unreadable, not a torch file (pickle's KeyError names a byte), pickled code
-            raise StudyError(f"--weights {weights} is not a PyTorch state_dict file (torch.load: "
-                             f"{type(err).__name__} {str(err).splitlines()[0] if str(err) else ''}); pass the "
-                             f"path of a file saved with torch.save(model.state_dict(), PATH)")
+            raise StudyError(f"--weights {weights} cannot be read as a state_dict (torch.load: {type(err).__name__});"
+                             f" pass the path of a file saved with torch.save(model.state_dict(), PATH)")
         if not isinstance(state, dict):
             raise StudyError(f"--weights {weights} holds a {type(state).__name__}, expected a VGG16 state_dict")
     features = {k.removeprefix("features."): v for k, v in state.items() if not k.startswith("classifier.")}

@@ -119,9 +119,9 @@ def check_flags(args) -> None:
                          f"VGG16 state_dict")
     if not 0 <= args.freeze_blocks <= 5:
         raise StudyError(f"--freeze-blocks must be in 0..5 (VGG16 has five conv blocks), got {args.freeze_blocks}")
-    if args.epochs < 1 or args.seeds < 1 or args.eval_batch_size < 1:
-        raise StudyError(f"--epochs, --seeds and --eval-batch-size must be >= 1, got {args.epochs}, {args.seeds} "
-                         f"and {args.eval_batch_size}")
+    for flag in ("--epochs", "--seeds", "--eval-batch-size"):
+        if getattr(args, flag[2:].replace("-", "_")) < 1:
+            raise StudyError(f"{flag} must be >= 1, got {getattr(args, flag[2:].replace('-', '_'))}")
     for flag in ("--batch-sizes", "--optimizers", "--sgd-lrs", "--adam-lrs"):
         checks.check_unique(flag, getattr(args, flag[2:].replace("-", "_")))
     pairs = sum(len(lrs_of(args, o)) for o in dict.fromkeys(args.optimizers or ()) if o in OPTIMIZERS)
