@@ -71,7 +71,7 @@ class Trial:
             return "done"
         if self.tune_status in UNFINISHED:
             return "running" if self.rows or self.tune_status != "PENDING" else "pending"
-        if self.error:  # no Tune state says otherwise: it stopped at its error
+        if self.error and self.tune_status == "UNKNOWN":  # no Tune state says otherwise: it stopped at its error
             return "error"
         return "incomplete"
 
