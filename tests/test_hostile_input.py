@@ -177,3 +177,16 @@ def test_kaggle_conversion_leaves_no_lock_file(tmp_path):
     good = make_folder(tmp_path / "kaggle2")
     kaggle.prepare_kaggle(good, good / "prepared-h5")
     assert sorted(p.name for p in good.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_refusal_after_ray_started_leaves_no_storage_root(capsys, tmp_path):
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # the resource check runs after Ray is up
+    store = tmp_path / "new" / "store"
+    code = mnist_cli.main(["--smoke", "--cpus-per-trial", "3", "--storage-path", str(store), "--name", "s"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--cpus-per-trial 3 is more than any node has" in err
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()  # a storage root that was there before is left alone
+    code = mnist_cli.main(["--smoke", "--cpus-per-trial", "3", "--storage-path", str(tmp_path / "kept"),
+                           "--name", "s"])
+    assert code == 2 and list(tmp_path.iterdir()) == [tmp_path / "kept"] and not any((tmp_path / "kept").iterdir())
