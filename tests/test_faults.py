@@ -265,28 +265,28 @@ def test_worker_killed_mid_epoch_resumes_from_checkpoint_exactly(tmp_path, refer
     assert_same_run(rows, ref)
 
 
-def test_worker_killed_after_epoch_0_reports_each_epoch_once_and_counts_as_recovered(tmp_path, reference):
+def test_worker_killed_after_epoch_0_reports_each_epoch_once_and_counts_as_recovered(tmp_path):
     """Restarted from the checkpoint of epoch 0 (the untrained network), the trial stores every epoch once, Tune's
     step (TensorBoard's x axis) stays epoch + 1, and the report counts it done, recovered after one failure."""
     from analysis.load import open_study
 
-    with Study(tmp_path, *LONG_EPOCHS, "--storage-path", str(tmp_path), "--name", "killed0") as study:
+    cmd = [*data_args(20000), *SWEEP, "--batch-sizes", "16", "--runs", "1"]  # epochs long enough to aim at
+    with Study(tmp_path, *cmd, "--storage-path", str(tmp_path), "--name", "killed0") as study:
         stage = tmp_path / "killed0" / STAGE
         result_file = wait_for(lambda: next(stage.glob("*/result.json"), None), study, "a trial folder")
         rows = wait_for(lambda: read_rows(result_file), study, f"epoch 0 in {result_file}")
         pid = rows[-1]["pid"]
         assert study.owns(pid), f"pid {pid} of {result_file} is not a process of this study"
-        time.sleep(1.0)  # into epoch 1 (the epoch-0 row carries no epoch time to aim with)
+        time.sleep(0.3)  # into epoch 1 (the epoch-0 row carries no epoch time to aim with)
         os.kill(pid, signal.SIGKILL)
         code = study.wait()
     assert code == 0, study.output()[-3000:]
     (trial,) = trials(stage).values()
     rows = trial["rows"]
-    assert assert_restarted_once(rows, pid, epochs=3) == 1
+    assert assert_restarted_once(rows, pid, epochs=3) == 1, "the kill missed epoch 1"
     assert [r["training_iteration"] for r in rows] == [r[M.EPOCH] + 1 for r in rows]
     progress = (trial["dir"] / "progress.csv").read_text().splitlines()
     assert len(progress) == 1 + len(rows)  # a header and each epoch once
-    assert_same_run(rows, reference.rows())
     (stored,) = open_study(str(tmp_path / "killed0")).trials()
     assert stored.outcome == "done" and stored.recovered == "recovered after 1 failure"
 

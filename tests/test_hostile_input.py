@@ -174,6 +174,8 @@ def test_kaggle_conversion_leaves_no_lock_file(tmp_path):
     with pytest.raises(StudyError, match="lists no images"):
         kaggle.prepare_kaggle(src, src / "prepared-h5")
     assert sorted(p.name for p in src.iterdir() if p.name.startswith(".")) == []
+    with pytest.raises(StudyError, match="is a file; pass a new or empty folder"):
+        kaggle.prepare_kaggle(src, src / "train_labels.csv")
     good = make_folder(tmp_path / "kaggle2")
     kaggle.prepare_kaggle(good, good / "prepared-h5")
     assert sorted(p.name for p in good.iterdir() if p.name.startswith(".")) == []

@@ -115,6 +115,8 @@ def prepare_kaggle(src, out, val_fraction: float = 0.2, seed: int = 0) -> Path:
     src, out = Path(src).expanduser().resolve(), Path(out).expanduser().resolve()
     if not 0 < val_fraction < 1:
         raise StudyError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if out.exists() and not out.is_dir():
+        raise StudyError(f"--prepared-dir {out} is a file; pass a new or empty folder for the converted data")
     train_ids, test_ids = _ids_of(src / "train"), _ids_of(src / "test")
     wanted = _manifest(src, val_fraction, seed, test_ids)
     try:
