@@ -97,8 +97,8 @@ def check_flags(args) -> None:
 
 
 def check_grid(args, n_train: int) -> None:
-    """Refuse impossible grids before Ray starts; every message names the value and the allowed range."""
-    check_flags(args)
+    """Refuse impossible grids before Ray starts (after check_flags); every message names the value and the allowed
+    range."""
     if not args.targets or not args.batch_sizes or (args.lr is None and not (args.lr_grid and args.fine_factors)):
         raise StudyError("empty grid: --targets, --batch-sizes, --lr-grid and --fine-factors need at least one value")
     for t in args.targets:

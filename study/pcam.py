@@ -132,7 +132,7 @@ def check_flags(args) -> None:
 
 
 def check_grid(args, n_train: int) -> None:
-    check_flags(args)
+    """What needs the data to judge (after check_flags)."""
     if not args.batch_sizes or not args.optimizers:
         raise StudyError("empty grid: --batch-sizes and --optimizers need at least one value")
     for name in args.optimizers:

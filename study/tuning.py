@@ -132,7 +132,12 @@ class StudyFolder:
 
     def read_json(self, name: str):
         with self.fs.open_input_stream(f"{self.path}/{name}") as src:
-            return json.loads(src.read())
+            raw = src.read()
+        try:
+            return json.loads(raw)
+        except ValueError as err:  # cut short by a crash mid-write, or edited by hand
+            raise StudyError(f"{self.child(name)} is not valid JSON ({err}); restore it from a copy, or start a new "
+                             f"study under another --name")
 
 
 def open_study(folder: StudyFolder, args) -> dict:
@@ -273,10 +278,10 @@ def main_of(kind: str, parse_args, run, argv=None) -> int:
             if not (folder.exists() and folder.has(STUDY_FILE)):
                 raise StudyError(f"--resume: no study at {folder.uri} (no {STUDY_FILE}); check --storage-path and "
                                  f"--name, or start a new study without --resume")
+            saved = folder.read_json(STUDY_FILE)
             try:
-                saved = folder.read_json(STUDY_FILE)
                 stored_args = dict(saved["args"])
-            except (ValueError, KeyError, TypeError) as err:  # cut short, edited, or not ours
+            except (ValueError, KeyError, TypeError) as err:  # edited, or not ours
                 raise StudyError(f"{folder.child(STUDY_FILE)} is not a readable study record ({err!r}); restore it "
                                  f"from a copy, or start a new study under another --name")
             if saved.get("study") != kind:

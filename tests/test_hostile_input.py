@@ -117,6 +117,10 @@ def test_a_corrupt_study_record_is_named_on_resume(capsys, tmp_path):
     (folder / "study.json").write_text('{"study": "mnist", "ar')
     code = mnist_cli.main(["--resume", "--storage-path", str(tmp_path / "store"), "--name", "s"])
     err = capsys.readouterr().err
+    assert code == 2 and "study.json is not valid JSON" in err and err.count("\n") == 1
+    (folder / "study.json").write_text('["mnist"]')
+    code = mnist_cli.main(["--resume", "--storage-path", str(tmp_path / "store"), "--name", "s"])
+    err = capsys.readouterr().err
     assert code == 2 and "study.json is not a readable study record" in err and err.count("\n") == 1
     assert [p.name for p in folder.iterdir()] == ["study.json"]
 
