@@ -350,7 +350,7 @@ def trial_table(trials: list, config_keys: list, metric_keys: list) -> pd.DataFr
         record.update({k: t.config.get(k) for k in config_keys})
         record.update(outcome=t.outcome, epochs=t.last(M.EPOCH, None) if t.rows else None)
         record.update({k: _number(t.last(k)) for k in metric_keys})
-        record["error"] = t.error
+        record["error"] = f"{t.recovered} ({t.error})" if t.recovered else t.error
         records.append(record)
     columns = ["stage", "trial_id", *config_keys, "outcome", "epochs", *metric_keys, "error"]
     return pd.DataFrame.from_records(records, columns=columns).astype({k: float for k in metric_keys})

@@ -48,6 +48,8 @@ def test_a_recovered_trial_counts_by_how_it_ended(recovered_study, tmp_path, cap
     text = (out / "report.md").read_text()
     assert "a_00001: recovered after 1 failure (last error: RuntimeError: CUDA out of memory)" in text
     assert "Every trial finished normally." in text
+    sweep = pd.read_csv(out / "sweep_trials.csv").set_index("trial_id")
+    assert sweep.loc["a_00001", "error"] == "recovered after 1 failure (RuntimeError: CUDA out of memory)"
     assert capsys.readouterr().err == ""
 
 
