@@ -25,7 +25,9 @@ def check_name(name: str) -> None:
 
 
 def check_uri(uri: str, flag: str) -> None:
-    """A URI of a bucket store names its bucket (s3:// alone reaches no bucket and makes pyarrow raise)."""
+    """A path is not empty, and a URI of a bucket store names its bucket (s3:// alone makes pyarrow raise)."""
+    if not uri.strip():
+        raise StudyError(f"{flag} is empty; pass a folder or a URI such as s3://BUCKET/prefix")
     if "://" not in uri:
         return
     parts = urlsplit(uri)

@@ -82,11 +82,12 @@ def test_name_is_one_folder(capsys, tmp_path, name):
     assert "is not one folder name" in err
 
 
-@pytest.mark.parametrize("storage", ["s3://", "s3:///prefix", "gs://"])
-def test_a_bucket_uri_without_a_bucket(capsys, storage):
+@pytest.mark.parametrize("storage, message", [("s3://", "names no bucket"), ("s3:///prefix", "names no bucket"),
+                                              ("gs://", "names no bucket"), ("", "--storage-path is empty")])
+def test_a_storage_path_that_names_nothing(capsys, storage, message):
     code = mnist_cli.main(["--smoke", "--storage-path", storage, "--name", "s"])
     err = capsys.readouterr().err
-    assert code == 2 and "names no bucket" in err and err.count("\n") == 1
+    assert code == 2 and message in err and err.count("\n") == 1
 
 
 def test_an_unreachable_address_fails_fast_and_leaves_nothing(capsys, tmp_path):
