@@ -71,7 +71,7 @@ def check_common_flags(args) -> None:
     check_name(args.name)
     check_uri(args.storage_path, "--storage-path")
     if args.address:
-        check_uri(args.address, "--address")
+        host_port(args.address)
     for flag, value in (("--cpus-per-trial", args.cpus_per_trial), ("--gpus-per-trial", args.gpus_per_trial)):
         if not math.isfinite(value):
             raise StudyError(f"{flag} must be a finite number, got {value}")
@@ -90,11 +90,10 @@ def check_lr_flags(args) -> None:
     check_unique("--lr-scaling", args.lr_scaling if isinstance(args.lr_scaling, list) else [args.lr_scaling])
 
 
-def reachable(address: str, timeout: float = ADDRESS_TIMEOUT_S) -> None:
-    """A Ray address given as HOST:PORT (or ray://HOST:PORT) accepts a TCP connection within `timeout`; without
-    this check ray.init retries an unreachable address for good. "auto" and "local" are Ray's to resolve."""
+def host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a Ray address HOST:PORT or ray://HOST:PORT; None for "auto" and "local" (Ray's to resolve)."""
     if address in ("auto", "local"):
-        return
+        return None
     parts = urlsplit(address if "://" in address else f"ray://{address}")
     try:
         host, port = parts.hostname, parts.port
@@ -102,8 +101,17 @@ def reachable(address: str, timeout: float = ADDRESS_TIMEOUT_S) -> None:
         host, port = None, None
     if not host or not port:
         raise StudyError(f"--address {address!r} is not auto or HOST:PORT (e.g. 10.0.0.5:6379)")
+    return host, port
+
+
+def reachable(address: str, timeout: float = ADDRESS_TIMEOUT_S) -> None:
+    """A Ray address given as HOST:PORT accepts a TCP connection within `timeout`: without this check ray.init
+    retries an unreachable address for good."""
+    target = host_port(address)
+    if target is None:
+        return
     try:
-        socket.create_connection((host, port), timeout=timeout).close()
+        socket.create_connection(target, timeout=timeout).close()
     except OSError as err:
         reason = f"no answer in {timeout:g} s" if isinstance(err, TimeoutError) else (err.strerror or str(err))
         raise StudyError(f"no Ray cluster answers at {address} ({reason}); start it "
