@@ -1,7 +1,8 @@
 """Ray and Tune plumbing shared by both study CLIs: common flags, the study folder, the Tuner.
 
 Everything a user can get wrong is checked before Ray starts or anything is written: a study folder that
-already exists (without --resume), an unwritable storage path, impossible resources.
+already exists (without --resume), an unwritable storage path, a --address no cluster answers at, impossible
+resources; the flags themselves are checked in study.cli_checks.
 """
 
 import argparse
