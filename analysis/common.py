@@ -12,6 +12,9 @@ from analysis.load import Study, Trial
 from study import metrics as M
 
 STAGE_COLOURS = ("tab:blue", "tab:green", "tab:purple", "tab:olive", "tab:cyan", "tab:brown")
+CONFIG_COLOURS = tuple(f"C{i}" for i in range(10)) + ("black", "silver", "gold", "teal", "navy", "salmon",
+                                                   "lime", "orchid", "sienna", "khaki")
+REPEATS = ("run", "seed")  # config keys that repeat a configuration rather than make a new one
 OUTCOME_HATCH = {"error": "xxx", "diverged": "///", "running": "...", "incomplete": "..."}
 
 
@@ -67,7 +70,7 @@ def timing_table(study: Study, label_keys: list) -> pd.DataFrame:
         ips = [r.get(M.IMAGES_PER_SECOND) for r in t.rows if _num(r.get(M.EPOCH)) >= 1]
         records.append({
             "stage": t.stage, "trial_id": t.trial_id, **{k: t.config.get(k) for k in label_keys},
-            "outcome": t.outcome, "node_ip": t.last("node_ip", ""), "node_id": t.last(M.NODE_ID, ""),
+            "outcome": t.outcome, "node_ip": t.last("node_ip", ""), "node_id": short_id(t.last(M.NODE_ID, "")),
             "gpu_ids": t.last(M.GPU_IDS, ""),
             "device": t.last(M.DEVICE, ""), "gpu_share": share,
             "start_s": t.start_time - origin, "end_s": t.end_time - origin, "wall_seconds": wall,
@@ -75,6 +78,11 @@ def timing_table(study: Study, label_keys: list) -> pd.DataFrame:
             "images_per_second": _median_finite(ips)})
     return pd.DataFrame.from_records(records).sort_values(["stage", "trial_id"], kind="stable",
                                                           ignore_index=True) if records else pd.DataFrame()
+
+
+def short_id(node_id) -> str:
+    """Ray's 56-hex-digit node id cut to its first 8, as git cuts commits: unique among a study's few nodes."""
+    return str(node_id or "")[:8]
 
 
 def cost_table(timing: pd.DataFrame) -> pd.DataFrame:
@@ -128,7 +136,7 @@ def lanes(timing: pd.DataFrame) -> list:
         # Ray's node id, not the IP alone: several nodes can share an IP (containers, one-machine test clusters).
         node = str(row["node_ip"]) or "unknown node"
         if row.get("node_id"):
-            node += f" ({str(row['node_id'])[:6]})"
+            node += f" ({short_id(row['node_id'])})"
         key = (node, device)
         slots = free_at.setdefault(key, [])
         slot = next((k for k, end in enumerate(slots) if end <= row["start_s"]), len(slots))
@@ -141,29 +149,43 @@ def lanes(timing: pd.DataFrame) -> list:
     return labels
 
 
-def timeline_figure(timing: pd.DataFrame):
+def configurations(timing: pd.DataFrame, label_keys: list) -> list:
+    """A label per trial naming its configuration: the stage (when several) and its config keys but the repeat."""
+    keys = [k for k in label_keys if k not in REPEATS and k in timing]
+    several = timing["stage"].nunique() > 1
+    return [(f"{row['stage']}: " if several else "") + ", ".join(f"{k} {fmt(row[k])}" for k in keys)
+            for _, row in timing.iterrows()]
+
+
+def timeline_figure(timing: pd.DataFrame, label_keys: list = ()):
+    """Bars coloured by configuration (a legend names each), or by stage when there are more configurations than
+    distinguishable colours; returns (figure, trials not drawn, what the colour means)."""
     shown = timing[np.isfinite(timing["start_s"]) & np.isfinite(timing["end_s"])].copy()
     shown["lane"] = lanes(shown) if len(shown) else []
+    shown["configuration"] = configurations(shown, list(label_keys)) if len(shown) else []
     lane_names = sorted(set(shown["lane"]))
-    height = max(2.5, 0.28 * len(lane_names) + 1.5)
-    fig, (ax,) = new_figure(1, width=9, height=height)
-    stages = sorted(set(timing["stage"]))
-    colours = {s: STAGE_COLOURS[i % len(STAGE_COLOURS)] for i, s in enumerate(stages)}
-    for row in shown.itertuples():
+    by_config = 0 < shown["configuration"].nunique() <= len(CONFIG_COLOURS)
+    key = "configuration" if by_config else "stage"
+    groups = list(shown.groupby(key)["start_s"].min().sort_values(kind="stable").index)  # in order of start
+    palette = CONFIG_COLOURS if by_config else STAGE_COLOURS
+    colours = {g: palette[i % len(palette)] for i, g in enumerate(groups)}
+    height = max(2.5, 0.28 * max(len(lane_names), len(groups) * 0.8) + 1.5)
+    fig, (ax,) = new_figure(1, width=11, height=height)
+    for row in shown.sort_values("start_s").itertuples():
         ax.barh(lane_names.index(row.lane), max(row.end_s - row.start_s, 1e-3), left=row.start_s, height=0.8,
-                color=colours[row.stage], edgecolor="red" if row.outcome == "error" else "black", linewidth=0.5,
-                hatch=OUTCOME_HATCH.get(row.outcome))
+                color=colours[getattr(row, key)], edgecolor="red" if row.outcome == "error" else "black",
+                linewidth=0.5, hatch=OUTCOME_HATCH.get(row.outcome))
     ax.set_yticks(range(len(lane_names)), lane_names)
     ax.invert_yaxis()
     ax.set_xlabel("time since the first trial started (s)")
     ax.set_title("trials over time per node, GPU and slot")
     from matplotlib.patches import Patch
 
-    handles = [Patch(facecolor=colours[s], edgecolor="black", label=s) for s in stages]
+    handles = [Patch(facecolor=colours[g], edgecolor="black", label=g) for g in groups]
     handles += [Patch(facecolor="white", edgecolor="black", hatch=h, label=o) for o, h in OUTCOME_HATCH.items()
                 if o in set(shown["outcome"]) and o != "incomplete"]
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return fig, len(timing) - len(shown)
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), title=key)
+    return fig, len(timing) - len(shown), key
 
 
 def write_timing(report: ReportWriter, study: Study, label_keys: list) -> None:
@@ -177,9 +199,9 @@ def write_timing(report: ReportWriter, study: Study, label_keys: list) -> None:
                 "CPU-seconds = CPUs per trial x wall seconds. Images per second: median over epochs 1 and later.")
     report.table("cost", cost_table(timing), "Cost per stage and for the whole study")
     report.table("timing", timing, "Timing per trial")
-    fig, hidden = timeline_figure(timing)
-    report.figure("timeline", fig, "Timeline: one bar per trial, one lane per node, GPU and packing slot; "
-                                   "gaps are idle time")
+    fig, hidden, colour = timeline_figure(timing, label_keys)
+    report.figure("timeline", fig, f"Timeline: one bar per trial, coloured by {colour}; one lane per node, GPU and "
+                                   "packing slot; gaps are idle time")
     if hidden:
         report.text(f"{hidden} trial(s) have no start or end time (not started, or no result yet) and are not "
                     f"drawn.")

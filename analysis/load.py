@@ -63,7 +63,8 @@ class Trial:
 
         How the trial ended: an error.txt left by a failure Tune recovered from (the trial restarted from its
         checkpoint and finished) does not make it an error; `recovered` says that it happened."""
-        if self.tune_status == "ERROR" or self.errored:
+        oom = bool(self.rows) and self.rows[-1].get(M.STATUS) == M.STATUS_OOM  # ended at once, without raising
+        if self.tune_status == "ERROR" or self.errored or oom:
             return "error"
         if any(r.get(M.DIVERGED) is True or r.get(M.STATUS) == M.STATUS_DIVERGED for r in self.rows):
             return "diverged"
@@ -291,6 +292,8 @@ def _read_trial(fs, trial_dir: str, stage: str, dirname: str, state: dict | None
         if "result.json" in files else []
     error_text = read_bytes(fs, f"{trial_dir}/error.txt").decode(errors="replace") if "error.txt" in files else ""
     error = error_reason(error_text) if "error.txt" in files else ""
+    if not error and rows and rows[-1].get(M.STATUS) == M.STATUS_OOM:  # ended by out-of-memory without raising
+        error = rows[-1].get(M.MESSAGE) or "CUDA out of memory"
     checkpoints = sorted(n for n, kind in files.items() if _is_dir(kind) and n.startswith("checkpoint_"))
     checkpoint = f"{trial_dir}/{checkpoints[-1]}" if checkpoints else ""
     state = state or {}

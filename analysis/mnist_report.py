@@ -34,8 +34,10 @@ def _groups(targets: list) -> list:
 
 def sweep_table(study: Study) -> pd.DataFrame:
     """One row per stage-2 trial, with final_test_mse set only for trials that finished."""
-    table = trial_table(study.trials("batch_sweep"), LABELS, [M.TEST_MSE, M.TRAIN_SECONDS, M.NOISE_SCALE])
-    table["final_test_mse"] = table[M.TEST_MSE].where(table["outcome"] == "done")
+    table = trial_table(study.trials("batch_sweep"), LABELS, [M.TEST_MSE, M.TRAIN_SECONDS])
+    # The last row's test MSE only counts for a finished trial, and the last noise scale is its last finite one:
+    # each replaces the raw column rather than repeating it.
+    table["final_test_mse"] = table.pop(M.TEST_MSE).where(table["outcome"] == "done")
     table["last_noise_scale"] = [t.last_finite(M.NOISE_SCALE) for t in study.trials("batch_sweep")]
     return table.sort_values(["target", "batch_size", "run", "trial_id"], kind="stable", ignore_index=True)
 
@@ -77,6 +79,7 @@ def write_lr_search(report: ReportWriter, study: Study) -> None:
     key = next((c["selected_on"] for c in chosen.values() if c.get("selected_on") in (M.VAL_MSE, M.TEST_MSE)),
                M.VAL_MSE if study.args.get("select_on", "val") == "val" else M.TEST_MSE)
     table = trial_table(trials, ["target", "lr", "lr_factor", "batch_size"], [M.VAL_MSE, M.TEST_MSE])
+    table["lr_factor"] = table["lr_factor"].where(table["stage"] == "lr_fine")  # only the fine grid has factors
     table["chosen"] = [t in chosen and math.isclose(lr, chosen[t]["lr"], rel_tol=1e-9)
                        for t, lr in zip(table["target"], table["lr"])]
     table = table.sort_values(["target", "lr", "stage", "trial_id"], kind="stable", ignore_index=True)
@@ -119,7 +122,8 @@ def write_target_distributions(report: ReportWriter, study: Study) -> None:
         report.text(f"The study did not store {TARGET_STATS_FILE} (box-plot statistics of each target over the "
                     f"training images), so the target distributions cannot be drawn; the report never reads images.")
         return
-    targets = _targets(summaries)
+    ran = study.args.get("targets") or list(summaries)
+    targets = _targets([t for t in summaries if t in ran])  # the file has all four; the study may run fewer
     rows = [{"target": t, **{k: summaries[t].get(k) for k in ("n", "min", "whislo", "q1", "med", "mean", "q3",
                                                              "whishi", "max")}} for t in targets]
     report.table("target_stats", pd.DataFrame.from_records(rows),
@@ -186,7 +190,7 @@ def write_sensitivity(report: ReportWriter, study: Study, sweep: pd.DataFrame) -
             part = spread[(spread["target"] == target) & (spread["finished"] > 0)]
             lines = ax.errorbar(part["batch_size"], part["mean"], yerr=[part["mean"] - part["min"],
                                                                         part["max"] - part["mean"]],
-                                marker="o", capsize=3, label=f"{target}")
+                                marker="o", capsize=3, label=f"target: {target}")
             mark_noise_scale(ax, noise[target], lines[0].get_color(), f"{target}: ")
         batch_axis(ax, sweep["batch_size"])
         log_scale_if_wide(ax, spread[spread["target"].isin(group)]["mean"])
@@ -210,7 +214,7 @@ def write_spread(report: ReportWriter, sweep: pd.DataFrame) -> None:
     for ax, target in zip(axes, targets):
         part = spread[(spread["target"] == target) & (spread["finished"] > 0)]
         ax.fill_between(part["batch_size"], part["min"], part["max"], alpha=0.3, label="min–max over runs")
-        ax.plot(part["batch_size"], part["mean"], marker="o", label="mean")
+        ax.plot(part["batch_size"], part["mean"], marker="o", label="mean over runs")
         batch_axis(ax, sweep["batch_size"])
         log_scale_if_wide(ax, list(part["min"]) + list(part["max"]))
         ax.set_ylabel("final test MSE (target units²)")
@@ -219,7 +223,7 @@ def write_spread(report: ReportWriter, sweep: pd.DataFrame) -> None:
     ax = axes[-1]
     for target in targets:
         part = spread[spread["target"] == target]
-        ax.plot(part["batch_size"], part["cv"], marker="o", label=target)
+        ax.plot(part["batch_size"], part["cv"], marker="o", label=f"target: {target}")
     batch_axis(ax, sweep["batch_size"])
     ax.set_ylabel("coefficient of variation (std / mean)")
     ax.set_title("run-to-run variation")
@@ -266,10 +270,10 @@ def write_time(report: ReportWriter, sweep: pd.DataFrame, epochs: pd.DataFrame) 
     for target in targets:
         part = table[table["target"] == target]
         trials = sweep[(sweep["target"] == target) & (sweep["outcome"] == "done")]
-        line, = ax_time.plot(part["batch_size"], part["mean_train_seconds"], marker="o", label=target)
+        line, = ax_time.plot(part["batch_size"], part["mean_train_seconds"], marker="o", label=f"target: {target}")
         ax_time.plot(trials["batch_size"], trials[M.TRAIN_SECONDS], ".", color=line.get_color(), alpha=0.5)
-        ax_mse.plot(part["batch_size"], part["mean_final_test_mse"], marker="o", label=target)
-        ax_reach.plot(part["batch_size"], part["median_seconds_to_reach"], marker="o", label=target)
+        ax_mse.plot(part["batch_size"], part["mean_final_test_mse"], marker="o", label=f"target: {target}")
+        ax_reach.plot(part["batch_size"], part["median_seconds_to_reach"], marker="o", label=f"target: {target}")
     for ax, ylabel, title in ((ax_time, "training seconds per trial (s)", "training time (dots: runs)"),
                               (ax_mse, "final test MSE (target units²)", "final MSE (mean over runs)"),
                               (ax_reach, "training seconds to reach (s)", f"time to ≤ {REACH_FACTOR} x best MSE")):
@@ -279,6 +283,16 @@ def write_time(report: ReportWriter, sweep: pd.DataFrame, epochs: pd.DataFrame) 
         ax.legend()
     log_scale_if_wide(ax_mse, table["mean_final_test_mse"])
     report.figure("time", fig, "Training seconds per trial, final MSE and time to reach the threshold vs batch size")
+    missing = not_reached(table)
+    if missing:
+        report.text(f"Not in the time-to-reach panel (no run reached its target's threshold): {missing}.")
+
+
+def not_reached(table: pd.DataFrame) -> str:
+    """The (target, batch sizes) the time-to-reach panel cannot draw, in words; "" when every one is drawn."""
+    gone = table[table["runs_reached"] == 0]
+    return "; ".join(f"target {t}: batch " + ", ".join(str(b) for b in part["batch_size"])
+                     for t, part in gone.groupby("target", sort=False))
 
 
 def write_noise(report: ReportWriter, sweep: pd.DataFrame, epochs: pd.DataFrame) -> None:

@@ -39,7 +39,8 @@ def trial_table(study: Study) -> tuple[pd.DataFrame, dict]:
     for t in study.trials(STAGE):
         pred = _predictions(study, t)
         record = {"trial_id": t.trial_id, **{k: t.config.get(k) for k in CONFIG}, "run": t.config.get("run", 0),
-                  "momentum": t.config.get("momentum"), "outcome": t.outcome,
+                  "momentum": t.config.get("momentum") if t.config.get("optimizer") == "sgd" else None,  # Adam has none
+                  "outcome": t.outcome,
                   "epochs": t.last(M.EPOCH, None) if t.rows else None, "best_epoch": t.last(M.BEST_EPOCH, None),
                   "best_val_acc": float(t.last(M.BEST_VAL_ACC)), "test_auc": float(t.last(M.TEST_AUC)),
                   "test_acc": float(t.last(M.TEST_ACC)), "test_images": 0, "auc_from_predictions": math.nan,
@@ -80,14 +81,22 @@ def config_table(trials: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame.from_records(rows)
 
 
-def paired_tests(trials: pd.DataFrame, configs: pd.DataFrame, predictions: dict) -> tuple[pd.DataFrame, tuple]:
-    """DeLong's test of every trial against the best configuration's trial with the same seed (paired: the same
-    test images). Returns the table and the best configuration's key."""
+def best_configs(configs: pd.DataFrame) -> list:
+    """The keys of every configuration with the highest test AUC: one, or several when they tie."""
     ranked = configs[np.isfinite(configs["mean_test_auc"])]
     if ranked.empty:
+        return []
+    top = ranked[ranked["mean_test_auc"] == ranked["mean_test_auc"].max()]
+    return [tuple(row[k] for k in CONFIG) for _, row in top.iterrows()]
+
+
+def paired_tests(trials: pd.DataFrame, configs: pd.DataFrame, predictions: dict) -> tuple[pd.DataFrame, tuple]:
+    """DeLong's test of every trial against the best configuration's trial with the same seed (paired: the same
+    test images). Returns the table and the best configuration's key (of tied ones, the first in grid order)."""
+    tied = best_configs(configs)
+    if not tied:
         return pd.DataFrame(), ()
-    best_row = ranked.sort_values("mean_test_auc", ascending=False, kind="stable").iloc[0]
-    best = tuple(best_row[k] for k in CONFIG)
+    best = tied[0]
     best_trials = trials[(trials[CONFIG] == pd.Series(dict(zip(CONFIG, best)))).all(axis=1)]
     best_trials = best_trials[best_trials["trial_id"].isin(predictions)]
     rows = []
@@ -144,6 +153,27 @@ def write(report: ReportWriter, study: Study) -> None:
     write_noise(report, study, configs)
 
 
+def best_description(configs: pd.DataFrame, best: tuple) -> str:
+    """The best configuration in words; tied ones are all named, and which one the tests use."""
+    if not best:
+        return "none (no test AUC yet)"
+    tied = best_configs(configs)
+    words = [", ".join(f"{k} {fmt(v)}" for k, v in zip(CONFIG, key)) for key in tied]
+    if len(tied) < 2:
+        return words[0] if words else ", ".join(f"{k} {fmt(v)}" for k, v in zip(CONFIG, best))
+    return (f"a tie of {len(tied)} configurations at test AUC {fmt(configs['mean_test_auc'].max())} "
+            f"({'; '.join(words)}); the tests compare against the first, {words[0]}")
+
+
+def auc_numbers(part: pd.DataFrame, significant: set) -> pd.DataFrame:
+    """One optimizer's AUC table as numbers, for its CSV: a row per (batch size, lr) with value, low, high."""
+    table = part[["batch_size", "lr", "mean_test_auc", "ci_low", "ci_high", "with_auc", "seeds", "outcomes",
+                  "interval"]].rename(columns={"mean_test_auc": "value", "ci_low": "low", "ci_high": "high",
+                                               "with_auc": "n"})
+    table["differs_from_best"] = [tuple(r[k] for k in CONFIG) in significant for _, r in part.iterrows()]
+    return table.sort_values(["batch_size", "lr"], ignore_index=True)
+
+
 def write_auc_tables(report, trials, configs, tests, best) -> None:
     report.heading("Test AUC")
     report.text("Test AUC of the best-on-validation model of each trial. With one seed per configuration the "
@@ -153,7 +183,7 @@ def write_auc_tables(report, trials, configs, tests, best) -> None:
     significant = set()
     if len(tests):
         significant = {tuple(r[k] for k in CONFIG) for _, r in tests[tests["significant"]].iterrows()}
-    best_text = ", ".join(f"{k} {fmt(v)}" for k, v in zip(CONFIG, best)) if best else "none (no test AUC yet)"
+    best_text = best_description(configs, best)
     for optimizer in sorted(configs["optimizer"].unique()):
         part = configs[configs["optimizer"] == optimizer]
         shown = part.assign(cell=[_cell(r, significant) for _, r in part.iterrows()]).pivot(
@@ -161,7 +191,8 @@ def write_auc_tables(report, trials, configs, tests, best) -> None:
         shown = shown.fillna("not in grid")
         shown.columns = [f"lr {fmt(c)}" for c in shown.columns]
         shown = shown.reset_index()
-        notes = [f"* a trial of this configuration differs in AUC from the best configuration ({best_text}) at "
+        marked = any(tuple(r[k] for k in CONFIG) in significant for _, r in part.iterrows())
+        notes = [] if not marked else [f"* a trial of this configuration differs in AUC from the best configuration ({best_text}) at "
                  f"p < {ALPHA}: DeLong's paired test against its trial with the same seed, on the same test images "
                  f"(per-trial p-values below and in delong.csv). The p-values are not corrected for the number of "
                  f"comparisons, and the best configuration was picked by its test AUC, which favours finding it "
@@ -171,8 +202,9 @@ def write_auc_tables(report, trials, configs, tests, best) -> None:
             if math.isfinite(r.p_value):
                 notes.append(f"lr {fmt(r.lr)}, batch {r.batch_size}, seed {r.run}: p = {r.p_value:.3g}"
                              + (" (significant)" if r.significant else ""))
-        report.table("auc_" + re.sub(r"[^A-Za-z0-9]+", "_", optimizer), shown,
-                     f"Test AUC, optimizer {optimizer} (rows: batch size; columns: learning rate)", notes=notes)
+        report.table("auc_" + re.sub(r"[^A-Za-z0-9]+", "_", optimizer), auc_numbers(part, significant),
+                     f"Test AUC, optimizer {optimizer} (rows: batch size; columns: learning rate)", shown=shown,
+                     notes=notes)
     report.table("auc_summary", configs, "Test AUC per configuration")
     report.table("trials", trials, "Every trial: stored test AUC, AUC recomputed from its predictions, bootstrap "
                                    "95 % interval")
@@ -199,6 +231,11 @@ def write_validation_curves(report: ReportWriter, study: Study) -> None:
     panels = sorted({(o, lr) for o, lr in zip(epochs["optimizer"], epochs["lr"])})
     batches = sorted(epochs["batch_size"].unique())
     colours = {b: f"C{i % 10}" for i, b in enumerate(batches)}
+    # Trials often draw the same curve (a small validation set, a converged model): each batch size gets its own
+    # marker and dash, and earlier lines are wider, so a line drawn over another still shows both.
+    styles = {b: dict(marker="os^Dv<>"[i % 7], linestyle=("-", "--", ":", "-.")[i % 4],
+                      linewidth=1 + 2.0 * (len(batches) - 1 - i) / max(len(batches) - 1, 1), alpha=0.85)
+              for i, b in enumerate(batches)}
     for metric, label in ((M.VAL_ACC, "validation accuracy"), (M.VAL_AUC, "validation AUC")):
         fig, axes = new_figure(len(panels))
         for ax, (optimizer, lr) in zip(axes, panels):
@@ -207,7 +244,7 @@ def write_validation_curves(report: ReportWriter, study: Study) -> None:
             for trial_id, line in part.groupby("trial_id", sort=True):
                 batch = line["batch_size"].iloc[0]
                 line = line.sort_values(M.EPOCH)
-                ax.plot(line[M.EPOCH], line[metric], color=colours[batch], marker=".",
+                ax.plot(line[M.EPOCH], line[metric], color=colours[batch], **styles[batch],
                         label=None if batch in labelled else f"batch {batch}")
                 labelled.add(batch)
                 at = line[line[M.EPOCH] == best_epoch.get(trial_id)]
@@ -215,13 +252,15 @@ def write_validation_curves(report: ReportWriter, study: Study) -> None:
                     ax.plot(at[M.EPOCH], at[metric], "*", color=colours[batch], markersize=11,
                             markeredgecolor="black")
             epoch_axis(ax)
+            if metric == M.VAL_AUC:
+                auc_axis(ax)
             ax.set_ylabel(label)
             ax.set_title(f"{optimizer}, lr {lr:g}")
             handles, names = ax.get_legend_handles_labels()
             order = sorted(range(len(names)), key=lambda i: int(names[i].split()[-1]))
             ax.legend([handles[i] for i in order], [names[i] for i in order])
         caption = (f"{label[0].upper() + label[1:]} per epoch (epoch 0: before training); a line per trial, "
-                   "colour by batch size; star: best epoch")
+                   "colour, marker and dash by batch size; star: best epoch")
         report.figure(f"validation_{metric}", fig, caption)
 
 
@@ -233,6 +272,12 @@ def write_submissions(report: ReportWriter, study: Study) -> None:
         report.heading("Kaggle submissions")
         report.table("submissions", pd.DataFrame.from_records(rows).sort_values(CONFIG + ["run"], ignore_index=True),
                      f"{M.SUBMISSION_FILE} files (id, label = predicted probability of the best-on-validation model)")
+
+
+def auc_axis(ax) -> None:
+    """An AUC axis never shows values outside [0, 1] (an interval's whisker can reach past them)."""
+    low, high = ax.get_ylim()
+    ax.set_ylim(max(0.0, low), min(1.0, high))
 
 
 def write_noise(report: ReportWriter, study: Study, configs: pd.DataFrame) -> None:
@@ -253,6 +298,7 @@ def write_noise(report: ReportWriter, study: Study, configs: pd.DataFrame) -> No
         mark_noise_scale(ax, value)
         marked |= math.isfinite(value)
         batch_axis(ax, configs["batch_size"])
+        auc_axis(ax)
         ax.set_ylabel("test AUC")
         ax.set_title(f"optimizer {optimizer}")
         ax.legend()

@@ -2,7 +2,6 @@
 
     python benchmarks/mnist_trial.py [--data-dir DIR] [--batch-size 16] [--epochs 1] [--device auto|cpu|cuda]
         [--target mean] [--train-limit N] [--repeats 1] [--workers 0] [--threads N] [--noise-scale on|off] [--compile]
-        [--grid-estimate [--trials-per-gpu 8]]
 
 (a) the project: `study.trainables.run_mnist` as a trial runs it without Ray (data put on the device once,
     batched by indexing a shuffled permutation, foreach/fused Adam, loss summed on the device). Its per-epoch
@@ -35,12 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from study import metrics as M  # noqa: E402
 from study import trainables  # noqa: E402
-from study.config import MNIST_BATCH_SIZES, MNIST_RUNS, MNIST_TARGETS, MnistConfig  # noqa: E402
+from study.config import MNIST_TARGETS, MnistConfig  # noqa: E402
 from study.data import mnist as mnist_data  # noqa: E402
 from study.errors import StudyError  # noqa: E402
 from study.models import RegressionCNN  # noqa: E402
 
-GRID_EPOCHS = 10  # epochs per trial in the original batch-size sweep
 SYNTHETIC_CHUNK = 10_000  # images per call of the synthetic generator (its temporaries grow with n)
 MNIST_TEST_SIZE = 10_000
 
@@ -200,34 +198,6 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def grid_estimate(args, data: dict, device: torch.device, n_train: int) -> None:
-    """The original sweep's duration from one measured project epoch per batch size (an estimate)."""
-    packing = args.trials_per_gpu if device.type == "cuda" else 1
-    print(f"\ngrid estimate: one project epoch at each batch size ({n_train} images, target {args.target})")
-    print(f"{'batch':>6} {'s/epoch':>9} {'images/s':>10} {'eval s':>8}")
-    train_sum, eval_sum = 0.0, 0.0
-    for batch in MNIST_BATCH_SIZES:
-        cfg = MnistConfig(target=args.target, lr=args.lr, batch_size=batch, epochs=1, seed=batch,
-                          noise_scale=args.noise_scale == "on")
-        result = run_project(cfg, data, device)
-        seconds = result["epoch_seconds"][0]
-        train_sum += seconds
-        eval_sum += result["eval_per_epoch"]
-        print(f"{batch:>6} {seconds:>9.2f} {n_train / seconds:>10.0f} {result['eval_per_epoch']:>8.2f}")
-    trials = len(MNIST_TARGETS) * MNIST_RUNS
-    training = train_sum * trials * GRID_EPOCHS / packing
-    with_eval = (train_sum + eval_sum * (GRID_EPOCHS + 1) / GRID_EPOCHS) * trials * GRID_EPOCHS / packing
-    where = f"{packing} trials sharing one GPU" if device.type == "cuda" else "one trial at a time on this CPU"
-    print(f"ESTIMATE, full original grid ({len(MNIST_TARGETS)} targets x {len(MNIST_BATCH_SIZES)} batch sizes x "
-          f"{MNIST_RUNS} runs x {GRID_EPOCHS} epochs), {where}: sum of the s/epoch above x {trials * GRID_EPOCHS}"
-          f" / {packing} = {training / 60:.1f} min training ({training / 3600:.2f} h); with the evaluations "
-          f"({GRID_EPOCHS + 1} per trial) {with_eval / 60:.1f} min.")
-    if packing > 1:
-        print(f"  This assumes {packing} packed trials each run as fast as one alone: it ignores their contention for "
-              "the GPU, the CPU and memory bandwidth.")
-    print("  It leaves out Ray start-up, scheduling and checkpoint writes.")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", help="folder with the four MNIST idx files (default: synthetic digits)")
@@ -246,11 +216,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--noise-scale", choices=("on", "off"), default="on",
                    help="the project's gradient noise-scale estimate (on in the study)")
     p.add_argument("--compile", action="store_true", help="also time the project's trial with torch.compile")
-    p.add_argument("--grid-estimate", action="store_true",
-                   help="time one project epoch per batch size 16..1024 and estimate the original grid's duration")
-    p.add_argument("--trials-per-gpu", type=int, default=8, help="packing factor of --grid-estimate on CUDA")
     args = p.parse_args(argv)
-    for name in ("batch_size", "epochs", "repeats", "trials_per_gpu"):
+    for name in ("batch_size", "epochs", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.workers < 0 or args.threads < 0 or (args.train_limit is not None and args.train_limit < 1):
@@ -328,8 +295,6 @@ def main(argv=None) -> int:
     same = same_weights(project[-1]["initial"], classic[-1]["initial"])
     print(f"same initial weights in both ways: {'yes' if same else 'NO'}")
     print(f"load average after {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    if args.grid_estimate:
-        grid_estimate(args, data, device, len(train_x))
     fastest = min(timed_epochs(classic)) / min(timed_epochs(project))
     cpu = steady(classic, "cpu_seconds") / steady(project, "cpu_seconds")
     print(f"ratio (classic / project) at batch {cfg.batch_size}: {steady(classic) / steady(project):.2f}x "

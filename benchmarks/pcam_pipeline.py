@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from study.augment import IMAGENET_MEAN, IMAGENET_STD, to_input  # noqa: E402
 from study.data import pcam  # noqa: E402
 from study.data.batches import PatchBatches  # noqa: E402
+from study.memory import plan_uploads  # noqa: E402
 
 
 def write_random_split(folder: Path, n: int) -> tuple[Path, Path]:
@@ -154,7 +155,9 @@ def main(argv=None) -> None:
         if n < args.batch_size:
             parser.error(f"the train split has {n} patches, fewer than one batch of {args.batch_size}")
         x, y = pcam.load_split(x_path, y_path)
-        on_device = {"auto": None, "yes": True, "no": False}[args.on_device]
+        on_device = {"yes": True, "no": False}.get(args.on_device) if args.on_device != "auto" else plan_uploads(
+            {"train": x.nbytes}, budget_bytes=torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None,
+            needs_bytes=0, packed=False)["train"]  # a whole card, nothing else on it: as a trial alone on a GPU
         batches = PatchBatches(x, y, args.batch_size, device, drop_last=True, on_device=on_device)
         root = torchvision_root(x_path, y_path, tmp / "tv")
         print(f"device {device}, train split {n} patches, batch {args.batch_size}, windows of >= {args.batches} "

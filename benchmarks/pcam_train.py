@@ -15,12 +15,14 @@
 Both train the same model (random init: weights do not change the speed) on the same HDF5 files, lr --lr.
 
 --packed P1 P2 ...: for each P, P processes share one GPU, as P Tune trials with --gpus-per-trial 1/P would (each
-the project's with its memory capped at 1/P of the GPU, as `train_pcam` does). They start every epoch together
-(a barrier), and an epoch's figure is all their images over the time the slowest took; each process's own rate
-is printed in brackets. --memory-batch B: afterwards one project trial at batch B runs one epoch alone, and its
-peak GPU memory (torch.cuda.max_memory_allocated, the `gpu_memory_mb` every PCam trial reports, and the peak
-reserved by PyTorch's caching allocator, which the per-trial cap limits) is printed against a quarter of the GPU
-(the default --gpus-per-trial 0.25).
+the project's with its memory capped at 1/P of the GPU less a CUDA context, as `train_pcam` does; packed, each
+reads pinned host batches). They start every epoch together (a barrier), and an epoch's figure is all their
+images over the time the slowest took; each process's own rate and peak memory are printed. The model FLOP
+utilisation is images/s x the FLOPs of a training step per image (FlopCounterMode) over the bf16 peak.
+--memory-batch B: afterwards one project trial at batch B runs one epoch alone, and its peak GPU memory
+(torch.cuda.max_memory_allocated, the `gpu_memory_mb` every PCam trial reports, and the peak reserved by
+PyTorch's caching allocator, which the per-trial cap limits) is printed against a quarter of the GPU (the
+default --gpus-per-trial 0.25).
 
 --limit N trains both on the first N patches of the train split. Without --data-dir, random patches in the
 official HDF5 layout are written to a temporary folder (--n train, --eval-n validation and test). On CPU this
@@ -61,6 +63,31 @@ def write_random_set(folder: Path, n: int, n_eval: int) -> Path:
     return folder
 
 
+# Dense bf16 tensor-core peaks (TFLOP/s, vendor data sheets, SXM parts) for the model FLOP utilisation.
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
+
+
+def training_flops_per_image(freeze_blocks: int = 2) -> float:
+    """FLOPs of one training step per image (forward and backward, counted by PyTorch's FlopCounterMode on a
+    CPU batch of two; frozen blocks compute no weight gradients, which the count reflects)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from study.models import VGG16Patches
+
+    model = VGG16Patches(None, freeze_blocks)
+    x = torch.randn(2, 3, 96, 96)
+    with FlopCounterMode(display=False) as counter:
+        model(x).sum().backward()
+    return counter.get_total_flops() / len(x)
+
+
+def peak_tflops(device: torch.device, given: float) -> float | None:
+    if given:
+        return given
+    name = device_name(device) if device.type == "cuda" else ""
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+
+
 BARRIER_SECONDS = 900  # longest wait for the slowest neighbour at an epoch boundary before giving up
 
 
@@ -78,19 +105,20 @@ def combined_rate(outs: list[dict]) -> tuple[float, list[float]]:
 def project_trial(args, data_dir: str, device: torch.device, share: float, batch_size: int, epochs: int,
                   barrier) -> dict:
     """One project trial: (images, seconds) of each trained epoch, peak GPU memory allocated and reserved (MiB)."""
+    from study.memory import cap_memory, configure_cuda
     from study.trainables import run_pcam
 
-    if device.type == "cuda" and share < 1:
-        torch.cuda.set_per_process_memory_fraction(share)  # the current device, as train_pcam caps a trial
     cfg = PcamConfig(batch_size=batch_size, optimizer="sgd", lr=args.lr, epochs=epochs, data_dir=data_dir,
                      weights="none", train_limit=args.limit)
+    configure_cuda(device, tf32=cfg.tf32, benchmark=True)  # as train_pcam sets up a trial
+    budget = cap_memory(device, share)
     seen = []
 
     def report(metrics, state, files):
         seen.append(metrics)
         barrier.wait(BARRIER_SECONDS)  # every trial starts its next epoch with its neighbours
 
-    run_pcam(cfg, None, device, report)
+    run_pcam(cfg, None, device, report, memory_budget=budget, packed=share < 1)
     trained = [m for m in seen if m[M.EPOCH] > 0]
     if any(m[M.DIVERGED] for m in trained):
         raise RuntimeError(f"the project trial diverged at lr {args.lr}: lower --lr")
@@ -196,9 +224,11 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--memory-batch", type=int, default=0, help="also measure peak GPU memory at this batch")
     parser.add_argument("--lr", type=float, default=1e-4, help="SGD learning rate of both ways")
+    parser.add_argument("--peak-tflops", type=float, default=0,
+                        help="the GPU's dense bf16 peak for the FLOP utilisation (default: known H200/H100/A100...)")
     args = parser.parse_args(argv)
     if (min(args.epochs, args.batch_size, *args.packed) < 1 or args.eval_n < 2
-            or min(args.memory_batch, args.limit) < 0 or args.lr <= 0):
+            or min(args.memory_batch, args.limit, args.peak_tflops) < 0 or args.lr <= 0):
         parser.error("--epochs, --batch-size and --packed must be at least 1, --eval-n at least 2, --memory-batch "
                      "and --limit >= 0, --lr > 0")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -214,13 +244,21 @@ def main(argv=None) -> None:
             parser.error(f"the train split has {n} patches, fewer than one batch")
         print(f"{datetime.date.today()}, {device_name(device)}, torch {torch.__version__}, {os.cpu_count()} cores; "
               f"train split {n} patches, batch {args.batch_size}, {args.epochs} epochs per trial, lr {args.lr:g}")
+        flops, peak = training_flops_per_image(), peak_tflops(device, args.peak_tflops)
+        print(f"model FLOPs per training image: {flops / 1e9:.2f} GFLOP (forward + backward, FlopCounterMode); "
+              f"bf16 peak {f'{peak:g} TFLOP/s' if peak else 'unknown (--peak-tflops)'}")
         for packed in args.packed:
-            (a, ours), (b, theirs) = (combined_rate(run_packed(way, args, data_dir, device, packed))
-                                      for way in ("project", "baseline"))
+            project = run_packed("project", args, data_dir, device, packed)
+            (a, ours), (b, theirs) = combined_rate(project), combined_rate(run_packed("baseline", args, data_dir,
+                                                                                       device, packed))
             each = lambda rates: ", ".join(f"{r:.0f}" for r in rates)  # noqa: E731
             print(f"{packed} trial(s) at once: project {a:8.0f} images/s ({each(ours)}) | "
                   f"baseline fp32 DataLoader({max(1, os.cpu_count() // packed)} workers each) {b:7.0f} images/s "
                   f"({each(theirs)}) | ratio {a / b:.2f}x")
+            mfu = f"{100 * a * flops / (peak * 1e12):.1f} %" if peak and device.type == "cuda" else "not measured"
+            memory = ", ".join(f"{o['memory_mb']:.0f}" for o in project)
+            print(f"  project at batch {args.batch_size}, {packed} at once: model FLOP utilisation {mfu}; peak GPU "
+                  f"memory per trial (MiB allocated) {memory}")
         if args.memory_batch:
             out = run_packed("memory", args, data_dir, device, 1)[0]
             if device.type == "cuda":

@@ -48,6 +48,7 @@ class MnistConfig:
     lr_scaling: str = "none"  # none | linear | sqrt: lr = base x f(batch / lr_reference_batch)
     lr_reference_batch: int = 32
     warmup_epochs: float = 0.0  # linear warmup (Goyal et al. 2017) over this many epochs
+    tf32: bool = False  # CUDA: TF32 for fp32 convolutions and matmuls (off: raw 0..255 inputs, targets in 1000s)
     code_version: str = ""  # git SHA or package version, stored with every trial
 
     def __post_init__(self):
@@ -90,10 +91,14 @@ class PcamConfig:
     lr_scaling: str = "none"
     lr_reference_batch: int = 32
     warmup_epochs: float = 0.0
+    tf32: bool = False  # CUDA: TF32 for what runs in fp32 (outside bf16 autocast, or all of it with amp off)
+    checkpoint_every: int = 1  # epochs between checkpoints (epoch 0 and the last are always checkpointed)
     code_version: str = ""
 
     def __post_init__(self):
         _check_common(self)
+        if self.checkpoint_every < 1:
+            raise StudyError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if not self.data_dir:
             raise StudyError("data_dir is empty: the driver must prepare the data and pass its folder")
         if not 0 <= self.freeze_blocks <= 5:

@@ -23,6 +23,8 @@ GPU_MEMORY_MB = "gpu_memory_mb"  # peak CUDA memory allocated by the trial so fa
 STATUS_RUNNING = "running"
 STATUS_DONE = "done"
 STATUS_DIVERGED = "diverged"
+STATUS_OOM = "out_of_memory"  # ended at once by CUDA out-of-memory (never retried); MESSAGE says what to change
+MESSAGE = "message"  # why the trial ended early (only in an out_of_memory row)
 
 # MNIST regression.
 VAL_MSE = "val_mse"  # on the held-out validation images; NaN when no validation split

@@ -8,17 +8,20 @@ rates are in chosen_lr.json, the arguments in study.json. `tensorboard --logdir 
 
 import argparse
 import math
+import shlex
 import sys
 
 from ray import tune
 
 from study import cli_checks as checks
 from study import metrics as M
+from study.console import stage_callbacks, tensorboard_hint
 from study.config import (MNIST_BATCH_SIZES, MNIST_FINE_FACTORS, MNIST_LR_GRID, MNIST_LR_SEARCH_BATCH, MNIST_RUNS,
                           MNIST_TARGETS, MNIST_VAL_SIZE, OPTIMIZERS, MnistConfig)
 from study.data import mnist as mnist_data
 from study.errors import StudyError
 from study.lr_scaling import RULES as LR_SCALING_RULES, scaling_rules
+from study.tensorboard import RunName, write_experiment
 from study.trainables import train_mnist
 from study.tuning import (STUDY_FILE, StudyFolder, add_common_args, check_common_args, code_version, default_name,
                           grid_axis, main_of, open_study, run_stage)
@@ -56,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     grid.add_argument("--input-scale", choices=("raw", "unit"), default="raw")
     grid.add_argument("--target-scale", choices=("raw", "unit"), default="raw")
     grid.add_argument("--noise-scale", choices=("on", "off"), default="on", help="estimate the gradient noise scale")
+    grid.add_argument("--tf32", action="store_true", help="on CUDA: TF32 convolutions and matmuls (default fp32)")
     grid.add_argument("--lr-scaling", choices=LR_SCALING_RULES, nargs="+", default=["none"],
                       help="stage 2: lr = chosen x (batch / --lr-reference-batch) or its square root; several "
                            "rules are a grid axis (each with the same seeds)")
@@ -139,7 +143,7 @@ def trial_base(args, version: str) -> dict:
     """Every config key of a trial (so each trial stores its full config), with what this study sets."""
     return dict(MnistConfig().to_dict(), epochs=args.epochs, optimizer=args.optimizer, momentum=args.momentum,
                 input_scale=args.input_scale, target_scale=args.target_scale, noise_scale=args.noise_scale == "on",
-                code_version=version)
+                tf32=getattr(args, "tf32", False), code_version=version)
 
 
 def choose_lr(results, select_on: str) -> dict:
@@ -157,12 +161,31 @@ def choose_lr(results, select_on: str) -> dict:
     return best
 
 
+def hparam_domains(args) -> dict:
+    """Every value each grid hyperparameter can take in this study (TensorBoard's HPARAMS experiment)."""
+    search = args.lr is None
+    rules = scaling_rules(args.lr_scaling)
+    lrs = {args.lr} if not search else set(args.lr_grid) | {g * f for g in args.lr_grid for f in args.fine_factors}
+    return dict(stage=(["lr_coarse", "lr_fine"] if search else []) + ["batch_sweep"], target=args.targets,
+                optimizer=[args.optimizer], lr=sorted(lrs), lr_factor=args.fine_factors if search else [],
+                lr_scaling=rules, batch_size=set(args.batch_sizes) | ({args.lr_search_batch} if search else set()),
+                run=list(range(args.runs)),
+                seed={b + r for b in args.batch_sizes for r in range(args.runs)} |
+                     ({args.lr_search_batch} if search else set()))
+
+
+def callbacks(args, stage: str, columns: list[str]) -> list:
+    metric = M.VAL_MSE if stage != "batch_sweep" and args.select_on == "val" else M.TEST_MSE
+    return stage_callbacks(args, "mnist", stage, columns, [metric])
+
+
 def lr_search(args, folder, resources, data, base) -> dict:
     common = dict(base, batch_size=args.lr_search_batch, seed=args.lr_search_batch,
                   val_size=args.val_size if args.select_on == "val" else 0, noise_scale=False)
     coarse = run_stage(train_mnist, dict(common, stage="lr_coarse", target=tune.grid_search(args.targets),
                                          lr=tune.grid_search(args.lr_grid)),
-                       folder=folder, stage="lr_coarse", args=args, resources=resources, data=data)
+                       folder=folder, stage="lr_coarse", args=args, resources=resources, data=data,
+                       callbacks=callbacks(args, "lr_coarse", ["target", "lr"]))
     best = choose_lr(coarse, args.select_on)
     missing = sorted(set(args.targets) - set(best))
     if missing:
@@ -172,7 +195,8 @@ def lr_search(args, folder, resources, data, base) -> dict:
     fine = run_stage(train_mnist, dict(common, stage="lr_fine", target=tune.grid_search(args.targets),
                                        lr=tune.sample_from(lambda c: centre[c["target"]] * c["lr_factor"]),
                                        lr_factor=tune.grid_search(args.fine_factors)),
-                     folder=folder, stage="lr_fine", args=args, resources=resources, data=data)
+                     folder=folder, stage="lr_fine", args=args, resources=resources, data=data,
+                     callbacks=callbacks(args, "lr_fine", ["target", "lr_factor", "lr"]), run_names=RunName(centre))
     chosen = choose_lr(fine, args.select_on)
     for t in args.targets:  # the fine grid includes the coarse best (factor 1), so this only guards failures
         chosen.setdefault(t, best[t])
@@ -199,9 +223,10 @@ def run(args) -> int:
     targets = {t: (mnist_data.targets(data.train_x, t), mnist_data.targets(data.test_x, t)) for t in args.targets}
     if not args.resume:  # the analysis draws the target distributions from this; it never reads the images
         folder.write_json(TARGET_STATS_FILE, mnist_data.target_stats(data.train_x))
+        write_experiment(folder, "mnist", hparam_domains(args))
     shared = {"train_x": data.train_x, "test_x": data.test_x, "targets": targets}
     base = trial_base(args, version)
-    print(f"study folder: {folder.uri}")
+    print(f"study folder: {folder.uri}\n{tensorboard_hint(folder.uri)}")
 
     if args.lr is not None:
         chosen = {t: {"lr": args.lr, "selected_on": "--lr"} for t in args.targets}
@@ -221,10 +246,12 @@ def run(args) -> int:
                                         lr=tune.sample_from(lambda c: lrs[c["target"]]),
                                         lr_scaling=grid_axis(rules), lr_reference_batch=args.lr_reference_batch,
                                         warmup_epochs=args.warmup_epochs),
-                      folder=folder, stage="batch_sweep", args=args, resources=resources, data=shared)
+                      folder=folder, stage="batch_sweep", args=args, resources=resources, data=shared,
+                      callbacks=callbacks(args, "batch_sweep", ["target"] + (["lr_scaling"] if len(rules) > 1 else [])
+                                          + ["batch_size", "run"]), run_names=RunName(lrs))
     print_summary(sweep)
-    print(f"results: {folder.uri}  (report: python -m analysis.report {folder.uri})")
-    return 1 if any(r.error is not None for r in sweep) else 0
+    print(f"results: {folder.uri}  (report: python -m analysis.report {shlex.quote(folder.uri)})")
+    return 1 if any(r.error is not None or (r.metrics or {}).get(M.STATUS) == M.STATUS_OOM for r in sweep) else 0
 
 
 def print_summary(results) -> None:

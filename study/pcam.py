@@ -10,6 +10,7 @@ split; a study on Kaggle data writes each trial's submission.csv.
 
 import argparse
 import math
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -19,12 +20,14 @@ from ray.tune.search import BasicVariantGenerator
 
 from study import cli_checks as checks
 from study import metrics as M
+from study.console import stage_callbacks, tensorboard_hint
 from study.config import OPTIMIZERS, PCAM_BATCH_SIZES, PCAM_LRS, PcamConfig
 from study.data import kaggle
 from study.data import pcam as pcam_data
 from study.errors import StudyError
 from study.lr_scaling import RULES as LR_SCALING_RULES, scaling_rules
 from study.models import vgg16_features_state
+from study.tensorboard import write_experiment
 from study.trainables import train_pcam
 from study.tuning import (STUDY_FILE, StudyFolder, add_common_args, check_common_args, code_version, default_name,
                           grid_axis, main_of, open_study, run_stage)
@@ -64,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     grid.add_argument("--no-amp", action="store_true", help="on CUDA: fp32 instead of bf16 autocast")
     grid.add_argument("--eval-batch-size", type=int, default=None)
     grid.add_argument("--noise-scale", choices=("on", "off"), default="on", help="estimate the gradient noise scale")
+    grid.add_argument("--tf32", action="store_true", help="on CUDA: TF32 for what runs in fp32 (default off)")
+    grid.add_argument("--checkpoint-every", type=int, default=1,
+                      help="epochs between checkpoints (default 1; epoch 0 and the last always checkpoint)")
     grid.add_argument("--lr-scaling", choices=LR_SCALING_RULES, nargs="+", default=["none"],
                       help="lr = lr x (batch / --lr-reference-batch) or its square root; several rules are a grid "
                            "axis (each with the same seeds)")
@@ -148,6 +154,14 @@ def check_grid(args, n_train: int) -> None:
             raise StudyError(f"batch size {b} is outside 1..{n_train} (the number of training patches)")
 
 
+def hparam_domains(args) -> dict:
+    """Every value each grid hyperparameter can take in this study (TensorBoard's HPARAMS experiment)."""
+    return dict(optimizer=args.optimizers, lr=[lr for o in args.optimizers for lr in lrs_of(args, o)],
+                momentum=[args.momentum] if "sgd" in args.optimizers else [],
+                lr_scaling=scaling_rules(args.lr_scaling), batch_size=args.batch_sizes,
+                seed=list(range(args.seeds)))  # the seed is the run index
+
+
 def lrs_of(args, optimizer: str) -> list[float]:
     return list(args.sgd_lrs if optimizer == "sgd" else args.adam_lrs)
 
@@ -164,6 +178,7 @@ def run(args) -> int:
                       eval_batch_size=args.eval_batch_size, train_limit=args.train_limit,
                       noise_scale=args.noise_scale == "on", lr_scaling=scaling_rules(args.lr_scaling)[0],
                       lr_reference_batch=args.lr_reference_batch, warmup_epochs=args.warmup_epochs,
+                      tf32=getattr(args, "tf32", False), checkpoint_every=getattr(args, "checkpoint_every", 1),
                       code_version=version)
     features = vgg16_features_state(args.weights)  # before Ray: missing weights fail here, not in every trial
     folder = StudyFolder(args.storage_path, args.name)
@@ -173,7 +188,8 @@ def run(args) -> int:
                                          "data": {"dir": data_dir, "sizes": sizes,
                                                   "kaggle": kaggle.read_ids(data_dir, "test") is not None},
                                          "resources_per_trial": resources})
-    print(f"study folder: {folder.uri}")
+        write_experiment(folder, "pcam", hparam_domains(args))
+    print(f"study folder: {folder.uri}\n{tensorboard_hint(folder.uri)}")
     # (optimizer, lr) pairs are not a product, so each pair is one of Tune's points_to_evaluate (one sample per
     # pair, never a random draw); Tune crosses each point with the grid over batch size and seed.
     pairs = [{"optimizer": o, "lr": lr} for o in args.optimizers for lr in lrs_of(args, o)]
@@ -183,10 +199,13 @@ def run(args) -> int:
                  run=tune.grid_search(list(range(args.seeds))), seed=tune.sample_from(lambda c: c["run"]))
     results = run_stage(train_pcam, space, folder=folder, stage="grid", args=args, resources=resources,
                         data={"features": features},
-                        search_alg=BasicVariantGenerator(points_to_evaluate=pairs), num_samples=len(pairs))
+                        search_alg=BasicVariantGenerator(points_to_evaluate=pairs), num_samples=len(pairs),
+                        callbacks=stage_callbacks(args, "pcam", "grid", ["optimizer", "lr"] + (
+                            ["lr_scaling"] if len(args.lr_scaling) > 1 else []) + ["batch_size", "seed"],
+                                                  [M.BEST_VAL_ACC, M.TEST_AUC]))
     print_summary(results)
-    print(f"results: {folder.uri}  (report: python -m analysis.report {folder.uri})")
-    return 1 if any(r.error is not None for r in results) else 0
+    print(f"results: {folder.uri}  (report: python -m analysis.report {shlex.quote(folder.uri)})")
+    return 1 if any(r.error is not None or (r.metrics or {}).get(M.STATUS) == M.STATUS_OOM for r in results) else 0
 
 
 def print_summary(results) -> None:

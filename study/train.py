@@ -61,6 +61,20 @@ class DeviceBatches:
             yield self.x[idx], self.y[idx]
 
 
+def rng_state(device: torch.device) -> dict:
+    """The random streams a resumed trial must continue: the CPU one, and on CUDA the device's (dropout there)."""
+    state = {"torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -87,12 +101,12 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
         optimizer.load_state_dict(start["optimizer"])
         if noise is not None and start.get("noise") is not None:
             noise.load_state_dict(start["noise"])
-        torch.set_rng_state(start["torch_rng"])
+        set_rng_state(start, device)
         state.update({k: start[k] for k in ("epoch", "train_seconds", "best", "best_model")})
 
     def snapshot():
         return {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "noise": noise.state_dict() if noise else None, "torch_rng": torch.get_rng_state()}
+                "noise": noise.state_dict() if noise else None, **rng_state(device)}
 
     def evaluate_and_track(metrics):
         metrics = {**metrics, **evaluate(model)}
@@ -156,6 +170,17 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
         if diverged:  # a NaN/inf model has nothing left to learn: the trial ends here, marked diverged
             return state
     return state
+
+
+def eval_logits(model, x: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(B,) logits of a model with `features` and a one-logit `head` (VGG16Patches): the features under autocast,
+    the head in fp32.
+    Under bf16 the logits would keep 8 bits of mantissa: a few thousand distinct probabilities over tens of
+    thousands of images, whose ties bias AUC, its bootstrap intervals and DeLong's test."""
+    with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        features = model.features(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return model.head(features.float()).float().squeeze(1)
 
 
 @torch.no_grad()

@@ -24,8 +24,10 @@ from study.data import kaggle
 from study.data import pcam as pcam_data
 from study.data.batches import PatchBatches
 from study.errors import StudyError
+from study.memory import (cap_memory, configure_cuda, free_cuda, plan_uploads, saved_bytes_per_image,
+                          training_bytes)
 from study.models import RegressionCNN, VGG16Patches
-from study.train import DeviceBatches, fit, make_optimizer, pick_device, predict, seed_everything
+from study.train import DeviceBatches, eval_logits, fit, make_optimizer, pick_device, predict, seed_everything
 
 VAL_SPLIT_SEED = 0  # the validation images are the same for every trial of a study
 
@@ -44,27 +46,36 @@ def trial_device() -> tuple[torch.device, dict]:
                     M.CUDA_VISIBLE: os.environ.get("CUDA_VISIBLE_DEVICES", "")}
 
 
-class TrialOutOfMemory(RuntimeError):
-    """This trial ran out of GPU memory; Tune records it as the trial's error."""
+_reported = {"epoch": -1}  # the epoch this process's trial reported last (a reused worker runs one trial at a time)
+
+
+def out_of_memory_message(config: dict, err: BaseException) -> str:
+    return (f"CUDA out of memory at batch size {config.get('batch_size')}: give each trial a larger GPU share "
+            f"(--gpus-per-trial) or use smaller batches; the other trials go on. ({str(err).splitlines()[0]})")
 
 
 def trial_entry(train):
-    """What every trainable runs inside: CUDA out-of-memory becomes a clear error of this trial alone (the study and
-    the other trials go on), and a trial that errored before a --resume stays errored (errored: trial folder
-    names; see tuning.run_stage)."""
+    """What every trainable runs inside: CUDA out-of-memory ends this trial alone, at once (the study and the other
+    trials go on), and a trial that errored before a --resume stays errored (errored: trial folder names; see
+    tuning.run_stage).
+
+    Out of memory is reported, not raised: Tune retries every exception a trainable raises (--max-failures times,
+    from the last checkpoint), and the same batch size in the same share runs out again. So the trial reports one
+    last row, status `out_of_memory` with the message, and returns; the study counts it as failed (exit 1)."""
     def wrapped(config, data, errored=()):
         if errored and Path(tune.get_context().get_trial_dir()).name in errored:
             raise RuntimeError("this trial ended in an error before the study was resumed; "
                                "resume with --retry-errored to retry it")
+        _reported["epoch"] = -1
+        message = None
         try:
             return train(config, data)
         except torch.cuda.OutOfMemoryError as err:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            raise TrialOutOfMemory(
-                f"CUDA out of memory at batch size {config.get('batch_size')}: give each trial a larger GPU share "
-                f"(--gpus-per-trial) or use smaller batches; the other trials go on. ({str(err).splitlines()[0]})"
-            ) from None
+            message = out_of_memory_message(config, err)
+        # Out of the except block the traceback, and with it every tensor of the failed frames, is gone.
+        free_cuda()
+        tune.report({M.EPOCH: _reported["epoch"] + 1, M.STATUS: M.STATUS_OOM, M.MESSAGE: message,
+                     M.DIVERGED: False})
     wrapped.__name__, wrapped.__doc__ = train.__name__, train.__doc__
     return wrapped
 
@@ -78,8 +89,14 @@ def load_start() -> dict | None:
         return torch.load(Path(folder) / M.STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def report(metrics: dict, state: dict, files: dict | None = None) -> None:
-    """tune.report with a checkpoint holding the resumable state (and any extra files, e.g. predictions)."""
+def report(metrics: dict, state: dict, files: dict | None = None, every: int = 1) -> None:
+    """tune.report with a checkpoint holding the resumable state (and any extra files, e.g. predictions): every
+    `every` epochs, at epoch 0 and at the end. A restart resumes from the latest one and trains the epochs after it
+    again, which repeats them exactly (order and augmentation come from (seed, epoch); the RNG state is saved)."""
+    _reported["epoch"] = metrics[M.EPOCH]
+    if metrics[M.STATUS] == M.STATUS_RUNNING and metrics[M.EPOCH] % every != 0:
+        tune.report(metrics)
+        return
     with tempfile.TemporaryDirectory() as folder:
         torch.save(state, Path(folder) / M.STATE_FILE)
         for name, write in (files or {}).items():
@@ -98,6 +115,7 @@ def train_mnist(config: dict, data: dict) -> None:
     """One MNIST regression trial, as Tune runs it."""
     cfg = MnistConfig.from_dict(config)
     device, placement = trial_device()
+    configure_cuda(device, tf32=cfg.tf32, benchmark=False)  # benchmark off: the last batch of an epoch is smaller
     run_mnist(cfg, data, device, lambda metrics, state: report({**metrics, **placement}, state), load_start())
 
 
@@ -142,16 +160,20 @@ def train_pcam(config: dict, data: dict) -> None:
     device, placement = trial_device()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the worker may have run another trial before (reused actors)
-    if device.type == "cuda" and 0 < placement[M.GPU_SHARE] < 1:
-        # Packed trials: an allocation past this trial's share fails here instead of starving its neighbours.
-        torch.cuda.set_per_process_memory_fraction(placement[M.GPU_SHARE])
-    run_pcam(cfg, data["features"], device, lambda metrics, state, files: report({**metrics, **placement}, state,
-                                                                                   files), load_start())
+    share = placement[M.GPU_SHARE]
+    configure_cuda(device, tf32=cfg.tf32, benchmark=True)  # fixed shapes: cuDNN's autotuning pays once
+    budget = cap_memory(device, share)
+    run_pcam(cfg, data["features"], device, lambda metrics, state, files: report(
+        {**metrics, **placement}, state, files, cfg.checkpoint_every), load_start(), memory_budget=budget,
+        packed=0 < share < 1)
 
 
-def run_pcam(cfg: PcamConfig, features: dict | None, device: torch.device, report, start: dict | None = None):
+def run_pcam(cfg: PcamConfig, features: dict | None, device: torch.device, report, start: dict | None = None, *,
+             memory_budget: int | None = None, packed: bool = False):
     """The PCam trial without Ray: fine-tune, keep the best-on-validation weights, evaluate them on the test split.
-    report(metrics, state, files) gets every epoch; the last one carries the test metrics and prediction files."""
+    report(metrics, state, files) gets every epoch; the last one carries the test metrics and prediction files.
+    memory_budget: bytes this trial may allocate on its GPU (None on CPU); packed: it shares the GPU (see
+    study.memory.plan_uploads)."""
     seed_everything(cfg.seed)
     splits = locate_or_fetch(cfg)
     (train_x, train_y), (val_x, val_y), (test_x, test_y) = (pcam_data.load_split(*splits[s]) for s in pcam_data.SPLITS)
@@ -163,9 +185,15 @@ def run_pcam(cfg: PcamConfig, features: dict | None, device: torch.device, repor
     if cuda:  # the batches arrive channels_last (study.augment.to_input); the convolutions run fastest in it
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, device)
-    batches = PatchBatches(train_x, train_y, cfg.batch_size, device)
-    val_batches = PatchBatches(val_x, val_y, cfg.eval_batch_size, device, shuffle=False)
-    test_batches = PatchBatches(test_x, test_y, cfg.eval_batch_size, device, shuffle=False)
+    needs = 0
+    if memory_budget is not None and not packed:
+        example = to_input(torch.from_numpy(np.array(train_x[:4])).to(device), train=False)
+        needs = training_bytes(model, cfg.optimizer, cfg.batch_size, saved_bytes_per_image(model, example, amp))
+    upload = plan_uploads({"train": train_x.nbytes, "val": val_x.nbytes, "test": test_x.nbytes},
+                          budget_bytes=memory_budget, needs_bytes=needs, packed=packed)
+    batches = PatchBatches(train_x, train_y, cfg.batch_size, device, on_device=upload["train"])
+    val_batches = PatchBatches(val_x, val_y, cfg.eval_batch_size, device, shuffle=False, on_device=upload["val"])
+    test_batches = PatchBatches(test_x, test_y, cfg.eval_batch_size, device, shuffle=False, on_device=upload["test"])
     augment = dict(flip=cfg.flip, rot90=cfg.rot90, zoom=cfg.zoom, brightness=cfg.brightness)
 
     @torch.no_grad()
@@ -173,8 +201,7 @@ def run_pcam(cfg: PcamConfig, features: dict | None, device: torch.device, repor
         model.eval()
         out = []
         for x, _ in split.epoch():
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                out.append(torch.sigmoid(model(to_input(x, train=False)).float()))
+            out.append(torch.sigmoid(eval_logits(model, to_input(x, train=False), amp)))
         model.train()
         return torch.cat(out).cpu().numpy().astype(np.float64)
 

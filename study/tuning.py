@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from study import cluster
 from study.cli_checks import MAX_TRIALS, check_common_flags, check_name, check_uri, reachable
 from study.errors import StudyError
 
@@ -43,6 +44,9 @@ def add_common_args(parser: argparse.ArgumentParser, *, gpus_per_trial: float) -
                            help="continue an interrupted study in --storage-path/--name; finished trials are kept")
     ray_group.add_argument("--retry-errored", action="store_true",
                            help="with --resume: also retry trials that ended in an error")
+    ray_group.add_argument("--verbose", action="store_true",
+                           help="Tune's own output (a config and a result box per trial) and Ray's warnings, "
+                                "instead of one compact table per stage")
     ray_group.add_argument("--max-trials", type=int, default=MAX_TRIALS,
                            help=f"refuse a grid of more trials than this (default {MAX_TRIALS}; the driver holds "
                                 "every trial in memory)")
@@ -70,16 +74,23 @@ class StudyFolder:
     """The study's folder under the storage path, local or remote, through pyarrow's filesystems."""
 
     def __init__(self, storage_path: str, name: str):
-        if "://" in storage_path:
+        # pyarrow's options ride in a URI's query (s3://bucket/prefix?endpoint_override=http://host:9000 for MinIO
+        # or another S3-compatible store): every URI made from this one keeps them, so Tune and the trials reach
+        # the same store.
+        remote = "://" in storage_path
+        base, query = storage_path.split("?", 1) if remote and "?" in storage_path else (storage_path, "")
+        self._query = f"?{query}" if query else ""
+        if remote:
             try:
                 self.fs, root = pafs.FileSystem.from_uri(storage_path)
             except Exception as err:  # pyarrow raises ArrowInvalid/OSError for bad or unsupported URIs
                 raise StudyError(f"storage path {storage_path!r} is not usable: {err}")
-            self.uri = storage_path.rstrip("/") + "/" + name
+            self._base = base.rstrip("/") + "/" + name
         else:
             self.fs, root = pafs.LocalFileSystem(), str(Path(storage_path).expanduser().resolve())
-            self.uri = str(Path(root) / name)
-        self.storage_uri = self.uri.rsplit("/", 1)[0]
+            self._base = str(Path(root) / name)
+        self.uri = self._base + self._query
+        self.storage_uri = self._base.rsplit("/", 1)[0] + self._query
         self.path = f"{root.rstrip('/')}/{name}"
         self._made = []  # local folders prepare() created, innermost first: taken back if the run is refused
 
@@ -122,7 +133,7 @@ class StudyFolder:
             pass
 
     def child(self, name: str) -> str:
-        return f"{self.uri}/{name}"
+        return f"{self._base}/{name}{self._query}"
 
     def has(self, name: str) -> bool:
         return self.fs.get_file_info(f"{self.path}/{name}").type != pafs.FileType.NotFound
@@ -185,12 +196,14 @@ def start_ray(args) -> None:
     if ray.is_initialized():
         return
     address = args.address or os.environ.get("RAY_ADDRESS")
+    # Ray's INFO lines from the trials' processes (one per checkpoint) only with --verbose.
+    logging = ray.LoggingConfig(log_level="INFO" if getattr(args, "verbose", False) else "WARNING")
     try:
         if address and address != "local":
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=True, logging_config=logging)
         else:
             # "local": always a fresh instance, never silently joining another Ray running on this machine.
-            ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
+            ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, logging_config=logging)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise StudyError(f"cannot start or join Ray at {address or 'a local instance'}: {err}")
 
@@ -204,6 +217,17 @@ def fit_resources(args) -> dict:
     max_cpus = max((n["Resources"].get("CPU", 0) for n in nodes), default=0)
     gpus = args.gpus_per_trial
     local = (args.address or os.environ.get("RAY_ADDRESS") or "local") == "local"
+    if not local:
+        try:
+            place = cluster.trial_placement(args.cpus_per_trial, gpus, nodes,
+                                            cluster.node_types(ray.get_runtime_context().gcs_address))
+        except ValueError as err:
+            raise StudyError(str(err))
+        if place is not None:  # the autoscaler's node types are known: they, not the nodes up now, decide
+            if place != "now":
+                print(f"note: no node up now can hold a trial ({gpus:g} GPUs, {args.cpus_per_trial:g} CPUs); "
+                      f"trials wait for the autoscaler to start a {place} node")
+            return {"cpu": args.cpus_per_trial, "gpu": gpus}
     if gpus > 0 and max_gpus == 0:
         if local:
             print(f"note: no GPU on this machine; trials run on CPU (--gpus-per-trial {gpus} ignored)")
@@ -219,9 +243,14 @@ def fit_resources(args) -> dict:
 
 
 def run_stage(trainable, param_space: dict, *, folder: StudyFolder, stage: str, args, resources: dict,
-              data: dict, search_alg=None, num_samples: int = 1):
-    """Run (or, with --resume, continue) one Tune experiment of the study; returns its ResultGrid."""
+              data: dict, search_alg=None, num_samples: int = 1, callbacks: list = (), run_names=None):
+    """Run (or, with --resume, continue) one Tune experiment of the study; returns its ResultGrid.
+    callbacks: the study's loggers and console (study.console.stage_callbacks); run_names: a
+    study.tensorboard.RunName naming the trial folders."""
     from ray import tune
+
+    from study.console import tune_console
+    from study.tensorboard import RunName
 
     path = folder.child(stage)
     errored_file = f"{stage}/{ERRORED_FILE}"
@@ -239,17 +268,20 @@ def run_stage(trainable, param_space: dict, *, folder: StudyFolder, stage: str, 
         tuner = tune.Tuner(
             wrapped,
             param_space=param_space,
-            tune_config=tune.TuneConfig(reuse_actors=True, search_alg=search_alg, num_samples=num_samples),
+            tune_config=tune.TuneConfig(reuse_actors=True, search_alg=search_alg, num_samples=num_samples,
+                                        trial_dirname_creator=run_names or RunName()),
             run_config=tune.RunConfig(
                 name=stage,
                 storage_path=folder.uri,
                 failure_config=tune.FailureConfig(max_failures=args.max_failures),
                 # The latest checkpoint is all a restart needs; the best model travels inside it.
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                verbose=int(os.environ.get("STUDY_TUNE_VERBOSE", "1")),
+                verbose=3 if getattr(args, "verbose", False) else 0,  # 3: every trial's config and results
+                callbacks=list(callbacks),
             ),
         )
-    results = tuner.fit()
+    with tune_console(getattr(args, "verbose", False)):
+        results = tuner.fit()
     folder.write_json(errored_file, sorted(Path(r.path).name for r in results if r.error is not None))
     return results
 
@@ -264,7 +296,7 @@ def grid_axis(values: list):
 
 # Not --max-failures: Tune's restore keeps the run config the study started with.
 RESOURCE_FLAGS = ("address", "gpus_per_trial", "cpus_per_trial", "num_cpus", "resume", "retry_errored",
-                  "storage_path", "name")
+                  "storage_path", "name", "verbose")
 
 
 def main_of(kind: str, parse_args, run, argv=None) -> int:

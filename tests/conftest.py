@@ -1,4 +1,4 @@
-"""Shared fixtures: the real MNIST files when present, a small local Ray, quiet Tune output."""
+"""Shared fixtures: the real MNIST files when present, a small local Ray, a TensorBoard server."""
 
 import os
 from pathlib import Path
@@ -9,7 +9,6 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
 SHARED_KAGGLE = REPO.parent / "shared" / "data" / "pcam-kaggle-sample"
 
-os.environ.setdefault("STUDY_TUNE_VERBOSE", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
@@ -29,3 +28,51 @@ def mnist_dir():
     if not SHARED_MNIST.is_dir():
         pytest.skip("../shared/data/mnist is absent (a user's clone has no shared data)")
     return SHARED_MNIST
+
+
+@pytest.fixture
+def tensorboard_api():
+    """start(logdir) runs a real TensorBoard on 127.0.0.1 at a free port and returns api(path, body=None) -> the
+    JSON of one data API call (POST when body is given). Every server started is stopped by its pid."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    servers = []
+
+    def start(logdir):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        servers.append(subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir),
+                                         "--host", "127.0.0.1", "--port", str(port)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+        def api(path, body=None):
+            data = None if body is None else json.dumps(body).encode()
+            request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                api("/data/runs")
+                return api
+            except OSError:
+                if time.monotonic() > deadline or servers[-1].poll() is not None:
+                    raise
+                time.sleep(0.5)
+
+    yield start
+    for server in servers:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

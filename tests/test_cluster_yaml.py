@@ -3,8 +3,9 @@
 `python -m pytest tests/test_cluster_yaml.py -q`. What `ray up` rejects before touching AWS is checked with Ray's
 own schema (ray/autoscaler/ray-schema.json) and validator (prepare_config + validate_config, as `ray up` calls
 them). What would only fail on AWS, minutes into a launch, is checked explicitly: node resources are whole
-numbers, no trial can land on the head, every node installs the synced project with the local Ray version, every
-file_mounts source exists, and the start commands use only flags `ray start` knows. Each check is also run on a
+numbers, no trial can land on the head, every node installs the synced project with the local Ray version (inside
+the range of the project's `cluster` extra, and boto3 as that extra has it), every node runs with Ray's token auth
+on and the laptop's token, every file_mounts source exists, and the start commands use only flags `ray start` knows. Each check is also run on a
 broken copy of the config, so a check that can no longer fail is itself caught.
 """
 
@@ -17,11 +18,17 @@ from pathlib import Path
 import jsonschema
 import pytest
 import ray
+import tomllib
 import yaml
+from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"  # at the repository root, where `ray up cluster.yaml` is run from
 RAY_PIN = re.compile(r"\bray(?:\[[^\]]*\])?\s*==\s*([0-9A-Za-z.+!-]+)")  # ray==X or ray[extras]==X
+BOTO3_SPEC = re.compile(r"\bboto3\s*([<>=!~][^\s\"']*)")
+# Ray's token auth: the laptop's token travels to every node through file_mounts (README, "Run on a cluster").
+AUTH_TOKEN = "~/.ray/auth_token"
+AUTH_MODE_EXPORT = "export RAY_AUTH_MODE=token"
 
 
 @pytest.fixture
@@ -152,7 +159,12 @@ def explicit_problems(config: dict) -> list[str]:
     projects = synced_project_paths(config)
     if not projects:
         problems.append("file_mounts does not sync the repository root ('.') to the nodes")
-    for remote, local in config.get("file_mounts", {}).items():
+    mounts = config.get("file_mounts", {})
+    if mounts.get(AUTH_TOKEN) != AUTH_TOKEN:
+        problems.append(f"file_mounts must ship the laptop's Ray token: {AUTH_TOKEN!r}: {AUTH_TOKEN!r}")
+    for remote, local in mounts.items():
+        if (remote, local) == (AUTH_TOKEN, AUTH_TOKEN):
+            continue
         if Path(local).expanduser().is_absolute():
             problems.append(f"file_mounts {remote}: source {local!r} is absolute; use a path relative to the repo")
         elif not (REPO / local).exists():
@@ -166,7 +178,22 @@ def explicit_problems(config: dict) -> list[str]:
         for pin in pins:
             if pin != ray.__version__:
                 problems.append(f"{name}: setup pins Ray {pin}, the installed Ray is {ray.__version__}")
+            if not cluster_extra()["ray"].specifier.contains(pin, prereleases=True):
+                problems.append(f"{name}: setup pins Ray {pin}, outside the `cluster` extra's "
+                                f"ray{cluster_extra()['ray'].specifier}")
+        boto3 = {m.group(1) for c in commands for m in BOTO3_SPEC.finditer(c)}
+        if boto3 != {str(cluster_extra()["boto3"].specifier)}:
+            problems.append(f"{name}: setup installs boto3{'/'.join(sorted(boto3)) or ' not at all'}, the `cluster` "
+                            f"extra has boto3{cluster_extra()['boto3'].specifier}")
+        if not any(AUTH_MODE_EXPORT in c for c in commands):
+            problems.append(f"{name}: no setup command puts `{AUTH_MODE_EXPORT}` in the login shells")
     return problems + start_command_problems(config)
+
+
+def cluster_extra() -> dict[str, Requirement]:
+    """The project's `cluster` extra (pyproject.toml), what the laptop installs, by package name."""
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    return {r.name: r for r in map(Requirement, extras["cluster"])}
 
 
 def start_command_problems(config: dict) -> list[str]:
@@ -192,6 +219,15 @@ def start_command_problems(config: dict) -> list[str]:
         problems.append(f"workers must join $RAY_HEAD_IP:{port} (the head's --port), "
                         f"got --address={worker_opts.get('--address')}")
     return problems
+
+
+def test_the_cluster_extra_is_in_dev_and_brings_the_jobs_cli():
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "batchsize-study[cluster]" in extras["dev"]  # the cluster tests run the jobs CLI
+    assert {"default"} <= cluster_extra()["ray"].extras  # `ray job submit` needs ray[default]
+    core = next(Requirement(d) for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+                ["dependencies"] if Requirement(d).name == "ray")
+    assert cluster_extra()["ray"].specifier == core.specifier
 
 
 def all_problems(config: dict) -> list[str]:
@@ -273,6 +309,18 @@ def _on_demand_workers(c):
     del c["available_node_types"]["gpu-1x"]["node_config"]["InstanceMarketOptions"]
 
 
+def _no_token_shipped(c):
+    del c["file_mounts"][AUTH_TOKEN]
+
+
+def _auth_mode_unset(c):
+    c["setup_commands"] = [cmd for cmd in c["setup_commands"] if AUTH_MODE_EXPORT not in cmd]
+
+
+def _other_boto3(c):
+    c["setup_commands"] = [BOTO3_SPEC.sub("boto3>=1.0", cmd) for cmd in c["setup_commands"]]
+
+
 # (mutation, a fragment the problem list must contain, the checkers that must each catch it on their own)
 BROKEN = {
     "head type missing": (_drop_head_type, "head_node_type", (ray_validator_problems, explicit_problems)),
@@ -286,6 +334,9 @@ BROKEN = {
     "misspelled start flag": (_misspelled_start_flag, "--dashboard-hots", (explicit_problems,)),
     "worker joins wrong port": (_worker_joins_wrong_port, "6380", (explicit_problems,)),
     "on-demand workers": (_on_demand_workers, "spot", (explicit_problems,)),
+    "no token shipped": (_no_token_shipped, "auth_token", (explicit_problems,)),
+    "auth mode unset": (_auth_mode_unset, "RAY_AUTH_MODE", (explicit_problems,)),
+    "other boto3": (_other_boto3, "boto3>=1.0", (explicit_problems,)),
 }
 
 

@@ -24,6 +24,7 @@ from study.errors import StudyError
 from study.models import VGG16_BLOCK_ENDS, VGG16Patches, vgg16_features_state
 from study.trainables import auc, run_pcam
 from tests.conftest import SHARED_KAGGLE
+from tests.tensorboard_checks import check_study
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +113,7 @@ def test_missing_and_corrupt_data(capsys, tmp_path, tiny_pcam):
 
 
 @pytest.mark.slow
-def test_smoke_study_end_to_end(tmp_path):
+def test_smoke_study_end_to_end(tmp_path, tensorboard_api):
     done = subprocess.run([sys.executable, "-m", "study.pcam", "--smoke", "--storage-path", str(tmp_path),
                            "--name", "smoke", "--num-cpus", "2"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -150,6 +151,10 @@ def test_smoke_study_end_to_end(tmp_path):
         assert row.mean_test_auc == pytest.approx(stored_auc[(row.optimizer, row.lr, row.batch_size)])
     assert (out / "auc_sgd.csv").is_file() and (out / "auc_adam.csv").is_file()
     assert (out / "validation_val_acc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # TensorBoard: optimizer and learning rate are columns and in the run names (SGD and Adam told apart)
+    groups = check_study(tensorboard_api(tmp_path / "smoke"), tmp_path / "smoke", "pcam", expect_diverged=False)
+    for name, group in groups.items():
+        assert name.split("/")[1].startswith(f"{group['hparams']['optimizer']}_lr={group['hparams']['lr']:g}_")
 
 
 @pytest.mark.slow

@@ -184,11 +184,12 @@ def test_delong_against_the_best_configuration(pcam, out):
 
 @pytest.mark.slow
 def test_tables_figures_and_submissions(pcam, out, tmp_path):
-    adam = pd.read_csv(out / "auc_adam.csv").set_index("batch_size")
-    assert adam.loc[16, "lr 0.001"] == "2 error"  # shown as such, not as a number
-    assert "1 error" in adam.loc[16, "lr 0.01"] and "diverged" in adam.loc[8, "lr 0.01"]
+    adam = pd.read_csv(out / "auc_adam.csv").set_index(["batch_size", "lr"])  # numbers; report.md formats them
+    assert adam.loc[(16, 0.001), "outcomes"] == "2 error" and math.isnan(adam.loc[(16, 0.001), "value"])
+    assert "1 error" in adam.loc[(16, 0.01), "outcomes"] and "diverged" in adam.loc[(8, 0.01), "outcomes"]
     sgd = pd.read_csv(out / "auc_sgd.csv")
-    assert list(sgd["batch_size"]) == [8, 16] and list(sgd.columns) == ["batch_size", "lr 0.001", "lr 0.01"]
+    assert list(zip(sgd["batch_size"], sgd["lr"])) == [(8, 0.001), (8, 0.01), (16, 0.001), (16, 0.01)]
+    assert all(pd.api.types.is_float_dtype(sgd[c]) for c in ("value", "low", "high"))
     submissions = pd.read_csv(out / "submissions.csv")
     assert len(submissions) == 1 and submissions["path"].iloc[0].endswith("submission.csv")
     assert Path(submissions["path"].iloc[0]).is_file()

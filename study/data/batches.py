@@ -1,9 +1,10 @@
 """Shuffled PCam batches on the training device, from arrays that may be memory maps of multi-GB files.
 
-When the split fits (a quarter of free GPU memory by default) it is uploaded once and every batch is an index
-into a permutation on the device. Otherwise each batch is one bulk read of its sorted indices from the memory
-map (sorted so the read walks the file forwards), into pinned memory, copied asynchronously, with a background
-thread reading the next batches while the model computes. Both paths deliver the same batches for a generator.
+With on_device (the trial decides it against its memory budget: study.memory.plan_uploads) the split is
+uploaded once and every batch is an index into a permutation on the device. Otherwise each batch is one bulk
+read of its sorted indices from the memory map (sorted so the read walks the file forwards), into pinned memory,
+copied asynchronously, with a background thread reading the next batches while the model computes. Both paths
+deliver the same batches for a generator.
 """
 
 import math
@@ -17,18 +18,11 @@ import torch
 UPLOAD_ROWS = 8192  # patches per host-to-device copy when uploading a split (8192 * 27 KiB = 226 MiB)
 
 
-def _fits_on_device(x: np.ndarray, device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
-    free, _ = torch.cuda.mem_get_info(device)
-    return x.nbytes <= free / 4
-
-
 class PatchBatches:
     """Batches of (uint8 (B, 96, 96, 3), float32 (B,)) on `device`; y may be None (unlabelled), giving None."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray | None, batch_size: int, device, *, shuffle: bool = True,
-                 drop_last: bool = False, prefetch: int = 2, on_device: bool | None = None):
+                 drop_last: bool = False, prefetch: int = 2, on_device: bool = False):
         if y is not None and len(y) != len(x):
             raise ValueError(f"{len(x)} patches but {len(y)} labels")
         if batch_size < 1:
@@ -36,7 +30,7 @@ class PatchBatches:
         self.x, self.batch_size, self.device = x, batch_size, torch.device(device)
         self.shuffle, self.drop_last, self.prefetch = shuffle, drop_last, prefetch
         self.y = None if y is None else np.asarray(y, dtype=np.float32).reshape(-1)
-        self.on_device = _fits_on_device(x, self.device) if on_device is None else on_device
+        self.on_device = on_device
         self.pin = self.device.type == "cuda"
         self._x_dev = self._y_dev = None
 

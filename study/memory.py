@@ -1,0 +1,120 @@
+"""A trial's GPU memory: its allocator cap, what it may upload, the per-trial CUDA switches, and out-of-memory.
+
+Every decision here is a pure function of numbers the trial measures (card size, share, model bytes), so the
+tests give them their inputs on CPU; `cap_memory`, `configure_cuda` and `free_cuda` are what touches a GPU.
+"""
+
+import gc
+
+import torch
+
+# Each process's CUDA context (driver state, cuBLAS/cuDNN handles and kernels) lives outside the caching allocator,
+# so set_per_process_memory_fraction does not count it: about 0.5 GiB per process on recent drivers, more once
+# cuDNN and cuBLAS have loaded their kernels. Packed trials leave this much of their share free.
+CUDA_CONTEXT_BYTES = 768 * 2**20
+
+# Memory a training step needs besides the model: autograd's saved activations (measured per image by
+# `saved_bytes_per_image`) and their gradients in the backward pass: 2x the saved bytes.
+ACTIVATION_FACTOR = 2.0
+WORKSPACE_BYTES = 1 * 2**30  # cuDNN/cuBLAS workspaces, taken through the allocator (cudnn.benchmark may pick big ones)
+OPTIMIZER_SLOTS = {"sgd": 1, "adam": 2}  # fp32 state tensors per trainable parameter (momentum; Adam's two moments)
+
+
+def allocator_fraction(share: float, total_bytes: int, context_bytes: int = CUDA_CONTEXT_BYTES) -> float | None:
+    """The fraction of the card this trial's allocator may take: its share less one CUDA context, so that packed
+    trials' caps plus their contexts stay within the card. None for a whole card or more (nothing to cap)."""
+    if share >= 1:
+        return None
+    room = share * total_bytes - context_bytes
+    if room <= 0:
+        raise ValueError(f"a GPU share of {share:g} is {share * total_bytes / 2**30:.2f} GiB of this card, less than "
+                          f"one CUDA context ({context_bytes / 2**30:.2f} GiB): give each trial a larger "
+                          f"--gpus-per-trial")
+    return room / total_bytes
+
+
+def cap_memory(device: torch.device, share: float) -> int | None:
+    """Cap this process's CUDA allocator at its share of the card less one CUDA context (packed trials); returns
+    the bytes the trial may allocate (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = allocator_fraction(share, total)
+    if fraction is None:
+        return torch.cuda.mem_get_info(device)[0]
+    # An allocation past the cap fails in this trial instead of starving its neighbours.
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return int(total * fraction)
+
+
+def saved_bytes_per_image(model: torch.nn.Module, example: torch.Tensor, autocast_dtype=None) -> int:
+    """Bytes autograd keeps for the backward pass per input image: measured on forwards of `example` (two or more
+    images) and of its first half, so what does not grow with the batch (weights, their autocast copies) drops
+    out. Frozen layers, autocast casts and in-place ops are all accounted for as they run."""
+    def saved_bytes(x):
+        saved = {}  # storage address -> bytes: a tensor saved by two ops (or a view of another) counts once
+
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        # fork_rng: the measurement's dropout draws must not shift the trial's random stream.
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                model(x)
+        return sum(saved.values())
+
+    if len(example) < 2:
+        raise ValueError("saved_bytes_per_image needs an example of two or more images")
+    half = len(example) // 2
+    return max(0, saved_bytes(example) - saved_bytes(example[:half].clone())) // (len(example) - half)
+
+
+def training_bytes(model: torch.nn.Module, optimizer: str, batch_size: int, per_image: int) -> int:
+    """What the model, its gradients, the optimizer's state, the batch's activations and the kernels' workspaces
+    take (bytes)."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    trained = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)  # fp32 grads and state
+    casts = params // 2  # autocast's bf16 copies of the weights, made every forward
+    return (params + casts + trained * (1 + OPTIMIZER_SLOTS[optimizer])
+            + int(ACTIVATION_FACTOR * per_image * batch_size) + WORKSPACE_BYTES)
+
+
+def plan_uploads(split_bytes: dict, *, budget_bytes: int | None, needs_bytes: int, packed: bool) -> dict:
+    """Which splits go onto the device whole, in the order given (train first), against the trial's budget.
+
+    budget_bytes: what this trial's allocator may hold (its capped share of the card), None on CPU.
+    packed: the trial shares its GPU with other trials. Each would upload its own copy of the same split (a CUDA
+    tensor cannot be shared between Ray's worker processes without IPC plumbing), so packed trials read batches
+    from the node's page cache through pinned memory instead: one copy in host RAM serves them all.
+    """
+    if budget_bytes is None or packed:
+        return {name: False for name in split_bytes}
+    left = budget_bytes - needs_bytes
+    plan = {}
+    for name, nbytes in split_bytes.items():
+        plan[name] = nbytes <= left
+        if plan[name]:
+            left -= nbytes
+    return plan
+
+
+def configure_cuda(device: torch.device, *, tf32: bool, benchmark: bool) -> None:
+    """Per-trial CUDA switches (a reused Ray worker keeps the last trial's, so every trial sets both).
+    tf32: TF32 tensor cores for fp32 matmuls and convolutions (Ampere and later; 10-bit mantissa inputs).
+    benchmark: cuDNN times its algorithms once per input shape and keeps the fastest (PCam's shapes are fixed)."""
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = benchmark
+
+
+def free_cuda() -> None:
+    """Give a failed trial's GPU memory back: collect the tensors its frames held (cycles too), then release the
+    allocator's cached blocks so the next trial in this (reused) worker and the trial's neighbours get them.
+    Call it after the exception has been dropped: a live traceback keeps every tensor of the failed frames."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

@@ -1,0 +1,201 @@
+"""The study's own TensorBoard output, in place of Tune's TBXLoggerCallback (see README, "TensorBoard").
+
+`tensorboard --logdir <storage-path>/<name>` then shows:
+- HPARAMS: one experiment per study (written once at its root by `write_experiment`: every hyperparameter of the
+  grid with its domain, the metrics that matter first) and one session per trial (its full configuration at the
+  start, its outcome at the end: done = success, diverged or error = failure, `train/diverged` tells them apart).
+  A diverged or errored trial's key metrics end as NaN, so the table never shows the numbers of an epoch before
+  it failed (e.g. the untrained epoch 0) as its result.
+- SCALARS: our metrics grouped as train/, val/, test/, time/, noise/ and system/, the step being the epoch
+  (0 = before training); NaN values (a metric the trial does not measure) draw no point.
+Run names (the trial folders, `RunName`) say what the trial is: `mean_lr=0.001_batch=16_run=0_00003` under the
+stage's folder for MNIST, `sgd_lr=0.002_batch=32_seed=0_00001` for PCam (the suffix is Tune's trial index).
+"""
+
+import math
+import tempfile
+import time
+from pathlib import Path
+
+from google.protobuf import struct_pb2
+from ray.tune.logger import TBXLoggerCallback
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+
+from study import metrics as M
+
+# Tune metric -> TensorBoard tag. Anything else Tune reports (done, iterations_since_restore, gpu_share, ...) is
+# bookkeeping and drawn nowhere.
+SCALARS = {
+    M.TRAIN_LOSS: "train/loss", M.LR: "train/lr", M.DIVERGED: "train/diverged",
+    M.VAL_MSE: "val/mse", M.VAL_LOSS: "val/loss", M.VAL_ACC: "val/acc", M.VAL_AUC: "val/auc",
+    M.BEST_VAL_ACC: "val/best_acc",
+    M.TEST_MSE: "test/mse", M.TEST_AUC: "test/auc", M.TEST_ACC: "test/acc",
+    M.EPOCH_SECONDS: "time/epoch_seconds", M.TRAIN_SECONDS: "time/train_seconds",
+    M.IMAGES_PER_SECOND: "time/images_per_second", M.NOISE_SCALE: "noise/scale",
+    M.GPU_MEMORY_MB: "system/gpu_memory_mb",
+}
+BEST_VAL_AUC = "val/best_auc"  # val AUC of the best-accuracy epoch (the weights that get tested)
+
+# The metrics that matter first, in HPARAMS order (tag, display name); the first ones are each study's result.
+KEY_METRICS = {
+    "mnist": [("test/mse", "test MSE"), ("val/mse", "validation MSE")],
+    "pcam": [("test/auc", "test AUC"), (BEST_VAL_AUC, "best-epoch validation AUC"),
+             ("val/best_acc", "best validation accuracy"), ("test/acc", "test accuracy")],
+}
+COMMON_METRICS = [("train/loss", "train loss"), ("time/epoch_seconds", "epoch seconds"),
+                  ("noise/scale", "noise scale B_simple"), ("train/diverged", "diverged (1) or not (0)")]
+# Values a failed trial must not keep: its result metrics (the ones before the common ones).
+FAILED_NAN = {kind: [tag for tag, _ in metrics] for kind, metrics in KEY_METRICS.items()}
+
+# The grid's hyperparameters, most telling first: TensorBoard ticks the first SHOWN that vary in a study (it puts
+# those it is told "differ" first, and ticks five), so derived ones (lr_factor sets lr; seed = batch + run) and
+# constants stay in the list, unticked.
+HPARAMS = {
+    "mnist": ["stage", "target", "lr_scaling", "batch_size", "lr", "run", "lr_factor", "seed", "optimizer"],
+    "pcam": ["optimizer", "lr", "lr_scaling", "batch_size", "seed", "momentum"],
+}
+SHOWN = 5  # hyperparameter columns TensorBoard 2.x ticks by default
+
+
+def applies(name: str, config: dict) -> bool:
+    """Whether a config key means anything for this trial (Adam ignores momentum; only the fine learning-rate
+    search has a factor; the learning-rate search repeats no runs)."""
+    if name == "momentum":
+        return config.get("optimizer") == "sgd"
+    if name == "lr_factor":
+        return config.get("stage") == "lr_fine"
+    if name == "run":
+        return config.get("stage") in (None, "batch_sweep", "single")
+    return True
+
+
+class RunName:
+    """Tune's trial_dirname_creator: the trial's folder under its stage, which TensorBoard shows as the run name.
+    A learning rate that Tune draws later (tune.sample_from, still a placeholder when the folder is named) comes
+    from lrs: target -> the rate that lr_factor multiplies (MNIST's fine search and batch sweep)."""
+
+    def __init__(self, lrs: dict | None = None):
+        self.lrs = dict(lrs or {})
+
+    def __call__(self, trial) -> str:
+        c = trial.config
+        mnist = "target" in c
+        lr = c["lr"] if isinstance(c["lr"], (int, float)) else self.lrs[c["target"]] * c.get("lr_factor", 1.0)
+        scaling = [f"scaling={c['lr_scaling']}"] if c.get("lr_scaling", "none") != "none" else []
+        # PCam's seed is the run index (the seed itself is drawn later, like a sampled lr).
+        repeat = ([f"run={c['run']}"] if applies("run", c) else []) if mnist else [f"seed={c['run']}"]
+        parts = [c["target"] if mnist else c["optimizer"], f"lr={lr:g}", *scaling, f"batch={c['batch_size']}",
+                 *repeat, trial.trial_id.rsplit("_", 1)[-1]]
+        return "_".join(parts)
+
+
+def _summary(tag: str, data: plugin_data_pb2.HParamsPluginData) -> Summary:
+    data.version = metadata.PLUGIN_DATA_VERSION
+    return Summary(value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(data))])
+
+
+def _value(v):
+    """A hyperparameter as the hparams plugin stores it (bool before int: bool is an int in Python)."""
+    if isinstance(v, bool):
+        return struct_pb2.Value(bool_value=v)
+    if isinstance(v, (int, float)):
+        return struct_pb2.Value(number_value=float(v))
+    return struct_pb2.Value(string_value=str(v))
+
+
+def experiment_summary(kind: str, domains: dict) -> Summary:
+    """The study's HPARAMS experiment. domains: hyperparameter -> the values the study can give it."""
+    infos, shown = [], 0
+    for name in HPARAMS[kind]:
+        values = sorted(set(domains.get(name) or []))
+        if not values:
+            continue
+        kind_of = (api_pb2.DATA_TYPE_BOOL if isinstance(values[0], bool) else
+                   api_pb2.DATA_TYPE_FLOAT64 if isinstance(values[0], (int, float)) else api_pb2.DATA_TYPE_STRING)
+        differs = len(values) > 1 and shown < SHOWN
+        shown += differs
+        infos.append(api_pb2.HParamInfo(name=name, type=kind_of, differs=differs,
+                                        domain_discrete=struct_pb2.ListValue(values=[_value(v) for v in values])))
+    metric_infos = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=label)
+                    for tag, label in KEY_METRICS[kind] + COMMON_METRICS]
+    experiment = api_pb2.Experiment(name=kind, hparam_infos=infos, metric_infos=metric_infos)
+    return _summary(metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(experiment=experiment))
+
+
+def write_experiment(folder, kind: str, domains: dict) -> None:
+    """Write the experiment summary at the study's root (a StudyFolder, local or remote), once per study:
+    TensorBoard keeps the first summary of a tag, so it must list every stage's hyperparameters from the start."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = SummaryWriter(tmp)
+        writer.file_writer.add_summary(experiment_summary(kind, domains))
+        writer.close()
+        for event_file in Path(tmp).glob("events.out.tfevents.*"):
+            with folder.fs.open_output_stream(f"{folder.path}/{event_file.name}") as out:
+                out.write(event_file.read_bytes())
+
+
+def session_start(config: dict, group: str) -> Summary:
+    hparams = {k: _value(v) for k, v in sorted(config.items())
+               if isinstance(v, (bool, int, float, str)) and applies(k, config)}
+    info = plugin_data_pb2.SessionStartInfo(hparams=hparams, group_name=group, start_time_secs=time.time())
+    return _summary(metadata.SESSION_START_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_start_info=info))
+
+
+def session_end(success: bool) -> Summary:
+    info = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS if success else api_pb2.STATUS_FAILURE,
+                                          end_time_secs=time.time())
+    return _summary(metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_end_info=info))
+
+
+class StudyTensorBoard(TBXLoggerCallback):
+    """Tune logger callback (on the driver) writing each trial's session and scalars into its folder. It takes the
+    place of Tune's TBXLoggerCallback (Tune adds its own only when none is given), so there is no second,
+    conflicting HPARAMS table; it shares nothing else with it."""
+
+    def __init__(self, kind: str, stage: str):  # noqa: no super().__init__: Tune's writer is not wanted
+        self.kind, self.stage = kind, stage
+        self._writers = {}
+        self._last = {}  # trial -> (epoch, val AUC of the best epoch)
+
+    def log_trial_start(self, trial):
+        from torch.utils.tensorboard import SummaryWriter
+
+        if trial in self._writers:
+            self._writers[trial].close()
+        writer = SummaryWriter(trial.local_path)
+        # stage/trial folder: unique across the study's stages, so no two trials merge into one HPARAMS row
+        writer.file_writer.add_summary(session_start(trial.config, f"{self.stage}/{Path(trial.local_path).name}"))
+        self._writers[trial] = writer
+
+    def log_trial_result(self, iteration, trial, result):
+        if trial not in self._writers:
+            self.log_trial_start(trial)
+        writer, step = self._writers[trial], int(result.get(M.EPOCH, iteration))
+        for key, tag in SCALARS.items():
+            value = result.get(key)
+            if isinstance(value, (bool, int, float)) and math.isfinite(value):
+                writer.add_scalar(tag, float(value), step)
+        if M.BEST_EPOCH in result and result[M.BEST_EPOCH] == result.get(M.EPOCH) and M.VAL_AUC in result:
+            writer.add_scalar(BEST_VAL_AUC, float(result[M.VAL_AUC]), step)
+        self._last[trial] = step
+        writer.flush()
+
+    def log_trial_end(self, trial, failed: bool = False):
+        if trial not in self._writers:
+            self.log_trial_start(trial)
+        writer = self._writers.pop(trial)
+        last = trial.last_result or {}
+        diverged = bool(last.get(M.DIVERGED))
+        if failed or diverged:
+            for tag in FAILED_NAN[self.kind]:
+                writer.add_scalar(tag, math.nan, self._last.get(trial, 0))
+        writer.file_writer.add_summary(session_end(not (failed or diverged)))
+        writer.close()
+        self._last.pop(trial, None)
+
+    def on_experiment_end(self, trials, **info):
+        for trial in list(self._writers):
+            self._writers.pop(trial).close()

@@ -1,0 +1,218 @@
+"""The CUDA paths' decisions, given their inputs on CPU: memory caps and uploads, out-of-memory, fp32 evaluation
+logits, the CUDA RNG in the checkpoint, per-trial CUDA switches, checkpoint frequency."""
+
+import weakref
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from study import memory
+from study import metrics as M
+from study import trainables
+from study.train import eval_logits, rng_state, set_rng_state
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize("share", [0.125, 0.25, 0.5])
+@pytest.mark.parametrize("total_gib", [24, 80, 141])
+def test_packed_caps_and_their_contexts_fit_the_card(share, total_gib):
+    total = total_gib * GIB
+    fraction = memory.allocator_fraction(share, total)
+    trials = round(1 / share)
+    assert trials * (fraction * total + memory.CUDA_CONTEXT_BYTES) == pytest.approx(total)
+    assert fraction < share
+
+
+def test_a_whole_card_is_not_capped_and_a_sliver_is_refused():
+    assert memory.allocator_fraction(1.0, 80 * GIB) is None
+    with pytest.raises(ValueError, match="larger --gpus-per-trial"):
+        memory.allocator_fraction(0.005, 80 * GIB)
+
+
+def test_packed_trials_never_upload_their_own_copy():
+    # The issue's case: 0.125 of an 80 GB card and PCam's 8.4 GiB of training patches.
+    splits = {"train": 262_144 * 96 * 96 * 3, "val": 32_768 * 96 * 96 * 3, "test": 32_768 * 96 * 96 * 3}
+    budget = int(memory.allocator_fraction(0.125, 80 * GIB) * 80 * GIB)
+    assert memory.plan_uploads(splits, budget_bytes=budget, needs_bytes=GIB, packed=True) == dict.fromkeys(splits,
+                                                                                                           False)
+
+
+def test_uploads_are_decided_against_the_budget_less_what_training_needs():
+    splits = {"train": 8 * GIB, "val": 1 * GIB, "test": 1 * GIB}
+    plan = lambda budget, needs: memory.plan_uploads(splits, budget_bytes=budget, needs_bytes=needs, packed=False)
+    assert plan(20 * GIB, 5 * GIB) == {"train": True, "val": True, "test": True}
+    assert plan(12 * GIB, 5 * GIB) == {"train": False, "val": True, "test": True}  # train would leave too little
+    assert plan(9 * GIB, 8 * GIB) == {"train": False, "val": True, "test": False}
+    assert plan(None, 0) == {"train": False, "val": False, "test": False}  # CPU
+
+
+def test_saved_bytes_per_image_counts_what_autograd_keeps():
+    # Conv saves its input (3 channels), ReLU its output (8 channels); fp32, 16x16; weights are not per image.
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+    per_image = memory.saved_bytes_per_image(model, torch.randn(4, 3, 16, 16))
+    assert per_image == (3 + 8) * 16 * 16 * 4
+    frozen = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1).requires_grad_(False), nn.ReLU())
+    assert memory.saved_bytes_per_image(frozen, torch.randn(4, 3, 16, 16)) == 0  # nothing to differentiate
+
+
+def test_training_bytes_grow_with_the_batch_and_the_optimizer_state():
+    model = nn.Linear(1000, 1000)  # 1,001,000 fp32 parameters
+    sgd, adam = (memory.training_bytes(model, o, 32, per_image=1000) for o in ("sgd", "adam"))
+    assert adam - sgd == 1_001_000 * 4  # Adam's second moment
+    assert memory.training_bytes(model, "sgd", 64, 1000) - sgd == memory.ACTIVATION_FACTOR * 1000 * 32
+
+
+class Oom(RuntimeError):
+    pass
+
+
+def test_out_of_memory_frees_the_trials_tensors_before_it_reports(monkeypatch):
+    held = {}
+
+    @trainables.trial_entry
+    def train(config, data):
+        big = torch.ones(1 << 20)
+        held["ref"] = weakref.ref(big)
+        trainables.report({M.EPOCH: 0, M.STATUS: M.STATUS_RUNNING}, {})
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    rows = []
+    alive_at_report = []
+
+    def fake_report(metrics, checkpoint=None):
+        rows.append(metrics)
+        if metrics.get(M.STATUS) == M.STATUS_OOM:
+            alive_at_report.append(held["ref"]() is not None)
+
+    monkeypatch.setattr(trainables.tune, "report", fake_report)
+    monkeypatch.setattr(trainables.tune.Checkpoint, "from_directory", staticmethod(lambda folder: folder))
+    train({"batch_size": 256}, None)
+    assert [r[M.STATUS] for r in rows] == [M.STATUS_RUNNING, M.STATUS_OOM]
+    assert rows[-1][M.EPOCH] == 1  # failed during epoch 1, after epoch 0 was reported
+    assert alive_at_report == [False]
+
+
+def test_other_errors_still_raise(monkeypatch):
+    @trainables.trial_entry
+    def train(config, data):
+        raise Oom("not CUDA")
+
+    with pytest.raises(Oom):
+        train({"batch_size": 1}, None)
+
+
+def test_checkpoints_every_n_epochs_and_always_at_the_ends(monkeypatch):
+    saved = []
+    monkeypatch.setattr(trainables.tune, "report",
+                        lambda metrics, checkpoint=None: saved.append((metrics[M.EPOCH], checkpoint is not None)))
+    monkeypatch.setattr(trainables.tune.Checkpoint, "from_directory", staticmethod(lambda folder: folder))
+    for epoch in range(8):
+        status = M.STATUS_DONE if epoch == 7 else M.STATUS_RUNNING
+        trainables.report({M.EPOCH: epoch, M.STATUS: status}, {"epoch": epoch}, every=3)
+    assert [e for e, checkpointed in saved if checkpointed] == [0, 3, 6, 7]
+    assert [e for e, _ in saved] == list(range(8))
+
+
+def distinct_probabilities(logits_fn, n=32_768):
+    """Features spread so the logits are ~N(0, 3^2), as a trained PCam model's are."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.features = nn.Identity()
+    model.head = nn.Linear(64, 1)
+    with torch.no_grad():
+        model.head.weight.copy_(torch.full((1, 64), 3 / 8))
+        model.head.bias.zero_()
+    x = torch.randn(n, 64)
+    with torch.no_grad():
+        p = torch.sigmoid(logits_fn(model, x).float().reshape(-1)).numpy().astype(np.float64)
+    return len(np.unique(p))
+
+
+def test_evaluation_logits_are_fp32_under_bf16_autocast():
+    def bf16_everywhere(model, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model.head(model.features(x))
+
+    before = distinct_probabilities(bf16_everywhere)
+    after = distinct_probabilities(lambda model, x: eval_logits(model, x, torch.bfloat16))
+    assert before < 4_000  # bf16 logits: a few thousand values for 32,768 images
+    assert after > 30_000  # fp32 logits: nearly every image its own probability
+
+
+def test_cuda_rng_travels_in_the_checkpoint_state(monkeypatch):
+    cuda_state = torch.arange(16, dtype=torch.uint8)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: cuda_state.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=None: restored.append(state))
+    cuda = torch.device("cuda")
+    state = rng_state(cuda)
+    assert torch.equal(state["cuda_rng"], cuda_state) and "torch_rng" in state
+    set_rng_state(state, cuda)
+    assert len(restored) == 1 and torch.equal(restored[0], cuda_state)
+    assert "cuda_rng" not in rng_state(torch.device("cpu"))
+    set_rng_state({"torch_rng": torch.get_rng_state()}, cuda)  # a CPU checkpoint resumed on CUDA: nothing to set
+    assert len(restored) == 1
+
+
+def test_cuda_switches_are_set_per_trial_and_left_alone_on_cpu():
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    try:
+        memory.configure_cuda(torch.device("cpu"), tf32=True, benchmark=True)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                torch.backends.cudnn.benchmark) == before
+        memory.configure_cuda(torch.device("cuda"), tf32=False, benchmark=True)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cudnn.benchmark
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         torch.backends.cudnn.benchmark) = before
+
+
+@pytest.mark.slow
+def test_tune_does_not_retry_an_out_of_memory_trial(local_ray, tmp_path):
+    from ray import tune
+
+    def oom_trainable(config, data):  # defined here: Ray's workers get it by value, not by importing this file
+        with open(config["log"], "a") as log:
+            log.write("started\n")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    log = tmp_path / "starts.log"
+    tuner = tune.Tuner(tune.with_parameters(trainables.trial_entry(oom_trainable), data=None),
+                       param_space={"batch_size": 512, "log": str(log)},
+                       run_config=tune.RunConfig(storage_path=str(tmp_path / "store"), name="oom", verbose=0,
+                                                 failure_config=tune.FailureConfig(max_failures=3)))
+    [result] = list(tuner.fit())
+    assert log.read_text().count("started") == 1  # no retry, although max_failures=3
+    assert result.error is None and result.metrics[M.STATUS] == M.STATUS_OOM
+    assert "batch size 512" in result.metrics[M.MESSAGE]
+
+
+def test_evaluation_logits_match_the_models_forward_in_fp32():
+    from study.models import VGG16Patches
+
+    model = VGG16Patches(None, freeze_blocks=2).eval()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.allclose(eval_logits(model, x, None), model(x))
+
+
+def test_the_analysis_reads_an_out_of_memory_trial_as_failed_with_its_message(tmp_path):
+    import json
+
+    import pyarrow.fs as pafs
+
+    from analysis.load import _read_trial
+
+    folder = tmp_path / "train_pcam_00000"
+    folder.mkdir()
+    (folder / "params.json").write_text(json.dumps({"batch_size": 512}))
+    rows = [{M.EPOCH: 0, M.STATUS: M.STATUS_RUNNING, "timestamp": 1},
+            {M.EPOCH: 1, M.STATUS: M.STATUS_OOM, M.MESSAGE: "CUDA out of memory at batch size 512: ...",
+             "timestamp": 2}]
+    (folder / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trial = _read_trial(pafs.LocalFileSystem(), str(folder), "grid", folder.name, None)
+    assert trial.outcome == "error" and trial.error.startswith("CUDA out of memory at batch size 512")
