@@ -6,7 +6,9 @@
 
 The layout read here is the one `study.tuning` writes: `<study>/study.json`, one Tune experiment per stage with
 `experiment_state-*.json` (every trial and its Tune status, including trials that errored or never started), one
-folder per trial with `params.json`, `result.json` (a JSON line per epoch), `error.txt` and `checkpoint_*/`.
+folder per trial with `params.json`, `result.json` (a JSON line per epoch), `error.txt` and `checkpoint_*/`, and
+the study's own `errored_trials.json` per stage. A trial's outcome is how it ended, not what it recovered from on
+the way; a `result.json` line that is not JSON is skipped and named in `Study.corrupt_lines()`.
 Nothing here writes to the study folder.
 """
 
@@ -25,6 +27,7 @@ from study import metrics as M
 from study.errors import StudyError
 
 STUDY_FILE = "study.json"
+ERRORED_FILE = "errored_trials.json"  # study.tuning.ERRORED_FILE: the trials a stage's last run left errored
 CHOSEN_FILE = "chosen_lr.json"
 TARGET_STATS_FILE = "target_stats.json"
 EXPERIMENT_STATE = re.compile(r"^experiment_state-.*\.json$")
@@ -44,7 +47,11 @@ class Trial:
     config: dict
     rows: list = field(default_factory=list)  # result.json, one dict per reported epoch, in order
     tune_status: str = "UNKNOWN"  # TERMINATED | ERROR | RUNNING | PENDING | PAUSED, from experiment_state
-    error: str = ""  # the exception line of error.txt
+    error: str = ""  # the exception line of error.txt (also of a failure the trial recovered from)
+    failures: int = 0  # times the trial failed (Tune restarted it from its checkpoint, or it ended in ERROR)
+    errored: bool = False  # listed in the stage's errored_trials.json: the study's last run left it errored
+    result_file: str = ""  # path of result.json in the study's filesystem
+    corrupt: tuple = ()  # (line number, reason) of each result.json line that could not be read
     start_time: float = math.nan  # unix seconds, from experiment_state
     end_time: float = math.nan  # unix seconds of the last result
     checkpoint: str = ""  # path (in the study's filesystem) of the latest checkpoint folder
@@ -52,8 +59,12 @@ class Trial:
 
     @property
     def outcome(self) -> str:
-        """error | diverged | done | running | pending | incomplete (stopped without finishing or erroring)."""
-        if self.tune_status == "ERROR" or self.error:
+        """error | diverged | done | running | pending | incomplete (stopped without finishing or erroring).
+
+        How the trial ended: an error.txt left by a failure Tune recovered from (the trial restarted from its
+        checkpoint and finished) does not make it an error; `recovered` says that it happened."""
+        oom = bool(self.rows) and self.rows[-1].get(M.STATUS) == M.STATUS_OOM  # ended at once, without raising
+        if self.tune_status == "ERROR" or self.errored or oom:
             return "error"
         if any(r.get(M.DIVERGED) is True or r.get(M.STATUS) == M.STATUS_DIVERGED for r in self.rows):
             return "diverged"
@@ -61,7 +72,16 @@ class Trial:
             return "done"
         if self.tune_status in UNFINISHED:
             return "running" if self.rows or self.tune_status != "PENDING" else "pending"
+        if self.error and self.tune_status == "UNKNOWN":  # no Tune state says otherwise: it stopped at its error
+            return "error"
         return "incomplete"
+
+    @property
+    def recovered(self) -> str:
+        """"recovered after N failures" for a trial that failed and then finished (or is still going), else ""."""
+        if not self.failures or self.outcome == "error":
+            return ""
+        return f"recovered after {self.failures} failure{'s' if self.failures > 1 else ''}"
 
     def last(self, key: str, default=math.nan):
         """The key's value in the last row that has it (test metrics appear only at the end)."""
@@ -114,6 +134,10 @@ class Study:
         if unfinished:
             reasons.append(f"{len(unfinished)} trial(s) still running or pending")
         return reasons
+
+    def corrupt_lines(self) -> list:
+        """One line per unreadable result.json line: which file, which line, why; the rows around it are kept."""
+        return [f"{t.result_file} line {line}: {reason}" for t in self.trials() for line, reason in t.corrupt]
 
     def read_bytes(self, path: str) -> bytes:
         return read_bytes(self.fs, path)
@@ -224,10 +248,12 @@ def _read_stage(fs: pafs.FileSystem, stage_dir: str, stage: str) -> list:
     """Every trial of one Tune experiment: those with a folder, and those experiment_state lists without one."""
     listing = _listing(fs, stage_dir)
     states = _trial_states(fs, stage_dir, listing)
+    errored = read_json(fs, f"{stage_dir}/{ERRORED_FILE}") if ERRORED_FILE in listing else []
     trials = {}
     for name in sorted(n for n, kind in listing.items() if _is_dir(kind) and not n.startswith(".")):
         trial = _read_trial(fs, f"{stage_dir}/{name}", stage, name, states.get(name))
         if trial is not None:
+            trial.errored = name in errored
             trials[name] = trial
     for dirname, state in sorted(states.items()):
         if dirname not in trials:  # listed by Tune, but no folder (never started, or not yet synced)
@@ -251,7 +277,7 @@ def _trial_states(fs: pafs.FileSystem, stage_dir: str, listing: dict) -> dict:
         out[trial.get("relative_logdir") or trial["trial_id"]] = {
             "trial_id": trial["trial_id"], "status": trial.get("status", "UNKNOWN"),
             "config": trial.get("config") or {}, "start_time": _number(run.get("start_time")),
-            "end_time": _number(run.get("last_result_time"))}
+            "end_time": _number(run.get("last_result_time")), "failures": run.get("num_failures")}
     return out
 
 
@@ -260,9 +286,12 @@ def _read_trial(fs, trial_dir: str, stage: str, dirname: str, state: dict | None
     if "params.json" not in files and state is None:
         return None  # not a trial folder (e.g. a report written into the study folder)
     config = read_json(fs, f"{trial_dir}/params.json") if "params.json" in files else state["config"]
-    rows = parse_results(read_bytes(fs, f"{trial_dir}/result.json")) if "result.json" in files else []
-    error = error_reason(read_bytes(fs, f"{trial_dir}/error.txt").decode(errors="replace")) \
-        if "error.txt" in files else ""
+    corrupt = []
+    running = (state or {}).get("status", "RUNNING") in UNFINISHED  # no state yet: a study still starting
+    rows = parse_results(read_bytes(fs, f"{trial_dir}/result.json"), corrupt, running) \
+        if "result.json" in files else []
+    error_text = read_bytes(fs, f"{trial_dir}/error.txt").decode(errors="replace") if "error.txt" in files else ""
+    error = error_reason(error_text) if "error.txt" in files else ""
     if not error and rows and rows[-1].get(M.STATUS) == M.STATUS_OOM:  # ended by out-of-memory without raising
         error = rows[-1].get(M.MESSAGE) or "CUDA out of memory"
     checkpoints = sorted(n for n, kind in files.items() if _is_dir(kind) and n.startswith("checkpoint_"))
@@ -275,21 +304,33 @@ def _read_trial(fs, trial_dir: str, stage: str, dirname: str, state: dict | None
     if not math.isfinite(start) and rows:  # Tune's timestamp is whole seconds: good enough for a timeline
         start = _number(rows[0].get("timestamp")) - _number(rows[0].get("time_this_iter_s", 0))
     trial_id = state.get("trial_id") or (rows[0].get("trial_id") if rows else "") or dirname
+    failures = state.get("failures")
+    if not isinstance(failures, int):  # no experiment state: Tune writes one "Failure # N" header per failure
+        failures = len(re.findall(r"^Failure # \d+", error_text, re.MULTILINE))
     return Trial(stage=stage, trial_id=trial_id, dirname=dirname, config=config, rows=rows,
-                 tune_status=state.get("status", "UNKNOWN"), error=error, start_time=start, end_time=end,
+                 tune_status=state.get("status", "UNKNOWN"), error=error, failures=failures,
+                 result_file=f"{trial_dir}/result.json", corrupt=tuple(corrupt), start_time=start, end_time=end,
                  checkpoint=checkpoint, checkpoint_files=tuple(sorted(_listing(fs, checkpoint))) if checkpoint else ())
 
 
-def parse_results(raw: bytes) -> list:
-    """result.json rows, one per epoch in epoch order. A last line cut short by a study still writing is skipped;
-    after a restart from a checkpoint Tune appends the repeated epochs again, and the later row wins."""
+def parse_results(raw: bytes, corrupt: list | None = None, still_writing: bool = False) -> list:
+    """result.json rows, one per epoch in epoch order; after a restart from a checkpoint Tune appends the repeated
+    epochs again, and the later row wins. A line that is not a JSON object is skipped and appended to `corrupt` as
+    (line number from 1, reason), except, while the trial runs (`still_writing`), a last line with no newline yet."""
     by_epoch = {}
-    for line in raw.decode(errors="replace").splitlines():
+    lines = raw.decode(errors="replace").split("\n")
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)  # Python's json reads the NaN/Infinity Tune writes
-        except json.JSONDecodeError:
+            if not isinstance(row, dict):
+                raise ValueError(f"a JSON {type(row).__name__}, not an object")
+        except ValueError as err:  # JSONDecodeError is a ValueError
+            cut = number == len(lines)  # Tune ends every row with a newline
+            if corrupt is not None and not (cut and still_writing):
+                why = "cut short, no newline" if cut else str(err).splitlines()[0][:80]
+                corrupt.append((number, f"not a result row ({why}); skipped"))
             continue
         row.pop("config", None)  # the same as params.json, repeated on every line
         by_epoch.pop(row.get(M.EPOCH), None)
@@ -312,7 +353,7 @@ def trial_table(trials: list, config_keys: list, metric_keys: list) -> pd.DataFr
         record.update({k: t.config.get(k) for k in config_keys})
         record.update(outcome=t.outcome, epochs=t.last(M.EPOCH, None) if t.rows else None)
         record.update({k: _number(t.last(k)) for k in metric_keys})
-        record["error"] = t.error
+        record["error"] = f"{t.recovered} ({t.error})" if t.recovered else t.error
         records.append(record)
     columns = ["stage", "trial_id", *config_keys, "outcome", "epochs", *metric_keys, "error"]
     return pd.DataFrame.from_records(records, columns=columns).astype({k: float for k in metric_keys})

@@ -18,6 +18,7 @@ from analysis import mnist_report, pcam_report
 from analysis.common import write_failures, write_timing
 from analysis.figures import ReportWriter
 from analysis.load import Study, open_study, resolve
+from study.cli_checks import check_uri
 from study.errors import StudyError
 
 TITLES = {"mnist": "MNIST regression study", "pcam": "PCam classification study"}
@@ -34,11 +35,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def output_dir(study: Study, experiment_dir: str, out: str | None) -> Path:
+    """The report's folder, created and checked writable (an OSError here is the user's path, said in one line)."""
     if out:
-        return Path(out).expanduser()
-    if not isinstance(study.fs, pafs.LocalFileSystem):
+        folder = Path(out).expanduser()
+    elif not isinstance(study.fs, pafs.LocalFileSystem):
         raise StudyError(f"{experiment_dir} is remote; pass --out DIR for the report (a local folder)")
-    return Path(resolve(experiment_dir)[1]) / "report"
+    else:
+        folder = Path(resolve(experiment_dir)[1]) / "report"
+    flag = "--out" if out else "the default report folder"
+    if folder.exists() and not folder.is_dir():
+        raise StudyError(f"{flag} {folder} is a file; pass a folder for the report")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise StudyError(f"cannot write the report into {folder} ({err.strerror or err}); pass a writable --out "
+                         f"folder")
+    return folder
 
 
 def write_header(report: ReportWriter, study: Study) -> None:
@@ -65,6 +80,16 @@ def write_header(report: ReportWriter, study: Study) -> None:
         outcomes = [t.outcome for t in study.trials(stage)]
         rows.append({"stage": stage, "trials": len(outcomes), **{o: outcomes.count(o) for o in OUTCOMES}})
     report.table("stages", pd.DataFrame.from_records(rows), "Trials per stage and how they ended")
+    recovered = [f"{t.stage} {t.trial_id}: {t.recovered} (last error: {t.error})" for t in study.trials()
+                 if t.recovered]
+    if recovered:
+        report.text(f"{len(recovered)} trial(s) failed and were restarted by Tune from their last checkpoint; each "
+                    f"is counted by how it ended:")
+        report.bullets(recovered)
+    corrupt = study.corrupt_lines()
+    if corrupt:
+        report.text(f"**{len(corrupt)} corrupt result line(s)**, skipped; every other row of those trials is used:")
+        report.bullets(corrupt)
 
 
 MANIFEST = ".report-files"  # the figures and tables the last run wrote
@@ -93,11 +118,17 @@ def build(study: Study, out: Path) -> Path:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        check_uri(args.experiment_dir, "EXPERIMENT_DIR")
         study = open_study(args.experiment_dir)
         path = build(study, output_dir(study, args.experiment_dir, args.out))
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    corrupt = study.corrupt_lines()
+    for line in corrupt:
+        print(f"warning: {line}", file=sys.stderr)
+    if corrupt:
+        print(f"warning: {len(corrupt)} corrupt result line(s) skipped (listed in the report)", file=sys.stderr)
     print(f"report: {path}")
     return 0
 

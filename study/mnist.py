@@ -13,6 +13,7 @@ import sys
 
 from ray import tune
 
+from study import cli_checks as checks
 from study import metrics as M
 from study.console import stage_callbacks, tensorboard_hint
 from study.config import (MNIST_BATCH_SIZES, MNIST_FINE_FACTORS, MNIST_LR_GRID, MNIST_LR_SEARCH_BATCH, MNIST_RUNS,
@@ -80,9 +81,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def check_grid(args, n_train: int) -> None:
-    """Refuse impossible grids before Ray starts; every message names the value and the allowed range."""
+def check_flags(args) -> None:
+    """Refuse what needs no data to judge before the data is read: wrong ranges, NaN, repeated grid values, a grid
+    too large for the driver (counted, never built)."""
     check_common_args(args)
+    checks.check_lr_flags(args)
+    for flag in ("--train-limit", "--test-limit", "--val-size"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value < 0:
+            raise StudyError(f"{flag} must be >= 0 (0 for --train-limit/--test-limit: all images), got {value}")
+    for flag in ("--runs", "--epochs", "--lr-search-batch"):
+        if getattr(args, flag[2:].replace("-", "_")) < 1:
+            raise StudyError(f"{flag} must be >= 1, got {getattr(args, flag[2:].replace('-', '_'))}")
+    for flag in ("--targets", "--lr-grid", "--fine-factors", "--batch-sizes"):
+        checks.check_unique(flag, getattr(args, flag[2:].replace("-", "_")))
+    targets, rules = len(args.targets or ()), len(scaling_rules(args.lr_scaling))
+    sweep = targets * len(args.batch_sizes or ()) * args.runs * rules
+    search = 0 if args.lr is not None else targets * (len(args.lr_grid or ()) + len(args.fine_factors or ()))
+    checks.check_grid_size(search + sweep, getattr(args, "max_trials", checks.MAX_TRIALS),
+                           f"{search} learning-rate search + {sweep} batch sweep")
+
+
+def check_grid(args, n_train: int) -> None:
+    """Refuse impossible grids before Ray starts (after check_flags); every message names the value and the allowed
+    range."""
     if not args.targets or not args.batch_sizes or (args.lr is None and not (args.lr_grid and args.fine_factors)):
         raise StudyError("empty grid: --targets, --batch-sizes, --lr-grid and --fine-factors need at least one value")
     for t in args.targets:
@@ -94,8 +116,6 @@ def check_grid(args, n_train: int) -> None:
     for value in rates:
         if not (math.isfinite(value) and value > 0):
             raise StudyError(f"learning rates and fine factors must be positive numbers, got {value}")
-    if args.runs < 1 or args.epochs < 1:
-        raise StudyError(f"--runs and --epochs must be >= 1, got {args.runs} and {args.epochs}")
     if args.lr is None and not 0 < args.val_size < n_train and args.select_on == "val":
         raise StudyError(f"--val-size must be in 1..{n_train - 1} (training images: {n_train}), got {args.val_size}")
     for b in args.batch_sizes:
@@ -187,6 +207,7 @@ def lr_search(args, folder, resources, data, base) -> dict:
 
 
 def run(args) -> int:
+    check_flags(args)
     data, source = load_data(args)
     n_train = len(data.train_x)
     check_grid(args, n_train)

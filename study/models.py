@@ -1,5 +1,7 @@
 """The two networks: the MNIST regression CNN and VGG16 for 96x96 patches with a fresh one-logit head."""
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -70,10 +72,14 @@ def vgg16_features_state(weights: str) -> dict | None:
                 f"torchvision.models import vgg16, VGG16_Weights; vgg16(weights=VGG16_Weights.IMAGENET1K_V1)\", "
                 f"or pass --weights PATH to a saved state_dict, or --weights none for random init")
     else:
+        if not Path(weights).expanduser().is_file():
+            raise StudyError(f"--weights {weights} is not a file; pass imagenet, none, or the path of a saved "
+                             f"VGG16 state_dict")
         try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as err:  # missing, unreadable, not a torch file, pickled code
-            raise StudyError(f"cannot read --weights {weights}: {err}")
+            state = torch.load(Path(weights).expanduser(), map_location="cpu", weights_only=True)
+        except Exception as err:  # unreadable, not a torch file (pickle's KeyError names a byte), pickled code
+            raise StudyError(f"--weights {weights} cannot be read as a state_dict (torch.load: {type(err).__name__});"
+                             f" pass the path of a file saved with torch.save(model.state_dict(), PATH)")
         if not isinstance(state, dict):
             raise StudyError(f"--weights {weights} holds a {type(state).__name__}, expected a VGG16 state_dict")
     features = {k.removeprefix("features."): v for k, v in state.items() if not k.startswith("classifier.")}

@@ -18,6 +18,7 @@ from pathlib import Path
 from ray import tune
 from ray.tune.search import BasicVariantGenerator
 
+from study import cli_checks as checks
 from study import metrics as M
 from study.console import stage_callbacks, tensorboard_hint
 from study.config import NOISE_EVERY, OPTIMIZERS, PCAM_BATCH_SIZES, PCAM_LRS, PcamConfig
@@ -112,8 +113,36 @@ def prepare_data(args) -> tuple[str, dict[str, int]]:
     return str(root), pcam_data.verify(pcam_data.locate(root))
 
 
-def check_grid(args, n_train: int) -> None:
+def check_flags(args) -> None:
+    """Refuse what needs no data to judge before the data is read or converted: wrong ranges, NaN, repeated grid
+    values, a grid too large for the driver (counted, never built)."""
     check_common_args(args)
+    checks.check_lr_flags(args)
+    checks.check_number("--val-fraction", args.val_fraction, 0, 1, low_open=True, high_open=True)
+    checks.check_number("--zoom", args.zoom, 0, 1, high_open=True)
+    checks.check_number("--brightness", args.brightness, 0, 1, high_open=True)
+    for flag in ("--split-seed", "--train-limit"):
+        if getattr(args, flag[2:].replace("-", "_")) < 0:
+            raise StudyError(f"{flag} must be >= 0, got {getattr(args, flag[2:].replace('-', '_'))}")
+    if args.weights not in ("imagenet", "none") and not Path(args.weights).expanduser().is_file():
+        raise StudyError(f"--weights {args.weights} is not a file; pass imagenet, none, or the path of a saved "
+                         f"VGG16 state_dict")
+    if not 0 <= args.freeze_blocks <= 5:
+        raise StudyError(f"--freeze-blocks must be in 0..5 (VGG16 has five conv blocks), got {args.freeze_blocks}")
+    for flag in ("--epochs", "--seeds", "--eval-batch-size"):
+        if getattr(args, flag[2:].replace("-", "_")) < 1:
+            raise StudyError(f"{flag} must be >= 1, got {getattr(args, flag[2:].replace('-', '_'))}")
+    for flag in ("--batch-sizes", "--optimizers", "--sgd-lrs", "--adam-lrs"):
+        checks.check_unique(flag, getattr(args, flag[2:].replace("-", "_")))
+    pairs = sum(len(lrs_of(args, o)) for o in dict.fromkeys(args.optimizers or ()) if o in OPTIMIZERS)
+    trials = pairs * len(args.batch_sizes or ()) * args.seeds * len(scaling_rules(args.lr_scaling))
+    checks.check_grid_size(trials, getattr(args, "max_trials", checks.MAX_TRIALS),
+                           f"{pairs} (optimizer, lr) x {len(args.batch_sizes or ())} batch sizes x {args.seeds} "
+                           f"seeds x {len(scaling_rules(args.lr_scaling))} lr scaling rules")
+
+
+def check_grid(args, n_train: int) -> None:
+    """What needs the data to judge (after check_flags)."""
     if not args.batch_sizes or not args.optimizers:
         raise StudyError("empty grid: --batch-sizes and --optimizers need at least one value")
     for name in args.optimizers:
@@ -127,8 +156,6 @@ def check_grid(args, n_train: int) -> None:
     for b in args.batch_sizes:
         if not 1 <= b <= n_train:
             raise StudyError(f"batch size {b} is outside 1..{n_train} (the number of training patches)")
-    if args.epochs < 1 or args.seeds < 1:
-        raise StudyError(f"--epochs and --seeds must be >= 1, got {args.epochs} and {args.seeds}")
 
 
 def hparam_domains(args) -> dict:
@@ -144,6 +171,7 @@ def lrs_of(args, optimizer: str) -> list[float]:
 
 
 def run(args) -> int:
+    check_flags(args)
     data_dir, sizes = prepare_data(args)
     n_train = min(sizes["train"], args.train_limit or sizes["train"])
     check_grid(args, n_train)

@@ -123,7 +123,7 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
             metrics["best_" + select] = state["best"]["value"] if state["best"]["epoch"] > 0 else math.nan
         return metrics
 
-    if state["epoch"] == 0:
+    if start is None:  # a start's epoch 0 was reported with the checkpoint it came from: once per trial
         set_lr(optimizer, base_lr * warmup_factor(0, warmup_steps))
         metrics = {M.EPOCH: 0, M.TRAIN_LOSS: math.nan, M.EPOCH_SECONDS: 0.0, M.TRAIN_SECONDS: 0.0,
                    M.IMAGES_PER_SECOND: math.nan, M.NOISE_SCALE: math.nan, M.NOISE_PROBES: 0, M.DIVERGED: False,

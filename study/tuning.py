@@ -1,7 +1,8 @@
 """Ray and Tune plumbing shared by both study CLIs: common flags, the study folder, the Tuner.
 
 Everything a user can get wrong is checked before Ray starts or anything is written: a study folder that
-already exists (without --resume), an unwritable storage path, impossible resources.
+already exists (without --resume), an unwritable storage path, a --address no cluster answers at, impossible
+resources; the flags themselves are checked in study.cli_checks.
 """
 
 import argparse
@@ -15,6 +16,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from study import cluster
+from study.cli_checks import MAX_TRIALS, check_common_flags, check_name, check_uri, reachable
 from study.errors import StudyError
 
 STUDY_FILE = "study.json"  # what ran: the study's kind, its arguments, code version, stages
@@ -45,9 +47,13 @@ def add_common_args(parser: argparse.ArgumentParser, *, gpus_per_trial: float) -
     ray_group.add_argument("--verbose", action="store_true",
                            help="Tune's own output (a config and a result box per trial) and Ray's warnings, "
                                 "instead of one compact table per stage")
+    ray_group.add_argument("--max-trials", type=int, default=MAX_TRIALS,
+                           help=f"refuse a grid of more trials than this (default {MAX_TRIALS}; the driver holds "
+                                "every trial in memory)")
 
 
 def check_common_args(args) -> None:
+    check_common_flags(args)
     if args.cpus_per_trial <= 0:
         raise StudyError(f"--cpus-per-trial must be > 0, got {args.cpus_per_trial}")
     if args.gpus_per_trial < 0:
@@ -86,6 +92,7 @@ class StudyFolder:
         self.uri = self._base + self._query
         self.storage_uri = self._base.rsplit("/", 1)[0] + self._query
         self.path = f"{root.rstrip('/')}/{name}"
+        self._made = []  # local folders prepare() created, innermost first: taken back if the run is refused
 
     def exists(self) -> bool:
         try:
@@ -103,6 +110,8 @@ class StudyFolder:
         if resume and not existed:
             raise StudyError(f"--resume: no study at {self.uri}")
         try:
+            if isinstance(self.fs, pafs.LocalFileSystem):
+                self._made = [p for p in (Path(self.path), *Path(self.path).parents) if not p.exists()]
             self.fs.create_dir(self.path, recursive=True)
             probe = f"{self.path}/.write-test"
             with self.fs.open_output_stream(probe) as out:
@@ -113,10 +122,13 @@ class StudyFolder:
         return not existed
 
     def remove_if_empty(self) -> None:
-        """Take back a folder this run created before it wrote anything (bad resources found after Ray started)."""
+        """Take back a folder this run created before it wrote anything (bad resources found after Ray started),
+        with the storage folders above it that prepare() created."""
         try:
             if not self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True)):
                 self.fs.delete_dir(self.path)
+            for folder in self._made[1:]:
+                folder.rmdir()  # OSError once a folder is not empty: someone else's files, left alone
         except OSError:
             pass
 
@@ -132,11 +144,21 @@ class StudyFolder:
 
     def read_json(self, name: str):
         with self.fs.open_input_stream(f"{self.path}/{name}") as src:
-            return json.loads(src.read())
+            raw = src.read()
+        try:
+            return json.loads(raw)
+        except ValueError as err:  # cut short by a crash mid-write, or edited by hand
+            raise StudyError(f"{self.child(name)} is not valid JSON ({err}); restore it from a copy, or start a new "
+                             f"study under another --name")
 
 
 def open_study(folder: StudyFolder, args) -> dict:
     """Check the study folder, start or join Ray, fit the per-trial resources; on a bad input leave no trace."""
+    import ray
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address and not ray.is_initialized():
+        reachable(address)  # before anything is written: ray.init retries an unreachable address for good
     created = folder.prepare(args.resume)
     try:
         start_ray(args)
@@ -282,14 +304,23 @@ def main_of(kind: str, parse_args, run, argv=None) -> int:
     StudyError becomes one line on stderr and exit status 2."""
     args = parse_args(argv)
     try:
+        check_name(args.name)
+        check_uri(args.storage_path, "--storage-path")
         if args.resume:
             folder = StudyFolder(args.storage_path, args.name)
-            if folder.exists() and folder.has(STUDY_FILE):
-                saved = folder.read_json(STUDY_FILE)
-                if saved.get("study") != kind:
-                    raise StudyError(f"{folder.uri} holds a {saved.get('study')} study; resume it with "
-                                     f"python -m study.{saved.get('study')} --resume")
-                args = argparse.Namespace(**{**saved["args"], **{k: getattr(args, k) for k in RESOURCE_FLAGS}})
+            if not (folder.exists() and folder.has(STUDY_FILE)):
+                raise StudyError(f"--resume: no study at {folder.uri} (no {STUDY_FILE}); check --storage-path and "
+                                 f"--name, or start a new study without --resume")
+            saved = folder.read_json(STUDY_FILE)
+            try:
+                stored_args = dict(saved["args"])
+            except (ValueError, KeyError, TypeError) as err:  # edited, or not ours
+                raise StudyError(f"{folder.child(STUDY_FILE)} is not a readable study record ({err!r}); restore it "
+                                 f"from a copy, or start a new study under another --name")
+            if saved.get("study") != kind:
+                raise StudyError(f"{folder.uri} holds a {saved.get('study')} study; resume it with "
+                                 f"python -m study.{saved.get('study')} --resume")
+            args = argparse.Namespace(**{**stored_args, **{k: getattr(args, k) for k in RESOURCE_FLAGS}})
         return run(args)
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -2,13 +2,13 @@
 (it starts its own local Ray), checked through what Tune stored.
 
 - a trial's worker process is SIGKILLed mid-epoch: Tune restarts it from its last checkpoint and it ends exactly
-  where an uninterrupted run ends;
+  where an uninterrupted run ends (also from epoch 0's checkpoint: every epoch stored once, counted as recovered);
 - the driver and its Ray are SIGKILLed mid-study: `--resume` finishes the study without re-running finished trials;
 - starting into an existing study folder without `--resume` refuses and changes nothing;
 - with `--max-failures 0` a killed worker leaves an errored trial: `--resume` keeps it errored, `--resume
   --retry-errored` completes it from its checkpoint.
 
-Slow (seven short studies, 3-4 minutes on two busy cores): `pytest tests/test_faults.py`.
+Slow (eight short studies, 4-5 minutes on two busy cores): `pytest tests/test_faults.py`.
 """
 
 import hashlib
@@ -263,6 +263,36 @@ def test_worker_killed_mid_epoch_resumes_from_checkpoint_exactly(tmp_path, refer
     ref = reference.rows()
     assert (rows[-1][M.TEST_MSE], rows[-1][M.TRAIN_LOSS]) == (ref[-1][M.TEST_MSE], ref[-1][M.TRAIN_LOSS])
     assert_same_run(rows, ref)
+
+
+def test_worker_killed_after_epoch_0_reports_each_epoch_once_and_counts_as_recovered(tmp_path):
+    """Restarted from the checkpoint of epoch 0 (the untrained network), the trial stores every epoch once, Tune's
+    step (TensorBoard's x axis) stays epoch + 1, and the report counts it done, recovered after one failure."""
+    from analysis.load import open_study
+
+    cmd = [*data_args(60000), *SWEEP, "--batch-sizes", "16", "--runs", "1", "--epochs", "2"]  # epochs of seconds
+    with Study(tmp_path, *cmd, "--storage-path", str(tmp_path), "--name", "killed0") as study:
+        stage = tmp_path / "killed0" / STAGE
+        result_file = wait_for(lambda: next(stage.glob("*/result.json"), None), study, "a trial folder")
+
+        def in_epoch_1():  # epoch 0 stored (its checkpoint with it), epoch 1's checkpoint not yet written
+            rows = read_rows(result_file)
+            done_1 = (result_file.parent / "checkpoint_000001").exists()
+            return rows if rows and rows[-1][M.EPOCH] == 0 and not done_1 else None
+
+        pid = wait_for(in_epoch_1, study, f"epoch 0 alone in {result_file}")[-1]["pid"]
+        assert study.owns(pid), f"pid {pid} of {result_file} is not a process of this study"
+        os.kill(pid, signal.SIGKILL)
+        code = study.wait()
+    assert code == 0, study.output()[-3000:]
+    (trial,) = trials(stage).values()
+    rows = trial["rows"]
+    assert assert_restarted_once(rows, pid, epochs=2) == 1
+    assert [r["training_iteration"] for r in rows] == [r[M.EPOCH] + 1 for r in rows]
+    progress = (trial["dir"] / "progress.csv").read_text().splitlines()
+    assert len(progress) == 1 + len(rows)  # a header and each epoch once
+    (stored,) = open_study(str(tmp_path / "killed0")).trials()
+    assert stored.outcome == "done" and stored.recovered == "recovered after 1 failure"
 
 
 # ---- the driver killed mid-study, then --resume ----------------------------------------------------------------

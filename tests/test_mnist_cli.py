@@ -122,7 +122,7 @@ def test_cuda_out_of_memory_ends_the_trial_with_its_clear_message(monkeypatch):
 
 def test_every_flag_is_checked_before_ray(capsys, store):
     code, err = run(capsys, store, "--smoke", "--momentum", "-1", "--optimizer", "sgd")
-    assert code == 2 and "momentum and warmup_epochs must be >= 0, got -1.0" in err
+    assert code == 2 and "--momentum must be a finite number in [0, 1), got -1.0" in err
     assert not ray.is_initialized() and not store.exists()
 
 

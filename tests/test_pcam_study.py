@@ -64,12 +64,12 @@ def test_weights_from_a_file_and_bad_files(tmp_path, monkeypatch):
     loaded = vgg16_features_state(str(good))
     assert torch.equal(loaded["0.weight"], model.features[0].weight)
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
-    with pytest.raises(StudyError, match="cannot read --weights"):
+    with pytest.raises(StudyError, match="cannot be read as a state_dict"):
         vgg16_features_state(str(tmp_path / "junk.pt"))
     torch.save({"0.weight": torch.zeros(3)}, tmp_path / "wrong.pt")
     with pytest.raises(StudyError, match="does not fit VGG16"):
         vgg16_features_state(str(tmp_path / "wrong.pt"))
-    with pytest.raises(StudyError, match="cannot read --weights"):
+    with pytest.raises(StudyError, match="absent.pt is not a file"):
         vgg16_features_state(str(tmp_path / "absent.pt"))
 
     from torchvision.models import VGG16_Weights
@@ -88,7 +88,7 @@ def test_weights_from_a_file_and_bad_files(tmp_path, monkeypatch):
     (["--adam-lrs", "inf"], "positive"),
     (["--optimizers", "rmsprop"], "unknown optimizer 'rmsprop'"),
     (["--seeds", "0"], "--seeds must be >= 1"),
-    (["--weights", "/nonexistent/vgg.pt"], "cannot read --weights"),
+    (["--weights", "/nonexistent/vgg.pt"], "--weights /nonexistent/vgg.pt is not a file"),
 ])
 def test_bad_grids_fail_before_ray(capsys, tmp_path, extra, message):
     code = cli.main(["--smoke", *extra, "--storage-path", str(tmp_path / "s"), "--name", "x"])

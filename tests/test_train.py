@@ -92,6 +92,15 @@ def test_resume_from_a_checkpoint_ends_exactly_like_an_uninterrupted_run(data):
         assert resumed[-1][key] == full[-1][key] or (math.isnan(full[-1][key]) and math.isnan(resumed[-1][key]))
 
 
+def test_resume_from_epoch_0_reports_each_epoch_once(data):
+    cfg = MnistConfig(target="mean", lr=1e-3, batch_size=64, epochs=2, seed=5)
+    full, _ = collect(cfg, data)
+    crashed, states = collect(cfg, data, stop_after=0)
+    resumed, _ = collect(cfg, data, start=torch.load(_save(states[-1]), weights_only=True))
+    assert [r[M.EPOCH] for r in crashed + resumed] == [0, 1, 2]  # epoch 0 was reported with its checkpoint
+    assert resumed[-1][M.TEST_MSE] == full[-1][M.TEST_MSE]
+
+
 def _save(state):
     import io
 

@@ -115,32 +115,50 @@ def prepare_kaggle(src, out, val_fraction: float = 0.2, seed: int = 0) -> Path:
     src, out = Path(src).expanduser().resolve(), Path(out).expanduser().resolve()
     if not 0 < val_fraction < 1:
         raise StudyError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if out.exists() and not out.is_dir():
+        raise StudyError(f"--prepared-dir {out} is a file; pass a new or empty folder for the converted data")
     train_ids, test_ids = _ids_of(src / "train"), _ids_of(src / "test")
     wanted = _manifest(src, val_fraction, seed, test_ids)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out.parent / f".{out.name}.lock")):
-        if out.exists() and any(out.iterdir()):
-            if _complete(out) and json.loads((out / MANIFEST).read_text()) == wanted:
-                return out
-            raise StudyError(f"{out} already holds other files (a set prepared from another source or with other "
-                             f"arguments?); pass an empty or new folder, or delete it")
-        labels = _read_labels(src / "train_labels.csv", train_ids)
-        train, valid = _split(labels.to_numpy(), val_fraction, seed)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StudyError(f"cannot create {out.parent} for the converted data ({err.strerror}); pass a writable "
+                         f"--prepared-dir")
+    lock = out.parent / f".{out.name}.lock"
+    with FileLock(str(lock)):
         try:
-            for split, rows in (("train", train), ("valid", valid)):
-                ids = list(labels.index[rows])
-                write_split(tmp, split, _blocks(src / "train", ids), labels.to_numpy()[rows], n=len(ids))
-                pd.DataFrame({"id": ids}).to_csv(tmp / f"ids_{split}.csv", index=False)
-            write_split(tmp, "test", _blocks(src / "test", test_ids), None, n=len(test_ids))
-            pd.DataFrame({"id": test_ids}).to_csv(tmp / "ids_test.csv", index=False)
-            (tmp / MANIFEST).write_text(json.dumps(wanted, indent=1))
-            if out.exists():
-                out.rmdir()  # empty (checked above); rename needs the name free
-            os.replace(tmp, out)
+            return _convert(src, out, val_fraction, seed, train_ids, test_ids, wanted)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            # Unlinked while held, so no lock file outlives a conversion, failed or not; a process waiting on the
+            # old inode sees it unlinked when it gets the lock, and filelock then opens the path afresh.
+            lock.unlink(missing_ok=True)
+
+
+def _convert(src: Path, out: Path, val_fraction: float, seed: int, train_ids: list, test_ids: list,
+             wanted: dict) -> Path:
+    """prepare_kaggle's work under its lock: reuse a matching prepared set, else write one atomically."""
+    if out.exists() and any(out.iterdir()):
+        if _complete(out) and json.loads((out / MANIFEST).read_text()) == wanted:
+            return out
+        raise StudyError(f"{out} already holds other files (a set prepared from another source or with other "
+                         f"arguments?); pass an empty or new folder, or delete it")
+    labels = _read_labels(src / "train_labels.csv", train_ids)
+    train, valid = _split(labels.to_numpy(), val_fraction, seed)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for split, rows in (("train", train), ("valid", valid)):
+            ids = list(labels.index[rows])
+            write_split(tmp, split, _blocks(src / "train", ids), labels.to_numpy()[rows], n=len(ids))
+            pd.DataFrame({"id": ids}).to_csv(tmp / f"ids_{split}.csv", index=False)
+        write_split(tmp, "test", _blocks(src / "test", test_ids), None, n=len(test_ids))
+        pd.DataFrame({"id": test_ids}).to_csv(tmp / "ids_test.csv", index=False)
+        (tmp / MANIFEST).write_text(json.dumps(wanted, indent=1))
+        if out.exists():
+            out.rmdir()  # empty (checked above); rename needs the name free
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

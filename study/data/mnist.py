@@ -40,6 +40,8 @@ class Mnist:
 def find_files(data_dir) -> dict[str, Path]:
     """The four files in data_dir, data_dir/MNIST/raw (torchvision's layout) or data_dir/raw; .gz or not."""
     root = Path(data_dir).expanduser()
+    if root.exists() and not root.is_dir():
+        raise StudyError(f"--data-dir {root} is a file; pass the folder that holds the four MNIST idx files")
     if not root.is_dir():
         raise StudyError(f"MNIST data folder {root} does not exist; {FETCH_HINT}")
     for folder in (root, root / "MNIST" / "raw", root / "raw"):
@@ -49,6 +51,8 @@ def find_files(data_dir) -> dict[str, Path]:
                 if candidate.is_file():
                     found[key] = candidate
                     break
+                if candidate.exists():  # a folder (or a device) where the file belongs
+                    raise StudyError(f"{candidate} is not a file; put the idx file {name} (.gz or not) there")
         if len(found) == len(FILES):
             return found
     missing = [name for key, name in FILES.items() if not any(root.rglob(f"{name}*"))]

@@ -89,6 +89,8 @@ def locate(data_dir, cache_dir=None) -> dict[str, tuple[Path, Path | None]]:
     The test split's y may be absent (a Kaggle-prepared set has an unlabelled test split): then it is None.
     """
     root = Path(data_dir).expanduser()
+    if root.exists() and not root.is_dir():
+        raise StudyError(f"--data-dir {root} is a file; pass the folder that holds the PCam files")
     if not root.is_dir():
         raise StudyError(f"PCam data folder {root} does not exist; {FETCH_HINT}")
     folders = (root, root / "pcam")
@@ -98,6 +100,9 @@ def locate(data_dir, cache_dir=None) -> dict[str, tuple[Path, Path | None]]:
             name = file_name(split, kind)
             candidates = [f / n for f in folders for n in (name, name + ".gz")]
             path = next((c for c in candidates if c.is_file()), None)
+            odd = next((c for c in candidates if c.exists() and not c.is_file()), None)
+            if path is None and odd is not None:
+                raise StudyError(f"{odd} is not a file; put the PCam file {name} (.h5 or .h5.gz) there")
             if path is None and not (split == "test" and kind == "y"):
                 missing.append(name)
             found[split, kind] = path

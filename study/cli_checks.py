@@ -1,0 +1,118 @@
+"""Checks of the flags both study CLIs (and the report) share, run before Ray starts or anything is written.
+
+Each raises StudyError with one line that names the flag, the value and what would be accepted; the CLIs turn it
+into `error: ...` and exit status 2 (study.tuning.main_of).
+"""
+
+import math
+import socket
+from urllib.parse import urlsplit
+
+from study.errors import StudyError
+
+MAX_TRIALS = 10_000  # trials per study unless --max-trials says more: Tune keeps every trial in the driver's memory
+ADDRESS_TIMEOUT_S = 10.0  # how long --address may take to accept a TCP connection
+BUCKET_SCHEMES = ("s3", "gs", "gcs")  # URIs whose first component is a bucket name
+
+
+def check_name(name: str) -> None:
+    """--name is one folder under --storage-path: a path would put the study's files in two places."""
+    bad = (not name or name != name.strip() or "/" in name or "\\" in name or "\0" in name or name in (".", "..")
+           or len(name.encode()) > 255)
+    if bad:
+        raise StudyError(f"--name {name!r} is not one folder name; pass a plain name such as mnist-1 (put the "
+                         f"parent folder in --storage-path)")
+
+
+def check_uri(uri: str, flag: str) -> None:
+    """A path is not empty, and a URI of a bucket store names its bucket (s3:// alone makes pyarrow raise)."""
+    if not uri.strip():
+        raise StudyError(f"{flag} is empty; pass a folder or a URI such as s3://BUCKET/prefix")
+    if "://" not in uri:
+        return
+    parts = urlsplit(uri)
+    if parts.scheme in BUCKET_SCHEMES and not parts.netloc:
+        raise StudyError(f"{flag} {uri!r} names no bucket; pass {parts.scheme}://BUCKET/prefix")
+
+
+def check_number(flag: str, value, low: float = -math.inf, high: float = math.inf, *, low_open: bool = False,
+                 high_open: bool = False) -> None:
+    """value is a finite number in [low, high] (bounds made open by low_open/high_open); None passes."""
+    if value is None:
+        return
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if not math.isfinite(value) or below or above:
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        low_text = f"{low:g}" if math.isfinite(low) else "-inf"
+        high_text = f"{high:g}" if math.isfinite(high) else "inf"
+        raise StudyError(f"{flag} must be a finite number in {left}{low_text}, {high_text}{right}, got {value}")
+
+
+def check_unique(flag: str, values) -> None:
+    """A grid axis lists each value once: a repeated one would run identical trials (same seed) that the report
+    would count as independent runs."""
+    seen = set()
+    for value in values or ():
+        if value in seen:
+            raise StudyError(f"{flag} lists {value} more than once; give each value once (--runs/--seeds repeat "
+                             f"configurations with different seeds)")
+        seen.add(value)
+
+
+def check_grid_size(trials: int, limit: int, what: str) -> None:
+    if trials > limit:
+        raise StudyError(f"the grid has {trials:,} trials ({what}), more than the limit of {limit:,}; make the grid "
+                         f"smaller, or pass --max-trials {trials} if the driver has the memory for it")
+
+
+def check_common_flags(args) -> None:
+    """The flags of tuning.add_common_args that need no data and no Ray."""
+    check_name(args.name)
+    check_uri(args.storage_path, "--storage-path")
+    if args.address:
+        host_port(args.address)
+    for flag, value in (("--cpus-per-trial", args.cpus_per_trial), ("--gpus-per-trial", args.gpus_per_trial)):
+        if not math.isfinite(value):
+            raise StudyError(f"{flag} must be a finite number, got {value}")
+    if args.num_cpus is not None and args.num_cpus < 1:
+        raise StudyError(f"--num-cpus must be >= 1, got {args.num_cpus}")
+    if getattr(args, "max_trials", MAX_TRIALS) < 1:
+        raise StudyError(f"--max-trials must be >= 1, got {args.max_trials}")
+
+
+def check_lr_flags(args) -> None:
+    """The learning-rate scaling and warmup flags both studies share."""
+    check_number("--momentum", args.momentum, 0, 1, high_open=True)
+    check_number("--warmup-epochs", args.warmup_epochs, 0, args.epochs)
+    if args.lr_reference_batch < 1:
+        raise StudyError(f"--lr-reference-batch must be >= 1, got {args.lr_reference_batch}")
+    check_unique("--lr-scaling", args.lr_scaling if isinstance(args.lr_scaling, list) else [args.lr_scaling])
+
+
+def host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a Ray address HOST:PORT or ray://HOST:PORT; None for "auto" and "local" (Ray's to resolve)."""
+    if address in ("auto", "local"):
+        return None
+    parts = urlsplit(address if "://" in address else f"ray://{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a port that is not a number
+        host, port = None, None
+    if not host or not port:
+        raise StudyError(f"--address {address!r} is not auto or HOST:PORT (e.g. 10.0.0.5:6379)")
+    return host, port
+
+
+def reachable(address: str, timeout: float = ADDRESS_TIMEOUT_S) -> None:
+    """A Ray address given as HOST:PORT accepts a TCP connection within `timeout`: without this check ray.init
+    retries an unreachable address for good."""
+    target = host_port(address)
+    if target is None:
+        return
+    try:
+        socket.create_connection(target, timeout=timeout).close()
+    except OSError as err:
+        reason = f"no answer in {timeout:g} s" if isinstance(err, TimeoutError) else (err.strerror or str(err))
+        raise StudyError(f"no Ray cluster answers at {address} ({reason}); start it "
+                         f"(ray start --head) or fix --address / RAY_ADDRESS")
