@@ -22,7 +22,8 @@ def _values(trial: Trial) -> list[tuple[int, float, int]]:
     out = []
     for row in trial.rows:
         epoch = row.get(M.EPOCH)
-        if isinstance(epoch, (int, float)) and epoch >= 1:
+        # An out-of-memory row ends a trial without training that epoch: not an epoch with no probe.
+        if isinstance(epoch, (int, float)) and epoch >= 1 and row.get(M.STATUS) != M.STATUS_OOM:
             value = row.get(M.NOISE_SCALE)
             value = float(value) if isinstance(value, (int, float)) and value is not None else math.nan
             out.append((int(epoch), value, int(row.get(M.NOISE_PROBES) or 0)))
@@ -42,10 +43,14 @@ def why_none(trial: Trial) -> str:
         return ""
     if trial.config.get("noise_scale") is False:
         return "noise scale off (--noise-scale off)"
+    if any(r.get(M.STATUS) == M.STATUS_OOM for r in trial.rows):
+        return "ran out of GPU memory" + (f" in epoch {values[-1][0] + 1}" if values else " before its first epoch")
     if not values:
         return "no trained epoch stored yet" if trial.outcome in ("running", "pending") else "no trained epoch"
     if trial.outcome == "diverged" and len(values) <= 1:
         return f"diverged in epoch {values[-1][0]} (NaN loss, NaN gradients)"
+    if not any(M.NOISE_PROBES in r for r in trial.rows):
+        return "no probe count stored (a study from before the fixed-weight estimator)"
     if not any(p for _, _, p in values):
         return "too few steps: no probe step in any epoch (fewer steps than --noise-every, or batches of 1)"
     if trial.outcome == "diverged":

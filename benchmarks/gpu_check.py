@@ -190,7 +190,7 @@ def main(argv=None) -> int:
         print(f"error: {out} is not empty; name a new folder for this check's log and summary", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "STUDY_TUNE_VERBOSE": "0", "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled"}
     paths = [str(ROOT), args.site, env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     summary = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "dry_run": args.dry_run, "parts": []}

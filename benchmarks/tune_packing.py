@@ -35,8 +35,7 @@ def run_grid(args, name: str, trials: int, gpus: float, cpus: float, storage: Pa
                str(args.batch_size), "--runs", str(trials), "--epochs", str(args.epochs), "--gpus-per-trial",
                f"{gpus:g}", "--cpus-per-trial", f"{cpus:g}", "--num-cpus", str(args.num_cpus), "--storage-path",
                str(storage), "--name", name]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "STUDY_TUNE_VERBOSE": "0"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{name}: python -m study.mnist exited {done.returncode}:\n{done.stdout[-3000:]}"

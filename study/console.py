@@ -21,6 +21,7 @@ from study import metrics as M
 REPEATS = ("run", "seed")  # grid axes that repeat a configuration
 LOG_EVERY_S = 30.0  # seconds between progress lines in a log
 REDRAW_EVERY_S = 1.0
+FINISHED = ("done", "diverged", "out of memory", "error")  # row statuses of trials that ended
 QUIET_LOGGERS = ("ray.tune", "ray.train", "ray.air")  # their warnings are benign in a study (snapshot timing, ...)
 
 
@@ -93,13 +94,16 @@ class StudyConsole(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         row = self._row(trial)
         row["epoch"] = result.get(M.EPOCH, row["epoch"])
-        row["status"] = "diverged" if result.get(M.DIVERGED) else "running"
+        row["status"] = ("diverged" if result.get(M.DIVERGED) else
+                         "out of memory" if result.get(M.STATUS) == M.STATUS_OOM else "running")
         row.update({m: result[m] for m in self.metrics if m in result})
         self._dirty = True
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         row = self._row(trial)
-        row["status"] = "diverged" if (trial.last_result or {}).get(M.DIVERGED) else "done"
+        last = trial.last_result or {}
+        row["status"] = ("diverged" if last.get(M.DIVERGED) else
+                         "out of memory" if last.get(M.STATUS) == M.STATUS_OOM else "done")
         self._dirty = True
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -131,10 +135,10 @@ class StudyConsole(tune.Callback):
     def progress(self) -> str:
         rows = list(self.trials.values())
         total = max(self.total, len(rows))
-        finished = sum(r["status"] in ("done", "diverged", "error") for r in rows)
+        finished = sum(r["status"] in FINISHED for r in rows)
         running = sum(r["status"] == "running" for r in rows)
         epochs_total = sum(r["epochs"] for r in rows) + (total - len(rows)) * (rows[0]["epochs"] if rows else 1)
-        epochs_done = sum(r["epochs"] if r["status"] in ("done", "diverged", "error") else r["epoch"] for r in rows)
+        epochs_done = sum(r["epochs"] if r["status"] in FINISHED else r["epoch"] for r in rows)
         elapsed = time.monotonic() - self.started
         if finished == total:
             left = "stage finished"

@@ -90,7 +90,7 @@ def check_flags(args) -> None:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value < 0:
             raise StudyError(f"{flag} must be >= 0 (0 for --train-limit/--test-limit: all images), got {value}")
-    for flag in ("--runs", "--epochs", "--lr-search-batch"):
+    for flag in ("--runs", "--epochs", "--lr-search-batch", "--noise-every"):
         if getattr(args, flag[2:].replace("-", "_")) < 1:
             raise StudyError(f"{flag} must be >= 1, got {getattr(args, flag[2:].replace('-', '_'))}")
     for flag in ("--targets", "--lr-grid", "--fine-factors", "--batch-sizes"):

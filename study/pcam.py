@@ -129,7 +129,7 @@ def check_flags(args) -> None:
                          f"VGG16 state_dict")
     if not 0 <= args.freeze_blocks <= 5:
         raise StudyError(f"--freeze-blocks must be in 0..5 (VGG16 has five conv blocks), got {args.freeze_blocks}")
-    for flag in ("--epochs", "--seeds", "--eval-batch-size"):
+    for flag in ("--epochs", "--seeds", "--eval-batch-size", "--noise-every", "--checkpoint-every"):
         if getattr(args, flag[2:].replace("-", "_")) < 1:
             raise StudyError(f"{flag} must be >= 1, got {getattr(args, flag[2:].replace('-', '_'))}")
     for flag in ("--batch-sizes", "--optimizers", "--sgd-lrs", "--adam-lrs"):

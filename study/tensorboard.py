@@ -32,7 +32,7 @@ SCALARS = {
     M.BEST_VAL_ACC: "val/best_acc",
     M.TEST_MSE: "test/mse", M.TEST_AUC: "test/auc", M.TEST_ACC: "test/acc",
     M.EPOCH_SECONDS: "time/epoch_seconds", M.TRAIN_SECONDS: "time/train_seconds",
-    M.IMAGES_PER_SECOND: "time/images_per_second", M.NOISE_SCALE: "noise/scale",
+    M.IMAGES_PER_SECOND: "time/images_per_second", M.NOISE_SCALE: "noise/scale", M.NOISE_PROBES: "noise/probes",
     M.GPU_MEMORY_MB: "system/gpu_memory_mb",
 }
 BEST_VAL_AUC = "val/best_auc"  # val AUC of the best-accuracy epoch (the weights that get tested)
@@ -189,6 +189,7 @@ class StudyTensorBoard(TBXLoggerCallback):
         writer = self._writers.pop(trial)
         last = trial.last_result or {}
         diverged = bool(last.get(M.DIVERGED))
+        failed = failed or last.get(M.STATUS) == M.STATUS_OOM  # reported, not raised: see trial_entry
         if failed or diverged:
             for tag in FAILED_NAN[self.kind]:
                 writer.add_scalar(tag, math.nan, self._last.get(trial, 0))

@@ -86,7 +86,9 @@ def load_start() -> dict | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
-        return torch.load(Path(folder) / M.STATE_FILE, map_location="cpu", weights_only=True)
+        state = torch.load(Path(folder) / M.STATE_FILE, map_location="cpu", weights_only=True)
+    _reported["epoch"] = state["epoch"]  # a resumed trial does not report its checkpoint's epoch again
+    return state
 
 
 def report(metrics: dict, state: dict, files: dict | None = None, every: int = 1) -> None:
@@ -162,7 +164,10 @@ def train_pcam(config: dict, data: dict) -> None:
         torch.cuda.reset_peak_memory_stats(device)  # the worker may have run another trial before (reused actors)
     share = placement[M.GPU_SHARE]
     configure_cuda(device, tf32=cfg.tf32, benchmark=True)  # fixed shapes: cuDNN's autotuning pays once
-    budget = cap_memory(device, share)
+    try:
+        budget = cap_memory(device, share)
+    except ValueError as err:  # a share smaller than a CUDA context: retrying cannot help, so end it as OOM does
+        raise torch.cuda.OutOfMemoryError(str(err)) from None
     run_pcam(cfg, data["features"], device, lambda metrics, state, files: report(
         {**metrics, **placement}, state, files, cfg.checkpoint_every), load_start(), memory_budget=budget,
         packed=0 < share < 1)
@@ -187,7 +192,9 @@ def run_pcam(cfg: PcamConfig, features: dict | None, device: torch.device, repor
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, device)
     needs = 0
     if memory_budget is not None and not packed:
-        example = to_input(torch.from_numpy(np.array(train_x[:4])).to(device), train=False)
+        # Four images (repeated when --train-limit leaves fewer): the measurement needs two or more.
+        example = np.resize(np.array(train_x[:4]), (4, *train_x.shape[1:]))
+        example = to_input(torch.from_numpy(example).to(device), train=False)
         needs = training_bytes(model, cfg.optimizer, cfg.batch_size, saved_bytes_per_image(model, example, amp))
     upload = plan_uploads({"train": train_x.nbytes, "val": val_x.nbytes, "test": test_x.nbytes},
                           budget_bytes=memory_budget, needs_bytes=needs, packed=packed)

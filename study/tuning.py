@@ -320,7 +320,8 @@ def main_of(kind: str, parse_args, run, argv=None) -> int:
             if saved.get("study") != kind:
                 raise StudyError(f"{folder.uri} holds a {saved.get('study')} study; resume it with "
                                  f"python -m study.{saved.get('study')} --resume")
-            args = argparse.Namespace(**{**stored_args, **{k: getattr(args, k) for k in RESOURCE_FLAGS}})
+            # Keys an older study.json lacks (flags added since) take this version's defaults.
+            args = argparse.Namespace(**{**vars(args), **stored_args, **{k: getattr(args, k) for k in RESOURCE_FLAGS}})
         return run(args)
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -80,7 +80,7 @@ class Study:
 
     def __init__(self, tmp: Path, *args: str):
         self.log = tmp / f"study-{time.monotonic_ns()}.log"
-        env = dict(os.environ, STUDY_TUNE_VERBOSE="0", RAY_AUTH_MODE="disabled")
+        env = dict(os.environ, RAY_AUTH_MODE="disabled")
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "study.mnist", *args], cwd=REPO, env=env,
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

@@ -1,7 +1,9 @@
 """The CUDA paths' decisions, given their inputs on CPU: memory caps and uploads, out-of-memory, fp32 evaluation
 logits, the CUDA RNG in the checkpoint, per-trial CUDA switches, checkpoint frequency."""
 
+import tempfile
 import weakref
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -216,3 +218,24 @@ def test_the_analysis_reads_an_out_of_memory_trial_as_failed_with_its_message(tm
     (folder / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
     trial = _read_trial(pafs.LocalFileSystem(), str(folder), "grid", folder.name, None)
     assert trial.outcome == "error" and trial.error.startswith("CUDA out of memory at batch size 512")
+
+
+def test_out_of_memory_after_a_restart_reports_the_epoch_it_failed_in(monkeypatch):
+    """A trial restored from its epoch-2 checkpoint reports nothing for epoch 2 again; running out of memory in
+    epoch 3 must not be stored as epoch 0 (the analysis would read it as the first row, not the last)."""
+    class Saved:
+        def as_directory(self):
+            folder = tempfile.TemporaryDirectory()
+            torch.save({"epoch": 2}, Path(folder.name) / M.STATE_FILE)
+            return folder
+
+    @trainables.trial_entry
+    def train(config, data):
+        assert trainables.load_start()["epoch"] == 2
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    rows = []
+    monkeypatch.setattr(trainables.tune, "get_checkpoint", lambda: Saved())
+    monkeypatch.setattr(trainables.tune, "report", lambda metrics, checkpoint=None: rows.append(metrics))
+    train({"batch_size": 512}, None)
+    assert [(r[M.EPOCH], r[M.STATUS]) for r in rows] == [(3, M.STATUS_OOM)]

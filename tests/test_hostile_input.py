@@ -3,6 +3,7 @@ exit status 2, before Ray starts, with nothing written (no study folder, no stor
 that must name the right thing, and the Kaggle conversion leaving no lock file behind. No training here."""
 
 import gzip
+import json
 import time
 
 import pytest
@@ -53,6 +54,7 @@ MNIST_CASES = [
     (["--val-size", "-1"], "--val-size must be >= 0"),
     (["--lr-search-batch", "0"], "--lr-search-batch must be >= 1"),
     (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--noise-every", "0"], "--noise-every must be >= 1"),
     (["--lr-reference-batch", "0"], "--lr-reference-batch must be >= 1"),
     (["--num-cpus", "0"], "--num-cpus must be >= 1"),
     (["--max-trials", "0"], "--max-trials must be >= 1"),
@@ -142,6 +144,8 @@ def test_data_paths_that_point_the_wrong_way(capsys, tmp_path):
 
 
 PCAM_CASES = [
+    (["--noise-every", "0"], "--noise-every must be >= 1"),
+    (["--checkpoint-every", "0"], "--checkpoint-every must be >= 1"),
     (["--seeds", "100000000"], "the grid has 400,000,000 trials"),
     (["--warmup-epochs", "nan"], "--warmup-epochs must be a finite number"),
     (["--momentum", "inf"], "--momentum must be a finite number"),
@@ -197,3 +201,18 @@ def test_a_refusal_after_ray_started_leaves_no_storage_root(capsys, tmp_path):
     code = mnist_cli.main(["--smoke", "--cpus-per-trial", "3", "--storage-path", str(tmp_path / "kept"),
                            "--name", "s"])
     assert code == 2 and list(tmp_path.iterdir()) == [tmp_path / "kept"] and not any((tmp_path / "kept").iterdir())
+
+
+def test_resume_of_a_study_stored_before_a_flag_existed_takes_its_default(monkeypatch, tmp_path):
+    """A study.json written by an older version lacks the flags added since (e.g. --noise-every): --resume gives
+    them this version's defaults instead of failing with a traceback."""
+    args = mnist_cli.parse_args(["--smoke", "--storage-path", str(tmp_path), "--name", "old"])
+    stored = {k: v for k, v in vars(args).items() if k not in ("noise_every", "tf32", "max_trials", "verbose")}
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "study.json").write_text(json.dumps({"study": "mnist", "args": stored}))
+    seen = {}
+    monkeypatch.setattr(mnist_cli, "run", lambda a: seen.setdefault("args", a) and 0)
+    assert mnist_cli.main(["--resume", "--storage-path", str(tmp_path), "--name", "old", "--num-cpus", "1"]) == 0
+    resumed = seen["args"]
+    assert resumed.noise_every == args.noise_every and resumed.tf32 is False and resumed.smoke is True
+    assert resumed.num_cpus == 1 and resumed.resume is True

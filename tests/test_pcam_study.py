@@ -143,7 +143,7 @@ def test_smoke_study_end_to_end(tmp_path, tensorboard_api):
         # Every step of these 3-6 step epochs is a probe. At random init B_simple is ~100-600 patches (measured),
         # so at batch 8-16 the |G|^2 estimate of a few probes can still be <= 0: the report must then say so.
         assert cfg["noise_every"] == 1 and all(r[M.NOISE_PROBES] >= 3 for r in rows[1:])
-        noise[trial.name] = [r[M.NOISE_SCALE] for r in rows[1:]]
+        noise[last["trial_id"]] = [r[M.NOISE_SCALE] for r in rows[1:]]
         stored_auc[(cfg["optimizer"], cfg["lr"], cfg["batch_size"])] = last[M.TEST_AUC]
     assert ("sgd", 0.01, 8) in configs and ("adam", 1e-4, 16) in configs
     # The report, from what this real study stored: one AUC table per optimizer, values as stored.
@@ -155,7 +155,7 @@ def test_smoke_study_end_to_end(tmp_path, tensorboard_api):
     coverage = pd.read_csv(out / "noise_coverage.csv", keep_default_na=False)
     assert len(coverage) == len(noise)
     for row in coverage.itertuples():
-        (values,) = [v for name, v in noise.items() if row.trial_id in name]
+        values = noise[row.trial_id]  # trial folders are named by what they run, not by id
         assert row.finite_epochs == sum(map(math.isfinite, values))
         assert (row.why_none == "") == (row.finite_epochs > 0)
         assert row.finite_epochs > 0 or "<= 0" in row.why_none

@@ -60,7 +60,7 @@ def smoke(tmp_path_factory) -> Path:
     storage = tmp_path_factory.mktemp("store")
     # RAY_ADDRESS=local: a Ray of its own even when other Ray instances run on this machine (ray.init would
     # otherwise join the newest one); "local" counts as an address, hence no GPU share to wait for.
-    env = dict(os.environ, STUDY_TUNE_VERBOSE="0", RAY_AUTH_MODE="disabled", RAY_ADDRESS="local")
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ADDRESS="local")
     done = subprocess.run([sys.executable, "-m", "study.mnist", "--smoke", "--storage-path", str(storage), "--name",
                            "smoke", "--gpus-per-trial", "0"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)

@@ -158,3 +158,24 @@ def test_tune_console_quiets_ray_only_while_a_stage_runs(monkeypatch):
     assert os.environ["RAY_AIR_NEW_OUTPUT"] == "1" and logger.level == before  # other Tuners in this process
     with tune_console(verbose=True):
         assert logger.level == logging.INFO
+
+
+def test_an_out_of_memory_trial_is_a_failure_in_tensorboard_and_finished_on_the_console(tmp_path):
+    """Out of memory is reported as a last row (no exception, see trainables.trial_entry), so Tune calls the trial
+    complete: TensorBoard and the console must still show it failed."""
+    writer = StudyTensorBoard("pcam", "grid")
+    trial = fake_trial(tmp_path / "oom", {"optimizer": "sgd", "lr": 0.002, "batch_size": 512, "seed": 0})
+    writer.log_trial_start(trial)
+    writer.log_trial_result(1, trial, epoch(0, val_auc=0.5, val_acc=0.5, best_val_acc=math.nan, best_epoch=-1))
+    trial.last_result = {M.EPOCH: 1, M.STATUS: M.STATUS_OOM, M.DIVERGED: False, M.MESSAGE: "CUDA out of memory"}
+    writer.log_trial_result(2, trial, trial.last_result)
+    writer.log_trial_end(trial)
+    assert end_status(read(trial.local_path)) == api_pb2.STATUS_FAILURE
+
+    console = StudyConsole("grid", ["optimizer", "batch_size"], [M.TEST_AUC])
+    console.setup(total_num_samples=1)
+    console.on_trial_start(0, [trial], trial)
+    console.on_trial_result(0, [trial], trial, trial.last_result)
+    console.on_trial_complete(0, [trial], trial)
+    assert console.table()[1].split()[2:5] == ["out", "of", "memory"]
+    assert "1/1 trials finished" in console.progress()
