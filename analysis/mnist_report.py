@@ -192,14 +192,14 @@ def write_sensitivity(report: ReportWriter, study: Study, sweep: pd.DataFrame) -
             lines = ax.errorbar(part["batch_size"], part["mean"], yerr=[part["mean"] - part["min"],
                                                                         part["max"] - part["mean"]],
                                 marker="o", capsize=3, label=f"target: {target}")
-            mark_noise_scale(ax, noise[target], lines[0].get_color(), f"{target}: ")
+            mark_noise_scale(ax, noise[target], lines[0].get_color(), f"target {target}: ")
             noise_figures.overlay(ax, [x for x in study.trials("batch_sweep") if x.config.get("target") == target],
-                                  lines[0].get_color(), f"{target}: ")
+                                  lines[0].get_color(), f"target {target}: ")
         batch_axis(ax, sweep["batch_size"])
         log_scale_if_wide(ax, spread[spread["target"].isin(group)]["mean"])
         ax.set_ylabel("final test MSE (target units²)")
         ax.set_title("variance target" if group == ["var"] else "targets: " + ", ".join(group))
-        ax.legend()
+        ax.legend(loc="upper left", fontsize="small")  # "best" cannot see the B_simple axis' lines
     note = ("Dashed: the measured gradient noise scale (median over the target's trials of the last finite "
             "B_simple), where theory puts the knee of the curve; dotted, right axis: B_simple per batch size (median "
             "of each trial's epochs, bars over runs)." if any(map(math.isfinite, noise.values()))

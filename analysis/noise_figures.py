@@ -93,6 +93,8 @@ def overlay(ax, trials: list, colour: str = "grey", label: str = "") -> bool:
     twin.errorbar(table["batch_size"], table["median"], yerr=[table["median"] - table["min"],
                                                               table["max"] - table["median"]],
                   color=colour, marker="s", linestyle=":", capsize=2, alpha=0.8, label=f"{label}B_simple")
+    # The twin axis' lines are not in the panel's legend: a handle without data there names the dotted line.
+    ax.plot([], [], color=colour, marker="s", linestyle=":", alpha=0.8, label=f"{label}B_simple per batch (right)")
     twin.set_yscale("log")
     twin.set_ylabel("B_simple (images), dotted")
     twin.grid(False)

@@ -8,6 +8,7 @@ resources; the flags themselves are checked in study.cli_checks.
 import argparse
 import datetime
 import json
+import logging as pylogging
 import os
 import subprocess
 import sys
@@ -21,6 +22,8 @@ from study.errors import StudyError
 
 STUDY_FILE = "study.json"  # what ran: the study's kind, its arguments, code version, stages
 ERRORED_FILE = "errored_trials.json"  # in each stage folder: the trial folders that ended in an error
+# Where ray.init logs its start-up notes (ray.init sets the level of "ray" itself, so that one is no use).
+RAY_START_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, gpus_per_trial: float) -> None:
@@ -197,7 +200,14 @@ def start_ray(args) -> None:
         return
     address = args.address or os.environ.get("RAY_ADDRESS")
     # Ray's INFO lines from the trials' processes (one per checkpoint) only with --verbose.
-    logging = ray.LoggingConfig(log_level="INFO" if getattr(args, "verbose", False) else "WARNING")
+    verbose = getattr(args, "verbose", False)
+    logging = ray.LoggingConfig(log_level="INFO" if verbose else "WARNING")
+    # The driver's own start-up warnings (e.g. "Token authentication is enabled") are benign: --verbose shows them;
+    # a start that fails still raises.
+    driver_log = pylogging.getLogger(RAY_START_LOGGER)
+    level = driver_log.level
+    if not verbose:
+        driver_log.setLevel(pylogging.ERROR)
     try:
         if address and address != "local":
             ray.init(address=address, log_to_driver=True, logging_config=logging)
@@ -206,6 +216,8 @@ def start_ray(args) -> None:
             ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, logging_config=logging)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise StudyError(f"cannot start or join Ray at {address or 'a local instance'}: {err}")
+    finally:
+        driver_log.setLevel(level)
 
 
 def fit_resources(args) -> dict:
