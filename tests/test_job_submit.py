@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from cluster_procs import free_port, new_tag, stop_tagged, tagged_env, wait_for
+from analysis.load import open_study
 from study import metrics as M
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -83,7 +84,7 @@ class TokenCluster:
         """`ray job logs --follow` until the job ends, then its end status from `ray job status`."""
         logs = self.ray("job", "logs", f"--address={self.dashboard}", "--follow", job_id).stdout
         done = self.ray("job", "status", f"--address={self.dashboard}", job_id)
-        status = re.search(r"Job '\w+' (succeeded|failed|stopped)", done.stdout + done.stderr)  # "Job 'X' succeeded"
+        status = re.search(r"Job '\w+' (?:was )?(succeeded|failed|stopped)", done.stdout + done.stderr)
         assert status, f"no end status:\n{done.stdout}\n{done.stderr}\n{logs[-3000:]}"
         return logs, status.group(1).upper()
 
@@ -121,6 +122,14 @@ def trials(stage: Path) -> dict[str, list[dict]]:
             for f in sorted(stage.glob("*/result.json"))}
 
 
+def stored_epochs(stage: Path) -> list[int]:
+    """Rows stored per trial so far, read while the driver writes (a line being written is not counted)."""
+    counts = []
+    for f in sorted(stage.glob("*/result.json")):
+        counts.append(sum(line.endswith("}") for line in f.read_text().splitlines()))
+    return counts
+
+
 def test_the_job_cli_is_refused_without_the_token(cluster):
     done = cluster.ray("job", "list", f"--address={cluster.dashboard}", check=False,
                        env={**cluster.env, "RAY_AUTH_MODE": "disabled"})
@@ -153,3 +162,45 @@ def test_a_second_job_resumes_the_stored_study(cluster, first_job, store):
     assert status == "SUCCEEDED", logs[-3000:]
     assert f"resuming {store / 'job' / 'batch_sweep'}" in logs
     assert trials(store / "job" / "batch_sweep") == before  # finished trials are kept, not run again
+
+
+def test_a_job_stopped_mid_study_is_continued_by_a_second_job(cluster, store):
+    """The driver's job stopped mid-run (`ray job stop`, as a lost laptop session or a cancelled job would), then
+    the same command with --resume as a second job: finished rows kept, unfinished trials go on from a
+    checkpoint to the end, none restarted from scratch."""
+    epochs = 60  # long enough (about 0.3 s an epoch at batch 16) to stop the job while both trials run
+    argv = [*STUDY, "--batch-sizes", "16", "--epochs", str(epochs), "--storage-path", str(store), "--name", "stopped"]
+    stage = store / "stopped" / "batch_sweep"
+    job_id = cluster.submit(*argv)
+    wait_for(lambda: len(rows := stored_epochs(stage)) == 2 and min(rows) >= 5, 240, "both trials past epoch 4",
+             poll=0.2)
+    cluster.ray("job", "stop", f"--address={cluster.dashboard}", job_id)
+    _, status = cluster.follow(job_id)
+    assert status == "STOPPED"
+    # The stopped driver still stores what its trials last reported as it shuts down: read once that has settled.
+    settled = []
+    wait_for(lambda: settled.append(stored_epochs(stage)) or settled[-3:] == [settled[-1]] * 3, 60,
+             "the stopped driver's last rows", poll=1)
+    before = trials(stage)
+    unfinished = [name for name, rows in before.items() if rows[-1][M.STATUS] != M.STATUS_DONE]
+    assert unfinished, "both trials finished before the job was stopped: the test needs more epochs"
+
+    logs, status = cluster.follow(cluster.submit(*argv, "--resume"))
+    assert status == "SUCCEEDED", logs[-3000:]
+    after = trials(stage)
+    assert sorted(after) == sorted(before)
+    for name, rows in after.items():
+        kept = before[name]
+        assert rows[:len(kept)] == kept, name  # what was stored stays
+        assert rows[-1][M.STATUS] == M.STATUS_DONE and rows[-1][M.EPOCH] == epochs, name
+        assert sorted({r[M.EPOCH] for r in rows}) == list(range(epochs + 1)), name  # no epoch missing
+        tail = [r[M.EPOCH] for r in rows[len(kept):]]
+        if name in unfinished:  # on from a checkpoint at or before its last stored epoch, never from scratch
+            assert tail and 0 < tail[0] <= kept[-1][M.EPOCH] + 1, (kept[-1][M.EPOCH], tail)
+            # Epochs trained after the last checkpoint Tune's snapshot knew of are trained and stored again (the
+            # stopped driver's last rows can also arrive late): a repeat goes back, never skips an epoch forward.
+            assert all(b - a <= 1 for a, b in zip(tail, tail[1:])), tail
+    # The report reads each epoch once: the later row of a repeated epoch.
+    for trial in open_study(str(store / "stopped")).trials("batch_sweep"):
+        assert [r[M.EPOCH] for r in trial.rows] == list(range(epochs + 1)), trial.dirname
+        assert trial.outcome == "done"
