@@ -7,6 +7,7 @@ the processes that put themselves in new sessions. `stop_tagged` finds them all 
 of this machine are left alone.
 """
 
+import contextlib
 import os
 import signal
 import socket
@@ -51,17 +52,33 @@ def tagged_pids(tag: str) -> list[int]:
     return found
 
 
-def stop_tagged(tag: str, timeout: float = 30.0) -> list[int]:
-    """SIGKILL every process carrying `tag` until none is left; returns the pids that survived (none, normally)."""
+def kill_until_gone(pids, timeout: float = 30.0, poll: float = 0.2) -> list[int]:
+    """SIGKILL what pids() lists until it lists nothing (processes may spawn others as they die); returns the
+    pids that survived the timeout (none, normally)."""
     deadline = time.monotonic() + timeout
-    while (left := tagged_pids(tag)) and time.monotonic() < deadline:
+    while (left := pids()) and time.monotonic() < deadline:
         for pid in left:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        time.sleep(0.2)
-    return tagged_pids(tag)
+        time.sleep(poll)
+    return pids()
+
+
+def stop_tagged(tag: str, timeout: float = 30.0) -> list[int]:
+    """SIGKILL every process carrying `tag` until none is left; returns the pids that survived (none, normally)."""
+    return kill_until_gone(lambda: tagged_pids(tag), timeout)
+
+
+@contextlib.contextmanager
+def running(cluster):
+    """A test cluster (start(), stop() -> surviving pids) started for a block and always stopped after it."""
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        assert cluster.stop() == []
 
 
 def wait_for(condition, timeout: float, what: str, poll: float = 0.5):

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster_procs import free_port, new_tag, stop_tagged, tagged_env, tagged_pids, wait_for
+from cluster_procs import free_port, new_tag, running, stop_tagged, tagged_env, tagged_pids, wait_for
 from study import metrics as M
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -131,12 +131,8 @@ def running_trial_past_epoch_0(stage: Path):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cluster = FakeCluster(tmp_path_factory.mktemp("fake"))
-    try:
-        cluster.start()
+    with running(FakeCluster(tmp_path_factory.mktemp("fake"))) as cluster:
         yield cluster
-    finally:
-        assert cluster.stop() == []
 
 
 @pytest.fixture(scope="module")

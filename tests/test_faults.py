@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster_procs import kill_until_gone
 from study import metrics as M
 
 pytestmark = pytest.mark.slow
@@ -116,15 +117,8 @@ class Study:
         except ProcessLookupError:
             pass
         self.proc.wait(30)
-        deadline = time.monotonic() + 30
-        while (left := session_pids(self.sid)) and time.monotonic() < deadline:
-            for pid in left:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.1)
-        assert not session_pids(self.sid), f"processes of the killed study survive: {session_pids(self.sid)}"
+        left = kill_until_gone(lambda: session_pids(self.sid), 30, poll=0.1)
+        assert not left, f"processes of the killed study survive: {left}"
 
 
 def run_study(tmp: Path, *args: str, timeout: float = STUDY_TIMEOUT) -> tuple[int, str]:

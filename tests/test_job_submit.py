@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster_procs import free_port, new_tag, stop_tagged, tagged_env, wait_for
+from cluster_procs import free_port, new_tag, running, stop_tagged, tagged_env, wait_for
 from analysis.load import open_study
 from study import metrics as M
 
@@ -97,12 +97,8 @@ class TokenCluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cluster = TokenCluster(tmp_path_factory.mktemp("token"))
-    try:
-        cluster.start()
+    with running(TokenCluster(tmp_path_factory.mktemp("token"))) as cluster:
         yield cluster
-    finally:
-        assert cluster.stop() == []
 
 
 @pytest.fixture(scope="module")
