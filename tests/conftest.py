@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from cluster_procs import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
 SHARED_KAGGLE = REPO.parent / "shared" / "data" / "pcam-kaggle-sample"
@@ -35,7 +37,6 @@ def tensorboard_api():
     """start(logdir) runs a real TensorBoard on 127.0.0.1 at a free port and returns api(path, body=None) -> the
     JSON of one data API call (POST when body is given). Every server started is stopped by its pid."""
     import json
-    import socket
     import subprocess
     import sys
     import time
@@ -44,9 +45,7 @@ def tensorboard_api():
     servers = []
 
     def start(logdir):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         servers.append(subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir),
                                          "--host", "127.0.0.1", "--port", str(port)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
