@@ -19,8 +19,9 @@ others' figures:
   checkpoint  benchmarks/checkpoint_cost.py: checkpoint seconds against epoch seconds
 It writes OUT_DIR/gpu_check.log (every part's command and output) and OUT_DIR/summary.json (per part: status
 ok|failed|timeout|skipped, seconds, cap, and the figures parsed from its output). Exit status 0 when every part
-that ran passed. The caps add up to at most CAPS_TOTAL_S, so the whole check fits a 10-minute call. MNIST: the four idx files in --mnist-dir (copy ../shared/data/mnist there; without them the
-MNIST parts use synthetic digits). PCam patches are generated on the machine.
+that ran passed. The caps add up to at most CAPS_TOTAL_S, so the whole check fits a 10-minute call. MNIST: the
+four idx files in --mnist-dir (copy ../shared/data/mnist there; without them the MNIST parts use synthetic
+digits). PCam patches are generated on the machine.
 --dry-run runs every part tiny on CPU (no install): the test suite runs it, so the check keeps working.
 """
 

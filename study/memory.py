@@ -32,9 +32,9 @@ def allocator_fraction(share: float, total_bytes: int, context_bytes: int = CUDA
         return None
     room = share * total_bytes - context_bytes
     if room <= 0:
-        raise GpuShareTooSmall(f"a GPU share of {share:g} is {share * total_bytes / 2**30:.2f} GiB of this card, less than "
-                          f"one CUDA context ({context_bytes / 2**30:.2f} GiB): give each trial a larger "
-                          f"--gpus-per-trial")
+        raise GpuShareTooSmall(f"a GPU share of {share:g} is {share * total_bytes / 2**30:.2f} GiB of this card, "
+                               f"less than one CUDA context ({context_bytes / 2**30:.2f} GiB): give each trial a "
+                               f"larger --gpus-per-trial")
     return room / total_bytes
 
 
@@ -48,6 +48,7 @@ def cap_memory(device: torch.device, share: float) -> int | None:
     total = torch.cuda.get_device_properties(device).total_memory
     fraction = allocator_fraction(share, total)
     if fraction is None:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)  # a reused worker's last trial may have set a cap
         return torch.cuda.mem_get_info(device)[0]
     # An allocation past the cap fails in this trial instead of starving its neighbours.
     torch.cuda.set_per_process_memory_fraction(fraction, device)

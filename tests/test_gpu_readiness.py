@@ -98,8 +98,9 @@ def test_the_cap_on_the_allocator_is_the_budget_and_packed_trials_fit_the_card(f
     # 1/share such trials and their CUDA contexts fit the card, and each keeps most of its share.
     assert round(1 / share) * (budget + memory.CUDA_CONTEXT_BYTES) <= fake_gpu.total
     assert budget > 0.5 * share * fake_gpu.total
-    assert memory.cap_memory(torch.device("cuda", 0), 1.0) == fake_gpu.total  # a whole card: free memory, no cap
-    assert len(fake_gpu.calls) == 1
+    # A whole card: its free memory, and no cap left from the last trial of a reused worker.
+    assert memory.cap_memory(torch.device("cuda", 0), 1.0) == fake_gpu.total
+    assert fake_gpu.calls[1:] == [("fraction", 1.0, 0)]
 
 
 def test_packed_trials_never_upload_their_own_copy():
