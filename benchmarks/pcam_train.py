@@ -19,6 +19,9 @@ the project's with its memory capped at 1/P of the GPU less a CUDA context, as `
 reads pinned host batches). They start every epoch together (a barrier), and an epoch's figure is all their
 images over the time the slowest took; each process's own rate and peak memory are printed. The model FLOP
 utilisation is images/s x the FLOPs of a training step per image (FlopCounterMode) over the bf16 peak.
+Alone, the trial's process also measures its CUDA context (driver state, cuBLAS/cuDNN handles and kernels, after
+training): the card's used memory less PyTorch's reserve and what was in use before the trial started, printed
+against the allowance packed trials leave for it (study.memory.CUDA_CONTEXT_BYTES).
 --memory-batch B: afterwards one project trial at batch B runs one epoch alone, and its peak GPU memory
 (torch.cuda.max_memory_allocated, the `gpu_memory_mb` every PCam trial reports, and the peak reserved by
 PyTorch's caching allocator, which the per-trial cap limits) is printed against a quarter of the GPU (the
@@ -51,6 +54,7 @@ from benchmarks.pcam_pipeline import per_item_transform, torchvision_root, write
 from study import metrics as M  # noqa: E402
 from study.config import PcamConfig  # noqa: E402
 from study.data import pcam  # noqa: E402
+from study.memory import CUDA_CONTEXT_BYTES  # noqa: E402
 from study.train import sync  # noqa: E402
 
 def write_random_set(folder: Path, n: int, n_eval: int) -> Path:
@@ -104,7 +108,8 @@ def combined_rate(outs: list[dict]) -> tuple[float, list[float]]:
 
 def project_trial(args, data_dir: str, device: torch.device, share: float, batch_size: int, epochs: int,
                   barrier) -> dict:
-    """One project trial: (images, seconds) of each trained epoch, peak GPU memory allocated and reserved (MiB)."""
+    """One project trial: (images, seconds) of each trained epoch, peak GPU memory allocated and reserved, and alone on
+    CUDA its process's CUDA context (MiB)."""
     from study.memory import cap_memory, configure_cuda
     from study.trainables import run_pcam
 
@@ -123,8 +128,12 @@ def project_trial(args, data_dir: str, device: torch.device, share: float, batch
     if any(m[M.DIVERGED] for m in trained):
         raise RuntimeError(f"the project trial diverged at lr {args.lr}: lower --lr")
     reserved = torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else math.nan
+    context = math.nan
+    if device.type == "cuda" and share == 1:  # alone on the card: what it uses besides the cache is its context
+        free, total = torch.cuda.mem_get_info(device)
+        context = (total - free - torch.cuda.memory_reserved(device) - args.used_before) / 2**20
     return {"epochs": [(m[M.IMAGES_PER_SECOND] * m[M.EPOCH_SECONDS], m[M.EPOCH_SECONDS]) for m in trained],
-            "memory_mb": max(m[M.GPU_MEMORY_MB] for m in seen), "reserved_mb": reserved}
+            "memory_mb": max(m[M.GPU_MEMORY_MB] for m in seen), "reserved_mb": reserved, "context_mb": context}
 
 
 def baseline_trial(args, device: torch.device, workers: int, barrier) -> dict:
@@ -247,8 +256,15 @@ def main(argv=None) -> None:
         flops, peak = training_flops_per_image(), peak_tflops(device, args.peak_tflops)
         print(f"model FLOPs per training image: {flops / 1e9:.2f} GFLOP (forward + backward, FlopCounterMode); "
               f"bf16 peak {f'{peak:g} TFLOP/s' if peak else 'unknown (--peak-tflops)'}")
+        if device.type == "cuda":  # in use before any trial starts (this process, other tenants of the card)
+            free, total = torch.cuda.mem_get_info(device)
+            args.used_before = total - free
         for packed in args.packed:
             project = run_packed("project", args, data_dir, device, packed)
+            if packed == 1 and device.type == "cuda":
+                print(f"CUDA context of one trial process: {project[0]['context_mb']:.0f} MiB (used on the card "
+                      f"after training, less PyTorch's reserve and what was in use before; packed trials allow "
+                      f"{CUDA_CONTEXT_BYTES / 2**20:.0f} MiB each)")
             (a, ours), (b, theirs) = combined_rate(project), combined_rate(run_packed("baseline", args, data_dir,
                                                                                        device, packed))
             each = lambda rates: ", ".join(f"{r:.0f}" for r in rates)  # noqa: E731

@@ -20,8 +20,11 @@ from study.noise import NoiseScale
 
 
 def pick_device(gpus_requested: float = 0.0) -> torch.device:
-    """CUDA when Tune gave this trial a GPU share (Ray sets CUDA_VISIBLE_DEVICES to it), CPU otherwise."""
-    return torch.device("cuda" if gpus_requested > 0 and torch.cuda.is_available() else "cpu")
+    """CUDA when Tune gave this trial a GPU share (Ray sets CUDA_VISIBLE_DEVICES to it, so it is the process's
+    current device, index 0), CPU otherwise. With its index: the allocator's calls refuse a bare "cuda"."""
+    if gpus_requested > 0 and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def seed_everything(seed: int) -> None:

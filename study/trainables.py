@@ -24,8 +24,8 @@ from study.data import kaggle
 from study.data import pcam as pcam_data
 from study.data.batches import PatchBatches
 from study.errors import StudyError
-from study.memory import (cap_memory, configure_cuda, free_cuda, plan_uploads, saved_bytes_per_image,
-                          training_bytes)
+from study.memory import (GpuShareTooSmall, activation_bytes_per_image, cap_memory, configure_cuda, free_cuda,
+                          plan_uploads, training_bytes)
 from study.models import RegressionCNN, VGG16Patches
 from study.train import DeviceBatches, eval_logits, fit, make_optimizer, pick_device, predict, seed_everything
 
@@ -161,12 +161,14 @@ def train_pcam(config: dict, data: dict) -> None:
     cfg = PcamConfig.from_dict(config)
     device, placement = trial_device()
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)  # the worker may have run another trial before (reused actors)
+        # A reused worker (Ray reuses actors) still caches the last trial's blocks, which would count as used.
+        free_cuda()
+        torch.cuda.reset_peak_memory_stats(device)
     share = placement[M.GPU_SHARE]
     configure_cuda(device, tf32=cfg.tf32, benchmark=True)  # fixed shapes: cuDNN's autotuning pays once
     try:
         budget = cap_memory(device, share)
-    except ValueError as err:  # a share smaller than a CUDA context: retrying cannot help, so end it as OOM does
+    except GpuShareTooSmall as err:  # retrying cannot help: end it as out of memory does, with the advice
         raise torch.cuda.OutOfMemoryError(str(err)) from None
     run_pcam(cfg, data["features"], device, lambda metrics, state, files: report(
         {**metrics, **placement}, state, files, cfg.checkpoint_every), load_start(), memory_budget=budget,
@@ -195,7 +197,8 @@ def run_pcam(cfg: PcamConfig, features: dict | None, device: torch.device, repor
         # Four images (repeated when --train-limit leaves fewer): the measurement needs two or more.
         example = np.resize(np.array(train_x[:4]), (4, *train_x.shape[1:]))
         example = to_input(torch.from_numpy(example).to(device), train=False)
-        needs = training_bytes(model, cfg.optimizer, cfg.batch_size, saved_bytes_per_image(model, example, amp))
+        needs = training_bytes(model, cfg.optimizer, cfg.batch_size, activation_bytes_per_image(model, example, amp),
+                               cfg.eval_batch_size)
     upload = plan_uploads({"train": train_x.nbytes, "val": val_x.nbytes, "test": test_x.nbytes},
                           budget_bytes=memory_budget, needs_bytes=needs, packed=packed)
     batches = PatchBatches(train_x, train_y, cfg.batch_size, device, on_device=upload["train"])

@@ -12,7 +12,9 @@ from torchvision.transforms.v2 import functional as TF
 from study import augment
 from study.augment import IMAGENET_MEAN, IMAGENET_STD, to_input
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# The CUDA cases are marked `cuda` (benchmarks/gpu_check.py runs them with -m cuda) and skip without a GPU.
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.py)")])]
 
 
 @pytest.fixture(params=["grouped", "grid"])

@@ -1,7 +1,10 @@
 """benchmarks/gpu_check.py --dry-run: every part of the device check runs tiny on CPU, writes its log and a summary
 whose figures were parsed from the benchmarks' own output (so a changed output line breaks this, not the GPU run)."""
 
+import argparse
+import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,3 +44,29 @@ def test_refuses_a_folder_that_holds_an_earlier_check(tmp_path):
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 2 and "is not empty" in done.stderr
     assert (tmp_path / "summary.json").read_text() == "{}"
+
+
+def real_parts(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import gpu_check
+
+    args = argparse.Namespace(dry_run=False, mnist_dir=tmp_path, wheels=str(tmp_path), site=str(tmp_path / "site"))
+    return gpu_check, {p["name"]: p for p in gpu_check.parts(args)}
+
+
+def test_a_real_runs_caps_fit_one_device_call_and_its_tests_cover_every_cuda_file(tmp_path):
+    gpu_check, parts = real_parts(tmp_path)
+    assert sum(p["cap"] for p in parts.values()) <= gpu_check.CAPS_TOTAL_S <= 600
+    cmd = " ".join(parts["cuda_tests"]["cmd"])
+    assert all(name in cmd for name in ("test_cuda.py", "test_augment.py", "test_noise.py")) and "-m cuda" in cmd
+
+
+@pytest.mark.parametrize("output, status", [("12 passed, 39 deselected in 9.1s", "ok"),
+                                            ("12 skipped, 39 deselected in 2.0s", "failed"),  # no GPU seen
+                                            ("11 passed, 1 skipped, 39 deselected in 9.0s", "failed"),
+                                            ("39 deselected in 1.0s", "failed")])  # nothing selected
+def test_a_real_runs_cuda_tests_pass_only_when_every_selected_test_passed(tmp_path, output, status):
+    gpu_check, parts = real_parts(tmp_path)
+    part = {**parts["cuda_tests"], "cmd": [sys.executable, "-c", f"print({output!r})"]}  # pytest's last line
+    result = gpu_check.run_part(part, dict(os.environ), io.StringIO())
+    assert result["status"] == status, result

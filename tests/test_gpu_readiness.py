@@ -4,6 +4,7 @@ logits, the CUDA RNG in the checkpoint, per-trial CUDA switches, checkpoint freq
 import tempfile
 import weakref
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,20 +19,88 @@ from study.train import eval_logits, rng_state, set_rng_state
 GIB = 2**30
 
 
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A CUDA GPU of `fake_gpu.total` bytes as a trial sees it, on CPU: torch's own Python entry points run (their
+    device-index checks included); only the C calls under them are stubbed. `fake_gpu.calls` lists what reached the
+    allocator: ("fraction", fraction, device index), ("empty_cache",)."""
+    gpu = SimpleNamespace(total=80 * GIB, calls=[])
+    for module in (torch.cuda, torch.cuda.memory):
+        monkeypatch.setattr(module, "_lazy_init", lambda: None)
+        monkeypatch.setattr(module, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_setMemoryFraction",
+                        lambda fraction, index: gpu.calls.append(("fraction", fraction, index)), raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_emptyCache", lambda: gpu.calls.append(("empty_cache",)), raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_resetPeakMemoryStats", lambda index: None, raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(
+        total_memory=gpu.total))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (gpu.total, gpu.total))
+    for flag in ((torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"),
+                 (torch.backends.cudnn, "benchmark")):  # configure_cuda sets them: put them back afterwards
+        monkeypatch.setattr(*flag, getattr(*flag))
+    return gpu
+
+
+def run_trial(monkeypatch, share: float) -> tuple[list, list]:
+    """train_pcam as Tune runs it with `share` of a GPU, up to run_pcam: (run_pcam's calls, the rows reported)."""
+    import ray
+
+    resources = {"CPU": torch.get_num_threads(), "GPU": share}
+    context = SimpleNamespace(get_trial_resources=lambda: SimpleNamespace(required_resources=resources))
+    monkeypatch.setattr(trainables.tune, "get_context", lambda: context)
+    monkeypatch.setattr(trainables.tune, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [0])
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "node"))
+    runs, rows = [], []
+    monkeypatch.setattr(trainables, "run_pcam", lambda cfg, features, device, report, start, **kw: runs.append(
+        dict(device=device, **kw)))
+    monkeypatch.setattr(trainables.tune, "report", lambda metrics, checkpoint=None: rows.append(metrics))
+    trainables.train_pcam({"batch_size": 64, "data_dir": "unread"}, {"features": None})
+    return runs, rows
+
+
+def test_a_packed_trial_caps_its_allocator_on_its_device_and_trains(fake_gpu, monkeypatch):
+    runs, rows = run_trial(monkeypatch, 0.25)
+    assert rows == []  # no out-of-memory row: the trial went on to train
+    [(_, fraction, index)] = [c for c in fake_gpu.calls if c[0] == "fraction"]
+    assert index == 0 and 0 < fraction < 0.25
+    [run] = runs
+    assert run["device"] == torch.device("cuda", 0) and run["packed"]
+    assert run["memory_budget"] == int(fraction * fake_gpu.total)
+    # The last trial's cached blocks, in a reused worker, are released before the cap is set.
+    assert fake_gpu.calls[0] == ("empty_cache",)
+
+
+def test_a_share_smaller_than_a_cuda_context_ends_the_trial_with_advice(fake_gpu, monkeypatch):
+    runs, rows = run_trial(monkeypatch, 0.005)
+    assert runs == [] and [r[M.STATUS] for r in rows] == [M.STATUS_OOM]
+    assert "larger --gpus-per-trial" in rows[0][M.MESSAGE]
+
+
+def test_another_error_from_the_cap_is_not_called_out_of_memory(fake_gpu, monkeypatch):
+    def refuse(fraction, index):
+        raise ValueError("invalid device")
+
+    monkeypatch.setattr(torch._C, "_cuda_setMemoryFraction", refuse, raising=False)
+    with pytest.raises(ValueError, match="invalid device"):
+        run_trial(monkeypatch, 0.25)
+
+
 @pytest.mark.parametrize("share", [0.125, 0.25, 0.5])
 @pytest.mark.parametrize("total_gib", [24, 80, 141])
-def test_packed_caps_and_their_contexts_fit_the_card(share, total_gib):
-    total = total_gib * GIB
-    fraction = memory.allocator_fraction(share, total)
-    trials = round(1 / share)
-    assert trials * (fraction * total + memory.CUDA_CONTEXT_BYTES) == pytest.approx(total)
-    assert fraction < share
-
-
-def test_a_whole_card_is_not_capped_and_a_sliver_is_refused():
-    assert memory.allocator_fraction(1.0, 80 * GIB) is None
-    with pytest.raises(ValueError, match="larger --gpus-per-trial"):
-        memory.allocator_fraction(0.005, 80 * GIB)
+def test_the_cap_on_the_allocator_is_the_budget_and_packed_trials_fit_the_card(fake_gpu, share, total_gib):
+    fake_gpu.total = total_gib * GIB
+    budget = memory.cap_memory(torch.device("cuda"), share)  # a bare "cuda" (the benchmarks' device) too
+    [(_, fraction, index)] = fake_gpu.calls
+    assert index == 0 and budget == int(fraction * fake_gpu.total)
+    # 1/share such trials and their CUDA contexts fit the card, and each keeps most of its share.
+    assert round(1 / share) * (budget + memory.CUDA_CONTEXT_BYTES) <= fake_gpu.total
+    assert budget > 0.5 * share * fake_gpu.total
+    # A whole card: its free memory, and no cap left from the last trial of a reused worker.
+    assert memory.cap_memory(torch.device("cuda", 0), 1.0) == fake_gpu.total
+    assert fake_gpu.calls[1:] == [("fraction", 1.0, 0)]
 
 
 def test_packed_trials_never_upload_their_own_copy():
@@ -51,20 +120,43 @@ def test_uploads_are_decided_against_the_budget_less_what_training_needs():
     assert plan(None, 0) == {"train": False, "val": False, "test": False}  # CPU
 
 
-def test_saved_bytes_per_image_counts_what_autograd_keeps():
-    # Conv saves its input (3 channels), ReLU its output (8 channels); fp32, 16x16; weights are not per image.
+def test_activation_bytes_count_saved_tensors_frozen_temporaries_and_evaluation():
+    # Conv saves its input (3 channels), ReLU its output (8 channels); at ReLU the conv's output (8) is live too.
+    # fp32, 16x16; weights are not per image.
+    image = 16 * 16 * 4
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
-    per_image = memory.saved_bytes_per_image(model, torch.randn(4, 3, 16, 16))
-    assert per_image == (3 + 8) * 16 * 16 * 4
+    assert memory.activation_bytes_per_image(model, torch.randn(4, 3, 16, 16)) == (
+        (3 + 8) * image, (3 + 8 + 8) * image, (8 + 8) * image)
+    # Frozen: nothing saved, but the forward still holds a layer's input and output at once.
     frozen = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1).requires_grad_(False), nn.ReLU())
-    assert memory.saved_bytes_per_image(frozen, torch.randn(4, 3, 16, 16)) == 0  # nothing to differentiate
+    assert memory.activation_bytes_per_image(frozen, torch.randn(4, 3, 16, 16)) == (0, 16 * image, 16 * image)
 
 
-def test_training_bytes_grow_with_the_batch_and_the_optimizer_state():
+def test_the_measurement_leaves_cudnn_autotuning_off_and_restores_it(monkeypatch):
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(torch.backends.cudnn.benchmark)
+            return x * 2
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    memory.activation_bytes_per_image(Probe(), torch.randn(4, 3))
+    assert seen and not any(seen)  # throwaway shapes are not autotuned
+    assert torch.backends.cudnn.benchmark
+
+
+def test_training_bytes_grow_with_the_batch_the_optimizer_state_and_the_evaluation_batch():
     model = nn.Linear(1000, 1000)  # 1,001,000 fp32 parameters
-    sgd, adam = (memory.training_bytes(model, o, 32, per_image=1000) for o in ("sgd", "adam"))
+    per_image = memory.PerImage(saved=1000, train_peak=1500, eval_peak=600)
+    sgd, adam = (memory.training_bytes(model, o, 32, per_image) for o in ("sgd", "adam"))
     assert adam - sgd == 1_001_000 * 4  # Adam's second moment
-    assert memory.training_bytes(model, "sgd", 64, 1000) - sgd == memory.ACTIVATION_FACTOR * 1000 * 32
+    assert memory.training_bytes(model, "sgd", 64, per_image) - sgd == memory.ACTIVATION_FACTOR * 1000 * 32
+    frozen_heavy = per_image._replace(train_peak=5000)  # a frozen block's temporaries outweigh the saved tensors
+    assert memory.training_bytes(model, "sgd", 32, frozen_heavy) - sgd == (5000 - 2000) * 32
+    # Evaluating 512 images at once holds more than a training step of 32: the larger one counts.
+    assert memory.training_bytes(model, "sgd", 32, per_image, eval_batch_size=512) - sgd == 600 * 512 - 2000 * 32
+    assert memory.training_bytes(model, "sgd", 32, per_image, eval_batch_size=64) == sgd
 
 
 class Oom(RuntimeError):

@@ -222,6 +222,7 @@ def test_fast_moving_weights_adam_high_lr_small_cnn(one_thread):
     assert noise.value() == pytest.approx(true_trace / true_grad_sq, rel=0.30)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA to detect host syncs")
 def test_probe_does_not_sync_with_the_host():
     model = nn.Linear(32, 1).cuda()
