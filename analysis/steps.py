@@ -18,8 +18,9 @@ Rules, stated once (the report repeats them):
 - The fit: S(B) = S_min + E_min / B by least squares on relative residuals (weights 1/S^2: each batch size
   counts by its relative error, as the bootstrap spread of a minimum grows with it), S_min, E_min >= 0 (scipy's
   nnls); B_crit = E_min / S_min. Intervals: the same fit on each bootstrap replicate (one resample per batch size).
-- Regime at B from r = S(B) / S(2B) and its bootstrap interval: perfect scaling if r >= 1.8 or the interval holds
-  2; maximal data parallelism if r <= 1.1 or the interval holds 1; undetermined if both; else diminishing returns.
+- Regime at B from r = S(B) / S(2B) and its bootstrap interval: perfect scaling if r >= 1.8, maximal data
+  parallelism if r <= 1.1; in between, perfect scaling if the interval holds 2 but not 1, maximal data parallelism
+  if it holds 1 but not 2, undetermined if it holds both, else diminishing returns.
 """
 
 import math
@@ -169,11 +170,14 @@ def regime(ratio: float, low: float, high: float) -> str:
     """The regime at B from r = S(B) / S(2B) and its interval (rule in the module docstring)."""
     if not math.isfinite(ratio):
         return UNDETERMINED
-    perfect = ratio >= 1.8 or low <= 2 <= high
-    maximal = ratio <= 1.1 or low <= 1 <= high
-    if perfect and maximal:
+    if ratio >= 1.8:
+        return PERFECT
+    if ratio <= 1.1:
+        return MAXIMAL
+    holds_two, holds_one = low <= 2 <= high, low <= 1 <= high
+    if holds_two and holds_one:
         return UNDETERMINED
-    return PERFECT if perfect else MAXIMAL if maximal else DIMINISHING
+    return PERFECT if holds_two else MAXIMAL if holds_one else DIMINISHING
 
 
 def regimes(table: list[dict], level: float = 0.95) -> list[dict]:

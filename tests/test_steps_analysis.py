@@ -4,6 +4,7 @@ changes no result (simulated trials from tests/steps_sim.py)."""
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from analysis import steps as A
@@ -75,10 +76,12 @@ def test_fit_recovers_s_min_e_min_and_b_crit_from_noisy_curves(seed):
 
 def test_regime_rule():
     assert A.regime(1.95, 1.7, 2.1) == A.PERFECT
-    assert A.regime(1.7, 1.5, 2.05) == A.PERFECT  # interval holds 2
+    assert A.regime(1.85, 0.9, 3.0) == A.PERFECT  # the point estimate decides at the ends
+    assert A.regime(1.7, 1.5, 2.05) == A.PERFECT  # in between: the interval holds 2, not 1
     assert A.regime(1.5, 1.3, 1.7) == A.DIMINISHING
     assert A.regime(1.05, 0.9, 1.2) == A.MAXIMAL
-    assert A.regime(1.2, 0.95, 1.4) == A.MAXIMAL  # interval holds 1
+    assert A.regime(1.08, 0.5, 2.5) == A.MAXIMAL
+    assert A.regime(1.2, 0.95, 1.4) == A.MAXIMAL  # in between: holds 1, not 2
     assert A.regime(1.5, 0.9, 2.2) == A.UNDETERMINED  # holds both
     assert A.regime(math.nan, math.nan, math.nan) == A.UNDETERMINED
 
@@ -135,3 +138,26 @@ def test_the_early_stop_rule_changes_no_result(seed):
     for (goal_a, table_a, reps_a, fit_a, reg_a), (goal_b, table_b, reps_b, fit_b, reg_b) in zip(strip(a), strip(b)):
         assert goal_a == goal_b and table_a == table_b and fit_a == fit_b and reg_a == reg_b
         assert all(np.array_equal(x, y) for x, y in zip(reps_a, reps_b))
+
+
+def test_write_section_writes_every_table_and_figure(tmp_path):
+    from analysis.steps_figures import write_section
+
+    budget = 100_000
+    trials, _ = simulate(600.0, 600.0 * 128, BATCHES, configs=16, budget=budget, noise=0.05, seed=0, penalty=10.0)
+    ruled = replay(trials, budget, rule=S.ResultRule(configs=16))
+    text = write_section(ruled, [GOAL, LOOSE], tmp_path, ranges={"lr": (1e-3, 1.0)}, n_boot=200)
+    names = ["steps_to_result", "examples_to_result", "b_crit_vs_b_simple", "best_lr", "lr_map", "seconds_to_result"]
+    for name in names:
+        assert (tmp_path / f"{name}.png").stat().st_size > 10_000 and f"({name}.png)" in text
+    per_batch = pd.read_csv(tmp_path / "steps_per_batch.csv")
+    assert len(per_batch) == 2 * len(BATCHES) and set(per_batch["regime"].dropna()) <= set(
+        [A.PERFECT, A.DIMINISHING, A.MAXIMAL, A.UNDETERMINED])
+    fit = pd.read_csv(tmp_path / "steps_fit.csv")
+    assert len(fit) == 2 and (fit["b_crit_low"] <= fit["b_crit"]).all() and (fit["b_crit"] <= fit["b_crit_high"]).all()
+    trials_csv = pd.read_csv(tmp_path / "steps_trials.csv")
+    assert len(trials_csv) == len(ruled) and "stopped_by_rule" in set(trials_csv["status"])
+    assert "m = 5 of the 16 configurations" in text and "perfect scaling if r >= 1.8," in text
+    again = tmp_path / "again"
+    assert write_section(ruled, [GOAL, LOOSE], again, ranges={"lr": (1e-3, 1.0)}, n_boot=200) == text
+    assert (again / "steps_fit.csv").read_bytes() == (tmp_path / "steps_fit.csv").read_bytes()
