@@ -39,7 +39,8 @@ def run_grid(trials: int, rows: int, storage: Path) -> float:
         tune_trial,
         param_space={"index": tune.grid_search(list(range(trials))), "rows": rows},
         tune_config=tune.TuneConfig(reuse_actors=True),
-        run_config=tune.RunConfig(name=f"overhead-{trials}-{time.monotonic_ns()}", storage_path=str(storage), verbose=0),
+        run_config=tune.RunConfig(name=f"overhead-{trials}-{time.monotonic_ns()}", storage_path=str(storage),
+                                  verbose=0),
     )
     start = time.perf_counter()
     results = tuner.fit()

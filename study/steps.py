@@ -165,7 +165,7 @@ def configs_to_wait_for(n: int, level: float = 0.95, safety: float = 10.0) -> in
 class ResultRule:
     """Stop a trial once it is past the steps at which m configurations of its batch size already reached the goal.
 
-    reached(batch, step) records a trial's first evaluation step at the strictest goal (an upper bound on its
+    reached(batch, trial, step) records a trial's first evaluation step at the strictest goal (an upper bound on its
     interpolated steps to result, so the threshold is never too low); should_stop(batch, step) is then true for any
     trial of that batch size evaluated at a step beyond the m-th smallest of them without having reached the goal.
     Such a trial's steps to result exceed that step, so it is none of the m fastest and, with analysis.steps
@@ -177,17 +177,18 @@ class ResultRule:
     level: float = 0.95
     safety: float = 10.0
     m: int = field(init=False)
-    steps: dict = field(init=False, default_factory=dict)  # batch size -> sorted reaching steps so far
+    steps: dict = field(init=False, default_factory=dict)  # batch size -> {trial id: first reaching step}
 
     def __post_init__(self):
         self.m = configs_to_wait_for(self.configs, self.level, self.safety)
 
-    def reached(self, batch_size: int, step: int) -> None:
-        self.steps.setdefault(batch_size, []).append(step)
-        self.steps[batch_size].sort()
+    def reached(self, batch_size: int, trial_id: str, step: int) -> None:
+        """Record a trial's first reaching step; repeats are ignored (Tune hands a finished trial's last result
+        to the stopper a second time)."""
+        self.steps.setdefault(batch_size, {}).setdefault(trial_id, step)
 
     def threshold(self, batch_size: int) -> float:
-        done = self.steps.get(batch_size, [])
+        done = sorted(self.steps.get(batch_size, {}).values())
         return done[self.m - 1] if len(done) >= self.m else math.inf
 
     def should_stop(self, batch_size: int, step: int) -> bool:
@@ -209,7 +210,7 @@ def tune_stopper(rule: ResultRule, limits: TrialLimits):
                 return False
             batch, step = result["config"]["batch_size"], result[STEP]
             if self.limits.status(result) == REACHED:
-                self.rule.reached(batch, step)
+                self.rule.reached(batch, trial_id, step)
                 return False
             if self.rule.should_stop(batch, step):
                 self.stopped[trial_id] = step

@@ -73,7 +73,7 @@ def replay(trials: list[dict], budget: int, rule: S.ResultRule | None, parallel:
             if own:
                 status[tid] = own
                 if own == S.REACHED and rule:
-                    rule.reached(batch, r["step"])
+                    rule.reached(batch, tid, r["step"])
             elif rule and rule.should_stop(batch, r["step"]):
                 status[tid] = S.STOPPED_BY_RULE
         out += [dict(t, rows=kept[t["trial_id"]], status=status.get(t["trial_id"], S.CENSORED)) for t in group]

@@ -106,10 +106,11 @@ def test_configs_to_wait_for_is_the_smallest_m_below_the_limit(n):
 def test_result_rule_threshold_and_the_tune_adapter():
     rule = S.ResultRule(configs=8)
     assert rule.m == 5
-    for step in (300, 100, 200, 500):
-        rule.reached(64, step)
+    for trial, step in enumerate((300, 100, 200, 500)):
+        rule.reached(64, str(trial), step)
+    rule.reached(64, "3", 500)  # the same trial again: still 4
     assert not rule.should_stop(64, 10_000)  # only 4 of 5 reached
-    rule.reached(64, 400)
+    rule.reached(64, "4", 400)
     assert rule.threshold(64) == 500 and rule.should_stop(64, 501) and not rule.should_stop(64, 500)
     assert not rule.should_stop(128, 10_000)  # another batch size has its own count
 
@@ -117,5 +118,31 @@ def test_result_rule_threshold_and_the_tune_adapter():
     result = {"config": {"batch_size": 16}, **row(40, 0.5)}
     assert stopper("a", result) is False
     assert stopper("b", {"config": {"batch_size": 16}, **row(50, 0.01)}) is False  # reached: recorded
+    assert stopper("b", {"config": {"batch_size": 16}, **row(50, 0.01)}) is False  # Tune's repeat
     assert stopper("a", dict(result, step=51)) is True and stopper.stopped == {"a": 51}
     assert stopper("c", {"config": {"batch_size": 32}, **row(51, 0.5)}) is False
+
+
+@pytest.mark.slow
+def test_tune_stopper_in_a_real_grid_stops_the_slow_configurations(local_ray, tmp_path):
+    from ray import tune
+
+    def reaching_trial(config):  # nested: pickled by value, so Ray's workers need not import this test module
+        """Reports val_error on the study's grid; configuration c reaches 0.01 at step 100 (c + 1)."""
+        for step in S.eval_steps(2000):
+            error = 0.01 if step >= 100 * (config["config"] + 1) else 0.5
+            tune.report({"step": step, "val_error": error, "train_loss": 1.0})
+            if error <= 0.01:
+                return
+
+    stopper = S.tune_stopper(S.ResultRule(configs=8), S.TrialLimits(GOAL, 2000))
+    results = tune.Tuner(
+        reaching_trial,
+        param_space={"batch_size": 16, "config": tune.grid_search(list(range(8)))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=1),  # in config order: 0..4 reach before 5..7 start
+        run_config=tune.RunConfig(storage_path=str(tmp_path), stop=stopper, verbose=0),
+    ).fit()
+    last = {r.config["config"]: r.metrics["step"] for r in results}
+    assert all(100 * (c + 1) <= last[c] < 110 * (c + 1) for c in range(5)), (last, stopper.stopped)  # reached
+    assert all(500 < last[c] < 100 * (c + 1) for c in range(5, 8))  # stopped just past the 5th fastest's step
+    assert sorted(last[c] for c in range(5, 8)) == sorted(stopper.stopped.values())
