@@ -124,6 +124,9 @@ class TrialLimits:
         if self.budget_steps < 1 or not 0 <= self.chance_after <= 1 or not 0 < self.chance_margin < 1:
             raise ValueError(f"bad trial limits: budget {self.budget_steps} (>= 1), chance_after "
                              f"{self.chance_after} (0..1), chance_margin {self.chance_margin} (between 0 and 1)")
+        if self.chance is not None and self.chance == self.goal["value"]:
+            raise ValueError(f"the goal {self.goal['metric']} = {self.chance:g} equals the chance level; a model "
+                             "that learned nothing would reach it")
 
     def status(self, row: dict) -> str | None:
         """The status the trial ends with at this evaluation row, or None to go on."""

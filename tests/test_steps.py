@@ -80,6 +80,8 @@ def test_trial_limits_statuses():
     higher = S.TrialLimits({"metric": "val_auc", "value": 0.9, "higher_is_better": True}, 100, chance=0.5)
     assert higher.status({"step": 50, "val_auc": 0.52, "train_loss": 1}) == S.INFEASIBLE
     assert higher.status({"step": 50, "val_auc": 0.91, "train_loss": 1}) == S.REACHED
+    with pytest.raises(ValueError, match="equals the chance level"):
+        S.TrialLimits(GOAL, 100, chance=0.01)
 
 
 def test_strictest_goal():

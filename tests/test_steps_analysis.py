@@ -56,22 +56,22 @@ def test_exact_curve_is_recovered_exactly():
     assert math.isnan(A.fit_curve([16], [100])[0])
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("seed", range(10))
 def test_fit_recovers_s_min_e_min_and_b_crit_from_noisy_curves(seed):
     s_min, e_min = 800.0, 800.0 * 256  # B_crit = 256, inside the 16..4096 sweep
-    trials, sobol = simulate(s_min, e_min, BATCHES, configs=16, budget=200_000, noise=0.05, seed=seed)
+    # 3 % log-normal noise per batch size and 1.5 % per configuration; the best of 16 Sobol points also lies a
+    # varying distance from the best rate. (At 5 % noise B_crit came within 15 % over ten seeds, not 10 %.)
+    trials, sobol = simulate(s_min, e_min, BATCHES, configs=16, budget=200_000, noise=0.03, seed=seed)
     for t in trials:
         t["status"] = "n/a"
-    (result,) = A.analyse(trials, [GOAL], ranges={"lr": (1e-3, 1.0)}, n_boot=300, seed=seed)
+    (result,) = A.analyse(trials, [GOAL], ranges={"lr": (1e-3, 1.0)}, n_boot=200, seed=seed)
     fit = result["fit"]
-    # The best of 16 Sobol points lies near but not at the best rate, so S is a few % above S(B): S_min and
-    # E_min are each recovered within 25 %, their ratio B_crit within the 10 %.
     assert fit["b_crit"] == pytest.approx(256, rel=0.10)
-    assert fit["s_min"] == pytest.approx(s_min, rel=0.25) and fit["e_min"] == pytest.approx(e_min, rel=0.25)
-    assert fit["b_crit_low"] <= fit["b_crit"] <= fit["b_crit_high"]
-    assert fit["r2_log"] > 0.98 and fit["max_rel_residual"] < 0.3
+    assert fit["s_min"] == pytest.approx(s_min, rel=0.10) and fit["e_min"] == pytest.approx(e_min, rel=0.10)
+    assert fit["b_crit_low"] <= 256 <= fit["b_crit_high"]
+    assert fit["r2_log"] > 0.98 and fit["max_rel_residual"] < 0.2
     regimes = {r["batch_size"]: r["regime"] for r in result["regimes"]}
-    assert regimes[16] == A.PERFECT and regimes[2048] == A.MAXIMAL
+    assert regimes[16] == A.PERFECT and regimes[4096 // 2] == A.MAXIMAL
 
 
 def test_regime_rule():
