@@ -140,7 +140,9 @@ def _tables(trials, results):
             per_batch.append({"goal": label, **{k: v for k, v in r.items() if k != "replicates"},
                               "ratio_to_2B": g.get("ratio", math.nan), "ratio_low": g.get("low", math.nan),
                               "ratio_high": g.get("high", math.nan), "regime": g.get("regime", "")})
-        fits.append({"goal": label, **res["fit"]})
+        simple = [r["b_simple"] for r in res["table"] if math.isfinite(r["b_simple"])]
+        fits.append({"goal": label, **res["fit"], "b_simple_median": float(np.median(simple)) if simple else math.nan,
+                     "b_simple_min": min(simple, default=math.nan), "b_simple_max": max(simple, default=math.nan)})
     for t in trials:
         row = {k: t.get(k) for k in ("trial_id", "batch_size", "config", "lr", "momentum", "status")}
         row["last_step"] = t["rows"][-1]["step"] if t["rows"] else math.nan
@@ -196,9 +198,11 @@ def write_section(trials: list[dict], goals: list[dict], out_dir, ranges: dict |
         "returns. (A bootstrap interval of a minimum over configurations is one-sided: its lower end is the "
         "minimum itself unless several configurations tie near it.)",
     )
-    report.table("steps_fit", fits, "Fit per goal: S_min, E_min, B_crit with intervals, and how well it fits",
+    report.table("steps_fit", fits, "Fit per goal: S_min, E_min, B_crit with intervals, how well it fits, and "
+                 "B_simple over the batch sizes (median, min, max) beside B_crit",
                  shown=fits[["goal", "batch_sizes", "s_min", "s_min_low", "s_min_high", "e_min", "b_crit",
-                             "b_crit_low", "b_crit_high", "r2_log", "max_rel_residual"]])
+                             "b_crit_low", "b_crit_high", "r2_log", "max_rel_residual", "b_simple_median",
+                             "b_simple_min", "b_simple_max"]])
     report.text(
         "B_simple beside B_crit: the gradient noise scale measured in the same runs, over each batch size's best "
         "configuration's evaluations up to the one that reached the goal (numerator and denominator averaged "
