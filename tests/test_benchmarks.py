@@ -58,3 +58,13 @@ def test_noise_cost_prints_both_steps_and_the_overhead_per_batch_size():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "noise_cost.py"), "--mnist-batch-sizes", "1"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 2 and "batch sizes must be >= 2" in done.stderr
+
+
+@pytest.mark.slow
+def test_tune_overhead_prints_both_grids_and_the_baseline():
+    out = run("tune_overhead.py", "--trials", "10", "--rows", "2", "--num-cpus", "2", timeout=600)
+    for trials in (1, 10):
+        assert re.search(rf"grid of +{trials} trials: +\d+\.\d+ s wall = +\d+\.\d+ ms per trial", out), out
+    assert re.search(r"marginal cost per trial between the two grids: -?\d+\.\d+ ms", out)
+    assert re.search(r"baseline, the same 10 trials in-process: \d+\.\d+ s = +\d+\.\d+ us per trial", out)
+    assert re.search(r"ratio Tune / in-process per trial: \d+x", out)

@@ -1,0 +1,226 @@
+"""The steps-to-result study's grid and stopping rules (Shallue et al. 2019; McCandlish et al. 2018).
+
+Library code, no entry point: `python -m study steps WORKLOAD` builds its grid from `sobol_configs`,
+`default_batch_sizes` and `eval_steps`, ends each trial with `TrialLimits` and ends trials across a batch size with
+`ResultRule` (wrapped for Tune by `tune_stopper`). Nothing here imports a workload; Ray only inside `tune_stopper`.
+
+A goal is a dict as stored in workload.json: {"metric": "val_error", "value": 0.01, "higher_is_better": False}.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from study import metrics as M
+
+STEP = "step"  # training steps taken when the row was evaluated (0: before any step)
+
+REACHED = "reached"  # the strictest goal was met at this evaluation
+CENSORED = "censored"  # the step budget ran out first: the trial's steps to result are unknown, above the budget
+STOPPED_BY_RULE = "stopped_by_rule"  # ResultRule: already slower than enough configurations of its batch size
+DIVERGED = "diverged"  # training loss NaN or inf
+INFEASIBLE = "infeasible"  # still at chance level after chance_after of the budget
+STATUSES = (REACHED, CENSORED, STOPPED_BY_RULE, DIVERGED, INFEASIBLE)
+
+
+def sobol_configs(n: int, ranges: dict, seed: int, momentum: bool) -> list[dict]:
+    """n metaparameter configurations, scrambled Sobol points (scipy.stats.qmc) over log10 of each range.
+
+    ranges: {"lr": (low, high)} and, when `momentum`, {"one_minus_momentum": (low, high)}, all > 0 (momentum 0.9 is
+    one_minus_momentum 0.1). The points depend only on (n, ranges, seed, momentum): every batch size gets the same
+    ones, and so does every run with the same seed. Returns [{"config": i, "lr": ..., "momentum": ...}] (momentum
+    None without a momentum optimizer).
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of configurations must be a positive integer, got {n!r}")
+    names = ["lr"] + (["one_minus_momentum"] if momentum else [])
+    bounds = []
+    for name in names:
+        if name not in ranges:
+            raise ValueError(f"sobol_configs needs a range for {name}, got ranges for {sorted(ranges)}")
+        low, high = (float(v) for v in ranges[name])
+        if not 0 < low <= high:
+            raise ValueError(f"the {name} range must satisfy 0 < low <= high, got ({low:g}, {high:g})")
+        if name == "one_minus_momentum" and high >= 1:
+            raise ValueError(f"one_minus_momentum must stay below 1 (momentum > 0), got high {high:g}")
+        bounds.append((math.log10(low), math.log10(high)))
+    from scipy.stats import qmc
+
+    # Draw the next power of two and keep the first n: the same first n points as random(n), without scipy's
+    # warning that only powers of two keep the sequence's balance (the study's configs come in any number).
+    unit = qmc.Sobol(len(names), scramble=True, rng=np.random.default_rng(seed)).random_base2(
+        max(0, math.ceil(math.log2(n))))[:n]
+    configs = []
+    for i, point in enumerate(unit):
+        values = [float(10 ** (lo + u * (hi - lo))) for u, (lo, hi) in zip(point, bounds)]
+        configs.append({"config": i, "lr": values[0], "momentum": 1 - values[1] if momentum else None})
+    return configs
+
+
+def eval_steps(budget_steps: int, resolution: float = 0.1, first: int | None = None) -> list[int]:
+    """Training steps at which a trial evaluates: geometric, so steps to result are resolved to `resolution`.
+
+    From `first` (default ceil(1 / resolution), where one step is the resolution) each next step is
+    max(s + 1, floor(s * (1 + resolution))): consecutive evaluations differ by at most `resolution` relative to the
+    earlier one wherever s >= 1 / resolution, and by one step below that. The budget is always the last step.
+    About ln(budget / first) / ln(1 + resolution) evaluations: 79 from 10 to 10,000 steps at 10 %.
+    """
+    if isinstance(budget_steps, bool) or not isinstance(budget_steps, int) or budget_steps < 1:
+        raise ValueError(f"the step budget must be a positive integer, got {budget_steps!r}")
+    if not 0 < resolution < 1:
+        raise ValueError(f"resolution must lie strictly between 0 and 1 (0.1 = 10 %), got {resolution}")
+    first = math.ceil(1 / resolution) if first is None else first
+    if isinstance(first, bool) or not isinstance(first, int) or first < 1:
+        raise ValueError(f"the first evaluation step must be a positive integer, got {first!r}")
+    steps, s = [], min(first, budget_steps)
+    while s < budget_steps:
+        steps.append(s)
+        s = max(s + 1, int(s * (1 + resolution)))
+    return steps + [budget_steps]
+
+
+def default_batch_sizes(n_train: int, low: int = 16) -> list[int]:
+    """Powers of two from `low` up to the largest that fits in the training set (full-batch at most)."""
+    if low < 1 or low & (low - 1):
+        raise ValueError(f"the smallest batch size must be a power of two, got {low}")
+    if n_train < low:
+        raise ValueError(f"the training set holds {n_train} examples, fewer than the smallest batch size {low}")
+    return [low << k for k in range(int(math.log2(n_train // low)) + 1)]
+
+
+def reached(value: float, goal: dict) -> bool:
+    """Whether a metric value meets a goal; NaN never does."""
+    return value <= goal["value"] if not goal["higher_is_better"] else value >= goal["value"]
+
+
+def strictest(goals: list[dict]) -> dict:
+    """The hardest goal to reach: the lowest value of a lower-is-better metric, the highest of a higher-is-better
+    one. All goals must be on the same metric (a study stops on one metric)."""
+    if not goals:
+        raise ValueError("a steps-to-result study needs at least one goal, e.g. --goal val_error=0.01")
+    if len({(g["metric"], g["higher_is_better"]) for g in goals}) != 1:
+        raise ValueError(f"all goals must be on one metric with one direction, got {goals}")
+    return (max if goals[0]["higher_is_better"] else min)(goals, key=lambda g: g["value"])
+
+
+@dataclass(frozen=True)
+class TrialLimits:
+    """When one trial ends on its own rows, independent of any other trial (the trainable checks each evaluation).
+
+    goal: the strictest goal. chance: the goal metric's value for a model that learned nothing (None: no check).
+    A row is at chance level when its metric covered less than `chance_margin` of the way from chance to the goal;
+    such a row at step >= chance_after * budget ends the trial as infeasible. This is the one rule here that
+    assumes something: that a configuration still at chance after a quarter of its budget would not reach the goal.
+    """
+
+    goal: dict
+    budget_steps: int
+    chance: float | None = None
+    chance_after: float = 0.25
+    chance_margin: float = 0.1
+
+    def __post_init__(self):
+        if self.budget_steps < 1 or not 0 <= self.chance_after <= 1 or not 0 < self.chance_margin < 1:
+            raise ValueError(f"bad trial limits: budget {self.budget_steps} (>= 1), chance_after "
+                             f"{self.chance_after} (0..1), chance_margin {self.chance_margin} (between 0 and 1)")
+        if self.chance is not None and self.chance == self.goal["value"]:
+            raise ValueError(f"the goal {self.goal['metric']} = {self.chance:g} equals the chance level; a model "
+                             "that learned nothing would reach it")
+
+    def status(self, row: dict) -> str | None:
+        """The status the trial ends with at this evaluation row, or None to go on."""
+        step, value = row[STEP], float(row[self.goal["metric"]])
+        loss = float(row.get(M.TRAIN_LOSS, math.nan))
+        if row.get(M.DIVERGED) or (step > 0 and not math.isfinite(loss)):
+            return DIVERGED
+        if reached(value, self.goal):
+            return REACHED
+        if step >= self.budget_steps:
+            return CENSORED
+        if self.chance is not None and step >= self.chance_after * self.budget_steps:
+            covered = (value - self.chance) / (self.goal["value"] - self.chance)
+            if not covered >= self.chance_margin:  # NaN metric counts as chance
+                return INFEASIBLE
+        return None
+
+
+def configs_to_wait_for(n: int, level: float = 0.95, safety: float = 10.0) -> int:
+    """m for ResultRule: the smallest m with (1 - m/n)^n <= (1 - level) / 2 / safety.
+
+    Derivation. The study's result at one batch size is the minimum steps to result over its n configurations and
+    a percentile bootstrap interval of that minimum over configurations (resample n with replacement). Once the m
+    fastest configurations are known, every other one is slower than the m-th fastest S_(m), so it cannot be the
+    minimum of any resample that holds at least one of the m fastest. A resample misses all m with probability
+    (1 - m/n)^n (each of n draws misses with 1 - m/n). Those resamples have minima >= S_(m), above all others, so
+    the upper end of the interval (the 1 - (1-level)/2 quantile) is made of resamples that hold one of the m
+    unless more than a share (1 - level)/2 misses them; `safety` keeps the expected share a factor below that.
+    Examples at level 0.95, safety 10: n=8 -> m=5, n=16 -> m=5, n=32 -> m=6,
+    n=100 -> m=6 ((1 - m/n)^n tends to exp(-m), so m stays near ln(2 safety / (1 - level)) as n grows).
+    """
+    if n < 1 or not 0 < level < 1 or safety < 1:
+        raise ValueError(f"configs_to_wait_for needs n >= 1, 0 < level < 1, safety >= 1; got {n}, {level}, {safety}")
+    limit = (1 - level) / 2 / safety
+    return next(m for m in range(1, n + 1) if (1 - m / n) ** n <= limit)
+
+
+@dataclass
+class ResultRule:
+    """Stop a trial once it is past the steps at which m configurations of its batch size already reached the goal.
+
+    reached(batch, trial, step) records a trial's first evaluation step at the strictest goal (an upper bound on its
+    interpolated steps to result, so the threshold is never too low); should_stop(batch, step) is then true for any
+    trial of that batch size evaluated at a step beyond the m-th smallest of them without having reached the goal.
+    Such a trial's steps to result exceed that step, so it is none of the m fastest and, with analysis.steps
+    counting any resample without one of the m fastest at S_(m), the minimum, its bootstrap interval and the fit
+    are the same as if it had run to its budget (tests/test_steps_rule.py checks this on simulated trials).
+    """
+
+    configs: int
+    level: float = 0.95
+    safety: float = 10.0
+    m: int = field(init=False)
+    steps: dict = field(init=False, default_factory=dict)  # batch size -> {trial id: first reaching step}
+
+    def __post_init__(self):
+        self.m = configs_to_wait_for(self.configs, self.level, self.safety)
+
+    def reached(self, batch_size: int, trial_id: str, step: int) -> None:
+        """Record a trial's first reaching step; repeats are ignored (Tune hands a finished trial's last result
+        to the stopper a second time)."""
+        self.steps.setdefault(batch_size, {}).setdefault(trial_id, step)
+
+    def threshold(self, batch_size: int) -> float:
+        done = sorted(self.steps.get(batch_size, {}).values())
+        return done[self.m - 1] if len(done) >= self.m else math.inf
+
+    def should_stop(self, batch_size: int, step: int) -> bool:
+        return step > self.threshold(batch_size)
+
+
+def tune_stopper(rule: ResultRule, limits: TrialLimits):
+    """A ray.tune.Stopper over `rule`. It reads each result's config["batch_size"], STEP and the goal metric, and
+    records the trials it stops in `.stopped` (trial id -> step) so the driver can store them as stopped_by_rule.
+    The per-trial limits are the trainable's (it returns at them); here they only tell a reaching row apart."""
+    from ray import tune
+
+    class StepsStopper(tune.Stopper):
+        def __init__(self):
+            self.rule, self.limits, self.stopped = rule, limits, {}
+
+        def __call__(self, trial_id: str, result: dict) -> bool:
+            if STEP not in result or self.limits.goal["metric"] not in result:
+                return False
+            batch, step = result["config"]["batch_size"], result[STEP]
+            if self.limits.status(result) == REACHED:
+                self.rule.reached(batch, trial_id, step)
+                return False
+            if self.rule.should_stop(batch, step):
+                self.stopped[trial_id] = step
+                return True
+            return False
+
+        def stop_all(self) -> bool:
+            return False
+
+    return StepsStopper()
