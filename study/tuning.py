@@ -36,8 +36,9 @@ def add_common_args(parser: argparse.ArgumentParser, *, gpus_per_trial: float) -
     ray_group.add_argument("--address", default=None, help="Ray cluster to join: auto or HOST:PORT (default: "
                                                            "$RAY_ADDRESS, else start a local one)")
     ray_group.add_argument("--gpus-per-trial", type=float, default=gpus_per_trial,
-                           help=f"GPU share per trial; fractions pack trials on one GPU (default {gpus_per_trial}); "
-                                "falls back to CPU on a local machine with no GPU")
+                           help=f"GPU share per trial, at most 1 (a trial trains on one GPU); fractions pack trials "
+                                f"on one GPU (default {gpus_per_trial}); falls back to CPU on a local machine with "
+                                "no GPU")
     ray_group.add_argument("--cpus-per-trial", type=float, default=1.0)
     ray_group.add_argument("--num-cpus", type=int, default=None,
                            help="CPUs of the local Ray instance started when no --address is given (default: all)")
@@ -61,8 +62,9 @@ def check_common_args(args) -> None:
         raise StudyError(f"--cpus-per-trial must be > 0, got {args.cpus_per_trial}")
     if args.gpus_per_trial < 0:
         raise StudyError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
-    if args.gpus_per_trial > 1 and args.gpus_per_trial != int(args.gpus_per_trial):
-        raise StudyError(f"--gpus-per-trial above 1 must be a whole number, got {args.gpus_per_trial}")
+    if args.gpus_per_trial > 1:  # a trial trains on one device and caps memory there (study.memory)
+        raise StudyError(f"--gpus-per-trial must be at most 1 (a trial trains on one GPU; a fraction packs trials "
+                         f"on one), got {args.gpus_per_trial:g}")
     if args.max_failures < 0:
         raise StudyError(f"--max-failures must be >= 0, got {args.max_failures}")
     if args.retry_errored and not args.resume:
@@ -246,8 +248,6 @@ def fit_resources(args) -> dict:
             gpus = 0.0
         else:
             print("note: no GPU node is up yet; trials wait for the autoscaler to add one")
-    elif gpus > max_gpus:
-        raise StudyError(f"--gpus-per-trial {gpus} is more than any node has (largest: {max_gpus:g} GPUs)")
     if args.cpus_per_trial > max_cpus and (local or max_cpus > 0):
         raise StudyError(f"--cpus-per-trial {args.cpus_per_trial:g} is more than any node has "
                          f"(largest: {max_cpus:g} CPUs)")
@@ -298,7 +298,6 @@ def run_stage(trainable, param_space: dict, *, folder: StudyFolder, stage: str, 
     return results
 
 
-# What a --resume may change: where and how the study runs, never its grid.
 def grid_axis(values: list):
     """One value as itself, several as a Tune grid axis (one value leaves trial names as they were)."""
     from ray import tune
@@ -306,9 +305,11 @@ def grid_axis(values: list):
     return values[0] if len(values) == 1 else tune.grid_search(list(values))
 
 
-# Not --max-failures: Tune's restore keeps the run config the study started with.
+# What a --resume may change: where and how the study runs, never its grid. --max-trials is the driver's memory
+# guard, checked against the stored grid on every start. Not --max-failures: Tune's restore keeps the run config
+# the study started with.
 RESOURCE_FLAGS = ("address", "gpus_per_trial", "cpus_per_trial", "num_cpus", "resume", "retry_errored",
-                  "storage_path", "name", "verbose")
+                  "storage_path", "name", "verbose", "max_trials")
 
 
 def main_of(kind: str, parse_args, run, argv=None) -> int:

@@ -41,6 +41,8 @@ MNIST_CASES = [
     (["--momentum", "1"], "--momentum must be a finite number in [0, 1)"),
     (["--gpus-per-trial", "nan"], "--gpus-per-trial must be a finite number, got nan"),
     (["--gpus-per-trial", "inf"], "--gpus-per-trial must be a finite number, got inf"),
+    (["--gpus-per-trial", "2"], "--gpus-per-trial must be at most 1 (a trial trains on one GPU"),
+    (["--gpus-per-trial", "1.5"], "--gpus-per-trial must be at most 1"),
     (["--cpus-per-trial", "nan"], "--cpus-per-trial must be a finite number, got nan"),
     (["--lr", "nan"], "positive"),
     (["--fine-factors", "inf"], "positive"),
@@ -162,6 +164,7 @@ PCAM_CASES = [
     (["--eval-batch-size", "0"], "--eval-batch-size must be >= 1"),
     (["--epochs", "0"], "--epochs must be >= 1"),
     (["--weights", "/nonexistent.pt"], "--weights /nonexistent.pt is not a file"),
+    (["--gpus-per-trial", "4"], "--gpus-per-trial must be at most 1"),
 ]
 
 
@@ -216,3 +219,21 @@ def test_resume_of_a_study_stored_before_a_flag_existed_takes_its_default(monkey
     resumed = seen["args"]
     assert resumed.noise_every == args.noise_every and resumed.tf32 is False and resumed.smoke is True
     assert resumed.num_cpus == 1 and resumed.resume is True
+
+
+def test_resume_honours_a_new_max_trials(capsys, monkeypatch, tmp_path):
+    """--max-trials is among the flags a resume may change (README): the stored grid is checked against the value
+    given now, and a refusal leaves the study as it was."""
+    args = mnist_cli.parse_args(["--smoke", "--storage-path", str(tmp_path), "--name", "s"])
+    (tmp_path / "s").mkdir()
+    record = json.dumps({"study": "mnist", "args": vars(args)})
+    (tmp_path / "s" / "study.json").write_text(record)
+    code = mnist_cli.main(["--resume", "--storage-path", str(tmp_path), "--name", "s", "--max-trials", "5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "more than the limit of 5" in err and err.count("\n") == 1, err
+    assert [p.name for p in (tmp_path / "s").iterdir()] == ["study.json"]
+    assert (tmp_path / "s" / "study.json").read_text() == record and not ray.is_initialized()
+    seen = {}
+    monkeypatch.setattr(mnist_cli, "run", lambda a: seen.setdefault("args", a) and 0)
+    assert mnist_cli.main(["--resume", "--storage-path", str(tmp_path), "--name", "s", "--max-trials", "50"]) == 0
+    assert seen["args"].max_trials == 50
