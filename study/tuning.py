@@ -7,6 +7,7 @@ resources; the flags themselves are checked in study.cli_checks.
 
 import argparse
 import datetime
+import fnmatch
 import json
 import logging as pylogging
 import os
@@ -22,6 +23,7 @@ from study.errors import StudyError
 
 STUDY_FILE = "study.json"  # what ran: the study's kind, its arguments, code version, stages
 ERRORED_FILE = "errored_trials.json"  # in each stage folder: the trial folders that ended in an error
+SNAPSHOTS = "experiment_state-*.json"  # Tune's experiment snapshots in a stage folder (TuneController.CKPT_FILE_TMPL)
 # Where ray.init logs its start-up notes (ray.init sets the level of "ray" itself, so that one is no use).
 RAY_START_LOGGER = "ray._private.authentication.authentication_token_setup"
 
@@ -267,6 +269,11 @@ def run_stage(trainable, param_space: dict, *, folder: StudyFolder, stage: str, 
     path = folder.child(stage)
     errored_file = f"{stage}/{ERRORED_FILE}"
     resuming = args.resume and tune.Tuner.can_restore(path)
+    if resuming and never_snapshotted(folder, stage):
+        print(f"note: {path} stopped before Tune's first snapshot of it, so Tune cannot resume it; it starts again "
+              f"from scratch")
+        folder.fs.delete_dir_contents(f"{folder.path}/{stage}")  # else the new trials append to the old rows
+        resuming = False
     # Ray Tune can save a trial whose worker died as RUNNING although it ended in ERROR (its experiment snapshot
     # races the worker's death), and a plain restore would then retry it. Our own record of the errored trials,
     # handed to the trainables, keeps such a trial errored unless --retry-errored asks for it.
@@ -296,6 +303,17 @@ def run_stage(trainable, param_space: dict, *, folder: StudyFolder, stage: str, 
         results = tuner.fit()
     folder.write_json(errored_file, sorted(Path(r.path).name for r in results if r.error is not None))
     return results
+
+
+def never_snapshotted(folder: StudyFolder, stage: str) -> bool:
+    """The stage holds Tune's tuner.pkl but no experiment snapshot: its driver stopped in the seconds between the
+    two. Tune's restore of such a stage logs a traceback and starts over on top of what its trials had stored."""
+    try:
+        infos = folder.fs.get_file_info(pafs.FileSelector(f"{folder.path}/{stage}"))
+    except OSError:  # FileNotFoundError included: nothing stored, nothing to resume
+        return False
+    names = [Path(info.path).name for info in infos]
+    return "tuner.pkl" in names and not fnmatch.filter(names, SNAPSHOTS)
 
 
 def grid_axis(values: list):
