@@ -5,13 +5,16 @@ into `error: ...` and exit status 2 (study.tuning.main_of).
 """
 
 import math
+import os
 import socket
+import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from study.errors import StudyError
 
 MAX_TRIALS = 10_000  # trials per study unless --max-trials says more: Tune keeps every trial in the driver's memory
-ADDRESS_TIMEOUT_S = 10.0  # how long --address may take to accept a TCP connection
+ADDRESS_TIMEOUT_S = 10.0  # how long --address may take to accept a connection and answer as Ray's GCS
 BUCKET_SCHEMES = ("s3", "gs", "gcs")  # URIs whose first component is a bucket name
 
 
@@ -104,15 +107,73 @@ def host_port(address: str) -> tuple[str, int] | None:
     return host, port
 
 
-def reachable(address: str, timeout: float = ADDRESS_TIMEOUT_S) -> None:
-    """A Ray address given as HOST:PORT accepts a TCP connection within `timeout`: without this check ray.init
-    retries an unreachable address for good."""
+def auto_address() -> tuple[str | None, str]:
+    """(the address --address auto names, where it came from), resolved as Ray resolves it: RAY_ADDRESS, then the
+    file the last `ray start` on this machine wrote. (None, "") where neither names one: ray.init then looks for a
+    running Ray itself, or says at once that there is none."""
+    env = os.environ.get("RAY_ADDRESS", "")
+    if env and env != "auto":
+        return env, "RAY_ADDRESS"
+    try:
+        from ray._common.utils import get_ray_address_file
+    except ImportError:  # a Ray that moved it: its own lookup in ray.init still runs
+        return None, ""
+    path = get_ray_address_file(None)
+    try:
+        text = Path(path).read_text().strip()
+    except OSError:
+        return None, ""
+    return text or None, path
+
+
+def gcs_problem(address: str, timeout: float) -> str | None:
+    """Why what listens at HOST:PORT is not a Ray cluster, or None where it answers the first call every Ray client
+    makes to the GCS (GetClusterId) within `timeout`. A port where something else listens would otherwise send
+    ray.init into its long retries."""
+    try:
+        import grpc
+        from ray._private.grpc_utils import init_grpc_channel  # TLS and token auth set up as Ray's clients do
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    except ImportError:  # a Ray without these modules: the connection check stands alone
+        return None
+    channel = init_grpc_channel(address)
+    try:
+        gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(gcs_service_pb2.GetClusterIdRequest(),
+                                                                           timeout=timeout)
+    except grpc.RpcError as err:
+        code = err.code()
+        if code == grpc.StatusCode.UNAUTHENTICATED:  # Ray's GCS, refusing this token: ray.init says so clearly
+            return None
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return f"a connection is accepted but no Ray answer comes in {timeout:g} s"
+        return f"something listens there but does not answer as Ray's GCS: {code.name}"
+    finally:
+        channel.close()
+    return None
+
+
+def reachable(address: str, timeout: float | None = None) -> None:
+    """The Ray cluster `address` names (HOST:PORT, ray://HOST:PORT, or auto as Ray resolves it) answers within
+    `timeout`: a connection, then, for a GCS address, Ray's protocol. Without this ray.init retries an address
+    where no Ray answers (a dead cluster, a stale `ray start` record, another server's port) for minutes."""
+    timeout = ADDRESS_TIMEOUT_S if timeout is None else timeout
+    source = ""
+    if address == "auto":
+        address, source = auto_address()
+        if address is None:
+            return
     target = host_port(address)
     if target is None:
         return
+    named = f"{address} (--address auto, from {source}; " if source else f"{address} ("
+    deadline = time.monotonic() + timeout
     try:
         socket.create_connection(target, timeout=timeout).close()
+        reason = None
     except OSError as err:
         reason = f"no answer in {timeout:g} s" if isinstance(err, TimeoutError) else (err.strerror or str(err))
-        raise StudyError(f"no Ray cluster answers at {address} ({reason}); start it "
-                         f"(ray start --head) or fix --address / RAY_ADDRESS")
+    if reason is None and not address.startswith("ray://"):  # ray:// is Ray Client's server, not the GCS
+        reason = gcs_problem(address, max(deadline - time.monotonic(), 1.0))
+    if reason is not None:
+        raise StudyError(f"no Ray cluster answers at {named}{reason}); start it (ray start --head) or fix "
+                         f"--address / RAY_ADDRESS")

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from filelock import FileLock
 from ray import tune
 from sklearn.metrics import roc_auc_score
 
@@ -23,6 +22,7 @@ from study.config import MnistConfig, PcamConfig
 from study.data import kaggle
 from study.data import pcam as pcam_data
 from study.data.batches import PatchBatches
+from study.data.locks import step_lock
 from study.errors import StudyError
 from study.memory import (GpuShareTooSmall, activation_bytes_per_image, cap_memory, configure_cuda, free_cuda,
                           plan_uploads, training_bytes)
@@ -255,7 +255,7 @@ def locate_or_fetch(cfg: PcamConfig) -> dict:
             raise
     root = Path(cfg.data_dir)
     root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / ".download.lock")):
+    with step_lock(root / ".download.lock"):
         try:
             return pcam_data.locate(root)
         except StudyError:

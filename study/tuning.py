@@ -7,6 +7,7 @@ resources; the flags themselves are checked in study.cli_checks.
 
 import argparse
 import datetime
+import fnmatch
 import json
 import logging as pylogging
 import os
@@ -22,6 +23,7 @@ from study.errors import StudyError
 
 STUDY_FILE = "study.json"  # what ran: the study's kind, its arguments, code version, stages
 ERRORED_FILE = "errored_trials.json"  # in each stage folder: the trial folders that ended in an error
+SNAPSHOTS = "experiment_state-*.json"  # Tune's experiment snapshots in a stage folder (TuneController.CKPT_FILE_TMPL)
 # Where ray.init logs its start-up notes (ray.init sets the level of "ray" itself, so that one is no use).
 RAY_START_LOGGER = "ray._private.authentication.authentication_token_setup"
 
@@ -36,8 +38,9 @@ def add_common_args(parser: argparse.ArgumentParser, *, gpus_per_trial: float) -
     ray_group.add_argument("--address", default=None, help="Ray cluster to join: auto or HOST:PORT (default: "
                                                            "$RAY_ADDRESS, else start a local one)")
     ray_group.add_argument("--gpus-per-trial", type=float, default=gpus_per_trial,
-                           help=f"GPU share per trial; fractions pack trials on one GPU (default {gpus_per_trial}); "
-                                "falls back to CPU on a local machine with no GPU")
+                           help=f"GPU share per trial, at most 1 (a trial trains on one GPU); fractions pack trials "
+                                f"on one GPU (default {gpus_per_trial}); falls back to CPU on a local machine with "
+                                "no GPU")
     ray_group.add_argument("--cpus-per-trial", type=float, default=1.0)
     ray_group.add_argument("--num-cpus", type=int, default=None,
                            help="CPUs of the local Ray instance started when no --address is given (default: all)")
@@ -61,8 +64,9 @@ def check_common_args(args) -> None:
         raise StudyError(f"--cpus-per-trial must be > 0, got {args.cpus_per_trial}")
     if args.gpus_per_trial < 0:
         raise StudyError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
-    if args.gpus_per_trial > 1 and args.gpus_per_trial != int(args.gpus_per_trial):
-        raise StudyError(f"--gpus-per-trial above 1 must be a whole number, got {args.gpus_per_trial}")
+    if args.gpus_per_trial > 1:  # a trial trains on one device and caps memory there (study.memory)
+        raise StudyError(f"--gpus-per-trial must be at most 1 (a trial trains on one GPU; a fraction packs trials "
+                         f"on one), got {args.gpus_per_trial:g}")
     if args.max_failures < 0:
         raise StudyError(f"--max-failures must be >= 0, got {args.max_failures}")
     if args.retry_errored and not args.resume:
@@ -246,8 +250,6 @@ def fit_resources(args) -> dict:
             gpus = 0.0
         else:
             print("note: no GPU node is up yet; trials wait for the autoscaler to add one")
-    elif gpus > max_gpus:
-        raise StudyError(f"--gpus-per-trial {gpus} is more than any node has (largest: {max_gpus:g} GPUs)")
     if args.cpus_per_trial > max_cpus and (local or max_cpus > 0):
         raise StudyError(f"--cpus-per-trial {args.cpus_per_trial:g} is more than any node has "
                          f"(largest: {max_cpus:g} CPUs)")
@@ -267,6 +269,11 @@ def run_stage(trainable, param_space: dict, *, folder: StudyFolder, stage: str, 
     path = folder.child(stage)
     errored_file = f"{stage}/{ERRORED_FILE}"
     resuming = args.resume and tune.Tuner.can_restore(path)
+    if resuming and never_snapshotted(folder, stage):
+        print(f"note: {path} stopped before Tune's first snapshot of it, so Tune cannot resume it; it starts again "
+              f"from scratch")
+        folder.fs.delete_dir_contents(f"{folder.path}/{stage}")  # else the new trials append to the old rows
+        resuming = False
     # Ray Tune can save a trial whose worker died as RUNNING although it ended in ERROR (its experiment snapshot
     # races the worker's death), and a plain restore would then retry it. Our own record of the errored trials,
     # handed to the trainables, keeps such a trial errored unless --retry-errored asks for it.
@@ -298,7 +305,17 @@ def run_stage(trainable, param_space: dict, *, folder: StudyFolder, stage: str, 
     return results
 
 
-# What a --resume may change: where and how the study runs, never its grid.
+def never_snapshotted(folder: StudyFolder, stage: str) -> bool:
+    """The stage holds Tune's tuner.pkl but no experiment snapshot: its driver stopped in the seconds between the
+    two. Tune's restore of such a stage logs a traceback and starts over on top of what its trials had stored."""
+    try:
+        infos = folder.fs.get_file_info(pafs.FileSelector(f"{folder.path}/{stage}"))
+    except OSError:  # FileNotFoundError included: nothing stored, nothing to resume
+        return False
+    names = [Path(info.path).name for info in infos]
+    return "tuner.pkl" in names and not fnmatch.filter(names, SNAPSHOTS)
+
+
 def grid_axis(values: list):
     """One value as itself, several as a Tune grid axis (one value leaves trial names as they were)."""
     from ray import tune
@@ -306,9 +323,11 @@ def grid_axis(values: list):
     return values[0] if len(values) == 1 else tune.grid_search(list(values))
 
 
-# Not --max-failures: Tune's restore keeps the run config the study started with.
+# What a --resume may change: where and how the study runs, never its grid. --max-trials is the driver's memory
+# guard, checked against the stored grid on every start. Not --max-failures: Tune's restore keeps the run config
+# the study started with.
 RESOURCE_FLAGS = ("address", "gpus_per_trial", "cpus_per_trial", "num_cpus", "resume", "retry_errored",
-                  "storage_path", "name", "verbose")
+                  "storage_path", "name", "verbose", "max_trials")
 
 
 def main_of(kind: str, parse_args, run, argv=None) -> int:

@@ -6,7 +6,7 @@
 from `min_workers: 0`. Instead of EC2 instances the provider starts raylets on this machine. The MNIST study starts
 with no worker up; the autoscaler adds workers for its waiting trials; mid-study the node of a running trial is
 killed, as a spot reclaim would, and that trial continues from its checkpoint on another node. A
---gpus-per-trial that no node type has ends the study with one line before any trial. Every process started
+--cpus-per-trial that no node type has ends the study with one line before any trial. Every process started
 here, the autoscaler's raylets included, is SIGKILLed by pid at the end (cluster_procs).
 """
 
@@ -181,8 +181,9 @@ def test_a_reclaimed_nodes_trial_continues_from_its_checkpoint_on_another_node(s
 
 
 def test_a_trial_no_node_type_can_hold_ends_the_study_with_one_line(cluster, tmp_path):
-    proc, log = cluster.study(tmp_path, "--gpus-per-trial", "8", "--storage-path", str(tmp_path / "results"),
-                              "--name", "never")
+    # 64 CPUs: more than any node type offers (gpu-4x: 48). GPUs above 1 per trial are refused before Ray starts.
+    proc, log = cluster.study(tmp_path, "--gpus-per-trial", "1", "--cpus-per-trial", "64", "--storage-path",
+                              str(tmp_path / "results"), "--name", "never")
     try:
         code = proc.wait(300)
     finally:
@@ -190,6 +191,6 @@ def test_a_trial_no_node_type_can_hold_ends_the_study_with_one_line(cluster, tmp
         proc.wait(30)
     errors = [line for line in log.read_text().splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1, log.read_text()[-3000:]
-    largest = max(t["resources"].get("GPU", 0) for t in cluster.config["available_node_types"].values())
-    assert "--gpus-per-trial 8 " in errors[0] and f"{largest} GPUs" in errors[0], errors
+    largest = max(t["resources"].get("CPU", 0) for t in cluster.config["available_node_types"].values())
+    assert "--cpus-per-trial 64:" in errors[0] and f"{largest} CPUs" in errors[0], errors
     assert not (tmp_path / "results" / "never").exists()

@@ -3,8 +3,9 @@
 `python -m pytest tests/test_cluster_yaml.py -q`. What `ray up` rejects before touching AWS is checked with Ray's
 own schema (ray/autoscaler/ray-schema.json) and validator (prepare_config + validate_config, as `ray up` calls
 them). What would only fail on AWS, minutes into a launch, is checked explicitly: node resources are whole
-numbers, no trial can land on the head, every node installs the synced project with the local Ray version (inside
-the range of the project's `cluster` extra, and boto3 as that extra has it), every node runs with Ray's token auth
+numbers, no trial can land on the head, every node installs the synced project with Ray in exactly the range
+pyproject.toml pins (the one source of the Ray version: the two files are compared with each other, never with
+whatever Ray happens to be installed), and boto3 as the `cluster` extra has it, every node runs with Ray's token auth
 on and the laptop's token, every file_mounts source exists, and the start commands use only flags `ray start` knows. Each check is also run on a
 broken copy of the config, so a check that can no longer fail is itself caught.
 """
@@ -20,11 +21,11 @@ import pytest
 import ray
 import tomllib
 import yaml
-from packaging.requirements import Requirement
+from packaging.requirements import InvalidRequirement, Requirement
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"  # at the repository root, where `ray up cluster.yaml` is run from
-RAY_PIN = re.compile(r"\bray(?:\[[^\]]*\])?\s*==\s*([0-9A-Za-z.+!-]+)")  # ray==X or ray[extras]==X
+RAY_REQUIREMENT = re.compile(r"[\"']ray(?:\[[^\]]*\])?[^\"']*[\"']")  # a quoted "ray[extras]<spec>" argument
 BOTO3_SPEC = re.compile(r"\bboto3\s*([<>=!~][^\s\"']*)")
 # Ray's token auth: the laptop's token travels to every node through file_mounts (README, "Run on a cluster").
 AUTH_TOKEN = "~/.ray/auth_token"
@@ -172,15 +173,16 @@ def explicit_problems(config: dict) -> list[str]:
     for name, commands in node_setup_commands(config).items():
         if projects and not any(installs_editable(c, p) for c in commands for p in projects):
             problems.append(f"{name}: no setup command runs `pip install -e {projects[0]}` (the synced project)")
-        pins = [m.group(1) for c in commands for m in RAY_PIN.finditer(c)]
-        if not pins:
-            problems.append(f"{name}: no setup command pins Ray (ray[...]=={ray.__version__})")
-        for pin in pins:
-            if pin != ray.__version__:
-                problems.append(f"{name}: setup pins Ray {pin}, the installed Ray is {ray.__version__}")
-            if not cluster_extra()["ray"].specifier.contains(pin, prereleases=True):
-                problems.append(f"{name}: setup pins Ray {pin}, outside the `cluster` extra's "
-                                f"ray{cluster_extra()['ray'].specifier}")
+        wanted = project_ray().specifier
+        installs = [r for c in commands for r in ray_requirements(c)]
+        if not installs:
+            problems.append(f"{name}: no setup command installs Ray (ray[default,tune]{wanted}, as pyproject.toml)")
+        for req in installs:
+            if req.specifier != wanted:
+                problems.append(f"{name}: setup installs ray{req.specifier or ' (any version)'}, pyproject.toml "
+                                f"pins ray{wanted}")
+            if "default" not in req.extras:
+                problems.append(f"{name}: setup installs {req} without [default] (dashboard, jobs, autoscaler)")
         boto3 = {m.group(1) for c in commands for m in BOTO3_SPEC.finditer(c)}
         if boto3 != {str(cluster_extra()["boto3"].specifier)}:
             problems.append(f"{name}: setup installs boto3{'/'.join(sorted(boto3)) or ' not at all'}, the `cluster` "
@@ -188,6 +190,29 @@ def explicit_problems(config: dict) -> list[str]:
         if not any(AUTH_MODE_EXPORT in c for c in commands):
             problems.append(f"{name}: no setup command puts `{AUTH_MODE_EXPORT}` in the login shells")
     return problems + start_command_problems(config)
+
+
+def ray_requirements(command: str) -> list[Requirement]:
+    """The Ray requirements (ray, ray[extras], any specifier) a shell command passes as arguments."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return []
+    found = []
+    for word in words:
+        try:
+            req = Requirement(word)
+        except InvalidRequirement:  # flags, paths, URLs
+            continue
+        if req.name == "ray":
+            found.append(req)
+    return found
+
+
+def project_ray() -> Requirement:
+    """Ray as the project's dependencies (pyproject.toml) pin it: the series the suite is tested with."""
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    return next(r for r in map(Requirement, deps) if r.name == "ray")
 
 
 def cluster_extra() -> dict[str, Requirement]:
@@ -225,9 +250,9 @@ def test_the_cluster_extra_is_in_dev_and_brings_the_jobs_cli():
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert "batchsize-study[cluster]" in extras["dev"]  # the cluster tests run the jobs CLI
     assert {"default"} <= cluster_extra()["ray"].extras  # `ray job submit` needs ray[default]
-    core = next(Requirement(d) for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-                ["dependencies"] if Requirement(d).name == "ray")
-    assert cluster_extra()["ray"].specifier == core.specifier
+    assert cluster_extra()["ray"].specifier == project_ray().specifier
+    # A series, not an open floor: a fresh install must not pick up a Ray release the suite never ran with.
+    assert any(s.operator in ("<", "<=", "==", "~=") for s in project_ray().specifier), project_ray()
 
 
 def all_problems(config: dict) -> list[str]:
@@ -252,12 +277,12 @@ def test_cluster_yaml_passes_the_explicit_checks(config):
     assert explicit_problems(config) == []
 
 
-def test_every_node_type_installs_the_project_with_the_local_ray(config):
+def test_every_node_type_installs_the_project_with_the_projects_ray_range(config):
     per_node = node_setup_commands(config)
     assert set(per_node) == set(config["available_node_types"])
     for name, commands in per_node.items():
-        pins = {m.group(1) for c in commands for m in RAY_PIN.finditer(c)}
-        assert pins == {ray.__version__}, name
+        ranges = {str(r.specifier) for c in commands for r in ray_requirements(c)}
+        assert ranges == {str(project_ray().specifier)}, name
         assert any(installs_editable(c, "~/batchsize-study") for c in commands), name
 
 
@@ -281,7 +306,11 @@ def _trials_on_head(c):
 
 
 def _other_ray_version(c):
-    c["setup_commands"] = [RAY_PIN.sub('ray[default]==0.0.1', cmd) for cmd in c["setup_commands"]]
+    c["setup_commands"] = [RAY_REQUIREMENT.sub('"ray[default]==0.0.1"', cmd) for cmd in c["setup_commands"]]
+
+
+def _unpinned_ray(c):
+    c["setup_commands"] = [RAY_REQUIREMENT.sub('"ray[default,tune]"', cmd) for cmd in c["setup_commands"]]
 
 
 def _no_project_install(c):
@@ -328,6 +357,7 @@ BROKEN = {
     "unknown top-level key": (_unknown_top_level_key, "worker_count", (schema_problems, ray_validator_problems)),
     "trials on head": (_trials_on_head, "no trial runs on it", (explicit_problems,)),
     "other Ray version": (_other_ray_version, "0.0.1", (explicit_problems,)),
+    "unpinned Ray": (_unpinned_ray, "ray (any version)", (explicit_problems,)),
     "no project install": (_no_project_install, "pip install -e", (explicit_problems,)),
     "node type overrides setup": (_worker_type_overrides_setup, "gpu-4x", (explicit_problems,)),
     "missing mount source": (_missing_mount_source, "no-such-folder", (explicit_problems,)),

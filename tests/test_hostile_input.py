@@ -1,16 +1,23 @@
 """Wrong, extreme and hostile input to both study CLIs: every refusal is one line on stderr starting "error:",
 exit status 2, before Ray starts, with nothing written (no study folder, no storage root). Also the data errors
-that must name the right thing, and the Kaggle conversion leaving no lock file behind. No training here."""
+that must name the right thing, and data preparation (Kaggle conversion, PCam download, decompression, conversion)
+leaving no lock file behind. No training here."""
 
 import gzip
 import json
+import threading
 import time
+from pathlib import Path
+
+import h5py
 
 import pytest
 import ray
 
-from study import cli_checks, mnist as mnist_cli, pcam as pcam_cli
-from study.data import kaggle
+from study import cli_checks, mnist as mnist_cli, pcam as pcam_cli, trainables
+from study.config import PcamConfig
+from study.data import kaggle, pcam as pcam_data
+from study.data.locks import step_lock
 from study.errors import StudyError
 from tests.test_kaggle import make_folder
 
@@ -41,6 +48,8 @@ MNIST_CASES = [
     (["--momentum", "1"], "--momentum must be a finite number in [0, 1)"),
     (["--gpus-per-trial", "nan"], "--gpus-per-trial must be a finite number, got nan"),
     (["--gpus-per-trial", "inf"], "--gpus-per-trial must be a finite number, got inf"),
+    (["--gpus-per-trial", "2"], "--gpus-per-trial must be at most 1 (a trial trains on one GPU"),
+    (["--gpus-per-trial", "1.5"], "--gpus-per-trial must be at most 1"),
     (["--cpus-per-trial", "nan"], "--cpus-per-trial must be a finite number, got nan"),
     (["--lr", "nan"], "positive"),
     (["--fine-factors", "inf"], "positive"),
@@ -162,6 +171,7 @@ PCAM_CASES = [
     (["--eval-batch-size", "0"], "--eval-batch-size must be >= 1"),
     (["--epochs", "0"], "--epochs must be >= 1"),
     (["--weights", "/nonexistent.pt"], "--weights /nonexistent.pt is not a file"),
+    (["--gpus-per-trial", "4"], "--gpus-per-trial must be at most 1"),
 ]
 
 
@@ -190,6 +200,59 @@ def test_kaggle_conversion_leaves_no_lock_file(tmp_path):
     assert sorted(p.name for p in good.iterdir() if p.name.startswith(".")) == []
 
 
+def _fetch_gzipped_pcam_with_a_chunked_train_x(root) -> Path:
+    """A stand-in for PCam's download (no network): the official layout, gzipped, its train patches stored in
+    chunks so that loading converts them into the cache (the second locked step)."""
+    out = pcam_data.make_synthetic(Path(root) / "pcam", 8, 4, 4)
+    x = out / pcam_data.file_name("train", "x")
+    with h5py.File(x, "r") as f:
+        patches = f["x"][()]
+    with h5py.File(x, "w") as f:
+        f.create_dataset("x", data=patches, chunks=(2, 96, 96, 3))
+    for h5 in out.glob("*.h5"):
+        with h5.open("rb") as src, gzip.open(f"{h5}.gz", "wb") as dst:
+            dst.write(src.read())
+        h5.unlink()
+    return out
+
+
+def test_pcam_download_decompress_and_convert_leave_no_lock_file(monkeypatch, tmp_path):
+    fetched = []
+    monkeypatch.setattr(pcam_data, "download", lambda root: fetched.append(root) or
+                        _fetch_gzipped_pcam_with_a_chunked_train_x(root))
+    cfg = PcamConfig(data_dir=str(tmp_path / "data"), download=True)
+    files = trainables.locate_or_fetch(cfg)
+    x, y = pcam_data.load_split(*files["train"])
+    assert len(fetched) == 1 and x.shape == (8, 96, 96, 3) and len(y) == 8
+    assert any(tmp_path.rglob("*.npy")) and any(tmp_path.rglob("*.h5"))  # every locked step ran
+    assert sorted(str(p) for p in tmp_path.rglob("*lock*")) == []
+    assert trainables.locate_or_fetch(cfg) == files and len(fetched) == 1  # found again, not fetched again
+    assert sorted(str(p) for p in tmp_path.rglob("*lock*")) == []
+
+
+def test_a_step_lock_removed_by_its_holder_still_excludes_the_waiters(tmp_path):
+    """Four threads (each its own lock file descriptor, as separate processes have) run a step 40 times under
+    one lock path whose file each holder deletes: the steps never overlap and no lock file is left."""
+    lock, inside, overlaps, done = tmp_path / ".step.lock", [], [], []
+
+    def worker():
+        for _ in range(10):
+            with step_lock(lock):
+                inside.append(1)
+                if len(inside) > 1:
+                    overlaps.append(len(inside))
+                time.sleep(0.002)
+                inside.pop()
+                done.append(1)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(done) == 40 and overlaps == [] and not lock.exists()
+
+
 def test_a_refusal_after_ray_started_leaves_no_storage_root(capsys, tmp_path):
     ray.init(address="local", num_cpus=2, include_dashboard=False)  # the resource check runs after Ray is up
     store = tmp_path / "new" / "store"
@@ -216,3 +279,21 @@ def test_resume_of_a_study_stored_before_a_flag_existed_takes_its_default(monkey
     resumed = seen["args"]
     assert resumed.noise_every == args.noise_every and resumed.tf32 is False and resumed.smoke is True
     assert resumed.num_cpus == 1 and resumed.resume is True
+
+
+def test_resume_honours_a_new_max_trials(capsys, monkeypatch, tmp_path):
+    """--max-trials is among the flags a resume may change (README): the stored grid is checked against the value
+    given now, and a refusal leaves the study as it was."""
+    args = mnist_cli.parse_args(["--smoke", "--storage-path", str(tmp_path), "--name", "s"])
+    (tmp_path / "s").mkdir()
+    record = json.dumps({"study": "mnist", "args": vars(args)})
+    (tmp_path / "s" / "study.json").write_text(record)
+    code = mnist_cli.main(["--resume", "--storage-path", str(tmp_path), "--name", "s", "--max-trials", "5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "more than the limit of 5" in err and err.count("\n") == 1, err
+    assert [p.name for p in (tmp_path / "s").iterdir()] == ["study.json"]
+    assert (tmp_path / "s" / "study.json").read_text() == record and not ray.is_initialized()
+    seen = {}
+    monkeypatch.setattr(mnist_cli, "run", lambda a: seen.setdefault("args", a) and 0)
+    assert mnist_cli.main(["--resume", "--storage-path", str(tmp_path), "--name", "s", "--max-trials", "50"]) == 0
+    assert seen["args"].max_trials == 50

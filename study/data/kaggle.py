@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from filelock import FileLock
 from PIL import Image
 
+from study.data.locks import step_lock
 from study.data.pcam import SHAPE, SPLITS, file_name, write_split
 from study.errors import StudyError
 
@@ -124,14 +124,8 @@ def prepare_kaggle(src, out, val_fraction: float = 0.2, seed: int = 0) -> Path:
     except OSError as err:
         raise StudyError(f"cannot create {out.parent} for the converted data ({err.strerror}); pass a writable "
                          f"--prepared-dir")
-    lock = out.parent / f".{out.name}.lock"
-    with FileLock(str(lock)):
-        try:
-            return _convert(src, out, val_fraction, seed, train_ids, test_ids, wanted)
-        finally:
-            # Unlinked while held, so no lock file outlives a conversion, failed or not; a process waiting on the
-            # old inode sees it unlinked when it gets the lock, and filelock then opens the path afresh.
-            lock.unlink(missing_ok=True)
+    with step_lock(out.parent / f".{out.name}.lock"):  # no lock file outlives a conversion, failed or not
+        return _convert(src, out, val_fraction, seed, train_ids, test_ids, wanted)
 
 
 def _convert(src: Path, out: Path, val_fraction: float, seed: int, train_ids: list, test_ids: list,

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from filelock import FileLock
-
+from study.data.locks import step_lock
 from study.errors import StudyError
 
 SPLITS = ("train", "valid", "test")
@@ -68,7 +67,7 @@ def _fresh(copy: Path, source: Path) -> bool:
 def _decompress(gz_path: Path, cache_dir: Path) -> Path:
     """gz_path decompressed into cache_dir once; concurrent trials wait on the lock instead of racing."""
     target = _make_cache(cache_dir) / gz_path.name[: -len(".gz")]
-    with FileLock(str(target) + ".lock"):
+    with step_lock(str(target) + ".lock"):
         if _fresh(target, gz_path):
             return target
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
@@ -189,7 +188,7 @@ def verify(files: dict[str, tuple[Path, Path | None]]) -> dict[str, int]:
 def _convert_to_npy(dset: h5py.Dataset, x_path: Path, cache_dir: Path) -> Path:
     """Copy a chunked or compressed dataset into a plain .npy once, so it can be memory-mapped."""
     target = _make_cache(cache_dir) / (x_path.stem + ".npy")
-    with FileLock(str(target) + ".lock"):
+    with step_lock(str(target) + ".lock"):
         if _fresh(target, x_path):
             try:
                 if np.load(target, mmap_mode="r").shape == dset.shape:
