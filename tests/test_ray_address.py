@@ -109,6 +109,7 @@ def test_auto_with_nothing_recorded_is_left_to_ray(monkeypatch, tmp_path):
     cli_checks.reachable("auto")  # ray.init's own search follows, and fails at once if it finds nothing
 
 
+@pytest.mark.slow
 def test_a_running_ray_passes():
     ray.init(address="local", num_cpus=1, include_dashboard=False)
     cli_checks.reachable(ray.get_runtime_context().gcs_address, timeout=10)
