@@ -24,12 +24,9 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from study import metrics as M
+from study.metrics import CHOSEN_FILE, ERRORED_FILE, STUDY_FILE, TARGET_STATS_FILE
 from study.errors import StudyError
 
-STUDY_FILE = "study.json"
-ERRORED_FILE = "errored_trials.json"  # study.tuning.ERRORED_FILE: the trials a stage's last run left errored
-CHOSEN_FILE = "chosen_lr.json"
-TARGET_STATS_FILE = "target_stats.json"
 EXPERIMENT_STATE = re.compile(r"^experiment_state-.*\.json$")
 STAGES = {"mnist": ("lr_coarse", "lr_fine", "batch_sweep"), "pcam": ("grid",)}
 # Tune statuses of a trial that has not finished yet; a study holding one is reported as partial.

@@ -17,8 +17,8 @@ import time
 from ray import tune
 
 from study import metrics as M
+from study.config import REPEATS
 
-REPEATS = ("run", "seed")  # grid axes that repeat a configuration
 LOG_EVERY_S = 30.0  # seconds between progress lines in a log
 REDRAW_EVERY_S = 1.0
 FINISHED = ("done", "diverged", "out of memory", "error")  # row statuses of trials that ended

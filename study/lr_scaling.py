@@ -13,7 +13,7 @@ import math
 
 import torch
 
-RULES = ("none", "linear", "sqrt")
+from study.config import LR_SCALING_RULES as RULES
 
 
 def _require_positive(name: str, value: float) -> None:

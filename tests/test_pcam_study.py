@@ -22,7 +22,7 @@ from study.config import PcamConfig
 from study.data import pcam as pcam_data
 from study.errors import StudyError
 from study.models import VGG16_BLOCK_ENDS, VGG16Patches, vgg16_features_state
-from study.trainables import auc, run_pcam
+from study.trainables import auc, bce, run_pcam
 from tests.conftest import SHARED_KAGGLE
 from tests.tensorboard_checks import check_study
 
@@ -36,6 +36,14 @@ def test_auc_hand_checked():
     # positives 0.8, 0.4; negatives 0.5, 0.1: pairs (0.8>0.5) (0.8>0.1) (0.4<0.5) (0.4>0.1) -> 3/4
     assert auc(np.array([1, 1, 0, 0]), np.array([0.8, 0.4, 0.5, 0.1])) == 0.75
     assert math.isnan(auc(np.array([1, 1]), np.array([0.2, 0.3])))
+
+
+def test_bce_hand_checked():
+    assert bce(np.array([1, 0]), np.array([0.8, 0.4], dtype=np.float32)) == pytest.approx(
+        -(math.log(0.8) + math.log(0.6)) / 2, rel=1e-6)
+    assert bce(np.array([1]), np.array([0.9])) == pytest.approx(-math.log(0.9))  # one class in the split
+    assert 15 < bce(np.array([1]), np.array([0.0], dtype=np.float32)) < 17  # clipped at float32's epsilon
+    assert math.isnan(bce(np.array([1, 0]), np.array([math.nan, 0.2])))
 
 
 def test_frozen_blocks_receive_no_updates(tiny_pcam):
