@@ -46,6 +46,7 @@ def test_bce_hand_checked():
     assert math.isnan(bce(np.array([1, 0]), np.array([math.nan, 0.2])))
 
 
+@pytest.mark.slow  # trains VGG16 on CPU
 def test_frozen_blocks_receive_no_updates(tiny_pcam):
     cfg = PcamConfig(data_dir=str(tiny_pcam), weights="none", epochs=1, batch_size=8, lr=0.05, eval_batch_size=8)
     torch.manual_seed(cfg.seed)
@@ -232,6 +233,7 @@ def test_download_uses_files_already_there(tmp_path, monkeypatch, tiny_pcam):
     assert Path(folder) == Path(tiny_pcam).resolve() and sizes["train"] > 0
 
 
+@pytest.mark.slow  # trains VGG16 on CPU, three times
 def test_resumed_from_a_checkpoint_ends_exactly_like_an_uninterrupted_run(tiny_pcam):
     cfg = PcamConfig(data_dir=str(tiny_pcam), weights="none", epochs=2, batch_size=8, lr=0.01, eval_batch_size=8)
     cpu = torch.device("cpu")
