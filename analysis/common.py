@@ -10,11 +10,11 @@ import pandas as pd
 from analysis.figures import ReportWriter, fmt, new_figure
 from analysis.load import Study, Trial
 from study import metrics as M
+from study.config import REPEATS
 
 STAGE_COLOURS = ("tab:blue", "tab:green", "tab:purple", "tab:olive", "tab:cyan", "tab:brown")
 CONFIG_COLOURS = tuple(f"C{i}" for i in range(10)) + ("black", "silver", "gold", "teal", "navy", "salmon",
                                                    "lime", "orchid", "sienna", "khaki")
-REPEATS = ("run", "seed")  # config keys that repeat a configuration rather than make a new one
 OUTCOME_HATCH = {"error": "xxx", "diverged": "///", "running": "...", "incomplete": "..."}
 
 

@@ -4,16 +4,23 @@
     study = open_study("results/mnist-20250101-120000")   # or file:///..., s3://bucket/prefix/name, a stage folder
     study.trials("batch_sweep")[0].last("test_mse")
 
-The layout read here is the one `study.tuning` writes: `<study>/study.json`, one Tune experiment per stage with
-`experiment_state-*.json` (every trial and its Tune status, including trials that errored or never started), one
-folder per trial with `params.json`, `result.json` (a JSON line per epoch), `error.txt` and `checkpoint_*/`, and
-the study's own `errored_trials.json` per stage. A trial's outcome is how it ended, not what it recovered from on
-the way; a `result.json` line that is not JSON is skipped and named in `Study.corrupt_lines()`.
-Nothing here writes to the study folder.
+The layout read here is the one `study.tuning` writes: `<study>/study.json`, one Tune experiment per stage, and
+the study's own `errored_trials.json` per stage. What comes from where:
+- Tune's public `ExperimentAnalysis(stage, storage_filesystem=fs)` (its reader of the experiment snapshot): every
+  trial Tune knows, including those that errored or never started; its status (TERMINATED, ERROR, PENDING; Tune's
+  reader turns RUNNING into PENDING, as a restored trial starts again, so "running" is inferred from stored rows),
+  its config, its folder and how often it failed. Before Tune's first snapshot there is none: trials are then the
+  folders with a `params.json`, their statuses unknown.
+- Tune's documented per-trial files, read directly: `params.json` (the config), `result.json` (a JSON line per
+  epoch: every metric, the trial's outcome in `status`/`diverged`, the timeline's timestamps), `error.txt` (the
+  exception; its "Failure # N" headers count failures when there is no snapshot), and the `checkpoint_*/` folders.
+A trial's outcome is how it ended, not what it recovered from on the way; a `result.json` line that is not JSON is
+skipped and named in `Study.corrupt_lines()`. Nothing here writes to the study folder.
 """
 
 import io
 import json
+import logging
 import math
 import posixpath
 import re
@@ -23,13 +30,12 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.fs as pafs
 
+from ray.tune import ExperimentAnalysis
+
 from study import metrics as M
+from study.metrics import CHOSEN_FILE, ERRORED_FILE, STUDY_FILE, TARGET_STATS_FILE
 from study.errors import StudyError
 
-STUDY_FILE = "study.json"
-ERRORED_FILE = "errored_trials.json"  # study.tuning.ERRORED_FILE: the trials a stage's last run left errored
-CHOSEN_FILE = "chosen_lr.json"
-TARGET_STATS_FILE = "target_stats.json"
 EXPERIMENT_STATE = re.compile(r"^experiment_state-.*\.json$")
 STAGES = {"mnist": ("lr_coarse", "lr_fine", "batch_sweep"), "pcam": ("grid",)}
 # Tune statuses of a trial that has not finished yet; a study holding one is reported as partial.
@@ -46,13 +52,13 @@ class Trial:
     dirname: str  # folder under the stage; "" for a trial Tune listed but never started
     config: dict
     rows: list = field(default_factory=list)  # result.json, one dict per reported epoch, in order
-    tune_status: str = "UNKNOWN"  # TERMINATED | ERROR | RUNNING | PENDING | PAUSED, from experiment_state
+    tune_status: str = "UNKNOWN"  # TERMINATED | ERROR | PENDING | PAUSED, from Tune's ExperimentAnalysis
     error: str = ""  # the exception line of error.txt (also of a failure the trial recovered from)
     failures: int = 0  # times the trial failed (Tune restarted it from its checkpoint, or it ended in ERROR)
     errored: bool = False  # listed in the stage's errored_trials.json: the study's last run left it errored
     result_file: str = ""  # path of result.json in the study's filesystem
     corrupt: tuple = ()  # (line number, reason) of each result.json line that could not be read
-    start_time: float = math.nan  # unix seconds, from experiment_state
+    start_time: float = math.nan  # unix seconds: the first result's timestamp less its epoch's seconds
     end_time: float = math.nan  # unix seconds of the last result
     checkpoint: str = ""  # path (in the study's filesystem) of the latest checkpoint folder
     checkpoint_files: tuple = ()
@@ -258,27 +264,30 @@ def _read_stage(fs: pafs.FileSystem, stage_dir: str, stage: str) -> list:
     for dirname, state in sorted(states.items()):
         if dirname not in trials:  # listed by Tune, but no folder (never started, or not yet synced)
             trials[dirname] = Trial(stage=stage, trial_id=state["trial_id"], dirname="", config=state["config"],
-                                    tune_status=state["status"], start_time=state["start_time"])
+                                    tune_status=state["status"])
     return sorted(trials.values(), key=lambda t: (t.trial_id, t.dirname))
 
 
 def _trial_states(fs: pafs.FileSystem, stage_dir: str, listing: dict) -> dict:
-    """Trial folder name -> {trial_id, status, config, start_time, end_time} from the newest experiment_state."""
-    names = sorted(n for n in listing if EXPERIMENT_STATE.match(n))
-    if not names:
+    """Trial folder name (trial id for one never started) -> {trial_id, status, config, failures}, from Tune's
+    ExperimentAnalysis of the stage; {} before Tune wrote its first experiment snapshot."""
+    if not any(EXPERIMENT_STATE.match(n) for n in listing):
         return {}
-    state = read_json(fs, f"{stage_dir}/{names[-1]}")  # timestamped names: the last one is the newest
-    out = {}
-    for entry in state.get("trial_data", []):
-        try:
-            trial, run = json.loads(entry[0]), json.loads(entry[1])
-        except (TypeError, IndexError, json.JSONDecodeError):
-            continue
-        out[trial.get("relative_logdir") or trial["trial_id"]] = {
-            "trial_id": trial["trial_id"], "status": trial.get("status", "UNKNOWN"),
-            "config": trial.get("config") or {}, "start_time": _number(run.get("start_time")),
-            "end_time": _number(run.get("last_result_time")), "failures": run.get("num_failures")}
-    return out
+    # It also reads every trial's result.json into a frame, and warns of rows it cannot parse: this module reads
+    # those rows itself and names the bad lines, so its warnings would only say the same twice.
+    quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        analysis = ExperimentAnalysis(stage_dir, storage_filesystem=fs)
+    except Exception as err:  # a snapshot cut short or from another Tune: JSONDecodeError, KeyError, ...
+        raise StudyError(f"{stage_dir}: Tune's experiment snapshot (experiment_state-*.json) cannot be read "
+                         f"({type(err).__name__}: {err}); was it cut short while being written?")
+    finally:
+        quiet.setLevel(level)
+    return {trial.relative_logdir or trial.trial_id: {
+        "trial_id": trial.trial_id, "status": trial.status, "config": trial.config or {},
+        "failures": trial.num_failures} for trial in analysis.trials}
 
 
 def _read_trial(fs, trial_dir: str, stage: str, dirname: str, state: dict | None) -> Trial | None:
@@ -297,12 +306,9 @@ def _read_trial(fs, trial_dir: str, stage: str, dirname: str, state: dict | None
     checkpoints = sorted(n for n, kind in files.items() if _is_dir(kind) and n.startswith("checkpoint_"))
     checkpoint = f"{trial_dir}/{checkpoints[-1]}" if checkpoints else ""
     state = state or {}
-    end = state.get("end_time", math.nan)
-    if not math.isfinite(end) and rows:
-        end = _number(rows[-1].get("timestamp"))
-    start = state.get("start_time", math.nan)
-    if not math.isfinite(start) and rows:  # Tune's timestamp is whole seconds: good enough for a timeline
-        start = _number(rows[0].get("timestamp")) - _number(rows[0].get("time_this_iter_s", 0))
+    end = _number(rows[-1].get("timestamp")) if rows else math.nan
+    # Tune's timestamp is whole seconds: good enough for a timeline
+    start = _number(rows[0].get("timestamp")) - _number(rows[0].get("time_this_iter_s", 0)) if rows else math.nan
     trial_id = state.get("trial_id") or (rows[0].get("trial_id") if rows else "") or dirname
     failures = state.get("failures")
     if not isinstance(failures, int):  # no experiment state: Tune writes one "Failure # N" header per failure

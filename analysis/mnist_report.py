@@ -12,7 +12,7 @@ import pandas as pd
 from analysis import noise_figures, stats
 from analysis.common import base_value, fold_lr_scaling, mark_noise_scale, measured_noise_scale
 from analysis.figures import ReportWriter, batch_axis, epoch_axis, log_scale_if_wide, new_figure
-from analysis.load import CHOSEN_FILE, TARGET_STATS_FILE, Study, epoch_table, trial_table
+from analysis.load import Study, epoch_table, trial_table
 from study import metrics as M
 
 TARGET_ORDER = ("mean", "median", "std", "var")  # the variance is ~100x the others: it gets its own axis
@@ -76,7 +76,7 @@ def write_lr_search(report: ReportWriter, study: Study) -> None:
     if not trials:
         report.text("No learning-rate search trials are stored.")
         return
-    chosen = study.files.get(CHOSEN_FILE, {})
+    chosen = study.files.get(M.CHOSEN_FILE, {})
     key = next((c["selected_on"] for c in chosen.values() if c.get("selected_on") in (M.VAL_MSE, M.TEST_MSE)),
                M.VAL_MSE if study.args.get("select_on", "val") == "val" else M.TEST_MSE)
     table = trial_table(trials, ["target", "lr", "lr_factor", "batch_size"], [M.VAL_MSE, M.TEST_MSE])
@@ -86,13 +86,14 @@ def write_lr_search(report: ReportWriter, study: Study) -> None:
     table = table.sort_values(["target", "lr", "stage", "trial_id"], kind="stable", ignore_index=True)
     report.text(f"Each target's rate is chosen on the final {key} among trials that finished (not diverged). "
                 f"Coarse grid first, then the fine grid as factors of the best coarse rate.")
-    report.table("lr_search", table, f"Learning-rate search: final MSE per trial; chosen = the rate in {CHOSEN_FILE}")
+    report.table("lr_search", table,
+                 f"Learning-rate search: final MSE per trial; chosen = the rate in {M.CHOSEN_FILE}")
     if chosen:
         rows = [{"target": t, "chosen_lr": c.get("lr"), "coarse_lr": c.get("coarse_lr"), "mse": c.get("mse"),
                  "selected_on": c.get("selected_on")} for t, c in sorted(chosen.items())]
         report.table("chosen_lr", pd.DataFrame.from_records(rows), "Chosen learning rate per target")
     else:
-        report.text(f"{CHOSEN_FILE} is not stored yet: the search has not finished.")
+        report.text(f"{M.CHOSEN_FILE} is not stored yet: the search has not finished.")
     targets = _targets(table["target"])
     fig, axes = new_figure(len(targets))
     for ax, target in zip(axes, targets):
@@ -118,9 +119,9 @@ def write_lr_search(report: ReportWriter, study: Study) -> None:
 
 def write_target_distributions(report: ReportWriter, study: Study) -> None:
     report.heading("Target distributions")
-    summaries = study.files.get(TARGET_STATS_FILE)
+    summaries = study.files.get(M.TARGET_STATS_FILE)
     if not summaries:
-        report.text(f"The study did not store {TARGET_STATS_FILE} (box-plot statistics of each target over the "
+        report.text(f"The study did not store {M.TARGET_STATS_FILE} (box-plot statistics of each target over the "
                     f"training images), so the target distributions cannot be drawn; the report never reads images.")
         return
     ran = study.args.get("targets") or list(summaries)

@@ -17,9 +17,9 @@ import time
 from ray import tune
 
 from study import metrics as M
+from study.config import REPEATS
+from study.progress import LOG_EVERY_S  # one cadence for every progress line in a log
 
-REPEATS = ("run", "seed")  # grid axes that repeat a configuration
-LOG_EVERY_S = 30.0  # seconds between progress lines in a log
 REDRAW_EVERY_S = 1.0
 FINISHED = ("done", "diverged", "out of memory", "error")  # row statuses of trials that ended
 QUIET_LOGGERS = ("ray.tune", "ray.train", "ray.air")  # their warnings are benign in a study (snapshot timing, ...)

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-RULES = ("none", "linear", "sqrt")
+from study.config import LR_SCALING_RULES as RULES
 
 
 def _require_positive(name: str, value: float) -> None:
@@ -53,18 +53,11 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the lr of every parameter group of `optimizer`.
-
-    A group whose lr is a tensor (optimizers built with a tensor lr, e.g. for CUDA graphs) is updated in place,
-    so the optimizer keeps the tensor it captured.
-    """
+    """Set the lr of every parameter group of `optimizer` (as a Python float)."""
     if not lr >= 0:
         raise ValueError(f"learning rate must be >= 0, got {lr}")
     for group in optimizer.param_groups:
-        if isinstance(group["lr"], torch.Tensor):
-            group["lr"].fill_(lr)
-        else:
-            group["lr"] = float(lr)
+        group["lr"] = float(lr)
 
 
 def scaling_rules(value) -> list[str]:

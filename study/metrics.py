@@ -40,6 +40,12 @@ BEST_VAL_ACC = "best_val_acc"
 TEST_AUC = "test_auc"  # of the best-on-validation model; reported once, at the end
 TEST_ACC = "test_acc"
 
+# Files a study stores next to Tune's experiments (study.tuning, study.mnist write them; analysis/ reads them).
+STUDY_FILE = "study.json"  # what ran: the study's kind, its arguments, code version, stages
+ERRORED_FILE = "errored_trials.json"  # in each stage folder: the trial folders its last run left errored
+CHOSEN_FILE = "chosen_lr.json"  # MNIST: the learning rate stage 1 chose per target
+TARGET_STATS_FILE = "target_stats.json"  # MNIST: box-plot statistics of each target over the training images
+
 # Files inside a trial's final checkpoint (persisted to the storage path with it).
 PREDICTIONS_FILE = "test_predictions.csv"  # columns: index, label, probability
 SUBMISSION_FILE = "submission.csv"  # Kaggle layout: id, label (predicted probability)

@@ -16,18 +16,16 @@ from ray import tune
 from study import cli_checks as checks
 from study import metrics as M
 from study.console import stage_callbacks, tensorboard_hint
-from study.config import (MNIST_BATCH_SIZES, MNIST_FINE_FACTORS, MNIST_LR_GRID, MNIST_LR_SEARCH_BATCH, MNIST_RUNS,
-                          MNIST_TARGETS, MNIST_VAL_SIZE, NOISE_EVERY, OPTIMIZERS, MnistConfig)
+from study.config import (LR_SCALING_RULES, MNIST_BATCH_SIZES, MNIST_FINE_FACTORS, MNIST_LR_GRID, MNIST_LR_SEARCH_BATCH,
+                          MNIST_RUNS, MNIST_TARGETS, MNIST_VAL_SIZE, NOISE_EVERY, OPTIMIZERS, MnistConfig)
 from study.data import mnist as mnist_data
 from study.errors import StudyError
-from study.lr_scaling import RULES as LR_SCALING_RULES, scaling_rules
+from study.lr_scaling import scaling_rules
 from study.tensorboard import RunName, write_experiment
 from study.trainables import train_mnist
-from study.tuning import (STUDY_FILE, StudyFolder, add_common_args, check_common_args, code_version, default_name,
+from study.tuning import (StudyFolder, add_common_args, check_common_args, code_version, default_name,
                           grid_axis, main_of, open_study, run_stage)
 
-CHOSEN_FILE = "chosen_lr.json"
-TARGET_STATS_FILE = "target_stats.json"  # box-plot statistics of each target over the training images
 SMOKE = dict(targets=["mean", "std"], lr_grid=[1e-3, 1e-2, 1e3], fine_factors=[0.5, 1.0, 2.0], batch_sizes=[16, 64],
              runs=2, epochs=2, val_size=128, train_limit=0, test_limit=0)  # lr 1e3 diverges (NaN) on purpose
 
@@ -219,12 +217,12 @@ def run(args) -> int:
     resources = open_study(folder, args)
     version = code_version()
     if not args.resume:
-        folder.write_json(STUDY_FILE, {"study": "mnist", "args": vars(args), "code_version": version,
+        folder.write_json(M.STUDY_FILE, {"study": "mnist", "args": vars(args), "code_version": version,
                                          "data": {"source": source, "n_train": n_train, "n_test": len(data.test_x)},
                                          "resources_per_trial": resources})
     targets = {t: (mnist_data.targets(data.train_x, t), mnist_data.targets(data.test_x, t)) for t in args.targets}
     if not args.resume:  # the analysis draws the target distributions from this; it never reads the images
-        folder.write_json(TARGET_STATS_FILE, mnist_data.target_stats(data.train_x))
+        folder.write_json(M.TARGET_STATS_FILE, mnist_data.target_stats(data.train_x))
         write_experiment(folder, "mnist", hparam_domains(args))
     shared = {"train_x": data.train_x, "test_x": data.test_x, "targets": targets}
     base = trial_base(args, version)
@@ -232,11 +230,11 @@ def run(args) -> int:
 
     if args.lr is not None:
         chosen = {t: {"lr": args.lr, "selected_on": "--lr"} for t in args.targets}
-    elif args.resume and folder.has(CHOSEN_FILE):
-        chosen = folder.read_json(CHOSEN_FILE)
+    elif args.resume and folder.has(M.CHOSEN_FILE):
+        chosen = folder.read_json(M.CHOSEN_FILE)
     else:
         chosen = lr_search(args, folder, resources, shared, base)
-    folder.write_json(CHOSEN_FILE, chosen)
+    folder.write_json(M.CHOSEN_FILE, chosen)
     for t in args.targets:
         print(f"learning rate for {t}: {chosen[t]['lr']:.4g} ({chosen[t]['selected_on']})")
 

@@ -21,15 +21,15 @@ from ray.tune.search import BasicVariantGenerator
 from study import cli_checks as checks
 from study import metrics as M
 from study.console import stage_callbacks, tensorboard_hint
-from study.config import NOISE_EVERY, OPTIMIZERS, PCAM_BATCH_SIZES, PCAM_LRS, PcamConfig
+from study.config import LR_SCALING_RULES, NOISE_EVERY, OPTIMIZERS, PCAM_BATCH_SIZES, PCAM_LRS, PcamConfig
 from study.data import kaggle
 from study.data import pcam as pcam_data
 from study.errors import StudyError
-from study.lr_scaling import RULES as LR_SCALING_RULES, scaling_rules
+from study.lr_scaling import scaling_rules
 from study.models import vgg16_features_state
 from study.tensorboard import write_experiment
 from study.trainables import train_pcam
-from study.tuning import (STUDY_FILE, StudyFolder, add_common_args, check_common_args, code_version, default_name,
+from study.tuning import (StudyFolder, add_common_args, check_common_args, code_version, default_name,
                           grid_axis, main_of, open_study, run_stage)
 
 SMOKE = dict(batch_sizes=[8, 16], optimizers=["sgd", "adam"], sgd_lrs=[0.01], adam_lrs=[1e-4], epochs=2,
@@ -188,7 +188,7 @@ def run(args) -> int:
     folder = StudyFolder(args.storage_path, args.name)
     resources = open_study(folder, args)
     if not args.resume:
-        folder.write_json(STUDY_FILE, {"study": "pcam", "args": vars(args), "code_version": version,
+        folder.write_json(M.STUDY_FILE, {"study": "pcam", "args": vars(args), "code_version": version,
                                          "data": {"dir": data_dir, "sizes": sizes,
                                                   "kaggle": kaggle.read_ids(data_dir, "test") is not None},
                                          "resources_per_trial": resources})

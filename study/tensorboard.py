@@ -17,10 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from google.protobuf import struct_pb2
 from ray.tune.logger import TBXLoggerCallback
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+from tensorboard.plugins.hparams import summary_v2 as hp
 
 from study import metrics as M
 
@@ -90,37 +90,31 @@ class RunName:
         return "_".join(parts)
 
 
-def _summary(tag: str, data: plugin_data_pb2.HParamsPluginData) -> Summary:
-    data.version = metadata.PLUGIN_DATA_VERSION
-    return Summary(value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(data))])
-
-
-def _value(v):
-    """A hyperparameter as the hparams plugin stores it (bool before int: bool is an int in Python)."""
-    if isinstance(v, bool):
-        return struct_pb2.Value(bool_value=v)
-    if isinstance(v, (int, float)):
-        return struct_pb2.Value(number_value=float(v))
-    return struct_pb2.Value(string_value=str(v))
+def _domain(values: list) -> hp.Discrete:
+    """The values as one type, as the API's Discrete requires (an int grid axis with a float among them: floats)."""
+    if all(isinstance(v, bool) for v in values) or all(isinstance(v, str) for v in values):
+        return hp.Discrete(values)
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return hp.Discrete([float(v) for v in values], dtype=float)
+    return hp.Discrete([str(v) for v in values], dtype=str)
 
 
 def experiment_summary(kind: str, domains: dict) -> Summary:
-    """The study's HPARAMS experiment. domains: hyperparameter -> the values the study can give it."""
-    infos, shown = [], 0
-    for name in HPARAMS[kind]:
-        values = sorted(set(domains.get(name) or []))
-        if not values:
-            continue
-        kind_of = (api_pb2.DATA_TYPE_BOOL if isinstance(values[0], bool) else
-                   api_pb2.DATA_TYPE_FLOAT64 if isinstance(values[0], (int, float)) else api_pb2.DATA_TYPE_STRING)
-        differs = len(values) > 1 and shown < SHOWN
-        shown += differs
-        infos.append(api_pb2.HParamInfo(name=name, type=kind_of, differs=differs,
-                                        domain_discrete=struct_pb2.ListValue(values=[_value(v) for v in values])))
-    metric_infos = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=label)
-                    for tag, label in KEY_METRICS[kind] + COMMON_METRICS]
-    experiment = api_pb2.Experiment(name=kind, hparam_infos=infos, metric_infos=metric_infos)
-    return _summary(metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(experiment=experiment))
+    """The study's HPARAMS experiment, through TensorBoard's hparams API. domains: hyperparameter -> the values the
+    study can give it."""
+    hparams = [hp.HParam(name, _domain(sorted(set(domains[name])))) for name in HPARAMS[kind] if domains.get(name)]
+    metrics = [hp.Metric(tag, display_name=label) for tag, label in KEY_METRICS[kind] + COMMON_METRICS]
+    summary = hp.hparams_config_pb(hparams, metrics)
+    # The API has no `differs` flag: TensorBoard ticks the columns flagged so, the first SHOWN that vary.
+    value = summary.value[0]
+    data = metadata.parse_experiment_plugin_data(value.metadata.plugin_data.content)
+    shown = 0
+    for info in data.hparam_infos:
+        info.differs = len(info.domain_discrete.values) > 1 and shown < SHOWN
+        shown += info.differs
+    data.name = kind
+    value.metadata.CopyFrom(metadata.create_summary_metadata(plugin_data_pb2.HParamsPluginData(experiment=data)))
+    return summary
 
 
 def write_experiment(folder, kind: str, domains: dict) -> None:
@@ -138,16 +132,19 @@ def write_experiment(folder, kind: str, domains: dict) -> None:
 
 
 def session_start(config: dict, group: str) -> Summary:
-    hparams = {k: _value(v) for k, v in sorted(config.items())
-               if isinstance(v, (bool, int, float, str)) and applies(k, config)}
-    info = plugin_data_pb2.SessionStartInfo(hparams=hparams, group_name=group, start_time_secs=time.time())
-    return _summary(metadata.SESSION_START_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_start_info=info))
+    """The trial's HPARAMS row (TensorBoard's hparams API): the config values that apply to it."""
+    return hp.hparams_pb({k: v for k, v in config.items() if isinstance(v, (bool, int, float, str)) and
+                          applies(k, config)}, trial_id=group)
 
 
 def session_end(success: bool) -> Summary:
+    """The trial's outcome. TensorBoard's session_end_pb lives in its TensorFlow-only summary module, so the same
+    message is built here from the plugin's own protos and metadata."""
     info = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS if success else api_pb2.STATUS_FAILURE,
                                           end_time_secs=time.time())
-    return _summary(metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_end_info=info))
+    data = plugin_data_pb2.HParamsPluginData(session_end_info=info)
+    return Summary(value=[Summary.Value(tag=metadata.SESSION_END_INFO_TAG,
+                                        metadata=metadata.create_summary_metadata(data))])
 
 
 class StudyTensorBoard(TBXLoggerCallback):

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 from ray import tune
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import log_loss, roc_auc_score
 
 from study import metrics as M
 from study.augment import to_input
@@ -264,8 +264,10 @@ def locate_or_fetch(cfg: PcamConfig) -> dict:
 
 
 def bce(labels: np.ndarray, p: np.ndarray) -> float:
-    p = np.clip(p, 1e-7, 1 - 1e-7)
-    return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
+    """Binary cross-entropy (scikit-learn's log_loss, p clipped to its dtype's epsilon); NaN for a NaN model."""
+    if not np.all(np.isfinite(p)):
+        return math.nan
+    return float(log_loss(labels, p, labels=[0, 1]))
 
 
 def auc(labels: np.ndarray, p: np.ndarray) -> float:

@@ -20,9 +20,8 @@ import pyarrow.fs as pafs
 from study import cluster
 from study.cli_checks import MAX_TRIALS, check_common_flags, check_name, check_uri, reachable
 from study.errors import StudyError
+from study.metrics import ERRORED_FILE, STUDY_FILE
 
-STUDY_FILE = "study.json"  # what ran: the study's kind, its arguments, code version, stages
-ERRORED_FILE = "errored_trials.json"  # in each stage folder: the trial folders that ended in an error
 SNAPSHOTS = "experiment_state-*.json"  # Tune's experiment snapshots in a stage folder (TuneController.CKPT_FILE_TMPL)
 # Where ray.init logs its start-up notes (ray.init sets the level of "ray" itself, so that one is no use).
 RAY_START_LOGGER = "ray._private.authentication.authentication_token_setup"

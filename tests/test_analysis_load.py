@@ -1,5 +1,6 @@
 """analysis.load on hand-built study folders laid out exactly as Tune 2.x stores them (experiment_state-*.json with
-JSON-encoded trial entries, one folder per trial with params.json, result.json, error.txt, checkpoint_*/).
+the trial entries Tune's own Trial objects encode, one folder per trial with params.json, result.json, error.txt,
+checkpoint_*/).
 The end-to-end tests on real Tune output are in test_report_mnist.py and test_report_pcam.py; the report tests
 here cover what those cannot produce on demand: a study still running, trials never started."""
 
@@ -39,10 +40,21 @@ def write_trial(stage_dir, name, config, rows, *, error=None, tail=""):
 
 
 def write_state(stage_dir, entries):
-    """entries: (dirname, trial_id, status, config, start_time) as Tune's experiment_state lists trials."""
-    data = [[json.dumps({"trial_id": tid, "status": status, "config": config, "relative_logdir": name}),
-             json.dumps({"start_time": start, "last_result_time": start + 3.0, "error_filename": None})]
-            for name, tid, status, config, start in entries]
+    """entries: (dirname or None, trial_id, status, config, failures): Tune's snapshot of them, encoded by Tune's own
+    Trial objects as its controller does (a trial that never started has no folder)."""
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.experiment.trial import Trial as TuneTrial
+
+    storage = StorageContext(storage_path=str(stage_dir.parent), experiment_dir_name=stage_dir.name)
+    data = []
+    for name, tid, status, config, failures in entries:
+        trial = TuneTrial("train_mnist", config=config, trial_id=tid, stub=True, storage=storage)
+        trial.create_placement_group_factory()
+        if name:
+            trial.relative_logdir = trial.storage.trial_dir_name = name
+        trial.set_status(status)
+        trial.run_metadata.num_failures = failures
+        data.append(list(trial.get_json_state()))
     (stage_dir / "experiment_state-2026-01-01_10-00-00.json").write_text(
         json.dumps({"trial_data": data, "runner_data": {}, "stats": {}}))
 
@@ -58,11 +70,11 @@ def study_dir(tmp_path):
     write_trial(stage, "t1", cfg(16, 1), [row(0, 60.0), row(1, math.nan, "diverged")])
     write_trial(stage, "t2", cfg(64, 0), [row(0, 70.0)], error=TUNE_ERROR)
     write_trial(stage, "t3", cfg(64, 1), [row(0, 80.0), row(1, 30.0)], tail='{"epoch": 2, "test_m')
-    write_state(stage, [("t0", "a_00000", "TERMINATED", cfg(16, 0), 10.0),
-                        ("t1", "a_00001", "TERMINATED", cfg(16, 1), 11.0),
-                        ("t2", "a_00002", "ERROR", cfg(64, 0), 12.0),
-                        ("t3", "a_00003", "RUNNING", cfg(64, 1), 13.0),
-                        ("t4", "a_00004", "PENDING", cfg(128, 0), math.nan)])
+    write_state(stage, [("t0", "a_00000", "TERMINATED", cfg(16, 0), 0),
+                        ("t1", "a_00001", "TERMINATED", cfg(16, 1), 0),
+                        ("t2", "a_00002", "ERROR", cfg(64, 0), 1),
+                        ("t3", "a_00003", "RUNNING", cfg(64, 1), 0),
+                        (None, "a_00004", "PENDING", cfg(128, 0), 0)])
     return root
 
 
@@ -79,7 +91,8 @@ def test_outcomes_read_from_results_and_experiment_state(study_dir):
     assert "config" not in trials["a_00000"].rows[0]
     assert trials["a_00000"].checkpoint.endswith("checkpoint_000001")
     assert trials["a_00000"].checkpoint_files == ("state.pt",)
-    assert trials["a_00001"].start_time == 11.0 and trials["a_00001"].end_time == 14.0
+    assert trials["a_00001"].start_time == 100.0 and trials["a_00001"].end_time == 101.0  # result.json timestamps
+    assert trials["a_00002"].failures == 1 and trials["a_00000"].failures == 0
 
 
 def test_partial_study_names_what_is_missing(study_dir):
@@ -181,7 +194,7 @@ def test_report_when_no_trial_has_reported_yet(tmp_path, kind, stage, config):
     root = tmp_path / "study"
     (root / stage).mkdir(parents=True)
     (root / "study.json").write_text(json.dumps({"study": kind, "args": {"lr": 0.01}}))
-    write_state(root / stage, [("t0", "b_00000", "PENDING", config, math.nan)])
+    write_state(root / stage, [("t0", "b_00000", "PENDING", config, 0)])
     assert report.main([str(root), "--out", str(tmp_path / "out")]) == 0
     text = (tmp_path / "out" / "report.md").read_text()
     assert "PARTIAL" in text and "not started yet" in text

@@ -18,12 +18,14 @@ def run(script: str, *args: str, timeout: int) -> str:
     return done.stdout
 
 
+@pytest.mark.slow  # a benchmark subprocess: minutes on 2 shared cores
 def test_mnist_trial_prints_both_ways_and_the_ratio():
     out = run("mnist_trial.py", "--train-limit", "512", "--epochs", "1", "--batch-size", "64", timeout=180)
     assert re.search(r"ratio \(classic / project\) at batch 64: \d+\.\d+x", out)
     assert "same initial weights in both ways: yes" in out
 
 
+@pytest.mark.slow
 def test_pcam_pipeline_prints_both_rates_and_the_ratio():
     out = run("pcam_pipeline.py", "--n", "256", "--batches", "3", "--seconds", "0", "--rounds", "1", timeout=180)
     assert re.search(r"round 1: project +\d+ images/s .* baseline +\d+ images/s .* ratio \d+\.\d+x", out)
@@ -49,12 +51,16 @@ def test_pcam_train_refuses_bad_arguments():
     assert done.returncode == 2 and "--packed must be at least 1" in done.stderr
 
 
+@pytest.mark.slow
 def test_noise_cost_prints_both_steps_and_the_overhead_per_batch_size():
     out = run("noise_cost.py", "--rounds", "1", "--mnist-batch-sizes", "16", "64", "--pcam-batch-sizes", "4",
               timeout=300)
     for study, batch in (("mnist", 16), ("mnist", 64), ("pcam", 4)):
         assert re.search(rf"{study} +{batch} +\d+\.\d+ ms +\d+\.\d+ ms +\d+\.\d+x +-?\d+\.\d+%", out), out
     assert re.search(r"largest extra training time with noise on: -?\d+\.\d+%", out)
+
+
+def test_noise_cost_refuses_bad_arguments():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "noise_cost.py"), "--mnist-batch-sizes", "1"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 2 and "batch sizes must be >= 2" in done.stderr

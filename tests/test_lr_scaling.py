@@ -5,10 +5,12 @@ Run: python -m pytest tests/test_lr_scaling.py -q
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from study.lr_scaling import RULES, scaled_lr, set_lr, warmup_factor
+from study.config import LR_SCALING_RULES as RULES
+from study.lr_scaling import scaled_lr, set_lr, warmup_factor
 
 
 @pytest.mark.parametrize(
@@ -77,13 +79,13 @@ def test_set_lr_reaches_every_group_and_the_update():
     assert torch.equal(w2.detach(), torch.full((3,), 0.875))
 
 
-def test_set_lr_updates_a_tensor_lr_in_place():
-    w = torch.ones(2, requires_grad=True)
-    lr_tensor = torch.tensor(0.1)
-    optimizer = torch.optim.Adam([w], lr=lr_tensor)
-    set_lr(optimizer, 0.02)
-    assert optimizer.param_groups[0]["lr"] is lr_tensor
-    assert lr_tensor.item() == pytest.approx(0.02)
+def test_set_lr_stores_a_python_float():
+    """A numpy or tensor lr (from a schedule's arithmetic) is stored as a float, so the optimizer's state_dict in a
+    checkpoint holds no array and no tensor shared with the caller."""
+    optimizer = torch.optim.Adam([torch.ones(2, requires_grad=True)], lr=0.1)
+    for lr in (np.float32(0.25), torch.tensor(0.5)):
+        set_lr(optimizer, lr)
+        assert type(optimizer.param_groups[0]["lr"]) is float and optimizer.param_groups[0]["lr"] == float(lr)
 
 
 def test_set_lr_rejects_negative():

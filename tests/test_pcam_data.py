@@ -64,10 +64,14 @@ def gzip_all(folder: Path) -> None:
         path.unlink()
 
 
-def test_gz_is_decompressed_once_into_the_cache(official):
+def test_gz_is_decompressed_once_into_the_cache(official, capsys):
     folder, arrays = official
     gzip_all(folder)
     files = pcam.locate(folder)
+    said = capsys.readouterr().err  # not a terminal: one line per file when done (and every 30 s before)
+    for name in ("camelyonpatch_level_2_split_train_x.h5.gz", "camelyonpatch_level_2_split_test_y.h5.gz"):
+        size = (folder / name).stat().st_size
+        assert f"decompressing {name}: {size:,} compressed bytes in 0 s" in said
     x_path, y_path = files["train"]
     assert x_path.parent == folder / ".pcam-cache" and x_path.suffix == ".h5"
     np.testing.assert_array_equal(pcam.load_split(x_path, y_path)[0], arrays["train"][0])

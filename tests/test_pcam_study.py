@@ -22,7 +22,7 @@ from study.config import PcamConfig
 from study.data import pcam as pcam_data
 from study.errors import StudyError
 from study.models import VGG16_BLOCK_ENDS, VGG16Patches, vgg16_features_state
-from study.trainables import auc, run_pcam
+from study.trainables import auc, bce, run_pcam
 from tests.conftest import SHARED_KAGGLE
 from tests.tensorboard_checks import check_study
 
@@ -38,6 +38,15 @@ def test_auc_hand_checked():
     assert math.isnan(auc(np.array([1, 1]), np.array([0.2, 0.3])))
 
 
+def test_bce_hand_checked():
+    assert bce(np.array([1, 0]), np.array([0.8, 0.4], dtype=np.float32)) == pytest.approx(
+        -(math.log(0.8) + math.log(0.6)) / 2, rel=1e-6)
+    assert bce(np.array([1]), np.array([0.9])) == pytest.approx(-math.log(0.9))  # one class in the split
+    assert 15 < bce(np.array([1]), np.array([0.0], dtype=np.float32)) < 17  # clipped at float32's epsilon
+    assert math.isnan(bce(np.array([1, 0]), np.array([math.nan, 0.2])))
+
+
+@pytest.mark.slow  # trains VGG16 on CPU
 def test_frozen_blocks_receive_no_updates(tiny_pcam):
     cfg = PcamConfig(data_dir=str(tiny_pcam), weights="none", epochs=1, batch_size=8, lr=0.05, eval_batch_size=8)
     torch.manual_seed(cfg.seed)
@@ -224,6 +233,7 @@ def test_download_uses_files_already_there(tmp_path, monkeypatch, tiny_pcam):
     assert Path(folder) == Path(tiny_pcam).resolve() and sizes["train"] > 0
 
 
+@pytest.mark.slow  # trains VGG16 on CPU, three times
 def test_resumed_from_a_checkpoint_ends_exactly_like_an_uninterrupted_run(tiny_pcam):
     cfg = PcamConfig(data_dir=str(tiny_pcam), weights="none", epochs=2, batch_size=8, lr=0.01, eval_batch_size=8)
     cpu = torch.device("cpu")

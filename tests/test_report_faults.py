@@ -10,18 +10,9 @@ import pytest
 
 from analysis import report
 from analysis.load import open_study
-from tests.test_analysis_load import TUNE_ERROR, row, write_trial
+from tests.test_analysis_load import TUNE_ERROR, row, write_state, write_trial
 
 CFG = lambda b, run: {"target": "mean", "batch_size": b, "lr": 1e-3, "run": run, "epochs": 2}  # noqa: E731
-
-
-def write_state(stage_dir, entries):
-    """entries: (dirname, trial_id, status, config, num_failures), as Tune's experiment_state lists trials."""
-    data = [[json.dumps({"trial_id": tid, "status": status, "config": config, "relative_logdir": name}),
-             json.dumps({"start_time": 10.0, "last_result_time": 13.0, "num_failures": failures})]
-            for name, tid, status, config, failures in entries]
-    (stage_dir / "experiment_state-2026-01-01_10-00-00.json").write_text(
-        json.dumps({"trial_data": data, "runner_data": {}, "stats": {}}))
 
 
 @pytest.fixture

@@ -277,6 +277,7 @@ def test_remote_study_needs_out(tmp_path):
     assert report.output_dir(study, "s3://bucket/study", str(tmp_path)) == tmp_path
 
 
+@pytest.mark.slow  # its fixture runs the MNIST smoke study
 def test_report_never_deletes_files_it_did_not_write(smoke, smoke_report, tmp_path):
     out = tmp_path / "mixed"
     out.mkdir()

@@ -3,7 +3,6 @@
 import copy
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -160,4 +159,6 @@ def test_lr_scaling_and_warmup_reach_the_optimizer(data):
     rows, _ = collect(cfg, data)
     assert rows[0][M.LR] == pytest.approx(4e-3 / 5)  # 640 images / 128 = 5 warmup steps; step 0 at 1/5
     assert rows[-1][M.LR] == pytest.approx(4e-3)
-    assert math.isfinite(rows[-1][M.NOISE_SCALE]) or np.isnan(rows[-1][M.NOISE_SCALE])
+    # the probe backpropagates at the scaled, warmed-up lr's weights: one per epoch (step 0), each estimate usable
+    assert [row[M.NOISE_PROBES] for row in rows[1:]] == [1, 1]
+    assert all(math.isfinite(row[M.NOISE_SCALE]) and row[M.NOISE_SCALE] > 0 for row in rows[1:])

@@ -20,6 +20,7 @@ from PIL import Image
 from study.data.locks import step_lock
 from study.data.pcam import SHAPE, SPLITS, file_name, write_split
 from study.errors import StudyError
+from study.progress import Progress
 
 MANIFEST = "kaggle_manifest.json"
 BLOCK = 1024  # tifs decoded per block written (1024 * 27 KiB = 28 MiB)
@@ -92,9 +93,10 @@ def _read_tif(path: Path) -> np.ndarray:
     return pixels
 
 
-def _blocks(folder: Path, ids: list[str]):
+def _blocks(folder: Path, ids: list[str], progress: Progress):
     for start in range(0, len(ids), BLOCK):
         yield np.stack([_read_tif(folder / f"{i}.tif") for i in ids[start:start + BLOCK]])
+        progress.update(len(ids[start:start + BLOCK]))
 
 
 def _manifest(src: Path, val_fraction: float, seed: int, test_ids: list[str]) -> dict:
@@ -141,11 +143,13 @@ def _convert(src: Path, out: Path, val_fraction: float, seed: int, train_ids: li
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        for split, rows in (("train", train), ("valid", valid)):
-            ids = list(labels.index[rows])
-            write_split(tmp, split, _blocks(src / "train", ids), labels.to_numpy()[rows], n=len(ids))
-            pd.DataFrame({"id": ids}).to_csv(tmp / f"ids_{split}.csv", index=False)
-        write_split(tmp, "test", _blocks(src / "test", test_ids), None, n=len(test_ids))
+        progress = Progress(f"converting the Kaggle patches into {out}", len(train_ids) + len(test_ids), "patches")
+        with progress:
+            for split, rows in (("train", train), ("valid", valid)):
+                ids = list(labels.index[rows])
+                write_split(tmp, split, _blocks(src / "train", ids, progress), labels.to_numpy()[rows], n=len(ids))
+                pd.DataFrame({"id": ids}).to_csv(tmp / f"ids_{split}.csv", index=False)
+            write_split(tmp, "test", _blocks(src / "test", test_ids, progress), None, n=len(test_ids))
         pd.DataFrame({"id": test_ids}).to_csv(tmp / "ids_test.csv", index=False)
         (tmp / MANIFEST).write_text(json.dumps(wanted, indent=1))
         if out.exists():

@@ -5,6 +5,7 @@ through Ray's object store. Nothing here touches the network unless `download` i
 """
 
 import gzip
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,9 @@ def download(root) -> Path:
 
     try:
         for train in (True, False):
+            # torchvision draws its own bars; say what they are for and where it goes
+            print(f"fetching MNIST's {'training' if train else 'test'} set through torchvision into {root}/MNIST",
+                  file=sys.stderr, flush=True)
             MNIST(str(root), train=train, download=True)
     except Exception as err:  # torchvision raises RuntimeError/URLError/OSError depending on the failure
         raise StudyError(f"downloading MNIST into {root} failed: {err}; without internet, "

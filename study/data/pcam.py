@@ -10,7 +10,7 @@ unless `download` is called; `make_synthetic` writes a tiny learnable stand-in f
 import gzip
 import hashlib
 import os
-import shutil
+import sys
 import zlib
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 from study.data.locks import step_lock
 from study.errors import StudyError
+from study.progress import Progress
 
 SPLITS = ("train", "valid", "test")
 SHAPE = (96, 96, 3)
@@ -72,8 +73,11 @@ def _decompress(gz_path: Path, cache_dir: Path) -> Path:
             return target
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
-            with gzip.open(gz_path, "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, 16 << 20)
+            with open(gz_path, "rb") as raw, gzip.GzipFile(fileobj=raw) as src, open(tmp, "wb") as dst, \
+                    Progress(f"decompressing {gz_path.name}", gz_path.stat().st_size, "compressed bytes") as progress:
+                while chunk := src.read(16 << 20):
+                    dst.write(chunk)
+                    progress.advance_to(raw.tell())
             os.replace(tmp, target)  # atomic: a reader never sees half a file under the final name
         except (OSError, EOFError, zlib.error) as err:
             tmp.unlink(missing_ok=True)
@@ -198,8 +202,10 @@ def _convert_to_npy(dset: h5py.Dataset, x_path: Path, cache_dir: Path) -> Path:
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=dset.shape)
-            for start in range(0, dset.shape[0], READ_ROWS):
-                out[start:start + READ_ROWS] = dset[start:start + READ_ROWS]
+            with Progress(f"copying {x_path.name} into {target}", dset.shape[0], "patches") as progress:
+                for start in range(0, dset.shape[0], READ_ROWS):
+                    out[start:start + READ_ROWS] = dset[start:start + READ_ROWS]
+                    progress.update(min(READ_ROWS, dset.shape[0] - start))
             out.flush()
             del out
             os.replace(tmp, target)
@@ -307,6 +313,8 @@ def download(root) -> Path:
 
     try:
         for split in ("train", "val", "test"):  # torchvision's name for the valid split
+            # torchvision and gdown draw their own bars; say what they are for and where it goes
+            print(f"fetching PCam's {split} split through torchvision into {root}/pcam", file=sys.stderr, flush=True)
             PCAM(str(root), split=split, download=True)
     except Exception as err:  # torchvision raises RuntimeError/URLError/OSError depending on the failure
         raise StudyError(f"downloading PCam into {root} failed: {err}; without internet, get the .h5.gz files "
