@@ -94,7 +94,7 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
     steps_per_epoch = len(batches)
     base_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_reference_batch, cfg.lr_scaling)
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    noise = NoiseScale(model.parameters(), cfg.noise_every) if cfg.noise_scale else None
+    noise = NoiseScale(model.parameters(), cfg.noise_every, seed=cfg.seed) if cfg.noise_scale else None
     state = {"epoch": 0, "train_seconds": 0.0, "best": {"value": -math.inf, "epoch": -1}, "best_model": None}
     if start is not None:
         model.load_state_dict(start["model"])
@@ -149,7 +149,7 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
                 x = prepare(x, aug_gen)
             optimizer.zero_grad(set_to_none=True)
             if noise is not None and noise.due(step % steps_per_epoch):
-                loss = noise.probe(loss_of, x, y)  # the same gradient, taken in micro-batches at these weights
+                loss = noise.probe(loss_of, x, y, step)  # the same gradient, taken in micro-batches at these weights
             else:
                 loss = loss_of(x, y)
                 loss.backward()
