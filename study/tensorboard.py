@@ -31,7 +31,7 @@ SCALARS = {
     M.VAL_MSE: "val/mse", M.VAL_LOSS: "val/loss", M.VAL_ACC: "val/acc", M.VAL_AUC: "val/auc",
     M.BEST_VAL_ACC: "val/best_acc",
     M.TEST_MSE: "test/mse", M.TEST_AUC: "test/auc", M.TEST_ACC: "test/acc",
-    M.EPOCH_SECONDS: "time/epoch_seconds", M.TRAIN_SECONDS: "time/train_seconds",
+    M.EPOCH_SECONDS: "time/epoch_seconds", M.PROBE_SECONDS: "time/probe_seconds", M.TRAIN_SECONDS: "time/train_seconds",
     M.IMAGES_PER_SECOND: "time/images_per_second", M.NOISE_SCALE: "noise/scale", M.NOISE_PROBES: "noise/probes",
     M.GPU_MEMORY_MB: "system/gpu_memory_mb",
 }
