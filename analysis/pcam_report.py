@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 
 from analysis import noise_figures, stats
-from analysis.common import fold_lr_scaling, mark_noise_scale, measured_noise_scale
-from analysis.figures import ReportWriter, batch_axis, epoch_axis, fmt, new_figure
+from analysis.common import fold_lr_scaling
+from analysis.figures import ReportWriter, batch_axis, epoch_axis, fmt, legend_below, new_figure
 from analysis.load import Study, Trial, epoch_table
 from study import metrics as M
 
@@ -294,19 +294,16 @@ def write_noise(report: ReportWriter, study: Study, configs: pd.DataFrame) -> No
                         yerr=[ok["mean_test_auc"] - ok["ci_low"].fillna(ok["mean_test_auc"]),
                               ok["ci_high"].fillna(ok["mean_test_auc"]) - ok["mean_test_auc"]],
                         marker="o", capsize=3, label=f"lr {lr:g}")
-        value, _ = measured_noise_scale([t for t in trials if t.config.get("optimizer") == optimizer])
-        mark_noise_scale(ax, value)
-        noise_figures.overlay(ax, [t for t in trials if t.config.get("optimizer") == optimizer])
-        marked |= math.isfinite(value)
+        marked |= noise_figures.overlay(ax, [t for t in trials if t.config.get("optimizer") == optimizer])
         batch_axis(ax, configs["batch_size"])
         auc_axis(ax)
         ax.set_ylabel("test AUC")
         ax.set_title(f"optimizer {optimizer}")
-        ax.legend()
+        legend_below(ax)
     report.text("Test AUC against batch size with its 95 % interval. " + (
-        "Dashed: the measured gradient noise scale B_simple (median over the optimizer's trials of the last finite "
-        "value), where theory puts the knee of the curve; dotted, right axis: B_simple per batch size (median of "
-        "each trial's epochs, bars over runs)." if marked
-        else "No trial measured a finite gradient noise scale (B_simple), so no knee is marked."))
+        "Dotted, right axis: the gradient noise scale B_simple each batch size's runs measured (median of each "
+        "trial's last finite value, bars min to max over runs); where the curve's batch size passes B_simple, "
+        "theory puts its knee." if marked
+        else "No trial measured a finite gradient noise scale (B_simple), so none is drawn."))
     report.figure("sensitivity", fig, "Test AUC vs batch size per optimizer, a line per learning rate")
     noise_figures.write(report, trials, CONFIG, lambda c: f"{c.get('optimizer')}, lr {c.get('lr'):g}")

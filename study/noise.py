@@ -44,6 +44,15 @@ def _sq_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(norms).square().sum()
 
 
+def trial_value(epoch_values: Iterable[float]) -> float:
+    """A trial's B_simple from its trained epochs' values in order: the last finite one (NaN if none). The one
+    definition the reports, the noise figures and TensorBoard use (TensorBoard draws no NaN point, so the last point
+    of `noise/scale`, which its HPARAMS table shows, is this value). The last, not a mean over epochs: B_simple
+    grows as the loss falls (McCandlish et al. 2018, section 3.3), and the trained model is the one at the end."""
+    finite = [float(v) for v in epoch_values if v is not None and math.isfinite(v)]
+    return finite[-1] if finite else math.nan
+
+
 class NoiseScale:
     """Per-epoch estimate of B_simple from probe steps, each split into `splits` micro-batches at fixed weights.
 
