@@ -63,7 +63,7 @@ def test_figures_are_drawn_only_from_finite_values(tmp_path):
     assert noise_figures.overlay(ax, trials)
     twin = ax._noise_twin
     data_line = twin.containers[0].lines[0]
-    assert list(data_line.get_xdata()) == [16, 256] and list(data_line.get_ydata()) == pytest.approx([3.0, 40.0])
+    assert list(data_line.get_xdata()) == [16, 256] and list(data_line.get_ydata()) == pytest.approx([4.0, 50.0])
     empty = [trial(16, 0, [NAN, NAN])]
     assert not noise_figures.over_training(report, empty, lambda c: "x", "none")
     assert not noise_figures.overlay(new_figure(1)[1][0], empty)
