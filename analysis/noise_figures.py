@@ -84,6 +84,16 @@ def by_batch(trials: list) -> pd.DataFrame:
             .reset_index())
 
 
+def _log_axis(axis) -> None:
+    """A log scale labelled in plain numbers (3, 40, 0.5): B_simple often spans less than a decade, where the
+    default labels minor ticks as 3 x 10^0."""
+    from matplotlib.ticker import LogFormatter
+
+    axis.axes.set_yscale("log")
+    axis.set_major_formatter(LogFormatter())
+    axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+
+
 def overlay(ax, trials: list, colour: str = "grey", label: str = "") -> bool:
     """B_simple per batch size, as that batch size's runs measured it (median of the trials' values, bars min..max
     over runs), on a right-hand axis of a batch-size panel: B_simple depends on the batch size it is measured at
@@ -99,7 +109,7 @@ def overlay(ax, trials: list, colour: str = "grey", label: str = "") -> bool:
                   color=colour, marker="s", linestyle=":", capsize=2, alpha=0.8, label=f"{label}B_simple")
     # The twin axis' lines are not in the panel's legend: a handle without data there names the dotted line.
     ax.plot([], [], color=colour, marker="s", linestyle=":", alpha=0.8, label=f"{label}B_simple per batch (right)")
-    twin.set_yscale("log")
+    _log_axis(twin.yaxis)
     twin.set_ylabel("B_simple (images), dotted")
     twin.grid(False)
     return True
@@ -121,7 +131,7 @@ def over_training(report: ReportWriter, trials: list, panel_of: Callable[[dict],
             s = group.groupby(M.EPOCH)["b"].agg(["median", "min", "max"]).sort_index()
             line = ax.plot(s.index, s["median"], marker="o", label=f"batch {batch}")[0]
             ax.fill_between(s.index, s["min"], s["max"], color=line.get_color(), alpha=0.15, linewidth=0)
-        ax.set_yscale("log")
+        _log_axis(ax.yaxis)
         epoch_axis(ax)
         ax.set_ylabel("B_simple (images)")
         ax.set_title(panel)
