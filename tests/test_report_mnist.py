@@ -146,6 +146,8 @@ def test_timing_matches_tune_times(smoke, smoke_report):
     cost = pd.read_csv(smoke_report / "cost.csv").set_index("stage")
     assert cost.loc["study total", "trial_seconds"] == pytest.approx(sum(totals))
     assert cost.loc["study total", "trials"] == len(raw)
+    probes = sorted(sum(r["probe_seconds"] for r in rows) for _, rows, _ in raw)
+    assert sorted(timing["probe_seconds"]) == pytest.approx(probes) and max(probes) > 0  # the sweep probes
 
 
 @pytest.mark.slow
@@ -236,6 +238,7 @@ def test_errored_and_diverged_trials_are_listed_not_dropped(errored, tmp_path):
     check_report_folder(out)
     text = (out / "report.md").read_text()
     assert "did not store target_stats.json" in text and "--lr 0.01" in text
+    assert "stored before probes were timed apart" in text  # this trainable reports no probe_seconds
     failures = pd.read_csv(out / "failures.csv")
     errors = failures[failures["outcome"] == "error"]
     assert len(errors) == 2 and (errors["batch_size"] == 64).all() and (errors["run"] == 1).all()
