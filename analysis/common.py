@@ -199,8 +199,9 @@ def write_timing(report: ReportWriter, study: Study, label_keys: list) -> None:
         return
     report.text("Wall seconds are Tune's `time_total_s` of a trial (setup and evaluation included); training "
                 "seconds count the training epochs only, without the gradient-noise probes (whose share of an epoch "
-                "depends on the batch size), and probe seconds those probes. GPU-seconds = the trial's GPU share x wall seconds; "
-                "CPU-seconds = CPUs per trial x wall seconds. Images per second: median over epochs 1 and later.")
+                "depends on the batch size), and probe seconds those probes. GPU-seconds = the trial's GPU share x "
+                "wall seconds; CPU-seconds = CPUs per trial x wall seconds. Images per second: median over epochs 1 "
+                "and later.")
     if timing["probe_seconds"].isna().any():
         report.text("Trials with probe seconds – were stored before probes were timed apart: their training "
                     "seconds include the probes.")
