@@ -6,9 +6,8 @@ the per-example gradient covariance); B_simple is the ratio of their averages (n
 separately, because the ratio of single noisy estimates is badly biased).
 
 How: a probe step splits its training batch of n examples into k micro-batches of sizes b_i (random subsets of the
-batch: see `split_order`) and takes each one's
-gradient g_i on the same weights; g = sum(b_i g_i) / n is then exactly the step's gradient (the loss is a mean), so
-the optimizer steps as it would have. From E[b_i |g_i|^2] = b_i |G|^2 + tr(Sigma) and E[n |g|^2] = n |G|^2 + tr(Sigma):
+batch: see `split_order`) and takes each one's gradient g_i on the same weights; g = sum(b_i g_i) / n is then
+exactly the step's gradient (the loss is a mean), so the optimizer steps as it would have. From E[b_i |g_i|^2] = b_i |G|^2 + tr(Sigma) and E[n |g|^2] = n |G|^2 + tr(Sigma):
 
     tr(Sigma) ~ S = (sum_i b_i |g_i|^2 - n |g|^2) / (k - 1)         |G|^2 ~ |g|^2 - S / n
 
