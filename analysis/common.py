@@ -1,5 +1,5 @@
 """Report sections both studies share: timing and cost, the timeline of trials per node and GPU, the trials that
-errored, diverged or did not finish, and the gradient noise scale. Used by analysis/report.py.
+errored, diverged or did not finish. Used by analysis/report.py.
 """
 
 import math
@@ -68,13 +68,16 @@ def timing_table(study: Study, label_keys: list) -> pd.DataFrame:
         wall = wall_seconds(t)
         share = _num(t.last(M.GPU_SHARE))
         ips = [r.get(M.IMAGES_PER_SECOND) for r in t.rows if _num(r.get(M.EPOCH)) >= 1]
+        # Stored before probes were timed apart (no probe_seconds): training seconds with the probes in, read as is.
+        probes = [_num(r[M.PROBE_SECONDS]) for r in t.rows if M.PROBE_SECONDS in r]
         records.append({
             "stage": t.stage, "trial_id": t.trial_id, **{k: t.config.get(k) for k in label_keys},
             "outcome": t.outcome, "node_ip": t.last("node_ip", ""), "node_id": short_id(t.last(M.NODE_ID, "")),
             "gpu_ids": t.last(M.GPU_IDS, ""),
             "device": t.last(M.DEVICE, ""), "gpu_share": share,
             "start_s": t.start_time - origin, "end_s": t.end_time - origin, "wall_seconds": wall,
-            "train_seconds": _num(t.last(M.TRAIN_SECONDS)), "gpu_seconds": share * wall, "cpu_seconds": cpus * wall,
+            "train_seconds": _num(t.last(M.TRAIN_SECONDS)), "probe_seconds": sum(probes) if probes else math.nan,
+            "gpu_seconds": share * wall, "cpu_seconds": cpus * wall,
             "images_per_second": _median_finite(ips)})
     return pd.DataFrame.from_records(records).sort_values(["stage", "trial_id"], kind="stable",
                                                           ignore_index=True) if records else pd.DataFrame()
@@ -195,8 +198,13 @@ def write_timing(report: ReportWriter, study: Study, label_keys: list) -> None:
         report.text("No trial has started yet.")
         return
     report.text("Wall seconds are Tune's `time_total_s` of a trial (setup and evaluation included); training "
-                "seconds count the training epochs only. GPU-seconds = the trial's GPU share x wall seconds; "
-                "CPU-seconds = CPUs per trial x wall seconds. Images per second: median over epochs 1 and later.")
+                "seconds count the training epochs only, without the gradient-noise probes (whose share of an epoch "
+                "depends on the batch size), and probe seconds those probes. GPU-seconds = the trial's GPU share x "
+                "wall seconds; CPU-seconds = CPUs per trial x wall seconds. Images per second: median over epochs 1 "
+                "and later.")
+    if timing["probe_seconds"].isna().any():
+        report.text("Trials with probe seconds – were stored before probes were timed apart: their training "
+                    "seconds include the probes.")
     report.table("cost", cost_table(timing), "Cost per stage and for the whole study")
     report.table("timing", timing, "Timing per trial")
     fig, hidden, colour = timeline_figure(timing, label_keys)
@@ -218,15 +226,3 @@ def write_failures(report: ReportWriter, study: Study, label_keys: list) -> None
                 "missing (–) in the tables above, never as zeros. For an error the reason is the exception line "
                 "of the trial's error.txt.")
     report.table("failures", failures, "Trials that did not finish normally")
-
-
-def measured_noise_scale(trials: list) -> tuple[float, int]:
-    """(median over trials of each trial's last finite B_simple, number of trials that had one)."""
-    values = [v for v in (t.last_finite(M.NOISE_SCALE) for t in trials) if math.isfinite(v)]
-    return (float(np.median(values)) if values else math.nan), len(values)
-
-
-def mark_noise_scale(ax, value: float, colour: str = "grey", prefix: str = "") -> None:
-    """A vertical line at the measured noise scale on a batch-size axis: the theory's knee of the curve."""
-    if math.isfinite(value) and value > 0:
-        ax.axvline(value, color=colour, linestyle="--", linewidth=1, label=f"{prefix}measured B_simple ≈ {value:.3g}")

@@ -46,8 +46,15 @@ def batch_axis(ax, batch_sizes) -> None:
     sizes = sorted({int(b) for b in batch_sizes})
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(b) for b in sizes])
+    ax.set_xlim(sizes[0] / 1.3, sizes[-1] * 1.3)  # the grid's sizes, whatever else the panel draws
     ax.minorticks_off()
     ax.set_xlabel("batch size (images)")
+
+
+def legend_below(ax, ncol: int = 2) -> None:
+    """The panel's legend under its x label, off the curves (and off a right-hand axis' points, which "best"
+    cannot see); constrained layout makes room for it."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=ncol, fontsize="small", frameon=False)
 
 
 def epoch_axis(ax) -> None:

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 
 from analysis import noise_figures, stats
-from analysis.common import base_value, fold_lr_scaling, mark_noise_scale, measured_noise_scale
-from analysis.figures import ReportWriter, batch_axis, epoch_axis, log_scale_if_wide, new_figure
+from analysis.common import base_value, fold_lr_scaling
+from analysis.figures import ReportWriter, batch_axis, epoch_axis, legend_below, log_scale_if_wide, new_figure
 from analysis.load import Study, epoch_table, trial_table
 from study import metrics as M
 
@@ -38,7 +38,7 @@ def sweep_table(study: Study) -> pd.DataFrame:
     # The last row's test MSE only counts for a finished trial, and the last noise scale is its last finite one:
     # each replaces the raw column rather than repeating it.
     table["final_test_mse"] = table.pop(M.TEST_MSE).where(table["outcome"] == "done")
-    table["last_noise_scale"] = [t.last_finite(M.NOISE_SCALE) for t in study.trials("batch_sweep")]
+    table["last_noise_scale"] = [noise_figures.trial_noise(t) for t in study.trials("batch_sweep")]
     return table.sort_values(["target", "batch_size", "run", "trial_id"], kind="stable", ignore_index=True)
 
 
@@ -183,8 +183,7 @@ def write_sensitivity(report: ReportWriter, study: Study, sweep: pd.DataFrame) -
     report.heading("Sensitivity to the batch size")
     spread = spread_table(sweep)
     targets = _targets(sweep["target"])
-    noise = {t: measured_noise_scale([x for x in study.trials("batch_sweep") if x.config.get("target") == t])[0]
-             for t in targets}
+    drawn = False
     groups = _groups(targets)
     fig, axes = new_figure(len(groups))
     for ax, group in zip(axes, groups):
@@ -193,18 +192,18 @@ def write_sensitivity(report: ReportWriter, study: Study, sweep: pd.DataFrame) -
             lines = ax.errorbar(part["batch_size"], part["mean"], yerr=[part["mean"] - part["min"],
                                                                         part["max"] - part["mean"]],
                                 marker="o", capsize=3, label=f"target: {target}")
-            mark_noise_scale(ax, noise[target], lines[0].get_color(), f"target {target}: ")
-            noise_figures.overlay(ax, [x for x in study.trials("batch_sweep") if x.config.get("target") == target],
-                                  lines[0].get_color(), f"target {target}: ")
+            drawn |= noise_figures.overlay(ax, [x for x in study.trials("batch_sweep")
+                                                if x.config.get("target") == target],
+                                           lines[0].get_color(), f"target {target}: ")
         batch_axis(ax, sweep["batch_size"])
         log_scale_if_wide(ax, spread[spread["target"].isin(group)]["mean"])
         ax.set_ylabel("final test MSE (target units²)")
         ax.set_title("variance target" if group == ["var"] else "targets: " + ", ".join(group))
-        ax.legend(loc="upper left", fontsize="small")  # "best" cannot see the B_simple axis' lines
-    note = ("Dashed: the measured gradient noise scale (median over the target's trials of the last finite "
-            "B_simple), where theory puts the knee of the curve; dotted, right axis: B_simple per batch size (median "
-            "of each trial's epochs, bars over runs)." if any(map(math.isfinite, noise.values()))
-            else "No trial measured a finite gradient noise scale, so no knee is marked.")
+        legend_below(ax)
+    note = ("Dotted, right axis: the gradient noise scale B_simple each batch size's runs measured (median of "
+            "each trial's last finite value, bars min to max over runs); where the curve's batch size passes "
+            "B_simple, theory puts its knee." if drawn
+            else "No trial measured a finite gradient noise scale, so none is drawn.")
     report.text("Final test MSE against batch size: mean over finished runs, bars from min to max. " + note)
     report.figure("sensitivity", fig, "Final test MSE vs batch size per target (variance on its own axis)")
 
@@ -264,7 +263,9 @@ def write_time(report: ReportWriter, sweep: pd.DataFrame, epochs: pd.DataFrame) 
                      "median_epoch_reached": part["epoch_reached"].median(),
                      "median_seconds_to_reach": part["seconds_to_reach"].median()})
     table = pd.DataFrame.from_records(rows)
-    report.text(f"Training seconds are the summed epoch times of a finished trial (evaluation excluded). "
+    report.text(f"Training seconds are the summed epoch times of a finished trial (evaluation and gradient-noise "
+                f"probes excluded: the probes' share of an epoch depends on the batch size; in a study stored "
+                f"before they were timed apart the probes are in). "
                 f"Time to reach: "
                 f"the training seconds up to the first epoch whose test MSE is at most {REACH_FACTOR} x the best "
                 f"final test MSE of that target over all batch sizes and runs (median over the runs that reach "

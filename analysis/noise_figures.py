@@ -2,8 +2,8 @@
 over training per batch size, and per trial how many trained epochs have an estimate, or why none does.
 
 Reads stored results only (study.noise writes `noise_scale` and `noise_probes` per epoch). Used by
-analysis/mnist_report.py and analysis/pcam_report.py; each trial's B_simple is the median over its trained epochs
-with a finite estimate (one epoch's value is the ratio of its probes' mean tr(Sigma) and mean |G|^2).
+analysis/mnist_report.py and analysis/pcam_report.py; a trial's B_simple is study.noise.trial_value of its trained
+epochs (the last finite one; one epoch's value is the ratio of its probes' mean tr(Sigma) and mean |G|^2).
 """
 
 import math
@@ -15,6 +15,7 @@ import pandas as pd
 from analysis.figures import ReportWriter, epoch_axis, new_figure
 from analysis.load import Trial
 from study import metrics as M
+from study.noise import trial_value
 
 
 def _values(trial: Trial) -> list[tuple[int, float, int]]:
@@ -31,9 +32,8 @@ def _values(trial: Trial) -> list[tuple[int, float, int]]:
 
 
 def trial_noise(trial: Trial) -> float:
-    """The trial's B_simple: the median of its finite per-epoch values (NaN if none)."""
-    finite = [v for _, v, _ in _values(trial) if math.isfinite(v)]
-    return float(np.median(finite)) if finite else math.nan
+    """The trial's B_simple (study.noise.trial_value of its trained epochs; NaN if none)."""
+    return trial_value(v for _, v, _ in _values(trial))
 
 
 def why_none(trial: Trial) -> str:
@@ -59,7 +59,8 @@ def why_none(trial: Trial) -> str:
 
 
 def coverage_table(trials: list, keys: list) -> pd.DataFrame:
-    """One row per trial: trained epochs, epochs with a finite B_simple, first/last/median value, and why none."""
+    """One row per trial: trained epochs, epochs with a finite B_simple, their first, last (the trial's B_simple,
+    study.noise.trial_value) and median value, and why none."""
     rows = []
     for t in trials:
         values = _values(t)
@@ -68,7 +69,8 @@ def coverage_table(trials: list, keys: list) -> pd.DataFrame:
                      "trained_epochs": len(values), "finite_epochs": len(finite),
                      "probes_per_epoch": values[-1][2] if values else 0,
                      "first": finite[0][1] if finite else math.nan, "last": finite[-1][1] if finite else math.nan,
-                     "median": trial_noise(t), "why_none": why_none(t)})
+                     "median": float(np.median([v for _, v in finite])) if finite else math.nan,
+                     "why_none": why_none(t)})
     return pd.DataFrame.from_records(rows, columns=[*keys, "trial_id", "outcome", "trained_epochs", "finite_epochs",
                                                     "probes_per_epoch", "first", "last", "median", "why_none"])
 
@@ -82,9 +84,21 @@ def by_batch(trials: list) -> pd.DataFrame:
             .reset_index())
 
 
+def _log_axis(axis) -> None:
+    """A log scale labelled in plain numbers (3, 40, 0.5): B_simple often spans less than a decade, where the
+    default labels minor ticks as 3 x 10^0."""
+    from matplotlib.ticker import LogFormatter
+
+    axis.axes.set_yscale("log")
+    axis.set_major_formatter(LogFormatter())
+    axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+
+
 def overlay(ax, trials: list, colour: str = "grey", label: str = "") -> bool:
-    """B_simple (median, bars min..max over runs) per batch size on a right-hand axis of a batch-size panel.
-    Returns False (and draws nothing) when no trial has an estimate."""
+    """B_simple per batch size, as that batch size's runs measured it (median of the trials' values, bars min..max
+    over runs), on a right-hand axis of a batch-size panel: B_simple depends on the batch size it is measured at
+    (~100x between batch 16 and 1024 on MNIST), so no single value stands for the grid. Returns False (and draws
+    nothing) when no trial has an estimate."""
     table = by_batch(trials)
     if table.empty:
         return False
@@ -95,7 +109,7 @@ def overlay(ax, trials: list, colour: str = "grey", label: str = "") -> bool:
                   color=colour, marker="s", linestyle=":", capsize=2, alpha=0.8, label=f"{label}B_simple")
     # The twin axis' lines are not in the panel's legend: a handle without data there names the dotted line.
     ax.plot([], [], color=colour, marker="s", linestyle=":", alpha=0.8, label=f"{label}B_simple per batch (right)")
-    twin.set_yscale("log")
+    _log_axis(twin.yaxis)
     twin.set_ylabel("B_simple (images), dotted")
     twin.grid(False)
     return True
@@ -117,7 +131,7 @@ def over_training(report: ReportWriter, trials: list, panel_of: Callable[[dict],
             s = group.groupby(M.EPOCH)["b"].agg(["median", "min", "max"]).sort_index()
             line = ax.plot(s.index, s["median"], marker="o", label=f"batch {batch}")[0]
             ax.fill_between(s.index, s["min"], s["max"], color=line.get_color(), alpha=0.15, linewidth=0)
-        ax.set_yscale("log")
+        _log_axis(ax.yaxis)
         epoch_axis(ax)
         ax.set_ylabel("B_simple (images)")
         ax.set_title(panel)
@@ -134,5 +148,6 @@ def write(report: ReportWriter, trials: list, keys: list, panel_of: Callable[[di
     table = coverage_table(trials, keys)
     if len(table):
         report.text("Per trial: trained epochs with a finite B_simple, its first, last and median value, and why a "
-                    "trial has none.")
+                    "trial has none. A trial's B_simple, in every figure, table and TensorBoard's HPARAMS, is its "
+                    "last finite value.")
         report.table("noise_coverage", table, "Gradient noise scale per trial")

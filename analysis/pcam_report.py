@@ -1,6 +1,6 @@
 """The PCam study's report sections, from stored results only: test AUC tables in the original's shape (rows batch
-size, columns learning rate, one table per optimizer) with their uncertainty, DeLong tests against the best
-configuration, validation curves, submissions and the gradient noise scale.
+size, columns learning rate, one table per optimizer) with their uncertainty, tests of every configuration against
+the one chosen on validation (Holm-corrected), validation curves, submissions and the gradient noise scale.
 
 Called by `python -m analysis.report EXPERIMENT_DIR`; `write(report, study)` adds the sections to a ReportWriter.
 Every AUC interval comes from the test predictions each trial stored (test_predictions.csv in its last checkpoint).
@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 
 from analysis import noise_figures, stats
-from analysis.common import fold_lr_scaling, mark_noise_scale, measured_noise_scale
-from analysis.figures import ReportWriter, batch_axis, epoch_axis, fmt, new_figure
+from analysis.common import fold_lr_scaling
+from analysis.figures import ReportWriter, batch_axis, epoch_axis, fmt, legend_below, new_figure
 from analysis.load import Study, Trial, epoch_table
 from study import metrics as M
 
@@ -32,6 +32,13 @@ def _predictions(study: Study, trial: Trial) -> pd.DataFrame | None:
     return frame.sort_values("index", kind="stable", ignore_index=True)
 
 
+def _best_val_auc(trial: Trial) -> float:
+    """Validation AUC of the trial's best epoch (the weights it tested); NaN without one."""
+    best = trial.last(M.BEST_EPOCH, None)
+    rows = [r for r in trial.rows if best is not None and best > 0 and r.get(M.EPOCH) == best]
+    return float(rows[-1].get(M.VAL_AUC, math.nan)) if rows else math.nan
+
+
 def trial_table(study: Study) -> tuple[pd.DataFrame, dict]:
     """One row per trial with its stored test AUC and the bootstrap interval from its predictions; and the
     predictions by trial id (for the paired tests)."""
@@ -42,7 +49,8 @@ def trial_table(study: Study) -> tuple[pd.DataFrame, dict]:
                   "momentum": t.config.get("momentum") if t.config.get("optimizer") == "sgd" else None,  # Adam has none
                   "outcome": t.outcome,
                   "epochs": t.last(M.EPOCH, None) if t.rows else None, "best_epoch": t.last(M.BEST_EPOCH, None),
-                  "best_val_acc": float(t.last(M.BEST_VAL_ACC)), "test_auc": float(t.last(M.TEST_AUC)),
+                  "best_val_acc": float(t.last(M.BEST_VAL_ACC)), "best_val_auc": _best_val_auc(t),
+                  "test_auc": float(t.last(M.TEST_AUC)),
                   "test_acc": float(t.last(M.TEST_ACC)), "test_images": 0, "auc_from_predictions": math.nan,
                   "ci_low": math.nan, "ci_high": math.nan}
         if pred is not None and len(pred) and t.outcome != "error":
@@ -67,7 +75,9 @@ def config_table(trials: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for key, part in trials.groupby(CONFIG, sort=True):
         values = part["test_auc"][np.isfinite(part["test_auc"])]
+        val = part.loc[np.isfinite(part["test_auc"]), "best_val_auc"].dropna()
         row = dict(zip(CONFIG, key), seeds=len(part), with_auc=len(values),
+                   mean_val_auc=float(val.mean()) if len(val) else math.nan,
                    outcomes=", ".join(f"{n} {o}" for o, n in sorted(part["outcome"].value_counts().items())),
                    mean_test_auc=math.nan, ci_low=math.nan, ci_high=math.nan, interval="")
         if len(values) == 1:
@@ -81,44 +91,70 @@ def config_table(trials: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame.from_records(rows)
 
 
-def best_configs(configs: pd.DataFrame) -> list:
-    """The keys of every configuration with the highest test AUC: one, or several when they tie."""
-    ranked = configs[np.isfinite(configs["mean_test_auc"])]
+def reference_config(configs: pd.DataFrame) -> tuple:
+    """The configuration the others are tested against: the highest mean validation AUC of the tested weights
+    (never the test AUC, which the tests then judge), among those with a test AUC; of ties, the first in grid
+    order. () when none qualifies."""
+    ranked = configs[np.isfinite(configs["mean_test_auc"]) & np.isfinite(configs["mean_val_auc"])]
     if ranked.empty:
-        return []
-    top = ranked[ranked["mean_test_auc"] == ranked["mean_test_auc"].max()]
-    return [tuple(row[k] for k in CONFIG) for _, row in top.iterrows()]
+        return ()
+    top = ranked.loc[ranked["mean_val_auc"].idxmax()]
+    return tuple(top[k] for k in CONFIG)
 
 
-def paired_tests(trials: pd.DataFrame, configs: pd.DataFrame, predictions: dict) -> tuple[pd.DataFrame, tuple]:
-    """DeLong's test of every trial against the best configuration's trial with the same seed (paired: the same
-    test images). Returns the table and the best configuration's key (of tied ones, the first in grid order)."""
-    tied = best_configs(configs)
-    if not tied:
+def _of(trials: pd.DataFrame, key: tuple) -> pd.DataFrame:
+    return trials[(trials[CONFIG] == pd.Series(dict(zip(CONFIG, key)))).all(axis=1)]
+
+
+def _compare(mine: pd.DataFrame, ref: pd.DataFrame, predictions: dict) -> dict:
+    """One configuration against the reference: a paired t-test over the seeds both have a test AUC for (two or
+    more), else DeLong's test of one trial against the reference's trial with the same seed (else its first) on
+    the same test images."""
+    mine, ref = mine[np.isfinite(mine["test_auc"])], ref[np.isfinite(ref["test_auc"])]
+    both = sorted(set(mine["run"]) & set(ref["run"]))
+    if len(both) >= 2:
+        a = [mine.loc[mine["run"] == r, "test_auc"].iloc[0] for r in both]
+        b = [ref.loc[ref["run"] == r, "test_auc"].iloc[0] for r in both]
+        diff, p = stats.paired_t_test(a, b)
+        return {"test": f"paired t over {len(both)} seeds", "seeds": ",".join(map(str, both)),
+                "test_auc": float(np.mean(a)), "reference_auc": float(np.mean(b)), "difference": diff,
+                "p_value": p, "note": "" if math.isfinite(p) else "same difference in every seed: no spread to test"}
+    mine, ref = mine[mine["trial_id"].isin(predictions)], ref[ref["trial_id"].isin(predictions)]
+    if mine.empty or ref.empty:
+        return {"test": "", "note": "no stored test predictions"}
+    one = mine.iloc[0]
+    same = ref[ref["run"] == one["run"]]
+    other = (same if len(same) else ref).iloc[0]
+    a, b = predictions[one["trial_id"]], predictions[other["trial_id"]]
+    if len(a) != len(b) or not np.array_equal(a["label"].to_numpy(), b["label"].to_numpy()):
+        return {"test": "", "note": "different test images: not comparable"}
+    auc_a, auc_b, _, p = stats.delong_test(a["label"].to_numpy(), a["probability"].to_numpy(dtype=float),
+                                           b["probability"].to_numpy(dtype=float))
+    return {"test": "DeLong", "seeds": f"{one['run']} vs {other['run']}", "test_auc": auc_a, "reference_auc": auc_b,
+            "difference": auc_a - auc_b, "p_value": p, "note": ""}
+
+
+def config_tests(trials: pd.DataFrame, configs: pd.DataFrame, predictions: dict) -> tuple[pd.DataFrame, tuple]:
+    """Every configuration with a test AUC against the reference (reference_config), one test per configuration,
+    p-values Holm-corrected over all of them: a configuration is marked when its corrected p is below ALPHA.
+    Returns the table and the reference's key."""
+    best = reference_config(configs)
+    if not best:
         return pd.DataFrame(), ()
-    best = tied[0]
-    best_trials = trials[(trials[CONFIG] == pd.Series(dict(zip(CONFIG, best)))).all(axis=1)]
-    best_trials = best_trials[best_trials["trial_id"].isin(predictions)]
     rows = []
-    for row in trials.itertuples(index=False):
-        if row.trial_id not in predictions or best_trials.empty:
+    for _, config in configs[np.isfinite(configs["mean_test_auc"])].iterrows():
+        key = tuple(config[k] for k in CONFIG)
+        if key == best:
             continue
-        same_seed = best_trials[best_trials["run"] == row.run]
-        reference = (same_seed if len(same_seed) else best_trials).iloc[0]
-        a, b = predictions[row.trial_id], predictions[reference["trial_id"]]
-        record = {**{k: getattr(row, k) for k in CONFIG}, "run": row.run, "trial_id": row.trial_id,
-                  "best_trial_id": reference["trial_id"], "test_auc": math.nan, "best_auc": math.nan, "z": math.nan,
-                  "p_value": math.nan, "significant": False, "note": ""}
-        if row.trial_id == reference["trial_id"]:
-            record["note"] = "best configuration itself"
-        elif len(a) != len(b) or not np.array_equal(a["label"].to_numpy(), b["label"].to_numpy()):
-            record["note"] = "different test images: not comparable"
-        else:
-            auc_a, auc_b, z, p = stats.delong_test(a["label"].to_numpy(), a["probability"].to_numpy(dtype=float),
-                                                   b["probability"].to_numpy(dtype=float))
-            record.update(test_auc=auc_a, best_auc=auc_b, z=z, p_value=p, significant=bool(p < ALPHA))
+        record = {**dict(zip(CONFIG, key)), "test": "", "seeds": "", "test_auc": math.nan,
+                  "reference_auc": math.nan, "difference": math.nan, "p_value": math.nan, "note": ""}
+        record.update(_compare(_of(trials, key), _of(trials, best), predictions))
         rows.append(record)
-    return pd.DataFrame.from_records(rows), best
+    table = pd.DataFrame.from_records(rows, columns=[*CONFIG, "test", "seeds", "test_auc", "reference_auc",
+                                                     "difference", "p_value", "note"])
+    table["p_holm"] = stats.holm(table["p_value"]) if len(table) else []
+    table["significant"] = table["p_holm"] < ALPHA
+    return table, best
 
 
 def _cell(config: pd.Series, marks: set) -> str:
@@ -146,7 +182,7 @@ def write(report: ReportWriter, study: Study) -> None:
         report.text("The grid has no trials yet.")
         return
     configs = config_table(trials)
-    tests, best = paired_tests(trials, configs, predictions)
+    tests, best = config_tests(trials, configs, predictions)
     write_auc_tables(report, trials, configs, tests, best)
     write_validation_curves(report, study)
     write_submissions(report, study)
@@ -154,15 +190,12 @@ def write(report: ReportWriter, study: Study) -> None:
 
 
 def best_description(configs: pd.DataFrame, best: tuple) -> str:
-    """The best configuration in words; tied ones are all named, and which one the tests use."""
+    """The reference configuration in words, with the validation AUC that chose it."""
     if not best:
-        return "none (no test AUC yet)"
-    tied = best_configs(configs)
-    words = [", ".join(f"{k} {fmt(v)}" for k, v in zip(CONFIG, key)) for key in tied]
-    if len(tied) < 2:
-        return words[0] if words else ", ".join(f"{k} {fmt(v)}" for k, v in zip(CONFIG, best))
-    return (f"a tie of {len(tied)} configurations at test AUC {fmt(configs['mean_test_auc'].max())} "
-            f"({'; '.join(words)}); the tests compare against the first, {words[0]}")
+        return "none (no configuration has both a validation and a test AUC)"
+    row = _of(configs, best).iloc[0]
+    return (", ".join(f"{k} {fmt(v)}" for k, v in zip(CONFIG, best))
+            + f" (mean validation AUC {fmt(row['mean_val_auc'])}, test AUC {fmt(row['mean_test_auc'])})")
 
 
 def auc_numbers(part: pd.DataFrame, significant: set) -> pd.DataFrame:
@@ -179,11 +212,17 @@ def write_auc_tables(report, trials, configs, tests, best) -> None:
     report.text("Test AUC of the best-on-validation model of each trial. With one seed per configuration the "
                 f"interval is the 95 % percentile bootstrap over the test images ({N_BOOT} stratified resamples, "
                 f"seed {SEED}); with several seeds it is the mean and Student-t 95 % interval across seeds. "
-                "A cell without a number names how its trials ended.")
+                "A cell without a number names how its trials ended. A diverged trial counts with the test of "
+                "its best-on-validation weights from before it diverged, as TensorBoard shows it; its cell names "
+                "the outcome.")
     significant = set()
     if len(tests):
         significant = {tuple(r[k] for k in CONFIG) for _, r in tests[tests["significant"]].iterrows()}
     best_text = best_description(configs, best)
+    method = (f"* this configuration's test AUC differs from the reference configuration's ({best_text}; chosen "
+              f"by validation AUC, not test AUC) at p < {ALPHA} after Holm's correction over the {len(tests)} "
+              "configurations tested: a paired t-test on per-seed test AUC over the seeds both trained, or, with "
+              "one seed, DeLong's test of the two trials on the same test images (comparisons.csv)")
     for optimizer in sorted(configs["optimizer"].unique()):
         part = configs[configs["optimizer"] == optimizer]
         shown = part.assign(cell=[_cell(r, significant) for _, r in part.iterrows()]).pivot(
@@ -192,16 +231,12 @@ def write_auc_tables(report, trials, configs, tests, best) -> None:
         shown.columns = [f"lr {fmt(c)}" for c in shown.columns]
         shown = shown.reset_index()
         marked = any(tuple(r[k] for k in CONFIG) in significant for _, r in part.iterrows())
-        notes = [] if not marked else [f"* a trial of this configuration differs in AUC from the best configuration ({best_text}) at "
-                 f"p < {ALPHA}: DeLong's paired test against its trial with the same seed, on the same test images "
-                 f"(per-trial p-values below and in delong.csv). The p-values are not corrected for the number of "
-                 f"comparisons, and the best configuration was picked by its test AUC, which favours finding it "
-                 f"better: read a p-value near {ALPHA} as a hint, not a finding."]
+        notes = [method] if marked else []
         in_table = tests[tests["optimizer"] == optimizer] if len(tests) else tests
         for r in in_table.itertuples(index=False):
             if math.isfinite(r.p_value):
-                notes.append(f"lr {fmt(r.lr)}, batch {r.batch_size}, seed {r.run}: p = {r.p_value:.3g}"
-                             + (" (significant)" if r.significant else ""))
+                notes.append(f"lr {fmt(r.lr)}, batch {r.batch_size}: {r.test}, p = {r.p_value:.3g}, Holm "
+                             f"{r.p_holm:.3g}" + (" (significant)" if r.significant else ""))
         report.table("auc_" + re.sub(r"[^A-Za-z0-9]+", "_", optimizer), auc_numbers(part, significant),
                      f"Test AUC, optimizer {optimizer} (rows: batch size; columns: learning rate)", shown=shown,
                      notes=notes)
@@ -210,13 +245,19 @@ def write_auc_tables(report, trials, configs, tests, best) -> None:
                                    "95 % interval")
     if len(tests):
         sig = tests[tests["significant"]]
-        report.text(f"Best configuration: {best_text}. " + (
-            f"{len(sig)} trial(s) differ from it significantly at {ALPHA}: " + "; ".join(
-                f"{r.optimizer} lr {fmt(r.lr)} batch {r.batch_size} seed {r.run}" for r in sig.itertuples())
-            if len(sig) else f"No trial differs from it significantly at {ALPHA}."))
-        report.table("delong", tests, "DeLong's paired test of each trial against the best configuration")
+        report.text(f"Reference configuration: {best_text}. Each other configuration with a test AUC is tested "
+                    f"against it once: a paired t-test on per-seed test AUC where both have two or more seeds, "
+                    f"DeLong's test on the same test images where one has one seed; the p-values are corrected "
+                    f"with Holm's method over the {len(tests)} comparisons (family-wise error rate {ALPHA}). " + (
+                        f"{len(sig)} configuration(s) differ from it: " + "; ".join(
+                            f"{r.optimizer} lr {fmt(r.lr)} batch {r.batch_size}" for r in sig.itertuples())
+                        if len(sig) else f"No configuration differs from it at {ALPHA} after the correction."))
+        report.table("comparisons", tests, "Each configuration against the reference chosen on validation "
+                                           "(p_holm: Holm-corrected)")
+    elif not best:
+        report.text("No configuration has both a validation and a test AUC, so no reference and no tests.")
     else:
-        report.text("No trial stored test predictions, so no intervals or paired tests.")
+        report.text("Only the reference configuration has a test AUC: nothing to test against it.")
 
 
 def write_validation_curves(report: ReportWriter, study: Study) -> None:
@@ -294,19 +335,16 @@ def write_noise(report: ReportWriter, study: Study, configs: pd.DataFrame) -> No
                         yerr=[ok["mean_test_auc"] - ok["ci_low"].fillna(ok["mean_test_auc"]),
                               ok["ci_high"].fillna(ok["mean_test_auc"]) - ok["mean_test_auc"]],
                         marker="o", capsize=3, label=f"lr {lr:g}")
-        value, _ = measured_noise_scale([t for t in trials if t.config.get("optimizer") == optimizer])
-        mark_noise_scale(ax, value)
-        noise_figures.overlay(ax, [t for t in trials if t.config.get("optimizer") == optimizer])
-        marked |= math.isfinite(value)
+        marked |= noise_figures.overlay(ax, [t for t in trials if t.config.get("optimizer") == optimizer])
         batch_axis(ax, configs["batch_size"])
         auc_axis(ax)
         ax.set_ylabel("test AUC")
         ax.set_title(f"optimizer {optimizer}")
-        ax.legend()
+        legend_below(ax)
     report.text("Test AUC against batch size with its 95 % interval. " + (
-        "Dashed: the measured gradient noise scale B_simple (median over the optimizer's trials of the last finite "
-        "value), where theory puts the knee of the curve; dotted, right axis: B_simple per batch size (median of "
-        "each trial's epochs, bars over runs)." if marked
-        else "No trial measured a finite gradient noise scale (B_simple), so no knee is marked."))
+        "Dotted, right axis: the gradient noise scale B_simple each batch size's runs measured (median of each "
+        "trial's last finite value, bars min to max over runs); where the curve's batch size passes B_simple, "
+        "theory puts its knee." if marked
+        else "No trial measured a finite gradient noise scale (B_simple), so none is drawn."))
     report.figure("sensitivity", fig, "Test AUC vs batch size per optimizer, a line per learning rate")
     noise_figures.write(report, trials, CONFIG, lambda c: f"{c.get('optimizer')}, lr {c.get('lr'):g}")

@@ -255,3 +255,31 @@ def spread(values) -> dict:
         "n": n,
         "n_nonfinite": len(v) - n,
     }
+
+
+def holm(p_values) -> np.ndarray:
+    """Holm's (1979) step-down adjusted p-values for a family of tests: compare each with the level to control the
+    chance of any false mark at that level. NaN (no test) stays NaN and is not counted in the family."""
+    p = np.asarray(p_values, dtype=np.float64).ravel()
+    adjusted = np.full(p.shape, math.nan)
+    tested = np.flatnonzero(np.isfinite(p))
+    if len(tested) == 0:
+        return adjusted
+    if ((p[tested] < 0) | (p[tested] > 1)).any():
+        raise ValueError(f"p-values must lie in [0, 1], got {p[tested].tolist()[:5]}")
+    order = tested[np.argsort(p[tested], kind="stable")]
+    steps = p[order] * (len(order) - np.arange(len(order)))
+    adjusted[order] = np.minimum(np.maximum.accumulate(steps), 1.0)
+    return adjusted
+
+
+def paired_t_test(a, b) -> tuple[float, float]:
+    """(mean of a - b, two-sided p) of Student's paired t-test, e.g. per-seed test AUCs of two configurations
+    trained with the same seeds. NaN p when the differences do not vary (no spread to test against)."""
+    a, b = _finite_values(a, "a"), _finite_values(b, "b")
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"paired_t_test needs two equal-length samples of at least 2, got {len(a)} and {len(b)}")
+    diff = a - b
+    if np.ptp(diff) == 0:
+        return float(diff.mean()), math.nan
+    return float(diff.mean()), float(scipy_stats.ttest_rel(a, b).pvalue)

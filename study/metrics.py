@@ -6,8 +6,11 @@ One name per metric (STYLE habit 7): a rename here reaches every reader and writ
 # Reported by every trial, every epoch (epoch 0 is the evaluation before any training step).
 EPOCH = "epoch"
 TRAIN_LOSS = "train_loss"  # mean loss over the epoch's training batches; NaN at epoch 0
-EPOCH_SECONDS = "epoch_seconds"  # wall-clock training seconds of this epoch (CUDA synchronised)
-TRAIN_SECONDS = "train_seconds"  # cumulative training seconds up to and including this epoch
+# Training seconds leave out the noise probes' forward and backward passes (PROBE_SECONDS), whose share of an epoch
+# depends on the batch size; results stored without PROBE_SECONDS have the probes inside (read as they are).
+EPOCH_SECONDS = "epoch_seconds"  # wall-clock training seconds of this epoch without probes (CUDA synchronised)
+PROBE_SECONDS = "probe_seconds"  # seconds of this epoch's noise probes (0: off, or epoch 0)
+TRAIN_SECONDS = "train_seconds"  # cumulative training seconds (probes left out) up to and including this epoch
 IMAGES_PER_SECOND = "images_per_second"  # training images / epoch_seconds
 STATUS = "status"  # one of the STATUS_* values below
 DIVERGED = "diverged"  # True once the training loss became NaN or inf

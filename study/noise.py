@@ -5,9 +5,9 @@ taken at two batch sizes *at the same parameters* give unbiased estimates of |G|
 the per-example gradient covariance); B_simple is the ratio of their averages (numerator and denominator averaged
 separately, because the ratio of single noisy estimates is badly biased).
 
-How: a probe step splits its training batch of n examples into k micro-batches of sizes b_i and takes each one's
-gradient g_i on the same weights; g = sum(b_i g_i) / n is then exactly the step's gradient (the loss is a mean), so
-the optimizer steps as it would have. From E[b_i |g_i|^2] = b_i |G|^2 + tr(Sigma) and E[n |g|^2] = n |G|^2 + tr(Sigma):
+How: a probe step splits its training batch of n examples into k micro-batches of sizes b_i (random subsets of the
+batch: see `split_order`) and takes each one's gradient g_i on the same weights; g = sum(b_i g_i) / n is then
+exactly the step's gradient (the loss is a mean), so the optimizer steps as it would have. From E[b_i |g_i|^2] = b_i |G|^2 + tr(Sigma) and E[n |g|^2] = n |G|^2 + tr(Sigma):
 
     tr(Sigma) ~ S = (sum_i b_i |g_i|^2 - n |g|^2) / (k - 1)         |G|^2 ~ |g|^2 - S / n
 
@@ -43,6 +43,15 @@ def _sq_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(norms).square().sum()
 
 
+def trial_value(epoch_values: Iterable[float]) -> float:
+    """A trial's B_simple from its trained epochs' values in order: the last finite one (NaN if none). The one
+    definition the reports, the noise figures and TensorBoard use (TensorBoard draws no NaN point, so the last point
+    of `noise/scale`, which its HPARAMS table shows, is this value). The last, not a mean over epochs: B_simple
+    grows as the loss falls (McCandlish et al. 2018, section 3.3), and the trained model is the one at the end."""
+    finite = [float(v) for v in epoch_values if v is not None and math.isfinite(v)]
+    return finite[-1] if finite else math.nan
+
+
 class NoiseScale:
     """Per-epoch estimate of B_simple from probe steps, each split into `splits` micro-batches at fixed weights.
 
@@ -50,7 +59,7 @@ class NoiseScale:
     0, every, 2 every, ... of each epoch. All statistics stay on the parameters' device; only `value()` syncs.
     """
 
-    def __init__(self, params: Iterable[torch.Tensor], every: int, splits: int = SPLITS):
+    def __init__(self, params: Iterable[torch.Tensor], every: int, splits: int = SPLITS, seed: int = 0):
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("NoiseScale got no trainable parameters; pass model.parameters()")
@@ -58,7 +67,8 @@ class NoiseScale:
             raise ValueError(f"NoiseScale every must be a positive number of steps, got {every}")
         if splits < 2:
             raise ValueError(f"NoiseScale splits must be at least 2 micro-batches, got {splits}")
-        self.every, self.splits = every, splits
+        self.every, self.splits, self.seed = every, splits, seed
+        self._gen: torch.Generator | None = None  # on the batch's device, re-seeded at every probe
         device = self.params[0].device
         self._trace = torch.zeros((), device=device, dtype=torch.float64)  # sum of the probes' tr(Sigma) estimates
         self._grad_sq = torch.zeros((), device=device, dtype=torch.float64)  # sum of their |G|^2 estimates
@@ -67,17 +77,31 @@ class NoiseScale:
     def due(self, step_in_epoch: int) -> bool:
         return step_in_epoch % self.every == 0
 
+    def split_order(self, n: int, step: int, device: torch.device) -> torch.Tensor:
+        """The order in which a probe at `step` deals its batch of n rows into micro-batches: a permutation on
+        `device` drawn from (seed, step) alone, so a resumed trial draws the same one, with no host sync on CUDA.
+        Why random: a batch's rows may arrive grouped (PatchBatches sorts each batch's indices so host reads walk
+        the file forwards, and a file may be sorted by slide or label); contiguous micro-batches would then hold
+        neighbours, and their spread would measure the grouping, not the per-example noise."""
+        if self._gen is None or self._gen.device != torch.device(device):
+            self._gen = torch.Generator(device=device)
+        self._gen.manual_seed(self.seed * 1_000_003 + step)
+        return torch.randperm(n, generator=self._gen, device=device)
+
     def probe(self, loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
-              y: torch.Tensor) -> torch.Tensor:
+              y: torch.Tensor, step: int = 0) -> torch.Tensor:
         """Backward of the batch (x, y) in micro-batches: leaves the batch's gradient in .grad as loss.backward()
         would, records one estimate, and returns the batch's mean loss (detached). loss_of(x, y) must be a mean
-        over the examples. A batch too small to split is backpropagated whole and not counted."""
+        over the examples. `step` (the training step) picks the micro-batches' random split. A batch too small to
+        split is backpropagated whole and not counted."""
         n = len(y)
         k = min(self.splits, n)
         if k < 2:
             loss = loss_of(x, y)
             loss.backward()
             return loss.detach()
+        order = self.split_order(n, step, y.device)
+        x, y = x[order], y[order]
         total = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
         weighted_sq = torch.zeros((), device=total[0].device)  # sum_i b_i |g_i|^2
         loss_sum = torch.zeros((), device=total[0].device)

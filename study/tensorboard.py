@@ -5,7 +5,8 @@
   grid with its domain, the metrics that matter first) and one session per trial (its full configuration at the
   start, its outcome at the end: done = success, diverged or error = failure, `train/diverged` tells them apart).
   A diverged or errored trial's key metrics end as NaN, so the table never shows the numbers of an epoch before
-  it failed (e.g. the untrained epoch 0) as its result.
+  it failed (e.g. the untrained epoch 0) as its result; except a diverged trial that was tested on its
+  best-on-validation weights from before it diverged (PCam), whose test is its result, as in the report.
 - SCALARS: our metrics grouped as train/, val/, test/, time/, noise/ and system/, the step being the epoch
   (0 = before training); NaN values (a metric the trial does not measure) draw no point.
 Run names (the trial folders, `RunName`) say what the trial is: `mean_lr=0.001_batch=16_run=0_00003` under the
@@ -31,7 +32,7 @@ SCALARS = {
     M.VAL_MSE: "val/mse", M.VAL_LOSS: "val/loss", M.VAL_ACC: "val/acc", M.VAL_AUC: "val/auc",
     M.BEST_VAL_ACC: "val/best_acc",
     M.TEST_MSE: "test/mse", M.TEST_AUC: "test/auc", M.TEST_ACC: "test/acc",
-    M.EPOCH_SECONDS: "time/epoch_seconds", M.TRAIN_SECONDS: "time/train_seconds",
+    M.EPOCH_SECONDS: "time/epoch_seconds", M.PROBE_SECONDS: "time/probe_seconds", M.TRAIN_SECONDS: "time/train_seconds",
     M.IMAGES_PER_SECOND: "time/images_per_second", M.NOISE_SCALE: "noise/scale", M.NOISE_PROBES: "noise/probes",
     M.GPU_MEMORY_MB: "system/gpu_memory_mb",
 }
@@ -43,6 +44,8 @@ KEY_METRICS = {
     "pcam": [("test/auc", "test AUC"), (BEST_VAL_AUC, "best-epoch validation AUC"),
              ("val/best_acc", "best validation accuracy"), ("test/acc", "test accuracy")],
 }
+# HPARAMS shows a tag's last point; noise/scale draws no NaN, so its column is the trial's B_simple as
+# study.noise.trial_value defines it for the reports (the last finite epoch value).
 COMMON_METRICS = [("train/loss", "train loss"), ("time/epoch_seconds", "epoch seconds"),
                   ("noise/scale", "noise scale B_simple"), ("train/diverged", "diverged (1) or not (0)")]
 # Values a failed trial must not keep: its result metrics (the ones before the common ones).
@@ -97,6 +100,10 @@ def _domain(values: list) -> hp.Discrete:
     if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
         return hp.Discrete([float(v) for v in values], dtype=float)
     return hp.Discrete([str(v) for v in values], dtype=str)
+
+
+def _num(v) -> float:
+    return float(v) if isinstance(v, (int, float)) else math.nan
 
 
 def experiment_summary(kind: str, domains: dict) -> Summary:
@@ -187,7 +194,11 @@ class StudyTensorBoard(TBXLoggerCallback):
         last = trial.last_result or {}
         diverged = bool(last.get(M.DIVERGED))
         failed = failed or last.get(M.STATUS) == M.STATUS_OOM  # reported, not raised: see trial_entry
-        if failed or diverged:
+        # One policy with the report (README, "Diverging runs"): a diverged trial that kept a best-on-validation
+        # model from before it diverged (PCam) was tested on it, and that is its result; one without (MNIST's
+        # last-epoch result, or PCam diverging in epoch 1) has none.
+        tested = diverged and not failed and _num(last.get(M.BEST_EPOCH)) > 0
+        if (failed or diverged) and not tested:
             for tag in FAILED_NAN[self.kind]:
                 writer.add_scalar(tag, math.nan, self._last.get(trial, 0))
         writer.file_writer.add_summary(session_end(not (failed or diverged)))

@@ -83,6 +83,35 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class ProbeClock:
+    """Seconds an epoch spends inside noise probes, with no host sync per probe: on CUDA a pair of events per
+    probe, read once after the epoch's closing sync; on CPU, where kernels run as they are called, perf_counter."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.start_epoch()
+
+    def start_epoch(self) -> None:
+        self._events, self._seconds = [], 0.0
+
+    def start(self) -> None:
+        if self.cuda:
+            self._events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            self._events[-1][0].record()
+        else:
+            self._started = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            self._events[-1][1].record()
+        else:
+            self._seconds += time.perf_counter() - self._started
+
+    def seconds(self) -> float:
+        """The epoch's probe seconds; on CUDA only after the device was synchronised."""
+        return self._seconds + sum(a.elapsed_time(b) for a, b in self._events) / 1000.0
+
+
 def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.nn.Module], dict], report: Callable,
         *, cfg, device: torch.device, prepare: Callable | None = None, start: dict | None = None,
         select: str | None = None, autocast_dtype: torch.dtype | None = None) -> dict:
@@ -97,7 +126,8 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
     steps_per_epoch = len(batches)
     base_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_reference_batch, cfg.lr_scaling)
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    noise = NoiseScale(model.parameters(), cfg.noise_every) if cfg.noise_scale else None
+    noise = NoiseScale(model.parameters(), cfg.noise_every, seed=cfg.seed) if cfg.noise_scale else None
+    probe_clock = ProbeClock(device)
     state = {"epoch": 0, "train_seconds": 0.0, "best": {"value": -math.inf, "epoch": -1}, "best_model": None}
     if start is not None:
         model.load_state_dict(start["model"])
@@ -128,7 +158,7 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
 
     if start is None:  # a start's epoch 0 was reported with the checkpoint it came from: once per trial
         set_lr(optimizer, base_lr * warmup_factor(0, warmup_steps))
-        metrics = {M.EPOCH: 0, M.TRAIN_LOSS: math.nan, M.EPOCH_SECONDS: 0.0, M.TRAIN_SECONDS: 0.0,
+        metrics = {M.EPOCH: 0, M.TRAIN_LOSS: math.nan, M.EPOCH_SECONDS: 0.0, M.PROBE_SECONDS: 0.0, M.TRAIN_SECONDS: 0.0,
                    M.IMAGES_PER_SECOND: math.nan, M.NOISE_SCALE: math.nan, M.NOISE_PROBES: 0, M.DIVERGED: False,
                    M.LR: optimizer.param_groups[0]["lr"], M.STATUS: M.STATUS_RUNNING}
         report(evaluate_and_track(metrics), snapshot())
@@ -141,6 +171,7 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
         seen = 0
         if noise is not None:
             noise.start_epoch()
+        probe_clock.start_epoch()
         sync(device)
         started = time.perf_counter()
         for step, (x, y) in enumerate(batches.epoch(gen), start=(epoch - 1) * steps_per_epoch):
@@ -152,7 +183,9 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
                 x = prepare(x, aug_gen)
             optimizer.zero_grad(set_to_none=True)
             if noise is not None and noise.due(step % steps_per_epoch):
-                loss = noise.probe(loss_of, x, y)  # the same gradient, taken in micro-batches at these weights
+                probe_clock.start()
+                loss = noise.probe(loss_of, x, y, step)  # the same gradient, taken in micro-batches at these weights
+                probe_clock.stop()
             else:
                 loss = loss_of(x, y)
                 loss.backward()
@@ -160,12 +193,15 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
             loss_sum += loss.detach().float() * len(y)
             seen += len(y)
         sync(device)
-        seconds = time.perf_counter() - started
+        probe_seconds = probe_clock.seconds()
+        # Timing comparisons across batch sizes leave the probes out: their share of an epoch depends on the batch
+        # size. What is left out is the probe steps' forward and backward passes (their optimizer steps stay in).
+        seconds = time.perf_counter() - started - probe_seconds
         train_loss = (loss_sum / max(seen, 1)).item()
         diverged = not math.isfinite(train_loss)
         state["epoch"] = epoch
         state["train_seconds"] += seconds
-        metrics = {M.EPOCH: epoch, M.TRAIN_LOSS: train_loss, M.EPOCH_SECONDS: seconds,
+        metrics = {M.EPOCH: epoch, M.TRAIN_LOSS: train_loss, M.EPOCH_SECONDS: seconds, M.PROBE_SECONDS: probe_seconds,
                    M.TRAIN_SECONDS: state["train_seconds"], M.IMAGES_PER_SECOND: seen / seconds,
                    M.NOISE_SCALE: noise.value() if noise else math.nan,
                    M.NOISE_PROBES: noise.probes if noise else 0, M.DIVERGED: diverged,

@@ -10,6 +10,7 @@ from analysis import noise_figures
 from analysis.figures import ReportWriter, new_figure
 from analysis.load import Trial
 from study import metrics as M
+from study.noise import trial_value
 
 NAN = math.nan
 
@@ -27,12 +28,12 @@ def trial(batch: int, run: int, values: list, probes: int = 4, status: str = "TE
                  tune_status=status)
 
 
-def test_trial_value_is_the_median_of_finite_trained_epochs_and_batches_summarise_runs():
-    trials = [trial(16, 0, [2.0, NAN, 4.0, 10.0]), trial(16, 1, [6.0, 8.0]), trial(64, 0, [NAN, 3.0])]
-    assert noise_figures.trial_noise(trials[0]) == 4.0
+def test_trial_value_is_the_last_finite_trained_epoch_and_batches_summarise_runs():
+    trials = [trial(16, 0, [2.0, NAN, 4.0, 10.0]), trial(16, 1, [6.0, 8.0, NAN]), trial(64, 0, [NAN, 3.0])]
+    assert noise_figures.trial_noise(trials[0]) == 10.0 == trial_value([NAN, 2.0, NAN, 4.0, 10.0])
     table = noise_figures.by_batch(trials).set_index("batch_size")
-    assert table.loc[16, "trials"] == 2 and table.loc[16, "median"] == pytest.approx(5.5)
-    assert (table.loc[16, "min"], table.loc[16, "max"]) == (4.0, 7.0)
+    assert table.loc[16, "trials"] == 2 and table.loc[16, "median"] == pytest.approx(9.0)
+    assert (table.loc[16, "min"], table.loc[16, "max"]) == (8.0, 10.0)
     assert table.loc[64, "median"] == 3.0
     coverage = noise_figures.coverage_table(trials, ["batch_size", "run"]).set_index("trial_id")
     assert coverage.loc["16_0", "trained_epochs"] == 4 and coverage.loc["16_0", "finite_epochs"] == 3
@@ -62,7 +63,7 @@ def test_figures_are_drawn_only_from_finite_values(tmp_path):
     assert noise_figures.overlay(ax, trials)
     twin = ax._noise_twin
     data_line = twin.containers[0].lines[0]
-    assert list(data_line.get_xdata()) == [16, 256] and list(data_line.get_ydata()) == pytest.approx([3.0, 40.0])
+    assert list(data_line.get_xdata()) == [16, 256] and list(data_line.get_ydata()) == pytest.approx([4.0, 50.0])
     empty = [trial(16, 0, [NAN, NAN])]
     assert not noise_figures.over_training(report, empty, lambda c: "x", "none")
     assert not noise_figures.overlay(new_figure(1)[1][0], empty)

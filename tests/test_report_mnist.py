@@ -146,6 +146,8 @@ def test_timing_matches_tune_times(smoke, smoke_report):
     cost = pd.read_csv(smoke_report / "cost.csv").set_index("stage")
     assert cost.loc["study total", "trial_seconds"] == pytest.approx(sum(totals))
     assert cost.loc["study total", "trials"] == len(raw)
+    probes = sorted(sum(r["probe_seconds"] for r in rows) for _, rows, _ in raw)
+    assert sorted(timing["probe_seconds"]) == pytest.approx(probes) and max(probes) > 0  # the sweep probes
 
 
 @pytest.mark.slow
@@ -236,6 +238,7 @@ def test_errored_and_diverged_trials_are_listed_not_dropped(errored, tmp_path):
     check_report_folder(out)
     text = (out / "report.md").read_text()
     assert "did not store target_stats.json" in text and "--lr 0.01" in text
+    assert "stored before probes were timed apart" in text  # this trainable reports no probe_seconds
     failures = pd.read_csv(out / "failures.csv")
     errors = failures[failures["outcome"] == "error"]
     assert len(errors) == 2 and (errors["batch_size"] == 64).all() and (errors["run"] == 1).all()
@@ -251,10 +254,12 @@ def test_errored_and_diverged_trials_are_listed_not_dropped(errored, tmp_path):
     finals = [rows[-1]["test_mse"] for c, rows in raw if c["batch_size"] == 64]
     assert spread.loc[64, "mean"] == pytest.approx(np.mean(finals))
     noise = pd.read_csv(out / "noise_scale.csv").set_index("batch_size")
-    for batch in (16, 64):
-        last = [[r["noise_scale"] for r in rows if math.isfinite(r["noise_scale"])][-1]
-                for c, rows, _ in raw_trials(errored / "batch_sweep") if c["batch_size"] == batch]
-        assert noise.loc[batch, "median"] == pytest.approx(np.median(last)) and noise.loc[batch, "trials"] == 4
+    for batch, errors in ((16, 0), (64, 2)):  # a trial's B_simple: its last finite trained epoch's (not epoch 0's)
+        trained = [[r["noise_scale"] for r in rows if r["epoch"] >= 1 and math.isfinite(r["noise_scale"])]
+                   for c, rows, _ in raw_trials(errored / "batch_sweep") if c["batch_size"] == batch]
+        last = [values[-1] for values in trained if values]
+        assert len(last) == 4 - errors  # the errored trials stored epoch 0 alone
+        assert noise.loc[batch, "median"] == pytest.approx(np.median(last)) and noise.loc[batch, "trials"] == len(last)
     assert (out / "noise_over_training.png").is_file()
 
 

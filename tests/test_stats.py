@@ -305,3 +305,26 @@ def test_bad_options_raise_clear_errors():
         stats.mean_ci([1, float("nan")])
     with pytest.raises(ValueError, match="at least one"):
         stats.mean_ci([])
+
+
+def test_holm_adjusts_step_down_and_leaves_untested_out():
+    # Sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 = 0.02, 0.03, 0.06, 0.04 -> monotone 0.02, 0.03, 0.06, 0.06.
+    adjusted = stats.holm([0.01, 0.04, math.nan, 0.03, 0.005])
+    assert adjusted[[0, 1, 3, 4]] == pytest.approx([0.03, 0.06, 0.06, 0.02]) and math.isnan(adjusted[2])
+    assert stats.holm([0.6, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert stats.holm([0.04]) == pytest.approx([0.04])  # one test: nothing to correct
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        stats.holm([1.5])
+
+
+def test_paired_t_test_matches_scipy_and_refuses_what_it_cannot_test():
+    from scipy import stats as scipy_stats
+
+    a, b = [0.91, 0.88, 0.93, 0.90], [0.89, 0.88, 0.90, 0.91]
+    diff, p = stats.paired_t_test(a, b)
+    assert diff == pytest.approx(0.01) and p == pytest.approx(scipy_stats.ttest_rel(a, b).pvalue)
+    assert math.isnan(stats.paired_t_test([0.9, 0.8], [0.85, 0.75])[1])  # the same difference twice: no spread
+    with pytest.raises(ValueError, match="at least 2"):
+        stats.paired_t_test([0.9], [0.8])
+    with pytest.raises(ValueError, match="NaN"):
+        stats.paired_t_test([0.9, math.nan], [0.8, 0.7])

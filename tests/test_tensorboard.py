@@ -83,6 +83,30 @@ def test_finished_and_errored_trials(tmp_path):
     assert math.isnan(bad.Scalars("val/best_auc")[-1].value) and math.isnan(bad.Scalars("val/best_acc")[-1].value)
 
 
+def test_diverged_pcam_trial_keeps_the_result_of_its_tested_best_epoch(tmp_path):
+    """The report counts a diverged PCam trial's test of its best-on-validation weights (from before it diverged);
+    TensorBoard shows the same result, its status still failure. Diverging in epoch 1 leaves nothing tested."""
+    writer = StudyTensorBoard("pcam", "grid")
+    base = {"optimizer": "sgd", "lr": 0.5, "momentum": 0.9, "batch_size": 32, "run": 0, "seed": 0}
+    late, early = fake_trial(tmp_path / "late", base), fake_trial(tmp_path / "early", dict(base, run=1))
+    for trial in (late, early):
+        writer.log_trial_start(trial)
+        writer.log_trial_result(0, trial, epoch(0, val_auc=0.5, val_acc=0.5, best_val_acc=math.nan, best_epoch=-1))
+    writer.log_trial_result(1, late, epoch(1, val_auc=0.7, val_acc=0.6, best_val_acc=0.6, best_epoch=1))
+    late.last_result = epoch(2, val_auc=0.5, val_acc=0.5, best_val_acc=0.6, best_epoch=1, test_auc=0.75,
+                             test_acc=0.66, train_loss=math.nan, diverged=True, status=M.STATUS_DIVERGED)
+    early.last_result = epoch(1, val_auc=0.5, val_acc=0.5, best_val_acc=math.nan, best_epoch=-1,
+                              train_loss=math.nan, diverged=True, status=M.STATUS_DIVERGED)
+    for trial in (late, early):
+        writer.log_trial_result(2, trial, trial.last_result)
+        writer.log_trial_end(trial)
+    kept, blank = read(late.local_path), read(early.local_path)
+    assert end_status(kept) == end_status(blank) == api_pb2.STATUS_FAILURE
+    assert kept.Scalars("test/auc")[-1].value == pytest.approx(0.75)
+    assert kept.Scalars("val/best_acc")[-1].value == pytest.approx(0.6)
+    assert math.isnan(blank.Scalars("val/best_auc")[-1].value) and math.isnan(blank.Scalars("test/auc")[-1].value)
+
+
 def test_experiment_ticks_the_telling_hyperparameters_first():
     domains = dict(stage=["lr_coarse", "batch_sweep"], target=["mean", "std"], lr=[1e-3, 1e-2], lr_factor=[0.5, 1],
                    batch_size=[16, 32], run=[0, 1], seed=[16, 17, 32], optimizer=["adam"], lr_scaling=["none"])

@@ -146,6 +146,40 @@ def test_probing_every_step_trains_the_same_model(data):
     assert probed[-1][M.TRAIN_LOSS] == pytest.approx(plain[-1][M.TRAIN_LOSS], rel=1e-4)
 
 
+def test_probe_seconds_are_kept_out_of_training_seconds(data, monkeypatch):
+    """On a clock where every probe takes 100 s and anything else 1 ms a reading, the probes' time goes to
+    probe_seconds and none of it into epoch or training seconds (a clock, not sleeps: two shared cores are noisy)."""
+    import types
+
+    from study import train
+    from study.noise import NoiseScale
+
+    now = [0.0]
+
+    def perf_counter():
+        now[0] += 0.001
+        return now[0]
+
+    probe = NoiseScale.probe
+
+    def slow_probe(self, *args, **kwargs):
+        now[0] += 100.0
+        return probe(self, *args, **kwargs)
+
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    monkeypatch.setattr(NoiseScale, "probe", slow_probe)
+    rows, _ = collect(MnistConfig(target="mean", lr=1e-3, batch_size=64, epochs=2, noise_every=4), data)
+    assert [r[M.NOISE_PROBES] for r in rows] == [0, 3, 3] and rows[0][M.PROBE_SECONDS] == 0.0
+    for row in rows[1:]:  # 10 steps, probed at 0, 4 and 8
+        assert row[M.PROBE_SECONDS] == pytest.approx(300.0, abs=0.01)
+        assert 0 < row[M.EPOCH_SECONDS] < 0.01
+        assert row[M.IMAGES_PER_SECOND] == pytest.approx(640 / row[M.EPOCH_SECONDS])
+    assert rows[-1][M.TRAIN_SECONDS] == pytest.approx(sum(r[M.EPOCH_SECONDS] for r in rows))
+    monkeypatch.undo()
+    off, _ = collect(MnistConfig(target="mean", lr=1e-3, batch_size=64, epochs=1, noise_scale=False), data)
+    assert off[-1][M.PROBE_SECONDS] == 0.0
+
+
 def test_unit_scales(data):
     cfg = MnistConfig(target="var", lr=1e-3, batch_size=64, epochs=1, input_scale="unit", target_scale="unit")
     rows, _ = collect(cfg, data)
