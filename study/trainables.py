@@ -61,7 +61,8 @@ def trial_entry(train):
 
     Out of memory is reported, not raised: Tune retries every exception a trainable raises (--max-failures times,
     from the last checkpoint), and the same batch size in the same share runs out again. So the trial reports one
-    last row, status `out_of_memory` with the message, and returns; the study counts it as failed (exit 1)."""
+    last row, status `out_of_memory` with the message, and returns; the study counts it as failed (exit 1), and
+    `--resume --retry-errored` continues it from its last checkpoint in the share given then (study.resume)."""
     def wrapped(config, data, errored=()):
         if errored and Path(tune.get_context().get_trial_dir()).name in errored:
             raise RuntimeError("this trial ended in an error before the study was resumed; "
