@@ -77,7 +77,9 @@ def trial_entry(train):
         free_cuda()
         tune.report({M.EPOCH: _reported["epoch"] + 1, M.STATUS: M.STATUS_OOM, M.MESSAGE: message,
                      M.DIVERGED: False})
-    wrapped.__name__, wrapped.__doc__ = train.__name__, train.__doc__
+    # The trainable's qualified name too: Ray's cloudpickle then sends it by reference, and the worker runs it with
+    # this module's globals (sent by value it got its own copy of _reported: an out-of-memory row said epoch 0).
+    wrapped.__name__, wrapped.__qualname__, wrapped.__doc__ = train.__name__, train.__qualname__, train.__doc__
     return wrapped
 
 
