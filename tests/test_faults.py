@@ -3,7 +3,8 @@
 
 - a trial's worker process is SIGKILLed mid-epoch: Tune restarts it from its last checkpoint and it ends exactly
   where an uninterrupted run ends (also from epoch 0's checkpoint: every epoch stored once, counted as recovered);
-- the driver and its Ray are SIGKILLed mid-study: `--resume` finishes the study without re-running finished trials;
+- the driver and its Ray are SIGKILLed mid-study: `--resume` finishes the study without re-running finished trials,
+  each epoch stored once (result.json, progress.csv, TensorBoard);
 - starting into an existing study folder without `--resume` refuses and changes nothing;
 - with `--max-failures 0` a killed worker leaves an errored trial: `--resume` keeps it errored, `--resume
   --retry-errored` completes it from its checkpoint.
@@ -11,6 +12,7 @@
 Slow (eight short studies, 4-5 minutes on two busy cores): `pytest tests/test_faults.py`.
 """
 
+import csv
 import hashlib
 import json
 import math
@@ -25,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from cluster_procs import kill_until_gone
+from tensorboard_checks import stored_steps
 from study import metrics as M
 
 pytestmark = pytest.mark.slow
@@ -155,8 +158,11 @@ def trials(stage_dir: Path) -> dict[str, dict]:
     """Every trial of one Tune experiment by folder name: its folder, config and rows (as far as written)."""
     out = {}
     for folder in sorted(p for p in stage_dir.glob("*") if p.is_dir() and (p / "params.json").is_file()):
-        out[folder.name] = {"dir": folder, "config": json.loads((folder / "params.json").read_text()),
-                            "rows": read_rows(folder / "result.json")}
+        try:
+            config = json.loads((folder / "params.json").read_text())
+        except json.JSONDecodeError:  # being written (Tune creates it, then writes it): not a trial yet
+            continue
+        out[folder.name] = {"dir": folder, "config": config, "rows": read_rows(folder / "result.json")}
     return out
 
 
@@ -302,14 +308,19 @@ def saved_statuses(stage_dir: Path) -> dict[str, str]:
     return {t["trial_id"]: t["status"] for t in (json.loads(data) for data, _meta in state["trial_data"])}
 
 
-def assert_continues(before: list[dict], after: list[dict], epochs: int) -> None:
-    """After a resume a trial's rows keep what was stored and go on from a checkpointed epoch to the end."""
-    assert after[:len(before)] == before
-    tail = [r[M.EPOCH] for r in after[len(before):]]
-    last = before[-1][M.EPOCH] if before else -1
-    if tail:  # restarted from a checkpoint at or before the last stored epoch, then on to the end
-        assert tail == list(range(tail[0], epochs + 1)) and tail[0] <= last + 1, (last, tail)
-    assert after and after[-1][M.STATUS] == M.STATUS_DONE
+def assert_stored_once(before: list[dict], trial: dict, epochs: int) -> None:
+    """After a resume a trial holds every epoch once, in result.json, progress.csv and TensorBoard: the rows up
+    to the checkpoint it went on from as they were stored, the rest (including any stored after Tune's last
+    experiment snapshot, which the resumed trial trained again) written once, by the resumed run."""
+    after = trial["rows"]
+    assert [r[M.EPOCH] for r in after] == list(range(epochs + 1)), "an epoch was lost or stored twice"
+    kept = next((i for i, (a, b) in enumerate(zip(before, after)) if a != b), min(len(before), len(after)))
+    assert {r["pid"] for r in after[kept:]}.isdisjoint(r["pid"] for r in before), "stored before, not trimmed"
+    assert after[-1][M.STATUS] == M.STATUS_DONE
+    with (trial["dir"] / "progress.csv").open(newline="") as f:
+        assert [int(r[M.EPOCH]) for r in csv.DictReader(f)] == list(range(epochs + 1))
+    steps = stored_steps(trial["dir"])
+    assert steps["test/mse"] == list(range(epochs + 1)) and steps["train/loss"] == list(range(1, epochs + 1))
 
 
 def test_driver_killed_mid_study_then_resume_keeps_finished_trials(tmp_path):
@@ -340,7 +351,7 @@ def test_driver_killed_mid_study_then_resume_keeps_finished_trials(tmp_path):
     for name, stored in kept.items():
         assert (stage / name / "result.json").read_bytes() == stored, f"finished trial {name} was run again"
     for name, trial in after.items():
-        assert_continues(before[name]["rows"] if name in before else [], trial["rows"], epochs=3)
+        assert_stored_once(before[name]["rows"] if name in before else [], trial, epochs=3)
 
 
 # ---- an existing study folder without --resume -----------------------------------------------------------------

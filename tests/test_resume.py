@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
+from tensorboard_checks import stored_steps
 from study import metrics as M
 from study.resume import trim_trial_folder, trimmed_progress, trimmed_results
 
@@ -45,18 +46,6 @@ def test_progress_rows_after_the_restart_epoch_are_dropped():
     assert trimmed_progress(text, 3) == text
 
 
-def scalar_steps(folder: Path) -> dict[str, list[int]]:
-    """tag -> steps, over every event file of a run folder, read raw (not through TensorBoard's purging)."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-
-    steps = {}
-    for path in sorted(folder.glob("events.out.tfevents.*")):
-        for event in EventFileLoader(str(path)).Load():
-            for value in event.summary.value:
-                steps.setdefault(value.tag, []).append(event.step)
-    return steps
-
-
 def test_a_trial_folder_is_trimmed_to_its_restart_epoch(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
@@ -68,7 +57,7 @@ def test_a_trial_folder_is_trimmed_to_its_restart_epoch(tmp_path):
     (tmp_path / "params.json").write_text("{}")
     trim_trial_folder(pafs.LocalFileSystem(), str(tmp_path), 1)
     assert [r[M.EPOCH] for r in map(json.loads, (tmp_path / "result.json").read_text().splitlines())] == [0, 1]
-    assert scalar_steps(tmp_path) == {"train/loss": [0, 1]}
+    assert stored_steps(tmp_path) == {"train/loss": [0, 1]}
     assert (tmp_path / "params.json").read_text() == "{}"
 
 
@@ -130,6 +119,6 @@ def test_an_out_of_memory_trial_is_retried_with_the_new_share_on_retry_errored(r
     trials = open_study(str(tmp_path / "s")).trials("batch_sweep")
     assert {t.outcome for t in trials} == {"done"}
     assert json.loads((stage / "errored_trials.json").read_text()) == []
-    steps = scalar_steps(next(p.parent for p in stage.glob("*/params.json")
+    steps = stored_steps(next(p.parent for p in stage.glob("*/params.json")
                               if json.loads(p.read_text())["batch_size"] == 64))
     assert steps["train/loss"] == [1, 2, 3]  # epoch 0 has no training loss; each epoch once
