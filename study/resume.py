@@ -56,11 +56,13 @@ def trimmed_progress(text: str, epoch: int) -> str:
     rows = list(csv.reader(io.StringIO(text, newline="")))
     if not rows or M.EPOCH not in rows[0]:
         return text
+    if not text.endswith("\n"):
+        rows = rows[:-1]
     column = rows[0].index(M.EPOCH)
     out = io.StringIO(newline="")
     writer = csv.writer(out)
     writer.writerow(rows[0])
-    writer.writerows(r for r in rows[1:] if len(r) == len(rows[0]) and not _after(r[column], epoch))
+    writer.writerows(r for r in rows[1:] if not (len(r) > column and _after(r[column], epoch)))
     return out.getvalue()
 
 

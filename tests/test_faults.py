@@ -308,6 +308,28 @@ def saved_statuses(stage_dir: Path) -> dict[str, str]:
     return {t["trial_id"]: t["status"] for t in (json.loads(data) for data, _meta in state["trial_data"])}
 
 
+def snapshot_epochs(stage_dir: Path) -> dict[str, int]:
+    """Trial id -> the last epoch Tune's newest experiment snapshot recorded for it (its checkpoint's, on MNIST)."""
+    snapshots = sorted(stage_dir.glob("experiment_state-*.json"))
+    try:
+        state = json.loads(snapshots[-1].read_text()) if snapshots else {"trial_data": []}
+    except json.JSONDecodeError:
+        return {}
+    out = {}
+    for data, meta in state["trial_data"]:
+        epoch = (json.loads(meta).get("last_result") or {}).get(M.EPOCH)
+        out[json.loads(data)["trial_id"]] = -1 if epoch is None else epoch
+    return out
+
+
+def stored_after_snapshot(stage_dir: Path) -> list[str]:
+    """Unfinished trials that stored an epoch after the one Tune's newest snapshot recorded: a resume trains
+    those epochs again."""
+    found, saved = trials(stage_dir), snapshot_epochs(stage_dir)
+    return [name for name, t in found.items() if t["rows"] and not finished(t)
+            and t["rows"][-1][M.EPOCH] > saved.get(t["rows"][-1]["trial_id"], -1)]
+
+
 def assert_stored_once(before: list[dict], trial: dict, epochs: int) -> None:
     """After a resume a trial holds every epoch once, in result.json, progress.csv and TensorBoard: the rows up
     to the checkpoint it went on from as they were stored, the rest (including any stored after Tune's last
@@ -335,9 +357,12 @@ def test_driver_killed_mid_study_then_resume_keeps_finished_trials(tmp_path):
         return done and sum(finished(t) for t in found.values()) < len(grid)
 
     with Study(tmp_path, *cmd) as study:
-        wait_for(some_finished_some_not, study, "a finished trial while others run")
+        # Killed where a resume repeats work: an unfinished trial has stored epochs its snapshot does not know of.
+        wait_for(lambda: some_finished_some_not() and stored_after_snapshot(stage), study,
+                 "a finished trial while another has stored epochs after Tune's snapshot")
         study.kill()  # driver, GCS, raylet and workers at once; checks they are all gone
     saved = saved_statuses(stage)
+    ahead = stored_after_snapshot(stage)
     before = trials(stage)
     kept = {name: (t["dir"] / "result.json").read_bytes() for name, t in before.items()
             if finished(t) and saved.get(t["rows"][-1]["trial_id"]) == "TERMINATED"}
@@ -352,6 +377,7 @@ def test_driver_killed_mid_study_then_resume_keeps_finished_trials(tmp_path):
         assert (stage / name / "result.json").read_bytes() == stored, f"finished trial {name} was run again"
     for name, trial in after.items():
         assert_stored_once(before[name]["rows"] if name in before else [], trial, epochs=3)
+    assert ahead and any(after[name]["rows"][:len(before[name]["rows"])] != before[name]["rows"] for name in ahead)
 
 
 # ---- an existing study folder without --resume -----------------------------------------------------------------

@@ -44,6 +44,7 @@ def test_progress_rows_after_the_restart_epoch_are_dropped():
     kept = list(csv.DictReader(io.StringIO(trimmed_progress(text, 1), newline="")))
     assert [int(r[M.EPOCH]) for r in kept] == [0, 1] and kept[0][M.MESSAGE] == "a, quoted\nmessage"
     assert trimmed_progress(text, 3) == text
+    assert trimmed_progress(text + "5,4,cut sh", 3) == text  # a row cut short by a killed driver
 
 
 def test_a_trial_folder_is_trimmed_to_its_restart_epoch(tmp_path):
