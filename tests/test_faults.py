@@ -308,26 +308,26 @@ def saved_statuses(stage_dir: Path) -> dict[str, str]:
     return {t["trial_id"]: t["status"] for t in (json.loads(data) for data, _meta in state["trial_data"])}
 
 
-def snapshot_epochs(stage_dir: Path) -> dict[str, int]:
-    """Trial id -> the last epoch Tune's newest experiment snapshot recorded for it (its checkpoint's, on MNIST)."""
-    snapshots = sorted(stage_dir.glob("experiment_state-*.json"))
+def newest_snapshot(stage_dir: Path) -> tuple[Path, str] | None:
+    """Tune's newest experiment snapshot (what Tuner.restore starts from) and its text; None while being written."""
+    snapshots = sorted(stage_dir.glob("experiment_state-*.json"))  # named by start time: the newest sorts last
+    if not snapshots:
+        return None
+    text = snapshots[-1].read_text()
     try:
-        state = json.loads(snapshots[-1].read_text()) if snapshots else {"trial_data": []}
+        json.loads(text)
     except json.JSONDecodeError:
-        return {}
+        return None
+    return snapshots[-1], text
+
+
+def snapshot_epochs(text: str) -> dict[str, int]:
+    """Trial id -> the last epoch a snapshot recorded for the trial (-1: none yet)."""
     out = {}
-    for data, meta in state["trial_data"]:
+    for data, meta in json.loads(text)["trial_data"]:
         epoch = (json.loads(meta).get("last_result") or {}).get(M.EPOCH)
         out[json.loads(data)["trial_id"]] = -1 if epoch is None else epoch
     return out
-
-
-def stored_after_snapshot(stage_dir: Path) -> list[str]:
-    """Unfinished trials that stored an epoch after the one Tune's newest snapshot recorded: a resume trains
-    those epochs again."""
-    found, saved = trials(stage_dir), snapshot_epochs(stage_dir)
-    return [name for name, t in found.items() if t["rows"] and not finished(t)
-            and t["rows"][-1][M.EPOCH] > saved.get(t["rows"][-1]["trial_id"], -1)]
 
 
 def assert_stored_once(before: list[dict], trial: dict, epochs: int) -> None:
@@ -356,13 +356,38 @@ def test_driver_killed_mid_study_then_resume_keeps_finished_trials(tmp_path):
         done = [t for t in found.values() if finished(t) and saved.get(t["rows"][-1]["trial_id"]) == "TERMINATED"]
         return done and sum(finished(t) for t in found.values()) < len(grid)
 
+    taken = {}
+
+    def snapshot_with_a_finished_trial():
+        found = newest_snapshot(stage)
+        if found and some_finished_some_not() and len(json.loads(found[1])["trial_data"]) == len(grid):
+            taken["path"], taken["text"] = found
+            taken["epochs"] = snapshot_epochs(found[1])
+            # Its checkpoints as well: Tune keeps two per trial and may delete the one it names before the kill.
+            taken["checkpoints"] = tmp_path / "checkpoints"
+            for folder in stage.glob("*/checkpoint_*"):
+                try:
+                    shutil.copytree(folder, taken["checkpoints"] / folder.relative_to(stage))
+                except (FileNotFoundError, shutil.Error):  # deleted while copied: not the snapshot's, as it is newer
+                    pass
+        return bool(taken)
+
+    def stored_after_snapshot():  # trial folders holding an epoch the taken snapshot does not know of
+        return [name for name, t in trials(stage).items()
+                if t["rows"] and t["rows"][-1][M.EPOCH] > taken["epochs"].get(t["rows"][-1]["trial_id"], 3)]
+
     with Study(tmp_path, *cmd) as study:
-        # Killed where a resume repeats work: an unfinished trial has stored epochs its snapshot does not know of.
-        wait_for(lambda: some_finished_some_not() and stored_after_snapshot(stage), study,
-                 "a finished trial while another has stored epochs after Tune's snapshot")
+        wait_for(snapshot_with_a_finished_trial, study, "a finished trial while others run")
+        wait_for(stored_after_snapshot, study, "an epoch stored after that snapshot")
         study.kill()  # driver, GCS, raylet and workers at once; checks they are all gone
+    # Where the kill lands between a stored epoch and Tune's next snapshot (timing the test cannot choose), the
+    # resume starts from an older snapshot than the stored rows: that snapshot, put back, makes it so every time.
+    taken["path"].write_text(taken["text"])
+    for folder in taken["checkpoints"].glob("*/checkpoint_*"):
+        if not (stage / folder.relative_to(taken["checkpoints"])).exists():
+            shutil.copytree(folder, stage / folder.relative_to(taken["checkpoints"]))
+    ahead = stored_after_snapshot()
     saved = saved_statuses(stage)
-    ahead = stored_after_snapshot(stage)
     before = trials(stage)
     kept = {name: (t["dir"] / "result.json").read_bytes() for name, t in before.items()
             if finished(t) and saved.get(t["rows"][-1]["trial_id"]) == "TERMINATED"}
@@ -377,7 +402,8 @@ def test_driver_killed_mid_study_then_resume_keeps_finished_trials(tmp_path):
         assert (stage / name / "result.json").read_bytes() == stored, f"finished trial {name} was run again"
     for name, trial in after.items():
         assert_stored_once(before[name]["rows"] if name in before else [], trial, epochs=3)
-    assert ahead and any(after[name]["rows"][:len(before[name]["rows"])] != before[name]["rows"] for name in ahead)
+    for name in ahead:  # the epochs stored after the snapshot were replaced by the resumed run's, not added to
+        assert after[name]["rows"][:len(before[name]["rows"])] != before[name]["rows"], name
 
 
 # ---- an existing study folder without --resume -----------------------------------------------------------------
