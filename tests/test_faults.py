@@ -359,8 +359,9 @@ def test_driver_killed_mid_study_then_resume_keeps_finished_trials(tmp_path):
     taken = {}
 
     def snapshot_with_a_finished_trial():
-        found = newest_snapshot(stage)
-        if found and some_finished_some_not() and len(json.loads(found[1])["trial_data"]) == len(grid):
+        found = some_finished_some_not() and newest_snapshot(stage)
+        statuses = [json.loads(data)["status"] for data, _meta in json.loads(found[1])["trial_data"]] if found else []
+        if len(statuses) == len(grid) and "TERMINATED" in statuses:
             taken["path"], taken["text"] = found
             taken["epochs"] = snapshot_epochs(found[1])
             # Its checkpoints as well: Tune keeps two per trial and may delete the one it names before the kill.
