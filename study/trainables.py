@@ -61,7 +61,8 @@ def trial_entry(train):
 
     Out of memory is reported, not raised: Tune retries every exception a trainable raises (--max-failures times,
     from the last checkpoint), and the same batch size in the same share runs out again. So the trial reports one
-    last row, status `out_of_memory` with the message, and returns; the study counts it as failed (exit 1)."""
+    last row, status `out_of_memory` with the message, and returns; the study counts it as failed (exit 1), and
+    `--resume --retry-errored` continues it from its last checkpoint in the share given then (study.resume)."""
     def wrapped(config, data, errored=()):
         if errored and Path(tune.get_context().get_trial_dir()).name in errored:
             raise RuntimeError("this trial ended in an error before the study was resumed; "
@@ -76,7 +77,9 @@ def trial_entry(train):
         free_cuda()
         tune.report({M.EPOCH: _reported["epoch"] + 1, M.STATUS: M.STATUS_OOM, M.MESSAGE: message,
                      M.DIVERGED: False})
-    wrapped.__name__, wrapped.__doc__ = train.__name__, train.__doc__
+    # The trainable's qualified name too: Ray's cloudpickle then sends it by reference, and the worker runs it with
+    # this module's globals (sent by value it got its own copy of _reported: an out-of-memory row said epoch 0).
+    wrapped.__name__, wrapped.__qualname__, wrapped.__doc__ = train.__name__, train.__qualname__, train.__doc__
     return wrapped
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from study import cluster
+from study import metrics as M
 from study.cli_checks import MAX_TRIALS, check_common_flags, check_name, check_uri, reachable
 from study.errors import StudyError
 from study.metrics import ERRORED_FILE, STUDY_FILE
@@ -263,6 +264,7 @@ def run_stage(trainable, param_space: dict, *, folder: StudyFolder, stage: str, 
     from ray import tune
 
     from study.console import tune_console
+    from study.resume import StoredOnce, mark_out_of_memory_errored
     from study.tensorboard import RunName
 
     path = folder.child(stage)
@@ -281,6 +283,8 @@ def run_stage(trainable, param_space: dict, *, folder: StudyFolder, stage: str, 
     wrapped = tune.with_resources(tune.with_parameters(trainable, data=data, errored=errored), resources)
     if resuming:
         print(f"resuming {path}")
+        if args.retry_errored:  # out-of-memory trials too, in the resources given now (study.resume)
+            mark_out_of_memory_errored(folder.fs, f"{folder.path}/{stage}")
         tuner = tune.Tuner.restore(path, trainable=wrapped, resume_errored=args.retry_errored)
     else:
         tuner = tune.Tuner(
@@ -295,12 +299,13 @@ def run_stage(trainable, param_space: dict, *, folder: StudyFolder, stage: str, 
                 # The latest checkpoint is all a restart needs; the best model travels inside it.
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 verbose=3 if getattr(args, "verbose", False) else 0,  # 3: every trial's config and results
-                callbacks=list(callbacks),
+                callbacks=[StoredOnce(), *callbacks],  # first: it trims what the loggers reopen
             ),
         )
     with tune_console(getattr(args, "verbose", False)):
         results = tuner.fit()
-    folder.write_json(errored_file, sorted(Path(r.path).name for r in results if r.error is not None))
+    folder.write_json(errored_file, sorted(Path(r.path).name for r in results if r.error is not None
+                                           or (r.metrics or {}).get(M.STATUS) == M.STATUS_OOM))
     return results
 
 

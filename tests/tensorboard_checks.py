@@ -73,3 +73,16 @@ def check_study(api, study: Path, kind: str, expect_diverged: bool) -> dict:
     for run_tags in tags.values():
         assert set(run_tags) <= known and all(t.startswith(GROUPS) for t in run_tags)
     return groups
+
+
+def stored_steps(run: Path) -> dict[str, list[int]]:
+    """tag -> steps in the order written, over every event file of one run folder, read raw (TensorBoard itself
+    would hide a repeated step behind the later one): what the study stored."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    steps = {}
+    for path in sorted(run.glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                steps.setdefault(value.tag, []).append(event.step)
+    return steps

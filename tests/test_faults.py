@@ -3,7 +3,8 @@
 
 - a trial's worker process is SIGKILLed mid-epoch: Tune restarts it from its last checkpoint and it ends exactly
   where an uninterrupted run ends (also from epoch 0's checkpoint: every epoch stored once, counted as recovered);
-- the driver and its Ray are SIGKILLed mid-study: `--resume` finishes the study without re-running finished trials;
+- the driver and its Ray are SIGKILLed mid-study: `--resume` finishes the study without re-running finished trials,
+  each epoch stored once (result.json, progress.csv, TensorBoard);
 - starting into an existing study folder without `--resume` refuses and changes nothing;
 - with `--max-failures 0` a killed worker leaves an errored trial: `--resume` keeps it errored, `--resume
   --retry-errored` completes it from its checkpoint.
@@ -11,6 +12,7 @@
 Slow (eight short studies, 4-5 minutes on two busy cores): `pytest tests/test_faults.py`.
 """
 
+import csv
 import hashlib
 import json
 import math
@@ -25,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from cluster_procs import kill_until_gone
+from tensorboard_checks import stored_steps
 from study import metrics as M
 
 pytestmark = pytest.mark.slow
@@ -155,8 +158,11 @@ def trials(stage_dir: Path) -> dict[str, dict]:
     """Every trial of one Tune experiment by folder name: its folder, config and rows (as far as written)."""
     out = {}
     for folder in sorted(p for p in stage_dir.glob("*") if p.is_dir() and (p / "params.json").is_file()):
-        out[folder.name] = {"dir": folder, "config": json.loads((folder / "params.json").read_text()),
-                            "rows": read_rows(folder / "result.json")}
+        try:
+            config = json.loads((folder / "params.json").read_text())
+        except json.JSONDecodeError:  # being written (Tune creates it, then writes it): not a trial yet
+            continue
+        out[folder.name] = {"dir": folder, "config": config, "rows": read_rows(folder / "result.json")}
     return out
 
 
@@ -302,14 +308,41 @@ def saved_statuses(stage_dir: Path) -> dict[str, str]:
     return {t["trial_id"]: t["status"] for t in (json.loads(data) for data, _meta in state["trial_data"])}
 
 
-def assert_continues(before: list[dict], after: list[dict], epochs: int) -> None:
-    """After a resume a trial's rows keep what was stored and go on from a checkpointed epoch to the end."""
-    assert after[:len(before)] == before
-    tail = [r[M.EPOCH] for r in after[len(before):]]
-    last = before[-1][M.EPOCH] if before else -1
-    if tail:  # restarted from a checkpoint at or before the last stored epoch, then on to the end
-        assert tail == list(range(tail[0], epochs + 1)) and tail[0] <= last + 1, (last, tail)
-    assert after and after[-1][M.STATUS] == M.STATUS_DONE
+def newest_snapshot(stage_dir: Path) -> tuple[Path, str] | None:
+    """Tune's newest experiment snapshot (what Tuner.restore starts from) and its text; None while being written."""
+    snapshots = sorted(stage_dir.glob("experiment_state-*.json"))  # named by start time: the newest sorts last
+    if not snapshots:
+        return None
+    text = snapshots[-1].read_text()
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return snapshots[-1], text
+
+
+def snapshot_epochs(text: str) -> dict[str, int]:
+    """Trial id -> the last epoch a snapshot recorded for the trial (-1: none yet)."""
+    out = {}
+    for data, meta in json.loads(text)["trial_data"]:
+        epoch = (json.loads(meta).get("last_result") or {}).get(M.EPOCH)
+        out[json.loads(data)["trial_id"]] = -1 if epoch is None else epoch
+    return out
+
+
+def assert_stored_once(before: list[dict], trial: dict, epochs: int) -> None:
+    """After a resume a trial holds every epoch once, in result.json, progress.csv and TensorBoard: the rows up
+    to the checkpoint it went on from as they were stored, the rest (including any stored after Tune's last
+    experiment snapshot, which the resumed trial trained again) written once, by the resumed run."""
+    after = trial["rows"]
+    assert [r[M.EPOCH] for r in after] == list(range(epochs + 1)), "an epoch was lost or stored twice"
+    kept = next((i for i, (a, b) in enumerate(zip(before, after)) if a != b), min(len(before), len(after)))
+    assert {r["pid"] for r in after[kept:]}.isdisjoint(r["pid"] for r in before), "stored before, not trimmed"
+    assert after[-1][M.STATUS] == M.STATUS_DONE
+    with (trial["dir"] / "progress.csv").open(newline="") as f:
+        assert [int(r[M.EPOCH]) for r in csv.DictReader(f)] == list(range(epochs + 1))
+    steps = stored_steps(trial["dir"])
+    assert steps["test/mse"] == list(range(epochs + 1)) and steps["train/loss"] == list(range(1, epochs + 1))
 
 
 def test_driver_killed_mid_study_then_resume_keeps_finished_trials(tmp_path):
@@ -323,9 +356,38 @@ def test_driver_killed_mid_study_then_resume_keeps_finished_trials(tmp_path):
         done = [t for t in found.values() if finished(t) and saved.get(t["rows"][-1]["trial_id"]) == "TERMINATED"]
         return done and sum(finished(t) for t in found.values()) < len(grid)
 
+    taken = {}
+
+    def snapshot_with_a_finished_trial():
+        found = some_finished_some_not() and newest_snapshot(stage)
+        statuses = [json.loads(data)["status"] for data, _meta in json.loads(found[1])["trial_data"]] if found else []
+        if len(statuses) == len(grid) and "TERMINATED" in statuses:
+            taken["path"], taken["text"] = found
+            taken["epochs"] = snapshot_epochs(found[1])
+            # Its checkpoints as well: Tune keeps two per trial and may delete the one it names before the kill.
+            taken["checkpoints"] = tmp_path / "checkpoints"
+            for folder in stage.glob("*/checkpoint_*"):
+                try:
+                    shutil.copytree(folder, taken["checkpoints"] / folder.relative_to(stage))
+                except (FileNotFoundError, shutil.Error):  # deleted while copied: not the snapshot's, as it is newer
+                    pass
+        return bool(taken)
+
+    def stored_after_snapshot():  # trial folders holding an epoch the taken snapshot does not know of
+        return [name for name, t in trials(stage).items()
+                if t["rows"] and t["rows"][-1][M.EPOCH] > taken["epochs"].get(t["rows"][-1]["trial_id"], 3)]
+
     with Study(tmp_path, *cmd) as study:
-        wait_for(some_finished_some_not, study, "a finished trial while others run")
+        wait_for(snapshot_with_a_finished_trial, study, "a finished trial while others run")
+        wait_for(stored_after_snapshot, study, "an epoch stored after that snapshot")
         study.kill()  # driver, GCS, raylet and workers at once; checks they are all gone
+    # Where the kill lands between a stored epoch and Tune's next snapshot (timing the test cannot choose), the
+    # resume starts from an older snapshot than the stored rows: that snapshot, put back, makes it so every time.
+    taken["path"].write_text(taken["text"])
+    for folder in taken["checkpoints"].glob("*/checkpoint_*"):
+        if not (stage / folder.relative_to(taken["checkpoints"])).exists():
+            shutil.copytree(folder, stage / folder.relative_to(taken["checkpoints"]))
+    ahead = stored_after_snapshot()
     saved = saved_statuses(stage)
     before = trials(stage)
     kept = {name: (t["dir"] / "result.json").read_bytes() for name, t in before.items()
@@ -340,7 +402,9 @@ def test_driver_killed_mid_study_then_resume_keeps_finished_trials(tmp_path):
     for name, stored in kept.items():
         assert (stage / name / "result.json").read_bytes() == stored, f"finished trial {name} was run again"
     for name, trial in after.items():
-        assert_continues(before[name]["rows"] if name in before else [], trial["rows"], epochs=3)
+        assert_stored_once(before[name]["rows"] if name in before else [], trial, epochs=3)
+    for name in ahead:  # the epochs stored after the snapshot were replaced by the resumed run's, not added to
+        assert after[name]["rows"][:len(before[name]["rows"])] != before[name]["rows"], name
 
 
 # ---- an existing study folder without --resume -----------------------------------------------------------------

@@ -1,0 +1,165 @@
+"""What a resumed stage does to what its trials stored before: each epoch stays stored once, and --retry-errored
+runs out-of-memory trials again.
+
+- A trial restarts from its latest checkpoint (epoch e) and reports the epochs after e again: after a driver stop
+  those stored after Tune's last experiment snapshot, with PCam's --checkpoint-every > 1 those since the last
+  checkpoint. `StoredOnce`, the first callback of every stage, removes those rows from result.json, progress.csv
+  and the TensorBoard event files before the loggers reopen them, so each epoch is stored once, as the restarted
+  trial reports it (on CPU the same numbers).
+- An out-of-memory trial ends normally in Tune's eyes (study.trainables.trial_entry: so that Tune does not retry
+  it in the same share), so a restore would keep it finished. `mark_out_of_memory_errored` turns it into an
+  errored trial in Tune's newest experiment snapshot before `Tuner.restore(resume_errored=True)`, which then
+  continues it from its checkpoint with the resources the resumed study asks for (--gpus-per-trial).
+"""
+
+import csv
+import io
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import pyarrow.fs as pafs
+from ray import tune
+
+from study import metrics as M
+
+RESULT_FILE, PROGRESS_FILE = "result.json", "progress.csv"  # Tune's per-trial files (documented names)
+EVENTS_PREFIX = "events.out.tfevents"
+
+
+def _after(value, epoch: int) -> bool:
+    try:
+        return float(value) > epoch
+    except (TypeError, ValueError):
+        return False  # not an epoch row: left as it is
+
+
+def trimmed_results(text: str, epoch: int) -> str:
+    """result.json without rows after `epoch`, nor a last line cut short by a killed driver."""
+    kept = []
+    for line in text.splitlines(keepends=True):
+        if not line.endswith("\n"):
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:  # a corrupt row stays for the analysis to report
+            kept.append(line)
+            continue
+        if not (isinstance(row, dict) and _after(row.get(M.EPOCH), epoch)):
+            kept.append(line)
+    return "".join(kept)
+
+
+def trimmed_progress(text: str, epoch: int) -> str:
+    """progress.csv (written by csv.DictWriter, excel dialect) without rows after `epoch` or cut short."""
+    rows = list(csv.reader(io.StringIO(text, newline="")))
+    if not rows or M.EPOCH not in rows[0]:
+        return text
+    if not text.endswith("\n"):
+        rows = rows[:-1]
+    column = rows[0].index(M.EPOCH)
+    out = io.StringIO(newline="")
+    writer = csv.writer(out)
+    writer.writerow(rows[0])
+    writer.writerows(r for r in rows[1:] if not (len(r) > column and _after(r[column], epoch)))
+    return out.getvalue()
+
+
+def trimmed_events(data: bytes, epoch: int) -> bytes:
+    """A TensorBoard event file without the steps after `epoch` (step = epoch) and without the hparams session's
+    end: the trial is running again and writes its end when it ends."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import metadata
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "events"
+        path.write_bytes(data)
+        events = list(EventFileLoader(str(path)).Load())
+    out = io.BytesIO()
+    writer = RecordWriter(out)
+    for event in events:
+        ended = any(v.tag == metadata.SESSION_END_INFO_TAG for v in event.summary.value)
+        if event.step <= epoch and not ended:
+            writer.write(event.SerializeToString())
+    return out.getvalue()
+
+
+def trim_trial_folder(fs: pafs.FileSystem, path: str, epoch: int) -> None:
+    """Drop what a trial stored after `epoch` from its folder (local, or remote through pyarrow)."""
+    try:
+        names = [Path(info.path).name for info in fs.get_file_info(pafs.FileSelector(path))]
+    except (FileNotFoundError, OSError):
+        return  # nothing stored there yet
+    for name in names:
+        if name == RESULT_FILE:
+            trim = lambda b: trimmed_results(b.decode(), epoch).encode()  # noqa: E731
+        elif name == PROGRESS_FILE:
+            trim = lambda b: trimmed_progress(b.decode(), epoch).encode()  # noqa: E731
+        elif name.startswith(EVENTS_PREFIX):
+            trim = lambda b: trimmed_events(b, epoch)  # noqa: E731
+        else:
+            continue
+        with fs.open_input_stream(f"{path}/{name}") as src:
+            before = src.read()
+        after = trim(before)
+        if after != before:
+            # A new file in place of the old one: a TensorBoard writer of this trial still open on the old file (a
+            # worker restart in the same run) writes into the deleted one, never into what is kept here.
+            fs.delete_file(f"{path}/{name}")
+            with fs.open_output_stream(f"{path}/{name}") as out:
+                out.write(after)
+
+
+def restart_epoch(trial) -> int | None:
+    """The last epoch a starting trial keeps: its checkpoint's (-1 without one: it starts from scratch and reports
+    every epoch again); None when that cannot be told, and then nothing is removed."""
+    result = trial.latest_checkpoint_result
+    if result is None:
+        return -1
+    epoch = (result.metrics or {}).get(M.EPOCH)
+    return int(epoch) if isinstance(epoch, (int, float)) and math.isfinite(epoch) else None
+
+
+class StoredOnce(tune.Callback):
+    """Before a trial (re)starts, and before the loggers reopen its files, remove what it will report again: in
+    the study's storage, where Tune's loggers restore result.json and progress.csv from, and in the driver's
+    staging folder, which Tune uploads to the storage."""
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        epoch = restart_epoch(trial)
+        if epoch is None:
+            return
+        trim_trial_folder(trial.storage.storage_filesystem, trial.path, epoch)
+        if trial.local_path and trial.local_path != trial.path:
+            trim_trial_folder(pafs.LocalFileSystem(), trial.local_path, epoch)
+
+
+SNAPSHOT_PATTERN = "experiment_state-*.json"  # Tune restores from the newest (greatest name) of these
+
+
+def mark_out_of_memory_errored(fs: pafs.FileSystem, stage_path: str) -> list[str]:
+    """In Tune's newest experiment snapshot of a stage, mark each trial that ended out of memory as errored, so a
+    restore with resume_errored continues it from its last checkpoint. Returns their trial ids."""
+    import fnmatch
+
+    names = [Path(i.path).name for i in fs.get_file_info(pafs.FileSelector(stage_path))]
+    snapshots = fnmatch.filter(names, SNAPSHOT_PATTERN)
+    if not snapshots:
+        return []
+    path = f"{stage_path}/{max(snapshots)}"
+    with fs.open_input_stream(path) as src:
+        state = json.loads(src.read())
+    marked = []
+    for entry in state.get("trial_data", []):
+        trial, run = json.loads(entry[0]), json.loads(entry[1])
+        last = run.get("last_result") or {}
+        if trial.get("status") == "TERMINATED" and last.get(M.STATUS) == M.STATUS_OOM:
+            trial["status"] = "ERROR"
+            entry[0] = json.dumps(trial, indent=2)
+            marked.append(trial.get("trial_id"))
+    if marked:
+        with fs.open_output_stream(path) as out:
+            out.write(json.dumps(state).encode())
+    return marked
