@@ -104,10 +104,11 @@ def _value(v):
     return struct_pb2.Value(string_value=str(v))
 
 
-def experiment_summary(kind: str, domains: dict) -> Summary:
-    """The study's HPARAMS experiment. domains: hyperparameter -> the values the study can give it."""
+def experiment_summary(kind: str, domains: dict, key_metrics: list | None = None) -> Summary:
+    """The study's HPARAMS experiment. domains: hyperparameter -> the values the study can give it (a workload
+    study's axes, in the order given); key_metrics: a workload study's (tag, display name) pairs."""
     infos, shown = [], 0
-    for name in HPARAMS[kind]:
+    for name in HPARAMS.get(kind, list(domains)):
         values = sorted(set(domains.get(name) or []))
         if not values:
             continue
@@ -118,19 +119,19 @@ def experiment_summary(kind: str, domains: dict) -> Summary:
         infos.append(api_pb2.HParamInfo(name=name, type=kind_of, differs=differs,
                                         domain_discrete=struct_pb2.ListValue(values=[_value(v) for v in values])))
     metric_infos = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=label)
-                    for tag, label in KEY_METRICS[kind] + COMMON_METRICS]
+                    for tag, label in KEY_METRICS.get(kind, key_metrics or []) + COMMON_METRICS]
     experiment = api_pb2.Experiment(name=kind, hparam_infos=infos, metric_infos=metric_infos)
     return _summary(metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(experiment=experiment))
 
 
-def write_experiment(folder, kind: str, domains: dict) -> None:
+def write_experiment(folder, kind: str, domains: dict, key_metrics: list | None = None) -> None:
     """Write the experiment summary at the study's root (a StudyFolder, local or remote), once per study:
     TensorBoard keeps the first summary of a tag, so it must list every stage's hyperparameters from the start."""
     from torch.utils.tensorboard import SummaryWriter
 
     with tempfile.TemporaryDirectory() as tmp:
         writer = SummaryWriter(tmp)
-        writer.file_writer.add_summary(experiment_summary(kind, domains))
+        writer.file_writer.add_summary(experiment_summary(kind, domains, key_metrics))
         writer.close()
         for event_file in Path(tmp).glob("events.out.tfevents.*"):
             with folder.fs.open_output_stream(f"{folder.path}/{event_file.name}") as out:
@@ -155,8 +156,10 @@ class StudyTensorBoard(TBXLoggerCallback):
     place of Tune's TBXLoggerCallback (Tune adds its own only when none is given), so there is no second,
     conflicting HPARAMS table; it shares nothing else with it."""
 
-    def __init__(self, kind: str, stage: str):  # noqa: no super().__init__: Tune's writer is not wanted
-        self.kind, self.stage = kind, stage
+    def __init__(self, kind: str, stage: str, scalars: dict | None = None):  # noqa: no super().__init__
+        """scalars: a workload study's metrics (name -> tag), drawn besides SCALARS; its result metrics (those
+        of its key metrics) end as NaN in a failed trial. Tune's own writer is not wanted: no super().__init__."""
+        self.kind, self.stage, self.scalars = kind, stage, dict(scalars or {})
         self._writers = {}
         self._last = {}  # trial -> (epoch, val AUC of the best epoch)
 
@@ -174,7 +177,7 @@ class StudyTensorBoard(TBXLoggerCallback):
         if trial not in self._writers:
             self.log_trial_start(trial)
         writer, step = self._writers[trial], int(result.get(M.EPOCH, iteration))
-        for key, tag in SCALARS.items():
+        for key, tag in {**SCALARS, **self.scalars}.items():
             value = result.get(key)
             if isinstance(value, (bool, int, float)) and math.isfinite(value):
                 writer.add_scalar(tag, float(value), step)
@@ -191,7 +194,7 @@ class StudyTensorBoard(TBXLoggerCallback):
         diverged = bool(last.get(M.DIVERGED))
         failed = failed or last.get(M.STATUS) == M.STATUS_OOM  # reported, not raised: see trial_entry
         if failed or diverged:
-            for tag in FAILED_NAN[self.kind]:
+            for tag in FAILED_NAN.get(self.kind, self.scalars.values()):
                 writer.add_scalar(tag, math.nan, self._last.get(trial, 0))
         writer.file_writer.add_summary(session_end(not (failed or diverged)))
         writer.close()
