@@ -3,7 +3,8 @@ same trial without Ray (the tests call it directly).
 
 The workload is resolved again by name inside the trial's process (only its name travels in the config); its
 splits arrive through tune.with_parameters as numpy arrays, go onto the device once, and are batched there by
-indexing. Each epoch's row carries the workload's metrics with their split prefix (val_error, test_error, ...).
+indexing. Each epoch's row carries the workload's metrics with their split prefix: the validation split's every
+epoch (val_error, ...), the test split's after the last epoch (test_error, ...; NaN before).
 """
 
 import math
@@ -53,10 +54,17 @@ def run_workload(cfg: TrainConfig, workload: Workload, splits: dict, device: tor
             x = workload.prepare(x)
         return x if workload.augment is None else workload.augment(x, generator)
 
+    evaluated = [start["epoch"] if start is not None else -1]  # the epoch of the last evaluation
+
     @torch.no_grad()
     def evaluate(model):
+        # fit evaluates once per epoch, 0 included; the test split (often the largest) only after the last one.
+        evaluated[0] += 1
         out = {}
         for split, (x, y) in on_device.items():
+            if split == "test" and evaluated[0] != cfg.epochs:
+                out.update({f"test_{m.name}": math.nan for m in workload.metrics})
+                continue
             outputs = predict(model, x, cfg.eval_batch_size, workload.prepare)
             if not torch.isfinite(outputs).all():  # a diverged model has no score, only NaN
                 out.update({f"{split}_{m.name}": math.nan for m in workload.metrics})

@@ -136,6 +136,7 @@ def test_generic_trial_learns_and_reports_the_spec_names():
     assert [r[M.STEP] for r in rows] == [0, 8, 16, 24, 32] and rows[-1][M.EXAMPLES] == 4 * 400
     assert rows[-1][M.TRAIN_LOSS] < rows[1][M.TRAIN_LOSS]
     assert rows[-1]["val_error"] < 0.1 < rows[0]["val_error"] and 0 <= rows[-1]["test_error"] < 0.1
+    assert all(math.isnan(r["test_error"]) for r in rows[:-1])  # the test split is judged once, at the end
     assert rows[-1][M.LR] == pytest.approx(0.05)  # the cosine's end: 0.1 x 0.5
     assert rows[-1][M.STATUS] == M.STATUS_DONE
 
