@@ -10,6 +10,7 @@ training flags (study.config.TrainConfig), the Ray and storage flags (study.tuni
 import argparse
 import math
 import shlex
+import sys
 from pathlib import Path
 
 from study import cli_checks as checks
@@ -137,14 +138,25 @@ def run_study(workload: str | Workload, **flags) -> str:
     """Run (or with resume=True and name=..., continue) a study; returns its folder's URI. flags: the CLI's flags
     with underscores (batch_sizes=[32, 64], lrs=[0.1], smoke=True, storage_path=..., data_dir=... for the
     workload's own options). Raises StudyError on bad input; a trial's failure is in the stored results."""
-    spec = workload if isinstance(workload, str) else f"{type(workload).__module__}:{workload.name}"
-    found = resolve(spec) if isinstance(workload, str) else workload
+    spec = workload if isinstance(workload, str) else spec_of(workload)
+    found = resolve(spec)
     args = parser(found).parse_args([spec])
     unknown = sorted(set(flags) - set(vars(args)))
     if unknown:
         raise StudyError(f"unknown flags {', '.join(unknown)}; see python -m study run {found.name} --help")
     vars(args).update(flags)
     return execute(args, found)[1]
+
+
+def spec_of(workload: Workload) -> str:
+    """How the trials find a Workload object again in their own processes: its file, or module:name."""
+    module = sys.modules.get(getattr(workload.load, "__module__", ""))
+    name = next((k for k, v in vars(module).items() if v is workload), None) if module else None
+    if name is None or module.__name__ == "__main__":
+        raise StudyError(f"workload {workload.name} is not defined at the top level of an importable module or "
+                         f"file; define it in a file (workload = Workload(...)) and pass the file's path")
+    file = getattr(module, "__file__", None)
+    return file if module.__name__.startswith("_workload_") and file else f"{module.__name__}:{name}"
 
 
 def restore(args) -> argparse.Namespace:
@@ -201,8 +213,8 @@ def execute(args, workload: Workload) -> tuple[int, str]:
     base["code_version"] = version
     metric_names = [f"{s}_{m.name}" for s in ("val", "test") if s in splits for m in workload.metrics]
     if not args.resume:
-        folder.write_json(STUDY_FILE, {"study": workload.name, "kind": "workload", "args": vars(args),
-                                       "code_version": version, "resources_per_trial": resources,
+        folder.write_json(STUDY_FILE, {"study": workload.name, "kind": "workload", "stages": [STAGE],
+                                       "args": vars(args), "code_version": version, "resources_per_trial": resources,
                                        "data": {s: len(splits[s][0]) for s in splits}})
         folder.write_json(WORKLOAD_FILE, dict(describe(workload, splits), axes=axes))
         key = [workload.primary] + [m for m in metric_names if m != workload.primary]

@@ -62,7 +62,7 @@ def applies(name: str, config: dict) -> bool:
     """Whether a config key means anything for this trial (Adam ignores momentum; only the fine learning-rate
     search has a factor; the learning-rate search repeats no runs)."""
     if name == "momentum":
-        return config.get("optimizer") == "sgd"
+        return config.get("optimizer") in ("sgd", "nesterov")
     if name == "lr_factor":
         return config.get("stage") == "lr_fine"
     if name == "run":

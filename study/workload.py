@@ -5,6 +5,7 @@ supplies the loop, the optimizers, the grid, checkpoints, TensorBoard and the co
 name (`python -m study list`), a path to a .py file, or `module:name`.
 """
 
+import hashlib
 import importlib
 import importlib.util
 import sys
@@ -56,6 +57,7 @@ class Workload:
     defaults: dict = field(default_factory=dict)  # batch_sizes, optimizers, lrs, epochs, seeds, ... (grid flags)
     smoke: dict = field(default_factory=dict)  # what --smoke sets: a tiny grid, and "options" of the workload's own
     options: tuple[Option, ...] = ()
+    report: str = ""  # "module:function": the workload's own report section (analysis imports only this of it)
 
     def metric(self, prefixed: str) -> Metric:
         """The declared Metric behind a prefixed name (val_error -> Metric("error", ...))."""
@@ -113,7 +115,10 @@ def resolve(spec: str) -> Workload:
 def _from_file(path: Path) -> Workload:
     if not path.is_file():
         raise StudyError(f"workload file {path} does not exist")
-    module_name = f"_workload_{path.stem}_{abs(hash(str(path.resolve())))}"
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    module_name = f"_workload_{path.stem}_{digest}"  # one module per file: resolving it again finds the same
+    if module_name in sys.modules and hasattr(sys.modules[module_name], "workload"):
+        return sys.modules[module_name].workload
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module  # dataclasses and pickling look a module up by name
@@ -166,4 +171,4 @@ def describe(w: Workload, splits) -> dict:
             "primary": w.primary,
             "goals": [{"metric": g.metric, "value": g.value, "higher_is_better": w.metric(g.metric).higher_is_better}
                       for g in w.goals],
-            "chance": dict(w.chance)}
+            "chance": dict(w.chance), **({"report": w.report} if w.report else {})}

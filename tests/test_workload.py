@@ -201,3 +201,13 @@ def test_shipped_models_shapes():
     assert net(cifar10_resnet8.prepare(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))).shape == (2, 10)
     convs = sum(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) for m in net.modules())
     assert convs == 7  # ResNet-8: 7 convolutions of 3x3 and the final fully connected layer (+ 2 1x1 shortcuts)
+
+
+def test_run_study_finds_a_workload_object_again():
+    from study.api import spec_of
+
+    assert spec_of(mnist_cnn.workload) == "study.workloads.mnist_cnn:workload"
+    example = resolve(EXAMPLE)
+    assert resolve(EXAMPLE) is example and resolve(spec_of(example)) is example
+    with pytest.raises(StudyError, match="not defined at the top level"):
+        spec_of(tiny_workload())
