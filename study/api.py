@@ -111,8 +111,9 @@ def check_flags(args) -> None:
 def check_splits(splits, workload: Workload) -> dict:
     """What load() returned: train and val (test optional), each (x, y) of the same length."""
     if not isinstance(splits, dict) or "train" not in splits or "val" not in splits:
+        got = sorted(splits) if isinstance(splits, dict) else type(splits).__name__
         raise StudyError(f"workload {workload.name}: load() must return a dict with 'train', 'val' (and optional "
-                         f"'test') splits, got {type(splits).__name__} {sorted(splits) if isinstance(splits, dict) else ''}")
+                         f"'test') splits, got {got}")
     unknown = sorted(set(splits) - set(SPLITS))
     if unknown:
         raise StudyError(f"workload {workload.name}: load() returned unknown splits {', '.join(unknown)}")

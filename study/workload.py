@@ -1,8 +1,8 @@
 """What a workload declares: its data, model, loss, metrics and default grid, as data and plain functions.
 
-A workload file defines `workload = Workload(...)` and imports nothing of Ray; the engine (study.api, study.run_workload)
-supplies the loop, the optimizers, the grid, checkpoints, TensorBoard and the console. `resolve` finds one by a shipped
-name (`python -m study list`), a path to a .py file, or `module:name`.
+A workload file defines `workload = Workload(...)` and imports nothing of Ray; the engine (study.api,
+study.run_workload) supplies the loop, the optimizers, the grid, checkpoints, TensorBoard and the console.
+`resolve` finds one by a shipped name (`python -m study list`), a path to a .py file, or `module:name`.
 """
 
 import hashlib

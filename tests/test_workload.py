@@ -164,7 +164,8 @@ def test_cifar_reader_and_workload_load(tmp_path):
 @pytest.mark.parametrize("corrupt, message", [
     (lambda p: p.write_bytes(b"\x80\x04truncated"), "cannot read"),
     (lambda p: p.write_bytes(pickle.dumps([1, 2])), "not a CIFAR-10 batch"),
-    (lambda p: p.write_bytes(pickle.dumps({b"data": np.zeros((2, 10), np.uint8), b"labels": [0, 1]})), "expected uint8"),
+    (lambda p: p.write_bytes(pickle.dumps({b"data": np.zeros((2, 10), np.uint8), b"labels": [0, 1]})),
+     "expected uint8"),
     (lambda p: p.write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]})), "2 images but"),
     (lambda p: p.write_bytes(pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [12]})), "label 12"),
     (lambda p: p.unlink(), "missing in"),

@@ -14,7 +14,7 @@ import torch
 
 from study.__main__ import main
 from study.data import cifar
-from tensorboard_checks import ALL_STATUSES, session_groups
+from tensorboard_checks import session_groups
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -88,7 +88,6 @@ def test_example_study_stores_results_and_tensorboard_lists_axes_and_metrics(loc
     for group in groups:
         values = {m["name"]["tag"]: float(m["value"]) for m in group["metricValues"]}
         assert 0 <= values["val/error"] <= 1 and 0 <= values["test/error"] <= 1
-    assert ALL_STATUSES  # (the filter session_groups used)
     report = REPO / "analysis" / "workload_report.py"
     if report.exists():  # the generic report (issue 20's analysis part) where it is merged
         done = subprocess.run([sys.executable, "-m", "analysis.report", str(study)], cwd=REPO, capture_output=True,
