@@ -212,3 +212,11 @@ def test_run_study_finds_a_workload_object_again():
     assert resolve(EXAMPLE) is example and resolve(spec_of(example)) is example
     with pytest.raises(StudyError, match="not defined at the top level"):
         spec_of(tiny_workload())
+
+
+def test_run_study_refuses_unknown_flags(tmp_path):
+    from study import run_study
+
+    with pytest.raises(StudyError, match="unknown flags bogus"):
+        run_study("mnist-cnn", bogus=1, storage_path=str(tmp_path))
+    assert not any(tmp_path.iterdir())

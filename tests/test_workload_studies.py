@@ -95,8 +95,11 @@ def test_example_study_stores_results_and_tensorboard_lists_axes_and_metrics(loc
         assert done.returncode == 0, done.stderr
 
 
-def test_mnist_cnn_smoke_study(local_ray, tmp_path):
-    assert main(["run", "mnist-cnn", "--smoke", "--storage-path", str(tmp_path), "--name", "m"]) == 0
+def test_mnist_cnn_smoke_study_from_python(local_ray, tmp_path):
+    import study
+
+    uri = study.run_study("mnist-cnn", smoke=True, storage_path=str(tmp_path), name="m")  # as a notebook would
+    assert Path(uri) == tmp_path / "m"
     described = check_stored(tmp_path / "m", "mnist-cnn", trials=2, epochs=2)
     assert described["goals"] == [{"metric": "val_error", "value": 0.01, "higher_is_better": False}]
     assert described["chance"]["val_error"] == 0.9
