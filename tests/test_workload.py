@@ -220,3 +220,20 @@ def test_run_study_refuses_unknown_flags(tmp_path):
     with pytest.raises(StudyError, match="unknown flags bogus"):
         run_study("mnist-cnn", bogus=1, storage_path=str(tmp_path))
     assert not any(tmp_path.iterdir())
+
+
+def test_resume_names_the_command_of_the_study_kind(tmp_path, capsys):
+    import json
+
+    from study.__main__ import main
+    from study.mnist import main as mnist_main
+
+    for name, saved in (("w", {"study": "mnist-cnn", "kind": "workload", "args": {}}),
+                        ("m", {"study": "mnist", "args": {}})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "study.json").write_text(json.dumps(saved))
+    assert mnist_main(["--storage-path", str(tmp_path), "--name", "w", "--resume"]) == 2
+    assert main(["run", "mnist-cnn", "--storage-path", str(tmp_path), "--name", "m", "--resume"]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert "resume it with python -m study run mnist-cnn --resume" in errors[0]
+    assert "not a workload study; resume it with python -m study.mnist --resume" in errors[1]
