@@ -93,6 +93,7 @@ def test_example_study_stores_results_and_tensorboard_lists_axes_and_metrics(loc
         done = subprocess.run([sys.executable, "-m", "analysis.report", str(study)], cwd=REPO, capture_output=True,
                               text=True, timeout=600)
         assert done.returncode == 0, done.stderr
+        assert "val_error" in (study / "report" / "report.md").read_text()
 
 
 def test_mnist_cnn_smoke_study_from_python(local_ray, tmp_path):
