@@ -237,3 +237,15 @@ def test_resume_names_the_command_of_the_study_kind(tmp_path, capsys):
     errors = capsys.readouterr().err.splitlines()
     assert "resume it with python -m study run mnist-cnn --resume" in errors[0]
     assert "not a workload study; resume it with python -m study.mnist --resume" in errors[1]
+
+
+def test_workload_files_stay_short_and_free_of_ray():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = {root / EXAMPLE: 60, **{p: 150 for p in (root / "study" / "workloads").glob("*.py")}}
+    for path, limit in files.items():
+        text = path.read_text()
+        assert len(text.splitlines()) <= limit, path
+        assert "import ray" not in text and "from ray" not in text, path
+    assert "study.workload" not in (root / "study" / "train.py").read_text()  # the loop imports no workload

@@ -135,7 +135,8 @@ def test_mnist_cnn_reaches_two_percent_validation_error_on_real_mnist(mnist_dir)
     splits = workload.load(options)
     rows = []
     cfg = TrainConfig.from_dict({"workload": "mnist-cnn", "options": options, "batch_size": 32, "lr": 0.03,
-                                 "optimizer": "nesterov", "epochs": 2, "noise_scale": False})
+                                 "optimizer": "nesterov", "epochs": 2, "schedule": "cosine",
+                                 "noise_scale": False})
     run_workload(cfg, workload, splits, torch.device("cpu"), lambda metrics, state: rows.append(metrics))
     assert rows[0]["val_error"] > 0.5  # the untrained network is at chance
     assert rows[-1]["val_error"] < 0.02, rows[-1]["val_error"]
