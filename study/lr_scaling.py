@@ -52,6 +52,27 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
     return min(1.0, (step + 1) / warmup_steps)
 
 
+def schedule_factor(step: int, warmup_steps: int, total_steps: int, schedule: str, final: float) -> float:
+    """Multiplier of the lr on optimizer step `step` (0-based) from the decay schedule alone: 1.0 during warmup,
+    then constant, linear or cosine (half a period) from 1.0 down to `final` on the trial's last step."""
+    if schedule == "constant" or step < warmup_steps:
+        return 1.0
+    span = total_steps - 1 - warmup_steps  # the steps after warmup, the first at 1.0 and the last at `final`
+    progress = 1.0 if span <= 0 else min(1.0, (step - warmup_steps) / span)
+    if schedule == "linear":
+        return 1.0 - (1.0 - final) * progress
+    if schedule == "cosine":
+        return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown lr schedule {schedule!r}; choose one of constant, linear, cosine")
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, schedule: str = "constant",
+          final: float = 0.0) -> float:
+    """The lr of optimizer step `step`: warmup ramp times decay schedule times the (already scaled) base lr."""
+    return base_lr * warmup_factor(step, warmup_steps) * schedule_factor(step, warmup_steps, total_steps, schedule,
+                                                                         final)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set the lr of every parameter group of `optimizer` (as a Python float)."""
     if not lr >= 0:

@@ -65,7 +65,7 @@ def applies(name: str, config: dict) -> bool:
     """Whether a config key means anything for this trial (Adam ignores momentum; only the fine learning-rate
     search has a factor; the learning-rate search repeats no runs)."""
     if name == "momentum":
-        return config.get("optimizer") == "sgd"
+        return config.get("optimizer") in ("sgd", "nesterov")
     if name == "lr_factor":
         return config.get("stage") == "lr_fine"
     if name == "run":
@@ -106,11 +106,14 @@ def _num(v) -> float:
     return float(v) if isinstance(v, (int, float)) else math.nan
 
 
-def experiment_summary(kind: str, domains: dict) -> Summary:
+def experiment_summary(kind: str, domains: dict, key_metrics: list | None = None) -> Summary:
     """The study's HPARAMS experiment, through TensorBoard's hparams API. domains: hyperparameter -> the values the
-    study can give it."""
-    hparams = [hp.HParam(name, _domain(sorted(set(domains[name])))) for name in HPARAMS[kind] if domains.get(name)]
-    metrics = [hp.Metric(tag, display_name=label) for tag, label in KEY_METRICS[kind] + COMMON_METRICS]
+    study can give it (a workload study's axes, in the order given); key_metrics: a workload study's (tag, display
+    name) pairs."""
+    hparams = [hp.HParam(name, _domain(sorted(set(domains[name])))) for name in HPARAMS.get(kind, list(domains))
+               if domains.get(name)]
+    metrics = [hp.Metric(tag, display_name=label) for tag, label in KEY_METRICS.get(kind, key_metrics or []) +
+               COMMON_METRICS]
     summary = hp.hparams_config_pb(hparams, metrics)
     # The API has no `differs` flag: TensorBoard ticks the columns flagged so, the first SHOWN that vary.
     value = summary.value[0]
@@ -124,14 +127,14 @@ def experiment_summary(kind: str, domains: dict) -> Summary:
     return summary
 
 
-def write_experiment(folder, kind: str, domains: dict) -> None:
+def write_experiment(folder, kind: str, domains: dict, key_metrics: list | None = None) -> None:
     """Write the experiment summary at the study's root (a StudyFolder, local or remote), once per study:
     TensorBoard keeps the first summary of a tag, so it must list every stage's hyperparameters from the start."""
     from torch.utils.tensorboard import SummaryWriter
 
     with tempfile.TemporaryDirectory() as tmp:
         writer = SummaryWriter(tmp)
-        writer.file_writer.add_summary(experiment_summary(kind, domains))
+        writer.file_writer.add_summary(experiment_summary(kind, domains, key_metrics))
         writer.close()
         for event_file in Path(tmp).glob("events.out.tfevents.*"):
             with folder.fs.open_output_stream(f"{folder.path}/{event_file.name}") as out:
@@ -159,8 +162,10 @@ class StudyTensorBoard(TBXLoggerCallback):
     place of Tune's TBXLoggerCallback (Tune adds its own only when none is given), so there is no second,
     conflicting HPARAMS table; it shares nothing else with it."""
 
-    def __init__(self, kind: str, stage: str):  # noqa: no super().__init__: Tune's writer is not wanted
-        self.kind, self.stage = kind, stage
+    def __init__(self, kind: str, stage: str, scalars: dict | None = None):  # noqa: no super().__init__
+        """scalars: a workload study's metrics (name -> tag), drawn besides SCALARS; its result metrics (those
+        of its key metrics) end as NaN in a failed trial. Tune's own writer is not wanted: no super().__init__."""
+        self.kind, self.stage, self.scalars = kind, stage, dict(scalars or {})
         self._writers = {}
         self._last = {}  # trial -> (epoch, val AUC of the best epoch)
 
@@ -178,7 +183,7 @@ class StudyTensorBoard(TBXLoggerCallback):
         if trial not in self._writers:
             self.log_trial_start(trial)
         writer, step = self._writers[trial], int(result.get(M.EPOCH, iteration))
-        for key, tag in SCALARS.items():
+        for key, tag in {**SCALARS, **self.scalars}.items():
             value = result.get(key)
             if isinstance(value, (bool, int, float)) and math.isfinite(value):
                 writer.add_scalar(tag, float(value), step)
@@ -199,7 +204,7 @@ class StudyTensorBoard(TBXLoggerCallback):
         # last-epoch result, or PCam diverging in epoch 1) has none.
         tested = diverged and not failed and _num(last.get(M.BEST_EPOCH)) > 0
         if (failed or diverged) and not tested:
-            for tag in FAILED_NAN[self.kind]:
+            for tag in FAILED_NAN.get(self.kind, self.scalars.values()):
                 writer.add_scalar(tag, math.nan, self._last.get(trial, 0))
         writer.file_writer.add_summary(session_end(not (failed or diverged)))
         writer.close()

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from study import metrics as M
-from study.lr_scaling import scaled_lr, set_lr, warmup_factor
+from study.lr_scaling import lr_at, scaled_lr, set_lr, warmup_factor
 from study.noise import NoiseScale
 
 
@@ -40,13 +40,19 @@ def epoch_generator(seed: int, epoch: int, device: torch.device | str = "cpu") -
     return gen
 
 
-def make_optimizer(name: str, params, lr: float, momentum: float, device: torch.device):
-    """Adam or SGD on the fused path on CUDA (one kernel per step), the foreach path on CPU."""
+def make_optimizer(name: str, params, lr: float, momentum: float, device: torch.device, weight_decay: float = 0.0):
+    """SGD (with momentum, or Nesterov's), Adam or AdamW (decoupled weight decay) on the fused path on CUDA (one
+    kernel per step), the foreach path on CPU."""
     params = [p for p in params if p.requires_grad]
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, **fast)
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, **fast)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **fast)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **fast)
+    if name not in ("sgd", "nesterov"):
+        raise ValueError(f"unknown optimizer {name!r}; choose one of sgd, nesterov, adam, adamw")
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=name == "nesterov", weight_decay=weight_decay,
+                           **fast)
 
 
 class DeviceBatches:
@@ -126,6 +132,9 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
     steps_per_epoch = len(batches)
     base_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_reference_batch, cfg.lr_scaling)
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    # A decay schedule (TrainConfig) sets the lr on every step; without one only warmup changes it.
+    schedule, final = getattr(cfg, "schedule", "constant"), getattr(cfg, "final_lr_factor", 1.0)
+    total_steps = cfg.epochs * steps_per_epoch
     noise = NoiseScale(model.parameters(), cfg.noise_every, seed=cfg.seed) if cfg.noise_scale else None
     probe_clock = ProbeClock(device)
     state = {"epoch": 0, "train_seconds": 0.0, "best": {"value": -math.inf, "epoch": -1}, "best_model": None}
@@ -175,7 +184,9 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
         sync(device)
         started = time.perf_counter()
         for step, (x, y) in enumerate(batches.epoch(gen), start=(epoch - 1) * steps_per_epoch):
-            if step < warmup_steps:
+            if schedule != "constant":
+                set_lr(optimizer, lr_at(step, base_lr, warmup_steps, total_steps, schedule, final))
+            elif step < warmup_steps:
                 set_lr(optimizer, base_lr * warmup_factor(step, warmup_steps))
             elif step == warmup_steps:
                 set_lr(optimizer, base_lr)

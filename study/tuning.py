@@ -353,8 +353,9 @@ def main_of(kind: str, parse_args, run, argv=None) -> int:
                 raise StudyError(f"{folder.child(STUDY_FILE)} is not a readable study record ({err!r}); restore it "
                                  f"from a copy, or start a new study under another --name")
             if saved.get("study") != kind:
-                raise StudyError(f"{folder.uri} holds a {saved.get('study')} study; resume it with "
-                                 f"python -m study.{saved.get('study')} --resume")
+                how = (f"python -m study run {saved.get('study')}" if saved.get("kind") == "workload" else
+                       f"python -m study.{saved.get('study')}")
+                raise StudyError(f"{folder.uri} holds a {saved.get('study')} study; resume it with {how} --resume")
             # Keys an older study.json lacks (flags added since) take this version's defaults.
             args = argparse.Namespace(**{**vars(args), **stored_args, **{k: getattr(args, k) for k in RESOURCE_FLAGS}})
         return run(args)

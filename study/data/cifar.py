@@ -1,0 +1,82 @@
+"""CIFAR-10 from the standard `cifar-10-batches-py` folder (Krizhevsky's python pickles), checked on reading.
+
+Each of data_batch_1..5 and test_batch is a pickled dict with b"data", (N, 3072) uint8 rows of 32x32 RGB images
+stored channel by channel, and b"labels", N ints in 0..9. Pickles can run code when read: read only the files you
+downloaded yourself (`--download` fetches them through torchvision).
+"""
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+from study.errors import StudyError
+
+FOLDER = "cifar-10-batches-py"
+TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_FILE = "test_batch"
+FETCH_HINT = "pass --download to fetch CIFAR-10 through torchvision, or --data-dir pointing at cifar-10-batches-py"
+
+
+def find_folder(data_dir) -> Path:
+    """data_dir itself when it holds the batch files, else data_dir/cifar-10-batches-py (torchvision's layout)."""
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise StudyError(f"CIFAR-10 data folder {root} does not exist or is not a folder; {FETCH_HINT}")
+    for folder in (root, root / FOLDER):
+        if (folder / TEST_FILE).exists() or (folder / TRAIN_FILES[0]).exists():
+            missing = [name for name in (*TRAIN_FILES, TEST_FILE) if not (folder / name).is_file()]
+            if missing:
+                raise StudyError(f"CIFAR-10 files missing in {folder}: {', '.join(missing)}; {FETCH_HINT}")
+            return folder
+    raise StudyError(f"no CIFAR-10 batch files in {root} or {root / FOLDER}; {FETCH_HINT}")
+
+
+def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One batch file as ((N, 3, 32, 32) uint8 images, (N,) uint8 labels)."""
+    try:
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, ImportError) as err:
+        raise StudyError(f"cannot read {path}: {type(err).__name__}: {err} (corrupt or truncated? delete the folder "
+                         f"and fetch it again)")
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise StudyError(f"{path} is not a CIFAR-10 batch (a dict with b'data' and b'labels')")
+    data = np.asarray(batch[b"data"])
+    labels = np.asarray(batch[b"labels"])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise StudyError(f"{path}: data is {data.dtype} {data.shape}, expected uint8 (N, 3072)")
+    if labels.ndim != 1 or len(labels) != len(data):
+        raise StudyError(f"{path}: {len(data)} images but labels of shape {labels.shape}")
+    if len(labels) and (labels.min() < 0 or labels.max() > 9):
+        raise StudyError(f"{path} has label {labels.max() if labels.max() > 9 else labels.min()}; CIFAR-10's "
+                         f"labels are 0..9")
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.uint8)
+
+
+def load(data_dir) -> dict:
+    """{"train": (x, y), "test": (x, y)}: the five training batches joined, and the test batch."""
+    folder = find_folder(data_dir)
+    parts = [read_batch(folder / name) for name in TRAIN_FILES]
+    test = read_batch(folder / TEST_FILE)
+    return {"train": (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])), "test": test}
+
+
+def download(root) -> Path:
+    """Fetch CIFAR-10 through torchvision into root/cifar-10-batches-py (needs internet)."""
+    from torchvision.datasets import CIFAR10
+
+    try:
+        CIFAR10(str(root), train=True, download=True)
+    except Exception as err:  # torchvision raises RuntimeError/URLError/OSError depending on the failure
+        raise StudyError(f"downloading CIFAR-10 into {root} failed: {err}; without internet, copy the "
+                         f"{FOLDER} folder there and pass --data-dir")
+    return Path(root)
+
+
+def write_batch(path: Path, images: np.ndarray, labels) -> None:
+    """A batch file in CIFAR-10's own format ((N, 3, 32, 32) uint8 images): for tests and small examples."""
+    with open(path, "wb") as f:
+        pickle.dump({b"batch_label": path.name.encode(), b"data": images.reshape(len(images), -1),
+                     b"labels": [int(v) for v in labels], b"filenames": [b"%d.png" % i for i in range(len(images))]},
+                    f)

@@ -1,0 +1,174 @@
+"""What a workload declares: its data, model, loss, metrics and default grid, as data and plain functions.
+
+A workload file defines `workload = Workload(...)` and imports nothing of Ray; the engine (study.api,
+study.run_workload) supplies the loop, the optimizers, the grid, checkpoints, TensorBoard and the console.
+`resolve` finds one by a shipped name (`python -m study list`), a path to a .py file, or `module:name`.
+"""
+
+import hashlib
+import importlib
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from study.errors import StudyError
+
+SPLITS = ("train", "val", "test")  # what load() returns; "test" is optional
+OPTION_TYPES = (bool, int, float, str)
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str  # without its split prefix: "error" is reported as val_error and test_error
+    higher_is_better: bool
+
+
+@dataclass(frozen=True)
+class Goal:
+    metric: str  # a declared metric with its split prefix, e.g. "val_error"
+    value: float
+
+
+@dataclass(frozen=True)
+class Option:
+    """One flag of the workload's own: --name-with-dashes on the CLI, options["name"] in load() and model()."""
+    name: str
+    type: type
+    default: Any
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    summary: str  # one line for `python -m study list`
+    load: Callable[[dict], dict]  # options -> {"train": (x, y), "val": (x, y), optional "test": (x, y)}, numpy
+    model: Callable[[dict], Any]  # options -> a fresh torch.nn.Module
+    loss: Callable  # (outputs, y) -> scalar tensor, the mean over the batch
+    metrics: tuple[Metric, ...]
+    primary: str  # a prefixed metric, e.g. "val_error": what the console and the report lead with
+    evaluate: Callable  # (outputs, y) -> {metric name: float} for one split; the engine adds val_/test_
+    goals: tuple[Goal, ...] = ()
+    chance: dict = field(default_factory=dict)  # prefixed metric -> the value of a model that learned nothing
+    prepare: Callable | None = None  # x on the device -> model input (uint8 -> float, normalise); also for eval
+    augment: Callable | None = None  # (prepared x, torch.Generator on the device) -> x; batched, training only
+    defaults: dict = field(default_factory=dict)  # batch_sizes, optimizers, lrs, epochs, seeds, ... (grid flags)
+    smoke: dict = field(default_factory=dict)  # what --smoke sets: a tiny grid, and "options" of the workload's own
+    options: tuple[Option, ...] = ()
+    report: str = ""  # "module:function": the workload's own report section (analysis imports only this of it)
+
+    def metric(self, prefixed: str) -> Metric:
+        """The declared Metric behind a prefixed name (val_error -> Metric("error", ...))."""
+        for split in SPLITS:
+            if prefixed.startswith(split + "_"):
+                for m in self.metrics:
+                    if m.name == prefixed[len(split) + 1:]:
+                        return m
+        raise StudyError(f"workload {self.name}: {prefixed!r} is no declared metric with a split prefix "
+                         f"(declared: {', '.join(m.name for m in self.metrics)}; prefixes {', '.join(SPLITS)})")
+
+    def option_values(self, given: dict | None = None) -> dict:
+        """Every option of the workload, the defaults with `given` on top; unknown names and wrong types refused."""
+        known = {o.name: o for o in self.options}
+        unknown = sorted(set(given or {}) - set(known))
+        if unknown:
+            raise StudyError(f"workload {self.name} has no option {', '.join(unknown)}; its options: "
+                             f"{', '.join(known) or 'none'}")
+        values = {o.name: o.default for o in self.options}
+        for name, value in (given or {}).items():
+            want = known[name].type
+            if want is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+                raise StudyError(f"workload {self.name}: option {name} must be {want.__name__}, got {value!r}")
+            values[name] = value
+        return values
+
+
+# The shipped workloads, by name: where each one is defined (imported only when asked for).
+WORKLOADS = {
+    "mnist-cnn": "study.workloads.mnist_cnn:workload",
+    "cifar10-resnet8": "study.workloads.cifar10_resnet8:workload",
+}
+
+
+def resolve(spec: str) -> Workload:
+    """A Workload from a shipped name, a path to a .py file that defines `workload`, or `module:name`."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise StudyError(f"no workload given; pass a shipped name ({', '.join(WORKLOADS)}), a file.py or module:name")
+    if spec in WORKLOADS:
+        found = _from_module(*WORKLOADS[spec].split(":"), spec)
+    elif spec.endswith(".py"):
+        found = _from_file(Path(spec))
+    elif ":" in spec:
+        module, _, name = spec.partition(":")
+        found = _from_module(module, name, spec)
+    else:
+        raise StudyError(f"unknown workload {spec!r}; shipped: {', '.join(WORKLOADS)} (python -m study list), "
+                         f"or pass a path/to/file.py or module:name")
+    check(found, spec)
+    return found
+
+
+def _from_file(path: Path) -> Workload:
+    if not path.is_file():
+        raise StudyError(f"workload file {path} does not exist")
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    module_name = f"_workload_{path.stem}_{digest}"  # one module per file: resolving it again finds the same
+    if module_name in sys.modules and hasattr(sys.modules[module_name], "workload"):
+        return sys.modules[module_name].workload
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses and pickling look a module up by name
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:
+        sys.modules.pop(module_name, None)
+        raise StudyError(f"importing workload file {path} failed: {type(err).__name__}: {err}")
+    if not hasattr(module, "workload"):
+        raise StudyError(f"{path} defines no `workload`; end it with workload = Workload(...)")
+    return module.workload
+
+
+def _from_module(module: str, name: str, spec: str) -> Workload:
+    if not module or not name:
+        raise StudyError(f"workload {spec!r} is not module:name (e.g. mypackage.tasks:workload)")
+    try:
+        loaded = importlib.import_module(module)
+    except ImportError as err:
+        raise StudyError(f"cannot import module {module!r} of workload {spec!r}: {err}")
+    if not hasattr(loaded, name):
+        raise StudyError(f"module {module} has no {name!r} (workload {spec!r})")
+    return getattr(loaded, name)
+
+
+def check(w, spec: str) -> None:
+    """What a study relies on, checked once when the workload is resolved."""
+    if not isinstance(w, Workload):
+        raise StudyError(f"{spec!r} is a {type(w).__name__}, not a study.workload.Workload")
+    if not w.metrics:
+        raise StudyError(f"workload {w.name} declares no metrics")
+    w.metric(w.primary)
+    for goal in w.goals:
+        w.metric(goal.metric)
+    for name in w.chance:
+        w.metric(name)
+    for o in w.options:
+        if o.type not in OPTION_TYPES or not isinstance(o.default, o.type):
+            raise StudyError(f"workload {w.name}: option {o.name} needs a type of bool/int/float/str and a default "
+                             f"of that type, got {o.type!r} and {o.default!r}")
+    w.option_values(w.smoke.get("options", {}))
+
+
+def describe(w: Workload, splits) -> dict:
+    """What the study stores of the workload (workload.json) so the report needs no workload code: each metric by
+    the name its result rows carry (val_error, test_error, ...); the caller adds the grid's axes."""
+    return {"name": w.name, "summary": w.summary, "splits": [s for s in SPLITS if s in splits and s != "train"],
+            "metrics": [{"name": f"{s}_{m.name}", "higher_is_better": m.higher_is_better}
+                        for s in SPLITS if s in splits and s != "train" for m in w.metrics],
+            "primary": w.primary,
+            "goals": [{"metric": g.metric, "value": g.value, "higher_is_better": w.metric(g.metric).higher_is_better}
+                      for g in w.goals],
+            "chance": dict(w.chance), **({"report": w.report} if w.report else {})}
