@@ -1,0 +1,139 @@
+"""The figures of a workload study's report: curves per batch size, the primary metric against batch size with its
+run-to-run spread and the noise scale, and training speed per batch size. Drawn from the tables of
+analysis/workload_tables.py (stored results only); used by analysis/workload_report.py.
+"""
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from analysis import noise_figures
+from analysis.common import mark_noise_scale, measured_noise_scale
+from analysis.figures import batch_axis, epoch_axis, fmt, log_scale_if_wide, new_figure
+from analysis.workload_tables import EXAMPLES, STEP, Spec
+from study import metrics as M
+
+MAX_LINES = 8  # more configurations per batch size than this: the sensitivity figure draws the best one only
+X_AXES = ((M.EPOCH, "epoch"), (EXAMPLES, "training examples seen"), (STEP, "optimizer steps (log scale)"))
+
+
+def direction(spec: Spec) -> str:
+    return "higher is better" if spec.higher_is_better else "lower is better"
+
+
+def _reference_lines(ax, spec: Spec) -> None:
+    """The primary metric's goals (dashed) and chance level (dotted), where workload.json declares them."""
+    for metric, value, _ in spec.goals:
+        if metric == spec.primary:
+            ax.axhline(value, color="black", linestyle="--", linewidth=1, label=f"goal {fmt(value)}")
+    if spec.primary in spec.chance:
+        ax.axhline(spec.chance[spec.primary], color="grey", linestyle=":", linewidth=1,
+                   label=f"chance {fmt(spec.chance[spec.primary])}")
+
+
+def _select(table: pd.DataFrame, row: pd.Series, axes: list) -> pd.DataFrame:
+    mask = np.ones(len(table), dtype=bool)
+    for a in axes:
+        mask &= (table[a] == row[a]).to_numpy()
+    return table[mask]
+
+
+def curves(curve_tbl: pd.DataFrame, chosen: pd.DataFrame, spec: Spec):
+    """2 x 3 panels: the primary metric (top) and the training loss (bottom) against epoch, examples seen and
+    optimizer steps; a line per batch size (its chosen configuration, mean over runs), band min..max over runs."""
+    fig, axes = new_figure(6, width=4.2, height=3.3)
+    lines = []
+    for _, config in chosen.sort_values("batch_size").iterrows():
+        part = _select(curve_tbl, config, list(spec.axes)).sort_values(M.EPOCH)
+        label = f"batch {fmt(config['batch_size'])}"
+        colour = None
+        for i, (y, name) in enumerate((("metric", spec.primary), ("train_loss", M.TRAIN_LOSS))):
+            for j, (x, _) in enumerate(X_AXES):
+                ax = axes[3 * i + j]
+                ok = part[np.isfinite(part[f"{y}_mean"]) & np.isfinite(part[x])]
+                if x == STEP:
+                    ok = ok[ok[x] > 0]  # step 0 has no place on a log axis
+                if ok.empty:
+                    continue
+                line, = ax.plot(ok[x], ok[f"{y}_mean"], marker="o", color=colour, label=label)
+                colour = line.get_color()
+                ax.fill_between(ok[x], ok[f"{y}_min"], ok[f"{y}_max"], color=colour, alpha=0.15, linewidth=0)
+                if not lines or lines[-1].get_label() != label:
+                    lines.append(line)
+    for i, (y, name) in enumerate((("metric", spec.primary), ("train_loss", M.TRAIN_LOSS))):
+        for j, (x, xlabel) in enumerate(X_AXES):
+            ax = axes[3 * i + j]
+            if y == "metric":
+                _reference_lines(ax, spec)
+            else:
+                log_scale_if_wide(ax, curve_tbl["train_loss_mean"])
+            if x == M.EPOCH:
+                epoch_axis(ax)
+            else:
+                ax.set_xlabel(xlabel)
+            if x == STEP:
+                ax.set_xscale("log")
+            ax.set_ylabel(name + (f" ({direction(spec)})" if y == "metric" else ""))
+            ax.set_title(f"{name} vs {xlabel.split(' (')[0]}")
+    handles = lines + [h for h in axes[0].get_lines() if h.get_label().startswith(("goal", "chance"))]
+    if handles:
+        fig.legend(handles=handles, labels=[h.get_label() for h in handles], loc="outside right upper")
+    return fig
+
+
+def sensitivity(spread: pd.DataFrame, chosen: pd.DataFrame, trials: list, spec: Spec):
+    """The final primary metric against batch size: mean over finished runs, bars min..max; a line per
+    configuration of the other axes (or the best per batch size when there are too many), the measured noise
+    scale dashed and B_simple per batch size dotted on the right axis."""
+    fig, (ax,) = new_figure(1, width=6.4, height=4.2)
+    others = [a for a in spec.axes if a != "batch_size"]
+    groups = list(spread.groupby(others, sort=True, dropna=False)) if others else [((), spread)]
+    if len(groups) > MAX_LINES:
+        keyed = spread.merge(chosen[list(spec.axes)], on=list(spec.axes))
+        groups = [(("best per batch size",), keyed)]
+    for key, part in groups:
+        part = part[part["finished"] > 0].sort_values("batch_size")
+        key = key if isinstance(key, tuple) else (key,)
+        label = ", ".join(f"{a} {fmt(v)}" for a, v in zip(others, key)) if key and others else spec.primary
+        if len(groups) == 1 and len(key) == 1 and key[0] == "best per batch size":
+            label = "best configuration per batch size"
+        ax.errorbar(part["batch_size"], part["mean"], yerr=[part["mean"] - part["min"], part["max"] - part["mean"]],
+                    marker="o", capsize=3, label=label)
+    _reference_lines(ax, spec)
+    noise, _ = measured_noise_scale(trials)
+    mark_noise_scale(ax, noise)
+    noise_figures.overlay(ax, trials)
+    batch_axis(ax, spread["batch_size"])
+    log_scale_if_wide(ax, list(spread["min"]) + list(spread["max"]))
+    ax.set_ylabel(f"final {spec.primary} ({direction(spec)})")
+    ax.set_title(f"final {spec.primary} vs batch size (mean over runs, bars min to max)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.12, 1.0), fontsize="small")  # right of the B_simple axis
+    return fig
+
+
+def speed(timing: pd.DataFrame, trials: pd.DataFrame):
+    """Seconds per training epoch, images per second, and each finished trial's training seconds per batch size."""
+    fig, axes = new_figure(3, width=4.2, height=3.3)
+    columns = (("seconds_per_epoch", "training seconds per epoch (s)", "seconds per epoch (median)"),
+               ("images_per_second", "training images per second", "training speed (median over epochs)"))
+    for ax, (column, ylabel, title) in zip(axes, columns):
+        ok = timing[np.isfinite(timing[column])]
+        ax.plot(ok["batch_size"], ok[column], marker="o")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        log_scale_if_wide(ax, ok[column])
+    ax = axes[2]
+    done = trials[(trials["outcome"] == "done") & np.isfinite(trials["train_seconds"])]
+    ax.plot(done["batch_size"], done["train_seconds"], ".", alpha=0.6, label="one finished run")
+    ax.plot(timing["batch_size"], timing["mean_train_seconds"], marker="o", label="mean over finished runs")
+    ax.set_ylabel("training seconds per trial (s)")
+    ax.set_title("total training time")
+    ax.legend(fontsize="small")
+    for ax in axes:
+        batch_axis(ax, trials["batch_size"])
+    return fig
+
+
+def has_finite(values) -> bool:
+    return any(math.isfinite(float(v)) for v in values)
