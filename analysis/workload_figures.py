@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 
 from analysis import noise_figures
-from analysis.common import mark_noise_scale, measured_noise_scale
 from analysis.figures import batch_axis, epoch_axis, fmt, log_scale_if_wide, new_figure
 from analysis.workload_tables import EXAMPLES, STEP, Spec
 from study import metrics as M
@@ -22,14 +21,26 @@ def direction(spec: Spec) -> str:
     return "higher is better" if spec.higher_is_better else "lower is better"
 
 
-def _reference_lines(ax, spec: Spec) -> None:
-    """The primary metric's goals (dashed) and chance level (dotted), where workload.json declares them."""
-    for metric, value, _ in spec.goals:
-        if metric == spec.primary:
-            ax.axhline(value, color="black", linestyle="--", linewidth=1, label=f"goal {fmt(value)}")
-    if spec.primary in spec.chance:
-        ax.axhline(spec.chance[spec.primary], color="grey", linestyle=":", linewidth=1,
-                   label=f"chance {fmt(spec.chance[spec.primary])}")
+def _reference_lines(ax, spec: Spec, values) -> None:
+    """The primary metric's goals (dashed) and chance level (dotted), where workload.json declares them, with the
+    y axis fitted to the data and the goals: a chance level far off the data is named in the legend, not drawn."""
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    v = v[np.isfinite(v)]
+    goals = [value for metric, value, _ in spec.goals if metric == spec.primary]
+    if not len(v):
+        return
+    low, high = min(v.min(), *goals), max(v.max(), *goals)
+    pad = 0.08 * (high - low) or 0.05 * abs(high) or 0.05
+    for value in goals:
+        ax.axhline(value, color="black", linestyle="--", linewidth=1, label=f"goal {fmt(value)}")
+    chance = spec.chance.get(spec.primary)
+    if chance is not None:
+        inside = low - 3 * pad <= chance <= high + 3 * pad
+        ax.axhline(chance if inside else np.nan, color="grey", linestyle=":", linewidth=1,
+                   label=f"chance {fmt(chance)}" + ("" if inside else " (off the axis)"))
+        if inside:
+            low, high = min(low, chance), max(high, chance)
+    ax.set_ylim(low - pad, high + pad)
 
 
 def _select(table: pd.DataFrame, row: pd.Series, axes: list) -> pd.DataFrame:
@@ -65,7 +76,8 @@ def curves(curve_tbl: pd.DataFrame, chosen: pd.DataFrame, spec: Spec):
         for j, (x, xlabel) in enumerate(X_AXES):
             ax = axes[3 * i + j]
             if y == "metric":
-                _reference_lines(ax, spec)
+                shown = curve_tbl.merge(chosen[list(spec.axes)], on=list(spec.axes))
+                _reference_lines(ax, spec, list(shown["metric_min"]) + list(shown["metric_max"]))
             else:
                 log_scale_if_wide(ax, curve_tbl["train_loss_mean"])
             if x == M.EPOCH:
@@ -76,6 +88,8 @@ def curves(curve_tbl: pd.DataFrame, chosen: pd.DataFrame, spec: Spec):
                 ax.set_xscale("log")
             ax.set_ylabel(name + (f" ({direction(spec)})" if y == "metric" else ""))
             ax.set_title(f"{name} vs {xlabel.split(' (')[0]}")
+    best = "each batch size's best configuration, " if len(spec.axes) > 1 else ""
+    fig.suptitle(f"{spec.name}: {best}mean over runs (band: min to max)")
     handles = lines + [h for h in axes[0].get_lines() if h.get_label().startswith(("goal", "chance"))]
     if handles:
         fig.legend(handles=handles, labels=[h.get_label() for h in handles], loc="outside right upper")
@@ -85,8 +99,8 @@ def curves(curve_tbl: pd.DataFrame, chosen: pd.DataFrame, spec: Spec):
 def sensitivity(spread: pd.DataFrame, chosen: pd.DataFrame, trials: list, spec: Spec):
     """The final primary metric against batch size: mean over finished runs, bars min..max; a line per
     configuration of the other axes (or the best per batch size when there are too many), the measured noise
-    scale dashed and B_simple per batch size dotted on the right axis."""
-    fig, (ax,) = new_figure(1, width=6.4, height=4.2)
+    B_simple per batch size dotted on the right axis."""
+    fig, (ax,) = new_figure(1, width=6.4, height=4.8)
     others = [a for a in spec.axes if a != "batch_size"]
     groups = list(spread.groupby(others, sort=True, dropna=False)) if others else [((), spread)]
     if len(groups) > MAX_LINES:
@@ -100,15 +114,16 @@ def sensitivity(spread: pd.DataFrame, chosen: pd.DataFrame, trials: list, spec: 
             label = "best configuration per batch size"
         ax.errorbar(part["batch_size"], part["mean"], yerr=[part["mean"] - part["min"], part["max"] - part["mean"]],
                     marker="o", capsize=3, label=label)
-    _reference_lines(ax, spec)
-    noise, _ = measured_noise_scale(trials)
-    mark_noise_scale(ax, noise)
-    noise_figures.overlay(ax, trials)
+    _reference_lines(ax, spec, list(spread["min"]) + list(spread["max"]))
+    if noise_figures.overlay(ax, trials):
+        twin = ax._noise_twin
+        twin.set_yscale("linear")  # log only where B_simple spans decades
+        log_scale_if_wide(twin, [y for line in twin.get_lines() for y in line.get_ydata()])
     batch_axis(ax, spread["batch_size"])
-    log_scale_if_wide(ax, list(spread["min"]) + list(spread["max"]))
     ax.set_ylabel(f"final {spec.primary} ({direction(spec)})")
-    ax.set_title(f"final {spec.primary} vs batch size (mean over runs, bars min to max)")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.12, 1.0), fontsize="small")  # right of the B_simple axis
+    ax.set_title(f"final {spec.primary} vs batch size")
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=2)  # off the curves and the
+    # right-hand axis' points
     return fig
 
 

@@ -115,7 +115,8 @@ def write_curves(report: ReportWriter, spec, epochs: pd.DataFrame, chosen: pd.Da
                 f"and optimizer steps: a line per batch size, the mean over runs with a finite value (a diverged run "
                 f"stops counting at its first NaN), band min to max."
                 + (" Each batch size shows its best configuration by final mean." if several else ""))
-    report.table("curves", curve, "Per configuration and epoch: means (min, max) over runs")
+    report.table("curves", curve.rename(columns=lambda c: c.replace("metric_", f"{spec.primary}_")),
+                 f"Per configuration and epoch: {spec.primary} and training loss, mean (min, max) over runs")
     report.figure("curves", F.curves(curve, chosen, spec),
                   f"{spec.primary} (top) and training loss (bottom) vs epoch, examples seen and steps, per batch size")
 
@@ -129,7 +130,7 @@ def write_spread(report: ReportWriter, spec, trials, chosen, trial_objects) -> N
         report.text("No run has finished yet: nothing to draw against batch size.")
         return
     report.figure("sensitivity", F.sensitivity(spread, chosen, trial_objects, spec),
-                  f"Final {spec.primary} vs batch size: mean over runs, bars min to max; measured B_simple dashed")
+                  f"Final {spec.primary} vs batch size: mean over runs, bars min to max; B_simple per batch size dotted")
 
 
 def write_speed(report: ReportWriter, study: Study, spec, trials, epochs) -> None:
@@ -150,8 +151,8 @@ def write_noise(report: ReportWriter, spec, trials, trial_objects) -> None:
         report.text("No trial measured a finite gradient noise scale (B_simple); the study ran with the noise "
                     "scale off, or every estimate was NaN (see the per-trial table for why).")
     else:
-        report.text("B_simple (McCandlish et al. 2018) per batch size: each trial's median over its trained epochs, "
-                    "summarised over trials. Batches well below it use examples efficiently; well above it the "
+        report.text("B_simple (McCandlish et al. 2018) per batch size: each trial's B_simple (as in the per-trial "
+                    "table below), summarised over the trials at that batch size. Batches well below it use examples efficiently; well above it the "
                     "returns per example fall.")
         report.table("noise_scale", table, "Measured gradient noise scale B_simple per batch size (examples)")
     others = [a for a in spec.axes if a != "batch_size"]

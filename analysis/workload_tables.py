@@ -19,8 +19,7 @@ from analysis.figures import fmt
 from analysis.load import WORKLOAD_FILE, Study
 from study import metrics as M
 
-EXAMPLES = "examples"  # study.metrics' name: training examples seen up to this row
-STEP = "step"  # study.metrics' name: optimizer steps taken up to this row
+EXAMPLES, STEP = M.EXAMPLES, M.STEP
 SPLITS = ("val_", "test_")  # the engine prefixes a workload's evaluate() names with the split
 
 
@@ -34,7 +33,7 @@ class Spec:
     higher_is_better: bool
     test: str  # the primary metric's test-split column when the trials stored one, else ""
     metrics: tuple  # (stored column, higher_is_better) of each declared metric
-    axes: tuple  # grid axes that make a configuration (batch_size first); repeats (run, seed) left out
+    axes: tuple  # grid axes with several values (batch_size first, always): a configuration; repeats left out
     repeats: tuple  # grid axes that repeat a configuration
     goals: tuple  # (stored column, value, higher_is_better)
     chance: dict  # stored column -> value of a model that learned nothing
@@ -68,8 +67,9 @@ def spec_of(study: Study) -> Spec:
     primary = _column(named, keys)
     higher = next((bool(m.get("higher_is_better")) for m in declared_metrics if m["name"] == named), False)
     test = "test_" + primary[len("val_"):] if primary.startswith("val_") else ""
-    axes = list(declared.get("axes") or {})
-    if not axes:  # no axes stored: the config keys that vary between the trials
+    # The axes with more than one value make the configurations; one-valued ones are constants of the study.
+    axes = [a for a, values in (declared.get("axes") or {}).items() if len(values) > 1 or a in REPEATS]
+    if not declared.get("axes"):  # no axes stored: the config keys that vary between the trials
         axes = sorted(k for k in {k for t in trials for k in t.config}
                       if len({repr(t.config.get(k)) for t in trials}) > 1)
     if "batch_size" in axes:

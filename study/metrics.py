@@ -5,6 +5,8 @@ One name per metric (STYLE habit 7): a rename here reaches every reader and writ
 
 # Reported by every trial, every epoch (epoch 0 is the evaluation before any training step).
 EPOCH = "epoch"
+STEP = "step"  # optimizer steps taken so far (workload studies)
+EXAMPLES = "examples"  # training examples seen so far (workload studies)
 TRAIN_LOSS = "train_loss"  # mean loss over the epoch's training batches; NaN at epoch 0
 EPOCH_SECONDS = "epoch_seconds"  # wall-clock training seconds of this epoch (CUDA synchronised)
 TRAIN_SECONDS = "train_seconds"  # cumulative training seconds up to and including this epoch

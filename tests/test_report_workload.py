@@ -141,10 +141,10 @@ def test_curves_spread_speed_and_noise_match_the_formula(workload_study):
                          and not ((opt, batch, s) == RAISES and epoch >= 2)]
                 row = curves.loc[(batch, opt, epoch)]
                 assert row["runs"] == len(alive)
-                assert row["metric_mean"] == pytest.approx(np.mean([val_error(opt, batch, s, epoch) for s in alive]))
+                assert row["val_error_mean"] == pytest.approx(np.mean([val_error(opt, batch, s, epoch) for s in alive]))
                 assert row["examples"] == epoch * N_TRAIN and row["step"] == epoch * (N_TRAIN // batch)
                 if epoch:
-                    assert row["train_loss_mean"] == pytest.approx(2 * row["metric_mean"])
+                    assert row["train_loss_mean"] == pytest.approx(2 * row["val_error_mean"])
     spread = csv(out, "spread").set_index(["batch_size", "optimizer"])
     finals = [val_error("adam", 8, s, EPOCHS) for s in SEEDS]
     assert spread.loc[(8, "adam"), ["min", "mean", "max"]].tolist() == pytest.approx(
