@@ -85,7 +85,7 @@ def curves(curve_tbl: pd.DataFrame, chosen: pd.DataFrame, spec: Spec):
             else:
                 ax.set_xlabel(xlabel)
             if x == STEP:
-                ax.set_xscale("log")
+                steps_axis(ax)
             ax.set_ylabel(name + (f" ({direction(spec)})" if y == "metric" else ""))
             ax.set_title(f"{name} vs {xlabel.split(' (')[0]}")
     best = "each batch size's best configuration, " if len(spec.axes) > 1 else ""
@@ -148,6 +148,17 @@ def speed(timing: pd.DataFrame, trials: pd.DataFrame):
     for ax in axes:
         batch_axis(ax, trials["batch_size"])
     return fig
+
+
+def steps_axis(ax) -> None:
+    """Log x axis of optimizer steps, ticked at 1, 2, 5 x 10^k in plain numbers (the default's minor labels
+    overlap over the one or two decades a study spans)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def has_finite(values) -> bool:

@@ -93,8 +93,8 @@ def write_primary(report: ReportWriter, spec, trials: pd.DataFrame, configs: pd.
         per_trial = per_trial.drop(columns=["final_test"])
     report.table("trials", per_trial, f"Every trial: final and best {metric}"
                  + (f", final {spec.test}" if spec.test else "") + ", training seconds, B_simple")
-    for axis in spec.axes:
-        if configs[axis].nunique(dropna=False) < 2 and axis != "batch_size":
+    for axis in spec.axes if len(spec.axes) > 1 else ():  # one axis: the table above is already per batch size
+        if configs[axis].nunique(dropna=False) < 2:
             continue
         table = T.axis_table(configs, axis, list(spec.axes), metric, spec.higher_is_better)
         shown = table[[axis, "configurations", "best_configuration", "runs", "finished"]].assign(
