@@ -29,7 +29,7 @@ def _reference_lines(ax, spec: Spec, values) -> None:
     goals = [value for metric, value, _ in spec.goals if metric == spec.primary]
     if not len(v):
         return
-    low, high = min(v.min(), *goals), max(v.max(), *goals)
+    low, high = min([v.min(), *goals]), max([v.max(), *goals])
     pad = 0.08 * (high - low) or 0.05 * abs(high) or 0.05
     for value in goals:
         ax.axhline(value, color="black", linestyle="--", linewidth=1, label=f"goal {fmt(value)}")
@@ -98,20 +98,16 @@ def curves(curve_tbl: pd.DataFrame, chosen: pd.DataFrame, spec: Spec):
 
 def sensitivity(spread: pd.DataFrame, chosen: pd.DataFrame, trials: list, spec: Spec):
     """The final primary metric against batch size: mean over finished runs, bars min..max; a line per
-    configuration of the other axes (or the best per batch size when there are too many), the measured noise
-    B_simple per batch size dotted on the right axis."""
+    configuration of the other axes (or the best one per batch size when there are too many), and B_simple per
+    batch size dotted on the right axis."""
     fig, (ax,) = new_figure(1, width=6.4, height=4.8)
     others = [a for a in spec.axes if a != "batch_size"]
-    groups = list(spread.groupby(others, sort=True, dropna=False)) if others else [((), spread)]
+    groups = [(", ".join(f"{a} {fmt(v)}" for a, v in zip(others, key if isinstance(key, tuple) else (key,))), part)
+              for key, part in spread.groupby(others, sort=True, dropna=False)] if others else [(spec.primary, spread)]
     if len(groups) > MAX_LINES:
-        keyed = spread.merge(chosen[list(spec.axes)], on=list(spec.axes))
-        groups = [(("best per batch size",), keyed)]
-    for key, part in groups:
+        groups = [("best configuration per batch size", spread.merge(chosen[list(spec.axes)], on=list(spec.axes)))]
+    for label, part in groups:
         part = part[part["finished"] > 0].sort_values("batch_size")
-        key = key if isinstance(key, tuple) else (key,)
-        label = ", ".join(f"{a} {fmt(v)}" for a, v in zip(others, key)) if key and others else spec.primary
-        if len(groups) == 1 and len(key) == 1 and key[0] == "best per batch size":
-            label = "best configuration per batch size"
         ax.errorbar(part["batch_size"], part["mean"], yerr=[part["mean"] - part["min"], part["max"] - part["mean"]],
                     marker="o", capsize=3, label=label)
     _reference_lines(ax, spec, list(spread["min"]) + list(spread["max"]))

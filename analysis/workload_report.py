@@ -130,7 +130,8 @@ def write_spread(report: ReportWriter, spec, trials, chosen, trial_objects) -> N
         report.text("No run has finished yet: nothing to draw against batch size.")
         return
     report.figure("sensitivity", F.sensitivity(spread, chosen, trial_objects, spec),
-                  f"Final {spec.primary} vs batch size: mean over runs, bars min to max; B_simple per batch size dotted")
+                  f"Final {spec.primary} vs batch size: mean over runs, bars min to max; B_simple per batch size "
+                  f"dotted")
 
 
 def write_speed(report: ReportWriter, study: Study, spec, trials, epochs) -> None:
@@ -152,8 +153,8 @@ def write_noise(report: ReportWriter, spec, trials, trial_objects) -> None:
                     "scale off, or every estimate was NaN (see the per-trial table for why).")
     else:
         report.text("B_simple (McCandlish et al. 2018) per batch size: each trial's B_simple (as in the per-trial "
-                    "table below), summarised over the trials at that batch size. Batches well below it use examples efficiently; well above it the "
-                    "returns per example fall.")
+                    "table below), summarised over the trials at that batch size. Batches well below it use "
+                    "examples efficiently; well above it the returns per example fall.")
         report.table("noise_scale", table, "Measured gradient noise scale B_simple per batch size (examples)")
     others = [a for a in spec.axes if a != "batch_size"]
     noise_figures.write(report, trial_objects, [*spec.axes, *spec.repeats],

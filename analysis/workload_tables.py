@@ -109,7 +109,8 @@ def trial_frame(trials: list, spec: Spec) -> pd.DataFrame:
         records.append({"trial_id": t.trial_id, **{a: axis_value(t.config, a) for a in spec.axes + spec.repeats},
                         "outcome": t.outcome, "epochs": _num(t.last(M.EPOCH)) if t.rows else math.nan,
                         "final": _num(t.last(spec.primary)) if done else math.nan, "best": best[1],
-                        "best_epoch": best[0], "final_test": _num(t.last(spec.test)) if done and spec.test else math.nan,
+                        "best_epoch": best[0],
+                        "final_test": _num(t.last(spec.test)) if done and spec.test else math.nan,
                         "train_seconds": _num(t.last(M.TRAIN_SECONDS)), "noise_scale": noise_figures.trial_noise(t)})
     columns = ["trial_id", *spec.axes, *spec.repeats, "outcome", "epochs", "final", "best", "best_epoch",
                "final_test", "train_seconds", "noise_scale"]

@@ -128,3 +128,37 @@ def test_spec_from_workload_json():
     assert s.goals == (("val_error", 0.1, False),) and s.chance == {"val_error": 0.9}
     assert s.hook == "my_pkg.report:section" and s.stage == "sweep"
     assert T.axis_value({"options": {"width": 4}}, "width") == 4  # a workload's own flag as an axis
+
+
+def test_sensitivity_draws_the_best_per_batch_size_when_the_other_axes_have_too_many_values():
+    from analysis import workload_figures as F
+
+    lrs = [0.001 * 2 ** i for i in range(F.MAX_LINES + 1)]
+    trials = trials_df([(b, lr, 0, "done", 0.5 + lr * (b / 8), 0.5) for b in (8, 32) for lr in lrs])
+    configs = T.config_table(trials, ["batch_size", "lr"], "val_acc")
+    chosen = T.best_rows(configs, ["batch_size"], "val_acc", True)
+    s = spec()
+    fig = F.sensitivity(T.spread_table(trials, ["batch_size", "lr"]), chosen, [], s)
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert labels == ["best configuration per batch size"]
+    few = trials[trials["lr"].isin(lrs[:2])]
+    fig = F.sensitivity(T.spread_table(few, ["batch_size", "lr"]), chosen, [], s)
+    assert fig.axes[0].get_legend_handles_labels()[1] == [f"lr {lrs[0]:g}", f"lr {lrs[1]:g}"]
+
+
+def test_the_workloads_own_report_section_is_called_and_a_failing_one_is_named(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from analysis import workload_report
+    from analysis.figures import ReportWriter
+
+    hook = types.ModuleType("toy_report_hook")
+    hook.section = lambda report, study: report.heading(f"toy's own section for {study}")
+    monkeypatch.setitem(sys.modules, "toy_report_hook", hook)
+    report = ReportWriter(tmp_path)
+    workload_report.write_hook(report, "study-x", spec(hook="toy_report_hook:section"))
+    workload_report.write_hook(report, "study-x", spec(hook="toy_report_hook:missing"))
+    text = report.finish().read_text()
+    assert "## toy's own section for study-x" in text
+    assert "`toy_report_hook:missing` failed: AttributeError" in text
