@@ -92,8 +92,11 @@ def _num(value) -> float:
 
 
 def _trained(row: dict) -> bool:
-    """A row after at least one epoch of training (epoch 0 evaluates the untrained model; an OOM row trains none)."""
-    return _num(row.get(M.EPOCH)) >= 1 and row.get(M.STATUS) != M.STATUS_OOM
+    """A row after some training: epoch 1 on (epoch 0 evaluates the untrained model), or, in rows that count steps
+    only (a steps-to-result study), a step after 0; an OOM row trains none."""
+    epoch = _num(row.get(M.EPOCH))
+    after = epoch >= 1 if math.isfinite(epoch) else _num(row.get(STEP)) > 0
+    return after and row.get(M.STATUS) != M.STATUS_OOM
 
 
 def trial_frame(trials: list, spec: Spec) -> pd.DataFrame:
@@ -211,10 +214,12 @@ def spread_table(trials: pd.DataFrame, axes: list) -> pd.DataFrame:
 def curve_table(epochs: pd.DataFrame, axes: list) -> pd.DataFrame:
     """Per configuration and epoch: means over runs of the finite metric and train loss (a diverged run stops
     counting at its first NaN), their min and max, and the mean step and examples seen."""
+    at = M.EPOCH if epochs[M.EPOCH].notna().any() else STEP  # rows that count steps only: per step
     rows = []
-    for key, part in epochs.groupby([*axes, M.EPOCH], sort=True, dropna=False):
+    for key, part in epochs.groupby([*axes, at], sort=True, dropna=False):
         metric, loss = part["metric"].dropna(), part[M.TRAIN_LOSS][np.isfinite(part[M.TRAIN_LOSS])]
-        rows.append({**dict(zip([*axes, M.EPOCH], key)), "runs": int(metric.size), STEP: part[STEP].mean(),
+        rows.append({**dict(zip([*axes, at], key)), "runs": int(metric.size), M.EPOCH: part[M.EPOCH].mean(),
+                     STEP: part[STEP].mean(),
                      EXAMPLES: part[EXAMPLES].mean(), "metric_mean": metric.mean(), "metric_min": metric.min(),
                      "metric_max": metric.max(), "train_loss_mean": loss.mean(), "train_loss_min": loss.min(),
                      "train_loss_max": loss.max()})

@@ -162,3 +162,14 @@ def test_the_workloads_own_report_section_is_called_and_a_failing_one_is_named(t
     text = report.finish().read_text()
     assert "## toy's own section for study-x" in text
     assert "`toy_report_hook:missing` failed: AttributeError" in text
+
+
+def test_rows_that_count_steps_only_are_read_per_step():
+    s = spec(axes=("batch_size",), test="")
+    steps = [{"step": k, "examples": 10 * k, "train_seconds": 0.5 * k, "train_loss": NAN if k == 0 else 1.0 / (k + 1),
+              "val_acc": 0.1 * k, "status": "done" if k == 4 else "running"} for k in (0, 2, 4)]
+    t = trial("s", {"batch_size": 10, "seed": 0}, steps)
+    frame = T.trial_frame([t], s).iloc[0]
+    assert (frame["final"], frame["best"]) == pytest.approx((0.4, 0.4))
+    curve = T.curve_table(T.epoch_frame([t], s), ["batch_size"])
+    assert curve["step"].tolist() == [0, 2, 4] and curve["metric_mean"].tolist() == pytest.approx([0.0, 0.2, 0.4])
