@@ -141,6 +141,9 @@ def write_speed(report: ReportWriter, study: Study, spec, trials, epochs) -> Non
                 "evaluation excluded). Mean training seconds: over finished trials. GPU-seconds: each trial's GPU "
                 "share x its wall seconds, summed (0 on CPU).")
     report.table("speed", timing, "Training speed and cost per batch size")
+    if timing.empty or not F.has_finite(timing["seconds_per_epoch"]):
+        report.text("No trial has finished a training epoch yet: nothing to draw.")
+        return
     report.figure("speed", F.speed(timing, trials), "Seconds per epoch, images per second and training seconds "
                                                      "per trial vs batch size")
 

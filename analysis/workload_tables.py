@@ -115,9 +115,9 @@ def trial_frame(trials: list, spec: Spec) -> pd.DataFrame:
                         "best_epoch": best[0],
                         "final_test": _num(t.last(spec.test)) if done and spec.test else math.nan,
                         "train_seconds": _num(t.last(M.TRAIN_SECONDS)), "noise_scale": noise_figures.trial_noise(t)})
-    columns = ["trial_id", *spec.axes, *spec.repeats, "outcome", "epochs", "final", "best", "best_epoch",
-               "final_test", "train_seconds", "noise_scale"]
-    return pd.DataFrame.from_records(records, columns=columns)
+    numbers = ["epochs", "final", "best", "best_epoch", "final_test", "train_seconds", "noise_scale"]
+    columns = ["trial_id", *spec.axes, *spec.repeats, "outcome", *numbers]
+    return pd.DataFrame.from_records(records, columns=columns).astype({c: float for c in numbers})
 
 
 def epoch_frame(trials: list, spec: Spec) -> pd.DataFrame:
@@ -140,9 +140,9 @@ def epoch_frame(trials: list, spec: Spec) -> pd.DataFrame:
                             if _trained(r) else math.nan})
             before = {M.TRAIN_SECONDS: seconds if math.isfinite(seconds) else before[M.TRAIN_SECONDS],
                       EXAMPLES: examples if math.isfinite(examples) else before[EXAMPLES]}
-    columns = ["trial_id", *spec.axes, "outcome", M.EPOCH, STEP, EXAMPLES, M.TRAIN_LOSS, "metric", "epoch_seconds",
-               "images_per_second"]
-    return pd.DataFrame.from_records(records, columns=columns)
+    numbers = [M.EPOCH, STEP, EXAMPLES, M.TRAIN_LOSS, "metric", "epoch_seconds", "images_per_second"]
+    return pd.DataFrame.from_records(records, columns=["trial_id", *spec.axes, "outcome", *numbers]).astype(
+        {c: float for c in numbers})  # numbers even with no row yet (a study whose trials have not started)
 
 
 def _interval(values: pd.Series) -> tuple[float, float, float, str]:

@@ -173,3 +173,26 @@ def test_rows_that_count_steps_only_are_read_per_step():
     assert (frame["final"], frame["best"]) == pytest.approx((0.4, 0.4))
     curve = T.curve_table(T.epoch_frame([t], s), ["batch_size"])
     assert curve["step"].tolist() == [0, 2, 4] and curve["metric_mean"].tolist() == pytest.approx([0.0, 0.2, 0.4])
+
+
+def test_a_workload_study_whose_trials_have_not_started_is_reported_as_partial(tmp_path):
+    import json
+
+    from analysis import report
+
+    root = tmp_path / "w"
+    (root / "sweep").mkdir(parents=True)
+    (root / "study.json").write_text(json.dumps({"study": "toy", "kind": "workload", "args": {}}))
+    (root / "workload.json").write_text(json.dumps({"name": "toy", "primary": "val_error",
+                                                    "metrics": [{"name": "val_error", "higher_is_better": False}],
+                                                    "axes": {"batch_size": [8, 16], "seed": [0]}}))
+    data = [[json.dumps({"trial_id": f"a_{i}", "status": "PENDING", "relative_logdir": f"t{i}",
+                         "config": {"batch_size": b, "seed": 0, "workload": "toy"}}), json.dumps({})]
+            for i, b in enumerate([8, 16])]
+    (root / "sweep" / "experiment_state-2026.json").write_text(json.dumps({"trial_data": data}))
+    assert report.main([str(root), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "**PARTIAL RESULTS**" in text and "No trial has reported an epoch yet." in text
+    assert "No trial has finished a training epoch yet" in text and not (tmp_path / "out" / "speed.png").exists()
+    configs = pd.read_csv(tmp_path / "out" / "configurations.csv")
+    assert configs["batch_size"].tolist() == [8, 16] and configs["finished"].tolist() == [0, 0]
