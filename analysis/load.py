@@ -33,11 +33,12 @@ import pyarrow.fs as pafs
 from ray.tune import ExperimentAnalysis
 
 from study import metrics as M
-from study.metrics import CHOSEN_FILE, ERRORED_FILE, STUDY_FILE, TARGET_STATS_FILE
+from study.metrics import CHOSEN_FILE, ERRORED_FILE, STUDY_FILE, TARGET_STATS_FILE, WORKLOAD_FILE
 from study.errors import StudyError
 
+WORKLOAD_KINDS = ("workload", "steps")  # study.json "kind" of a study built from a workload (study/workload.py)
 EXPERIMENT_STATE = re.compile(r"^experiment_state-.*\.json$")
-STAGES = {"mnist": ("lr_coarse", "lr_fine", "batch_sweep"), "pcam": ("grid",)}
+STAGES = {"mnist": ("lr_coarse", "lr_fine", "batch_sweep"), "pcam": ("grid",)}  # a workload study lists its own
 # Tune statuses of a trial that has not finished yet; a study holding one is reported as partial.
 UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -111,7 +112,7 @@ class Study:
     uri: str
     fs: pafs.FileSystem
     path: str  # the study folder inside fs
-    kind: str  # mnist | pcam
+    kind: str  # mnist | pcam (the studies before workloads, with their own reports) | workload | steps
     meta: dict  # study.json ({} when the folder is a bare Tune experiment)
     stages: dict  # stage name -> [Trial], sorted by trial id
     files: dict  # optional study-level JSON files (chosen_lr.json, target_stats.json) that exist
@@ -131,6 +132,8 @@ class Study:
             return [self.only_stage]
         if self.kind == "mnist" and self.args.get("lr") is not None:
             return ["batch_sweep"]
+        if self.kind in WORKLOAD_KINDS:  # study.json's stages when it names them, else the stage folders there are
+            return list(self.meta.get("stages") or sorted(self.stages))
         return list(STAGES.get(self.kind, ()))
 
     def partial_reasons(self) -> list:
@@ -232,22 +235,37 @@ def open_study(uri: str) -> Study:
         raise StudyError(f"{uri} is not a study folder: it has no {STUDY_FILE} and no Tune experiment "
                          f"(experiment_state-*.json). Pass <storage-path>/<name> of a study.{hint}")
     stages = {name: _read_stage(fs, f"{stage_root}/{name}", name) for name in stage_names}
-    kind = meta.get("study") or _guess_kind(stages)
-    if kind not in STAGES:
-        raise StudyError(f"{uri}: cannot tell which study this is (study.json says {meta.get('study')!r}); "
-                         f"expected one of {', '.join(STAGES)}")
-    files = {name: read_json(fs, f"{study_dir}/{name}") for name in (CHOSEN_FILE, TARGET_STATS_FILE)
+    files = {name: read_json(fs, f"{study_dir}/{name}") for name in (CHOSEN_FILE, TARGET_STATS_FILE, WORKLOAD_FILE)
              if name in _listing(fs, study_dir)}
+    kind = _kind(meta, stages, WORKLOAD_FILE in files)
+    if not kind:
+        raise StudyError(f"{uri}: cannot tell which study this is (study.json says {meta.get('study')!r}, kind "
+                         f"{meta.get('kind')!r}, and there is no {WORKLOAD_FILE}); expected one of "
+                         f"{', '.join(STAGES)} or a workload study")
     return Study(uri=uri, fs=fs, path=study_dir, kind=kind, meta=meta, stages=stages, files=files,
                  only_stage=only_stage)
 
 
+def _kind(meta: dict, stages: dict, has_workload_file: bool) -> str:
+    """mnist | pcam | workload | steps, or "" when nothing says. The two studies from before workloads keep their
+    own reports; any other study is a workload study when study.json's kind or a workload.json says so."""
+    if meta.get("study") in STAGES:
+        return meta["study"]
+    if meta.get("kind") in WORKLOAD_KINDS:
+        return meta["kind"]
+    if has_workload_file:
+        return "workload"
+    return "" if meta else _guess_kind(stages)
+
+
 def _guess_kind(stages: dict) -> str:
-    """For a bare Tune experiment without study.json: MNIST trials have a regression target, PCam trials not."""
+    """For a bare Tune experiment without study.json: by the trial configs' own keys (a workload trial names its
+    workload; MNIST trials have a regression target; PCam trials their data folder); "" when none fits."""
     configs = [t.config for trials in stages.values() for t in trials]
-    if not configs:
-        return ""
-    return "mnist" if all("target" in c for c in configs) else "pcam"
+    for kind, key in (("workload", "workload"), ("mnist", "target"), ("pcam", "data_dir")):
+        if configs and all(key in c for c in configs):
+            return kind
+    return ""
 
 
 def _read_stage(fs: pafs.FileSystem, stage_dir: str, stage: str) -> list:

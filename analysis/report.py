@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from analysis import mnist_report, pcam_report
+from analysis import mnist_report, pcam_report, workload_report
 from analysis.common import write_failures, write_timing
 from analysis.figures import ReportWriter
 from analysis.load import Study, open_study, resolve
@@ -57,7 +57,7 @@ def output_dir(study: Study, experiment_dir: str, out: str | None) -> Path:
 
 
 def write_header(report: ReportWriter, study: Study) -> None:
-    report.heading(f"{TITLES[study.kind]}: report", level=1)
+    report.heading(f"{TITLES.get(study.kind) or workload_report.title(study)}: report", level=1)
     report.text(f"Study folder: `{study.uri}`" + (f" (stage {study.only_stage} only)" if study.only_stage else ""))
     reasons = study.partial_reasons()
     if reasons:
@@ -99,9 +99,12 @@ def build(study: Study, out: Path) -> Path:
     """Write the whole report for a loaded study into `out`; returns the path of report.md."""
     report = ReportWriter(out)
     write_header(report, study)
-    (mnist_report if study.kind == "mnist" else pcam_report).write(report, study)
-    write_timing(report, study, LABELS[study.kind])
-    write_failures(report, study, LABELS[study.kind])
+    # mnist and pcam: the two studies from before workloads, with their own reports; any other study is a workload's.
+    sections = {"mnist": mnist_report, "pcam": pcam_report}.get(study.kind, workload_report)
+    sections.write(report, study)
+    labels = LABELS.get(study.kind) or workload_report.labels(study)
+    write_timing(report, study, labels)
+    write_failures(report, study, labels)
     # Files an earlier run of the report wrote (listed in its manifest) and this one did not are stale; nothing
     # else in `out` is ever touched.
     manifest = out / MANIFEST

@@ -22,7 +22,6 @@ from study.tuning import (RESOURCE_FLAGS, STUDY_FILE, StudyFolder, add_common_ar
                           code_version, default_name)
 from study.workload import SPLITS, Workload, describe, resolve
 
-WORKLOAD_FILE = "workload.json"
 STAGE = "sweep"
 # Grid flags and the TrainConfig fields they fill; a workload's `defaults` and `smoke` use the flags' names.
 GRID = dict(batch_sizes="batch_size", optimizers="optimizer", lrs="lr", lr_scaling="lr_scaling", seeds="seed")
@@ -217,7 +216,7 @@ def execute(args, workload: Workload) -> tuple[int, str]:
         folder.write_json(STUDY_FILE, {"study": workload.name, "kind": "workload", "stages": [STAGE],
                                        "args": vars(args), "code_version": version, "resources_per_trial": resources,
                                        "data": {s: len(splits[s][0]) for s in splits}})
-        folder.write_json(WORKLOAD_FILE, dict(describe(workload, splits), axes=axes))
+        folder.write_json(M.WORKLOAD_FILE, dict(describe(workload, splits), axes=axes))
         key = [workload.primary] + [m for m in metric_names if m != workload.primary]
         write_experiment(folder, workload.name, dict(axes, momentum=[args.momentum],
                                                      weight_decay=[args.weight_decay], schedule=[args.schedule]),

@@ -49,6 +49,7 @@ TEST_ACC = "test_acc"
 STUDY_FILE = "study.json"  # what ran: the study's kind, its arguments, code version, stages
 ERRORED_FILE = "errored_trials.json"  # in each stage folder: the trial folders its last run left errored
 CHOSEN_FILE = "chosen_lr.json"  # MNIST: the learning rate stage 1 chose per target
+WORKLOAD_FILE = "workload.json"  # a workload study: metrics (names, directions), primary, goals, chance, grid axes
 TARGET_STATS_FILE = "target_stats.json"  # MNIST: box-plot statistics of each target over the training images
 
 # Files inside a trial's final checkpoint (persisted to the storage path with it).

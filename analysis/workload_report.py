@@ -1,0 +1,177 @@
+"""The general report sections of any workload study (study.json "kind": "workload"), driven by the workload.json
+the study stored: the workload and its grid, the primary metric per configuration and per axis with intervals over
+runs, curves per batch size, run-to-run spread, training speed per batch size and the gradient noise scale.
+
+Called by `python -m analysis.report STUDY`; `write(report, study)` adds the sections, and analysis/report.py then
+adds the timing, cost and failure sections every study has. Reads stored results only, never a workload's code,
+except one extension point: when workload.json names "report": "module:function", that function is imported and
+called as function(report, study) after the general sections, to add the workload's own section.
+"""
+
+import importlib
+import json
+
+import pandas as pd
+
+from analysis import noise_figures
+from analysis import workload_figures as F
+from analysis import workload_tables as T
+from analysis.common import timing_table
+from analysis.figures import ReportWriter, fmt
+from analysis.load import WORKLOAD_FILE, Study
+
+
+def labels(study: Study) -> list:
+    """The config keys that name a trial in the shared timing and failure tables: the axes, then the repeats."""
+    spec = T.spec_of(study)
+    return [*spec.axes, *spec.repeats]
+
+
+def title(study: Study) -> str:
+    return f"Workload study {T.spec_of(study).name}"
+
+
+def write(report: ReportWriter, study: Study) -> None:
+    spec = T.spec_of(study)
+    write_workload(report, study, spec)
+    trial_objects = study.trials(spec.stage)
+    if not trial_objects:
+        report.heading(f"Primary metric: {spec.primary}")
+        report.text(f"Stage {spec.stage or '(none)'} has no trials yet.")
+        return
+    trials = T.trial_frame(trial_objects, spec)
+    epochs = T.epoch_frame(trial_objects, spec)
+    axes = list(spec.axes)
+    configs = T.config_table(trials, axes, spec.primary)
+    write_primary(report, spec, trials, configs)
+    chosen = T.best_rows(configs, ["batch_size"], spec.primary, spec.higher_is_better)
+    write_curves(report, spec, epochs, chosen)
+    write_spread(report, spec, trials, chosen, trial_objects)
+    write_speed(report, study, spec, trials, epochs)
+    write_noise(report, spec, trials, trial_objects)
+    write_hook(report, study, spec)
+
+
+def write_workload(report: ReportWriter, study: Study, spec: T.Spec) -> None:
+    report.heading(f"Workload: {spec.name}")
+    if WORKLOAD_FILE not in study.files:
+        report.text(f"The study stored no {WORKLOAD_FILE}: the metric directions are unknown (taken as lower is "
+                    f"better) and the axes are the config keys that vary between trials.")
+    facts = [f"summary: {spec.summary}" if spec.summary else "no summary stored",
+             f"primary metric: `{spec.primary}` ({F.direction(spec)})",
+             "metrics: " + (", ".join(f"`{c}` ({'higher' if h else 'lower'} is better)" for c, h in spec.metrics)
+                            or "none declared"),
+             "grid axes: " + ", ".join(f"`{a}`" for a in spec.axes) + (
+                 f"; repeated over {', '.join(f'`{r}`' for r in spec.repeats)}" if spec.repeats else "")]
+    if spec.goals:
+        facts.append("goals: " + ", ".join(f"`{m}` {'≥' if h else '≤'} {fmt(v)}" for m, v, h in spec.goals))
+    if spec.chance:
+        facts.append("chance level: " + ", ".join(f"`{m}` {fmt(v)}" for m, v in spec.chance.items()))
+    if len(study.expected_stages()) > 1:
+        facts.append(f"the sections below cover stage `{spec.stage}`; the timing and failure sections cover all")
+    report.bullets(facts)
+    axes = study.files.get(WORKLOAD_FILE, {}).get("axes") or {}
+    if axes:
+        report.text("Grid as stored: " + "; ".join(f"{a}: {json.dumps(v, default=str)}" for a, v in axes.items()))
+
+
+def write_primary(report: ReportWriter, spec, trials: pd.DataFrame, configs: pd.DataFrame) -> None:
+    metric = spec.primary
+    report.heading(f"Primary metric: {metric}")
+    report.text(f"`{metric}` ({F.direction(spec)}) of every configuration: final = the last epoch's value, best = "
+                f"the best value over its trained epochs (epoch 0, the untrained model, excluded). Mean over the "
+                f"finished runs with a Student-t 95 % interval (none from a single run). Diverged and errored runs "
+                f"have no value: `finished` and `outcomes` count them, and they are never shown as numbers.")
+    shown = configs[[*spec.axes, "runs", "finished", "outcomes"]].assign(
+        final=[T.cell(r, f"final_{metric}") for _, r in configs.iterrows()],
+        best=[T.cell(r, f"best_{metric}") for _, r in configs.iterrows()])
+    report.table("configurations", configs, f"Final and best {metric} per configuration, mean [95 % interval]",
+                 shown=shown)
+    per_trial = trials.rename(columns={"final": f"final_{metric}", "best": f"best_{metric}",
+                                       "final_test": f"final_{spec.test}" if spec.test else "final_test"})
+    if not spec.test:
+        per_trial = per_trial.drop(columns=["final_test"])
+    report.table("trials", per_trial, f"Every trial: final and best {metric}"
+                 + (f", final {spec.test}" if spec.test else "") + ", training seconds, B_simple")
+    for axis in spec.axes if len(spec.axes) > 1 else ():  # one axis: the table above is already per batch size
+        if configs[axis].nunique(dropna=False) < 2:
+            continue
+        table = T.axis_table(configs, axis, list(spec.axes), metric, spec.higher_is_better)
+        shown = table[[axis, "configurations", "best_configuration", "runs", "finished"]].assign(
+            final=[T.cell(r, f"final_{metric}") for _, r in table.iterrows()],
+            best=[T.cell(r, f"best_{metric}") for _, r in table.iterrows()])
+        report.table(f"axis_{axis}", table, f"{metric} per {axis}: the best configuration at each value "
+                                            f"({F.direction(spec)})", shown=shown)
+
+
+def write_curves(report: ReportWriter, spec, epochs: pd.DataFrame, chosen: pd.DataFrame) -> None:
+    report.heading("Curves per batch size")
+    if epochs.empty:
+        report.text("No trial has reported an epoch yet.")
+        return
+    curve = T.curve_table(epochs, list(spec.axes))
+    several = len(spec.axes) > 1
+    report.text(f"`{spec.primary}` and the training loss after each epoch, against epochs, training examples seen "
+                f"and optimizer steps: a line per batch size, the mean over runs with a finite value (a diverged run "
+                f"stops counting at its first NaN), band min to max."
+                + (" Each batch size shows its best configuration by final mean." if several else ""))
+    report.table("curves", curve.rename(columns=lambda c: c.replace("metric_", f"{spec.primary}_")),
+                 f"Per configuration and epoch: {spec.primary} and training loss, mean (min, max) over runs")
+    report.figure("curves", F.curves(curve, chosen, spec),
+                  f"{spec.primary} (top) and training loss (bottom) vs epoch, examples seen and steps, per batch size")
+
+
+def write_spread(report: ReportWriter, spec, trials, chosen, trial_objects) -> None:
+    report.heading("Run-to-run spread")
+    spread = T.spread_table(trials, list(spec.axes))
+    report.table("spread", spread, f"Final {spec.primary} over runs per configuration (finished runs only)",
+                 notes=["cv = coefficient of variation, std (ddof 1) / mean; – with fewer than 2 finished runs."])
+    if not F.has_finite(spread["mean"]):
+        report.text("No run has finished yet: nothing to draw against batch size.")
+        return
+    report.figure("sensitivity", F.sensitivity(spread, chosen, trial_objects, spec),
+                  f"Final {spec.primary} vs batch size: mean over runs, bars min to max; B_simple per batch size "
+                  f"dotted")
+
+
+def write_speed(report: ReportWriter, study: Study, spec, trials, epochs) -> None:
+    report.heading("Training speed per batch size")
+    timing = T.timing_by_batch(epochs, trials, timing_table(study, []))
+    report.text("Seconds per epoch and images per second: medians over the trials' trained epochs (training only, "
+                "evaluation excluded). Mean training seconds: over finished trials. GPU-seconds: each trial's GPU "
+                "share x its wall seconds, summed (0 on CPU).")
+    report.table("speed", timing, "Training speed and cost per batch size")
+    if timing.empty or not F.has_finite(timing["seconds_per_epoch"]):
+        report.text("No trial has finished a training epoch yet: nothing to draw.")
+        return
+    report.figure("speed", F.speed(timing, trials), "Seconds per epoch, images per second and training seconds "
+                                                     "per trial vs batch size")
+
+
+def write_noise(report: ReportWriter, spec, trials, trial_objects) -> None:
+    report.heading("Gradient noise scale")
+    table = T.noise_by_batch(trials)
+    if table.empty:
+        report.text("No trial measured a finite gradient noise scale (B_simple); the study ran with the noise "
+                    "scale off, or every estimate was NaN (see the per-trial table for why).")
+    else:
+        report.text("B_simple (McCandlish et al. 2018) per batch size: each trial's B_simple (as in the per-trial "
+                    "table below), summarised over the trials at that batch size. Batches well below it use "
+                    "examples efficiently; well above it the returns per example fall.")
+        report.table("noise_scale", table, "Measured gradient noise scale B_simple per batch size (examples)")
+    others = [a for a in spec.axes if a != "batch_size"]
+    noise_figures.write(report, trial_objects, [*spec.axes, *spec.repeats],
+                        lambda c: ", ".join(f"{a} {fmt(T.axis_value(c, a))}" for a in others) or spec.name)
+
+
+def write_hook(report: ReportWriter, study: Study, spec) -> None:
+    """The workload's own section, named in workload.json as "report": "module:function" (the one place the
+    report imports workload code). A hook that fails to import or raises is named, and the report goes on."""
+    if not spec.hook:
+        return
+    module, _, name = spec.hook.partition(":")
+    try:
+        getattr(importlib.import_module(module), name)(report, study)
+    except Exception as err:  # the workload's code, not ours: one line in the report, the general sections stand
+        report.heading(f"{spec.name}: the workload's own section")
+        report.text(f"The workload's report section `{spec.hook}` failed: {type(err).__name__}: {err}")
