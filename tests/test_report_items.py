@@ -7,23 +7,26 @@ from types import SimpleNamespace
 
 import pandas as pd
 
-from analysis import common, mnist_report, pcam_report
+from analysis import common, mnist_report, pcam_report, stats
 from analysis.figures import ReportWriter, new_figure
 
 
 def configs(*rows):
-    """config_table rows: (optimizer, lr, batch_size, mean_test_auc, ci_low, ci_high)."""
+    """config_table rows: (optimizer, lr, batch_size, mean_test_auc, ci_low, ci_high[, mean_val_auc])."""
     return pd.DataFrame.from_records([
         dict(optimizer=o, lr=lr, batch_size=b, seeds=1, with_auc=1, outcomes="1 done", mean_test_auc=v,
-             ci_low=lo, ci_high=hi, interval="bootstrap over test images") for o, lr, b, v, lo, hi in rows])
+             ci_low=lo, ci_high=hi, mean_val_auc=v if val is None else val, interval="bootstrap over test images")
+        for o, lr, b, v, lo, hi, val in ((*r, None) if len(r) == 6 else r for r in rows)])
 
 
 def paired(rows):
-    """paired_tests rows: (optimizer, lr, batch_size, p_value)."""
-    return pd.DataFrame.from_records([
-        dict(optimizer=o, lr=lr, batch_size=b, run=0, trial_id=f"t{i}", best_trial_id="t0", test_auc=0.8,
-             best_auc=0.9, z=2.0, p_value=p, significant=p < pcam_report.ALPHA, note="")
-        for i, (o, lr, b, p) in enumerate(rows)])
+    """config_tests rows: (optimizer, lr, batch_size, p_value); Holm's correction as config_tests applies it."""
+    table = pd.DataFrame.from_records([
+        dict(optimizer=o, lr=lr, batch_size=b, test="DeLong", seeds="0 vs 0", test_auc=0.8, reference_auc=0.9,
+             difference=-0.1, p_value=p, note="") for o, lr, b, p in rows])
+    table["p_holm"] = stats.holm(table["p_value"])
+    table["significant"] = table["p_holm"] < pcam_report.ALPHA
+    return table
 
 
 def written(tmp_path, cfg, tests, best) -> str:
@@ -32,15 +35,16 @@ def written(tmp_path, cfg, tests, best) -> str:
     return report.finish().read_text()
 
 
-def test_tied_best_configurations_are_named_as_a_tie(tmp_path):
-    cfg = configs(("sgd", 0.01, 8, 1.0, 0.9, 1.0), ("adam", 1e-4, 16, 1.0, 0.95, 1.0), ("sgd", 0.01, 16, 0.7, 0.5, 0.9))
-    tied = pcam_report.best_configs(cfg)
-    assert tied == [("sgd", 0.01, 8), ("adam", 1e-4, 16)]
-    text = written(tmp_path, cfg, paired([("sgd", 0.01, 16, 0.5)]), tied[0])
-    best_line = next(line for line in text.splitlines() if line.startswith("Best configuration"))
-    assert "tie of 2 configurations" in best_line and "adam" in best_line and "sgd" in best_line
-    single = configs(("sgd", 0.01, 8, 0.9, 0.8, 1.0), ("sgd", 0.01, 16, 0.7, 0.5, 0.9))
-    assert pcam_report.best_description(single, ("sgd", 0.01, 8)) == "optimizer sgd, lr 0.01, batch_size 8"
+def test_the_reference_is_chosen_on_validation_and_named_with_it(tmp_path):
+    # adam wins on test AUC, sgd batch 8 on validation AUC: the reference is the validation winner
+    cfg = configs(("sgd", 0.01, 8, 0.9, 0.85, 0.95, 0.97), ("adam", 1e-4, 16, 0.95, 0.9, 0.99, 0.93),
+                  ("sgd", 0.01, 16, 0.7, 0.5, 0.9, 0.97))
+    best = pcam_report.reference_config(cfg)
+    assert best == ("sgd", 0.01, 8)  # the tie on validation goes to the first in grid order
+    text = written(tmp_path, cfg, paired([("adam", 1e-4, 16, 0.5), ("sgd", 0.01, 16, 0.5)]), best)
+    assert "Reference configuration: optimizer sgd, lr 0.01, batch_size 8 (mean validation AUC 0.97" in text
+    no_val = cfg.assign(mean_val_auc=math.nan)
+    assert pcam_report.reference_config(no_val) == ()
 
 
 def test_auc_csvs_hold_numbers_and_footnotes_stand_only_under_marks(tmp_path):
@@ -55,8 +59,8 @@ def test_auc_csvs_hold_numbers_and_footnotes_stand_only_under_marks(tmp_path):
     assert sgd["differs_from_best"].tolist() == [False, True]
     sections = text.split("**Test AUC, optimizer ")
     sgd_md, adam_md = (next(s for s in sections if s.startswith(o)) for o in ("sgd", "adam"))
-    assert "0.6 [0.5, 0.7] *" in sgd_md and "> * a trial" in sgd_md
-    assert " *" not in adam_md.split("> ")[0] and "> * a trial" not in adam_md  # no mark, no footnote
+    assert "0.6 [0.5, 0.7] *" in sgd_md and "> * this configuration" in sgd_md
+    assert " *" not in adam_md.split("> ")[0] and "> * this configuration" not in adam_md  # no mark, no footnote
 
 
 def test_trials_table_gives_momentum_to_sgd_only():
