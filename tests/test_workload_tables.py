@@ -179,6 +179,7 @@ def test_a_workload_study_whose_trials_have_not_started_is_reported_as_partial(t
     import json
 
     from analysis import report
+    from tests.test_analysis_load import write_state
 
     root = tmp_path / "w"
     (root / "sweep").mkdir(parents=True)
@@ -186,10 +187,8 @@ def test_a_workload_study_whose_trials_have_not_started_is_reported_as_partial(t
     (root / "workload.json").write_text(json.dumps({"name": "toy", "primary": "val_error",
                                                     "metrics": [{"name": "val_error", "higher_is_better": False}],
                                                     "axes": {"batch_size": [8, 16], "seed": [0]}}))
-    data = [[json.dumps({"trial_id": f"a_{i}", "status": "PENDING", "relative_logdir": f"t{i}",
-                         "config": {"batch_size": b, "seed": 0, "workload": "toy"}}), json.dumps({})]
-            for i, b in enumerate([8, 16])]
-    (root / "sweep" / "experiment_state-2026.json").write_text(json.dumps({"trial_data": data}))
+    write_state(root / "sweep", [(None, f"a_{i}", "PENDING", {"batch_size": b, "seed": 0, "workload": "toy"}, 0)
+                                 for i, b in enumerate([8, 16])])
     assert report.main([str(root), "--out", str(tmp_path / "out")]) == 0
     text = (tmp_path / "out" / "report.md").read_text()
     assert "**PARTIAL RESULTS**" in text and "No trial has reported an epoch yet." in text
