@@ -1,4 +1,4 @@
-"""The study's own TensorBoard output, in place of Tune's TBXLoggerCallback (see README, "TensorBoard").
+"""The study's own TensorBoard output, in place of Tune's TBXLoggerCallback (see docs/tensorboard.md).
 
 `tensorboard --logdir <storage-path>/<name>` then shows:
 - HPARAMS: one experiment per study (written once at its root by `write_experiment`: every hyperparameter of the
@@ -199,7 +199,7 @@ class StudyTensorBoard(TBXLoggerCallback):
         last = trial.last_result or {}
         diverged = bool(last.get(M.DIVERGED))
         failed = failed or last.get(M.STATUS) == M.STATUS_OOM  # reported, not raised: see trial_entry
-        # One policy with the report (README, "Diverging runs"): a diverged trial that kept a best-on-validation
+        # One policy with the report (docs/faults.md, "Diverging runs"): a diverged trial that kept a best-on-validation
         # model from before it diverged (PCam) was tested on it, and that is its result; one without (MNIST's
         # last-epoch result, or PCam diverging in epoch 1) has none.
         tested = diverged and not failed and _num(last.get(M.BEST_EPOCH)) > 0

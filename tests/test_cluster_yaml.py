@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"  # at the repository root, where `ray up cluster.yaml` is run from
 RAY_REQUIREMENT = re.compile(r"[\"']ray(?:\[[^\]]*\])?[^\"']*[\"']")  # a quoted "ray[extras]<spec>" argument
 BOTO3_SPEC = re.compile(r"\bboto3\s*([<>=!~][^\s\"']*)")
-# Ray's token auth: the laptop's token travels to every node through file_mounts (README, "Run on a cluster").
+# Ray's token auth: the laptop's token travels to every node through file_mounts (docs/cluster.md, "Token authentication").
 AUTH_TOKEN = "~/.ray/auth_token"
 AUTH_MODE_EXPORT = "export RAY_AUTH_MODE=token"
 

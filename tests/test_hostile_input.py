@@ -282,7 +282,7 @@ def test_resume_of_a_study_stored_before_a_flag_existed_takes_its_default(monkey
 
 
 def test_resume_honours_a_new_max_trials(capsys, monkeypatch, tmp_path):
-    """--max-trials is among the flags a resume may change (README): the stored grid is checked against the value
+    """--max-trials is among the flags a resume may change (docs/faults.md): the stored grid is checked against the value
     given now, and a refusal leaves the study as it was."""
     args = mnist_cli.parse_args(["--smoke", "--storage-path", str(tmp_path), "--name", "s"])
     (tmp_path / "s").mkdir()

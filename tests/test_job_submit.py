@@ -1,5 +1,5 @@
-"""The README's cluster path on one machine: a token-authenticated Ray head as cluster.yaml starts it, a worker
-with a fake GPU, and the study submitted with the README's own `ray job submit` command.
+"""docs/cluster.md's cluster path on one machine: a token-authenticated Ray head as cluster.yaml starts it, a worker
+with a fake GPU, and the study submitted with that document's own `ray job submit` command.
 
 `python -m pytest tests/test_job_submit.py -q` (2-3 min on two cores). The head declares 0 CPUs and serves
 its dashboard and job server on 127.0.0.1; a second raylet joins it with 2 CPUs and 1 (fake) GPU. Every process
@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = [sys.executable, "-c", "import sys; from ray.scripts.scripts import main; sys.exit(main())"]
-# What the README submits, cut to two trials of two epochs on the synthetic digits.
+# What docs/cluster.md submits, cut to two trials of two epochs on the synthetic digits.
 EXCLUDES = ["results/", "report/", ".git/"]
 STUDY = ["python", "-m", "study.mnist", "--smoke", "--lr", "1e-3", "--targets", "mean", "--batch-sizes", "64",
          "--runs", "2", "--address", "auto", "--gpus-per-trial", "0.5", "--cpus-per-trial", "1"]
@@ -77,7 +77,7 @@ class TokenCluster:
         return [n for n in json.loads(done.stdout) if n["state"] == "ALIVE"]
 
     def submit(self, *argv: str) -> str:
-        """The README's `ray job submit ... --no-wait -- ...`; returns the submission id it printed."""
+        """docs/cluster.md's `ray job submit ... --no-wait -- ...`; returns the submission id it printed."""
         done = self.ray("job", "submit", f"--address={self.dashboard}", "--working-dir", ".",
                         "--runtime-env-json", json.dumps({"excludes": EXCLUDES}), "--no-wait", "--", *argv)
         return re.search(r"raysubmit_\w+", done.stdout + done.stderr).group(0)
@@ -136,7 +136,7 @@ def test_the_job_cli_is_refused_without_the_token(cluster):
 
 
 def test_the_submitted_study_succeeds_with_every_trial_on_the_worker(cluster, first_job, store):
-    assert f"--runtime-env-json '{json.dumps({'excludes': EXCLUDES})}'" in (REPO / "README.md").read_text()
+    assert f"--runtime-env-json '{json.dumps({'excludes': EXCLUDES})}'" in (REPO / "docs" / "cluster.md").read_text()
     logs, status, rows = first_job
     assert status == "SUCCEEDED", logs[-3000:]
     assert f"results: {store / 'job'}" in logs
