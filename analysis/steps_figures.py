@@ -154,10 +154,11 @@ def _tables(trials, results):
 
 
 def write_section(trials: list[dict], goals: list[dict], out_dir, ranges: dict | None = None, level: float = 0.95,
-                  safety: float = 10.0, n_boot: int = 1000, seed: int = 0) -> str:
-    """Tables and figures into out_dir; returns the section's markdown."""
+                  safety: float = 10.0, n_boot: int = 1000, seed: int = 0, writer: ReportWriter | None = None) -> str:
+    """Tables and figures into out_dir; returns the section's markdown. writer: a report to add the section to
+    (its folder is then out_dir's place; python -m analysis.report passes its own)."""
     results = A.analyse(trials, goals, ranges, level, safety, n_boot, seed)
-    report = ReportWriter(Path(out_dir))
+    report = writer if writer is not None else ReportWriter(Path(out_dir))
     n = max(sum(1 for t in trials if t["batch_size"] == b) for b in {t["batch_size"] for t in trials})
     m = configs_to_wait_for(n, level, safety)
     pct = f"{level:.0%}"
