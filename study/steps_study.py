@@ -308,7 +308,7 @@ def prime(stopper, folder: StudyFolder, limits: S.TrialLimits) -> None:
     """On --resume: the rule's record of reaching trials, rebuilt from the stored rows (Tune's restore brings back
     the stopper as the study started it, empty)."""
     for name, (config, rows) in stored_rows(folder).items():
-        first = next((r for r in rows if limits.status(r) == S.REACHED), None)
+        first = next((r for r in rows if S.reached(float(r.get(limits.goal["metric"], math.nan)), limits.goal)), None)
         if first is not None:
             stopper.rule.reached(config["batch_size"], rows[0].get("trial_id", name), first[S.STEP])
     earlier = f"{STAGE}/{STOPPED_FILE}"

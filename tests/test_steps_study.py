@@ -139,3 +139,29 @@ def test_steps_study_through_tune(local_ray, tmp_path, monkeypatch, tensorboard_
     assert main(["steps", DIGITS, "--storage-path", str(tmp_path), "--name", "digits", "--resume"]) == 0
     assert {p: p.read_bytes() for p in study.glob("steps/*/result.json")} == before
     assert (study / "steps" / "stopped_by_rule.json").read_text() == stopped_before
+
+
+def test_resume_rebuilds_the_rule_from_stored_rows_and_keeps_earlier_stops(tmp_path):
+    from types import SimpleNamespace
+
+    from study import steps_study
+    from study.tuning import StudyFolder
+
+    folder = StudyFolder(str(tmp_path), "s")
+    limits = S.TrialLimits(goal=GOAL_03, budget_steps=100)
+    for name, trial_id, batch, errors in (("a", "t_a", 16, [0.9, 0.5, 0.25]), ("b", "t_b", 16, [0.9, 0.2]),
+                                          ("c", "t_c", 16, [0.9, 0.6, 0.5, 0.4]), ("d", "t_d", 32, [0.9, 0.1])):
+        trial_dir = tmp_path / "s" / "steps" / name
+        trial_dir.mkdir(parents=True)
+        rows = [{"step": 10 * k, "val_error": e, "trial_id": trial_id, "config": {"batch_size": batch}}
+                for k, e in enumerate(errors)]
+        (trial_dir / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"cut sh')
+    (tmp_path / "s" / "steps" / steps_study.STOPPED_FILE).write_text('{"e": 70}')
+    stopper = S.tune_stopper(S.ResultRule(configs=2, level=0.5, safety=1.0), limits)  # m = 1 of 2
+    steps_study.prime(stopper, folder, limits)
+    assert stopper.rule.steps == {16: {"t_a": 20, "t_b": 10}, 32: {"t_d": 10}}
+    assert stopper("t_c", {"step": 20, "val_error": 0.5, "config": {"batch_size": 16}})  # past step 10, not there
+    assert not stopper("t_x", {"step": 20, "val_error": 0.5, "config": {"batch_size": 64}})
+    results = [SimpleNamespace(metrics={"trial_id": "t_c"}, path=str(tmp_path / "s" / "steps" / "c"))]
+    steps_study.save_stopped(folder, stopper, results)
+    assert json.loads((tmp_path / "s" / "steps" / steps_study.STOPPED_FILE).read_text()) == {"c": 20, "e": 70}
