@@ -197,7 +197,7 @@ def execute(args, workload: Workload) -> tuple[int, str]:
     """The study of parsed flags: (exit status, folder URI). Exit 1 when a trial failed."""
     from ray import tune
 
-    from study.console import StudyConsole, tensorboard_hint
+    from study.console import tensorboard_hint
     from study.tensorboard import write_experiment
     from study.tuning import grid_axis, open_study, run_stage
 
@@ -267,7 +267,7 @@ def execute(args, workload: Workload) -> tuple[int, str]:
     callbacks = [StepsTensorBoard(workload.name, STAGE, {goal["metric"]: tag(goal["metric"]),
                                                          STEPS_TO_RESULT: "steps/to_result"})]
     if not args.verbose:
-        callbacks.append(StudyConsole(STAGE, ["batch_size", CONFIG], [goal["metric"], S.STEP]))
+        callbacks.append(StepsConsole(STAGE, ["batch_size", CONFIG], [goal["metric"], S.STEP]))
     results = run_stage(train_steps, space, folder=folder, stage=STAGE, args=args, resources=resources,
                         data=splits, callbacks=callbacks, run_names=trial_name, stop=stopper)
     save_stopped(folder, stopper, results)
@@ -341,6 +341,18 @@ def _tensorboard():
             super().log_trial_result(iteration, trial, {**result, M.EPOCH: result.get(S.STEP, iteration)})
 
     return Steps
+
+
+def StepsConsole(stage: str, columns: list, metrics: list):  # noqa: N802 (a class, built when Ray is imported)
+    from study.console import StudyConsole
+
+    class Steps(StudyConsole):
+        """The time left counts every trial's whole budget, which most trials never use: an upper bound."""
+
+        def progress(self) -> str:
+            return super().progress().replace(" about ", " at most ")
+
+    return Steps(stage, columns, metrics)
 
 
 def StepsTensorBoard(kind: str, stage: str, scalars: dict):  # noqa: N802 (a class, built when Ray is imported)
