@@ -29,6 +29,11 @@ def _log_y(ax) -> None:
     labels no major tick)."""
     from matplotlib import ticker
 
+    lim = ax.dataLim
+    if not (math.isfinite(lim.y0) and lim.y0 > 0):  # nothing positive drawn (no batch size reached the goal)
+        ax.text(0.5, 0.5, "nothing to draw: no configuration reached the goal", ha="center", va="center",
+                transform=ax.transAxes)
+        return
     ax.set_yscale("log")
     ax.yaxis.set_minor_locator(ticker.LogLocator(subs=(2, 3, 5)))
     low, high = ax.get_ylim()
