@@ -44,6 +44,11 @@ def _log_y(ax) -> None:
         ax.tick_params(axis="y", which="minor", labelsize=7)
 
 
+def _legend(ax, **options) -> None:
+    if ax.get_legend_handles_labels()[0]:  # an empty panel has nothing to list
+        ax.legend(**options)
+
+
 def _finite(table, key):
     return [r for r in table if math.isfinite(r[key])]
 
@@ -80,7 +85,7 @@ def _steps_figure(results, per_example: bool):
     batch_axis(ax, [t["batch_size"] for res in results for t in res["table"]])
     _log_y(ax)  # after batch_axis, which turns minor ticks off
     ax.set_ylabel("examples to result" if per_example else "steps to result")
-    ax.legend(fontsize=7)
+    _legend(ax, fontsize=7)
     return fig
 
 
@@ -101,7 +106,7 @@ def _lr_figure(results):
     batch_axis(ax, [r["batch_size"] for res in results for r in res["table"]])
     _log_y(ax)  # after batch_axis, which turns minor ticks off
     ax.set_ylabel("learning rate")
-    ax.legend()
+    _legend(ax)
     return fig
 
 
@@ -119,7 +124,7 @@ def _map_figure(trials, result):
     batch_axis(ax, [t["batch_size"] for t in trials])
     _log_y(ax)  # after batch_axis, which turns minor ticks off
     ax.set_ylabel("learning rate")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    _legend(ax, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return fig
 
 
@@ -132,7 +137,7 @@ def _seconds_figure(results):
     batch_axis(ax, [r["batch_size"] for res in results for r in res["table"]])
     _log_y(ax)  # after batch_axis, which turns minor ticks off
     ax.set_ylabel("training seconds to result (best config)")
-    ax.legend()
+    _legend(ax)
     return fig
 
 
@@ -152,7 +157,7 @@ def _noise_figure(results):
     batch_axis(ax, sizes)
     _log_y(ax)  # after batch_axis, which turns minor ticks off
     ax.set_ylabel("batch size (examples)")
-    ax.legend(fontsize=7)
+    _legend(ax, fontsize=7)
     return fig
 
 

@@ -165,3 +165,15 @@ def test_resume_rebuilds_the_rule_from_stored_rows_and_keeps_earlier_stops(tmp_p
     results = [SimpleNamespace(metrics={"trial_id": "t_c"}, path=str(tmp_path / "s" / "steps" / "c"))]
     steps_study.save_stopped(folder, stopper, results)
     assert json.loads((tmp_path / "s" / "steps" / steps_study.STOPPED_FILE).read_text()) == {"c": 20, "e": 70}
+
+
+def test_report_section_of_a_study_where_nothing_reached_the_goal(tmp_path):
+    from analysis.steps_figures import write_section
+
+    trials = [{"trial_id": f"t{b}_{c}", "batch_size": b, "config": c, "lr": 0.1 * (c + 1), "momentum": 0.9,
+               "status": S.CENSORED, "rows": [{"step": s, "val_error": 0.5, "train_seconds": s / 10}
+                                              for s in (0, 10, 11, 12)]}
+              for b in (16, 32) for c in range(2)]
+    text = write_section(trials, [GOAL_03], tmp_path)
+    for name in REPORT_FILES:
+        assert (tmp_path / name).stat().st_size > 0 and f"({name})" in text, name
