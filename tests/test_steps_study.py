@@ -133,6 +133,12 @@ def test_steps_study_through_tune(local_ray, tmp_path, monkeypatch, tensorboard_
     assert {"batch_size", "lr", "momentum", "config"} <= {h["name"] for h in experiment["hparamInfos"]}
     to_result = [float(m["value"]) for g in groups for m in g["metricValues"] if m["name"]["tag"] == "steps/to_result"]
     assert len(to_result) == sum(len(v) for v in first.values())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    name, trial_rows = next(iter(rows.items()))
+    events = EventAccumulator(str(study / "steps" / name))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/error")] == [r["step"] for r in trial_rows]  # the training step
 
     before = {p: p.read_bytes() for p in study.glob("steps/*/result.json")}
     stopped_before = (study / "steps" / "stopped_by_rule.json").read_text()
