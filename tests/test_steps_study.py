@@ -183,3 +183,25 @@ def test_report_section_of_a_study_where_nothing_reached_the_goal(tmp_path):
     text = write_section(trials, [GOAL_03], tmp_path)
     for name in REPORT_FILES:
         assert (tmp_path / name).stat().st_size > 0 and f"({name})" in text, name
+
+
+def test_trial_restarted_from_a_mid_epoch_checkpoint_goes_on_exactly():
+    import copy
+
+    workload = resolve(DIGITS)
+    splits = workload.load(workload.option_values())
+    cfg = TrainConfig(workload=DIGITS, batch_size=64, optimizer="nesterov", lr=0.1, momentum=0.9, noise_every=4)
+    extra = {GOAL: {**GOAL_03, "value": 0.0}, BUDGET: 45, CHANCE: None, CONFIG: 0}  # 19 steps per epoch
+    rows, saved = [], {}
+
+    def report(row, state):
+        rows.append(row)
+        if row["step"] == 24:  # inside the second epoch (an evaluation step of the budget)
+            saved.update(copy.deepcopy(state()))
+
+    run_steps(cfg, extra, workload, splits, torch.device("cpu"), report)
+    again = []
+    run_steps(cfg, extra, workload, splits, torch.device("cpu"), lambda row, state: again.append(row), saved)
+    after = [r for r in rows if r["step"] > 24]
+    keys = ["step", "examples", "train_loss", "val_error", "val_loss", "noise_scale", "status"]
+    assert [[r[k] for k in keys] for r in again] == [[r[k] for k in keys] for r in after] and after
