@@ -7,6 +7,7 @@ failure sections every study has. Reads stored results only.
 import json
 
 from analysis.figures import ReportWriter
+from analysis.steps_figures import write_section
 from analysis.load import Study
 from study import metrics as M
 from study import steps as S
@@ -71,7 +72,5 @@ def write(report: ReportWriter, study: Study) -> None:
     if not trials or not goals:
         report.text("No trial has stored an evaluation yet." if goals else "study.json names no goal.")
         return
-    from analysis.steps_figures import write_section
-
     write_section(trials, goals, report.out, ranges=ranges or None, level=meta.get("level", 0.95),
                   safety=meta.get("safety", 10.0), seed=int(args.get("seed", 0)), writer=report)
