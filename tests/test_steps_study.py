@@ -205,3 +205,13 @@ def test_trial_restarted_from_a_mid_epoch_checkpoint_goes_on_exactly():
     after = [r for r in rows if r["step"] > 24]
     keys = ["step", "examples", "train_loss", "val_error", "val_loss", "noise_scale", "status"]
     assert [[r[k] for k in keys] for r in again] == [[r[k] for k in keys] for r in after] and after
+
+
+def test_regime_is_undetermined_where_the_doubled_batch_never_reached_the_goal():
+    import numpy as np
+
+    from analysis import steps as A
+
+    table = [{"batch_size": 16, "steps": 100.0, "replicates": np.full(10, 100.0)},
+             {"batch_size": 32, "steps": math.inf, "replicates": np.full(10, math.inf)}]
+    assert A.regimes(table)[0]["regime"] == A.UNDETERMINED and math.isnan(A.regimes(table)[0]["ratio"])
