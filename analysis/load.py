@@ -41,6 +41,8 @@ EXPERIMENT_STATE = re.compile(r"^experiment_state-.*\.json$")
 STAGES = {"mnist": ("lr_coarse", "lr_fine", "batch_sweep"), "pcam": ("grid",)}  # a workload study lists its own
 # Tune statuses of a trial that has not finished yet; a study holding one is reported as partial.
 UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
+# A last row's status of a trial that ended as planned: done, or a steps-to-result trial's end (study.steps).
+FINISHED = (M.STATUS_DONE, "reached", "censored", "infeasible")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -75,7 +77,7 @@ class Trial:
             return "error"
         if any(r.get(M.DIVERGED) is True or r.get(M.STATUS) == M.STATUS_DIVERGED for r in self.rows):
             return "diverged"
-        if self.rows and self.rows[-1].get(M.STATUS) == M.STATUS_DONE:
+        if self.rows and self.rows[-1].get(M.STATUS) in FINISHED:
             return "done"
         if self.tune_status in UNFINISHED:
             return "running" if self.rows or self.tune_status != "PENDING" else "pending"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from analysis import mnist_report, pcam_report, workload_report
+from analysis import mnist_report, pcam_report, steps_report, workload_report
 from analysis.common import write_failures, write_timing
 from analysis.figures import ReportWriter
 from analysis.load import Study, open_study, resolve
@@ -23,7 +23,8 @@ from study.errors import StudyError
 
 TITLES = {"mnist": "MNIST regression study", "pcam": "PCam classification study"}
 OUTCOMES = ("done", "diverged", "error", "incomplete", "running", "pending")
-LABELS = {"mnist": ["target", "batch_size", "lr", "run"], "pcam": ["optimizer", "lr", "batch_size", "run"]}
+LABELS = {"mnist": ["target", "batch_size", "lr", "run"], "pcam": ["optimizer", "lr", "batch_size", "run"],
+          "steps": steps_report.LABELS}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,7 +58,8 @@ def output_dir(study: Study, experiment_dir: str, out: str | None) -> Path:
 
 
 def write_header(report: ReportWriter, study: Study) -> None:
-    report.heading(f"{TITLES.get(study.kind) or workload_report.title(study)}: report", level=1)
+    title = TITLES.get(study.kind) or (steps_report if study.kind == "steps" else workload_report).title(study)
+    report.heading(f"{title}: report", level=1)
     report.text(f"Study folder: `{study.uri}`" + (f" (stage {study.only_stage} only)" if study.only_stage else ""))
     reasons = study.partial_reasons()
     if reasons:
@@ -100,7 +102,7 @@ def build(study: Study, out: Path) -> Path:
     report = ReportWriter(out)
     write_header(report, study)
     # mnist and pcam: the two studies from before workloads, with their own reports; any other study is a workload's.
-    sections = {"mnist": mnist_report, "pcam": pcam_report}.get(study.kind, workload_report)
+    sections = {"mnist": mnist_report, "pcam": pcam_report, "steps": steps_report}.get(study.kind, workload_report)
     sections.write(report, study)
     labels = LABELS.get(study.kind) or workload_report.labels(study)
     write_timing(report, study, labels)

@@ -191,7 +191,8 @@ def regimes(table: list[dict], level: float = 0.95) -> list[dict]:
         with np.errstate(invalid="ignore", divide="ignore"):
             ratio = row["steps"] / twice["steps"]
             low, high = interval(row["replicates"] / twice["replicates"], level)
-        ratio = ratio if math.isfinite(ratio) else math.nan
+        # 2B never reached the goal (censored by the budget): S(B) / S(2B) = 0 says nothing about the regime.
+        ratio = ratio if math.isfinite(ratio) and ratio > 0 else math.nan
         out.append({"batch_size": batch, "ratio": ratio, "low": low, "high": high,
                     "regime": regime(ratio, low, high)})
     return out

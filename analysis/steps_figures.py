@@ -24,6 +24,31 @@ def _goal_label(goal: dict) -> str:
     return f"{goal['metric']} {'>=' if goal['higher_is_better'] else '<='} {goal['value']:g}"
 
 
+def _log_y(ax) -> None:
+    """A log y axis whose ticks carry numbers even when the data span less than a decade (the log axis then
+    labels no major tick)."""
+    from matplotlib import ticker
+
+    lim = ax.dataLim
+    if not (math.isfinite(lim.y0) and lim.y0 > 0):  # nothing positive drawn (no batch size reached the goal)
+        ax.text(0.5, 0.5, "nothing to draw: no configuration reached the goal", ha="center", va="center",
+                transform=ax.transAxes)
+        return
+    ax.set_yscale("log")
+    ax.yaxis.set_minor_locator(ticker.LogLocator(subs=(2, 3, 5)))
+    low, high = ax.get_ylim()
+    plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    if high / low < 30:
+        ax.yaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="y", which="minor", labelsize=7)
+
+
+def _legend(ax, **options) -> None:
+    if ax.get_legend_handles_labels()[0]:  # an empty panel has nothing to list
+        ax.legend(**options)
+
+
 def _finite(table, key):
     return [r for r in table if math.isfinite(r[key])]
 
@@ -39,8 +64,13 @@ def _steps_figure(results, per_example: bool):
         scale = b if per_example else np.ones_like(b)
         s = np.array([r["steps"] for r in rows]) * scale
         low = np.array([r["low"] for r in rows]) * scale
-        high = np.minimum(np.array([r["high"] for r in rows]) * scale, s * 1e3)  # an infinite end drawn as long
+        high = np.array([r["high"] for r in rows]) * scale
+        open_end = ~np.isfinite(high)  # some resamples never reach the goal: drawn to 3x, with a triangle
+        high = np.where(open_end, s * 3, high)
         ax.errorbar(b, s, yerr=[s - low, high - s], fmt="o", color=colour, capsize=3, label=_goal_label(res["goal"]))
+        if open_end.any():
+            ax.plot(b[open_end], high[open_end], "^", color=colour, ms=6,
+                    label="interval open above" if i == 0 else None)
         edge = np.array([r["edge"] for r in rows])
         if edge.any():
             ax.plot(b[edge], s[edge], "o", mfc="white", mec=colour, ms=8, label="best on the search edge")
@@ -52,10 +82,10 @@ def _steps_figure(results, per_example: bool):
         if math.isfinite(f["s_min"]):
             ax.plot(grid, (f["s_min"] + f["e_min"] / grid) * g, "-", color=colour, lw=1,
                     label=f"fit: B_crit {fmt(f['b_crit'], 3)}")
-    ax.set_yscale("log")
     batch_axis(ax, [t["batch_size"] for res in results for t in res["table"]])
+    _log_y(ax)  # after batch_axis, which turns minor ticks off
     ax.set_ylabel("examples to result" if per_example else "steps to result")
-    ax.legend()
+    _legend(ax, fontsize=7)
     return fig
 
 
@@ -73,10 +103,10 @@ def _lr_figure(results):
         if i == 0:
             ax.plot(b, lr[0] * b / b[0], ":", color="black", lw=1, label="linear scaling")
             ax.plot(b, lr[0] * np.sqrt(b / b[0]), "--", color="black", lw=1, label="square-root scaling")
-    ax.set_yscale("log")
     batch_axis(ax, [r["batch_size"] for res in results for r in res["table"]])
+    _log_y(ax)  # after batch_axis, which turns minor ticks off
     ax.set_ylabel("learning rate")
-    ax.legend()
+    _legend(ax)
     return fig
 
 
@@ -91,10 +121,10 @@ def _map_figure(trials, result):
     best = [r for r in result["table"] if math.isfinite(r["best_lr"])]
     ax.scatter([r["batch_size"] for r in best], [r["best_lr"] for r in best], s=120, facecolors="none",
                edgecolors="black", label="best")
-    ax.set_yscale("log")
     batch_axis(ax, [t["batch_size"] for t in trials])
+    _log_y(ax)  # after batch_axis, which turns minor ticks off
     ax.set_ylabel("learning rate")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    _legend(ax, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return fig
 
 
@@ -104,10 +134,10 @@ def _seconds_figure(results):
         rows = _finite(res["table"], "seconds")
         ax.plot([r["batch_size"] for r in rows], [r["seconds"] for r in rows], "o-", color=f"C{i}",
                 label=_goal_label(res["goal"]))
-    ax.set_yscale("log")
     batch_axis(ax, [r["batch_size"] for res in results for r in res["table"]])
+    _log_y(ax)  # after batch_axis, which turns minor ticks off
     ax.set_ylabel("training seconds to result (best config)")
-    ax.legend()
+    _legend(ax)
     return fig
 
 
@@ -117,16 +147,17 @@ def _noise_figure(results):
     for i, res in enumerate(results):
         colour, f = f"C{i}", res["fit"]
         rows = _finite(res["table"], "b_simple")
+        # Goals often share their best configuration: later goals drawn smaller on top, so both stay visible.
         ax.plot([r["batch_size"] for r in rows], [r["b_simple"] for r in rows], "s", color=colour,
-                label=f"B_simple before {_goal_label(res['goal'])}")
+                ms=8 if i == 0 else 4, label=f"B_simple before {_goal_label(res['goal'])}")
         if math.isfinite(f["b_crit"]):
             ax.axhline(f["b_crit"], color=colour, lw=1, label=f"B_crit (fit) {fmt(f['b_crit'], 3)}")
             if math.isfinite(f["b_crit_low"]) and math.isfinite(f["b_crit_high"]):
                 ax.axhspan(f["b_crit_low"], f["b_crit_high"], color=colour, alpha=0.15)
-    ax.set_yscale("log")
     batch_axis(ax, sizes)
+    _log_y(ax)  # after batch_axis, which turns minor ticks off
     ax.set_ylabel("batch size (examples)")
-    ax.legend(fontsize=7)
+    _legend(ax, fontsize=7)
     return fig
 
 
@@ -154,10 +185,11 @@ def _tables(trials, results):
 
 
 def write_section(trials: list[dict], goals: list[dict], out_dir, ranges: dict | None = None, level: float = 0.95,
-                  safety: float = 10.0, n_boot: int = 1000, seed: int = 0) -> str:
-    """Tables and figures into out_dir; returns the section's markdown."""
+                  safety: float = 10.0, n_boot: int = 1000, seed: int = 0, writer: ReportWriter | None = None) -> str:
+    """Tables and figures into out_dir; returns the section's markdown. writer: a report to add the section to
+    (its folder is then out_dir's place; python -m analysis.report passes its own)."""
     results = A.analyse(trials, goals, ranges, level, safety, n_boot, seed)
-    report = ReportWriter(Path(out_dir))
+    report = writer if writer is not None else ReportWriter(Path(out_dir))
     n = max(sum(1 for t in trials if t["batch_size"] == b) for b in {t["batch_size"] for t in trials})
     m = configs_to_wait_for(n, level, safety)
     pct = f"{level:.0%}"
@@ -181,8 +213,9 @@ def write_section(trials: list[dict], goals: list[dict], out_dir, ranges: dict |
                  shown=per_batch[["goal", "batch_size", "configs", "reached", "steps", "low", "high",
                                   "best_lr", "edge", "b_simple", "ratio_to_2B", "regime"]])
     report.figure("steps_to_result", _steps_figure(results, False),
-                  "Steps to result vs batch size: best configuration with its bootstrap interval, perfect scaling "
-                  "from the smallest batch (dotted) and the fit S_min + E_min / B (solid)")
+                  "Steps to result vs batch size: best configuration with its bootstrap interval (a triangle: open "
+                  "above, some resamples never reach the goal), perfect scaling from the smallest batch (dotted) and "
+                  "the fit S_min + E_min / B (solid)")
     report.figure("examples_to_result", _steps_figure(results, True),
                   "Examples to result (steps x batch size); the fit is S_min B + E_min")
     report.heading("The critical batch size", 3)

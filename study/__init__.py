@@ -1,4 +1,5 @@
-"""A batch-size study engine: `python -m study run WORKLOAD`, or `study.run_study(workload, **flags)` from Python."""
+"""A batch-size study engine: `python -m study run WORKLOAD`, or `study.run_study(workload, **flags)` from Python;
+`python -m study steps WORKLOAD` or `study.run_steps(workload, **flags)`: the steps-to-result study."""
 
 
 def __getattr__(name):
@@ -7,4 +8,8 @@ def __getattr__(name):
         from study.api import run_study
 
         return run_study
+    if name == "run_steps":  # the steps-to-result study (study.steps_study)
+        from study.steps_study import run_steps
+
+        return run_steps
     raise AttributeError(f"module 'study' has no attribute {name!r}")

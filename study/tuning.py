@@ -257,10 +257,10 @@ def fit_resources(args) -> dict:
 
 
 def run_stage(trainable, param_space: dict, *, folder: StudyFolder, stage: str, args, resources: dict,
-              data: dict, search_alg=None, num_samples: int = 1, callbacks: list = (), run_names=None):
+              data: dict, search_alg=None, num_samples: int = 1, callbacks: list = (), run_names=None, stop=None):
     """Run (or, with --resume, continue) one Tune experiment of the study; returns its ResultGrid.
     callbacks: the study's loggers and console (study.console.stage_callbacks); run_names: a
-    study.tensorboard.RunName naming the trial folders."""
+    study.tensorboard.RunName naming the trial folders; stop: a tune.Stopper (the steps study's rule)."""
     from ray import tune
 
     from study.console import tune_console
@@ -286,6 +286,8 @@ def run_stage(trainable, param_space: dict, *, folder: StudyFolder, stage: str, 
         if args.retry_errored:  # out-of-memory trials too, in the resources given now (study.resume)
             mark_out_of_memory_errored(folder.fs, f"{folder.path}/{stage}")
         tuner = tune.Tuner.restore(path, trainable=wrapped, resume_errored=args.retry_errored)
+        if stop is not None:  # restore brings back the stopper pickled at the start; the caller's knows the results
+            tuner._local_tuner.get_run_config().stop = stop
     else:
         tuner = tune.Tuner(
             wrapped,
@@ -295,6 +297,7 @@ def run_stage(trainable, param_space: dict, *, folder: StudyFolder, stage: str, 
             run_config=tune.RunConfig(
                 name=stage,
                 storage_path=folder.uri,
+                stop=stop,
                 failure_config=tune.FailureConfig(max_failures=args.max_failures),
                 # The latest checkpoint is all a restart needs; the best model travels inside it.
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),

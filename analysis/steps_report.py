@@ -1,0 +1,76 @@
+"""The report of a steps-to-result study (study.json "kind": "steps", `python -m study steps`): the study's goals,
+ranges and rule from study.json, every trial's stored evaluation rows, and stopped_by_rule.json, handed to
+analysis/steps_figures.write_section. Called by `python -m analysis.report STUDY`, which adds the timing and
+failure sections every study has. Reads stored results only.
+"""
+
+import json
+
+from analysis.figures import ReportWriter
+from analysis.steps_figures import write_section
+from analysis.load import Study
+from study import metrics as M
+from study import steps as S
+
+STAGE = "steps"
+CONFIG = "config"
+STOPPED_FILE = "stopped_by_rule.json"  # study.steps_study writes it into the stage folder
+LABELS = ["batch_size", CONFIG]
+
+
+def status_of(trial, stopped: dict) -> str:
+    """How a trial ended in the study's terms (study.steps.STATUSES); a trial still going counts as censored."""
+    last = trial.rows[-1].get(M.STATUS) if trial.rows else None
+    if last in S.STATUSES:
+        return last
+    if trial.dirname in stopped:
+        return S.STOPPED_BY_RULE
+    if any(r.get(M.DIVERGED) is True for r in trial.rows):
+        return S.DIVERGED
+    return S.CENSORED
+
+
+def trials_of(study: Study) -> list[dict]:
+    try:
+        stopped = json.loads(study.read_bytes(f"{study.path}/{STAGE}/{STOPPED_FILE}"))
+    except (OSError, ValueError):  # written after the run: none yet while it runs
+        stopped = {}
+    out = []
+    for t in study.trials(STAGE):
+        rows = [r for r in t.rows if S.STEP in r]
+        if not rows:
+            continue
+        momentum = t.config.get("momentum") if t.config.get("optimizer") in ("sgd", "nesterov") else None
+        out.append({"trial_id": t.dirname or t.trial_id, "batch_size": int(t.config["batch_size"]),
+                    "config": int(t.config[CONFIG]), "lr": float(t.config["lr"]), "momentum": momentum,
+                    "status": status_of(t, stopped), "rows": rows})
+    return out
+
+
+def title(study: Study) -> str:
+    return f"Steps-to-result study of {study.meta.get('study', 'a workload')}"
+
+
+def write(report: ReportWriter, study: Study) -> None:
+    meta = study.meta
+    goals = meta.get("goals") or (study.files.get(M.WORKLOAD_FILE) or {}).get("goals") or []
+    trials = trials_of(study)
+    report.heading("The study")
+    ranges = {k: tuple(v) for k, v in (meta.get("ranges") or {}).items()}
+    args = study.args
+    budget = (f"{args['budget_steps']} steps" if args.get("budget_steps") else
+              f"{args.get('budget_epochs')} epochs per batch size")
+    report.bullets([f"goals: " + ", ".join(f"{g['metric']} {'>=' if g['higher_is_better'] else '<='} {g['value']:g}"
+                                          for g in goals),
+                    f"optimizer {args.get('optimizer')}; {args.get('configs')} configurations per batch size, "
+                    f"scrambled Sobol points (seed {args.get('seed')}) over log "
+                    + " and log ".join(f"{k} in [{lo:g}, {hi:g}]" for k, (lo, hi) in ranges.items()),
+                    f"batch sizes {args.get('batch_sizes')}; budget {budget}",
+                    "trial ends: " + ", ".join(f"{s} {sum(t['status'] == s for t in trials)}" for s in S.STATUSES)])
+    report.text("Trials the rule stopped (stopped_by_rule) show as *incomplete* in the shared tables below: Tune "
+                "ended them before their own limits did.")
+    if not trials or not goals:
+        report.text("No trial has stored an evaluation yet." if goals else "study.json names no goal.")
+        return
+    write_section(trials, goals, report.out, ranges=ranges or None, level=meta.get("level", 0.95),
+                  safety=meta.get("safety", 10.0), seed=int(args.get("seed", 0)), writer=report)

@@ -1,0 +1,359 @@
+"""The steps-to-result study (Shallue et al. 2019; McCandlish et al. 2018): `run_steps(workload, **flags)` from
+Python, of which `python -m study steps WORKLOAD [flags]` is a thin layer.
+
+Per batch size (powers of two by default) the same --configs metaparameter configurations, scrambled Sobol points
+over log learning rate and, for momentum optimizers, log (1 - momentum); one Tune trial each. A trial evaluates on
+a geometric step grid and ends at the strictest goal, its step budget, divergence or chance level
+(study.steps_trial); across the trials of a batch size, study.steps.ResultRule stops those already slower than
+enough configurations that reached the goal, a rule that cannot change the result (docs/steps-to-result.md).
+study.json ("kind": "steps") holds the arguments, the ranges, the rule's level and safety and the goals;
+stopped_by_rule.json the trials the rule stopped (trial folder -> step). Report: python -m analysis.report FOLDER.
+"""
+
+import argparse
+import json
+import math
+import shlex
+from pathlib import Path
+
+from study import api
+from study import cli_checks as checks
+from study import metrics as M
+from study import steps as S
+from study.config import TRAIN_OPTIMIZERS, TrainConfig
+from study.errors import StudyError
+from study.steps_trial import BUDGET, CHANCE, CONFIG, GOAL, STEPS_TO_RESULT, train_steps
+from study.tuning import (RESOURCE_FLAGS, STUDY_FILE, StudyFolder, add_common_args, code_version, default_name)
+from study.workload import Workload, describe, resolve
+
+STAGE = "steps"
+KIND = "steps"
+STOPPED_FILE = "stopped_by_rule.json"  # in the stage folder: trial folder -> the step the rule stopped it at
+LEVEL, SAFETY = 0.95, 10.0  # the bootstrap interval's level and the rule's safety factor (study.steps)
+MOMENTUM_OPTIMIZERS = ("sgd", "nesterov")
+DEFAULT_MOMENTUM_RANGE = (0.01, 0.5)  # 1 - momentum: momentum 0.5 .. 0.99
+# Training flags with one value per study, as in `python -m study run` (epochs and momentum are the study's axes).
+SCALARS = {k: v for k, v in api.SCALARS.items() if k not in ("epochs", "momentum")}
+
+
+def parser(workload: Workload | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m study steps", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("workload", help="a shipped workload (python -m study list), path/to/file.py or module:name")
+    g = p.add_argument_group("steps-to-result grid")
+    g.add_argument("--goal", action="append", metavar="METRIC=VALUE",
+                   help="a goal on a declared validation metric, e.g. val_error=0.01; several allowed (default: "
+                        "the workload's goals); trials stop at the strictest")
+    g.add_argument("--configs", type=int, default=16, help="metaparameter configurations per batch size")
+    g.add_argument("--batch-sizes", type=int, nargs="+", help="default: powers of two from 16 to the training set")
+    g.add_argument("--lr-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="learning rates, sampled in log space (default: the workload's lrs / 10 .. x 10)")
+    g.add_argument("--momentum-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help=f"1 - momentum for sgd and nesterov, sampled in log space (default "
+                        f"{DEFAULT_MOMENTUM_RANGE[0]:g} {DEFAULT_MOMENTUM_RANGE[1]:g})")
+    g.add_argument("--optimizer", help=f"one of {', '.join(TRAIN_OPTIMIZERS)} (default: the workload's first)")
+    budget = g.add_mutually_exclusive_group()
+    budget.add_argument("--budget-steps", type=int, help="training steps per trial at most (every batch size)")
+    budget.add_argument("--budget-epochs", type=float, help="epochs per trial at most (default: the workload's epochs)")
+    g.add_argument("--seed", type=int, default=0, help="the Sobol points' and every trial's seed")
+    g.add_argument("--smoke", action="store_true", help="the workload's smoke data, 2 batch sizes x 2 configs")
+    train = p.add_argument_group("training")
+    for name, (kind, text) in SCALARS.items():
+        train.add_argument("--" + name.replace("_", "-"), type=kind, help=text)
+    train.add_argument("--noise-scale", choices=("on", "off"), default="on", help="estimate the gradient noise scale")
+    train.add_argument("--tf32", action="store_true", help="on CUDA: TF32 convolutions and matmuls")
+    add_common_args(p, gpus_per_trial=0.25)
+    if workload is not None and workload.options:
+        own = p.add_argument_group(f"{workload.name}'s options")
+        for o in workload.options:
+            flag = "--" + o.name.replace("_", "-")
+            try:
+                if o.type is bool:
+                    own.add_argument(flag, dest=o.name, action="store_true", default=None, help=o.help)
+                else:
+                    own.add_argument(flag, dest=o.name, type=o.type, help=f"{o.help} (default {o.default!r})")
+            except argparse.ArgumentError:
+                raise StudyError(f"workload {workload.name}: option {o.name} clashes with the engine's flag {flag}")
+    return p
+
+
+def goals_of(args, workload: Workload) -> list[dict]:
+    """--goal METRIC=VALUE (several), else the workload's declared goals; each on a declared metric."""
+    if not args.goal:
+        if not workload.goals:
+            raise StudyError(f"workload {workload.name} declares no goal; pass --goal METRIC=VALUE, e.g. "
+                             f"--goal {workload.primary}=0.1")
+        return [{"metric": g.metric, "value": float(g.value),
+                 "higher_is_better": workload.metric(g.metric).higher_is_better} for g in workload.goals]
+    goals = []
+    for text in args.goal:
+        metric, sep, value = text.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not sep or not math.isfinite(number):
+            raise StudyError(f"--goal {text!r}: expected METRIC=VALUE with a number, e.g. --goal val_error=0.02")
+        if not metric.startswith("val_"):
+            raise StudyError(f"--goal {text!r}: a goal is on a validation metric (val_...)")
+        goals.append({"metric": metric, "value": number, "higher_is_better": workload.metric(metric).higher_is_better})
+    try:
+        S.strictest(goals)
+    except ValueError as err:
+        raise StudyError(f"--goal: {err}")
+    return goals
+
+
+def fill(args, workload: Workload, n_train: int) -> argparse.Namespace:
+    """Defaults from --smoke, the workload and TrainConfig; everything checked, with the grid's size."""
+    defaults, base = workload.defaults, TrainConfig(workload="-")
+    if args.optimizer is None:
+        args.optimizer = (defaults.get("optimizers") or [base.optimizer])[0]
+    if args.optimizer not in TRAIN_OPTIMIZERS:
+        raise StudyError(f"--optimizer {args.optimizer!r}: choose one of {', '.join(TRAIN_OPTIMIZERS)}")
+    if args.lr_range is None:
+        lrs = defaults.get("lrs") or [base.lr]
+        args.lr_range = [min(lrs) / 10, max(lrs) * 10]
+    momentum = args.optimizer in MOMENTUM_OPTIMIZERS
+    if args.momentum_range is None and momentum:
+        args.momentum_range = list(DEFAULT_MOMENTUM_RANGE)
+    if args.momentum_range is not None and not momentum:
+        raise StudyError(f"--momentum-range: {args.optimizer} has no momentum")
+    if args.smoke:
+        args.batch_sizes = args.batch_sizes or list(workload.smoke.get("batch_sizes", [16, 64]))[:2]
+        args.configs = 2 if args.configs == 16 else args.configs
+        if args.budget_steps is None and args.budget_epochs is None:
+            args.budget_epochs = float(workload.smoke.get("epochs", 1))
+    if args.batch_sizes is None:
+        args.batch_sizes = S.default_batch_sizes(n_train)
+    if args.budget_steps is None and args.budget_epochs is None:
+        args.budget_epochs = float(defaults.get("epochs", base.epochs))
+    for key in SCALARS:
+        if getattr(args, key, None) is None:
+            setattr(args, key, defaults.get(key, getattr(base, key)))
+    checks.check_unique("--batch-sizes", args.batch_sizes)
+    for b in args.batch_sizes:
+        if not 1 <= b <= n_train:
+            raise StudyError(f"batch size {b} is outside 1..{n_train} (the training examples)")
+    if args.configs < 1:
+        raise StudyError(f"--configs must be >= 1, got {args.configs}")
+    for flag, value in (("--budget-steps", args.budget_steps), ("--budget-epochs", args.budget_epochs)):
+        if value is not None and not value > 0:
+            raise StudyError(f"{flag} must be > 0, got {value}")
+    try:
+        args.points = S.sobol_configs(args.configs, ranges(args), args.seed, momentum)
+    except ValueError as err:
+        raise StudyError(f"--lr-range / --momentum-range: {err}")
+    checks.check_grid_size(len(args.batch_sizes) * args.configs, args.max_trials,
+                           f"{len(args.batch_sizes)} batch sizes x {args.configs} configs")
+    return args
+
+
+def ranges(args) -> dict:
+    out = {"lr": tuple(args.lr_range)}
+    if args.momentum_range is not None:
+        out["one_minus_momentum"] = tuple(args.momentum_range)
+    return out
+
+
+def budget_of(args, batch_size: int, n_train: int) -> int:
+    """The trial's step budget: --budget-steps, or --budget-epochs x the batch size's steps per epoch."""
+    if args.budget_steps is not None:
+        return int(args.budget_steps)
+    return max(1, round(args.budget_epochs * math.ceil(n_train / batch_size)))
+
+
+def trial_name(trial) -> str:
+    """Trial folders, so TensorBoard's run names say what they are: batch=64_config=3_00012."""
+    c = trial.config
+    return f"batch={c['batch_size']}_config={c[CONFIG]}_{trial.trial_id.rsplit('_', 1)[-1]}"
+
+
+def run_steps(workload: str | Workload, **flags) -> str:
+    """Run (or with resume=True and name=..., continue) a steps-to-result study; returns its folder's URI. flags:
+    the CLI's flags with underscores (goal=["val_error=0.02"], configs=8, batch_sizes=[32, 64], smoke=True, ...)."""
+    spec = workload if isinstance(workload, str) else api.spec_of(workload)
+    found = resolve(spec)
+    args = parser(found).parse_args([spec])
+    unknown = sorted(set(flags) - set(vars(args)))
+    if unknown:
+        raise StudyError(f"unknown flags {', '.join(unknown)}; see python -m study steps {found.name} --help")
+    vars(args).update(flags)
+    return execute(args, found)[1]
+
+
+def restore(args) -> argparse.Namespace:
+    folder = StudyFolder(args.storage_path, args.name)
+    if not (folder.exists() and folder.has(STUDY_FILE)):
+        raise StudyError(f"--resume: no study at {folder.uri} (no {STUDY_FILE}); check --storage-path and --name")
+    saved = folder.read_json(STUDY_FILE)
+    if not isinstance(saved, dict) or saved.get("kind") != KIND or not isinstance(saved.get("args"), dict):
+        raise StudyError(f"{folder.uri} holds no steps-to-result study (study.json kind {saved.get('kind')!r}); "
+                         f"resume it with the command that started it")
+    return argparse.Namespace(**{**vars(args), **saved["args"], **{k: getattr(args, k) for k in RESOURCE_FLAGS}})
+
+
+def execute(args, workload: Workload) -> tuple[int, str]:
+    """The study of parsed flags: (exit status, folder URI). Exit 1 when a trial failed."""
+    from ray import tune
+
+    from study.console import tensorboard_hint
+    from study.tensorboard import write_experiment
+    from study.tuning import grid_axis, open_study, run_stage
+
+    if args.resume and not args.name:
+        raise StudyError("--resume needs --name: the study folder to continue")
+    args.name = args.name or default_name(workload.name + "-steps" + ("-smoke" if args.smoke else ""))
+    checks.check_name(args.name)
+    checks.check_uri(args.storage_path, "--storage-path")
+    if args.resume:
+        args = restore(args)
+        if args.study != workload.name:
+            raise StudyError(f"{args.storage_path}/{args.name} holds a {args.study} study, not {workload.name}")
+    args.study = workload.name
+    api.check_common_args(args)
+    goals = goals_of(args, workload)
+    goal = S.strictest(goals)
+    smoke_options = workload.smoke.get("options", {}) if args.smoke else {}
+    for o in workload.options:
+        if getattr(args, o.name, None) is None:
+            setattr(args, o.name, smoke_options.get(o.name, o.default))
+    options = workload.option_values({o.name: getattr(args, o.name) for o in workload.options})
+    splits = api.check_splits(workload.load(options), workload)
+    n_train = len(splits["train"][0])
+    fill(args, workload, n_train)
+    chance = workload.chance.get(goal["metric"])
+    try:
+        S.TrialLimits(goal=goal, budget_steps=1, chance=chance)
+    except ValueError as err:
+        raise StudyError(f"--goal: {err}")
+    spec = str(Path(args.workload).resolve()) if args.workload.endswith(".py") else args.workload
+    folder = StudyFolder(args.storage_path, args.name)
+    resources = open_study(folder, args)
+    version = code_version()
+    points = args.points
+    budgets = {b: budget_of(args, b, n_train) for b in args.batch_sizes}
+    stored_args = {k: v for k, v in vars(args).items() if k != "points"}
+    if not args.resume:
+        axes = {"batch_size": args.batch_sizes, CONFIG: list(range(args.configs))}
+        folder.write_json(STUDY_FILE, {"study": workload.name, "kind": KIND, "stages": [STAGE], "args": stored_args,
+                                       "code_version": version, "resources_per_trial": resources,
+                                       "data": {s: len(splits[s][0]) for s in splits}, "goals": goals,
+                                       "ranges": ranges(args), "level": LEVEL, "safety": SAFETY,
+                                       "budget_steps": {str(b): s for b, s in budgets.items()},
+                                       "configs": points})
+        folder.write_json(M.WORKLOAD_FILE, dict(describe(workload, splits), goals=goals, axes=axes))
+        write_experiment(folder, KIND, {"batch_size": args.batch_sizes, "lr": [p["lr"] for p in points],
+                                        **({"momentum": [p["momentum"] for p in points]}
+                                           if points[0]["momentum"] is not None else {}), CONFIG: axes[CONFIG]},
+                         [("steps/to_result", "steps to result (first evaluation at the strictest goal)"),
+                          (tag(goal["metric"]), goal["metric"].replace("_", " "))])
+    print(f"study folder: {folder.uri}\n{tensorboard_hint(folder.uri)}")
+    base = dict(TrainConfig(workload=spec).to_dict(), options=options, stage=STAGE, optimizer=args.optimizer,
+                noise_scale=args.noise_scale == "on", tf32=args.tf32, code_version=version, seed=args.seed,
+                **{k: getattr(args, k) for k in SCALARS}, **{GOAL: goal, CHANCE: chance})
+    steps_per_epoch = {b: math.ceil(n_train / b) for b in args.batch_sizes}
+    space = dict(base, batch_size=grid_axis(args.batch_sizes), **{CONFIG: grid_axis(list(range(args.configs)))})
+    space["lr"] = tune.sample_from(lambda c: points[c[CONFIG]]["lr"])
+    if points[0]["momentum"] is not None:
+        space["momentum"] = tune.sample_from(lambda c: points[c[CONFIG]]["momentum"])
+    space[BUDGET] = tune.sample_from(lambda c: budgets[c["batch_size"]])
+    # TrainConfig's epochs: the budget's epochs, so a warmup given in epochs is checked against them.
+    space["epochs"] = tune.sample_from(lambda c: math.ceil(budgets[c["batch_size"]] / steps_per_epoch[c["batch_size"]]))
+    limits = S.TrialLimits(goal=goal, budget_steps=max(budgets.values()), chance=chance)
+    stopper = S.tune_stopper(S.ResultRule(args.configs, LEVEL, SAFETY), limits)
+    if args.resume:
+        prime(stopper, folder, limits)
+    callbacks = [StepsTensorBoard(workload.name, STAGE, {goal["metric"]: tag(goal["metric"]),
+                                                         STEPS_TO_RESULT: "steps/to_result"})]
+    if not args.verbose:
+        callbacks.append(StepsConsole(STAGE, ["batch_size", CONFIG], [goal["metric"], S.STEP]))
+    results = run_stage(train_steps, space, folder=folder, stage=STAGE, args=args, resources=resources,
+                        data=splits, callbacks=callbacks, run_names=trial_name, stop=stopper)
+    save_stopped(folder, stopper, results)
+    print(f"results: {folder.uri}  (report: python -m analysis.report {shlex.quote(folder.uri)})")
+    failed = any(r.error is not None or (r.metrics or {}).get(M.STATUS) == M.STATUS_OOM for r in results)
+    return (1 if failed else 0), folder.uri
+
+
+def stored_rows(folder: StudyFolder) -> dict:
+    """Trial folder -> (config, rows) of what the stage stored so far."""
+    import pyarrow.fs as pafs
+
+    out = {}
+    try:
+        infos = folder.fs.get_file_info(pafs.FileSelector(f"{folder.path}/{STAGE}"))
+    except OSError:
+        return out
+    for info in infos:
+        if info.type != pafs.FileType.Directory:
+            continue
+        try:
+            with folder.fs.open_input_stream(f"{info.path}/result.json") as src:
+                lines = src.read().decode().splitlines()
+        except OSError:
+            continue
+        rows = []
+        for line in lines:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # a line cut short by a crash: the rows before it stand
+                continue
+        if rows:
+            out[Path(info.path).name] = (rows[0].get("config", {}), rows)
+    return out
+
+
+def prime(stopper, folder: StudyFolder, limits: S.TrialLimits) -> None:
+    """On --resume: the rule's record of reaching trials, rebuilt from the stored rows (Tune's restore brings back
+    the stopper as the study started it, empty)."""
+    for name, (config, rows) in stored_rows(folder).items():
+        first = next((r for r in rows if S.reached(float(r.get(limits.goal["metric"], math.nan)), limits.goal)), None)
+        if first is not None:
+            stopper.rule.reached(config["batch_size"], rows[0].get("trial_id", name), first[S.STEP])
+    earlier = f"{STAGE}/{STOPPED_FILE}"
+    if folder.has(earlier):
+        stopper.stopped.update(folder.read_json(earlier))
+
+
+def save_stopped(folder: StudyFolder, stopper, results) -> None:
+    """stopped_by_rule.json: trial folder -> step, this run's stops added to any earlier run's."""
+    earlier = f"{STAGE}/{STOPPED_FILE}"
+    stopped = dict(folder.read_json(earlier)) if folder.has(earlier) else {}
+    folders = {(r.metrics or {}).get("trial_id"): Path(r.path).name for r in results}
+    for trial_id, step in stopper.stopped.items():
+        stopped[folders.get(trial_id, trial_id)] = step
+    folder.write_json(earlier, stopped)
+
+
+def tag(metric: str) -> str:
+    split, _, name = metric.partition("_")
+    return f"{split}/{name}"
+
+
+def _tensorboard():
+    from study.tensorboard import StudyTensorBoard
+
+    class Steps(StudyTensorBoard):
+        """TensorBoard's step is the training step (the rows' epoch is fractional here)."""
+
+        def log_trial_result(self, iteration, trial, result):
+            super().log_trial_result(iteration, trial, {**result, M.EPOCH: result.get(S.STEP, iteration)})
+
+    return Steps
+
+
+def StepsConsole(stage: str, columns: list, metrics: list):  # noqa: N802 (a class, built when Ray is imported)
+    from study.console import StudyConsole
+
+    class Steps(StudyConsole):
+        """The time left counts every trial's whole budget, which most trials never use: an upper bound."""
+
+        def progress(self) -> str:
+            return super().progress().replace(" about ", " at most ")
+
+    return Steps(stage, columns, metrics)
+
+
+def StepsTensorBoard(kind: str, stage: str, scalars: dict):  # noqa: N802 (a class, built when Ray is imported)
+    return _tensorboard()(kind, stage, scalars)

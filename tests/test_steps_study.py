@@ -1,0 +1,217 @@
+"""The steps-to-result study end to end: the trial's step grid and limits without Ray (study.steps_trial), bad
+input refused before anything is written, and `python -m study steps` on the example digits workload through Tune
+(stops at the goal, the rule's stops, the report's tables and figures, TensorBoard, --resume changing nothing)."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from study import steps as S
+from study.__main__ import main
+from study.config import TrainConfig
+from study.steps_trial import BUDGET, CHANCE, CONFIG, GOAL, STEPS_TO_RESULT, run_steps
+from study.workload import resolve
+from tensorboard_checks import session_groups
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS = str(REPO / "examples" / "digits_workload.py")
+GOAL_03 = {"metric": "val_error", "value": 0.3, "higher_is_better": False}
+
+
+def trial(goal: dict, budget: int, batch_size: int = 64, lr: float = 0.2, chance: float | None = None):
+    workload = resolve(DIGITS)
+    cfg = TrainConfig(workload=DIGITS, batch_size=batch_size, optimizer="nesterov", lr=lr, momentum=0.9,
+                      noise_every=4)
+    extra = {GOAL: goal, BUDGET: budget, CHANCE: chance, CONFIG: 0}
+    rows = []
+    last = run_steps(cfg, extra, workload, workload.load(workload.option_values()), torch.device("cpu"),
+                     lambda row, state: rows.append(row))
+    return rows, last
+
+
+def test_trial_evaluates_on_the_step_grid_across_epochs_and_stops_at_the_goal():
+    rows, last = trial(GOAL_03, budget=200)  # 1200 examples at 64: 19 steps per epoch
+    steps = [r["step"] for r in rows]
+    assert steps == [0] + S.eval_steps(200)[:len(steps) - 1]
+    assert last is rows[-1] and last["status"] == S.REACHED and last[STEPS_TO_RESULT] == last["step"]
+    assert all(not S.reached(r["val_error"], GOAL_03) for r in rows[:-1]) and last["val_error"] <= 0.3
+    assert last["step"] > 19, "should cross an epoch boundary before the goal"
+    assert last["examples"] == (last["step"] // 19) * 1200 + (last["step"] % 19) * 64
+    assert all(b["train_seconds"] > a["train_seconds"] for a, b in zip(rows[1:], rows[2:]))
+    assert math.isnan(rows[0]["train_loss"]) and all(math.isfinite(r["train_loss"]) for r in rows[1:])
+    assert any(math.isfinite(r["noise_scale"]) and r["noise_probes"] > 0 for r in rows[1:])
+
+
+def test_trial_is_censored_at_its_budget_and_infeasible_at_chance():
+    rows, last = trial({**GOAL_03, "value": 0.0}, budget=13)
+    assert [r["step"] for r in rows] == [0, 10, 11, 12, 13] and last["status"] == S.CENSORED
+    assert math.isnan(last[STEPS_TO_RESULT])
+    rows, last = trial(GOAL_03, budget=40, lr=1e-7, chance=0.9)  # learns nothing: ends at a quarter of its budget
+    assert last["status"] == S.INFEASIBLE and [r["step"] for r in rows] == [0, 10]
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    base = ["steps", DIGITS, "--storage-path", str(tmp_path), "--name", "x"]
+    assert main(base + ["--goal", "val_nothing=0.1"]) == 2
+    assert main(base + ["--goal", "val_error"]) == 2
+    assert main(base + ["--optimizer", "adam", "--momentum-range", "0.1", "0.2"]) == 2
+    assert main(base + ["--lr-range", "0.5", "0.1"]) == 2
+    assert main(base + ["--batch-sizes", "4096"]) == 2
+    assert main(base + ["--goal", "val_error=0.9"]) == 2  # the chance level: a model that learned nothing reaches it
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 6 and all(e.startswith("error: ") for e in errors), errors
+    assert "val_nothing" in errors[0] and "METRIC=VALUE" in errors[1] and "momentum" in errors[2]
+    assert "lr" in errors[3] and "4096" in errors[4] and "chance" in errors[5]
+    assert not any(tmp_path.iterdir())
+
+
+def stored(study: Path) -> dict:
+    return {p.parent.name: [json.loads(line) for line in p.read_text().splitlines()]
+            for p in study.glob("steps/*/result.json")}
+
+
+REPORT_FILES = ["steps_per_batch.csv", "steps_fit.csv", "steps_trials.csv", "steps_to_result.png",
+                "examples_to_result.png", "b_crit_vs_b_simple.png", "best_lr.png", "lr_map.png",
+                "seconds_to_result.png"]
+
+
+@pytest.mark.slow
+def test_steps_study_through_tune(local_ray, tmp_path, monkeypatch, tensorboard_api):
+    from analysis.report import main as report_main
+    from study import steps_study
+
+    # A laxer rule than the study's default, so that three configurations already let it stop one (m = 2 of 3).
+    monkeypatch.setattr(steps_study, "LEVEL", 0.5)
+    monkeypatch.setattr(steps_study, "SAFETY", 1.0)
+    argv = ["steps", DIGITS, "--goal", "val_error=0.3", "--goal", "val_error=0.4", "--configs", "3",
+            "--batch-sizes", "16", "32", "64", "--optimizer", "nesterov", "--lr-range", "0.05", "0.4",
+            "--momentum-range", "0.05", "0.3", "--budget-epochs", "3", "--storage-path", str(tmp_path),
+            "--name", "digits", "--gpus-per-trial", "0"]
+    assert main(argv) == 0
+    study = tmp_path / "digits"
+    saved = json.loads((study / "study.json").read_text())
+    assert saved["kind"] == "steps" and saved["level"] == 0.5 and saved["safety"] == 1.0
+    assert saved["ranges"] == {"lr": [0.05, 0.4], "one_minus_momentum": [0.05, 0.3]}
+    assert [g["value"] for g in saved["goals"]] == [0.3, 0.4]
+    assert json.loads((study / "workload.json").read_text())["axes"] == {"batch_size": [16, 32, 64],
+                                                                       "config": [0, 1, 2]}
+    rows = stored(study)
+    assert len(rows) == 9
+    lrs = {r[0]["config"]["config"]: r[0]["config"]["lr"] for r in rows.values()}
+    assert sorted(lrs.values()) == sorted(p["lr"] for p in saved["configs"])  # the same points at every batch size
+    stopped = json.loads((study / "steps" / "stopped_by_rule.json").read_text())
+    first = {}  # batch size -> first reaching steps of its trials
+    for name, trial_rows in rows.items():
+        steps = [r["step"] for r in trial_rows]
+        budget = trial_rows[0]["config"]["budget_steps"]
+        assert steps == [0] + S.eval_steps(budget)[:len(steps) - 1], name
+        hits = [k for k, r in enumerate(trial_rows) if r["val_error"] <= 0.3]
+        end = trial_rows[-1]["status"]
+        if hits:  # the last stored evaluation is the first to reach the strictest goal
+            assert hits == [len(trial_rows) - 1] and end == S.REACHED, name
+            first.setdefault(trial_rows[0]["config"]["batch_size"], []).append(steps[-1])
+        else:
+            assert end in (S.CENSORED, S.INFEASIBLE, S.DIVERGED) or name in stopped, name
+    assert sum(len(v) for v in first.values()) >= 3, "the easy goal should be reached by several trials"
+    for name, step in stopped.items():  # stopped only past the 2nd fastest reaching step of its batch size
+        batch = rows[name][0]["config"]["batch_size"]
+        assert step > sorted(first[batch])[1] and rows[name][-1]["status"] == "running"
+
+    assert report_main([str(study)]) == 0
+    report = (study / "report" / "report.md").read_text()
+    for name in REPORT_FILES:
+        assert (study / "report" / name).stat().st_size > 0 and f"({name})" in report, name
+    per_batch = (study / "report" / "steps_per_batch.csv").read_text()
+    assert "val_error <= 0.3" in per_batch and "val_error <= 0.4" in per_batch
+
+    api = tensorboard_api(study)
+    groups = session_groups(api, 9)
+    experiment = api("/data/plugin/hparams/experiment", {"experimentName": ""})
+    assert {"batch_size", "lr", "momentum", "config"} <= {h["name"] for h in experiment["hparamInfos"]}
+    to_result = [float(m["value"]) for g in groups for m in g["metricValues"] if m["name"]["tag"] == "steps/to_result"]
+    assert len(to_result) == sum(len(v) for v in first.values())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    name, trial_rows = next(iter(rows.items()))
+    events = EventAccumulator(str(study / "steps" / name))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/error")] == [r["step"] for r in trial_rows]  # the training step
+
+    before = {p: p.read_bytes() for p in study.glob("steps/*/result.json")}
+    stopped_before = (study / "steps" / "stopped_by_rule.json").read_text()
+    assert main(["steps", DIGITS, "--storage-path", str(tmp_path), "--name", "digits", "--resume"]) == 0
+    assert {p: p.read_bytes() for p in study.glob("steps/*/result.json")} == before
+    assert (study / "steps" / "stopped_by_rule.json").read_text() == stopped_before
+
+
+def test_resume_rebuilds_the_rule_from_stored_rows_and_keeps_earlier_stops(tmp_path):
+    from types import SimpleNamespace
+
+    from study import steps_study
+    from study.tuning import StudyFolder
+
+    folder = StudyFolder(str(tmp_path), "s")
+    limits = S.TrialLimits(goal=GOAL_03, budget_steps=100)
+    for name, trial_id, batch, errors in (("a", "t_a", 16, [0.9, 0.5, 0.25]), ("b", "t_b", 16, [0.9, 0.2]),
+                                          ("c", "t_c", 16, [0.9, 0.6, 0.5, 0.4]), ("d", "t_d", 32, [0.9, 0.1])):
+        trial_dir = tmp_path / "s" / "steps" / name
+        trial_dir.mkdir(parents=True)
+        rows = [{"step": 10 * k, "val_error": e, "trial_id": trial_id, "config": {"batch_size": batch}}
+                for k, e in enumerate(errors)]
+        (trial_dir / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"cut sh')
+    (tmp_path / "s" / "steps" / steps_study.STOPPED_FILE).write_text('{"e": 70}')
+    stopper = S.tune_stopper(S.ResultRule(configs=2, level=0.5, safety=1.0), limits)  # m = 1 of 2
+    steps_study.prime(stopper, folder, limits)
+    assert stopper.rule.steps == {16: {"t_a": 20, "t_b": 10}, 32: {"t_d": 10}}
+    assert stopper("t_c", {"step": 20, "val_error": 0.5, "config": {"batch_size": 16}})  # past step 10, not there
+    assert not stopper("t_x", {"step": 20, "val_error": 0.5, "config": {"batch_size": 64}})
+    results = [SimpleNamespace(metrics={"trial_id": "t_c"}, path=str(tmp_path / "s" / "steps" / "c"))]
+    steps_study.save_stopped(folder, stopper, results)
+    assert json.loads((tmp_path / "s" / "steps" / steps_study.STOPPED_FILE).read_text()) == {"c": 20, "e": 70}
+
+
+def test_report_section_of_a_study_where_nothing_reached_the_goal(tmp_path):
+    from analysis.steps_figures import write_section
+
+    trials = [{"trial_id": f"t{b}_{c}", "batch_size": b, "config": c, "lr": 0.1 * (c + 1), "momentum": 0.9,
+               "status": S.CENSORED, "rows": [{"step": s, "val_error": 0.5, "train_seconds": s / 10}
+                                              for s in (0, 10, 11, 12)]}
+              for b in (16, 32) for c in range(2)]
+    text = write_section(trials, [GOAL_03], tmp_path)
+    for name in REPORT_FILES:
+        assert (tmp_path / name).stat().st_size > 0 and f"({name})" in text, name
+
+
+def test_trial_restarted_from_a_mid_epoch_checkpoint_goes_on_exactly():
+    import copy
+
+    workload = resolve(DIGITS)
+    splits = workload.load(workload.option_values())
+    cfg = TrainConfig(workload=DIGITS, batch_size=64, optimizer="nesterov", lr=0.1, momentum=0.9, noise_every=4)
+    extra = {GOAL: {**GOAL_03, "value": 0.0}, BUDGET: 45, CHANCE: None, CONFIG: 0}  # 19 steps per epoch
+    rows, saved = [], {}
+
+    def report(row, state):
+        rows.append(row)
+        if row["step"] == 24:  # inside the second epoch (an evaluation step of the budget)
+            saved.update(copy.deepcopy(state()))
+
+    run_steps(cfg, extra, workload, splits, torch.device("cpu"), report)
+    again = []
+    run_steps(cfg, extra, workload, splits, torch.device("cpu"), lambda row, state: again.append(row), saved)
+    after = [r for r in rows if r["step"] > 24]
+    keys = ["step", "examples", "train_loss", "val_error", "val_loss", "noise_scale", "status"]
+    assert [[r[k] for k in keys] for r in again] == [[r[k] for k in keys] for r in after] and after
+
+
+def test_regime_is_undetermined_where_the_doubled_batch_never_reached_the_goal():
+    import numpy as np
+
+    from analysis import steps as A
+
+    table = [{"batch_size": 16, "steps": 100.0, "replicates": np.full(10, 100.0)},
+             {"batch_size": 32, "steps": math.inf, "replicates": np.full(10, math.inf)}]
+    assert A.regimes(table)[0]["regime"] == A.UNDETERMINED and math.isnan(A.regimes(table)[0]["ratio"])
