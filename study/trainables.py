@@ -21,7 +21,6 @@ from study.data import pcam as pcam_data
 from study.memory import configure_cuda, free_cuda
 from study.models import RegressionCNN
 from study.train import DeviceBatches, fit, make_optimizer, pick_device, predict, seed_everything
-from study.workloads import pcam as pcam_workload
 from study.workloads.pcam import auc, bce  # noqa: F401 (where the tests and analysis found them)
 
 VAL_SPLIT_SEED = 0  # the validation images are the same for every trial of a study
@@ -192,5 +191,5 @@ def run_pcam(cfg: PcamConfig, features: dict | None, device: torch.device, repor
 def locate_or_fetch(cfg: PcamConfig) -> dict:
     """The PCam files on this node; with cfg.download a node that lacks them fetches them once (under a lock)."""
     if cfg.download:
-        return pcam_workload.locate_or_fetch(Path(cfg.data_dir))
+        return pcam_data.locate_or_fetch(Path(cfg.data_dir))
     return pcam_data.locate(cfg.data_dir)

@@ -23,7 +23,6 @@ from study.augment import to_input
 from study.config import PCAM_BATCH_SIZES, PCAM_LRS
 from study.data import kaggle
 from study.data import pcam as pcam_data
-from study.data.locks import step_lock
 from study.errors import StudyError
 from study.models import VGG16Patches, vgg16_features_state
 from study.workload import Metric, Option, Workload
@@ -47,23 +46,8 @@ def data_folder(options: dict) -> Path:
         return kaggle.prepare_kaggle(root, Path(options["prepared_dir"] or root / "prepared-h5"),
                                      options["val_fraction"], options["split_seed"])
     if options["download"]:
-        locate_or_fetch(root)
+        pcam_data.locate_or_fetch(root)
     return root
-
-
-def locate_or_fetch(root: Path) -> dict:
-    """The PCam files under root; missing ones are fetched once: the first trial on a node downloads under a file
-    lock while the node's other trials wait for it. Files already there are used, never fetched again."""
-    try:
-        return pcam_data.locate(root)
-    except StudyError:
-        root.mkdir(parents=True, exist_ok=True)
-    with step_lock(root / ".download.lock"):
-        try:
-            return pcam_data.locate(root)
-        except StudyError:
-            pcam_data.download(root)
-            return pcam_data.locate(root)
 
 
 def load(options: dict) -> dict:
