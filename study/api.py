@@ -54,7 +54,7 @@ def parser(workload: Workload | None = None) -> argparse.ArgumentParser:
         train.add_argument("--" + name.replace("_", "-"), type=kind, help=text)
     train.add_argument("--noise-scale", choices=("on", "off"), default="on", help="estimate the gradient noise scale")
     train.add_argument("--tf32", action="store_true", help="on CUDA: TF32 convolutions and matmuls")
-    train.add_argument("--amp", choices=("on", "off"), help="on CUDA: bf16 autocast (default: the workload's, else off)")
+    train.add_argument("--amp", choices=("on", "off"), help="on CUDA: bf16 autocast (default: the workload's; off)")
     add_common_args(p, gpus_per_trial=0.25)
     if workload is not None and workload.options:
         own = p.add_argument_group(f"{workload.name}'s options")

@@ -127,3 +127,35 @@ def test_workload_cli_smoke_study(tmp_path):
     predictions = pd.read_csv(checkpoint / M.PREDICTIONS_FILE)
     assert last[M.TEST_AUC] == pytest.approx(roc_auc_score(predictions["label"], predictions["probability"]))
     assert all(math.isnan(r[M.TEST_AUC]) for r in rows[:-1])  # the test split is judged once, at the end
+
+
+def test_memory_mapped_splits_are_uploaded_only_when_the_budget_holds_them(tmp_path):
+    from study.config import TrainConfig
+    from study.data import pcam as pcam_data
+    from study.run_workload import streamed
+
+    pcam_data.make_synthetic(tmp_path, n_train=8, n_valid=4, n_test=4)
+    workload = resolve("pcam")
+    options = workload.option_values({"data_dir": str(tmp_path), "weights": "none"})
+    splits = workload.load(options)
+    model = workload.model(options)
+    cfg = TrainConfig(workload="pcam", batch_size=4, eval_batch_size=4)
+    cpu = torch.device("cpu")
+    uploaded = lambda held: {name: b.on_device for name, b in held.items()}  # noqa: E731
+    assert uploaded(streamed(cfg, workload, splits, model, cpu, None, None, False)) == dict.fromkeys(splits, False)
+    assert uploaded(streamed(cfg, workload, splits, model, cpu, None, 2**40, False)) == dict.fromkeys(splits, True)
+    assert uploaded(streamed(cfg, workload, splits, model, cpu, None, 2**40, True)) == dict.fromkeys(splits, False)
+    assert uploaded(streamed(cfg, workload, splits, model, cpu, None, 2**20, False)) == dict.fromkeys(splits, False)
+    held = streamed(cfg, workload, splits, model, cpu, None, None, False)
+    x, y = next(held["val"].epoch())
+    assert x.dtype == torch.uint8 and torch.equal(y, torch.from_numpy(splits["val"][1][:4]).float())
+
+
+def test_selection_keeps_the_best_epoch_of_a_lower_is_better_metric():
+    from dataclasses import replace
+
+    from tests.test_workload import run_tiny, tiny_workload
+
+    rows = run_tiny({"epochs": 3}, replace(tiny_workload(), select="val_error"))
+    best = min(range(1, 4), key=lambda i: (rows[i]["val_error"], i))
+    assert rows[-1][M.BEST_EPOCH] == best and rows[-1]["best_val_error"] == rows[best]["val_error"]
