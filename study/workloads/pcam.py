@@ -51,7 +51,17 @@ def data_folder(options: dict) -> Path:
 
 
 def load(options: dict) -> dict:
-    """Memory maps of the three splits (x uint8 (N, 96, 96, 3), y uint8; the Kaggle test split has no labels)."""
+    """Memory maps of the three splits (x uint8 (N, 96, 96, 3), y uint8; the Kaggle test split has no labels).
+    The driver calls it first, before Ray starts: the options are checked here."""
+    o = options
+    allowed = {"zoom": ("in [0, 1)", 0 <= o["zoom"] < 1), "brightness": ("in [0, 1)", 0 <= o["brightness"] < 1),
+               "val_fraction": ("in (0, 1)", 0 < o["val_fraction"] < 1), "train_limit": (">= 0", o["train_limit"] >= 0),
+               "freeze_blocks": ("in 0..5 (VGG16 has five conv blocks)", 0 <= o["freeze_blocks"] <= 5)}
+    for name, (text, ok) in allowed.items():
+        if not ok:
+            raise StudyError(f"--{name.replace('_', '-')} must be {text}, got {o[name]}")
+    if options["weights"] not in ("imagenet", "none") and not Path(options["weights"]).expanduser().is_file():
+        raise StudyError(f"--weights {options['weights']} is not a file; pass imagenet, none or a state_dict's path")
     files = pcam_data.locate(data_folder(options))
     pcam_data.verify(files)
     splits = {name: pcam_data.load_split(*files[split])
