@@ -21,7 +21,7 @@ from study.data import pcam as pcam_data
 from study.memory import configure_cuda, free_cuda
 from study.models import RegressionCNN
 from study.train import DeviceBatches, fit, make_optimizer, pick_device, predict, seed_everything
-from study.workloads.pcam import auc, bce  # noqa: F401 (where the tests and analysis found them)
+from study.workloads.pcam import auc, bce  # noqa: F401 (where the tests find them)
 
 VAL_SPLIT_SEED = 0  # the validation images are the same for every trial of a study
 
