@@ -54,6 +54,7 @@ def parser(workload: Workload | None = None) -> argparse.ArgumentParser:
         train.add_argument("--" + name.replace("_", "-"), type=kind, help=text)
     train.add_argument("--noise-scale", choices=("on", "off"), default="on", help="estimate the gradient noise scale")
     train.add_argument("--tf32", action="store_true", help="on CUDA: TF32 convolutions and matmuls")
+    train.add_argument("--amp", choices=("on", "off"), help="on CUDA: bf16 autocast (default: the workload's; off)")
     add_common_args(p, gpus_per_trial=0.25)
     if workload is not None and workload.options:
         own = p.add_argument_group(f"{workload.name}'s options")
@@ -81,7 +82,8 @@ def fill(args, workload: Workload) -> argparse.Namespace:
         if args.seeds is not None:
             raise StudyError("--runs and --seeds both given; pass one")
         args.seeds = list(range(args.runs))
-    for key in [*GRID, *SCALARS]:
+    layers[-1]["amp"] = "off"
+    for key in [*GRID, *SCALARS, "amp"]:
         if getattr(args, key, None) is None:
             setattr(args, key, next(layer[key] for layer in layers if key in layer))
     smoke_options = workload.smoke.get("options", {}) if args.smoke else {}
@@ -117,6 +119,8 @@ def check_splits(splits, workload: Workload) -> dict:
     if unknown:
         raise StudyError(f"workload {workload.name}: load() returned unknown splits {', '.join(unknown)}")
     for name, split in splits.items():
+        if name == "test" and isinstance(split, tuple) and len(split) == 2 and split[1] is None and len(split[0]):
+            continue  # unlabelled (a competition's test split): predicted for the workload's files, never scored
         if not (isinstance(split, tuple) and len(split) == 2 and len(split[0]) == len(split[1]) and len(split[0])):
             raise StudyError(f"workload {workload.name}: split {name} must be a non-empty (x, y) pair of one length")
     return splits
@@ -125,7 +129,8 @@ def check_splits(splits, workload: Workload) -> dict:
 def trial_configs(args, workload_spec: str, options: dict, version: str) -> tuple[dict, dict]:
     """The constant part of every trial's config, and the grid's axes (flag values per TrainConfig field)."""
     base = dict(TrainConfig(workload=workload_spec).to_dict(), workload=workload_spec, options=options,
-                stage=STAGE, noise_scale=args.noise_scale == "on", tf32=args.tf32, code_version=version,
+                stage=STAGE, noise_scale=args.noise_scale == "on", tf32=args.tf32, amp=args.amp == "on",
+                code_version=version,
                 **{k: getattr(args, k) for k in SCALARS})
     axes = {field: list(getattr(args, flag)) for flag, field in GRID.items()}
     for combo in ({field: values[i % len(values)] for field, values in axes.items()}
@@ -229,8 +234,9 @@ def execute(args, workload: Workload) -> tuple[int, str]:
     callbacks = [StudyTensorBoard(workload.name, STAGE, {m: tag(m) for m in metric_names})]
     if not args.verbose:
         callbacks.append(StudyConsole(STAGE, columns, [workload.primary]))
+    # Memory-mapped splits never travel: each trial opens the files itself (study.run_workload).
     results = run_stage(train_workload, space, folder=folder, stage=STAGE, args=args, resources=resources,
-                        data=splits, callbacks=callbacks)
+                        data=None if workload.memory_mapped else splits, callbacks=callbacks)
     print(f"results: {folder.uri}  (report: python -m analysis.report {shlex.quote(folder.uri)})")
     failed = any(r.error is not None or (r.metrics or {}).get(M.STATUS) == M.STATUS_OOM for r in results)
     return (1 if failed else 0), folder.uri

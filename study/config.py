@@ -148,6 +148,7 @@ class TrainConfig:
     noise_scale: bool = True  # estimate the gradient noise scale B_simple during training
     noise_every: int = NOISE_EVERY
     tf32: bool = False  # CUDA: TF32 for fp32 convolutions and matmuls
+    amp: bool = False  # CUDA: bf16 autocast for the forward passes (ignored on CPU)
     code_version: str = ""
 
     def __post_init__(self):

@@ -18,7 +18,8 @@ CUDA_CONTEXT_BYTES = 768 * 2**20
 # `activation_bytes_per_image`) and their gradients in the backward pass: 2x the saved bytes.
 ACTIVATION_FACTOR = 2.0
 WORKSPACE_BYTES = 1 * 2**30  # cuDNN/cuBLAS workspaces, taken through the allocator (cudnn.benchmark may pick big ones)
-OPTIMIZER_SLOTS = {"sgd": 1, "adam": 2}  # fp32 state tensors per trainable parameter (momentum; Adam's two moments)
+# fp32 state tensors per trainable parameter (momentum; Adam's two moments)
+OPTIMIZER_SLOTS = {"sgd": 1, "nesterov": 1, "adam": 2, "adamw": 2}
 
 
 class GpuShareTooSmall(ValueError):

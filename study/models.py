@@ -49,7 +49,14 @@ class VGG16Patches(nn.Module):
                                   nn.Linear(256, 1))
 
     def forward(self, x):  # x: (B, 3, 96, 96) normalised -> (B,) logits
-        return self.head(self.features(x)).squeeze(1)
+        if self.training:
+            return self.head(self.features(x)).squeeze(1)
+        # Evaluation: the head in fp32 even under autocast. Under bf16 the logits would keep 8 bits of mantissa: a
+        # few thousand distinct probabilities over tens of thousands of images, whose ties bias AUC, its bootstrap
+        # intervals and DeLong's test.
+        features = self.features(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.head(features.float()).float().squeeze(1)
 
 
 def vgg16_features_state(weights: str) -> dict | None:

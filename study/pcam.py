@@ -12,7 +12,6 @@ import argparse
 import math
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 
 from ray import tune
@@ -31,10 +30,10 @@ from study.tensorboard import write_experiment
 from study.trainables import train_pcam
 from study.tuning import (StudyFolder, add_common_args, check_common_args, code_version, default_name,
                           grid_axis, main_of, open_study, run_stage)
+from study.workloads import pcam as pcam_workload
 
 SMOKE = dict(batch_sizes=[8, 16], optimizers=["sgd", "adam"], sgd_lrs=[0.01], adam_lrs=[1e-4], epochs=2,
              weights="none", eval_batch_size=32, noise_every=1)
-SMOKE_SIZES = dict(n_train=48, n_valid=16, n_test=24)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -94,23 +93,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def prepare_data(args) -> tuple[str, dict[str, int]]:
     """The folder of the official HDF5 layout the trials read (converted from Kaggle data once), and its sizes."""
-    if args.smoke:
-        folder = Path(tempfile.gettempdir()) / "batchsize-study-pcam-smoke"
-        if not (folder / pcam_data.file_name("test", "y")).is_file():
-            pcam_data.make_synthetic(folder, **SMOKE_SIZES)
-        return str(folder), pcam_data.verify(pcam_data.locate(folder))
-    if not args.data_dir:
-        raise StudyError("no data: pass --data-dir DIR (add --download to fetch PCam there), or --smoke")
-    root = Path(args.data_dir).expanduser().resolve()
-    if (root / "train_labels.csv").is_file():
-        root = kaggle.prepare_kaggle(root, Path(args.prepared_dir or root / "prepared-h5"), args.val_fraction,
-                                     args.split_seed)
-    elif args.download:
-        try:  # files already there (flat, .gz or torchvision's layout) are used, never fetched again
-            pcam_data.locate(root)
-        except StudyError:
-            pcam_data.download(root)
-    return str(root), pcam_data.verify(pcam_data.locate(root))
+    options = pcam_workload.workload.option_values(dict(
+        synthetic=args.smoke, data_dir=args.data_dir or "", download=bool(args.download),
+        prepared_dir=args.prepared_dir or "", val_fraction=args.val_fraction, split_seed=args.split_seed))
+    folder = pcam_workload.data_folder(options)
+    return str(folder), pcam_data.verify(pcam_data.locate(folder))
 
 
 def check_flags(args) -> None:

@@ -120,13 +120,14 @@ class ProbeClock:
 
 def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.nn.Module], dict], report: Callable,
         *, cfg, device: torch.device, prepare: Callable | None = None, start: dict | None = None,
-        select: str | None = None, autocast_dtype: torch.dtype | None = None) -> dict:
+        select: str | None = None, maximise: bool = True, autocast_dtype: torch.dtype | None = None) -> dict:
     """Train `model` for cfg.epochs epochs; returns the final state (see `state` below).
 
     batches: has `epoch(generator)` yielding (x, y) on the device and `len()`.
     prepare(x, generator): turns a raw batch into model input on the device (augmentation); None for identity.
     evaluate(model) -> metrics dict; report(metrics, state) is called after every epoch, epoch 0 included.
-    select: a metric to maximise; the state then carries the best epoch's weights ("best_model").
+    select: a metric to maximise (minimise with maximise=False); the state then carries the best epoch's weights
+    ("best_model").
     start: a state from an earlier `report` to resume from (as loaded from a checkpoint).
     """
     steps_per_epoch = len(batches)
@@ -156,8 +157,10 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
         metrics = {**metrics, **evaluate(model)}
         # Epoch 0 is the untrained network: reported, never the "best" model that gets tested.
         # A diverged epoch is never the best: NaN outputs can still score, e.g. an accuracy of the negatives' share.
+        sign = 1 if maximise else -1
+        best = sign * state["best"]["value"] if state["best"]["epoch"] > 0 else -math.inf
         if (select is not None and state["epoch"] > 0 and not metrics.get(M.DIVERGED)
-                and metrics[select] > state["best"]["value"]):
+                and sign * metrics[select] > best):
             state["best"] = {"value": metrics[select], "epoch": state["epoch"]}
             state["best_model"] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         if select is not None:  # e.g. best_val_acc (M.BEST_VAL_ACC) and its epoch

@@ -5,29 +5,23 @@ Data arrives through `tune.with_parameters`, i.e. Ray's object store: prepared o
 node, shared by every trial there.
 """
 
+import dataclasses
 import math
 import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from ray import tune
-from sklearn.metrics import log_loss, roc_auc_score
 
 from study import metrics as M
-from study.augment import to_input
-from study.config import MnistConfig, PcamConfig
-from study.data import kaggle
+from study.config import MnistConfig, PcamConfig, TrainConfig
 from study.data import pcam as pcam_data
-from study.data.batches import PatchBatches
-from study.data.locks import step_lock
-from study.errors import StudyError
-from study.memory import (GpuShareTooSmall, activation_bytes_per_image, cap_memory, configure_cuda, free_cuda,
-                          plan_uploads, training_bytes)
-from study.models import RegressionCNN, VGG16Patches
-from study.train import DeviceBatches, eval_logits, fit, make_optimizer, pick_device, predict, seed_everything
+from study.memory import configure_cuda, free_cuda
+from study.models import RegressionCNN
+from study.train import DeviceBatches, fit, make_optimizer, pick_device, predict, seed_everything
+from study.workloads.pcam import auc, bce  # noqa: F401 (where the tests find them)
 
 VAL_SPLIT_SEED = 0  # the validation images are the same for every trial of a study
 
@@ -160,121 +154,42 @@ def run_mnist(cfg: MnistConfig, data: dict, device: torch.device, report, start:
 
 @trial_entry
 def train_pcam(config: dict, data: dict) -> None:
-    """One PCam trial, as Tune runs it. data: {"features": VGG16 conv state_dict or None}."""
+    """One trial of `python -m study.pcam`, as Tune runs it (its config is PcamConfig: the stored layout of the
+    study before workloads). data: {"features": VGG16 conv state_dict or None}, loaded once by the driver."""
+    from study.run_workload import cuda_budget
+
     cfg = PcamConfig.from_dict(config)
     device, placement = trial_device()
-    if device.type == "cuda":
-        # A reused worker (Ray reuses actors) still caches the last trial's blocks, which would count as used.
-        free_cuda()
-        torch.cuda.reset_peak_memory_stats(device)
-    share = placement[M.GPU_SHARE]
+    budget, packed = cuda_budget(device, placement[M.GPU_SHARE])
     configure_cuda(device, tf32=cfg.tf32, benchmark=True)  # fixed shapes: cuDNN's autotuning pays once
-    try:
-        budget = cap_memory(device, share)
-    except GpuShareTooSmall as err:  # retrying cannot help: end it as out of memory does, with the advice
-        raise torch.cuda.OutOfMemoryError(str(err)) from None
     run_pcam(cfg, data["features"], device, lambda metrics, state, files: report(
         {**metrics, **placement}, state, files, cfg.checkpoint_every), load_start(), memory_budget=budget,
-        packed=0 < share < 1)
+        packed=packed)
 
 
 def run_pcam(cfg: PcamConfig, features: dict | None, device: torch.device, report, start: dict | None = None, *,
              memory_budget: int | None = None, packed: bool = False):
-    """The PCam trial without Ray: fine-tune, keep the best-on-validation weights, evaluate them on the test split.
-    report(metrics, state, files) gets every epoch; the last one carries the test metrics and prediction files.
-    memory_budget: bytes this trial may allocate on its GPU (None on CPU); packed: it shares the GPU (see
-    study.memory.plan_uploads)."""
-    seed_everything(cfg.seed)
-    splits = locate_or_fetch(cfg)
-    (train_x, train_y), (val_x, val_y), (test_x, test_y) = (pcam_data.load_split(*splits[s]) for s in pcam_data.SPLITS)
-    if cfg.train_limit:
-        train_x, train_y = train_x[:cfg.train_limit], train_y[:cfg.train_limit]
-    cuda = device.type == "cuda"
-    amp = torch.bfloat16 if cuda and cfg.amp else None
-    model = VGG16Patches(features, cfg.freeze_blocks).to(device)
-    if cuda:  # the batches arrive channels_last (study.augment.to_input); the convolutions run fastest in it
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, device)
-    needs = 0
-    if memory_budget is not None and not packed:
-        # Four images (repeated when --train-limit leaves fewer): the measurement needs two or more.
-        example = np.resize(np.array(train_x[:4]), (4, *train_x.shape[1:]))
-        example = to_input(torch.from_numpy(example).to(device), train=False)
-        needs = training_bytes(model, cfg.optimizer, cfg.batch_size, activation_bytes_per_image(model, example, amp),
-                               cfg.eval_batch_size)
-    upload = plan_uploads({"train": train_x.nbytes, "val": val_x.nbytes, "test": test_x.nbytes},
-                          budget_bytes=memory_budget, needs_bytes=needs, packed=packed)
-    batches = PatchBatches(train_x, train_y, cfg.batch_size, device, on_device=upload["train"])
-    val_batches = PatchBatches(val_x, val_y, cfg.eval_batch_size, device, shuffle=False, on_device=upload["val"])
-    test_batches = PatchBatches(test_x, test_y, cfg.eval_batch_size, device, shuffle=False, on_device=upload["test"])
-    augment = dict(flip=cfg.flip, rot90=cfg.rot90, zoom=cfg.zoom, brightness=cfg.brightness)
+    """The PCam trial without Ray: the "pcam" workload (study.workloads.pcam) run by the workload engine with
+    the settings of a PcamConfig. report(metrics, state, files) gets every epoch; the last one carries the test
+    metrics of the best-on-validation weights and the prediction files. features: the VGG16 conv weights (None:
+    random init)."""
+    from study.models import VGG16Patches
+    from study.run_workload import run_workload
+    from study.workload import resolve
 
-    @torch.no_grad()
-    def probabilities(split):
-        model.eval()
-        out = []
-        for x, _ in split.epoch():
-            out.append(torch.sigmoid(eval_logits(model, to_input(x, train=False), amp)))
-        model.train()
-        return torch.cat(out).cpu().numpy().astype(np.float64)
-
-    def evaluate(model):
-        p = probabilities(val_batches)
-        return {M.VAL_LOSS: bce(val_y, p), M.VAL_ACC: float(np.mean((p >= 0.5) == val_y)), M.VAL_AUC: auc(val_y, p),
-                M.GPU_MEMORY_MB: torch.cuda.max_memory_allocated(device) / 2**20 if cuda else math.nan}
-
-    def report_epoch(metrics, state):
-        files = {}
-        if metrics[M.STATUS] != M.STATUS_RUNNING and state["best_model"] is not None:
-            # The end (done or diverged): the best-on-validation weights, judged once on the test split. The
-            # state to checkpoint references the live weights, so they are put back afterwards.
-            last = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            model.load_state_dict(state["best_model"])
-            p = probabilities(test_batches)
-            model.load_state_dict(last)
-            if test_y is not None:
-                metrics = {**metrics, M.TEST_AUC: auc(test_y, p), M.TEST_ACC: float(np.mean((p >= 0.5) == test_y))}
-                files[M.PREDICTIONS_FILE] = lambda path: pd.DataFrame(
-                    {"index": np.arange(len(p)), "label": test_y.astype(int), "probability": p}).to_csv(path,
-                                                                                                      index=False)
-            ids = kaggle.read_ids(cfg.data_dir, "test")
-            if ids is not None:
-                files[M.SUBMISSION_FILE] = lambda path: pd.DataFrame({"id": ids, "label": p}).to_csv(path, index=False)
-        report(metrics, state, files)
-
-    prepare = lambda x, generator: to_input(x, generator=generator, **augment)  # noqa: E731 (one-liner hook)
-    return fit(model, optimizer, batches, torch.nn.functional.binary_cross_entropy_with_logits, evaluate,
-               report_epoch, cfg=cfg, device=device, prepare=prepare, start=start, select=M.VAL_ACC,
-               autocast_dtype=amp)
+    workload = resolve("pcam")
+    options = dict(data_dir=cfg.data_dir, download=cfg.download, train_limit=cfg.train_limit,
+                   weights=cfg.weights, freeze_blocks=cfg.freeze_blocks, no_flip=not cfg.flip,
+                   no_rot90=not cfg.rot90, zoom=cfg.zoom, brightness=cfg.brightness)
+    shared = {f.name for f in dataclasses.fields(TrainConfig)} & set(cfg.to_dict())
+    train_cfg = TrainConfig(**{k: getattr(cfg, k) for k in shared}, workload="pcam", options=options, stage="grid")
+    return run_workload(train_cfg, workload, None, device, lambda m, s, files=None: report(m, s, files or {}), start,
+                        memory_budget=memory_budget, packed=packed,
+                        model_factory=lambda options: VGG16Patches(features, options["freeze_blocks"]))
 
 
 def locate_or_fetch(cfg: PcamConfig) -> dict:
-    """The PCam files on this node. With --download, a node of a cluster that lacks them fetches them once: the
-    first trial there downloads under a file lock while the node's other trials wait for it."""
-    try:
-        return pcam_data.locate(cfg.data_dir)
-    except StudyError:
-        if not cfg.download:
-            raise
-    root = Path(cfg.data_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    with step_lock(root / ".download.lock"):
-        try:
-            return pcam_data.locate(root)
-        except StudyError:
-            pcam_data.download(root)
-            return pcam_data.locate(root)
-
-
-def bce(labels: np.ndarray, p: np.ndarray) -> float:
-    """Binary cross-entropy (scikit-learn's log_loss, p clipped to its dtype's epsilon); NaN for a NaN model."""
-    if not np.all(np.isfinite(p)):
-        return math.nan
-    return float(log_loss(labels, p, labels=[0, 1]))
-
-
-def auc(labels: np.ndarray, p: np.ndarray) -> float:
-    """ROC AUC (scikit-learn); NaN when a split holds one class only or the model produced NaN."""
-    if len(np.unique(labels)) < 2 or not np.all(np.isfinite(p)):
-        return math.nan
-    return float(roc_auc_score(labels, p))
+    """The PCam files on this node; with cfg.download a node that lacks them fetches them once (under a lock)."""
+    if cfg.download:
+        return pcam_data.locate_or_fetch(Path(cfg.data_dir))
+    return pcam_data.locate(cfg.data_dir)

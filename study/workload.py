@@ -58,6 +58,15 @@ class Workload:
     smoke: dict = field(default_factory=dict)  # what --smoke sets: a tiny grid, and "options" of the workload's own
     options: tuple[Option, ...] = ()
     report: str = ""  # "module:function": the workload's own report section (analysis imports only this of it)
+    # For large data sets and fine-tuning (PCam); each is optional and off by default.
+    memory_mapped: bool = False  # load() returns memory maps (uint8 x); each trial opens them itself and the engine
+    # streams batches from them (study.data.batches), uploading a split whole when the trial's memory plan allows
+    prepare_train: Callable | None = None  # (raw x, generator, options) -> training input, prepare and augment in
+    # one pass (PCam's uint8 pipeline); replaces prepare + augment on training batches
+    select: str = ""  # a prefixed validation metric: the best epoch's weights by it are kept and tested
+    files: Callable | None = None  # (outputs, y or None, options) -> {file name: write(path)}: extra files of the
+    # final checkpoint, from the tested model's outputs on the test split (predictions, a submission)
+    channels_last: bool = False  # on CUDA the model's weights in NHWC (when prepare delivers NHWC batches)
 
     def metric(self, prefixed: str) -> Metric:
         """The declared Metric behind a prefixed name (val_error -> Metric("error", ...))."""
@@ -91,6 +100,7 @@ class Workload:
 WORKLOADS = {
     "mnist-cnn": "study.workloads.mnist_cnn:workload",
     "cifar10-resnet8": "study.workloads.cifar10_resnet8:workload",
+    "pcam": "study.workloads.pcam:workload",
 }
 
 
@@ -155,6 +165,10 @@ def check(w, spec: str) -> None:
         w.metric(goal.metric)
     for name in w.chance:
         w.metric(name)
+    if w.select and not w.select.startswith("val_"):
+        raise StudyError(f"workload {w.name}: select must be a validation metric (val_...), got {w.select!r}")
+    if w.select:
+        w.metric(w.select)
     for o in w.options:
         if o.type not in OPTION_TYPES or not isinstance(o.default, o.type):
             raise StudyError(f"workload {w.name}: option {o.name} needs a type of bool/int/float/str and a default "

@@ -320,3 +320,18 @@ def download(root) -> Path:
         raise StudyError(f"downloading PCam into {root} failed: {err}; without internet, get the .h5.gz files "
                          f"from https://github.com/basveeling/pcam and pass --data-dir pointing at them")
     return Path(root) / "pcam"
+
+
+def locate_or_fetch(root: Path) -> dict:
+    """The PCam files under root; missing ones are fetched once: the first trial on a node downloads under a file
+    lock while the node's other trials wait for it. Files already there are used, never fetched again."""
+    try:
+        return locate(root)
+    except StudyError:
+        root.mkdir(parents=True, exist_ok=True)
+    with step_lock(root / ".download.lock"):
+        try:
+            return locate(root)
+        except StudyError:
+            download(root)
+            return locate(root)
