@@ -58,6 +58,9 @@ class Workload:
     smoke: dict = field(default_factory=dict)  # what --smoke sets: a tiny grid, and "options" of the workload's own
     options: tuple[Option, ...] = ()
     report: str = ""  # "module:function": the workload's own report section (analysis imports only this of it)
+    # Stages before the sweep, as data: {"lr_search": {"lr_grid", "fine_factors", "batch_size", "select"}} is the
+    # learning-rate search that `python -m study.mnist` runs (MNIST regression); the grid run ignores it.
+    stages: dict = field(default_factory=dict)
 
     def metric(self, prefixed: str) -> Metric:
         """The declared Metric behind a prefixed name (val_error -> Metric("error", ...))."""
@@ -91,6 +94,7 @@ class Workload:
 WORKLOADS = {
     "mnist-cnn": "study.workloads.mnist_cnn:workload",
     "cifar10-resnet8": "study.workloads.cifar10_resnet8:workload",
+    "mnist-regression": "study.workloads.mnist_regression:workload",
 }
 
 
