@@ -53,9 +53,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     grid.add_argument("--lr-search-batch", type=int, default=SEARCH["batch_size"])
     grid.add_argument("--select-on", choices=("val", "test"), default="val",
                       help="stage 1 selects on the validation split (default) or, as the original, the test set")
-    grid.add_argument("--val-size", type=int, default=None, help=f"validation images (default {OPTIONS['val_size'].default})")
+    grid.add_argument("--val-size", type=int, default=None,
+                      help=f"validation images (default {OPTIONS['val_size'].default})")
     grid.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="stage 2 batch sizes")
-    grid.add_argument("--runs", type=int, default=None, help=f"seeded runs per batch size (default {len(workload.defaults['seeds'])})")
+    grid.add_argument("--runs", type=int, default=None,
+                      help=f"seeded runs per batch size (default {len(workload.defaults['seeds'])})")
     grid.add_argument("--epochs", type=int, default=None, help="epochs per trial (default 10)")
     grid.add_argument("--optimizer", default=workload.defaults["optimizers"][0], help=f"one of {', '.join(OPTIMIZERS)}")
     grid.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")

@@ -134,7 +134,10 @@ def run_mnist(cfg: MnistConfig, data: dict, device: torch.device, report, start:
     def evaluate(model):
         out = {}
         for split, (x, y) in zip(("val", "test"), scored):
-            values = workload.evaluate(predict(model, x, cfg.eval_batch_size), y) if len(x) else {m.name: math.nan for m in workload.metrics}
+            if not len(x):  # val_size 0: no validation split
+                values = {m.name: math.nan for m in workload.metrics}
+            else:
+                values = workload.evaluate(predict(model, x, cfg.eval_batch_size), y)
             out.update({f"{split}_{name}": value for name, value in values.items()})
         return out
 

@@ -58,8 +58,8 @@ class Workload:
     smoke: dict = field(default_factory=dict)  # what --smoke sets: a tiny grid, and "options" of the workload's own
     options: tuple[Option, ...] = ()
     report: str = ""  # "module:function": the workload's own report section (analysis imports only this of it)
-    # Stages before the sweep, as data: {"lr_search": {"lr_grid", "fine_factors", "batch_size", "select"}} is the
-    # learning-rate search that `python -m study.mnist` runs (MNIST regression); the grid run ignores it.
+    # Stages before the sweep, as data: {"lr_search": {"lr_grid", "fine_factors", "batch_size", "select"}}, a
+    # learning-rate search (study.lr_search) that `python -m study run WORKLOAD --lr-search` runs first.
     stages: dict = field(default_factory=dict)
 
     def metric(self, prefixed: str) -> Metric:

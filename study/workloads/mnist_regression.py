@@ -107,7 +107,7 @@ workload = Workload(
              Option("val_size", int, MNIST_VAL_SIZE, "training images held out for validation"),
              Option("train_limit", int, 0, "use only the first N training images (0: all)"),
              Option("test_limit", int, 0, "use only the first N test images (0: all)")),
-    # The original study's learning-rate search before its batch sweep (run by study.mnist, study.lr_search).
+    # The original study's learning-rate search (study.mnist runs it per target; `run ... --lr-search` for one).
     stages=dict(lr_search=dict(lr_grid=list(MNIST_LR_GRID), fine_factors=list(MNIST_FINE_FACTORS),
                                batch_size=MNIST_LR_SEARCH_BATCH, select="val_mse")),
 )
