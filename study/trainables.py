@@ -30,6 +30,7 @@ from study.models import VGG16Patches
 from study.train import DeviceBatches, eval_logits, fit, make_optimizer, pick_device, predict, seed_everything
 from study.workloads import mnist_regression as regression
 
+
 def trial_device() -> tuple[torch.device, dict]:
     """The device Tune gave this trial (CUDA when its resources include a GPU share, else CPU), and the placement
     facts every report carries so the analysis can draw what ran where."""

@@ -11,13 +11,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from study.config import (MNIST_BATCH_SIZES, MNIST_FINE_FACTORS, MNIST_LR_GRID, MNIST_LR_SEARCH_BATCH, MNIST_RUNS,
-                          MNIST_TARGETS, MNIST_VAL_SIZE)
+from study.config import MNIST_TARGETS
 from study.data import mnist as mnist_data
 from study.errors import StudyError
 from study.models import RegressionCNN
 from study.workload import Metric, Option, Workload
 
+LR_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # the search's coarse log grid
+FINE_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.5, 1.75, 2.0)  # its fine grid, multiples of the best coarse lr
+LR_SEARCH_BATCH = 32  # batch size of the learning-rate search
+BATCH_SIZES = (16, 32, 64, 128, 256, 512, 1024)  # the sweep
+RUNS = 10  # seeded runs per batch size (study.mnist: seed = batch size + run index, as the original)
+VAL_SIZE = 10_000  # training images held out to select the learning rate
 VAL_SPLIT_SEED = 0  # the validation images are the same for every trial of a study
 SCALES = ("raw", "unit")  # raw: pixels and statistics on 0..255 (the original); unit: on 0..1
 
@@ -94,8 +99,8 @@ workload = Workload(
     summary="MNIST regression: the original small CNN predicts each image's pixel mean/median/std/var (MSE)",
     load=load, model=model, loss=nn.functional.mse_loss, prepare=prepare, evaluate=evaluate,
     metrics=(Metric("mse", False),), primary="test_mse",  # the batch sweep trains on every image: no val split
-    defaults=dict(batch_sizes=list(MNIST_BATCH_SIZES), optimizers=["adam"], lrs=[1e-3], epochs=10,
-                  seeds=list(range(MNIST_RUNS)), momentum=0.0),
+    defaults=dict(batch_sizes=list(BATCH_SIZES), optimizers=["adam"], lrs=[1e-3], epochs=10,
+                  seeds=list(range(RUNS)), momentum=0.0),
     smoke=dict(batch_sizes=[16, 64], optimizers=["adam"], lrs=[2e-3], epochs=2, seeds=[0],
                options={"synthetic": True, "val_size": 128}),
     options=(Option("target", str, "mean", f"the statistic to predict: {', '.join(MNIST_TARGETS)}"),
@@ -104,10 +109,10 @@ workload = Workload(
              Option("data_dir", str, "", "folder with the four MNIST idx files (.gz or not; MNIST/raw/ too)"),
              Option("download", bool, False, "fetch MNIST through torchvision into --data-dir"),
              Option("synthetic", bool, False, "built-in synthetic digits instead of MNIST (what --smoke uses)"),
-             Option("val_size", int, MNIST_VAL_SIZE, "training images held out for validation"),
+             Option("val_size", int, VAL_SIZE, "training images held out for validation"),
              Option("train_limit", int, 0, "use only the first N training images (0: all)"),
              Option("test_limit", int, 0, "use only the first N test images (0: all)")),
     # The original study's learning-rate search (study.mnist runs it per target; `run ... --lr-search` for one).
-    stages=dict(lr_search=dict(lr_grid=list(MNIST_LR_GRID), fine_factors=list(MNIST_FINE_FACTORS),
-                               batch_size=MNIST_LR_SEARCH_BATCH, select="val_mse")),
+    stages=dict(lr_search=dict(lr_grid=list(LR_GRID), fine_factors=list(FINE_FACTORS),
+                               batch_size=LR_SEARCH_BATCH, select="val_mse")),
 )
