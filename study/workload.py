@@ -164,6 +164,15 @@ def check(w, spec: str) -> None:
             raise StudyError(f"workload {w.name}: option {o.name} needs a type of bool/int/float/str and a default "
                              f"of that type, got {o.type!r} and {o.default!r}")
     w.option_values(w.smoke.get("options", {}))
+    unknown = sorted(set(w.stages) - {"lr_search"})
+    if unknown:
+        raise StudyError(f"workload {w.name}: unknown stages {', '.join(unknown)}; the engine runs lr_search")
+    if "lr_search" in w.stages:
+        search = w.stages["lr_search"]
+        missing = sorted({"lr_grid", "fine_factors", "batch_size", "select"} - set(search))
+        if missing:
+            raise StudyError(f"workload {w.name}: stages['lr_search'] lacks {', '.join(missing)}")
+        w.metric(search["select"])
 
 
 def describe(w: Workload, splits) -> dict:

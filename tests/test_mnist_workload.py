@@ -77,3 +77,18 @@ def test_run_with_lr_search_chooses_the_original_rate(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr[-3000:]
     assert "lr_fine" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_a_declared_stage_is_checked_when_resolved():
+    from dataclasses import replace
+
+    from study.errors import StudyError
+    from study.workload import check
+
+    w = mnist_regression.workload
+    with pytest.raises(StudyError, match="unknown stages warmup"):
+        check(replace(w, stages={"warmup": {}}), "x")
+    with pytest.raises(StudyError, match="lacks select"):
+        check(replace(w, stages={"lr_search": {k: v for k, v in w.stages["lr_search"].items() if k != "select"}}), "x")
+    with pytest.raises(StudyError, match="no declared metric"):
+        check(replace(w, stages={"lr_search": dict(w.stages["lr_search"], select="val_error")}), "x")
