@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks.mnist_trial import device_name  # noqa: E402
 from study.augment import to_input  # noqa: E402
-from study.config import MNIST_BATCH_SIZES, NOISE_EVERY, PCAM_BATCH_SIZES  # noqa: E402
+from study.config import NOISE_EVERY, PCAM_BATCH_SIZES  # noqa: E402
+from study.workloads.mnist_regression import BATCH_SIZES as MNIST_BATCH_SIZES  # noqa: E402
 from study.models import RegressionCNN, VGG16Patches  # noqa: E402
 from study.noise import NoiseScale  # noqa: E402
 from study.train import make_optimizer, sync  # noqa: E402

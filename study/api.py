@@ -56,6 +56,12 @@ def parser(workload: Workload | None = None) -> argparse.ArgumentParser:
     train.add_argument("--tf32", action="store_true", help="on CUDA: TF32 convolutions and matmuls")
     train.add_argument("--amp", choices=("on", "off"), help="on CUDA: bf16 autocast (default: the workload's; off)")
     add_common_args(p, gpus_per_trial=0.25)
+    if workload is not None and "lr_search" in workload.stages:
+        search = workload.stages["lr_search"]
+        grid.add_argument("--lr-search", action="store_true",
+                          help=f"first the workload's learning-rate search (lr_coarse: {search['lr_grid']} at batch "
+                               f"{search['batch_size']}, then lr_fine round the best), on {search['select']}; its "
+                               f"choice replaces --lrs")
     if workload is not None and workload.options:
         own = p.add_argument_group(f"{workload.name}'s options")
         for o in workload.options:
@@ -205,6 +211,8 @@ def execute(args, workload: Workload) -> tuple[int, str]:
     # A file is found again from the trials' own working folders: pass it on as an absolute path.
     spec = str(Path(args.workload).resolve()) if args.workload.endswith(".py") else args.workload
     check_flags(args)
+    if getattr(args, "lr_search", False) and len(args.optimizers) > 1:
+        raise StudyError("--lr-search chooses one learning rate for one optimizer: pass one --optimizers value")
     options = workload.option_values({o.name: getattr(args, o.name) for o in workload.options})
     splits = check_splits(workload.load(options), workload)
     n_train = len(splits["train"][0])
@@ -217,10 +225,15 @@ def execute(args, workload: Workload) -> tuple[int, str]:
     version = code_version()
     base["code_version"] = version
     metric_names = [f"{s}_{m.name}" for s in ("val", "test") if s in splits for m in workload.metrics]
+    searching = getattr(args, "lr_search", False)
     if not args.resume:
-        folder.write_json(STUDY_FILE, {"study": workload.name, "kind": "workload", "stages": [STAGE],
+        folder.write_json(STUDY_FILE, {"study": workload.name, "kind": "workload",
+                                       "stages": (["lr_coarse", "lr_fine"] if searching else []) + [STAGE],
                                        "args": vars(args), "code_version": version, "resources_per_trial": resources,
                                        "data": {s: len(splits[s][0]) for s in splits}})
+    if searching:
+        axes["lr"] = [searched_lr(args, workload, folder, base, resources, splits)]
+    if not args.resume:
         folder.write_json(M.WORKLOAD_FILE, dict(describe(workload, splits), axes=axes))
         key = [workload.primary] + [m for m in metric_names if m != workload.primary]
         write_experiment(folder, workload.name, dict(axes, momentum=[args.momentum],
@@ -240,6 +253,27 @@ def execute(args, workload: Workload) -> tuple[int, str]:
     print(f"results: {folder.uri}  (report: python -m analysis.report {shlex.quote(folder.uri)})")
     failed = any(r.error is not None or (r.metrics or {}).get(M.STATUS) == M.STATUS_OOM for r in results)
     return (1 if failed else 0), folder.uri
+
+
+def searched_lr(args, workload: Workload, folder, base: dict, resources: dict, splits: dict) -> float:
+    """--lr-search: the workload's search stages (study.lr_search); a --resume reads back the rate they chose."""
+    from study.console import StudyConsole
+    from study.lr_search import search
+    from study.run_workload import train_workload
+    from study.tuning import run_stage
+
+    if args.resume and folder.has(M.CHOSEN_FILE):
+        return folder.read_json(M.CHOSEN_FILE)["lr"]
+    select = workload.stages["lr_search"]["select"]
+
+    def run(stage, space):
+        return run_stage(train_workload, space, folder=folder, stage=stage, args=args, resources=resources,
+                         data=splits, callbacks=[] if args.verbose else [StudyConsole(stage, ["lr"], [select])])
+
+    chosen = search(workload, args, base, run, folder)
+    folder.write_json(M.CHOSEN_FILE, chosen)
+    print(f"learning rate: {chosen['lr']:.4g} (chosen on {select})")
+    return chosen["lr"]
 
 
 def tag(metric: str) -> str:

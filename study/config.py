@@ -18,12 +18,7 @@ NOISE_EVERY = 32  # the gradient noise scale is probed on every 32nd training st
 
 # MNIST regression study ("Is the batch size affecting the performance of regression CNNs?").
 MNIST_TARGETS = ("mean", "median", "std", "var")  # statistics of each image's 784 pixels, 0..255 scale
-MNIST_LR_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # stage 1, coarse log grid
-MNIST_FINE_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.5, 1.75, 2.0)  # stage 1, fine grid round the best coarse lr
-MNIST_LR_SEARCH_BATCH = 32  # batch size of the learning-rate search
-MNIST_BATCH_SIZES = (16, 32, 64, 128, 256, 512, 1024)  # stage 2
-MNIST_RUNS = 10  # seeded runs per batch size; seed = batch size + run index, as the original
-MNIST_VAL_SIZE = 10_000  # training images held out to select the learning rate
+# Its grid and learning-rate search: study/workloads/mnist_regression.py.
 
 # PCam study ("The influence of batch size on CNN performance ... for histopathology image categorisation").
 PCAM_BATCH_SIZES = (32, 64, 128, 256, 512)

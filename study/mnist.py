@@ -4,6 +4,8 @@ Stage 1 searches the learning rate per target at batch 32 (a log grid, then a fi
 on a held-out validation split; stage 2 sweeps the batch sizes with each target's chosen rate, 10 seeded runs each.
 Each stage is one Tune experiment under <storage-path>/<name>/: lr_coarse, lr_fine, batch_sweep; the chosen
 rates are in chosen_lr.json, the arguments in study.json. `tensorboard --logdir <storage-path>/<name>`.
+The model, loss, metrics, data splits, scaling and default grid are the mnist-regression workload's
+(study/workloads/mnist_regression.py); this module keeps the original study's flags, stages and stored layout.
 """
 
 import argparse
@@ -16,8 +18,7 @@ from ray import tune
 from study import cli_checks as checks
 from study import metrics as M
 from study.console import stage_callbacks, tensorboard_hint
-from study.config import (LR_SCALING_RULES, MNIST_BATCH_SIZES, MNIST_FINE_FACTORS, MNIST_LR_GRID, MNIST_LR_SEARCH_BATCH,
-                          MNIST_RUNS, MNIST_TARGETS, MNIST_VAL_SIZE, NOISE_EVERY, OPTIMIZERS, MnistConfig)
+from study.config import LR_SCALING_RULES, MNIST_TARGETS, NOISE_EVERY, OPTIMIZERS, MnistConfig
 from study.data import mnist as mnist_data
 from study.errors import StudyError
 from study.lr_scaling import scaling_rules
@@ -25,6 +26,10 @@ from study.tensorboard import RunName, write_experiment
 from study.trainables import train_mnist
 from study.tuning import (StudyFolder, add_common_args, check_common_args, code_version, default_name,
                           grid_axis, main_of, open_study, run_stage)
+from study.workloads.mnist_regression import read, workload
+
+SEARCH = workload.stages["lr_search"]  # the learning-rate search stage the workload declares
+OPTIONS = {o.name: o for o in workload.options}
 
 SMOKE = dict(targets=["mean", "std"], lr_grid=[1e-3, 1e-2, 1e3], fine_factors=[0.5, 1.0, 2.0], batch_sizes=[16, 64],
              runs=2, epochs=2, val_size=128, train_limit=0, test_limit=0)  # lr 1e3 diverges (NaN) on purpose
@@ -45,17 +50,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     grid.add_argument("--lr", type=float, default=None, help="use this learning rate for every target; skips stage 1")
     grid.add_argument("--lr-grid", type=float, nargs="+", default=None, help="stage 1 coarse grid")
     grid.add_argument("--fine-factors", type=float, nargs="+", default=None, help="stage 1 fine grid, x best lr")
-    grid.add_argument("--lr-search-batch", type=int, default=MNIST_LR_SEARCH_BATCH)
+    grid.add_argument("--lr-search-batch", type=int, default=SEARCH["batch_size"])
     grid.add_argument("--select-on", choices=("val", "test"), default="val",
                       help="stage 1 selects on the validation split (default) or, as the original, the test set")
-    grid.add_argument("--val-size", type=int, default=None, help=f"validation images (default {MNIST_VAL_SIZE})")
+    grid.add_argument("--val-size", type=int, default=None,
+                      help=f"validation images (default {OPTIONS['val_size'].default})")
     grid.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="stage 2 batch sizes")
-    grid.add_argument("--runs", type=int, default=None, help=f"seeded runs per batch size (default {MNIST_RUNS})")
+    grid.add_argument("--runs", type=int, default=None,
+                      help=f"seeded runs per batch size (default {len(workload.defaults['seeds'])})")
     grid.add_argument("--epochs", type=int, default=None, help="epochs per trial (default 10)")
-    grid.add_argument("--optimizer", default="adam", help=f"one of {', '.join(OPTIMIZERS)}")
+    grid.add_argument("--optimizer", default=workload.defaults["optimizers"][0], help=f"one of {', '.join(OPTIMIZERS)}")
     grid.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
-    grid.add_argument("--input-scale", choices=("raw", "unit"), default="raw")
-    grid.add_argument("--target-scale", choices=("raw", "unit"), default="raw")
+    for name in ("input_scale", "target_scale"):
+        grid.add_argument("--" + name.replace("_", "-"), choices=("raw", "unit"), default=OPTIONS[name].default,
+                          help=OPTIONS[name].help)
     grid.add_argument("--noise-scale", choices=("on", "off"), default="on", help="estimate the gradient noise scale")
     grid.add_argument("--tf32", action="store_true", help="on CUDA: TF32 convolutions and matmuls (default fp32)")
     grid.add_argument("--noise-every", type=int, default=NOISE_EVERY,
@@ -63,13 +71,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     grid.add_argument("--lr-scaling", choices=LR_SCALING_RULES, nargs="+", default=["none"],
                       help="stage 2: lr = chosen x (batch / --lr-reference-batch) or its square root; several "
                            "rules are a grid axis (each with the same seeds)")
-    grid.add_argument("--lr-reference-batch", type=int, default=MNIST_LR_SEARCH_BATCH)
+    grid.add_argument("--lr-reference-batch", type=int, default=SEARCH["batch_size"])
     grid.add_argument("--warmup-epochs", type=float, default=0.0)
     add_common_args(p, gpus_per_trial=0.125)
     args = p.parse_args(argv)
-    defaults = dict(targets=list(MNIST_TARGETS), lr_grid=list(MNIST_LR_GRID), fine_factors=list(MNIST_FINE_FACTORS),
-                    batch_sizes=list(MNIST_BATCH_SIZES), runs=MNIST_RUNS, epochs=10, val_size=MNIST_VAL_SIZE,
-                    train_limit=0, test_limit=0)
+    defaults = dict(targets=list(MNIST_TARGETS), lr_grid=list(SEARCH["lr_grid"]),
+                    fine_factors=list(SEARCH["fine_factors"]), batch_sizes=list(workload.defaults["batch_sizes"]),
+                    runs=len(workload.defaults["seeds"]), epochs=workload.defaults["epochs"],
+                    val_size=OPTIONS["val_size"].default, train_limit=0, test_limit=0)
     for key, value in (SMOKE if args.smoke else defaults).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -125,18 +134,9 @@ def check_grid(args, n_train: int) -> None:
 
 
 def load_data(args) -> tuple[mnist_data.Mnist, str]:
-    if args.smoke:
-        return mnist_data.synthetic(512 + args.val_size, 128), "synthetic digits (built-in)"
-    if not args.data_dir:
-        raise StudyError("no data: pass --data-dir DIR (add --download to fetch MNIST there), or --smoke")
-    try:
-        data = mnist_data.load(args.data_dir)
-    except StudyError:
-        if not args.download:
-            raise
-        mnist_data.download(args.data_dir)  # only when the files are not there yet
-        data = mnist_data.load(args.data_dir)
-    return data.limit(args.train_limit, args.test_limit), args.data_dir
+    options = dict(synthetic=args.smoke, data_dir=args.data_dir or "", download=args.download, val_size=args.val_size,
+                   train_limit=args.train_limit, test_limit=args.test_limit)
+    return read(options), "synthetic digits (built-in)" if args.smoke else args.data_dir
 
 
 def trial_base(args, version: str) -> dict:

@@ -67,6 +67,9 @@ class Workload:
     files: Callable | None = None  # (outputs, y or None, options) -> {file name: write(path)}: extra files of the
     # final checkpoint, from the tested model's outputs on the test split (predictions, a submission)
     channels_last: bool = False  # on CUDA the model's weights in NHWC (when prepare delivers NHWC batches)
+    # Stages before the sweep, as data: {"lr_search": {"lr_grid", "fine_factors", "batch_size", "select"}}, a
+    # learning-rate search (study.lr_search) that `python -m study run WORKLOAD --lr-search` runs first.
+    stages: dict = field(default_factory=dict)
 
     def metric(self, prefixed: str) -> Metric:
         """The declared Metric behind a prefixed name (val_error -> Metric("error", ...))."""
@@ -101,6 +104,7 @@ WORKLOADS = {
     "mnist-cnn": "study.workloads.mnist_cnn:workload",
     "cifar10-resnet8": "study.workloads.cifar10_resnet8:workload",
     "pcam": "study.workloads.pcam:workload",
+    "mnist-regression": "study.workloads.mnist_regression:workload",
 }
 
 
@@ -174,6 +178,15 @@ def check(w, spec: str) -> None:
             raise StudyError(f"workload {w.name}: option {o.name} needs a type of bool/int/float/str and a default "
                              f"of that type, got {o.type!r} and {o.default!r}")
     w.option_values(w.smoke.get("options", {}))
+    unknown = sorted(set(w.stages) - {"lr_search"})
+    if unknown:
+        raise StudyError(f"workload {w.name}: unknown stages {', '.join(unknown)}; the engine runs lr_search")
+    if "lr_search" in w.stages:
+        search = w.stages["lr_search"]
+        missing = sorted({"lr_grid", "fine_factors", "batch_size", "select"} - set(search))
+        if missing:
+            raise StudyError(f"workload {w.name}: stages['lr_search'] lacks {', '.join(missing)}")
+        w.metric(search["select"])
 
 
 def describe(w: Workload, splits) -> dict:
