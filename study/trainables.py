@@ -23,7 +23,6 @@ from study.train import DeviceBatches, fit, make_optimizer, pick_device, predict
 from study.workloads import mnist_regression as regression
 from study.workloads.pcam import auc, bce  # noqa: F401 (where the tests find them)
 
-VAL_SPLIT_SEED = 0  # the validation images are the same for every trial of a study
 
 
 def trial_device() -> tuple[torch.device, dict]:
