@@ -24,7 +24,6 @@ from study.workloads import mnist_regression as regression
 from study.workloads.pcam import auc, bce  # noqa: F401 (where the tests find them)
 
 
-
 def trial_device() -> tuple[torch.device, dict]:
     """The device Tune gave this trial (CUDA when its resources include a GPU share, else CPU), and the placement
     facts every report carries so the analysis can draw what ran where."""
