@@ -319,9 +319,11 @@ def test_fast_moving_weights_adam_high_lr_small_cnn(one_thread):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA to detect host syncs")
-def test_probe_does_not_sync_with_the_host():
-    model = nn.Linear(32, 1).cuda()
-    noise = NoiseScale(model.parameters(), every=1)
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_probe_does_not_sync_with_the_host(batch_norm):
+    model = (nn.Sequential(nn.Linear(32, 8), nn.BatchNorm1d(8), nn.Linear(8, 1)) if batch_norm else
+             nn.Linear(32, 1)).cuda()
+    noise = NoiseScale(model, every=1)
     x, y = torch.randn(16, 32, device="cuda"), torch.randn(16, device="cuda")
     loss_of = lambda xb, yb: (model(xb).squeeze(-1) - yb).square().mean()  # noqa: E731
     noise.probe(loss_of, x, y)
