@@ -15,6 +15,15 @@ both unbiased at the probe's weights whatever the optimizer did before (for equa
 formulas with B_small = n/k, B_big = n). Each epoch reports the ratio of its probes' mean S and mean |G|^2; the
 sums restart every epoch, so an epoch's value describes that epoch and a checkpoint needs none of them.
 
+BatchNorm breaks "g is the step's gradient": in training mode each micro-batch is normalised with its own
+statistics, so sum(b_i g_i) / n differs from the whole batch's gradient, and each micro-batch forward would update
+the running statistics again. So on a model with a BatchNorm layer in training mode (given as `NoiseScale(model,
+...)`) a probe first takes the plain step's forward and backward of the whole batch, whose gradient goes to .grad
+and whose n |g|^2 is the big-batch term, then backpropagates the micro-batches for the sum_i b_i |g_i|^2 term with
+the running statistics (and num_batches_tracked) restored afterwards and the random stream forked (dropout draws).
+Training is then exactly a plain step's; the price is one more forward and backward of the batch per probe (about
+twice a BN model's probe cost, so twice the extra training time below on BN models).
+
 Why this design (measured, one CPU thread; figures in benchmarks/RESULTS.md):
 - The estimator this replaces treated 8 consecutive training batches as one big batch. They were taken at 8
   different weights; with Adam at lr 0.0015 on MNIST the weights swing along one sharp direction (at fixed
@@ -33,6 +42,8 @@ import math
 from collections.abc import Callable, Iterable
 
 import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 SPLITS = 4  # micro-batches per probe: 3 degrees of freedom for tr(Sigma) per probe at one extra step or less
 
@@ -55,11 +66,17 @@ def trial_value(epoch_values: Iterable[float]) -> float:
 class NoiseScale:
     """Per-epoch estimate of B_simple from probe steps, each split into `splits` micro-batches at fixed weights.
 
-    `params`: the model's parameters (frozen ones, requires_grad False, are left out). `every`: probe the steps
-    0, every, 2 every, ... of each epoch. All statistics stay on the parameters' device; only `value()` syncs.
+    `params`: the model, or its parameters (frozen ones, requires_grad False, are left out); pass the model if it
+    may hold BatchNorm layers, whose running statistics a probe must update once, as a plain step does (see the
+    module docstring). `every`: probe the steps 0, every, 2 every, ... of each epoch. All statistics stay on the
+    parameters' device; only `value()` syncs.
     """
 
-    def __init__(self, params: Iterable[torch.Tensor], every: int, splits: int = SPLITS, seed: int = 0):
+    def __init__(self, params: nn.Module | Iterable[torch.Tensor], every: int, splits: int = SPLITS, seed: int = 0):
+        modules = params.modules() if isinstance(params, nn.Module) else ()
+        self.batch_norms = [m for m in modules if isinstance(m, _BatchNorm)]
+        if isinstance(params, nn.Module):
+            params = params.parameters()
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("NoiseScale got no trainable parameters; pass model.parameters()")
@@ -101,6 +118,9 @@ class NoiseScale:
             loss.backward()
             return loss.detach()
         order = self.split_order(n, step, y.device)
+        batch_norms = [m for m in self.batch_norms if m.training]
+        if batch_norms:
+            return self._probe_batch_norm(loss_of, x, y, order, k, batch_norms)
         x, y = x[order], y[order]
         total = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
         weighted_sq = torch.zeros((), device=total[0].device)  # sum_i b_i |g_i|^2
@@ -114,12 +134,42 @@ class NoiseScale:
             loss_sum += loss.detach().float() * (b / n)
         for p, g in zip(self.params, total):
             p.grad = g.to(p.dtype)
-        batch_sq = _sq_norm(total)
+        self._record(weighted_sq, _sq_norm(total), n, k)
+        return loss_sum
+
+    def _record(self, weighted_sq: torch.Tensor, batch_sq: torch.Tensor, n: int, k: int) -> None:
+        """Adds one probe's estimates from sum_i b_i |g_i|^2 and |g|^2 (formulas in the module docstring)."""
         trace = (weighted_sq - n * batch_sq) / (k - 1)
         self._trace += trace
         self._grad_sq += batch_sq - trace / n
         self.probes += 1
-        return loss_sum
+
+    def _probe_batch_norm(self, loss_of, x, y, order: torch.Tensor, k: int, batch_norms: list) -> torch.Tensor:
+        """A probe on a model with BatchNorm layers in training mode: the plain step, then the micro-batches."""
+        n = len(y)
+        loss = loss_of(x, y)  # rows in the batch's order, as the plain step: bit-identical statistics and dropout
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        for p, g in zip(self.params, grads):
+            if g is not None:  # an unused parameter keeps grad None, so the optimizer skips it as after backward()
+                p.grad = g
+        used = [g for g in grads if g is not None]
+        batch_sq = _sq_norm(used) if used else torch.zeros_like(self._trace, dtype=torch.float32)
+        # The micro-batch gradients below are normalised with each micro-batch's own statistics, so they estimate
+        # the gradient noise of a BN model at batch n/k, while |g|^2 is at batch n: the two terms stay unbiased
+        # for the |G|^2 and tr(Sigma) of per-example gradients only as far as BN's batch dependence allows. Their
+        # forwards must not touch the training: the running statistics are copied back (exact, unlike momentum 0,
+        # which would turn an infinite micro-batch statistic into NaN), and the random stream is forked.
+        live = [b for m in batch_norms for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+        saved = [b.clone() for b in live]
+        weighted_sq = torch.zeros_like(self._trace, dtype=torch.float32)
+        with torch.random.fork_rng(devices=[y.device] if y.device.type == "cuda" else []):
+            for xc, yc in zip(x[order].tensor_split(k), y[order].tensor_split(k)):
+                micro = torch.autograd.grad(loss_of(xc, yc), self.params, allow_unused=True, materialize_grads=True)
+                weighted_sq += len(yc) * _sq_norm(list(micro))
+        if live:  # none where every BN layer has track_running_stats=False
+            torch._foreach_copy_(live, saved)
+        self._record(weighted_sq, batch_sq, n, k)
+        return loss.detach()
 
     def value(self) -> float:
         """The epoch's B_simple in examples; NaN without a probe, or while the |G|^2 estimate is <= 0 (the

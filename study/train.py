@@ -136,7 +136,7 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
     # A decay schedule (TrainConfig) sets the lr on every step; without one only warmup changes it.
     schedule, final = getattr(cfg, "schedule", "constant"), getattr(cfg, "final_lr_factor", 1.0)
     total_steps = cfg.epochs * steps_per_epoch
-    noise = NoiseScale(model.parameters(), cfg.noise_every, seed=cfg.seed) if cfg.noise_scale else None
+    noise = NoiseScale(model, cfg.noise_every, seed=cfg.seed) if cfg.noise_scale else None  # the model: its BN layers
     probe_clock = ProbeClock(device)
     state = {"epoch": 0, "train_seconds": 0.0, "best": {"value": -math.inf, "epoch": -1}, "best_model": None}
     if start is not None:
@@ -198,7 +198,7 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
             optimizer.zero_grad(set_to_none=True)
             if noise is not None and noise.due(step % steps_per_epoch):
                 probe_clock.start()
-                loss = noise.probe(loss_of, x, y, step)  # the same gradient, taken in micro-batches at these weights
+                loss = noise.probe(loss_of, x, y, step)  # the plain step's gradient and BN statistics, at these weights
                 probe_clock.stop()
             else:
                 loss = loss_of(x, y)

@@ -17,6 +17,7 @@ rate, against the fixed-weight truth computed from every example's gradient at e
 Run: python -m pytest tests/test_noise.py -q
 """
 
+import copy
 import math
 
 import pytest
@@ -204,6 +205,60 @@ def test_bad_settings_raise():
         NoiseScale([nn.Parameter(torch.zeros(2), requires_grad=False)], every=1)
 
 
+def _conv_bn(seed: int) -> nn.Module:
+    """A small conv net with a BatchNorm of each running-average kind (momentum 0.1 and None, the cumulative one)
+    and dropout, whose draws after a probe must also be a plain step's."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                         nn.Conv2d(6, 4, 3, padding=1), nn.BatchNorm2d(4, momentum=None), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.3), nn.Linear(4, 3))
+
+
+def test_probe_on_a_batch_norm_model_trains_exactly_as_a_plain_step():
+    """Micro-batches normalised with their own statistics would give another gradient and update the running
+    statistics k times; the probe takes the plain step's pass for the update, and its extra passes leave no trace.
+    Exact equality: the probed step runs the plain step's very operations, in the same order."""
+    plain = _conv_bn(seed=7)
+    probed = copy.deepcopy(plain)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (plain, probed)]
+    noise = NoiseScale(probed, every=1)
+    gen = torch.Generator().manual_seed(8)
+    for step in range(3):
+        x, y = torch.randn(12, 3, 8, 8, generator=gen) * 2 + 1, torch.randint(3, (12,), generator=gen)
+        rng = torch.get_rng_state()
+        optimizers[0].zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(plain(x), y)
+        loss.backward()
+        optimizers[0].step()
+        rng_after = torch.get_rng_state()
+        torch.set_rng_state(rng)  # the same dropout draws for the probed copy
+        optimizers[1].zero_grad(set_to_none=True)
+        probed_loss = noise.probe(lambda xb, yb: nn.functional.cross_entropy(probed(xb), yb), x, y, step)
+        assert all(torch.equal(p.grad, q.grad) for p, q in zip(probed.parameters(), plain.parameters()))
+        optimizers[1].step()
+        assert torch.equal(probed_loss, loss.detach())
+        assert torch.equal(torch.get_rng_state(), rng_after)  # the next step's dropout draws what it would have
+    for (name, want), got in zip(plain.state_dict().items(), probed.state_dict().values()):
+        assert torch.equal(got, want), name  # weights, running_mean / running_var, num_batches_tracked
+    assert probed[1].num_batches_tracked.item() == 3 and noise.probes == 3
+
+
+def test_noise_scale_of_a_batch_norm_model_is_finite_and_positive():
+    model = _conv_bn(seed=10)
+    forwards = []
+    model[1].register_forward_hook(lambda *_: forwards.append(1))
+    noise = NoiseScale(model, every=1)
+    gen = torch.Generator().manual_seed(11)
+    for step in range(20):
+        x, y = torch.randn(32, 3, 8, 8, generator=gen), torch.randint(3, (32,), generator=gen)
+        noise.probe(lambda xb, yb: nn.functional.cross_entropy(model(xb), yb), x, y, step)
+    assert noise.probes == 20 and len(forwards) == 20 * 5  # the whole batch once, then its 4 micro-batches
+    assert math.isfinite(noise.value()) and noise.value() > 0
+    model.eval()  # BN normalises with fixed statistics: micro-batches sum to the batch's gradient, no extra pass
+    noise.probe(lambda xb, yb: nn.functional.cross_entropy(model(xb), yb), x, y)
+    assert len(forwards) == 20 * 5 + 4
+
+
 def _truth(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     """(tr(Sigma), |G|^2) at the model's current weights, from every example's gradient (exact, no sampling)."""
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -264,9 +319,11 @@ def test_fast_moving_weights_adam_high_lr_small_cnn(one_thread):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA to detect host syncs")
-def test_probe_does_not_sync_with_the_host():
-    model = nn.Linear(32, 1).cuda()
-    noise = NoiseScale(model.parameters(), every=1)
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_probe_does_not_sync_with_the_host(batch_norm):
+    model = (nn.Sequential(nn.Linear(32, 8), nn.BatchNorm1d(8), nn.Linear(8, 1)) if batch_norm else
+             nn.Linear(32, 1)).cuda()
+    noise = NoiseScale(model, every=1)
     x, y = torch.randn(16, 32, device="cuda"), torch.randn(16, device="cuda")
     loss_of = lambda xb, yb: (model(xb).squeeze(-1) - yb).square().mean()  # noqa: E731
     noise.probe(loss_of, x, y)
