@@ -68,6 +68,35 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("flags", [["--schedule", "bogus"], ["--warmup-epochs", "-3"], ["--weight-decay", "-1"]])
+def test_bad_training_flag_is_one_line_and_exit_2_before_anything_is_written(tmp_path, capsys, flags):
+    assert main(["steps", DIGITS, "--storage-path", str(tmp_path), "--name", "x"] + flags) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 1 and errors[0].startswith("error: "), errors
+    assert not any(tmp_path.iterdir())
+
+
+def test_too_few_training_examples_for_the_default_batch_sizes_suggests_batch_sizes():
+    from study.errors import StudyError
+    from study.steps_study import fill, parser
+
+    workload = resolve(DIGITS)
+    args = parser(workload).parse_args([DIGITS])
+    with pytest.raises(StudyError, match="--batch-sizes"):
+        fill(args, workload, 10)
+
+
+def test_a_declared_goal_on_a_test_metric_is_refused():
+    import dataclasses
+
+    from study.errors import StudyError
+    from study.workload import Goal, check
+
+    workload = dataclasses.replace(resolve(DIGITS), goals=(Goal("test_error", 0.1),))
+    with pytest.raises(StudyError, match="validation metric"):
+        check(workload, DIGITS)
+
+
 def stored(study: Path) -> dict:
     return {p.parent.name: [json.loads(line) for line in p.read_text().splitlines()]
             for p in study.glob("steps/*/result.json")}
