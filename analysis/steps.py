@@ -2,7 +2,7 @@
 
 Library code: the steps-to-result report calls `write_section(trials, goals, out_dir)`. Pure functions of the
 stored rows (numpy only); the same inputs and seed give the same numbers. A trial is a dict:
-    {"trial_id", "batch_size", "config", "lr", "momentum" (None without momentum), "status" (study.steps.STATUSES),
+    {"trial_id", "batch_size", "config", "lr", "momentum" (None without momentum), "status" (study.steps.STATUSES, or study.metrics.STATUS_OOM: left out of every table),
      "rows": [{"step", "examples", "train_seconds", <metric>, "noise_scale", ...} per evaluation, by step]}
 A goal is {"metric", "value", "higher_is_better"} as in workload.json.
 
@@ -92,6 +92,8 @@ def per_batch(trials: list[dict], goal: dict, ranges: dict | None = None, level:
     """One dict per batch size: the best configuration, its steps/examples/seconds to result, the interval, the
     edge flag and `replicates` (n_boot bootstrap minima, for the fit and the regimes). Sorted by batch size."""
     out = []
+    # An out-of-memory trial measured nothing about its configuration: it is a failure, not a censored trial.
+    trials = [t for t in trials if t.get("status") != M.STATUS_OOM]
     for batch in sorted({t["batch_size"] for t in trials}):
         group = sorted((t for t in trials if t["batch_size"] == batch), key=lambda t: t["config"])
         results = [steps_to_result(t["rows"], goal) for t in group]

@@ -173,3 +173,21 @@ def test_write_section_writes_every_table_and_figure(tmp_path):
     again = tmp_path / "again"
     assert write_section(ruled, [GOAL, LOOSE], again, ranges={"lr": (1e-3, 1.0)}, n_boot=200) == text
     assert (again / "steps_fit.csv").read_bytes() == (tmp_path / "steps_fit.csv").read_bytes()
+
+
+def test_an_out_of_memory_trial_is_a_failure_left_out_of_the_per_batch_results():
+    from types import SimpleNamespace
+
+    from analysis.steps_report import status_of
+    from study import metrics as M
+
+    oom = SimpleNamespace(dirname="t", rows=[{"step": 0, "val_error": 0.9, M.STATUS: M.STATUS_RUNNING},
+                                            {M.EPOCH: 0, M.STATUS: M.STATUS_OOM, M.MESSAGE: "out of memory"}])
+    assert status_of(oom, {}) == M.STATUS_OOM
+    rows = lambda reach: [{"step": s, "val_error": 0.01 if s >= reach else 0.9} for s in (0, 10, 20, 40)]  # noqa: E731
+    trials = [{"trial_id": "a", "batch_size": 16, "config": 0, "lr": 0.1, "momentum": None, "status": S.REACHED,
+               "rows": rows(40)},
+              {"trial_id": "b", "batch_size": 16, "config": 1, "lr": 0.2, "momentum": None, "status": M.STATUS_OOM,
+               "rows": rows(10)}]  # rows of an out-of-memory trial never count, whatever they say
+    (row,) = A.per_batch(trials, GOAL, n_boot=20)
+    assert row["configs"] == 1 and row["best_config"] == 0 and row["steps"] > 20
