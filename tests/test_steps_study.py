@@ -214,10 +214,19 @@ def test_report_section_of_a_study_where_nothing_reached_the_goal(tmp_path):
         assert (tmp_path / name).stat().st_size > 0 and f"({name})" in text, name
 
 
-def test_trial_restarted_from_a_mid_epoch_checkpoint_goes_on_exactly():
-    import copy
+def noisy(x, generator):
+    """A batched augmentation that draws from the epoch's generator (as random crops and flips do)."""
+    return x + 0.5 * torch.randn(x.shape, generator=generator, device=x.device)
 
-    workload = resolve(DIGITS)
+
+@pytest.mark.parametrize("augment", [None, noisy])
+def test_trial_restarted_from_a_mid_epoch_checkpoint_goes_on_exactly(augment):
+    """With augmentation too: the restart does not draw for the batches it skips, so the checkpoint carries the
+    augmentation generator's state."""
+    import copy
+    import dataclasses
+
+    workload = dataclasses.replace(resolve(DIGITS), augment=augment)
     splits = workload.load(workload.option_values())
     cfg = TrainConfig(workload=DIGITS, batch_size=64, optimizer="nesterov", lr=0.1, momentum=0.9, noise_every=4)
     extra = {GOAL: {**GOAL_03, "value": 0.0}, BUDGET: 45, CHANCE: None, CONFIG: 0}  # 19 steps per epoch
