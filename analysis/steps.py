@@ -2,7 +2,8 @@
 
 Library code: the steps-to-result report calls `write_section(trials, goals, out_dir)`. Pure functions of the
 stored rows (numpy only); the same inputs and seed give the same numbers. A trial is a dict:
-    {"trial_id", "batch_size", "config", "lr", "momentum" (None without momentum), "status" (study.steps.STATUSES, or study.metrics.STATUS_OOM: left out of every table),
+    {"trial_id", "batch_size", "config", "lr", "momentum" (None without momentum),
+     "status" (study.steps.STATUSES, or study.metrics.STATUS_OOM: left out of every table),
      "rows": [{"step", "examples", "train_seconds", <metric>, "noise_scale", ...} per evaluation, by step]}
 A goal is {"metric", "value", "higher_is_better"} as in workload.json.
 

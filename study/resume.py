@@ -124,8 +124,8 @@ def _finite(value) -> bool:
 
 def restart_point(trial) -> tuple[float, int | None] | None:
     """The last epoch a starting trial keeps, as a float (a steps trial's rows carry step / steps per epoch), and its
-    checkpoint's training step where the events are keyed by it (steps trials): (-1, -1) without a checkpoint (it starts from scratch and
-    reports everything again); None when that cannot be told, and then nothing is removed."""
+    checkpoint's training step where the events are keyed by it (steps trials): (-1, -1) without a checkpoint (it
+    starts from scratch and reports everything again); None when that cannot be told, and then nothing is removed."""
     result = trial.latest_checkpoint_result
     if result is None:
         return -1.0, -1
