@@ -2,7 +2,8 @@
 
 Library code: the steps-to-result report calls `write_section(trials, goals, out_dir)`. Pure functions of the
 stored rows (numpy only); the same inputs and seed give the same numbers. A trial is a dict:
-    {"trial_id", "batch_size", "config", "lr", "momentum" (None without momentum), "status" (study.steps.STATUSES),
+    {"trial_id", "batch_size", "config", "lr", "momentum" (None without momentum),
+     "status" (study.steps.STATUSES, or study.metrics.STATUS_OOM: left out of every table),
      "rows": [{"step", "examples", "train_seconds", <metric>, "noise_scale", ...} per evaluation, by step]}
 A goal is {"metric", "value", "higher_is_better"} as in workload.json.
 
@@ -20,7 +21,7 @@ Rules, stated once (the report repeats them):
   nnls); B_crit = E_min / S_min. Intervals: the same fit on each bootstrap replicate (one resample per batch size).
 - Regime at B from r = S(B) / S(2B) and its bootstrap interval: perfect scaling if r >= 1.8, maximal data
   parallelism if r <= 1.1; in between, perfect scaling if the interval holds 2 but not 1, maximal data parallelism
-  if it holds 1 but not 2, undetermined if it holds both, else diminishing returns.
+  if it holds 1 but not 2, undetermined if it holds both or there is no interval, else diminishing returns.
 """
 
 import math
@@ -92,6 +93,8 @@ def per_batch(trials: list[dict], goal: dict, ranges: dict | None = None, level:
     """One dict per batch size: the best configuration, its steps/examples/seconds to result, the interval, the
     edge flag and `replicates` (n_boot bootstrap minima, for the fit and the regimes). Sorted by batch size."""
     out = []
+    # An out-of-memory trial measured nothing about its configuration: it is a failure, not a censored trial.
+    trials = [t for t in trials if t.get("status") != M.STATUS_OOM]
     for batch in sorted({t["batch_size"] for t in trials}):
         group = sorted((t for t in trials if t["batch_size"] == batch), key=lambda t: t["config"])
         results = [steps_to_result(t["rows"], goal) for t in group]
@@ -174,6 +177,8 @@ def regime(ratio: float, low: float, high: float) -> str:
         return PERFECT
     if ratio <= 1.1:
         return MAXIMAL
+    if math.isnan(low) or math.isnan(high):  # no interval (too few finite replicates): it holds neither 1 nor 2
+        return UNDETERMINED
     holds_two, holds_one = low <= 2 <= high, low <= 1 <= high
     if holds_two and holds_one:
         return UNDETERMINED
@@ -201,18 +206,30 @@ def regimes(table: list[dict], level: float = 0.95) -> list[dict]:
 def b_simple(rows: list[dict], until: int | None) -> float:
     """B_simple of a trial over its evaluations after step 0 up to row `until` (the first to reach the goal; its
     noise_scale covers the steps before it). Numerator and denominator averaged separately when the rows carry
-    them (noise_trace, noise_grad_sq); else the mean of the finite per-row noise_scale values."""
+    them (noise_trace, noise_grad_sq: each row's means over its own probes), each row weighted by its number of
+    probes (noise_probes; 1 where not stored), so that the result is the mean over every probe of the span;
+    else the mean of the finite per-row noise_scale values."""
     if until is None:
         return math.nan
     span = [r for r in rows[: until + 1] if r[STEP] > 0]
-    pairs = [(r[NOISE_TRACE], r[NOISE_GRAD_SQ]) for r in span if NOISE_TRACE in r and NOISE_GRAD_SQ in r
+    pairs = [(_probes(r), r[NOISE_TRACE], r[NOISE_GRAD_SQ]) for r in span if NOISE_TRACE in r and NOISE_GRAD_SQ in r
              and math.isfinite(r[NOISE_TRACE]) and math.isfinite(r[NOISE_GRAD_SQ])]
+    pairs = [p for p in pairs if p[0] > 0]
     if pairs:
-        grad_sq = sum(p[1] for p in pairs)
-        return sum(p[0] for p in pairs) / grad_sq if grad_sq > 0 else math.nan
+        grad_sq = sum(p[0] * p[2] for p in pairs)
+        return sum(p[0] * p[1] for p in pairs) / grad_sq if grad_sq > 0 else math.nan
     values = [float(r.get(M.NOISE_SCALE, math.nan)) for r in span]
     finite = [v for v in values if math.isfinite(v)]
     return float(np.mean(finite)) if finite else math.nan
+
+
+def _probes(row: dict) -> float:
+    """The number of probes behind a row's noise means (1 where the row does not say)."""
+    try:
+        value = float(row.get(M.NOISE_PROBES, 1))
+    except (TypeError, ValueError):
+        return 1.0
+    return value if math.isfinite(value) else 1.0
 
 
 def analyse(trials: list[dict], goals: list[dict], ranges: dict | None = None, level: float = 0.95,

@@ -19,7 +19,10 @@ LABELS = ["batch_size", CONFIG]
 
 
 def status_of(trial, stopped: dict) -> str:
-    """How a trial ended in the study's terms (study.steps.STATUSES); a trial still going counts as censored."""
+    """How a trial ended in the study's terms (study.steps.STATUSES, or out of memory: a failure, left out of the
+    per-batch results); a trial still going counts as censored."""
+    if any(r.get(M.STATUS) == M.STATUS_OOM for r in trial.rows):
+        return M.STATUS_OOM
     last = trial.rows[-1].get(M.STATUS) if trial.rows else None
     if last in S.STATUSES:
         return last
@@ -38,12 +41,13 @@ def trials_of(study: Study) -> list[dict]:
     out = []
     for t in study.trials(STAGE):
         rows = [r for r in t.rows if S.STEP in r]
-        if not rows:
+        status = status_of(t, stopped)
+        if not rows and status != M.STATUS_OOM:  # an out-of-memory trial is counted even without an evaluation
             continue
         momentum = t.config.get("momentum") if t.config.get("optimizer") in ("sgd", "nesterov") else None
         out.append({"trial_id": t.dirname or t.trial_id, "batch_size": int(t.config["batch_size"]),
                     "config": int(t.config[CONFIG]), "lr": float(t.config["lr"]), "momentum": momentum,
-                    "status": status_of(t, stopped), "rows": rows})
+                    "status": status, "rows": rows})
     return out
 
 
@@ -66,7 +70,12 @@ def write(report: ReportWriter, study: Study) -> None:
                     f"scrambled Sobol points (seed {args.get('seed')}) over log "
                     + " and log ".join(f"{k} in [{lo:g}, {hi:g}]" for k, (lo, hi) in ranges.items()),
                     f"batch sizes {args.get('batch_sizes')}; budget {budget}",
-                    "trial ends: " + ", ".join(f"{s} {sum(t['status'] == s for t in trials)}" for s in S.STATUSES)])
+                    "trial ends: " + ", ".join(f"{s} {sum(t['status'] == s for t in trials)}"
+                                               for s in S.STATUSES + (M.STATUS_OOM,))])
+    failed = sum(t["status"] == M.STATUS_OOM for t in trials)
+    if failed:
+        report.text(f"{failed} trials ran out of memory: they failed, and are left out of every table below.")
+    trials = [t for t in trials if t["status"] != M.STATUS_OOM]
     report.text("Trials the rule stopped (stopped_by_rule) show as *incomplete* in the shared tables below: Tune "
                 "ended them before their own limits did.")
     if not trials or not goals:

@@ -26,16 +26,20 @@ from study import metrics as M
 
 RESULT_FILE, PROGRESS_FILE = "result.json", "progress.csv"  # Tune's per-trial files (documented names)
 EVENTS_PREFIX = "events.out.tfevents"
+# On every row of a steps trial (study.steps_trial.STEPS_TO_RESULT, not imported: that module loads torch). Only
+# those trials key their TensorBoard events by the training step; workload trials also report a step, but key
+# their events by the epoch.
+STEPS_ROW_KEY = "steps_to_result"
 
 
-def _after(value, epoch: int) -> bool:
+def _after(value, epoch: float) -> bool:
     try:
         return float(value) > epoch
     except (TypeError, ValueError):
         return False  # not an epoch row: left as it is
 
 
-def trimmed_results(text: str, epoch: int) -> str:
+def trimmed_results(text: str, epoch: float) -> str:
     """result.json without rows after `epoch`, nor a last line cut short by a killed driver."""
     kept = []
     for line in text.splitlines(keepends=True):
@@ -51,7 +55,7 @@ def trimmed_results(text: str, epoch: int) -> str:
     return "".join(kept)
 
 
-def trimmed_progress(text: str, epoch: int) -> str:
+def trimmed_progress(text: str, epoch: float) -> str:
     """progress.csv (written by csv.DictWriter, excel dialect) without rows after `epoch` or cut short."""
     rows = list(csv.reader(io.StringIO(text, newline="")))
     if not rows or M.EPOCH not in rows[0]:
@@ -66,9 +70,10 @@ def trimmed_progress(text: str, epoch: int) -> str:
     return out.getvalue()
 
 
-def trimmed_events(data: bytes, epoch: int) -> bytes:
-    """A TensorBoard event file without the steps after `epoch` (step = epoch) and without the hparams session's
-    end: the trial is running again and writes its end when it ends."""
+def trimmed_events(data: bytes, epoch: float) -> bytes:
+    """A TensorBoard event file without the steps after `epoch` (the event's step: the epoch, or in a steps study
+    the training step) and without the hparams session's end: the trial is running again and writes its end when
+    it ends."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
     from tensorboard.plugins.hparams import metadata
     from tensorboard.summary.writer.record_writer import RecordWriter
@@ -86,8 +91,9 @@ def trimmed_events(data: bytes, epoch: int) -> bytes:
     return out.getvalue()
 
 
-def trim_trial_folder(fs: pafs.FileSystem, path: str, epoch: int) -> None:
-    """Drop what a trial stored after `epoch` from its folder (local, or remote through pyarrow)."""
+def trim_trial_folder(fs: pafs.FileSystem, path: str, epoch: float, step: int | None = None) -> None:
+    """Drop what a trial stored after `epoch` from its folder (local, or remote through pyarrow). `step`: the
+    checkpoint's training step where the trial has one (steps studies): their TensorBoard events are keyed by it."""
     try:
         names = [Path(info.path).name for info in fs.get_file_info(pafs.FileSelector(path))]
     except (FileNotFoundError, OSError):
@@ -98,7 +104,7 @@ def trim_trial_folder(fs: pafs.FileSystem, path: str, epoch: int) -> None:
         elif name == PROGRESS_FILE:
             trim = lambda b: trimmed_progress(b.decode(), epoch).encode()  # noqa: E731
         elif name.startswith(EVENTS_PREFIX):
-            trim = lambda b: trimmed_events(b, epoch)  # noqa: E731
+            trim = lambda b: trimmed_events(b, epoch if step is None else step)  # noqa: E731
         else:
             continue
         with fs.open_input_stream(f"{path}/{name}") as src:
@@ -112,14 +118,28 @@ def trim_trial_folder(fs: pafs.FileSystem, path: str, epoch: int) -> None:
                 out.write(after)
 
 
-def restart_epoch(trial) -> int | None:
-    """The last epoch a starting trial keeps: its checkpoint's (-1 without one: it starts from scratch and reports
-    every epoch again); None when that cannot be told, and then nothing is removed."""
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def restart_point(trial) -> tuple[float, int | None] | None:
+    """The last epoch a starting trial keeps, as a float (a steps trial's rows carry step / steps per epoch), and its
+    checkpoint's training step where the events are keyed by it (steps trials): (-1, -1) without a checkpoint (it
+    starts from scratch and reports everything again); None when that cannot be told, and then nothing is removed."""
     result = trial.latest_checkpoint_result
     if result is None:
-        return -1
-    epoch = (result.metrics or {}).get(M.EPOCH)
-    return int(epoch) if isinstance(epoch, (int, float)) and math.isfinite(epoch) else None
+        return -1.0, -1
+    metrics = result.metrics or {}
+    epoch, step = metrics.get(M.EPOCH), metrics.get(M.STEP)
+    if not _finite(epoch):
+        return None
+    return float(epoch), (int(step) if STEPS_ROW_KEY in metrics and _finite(step) else None)
+
+
+def restart_epoch(trial) -> float | None:
+    """The last epoch a starting trial keeps (see restart_point)."""
+    point = restart_point(trial)
+    return None if point is None else point[0]
 
 
 class StoredOnce(tune.Callback):
@@ -128,12 +148,12 @@ class StoredOnce(tune.Callback):
     staging folder, which Tune uploads to the storage."""
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        epoch = restart_epoch(trial)
-        if epoch is None:
+        point = restart_point(trial)
+        if point is None:
             return
-        trim_trial_folder(trial.storage.storage_filesystem, trial.path, epoch)
+        trim_trial_folder(trial.storage.storage_filesystem, trial.path, *point)
         if trial.local_path and trial.local_path != trial.path:
-            trim_trial_folder(pafs.LocalFileSystem(), trial.local_path, epoch)
+            trim_trial_folder(pafs.LocalFileSystem(), trial.local_path, *point)
 
 
 SNAPSHOT_PATTERN = "experiment_state-*.json"  # Tune restores from the newest (greatest name) of these

@@ -173,7 +173,8 @@ class ResultRule:
     trial of that batch size evaluated at a step beyond the m-th smallest of them without having reached the goal.
     Such a trial's steps to result exceed that step, so it is none of the m fastest and, with analysis.steps
     counting any resample without one of the m fastest at S_(m), the minimum, its bootstrap interval and the fit
-    are the same as if it had run to its budget (tests/test_steps_rule.py checks this on simulated trials).
+    are the same as if it had run to its budget (on simulated trials:
+    tests/test_steps_analysis.py::test_the_early_stop_rule_changes_no_result).
     """
 
     configs: int

@@ -22,7 +22,7 @@ from study import metrics as M
 from study import steps as S
 from study.config import TRAIN_OPTIMIZERS, TrainConfig
 from study.errors import StudyError
-from study.steps_trial import BUDGET, CHANCE, CONFIG, GOAL, STEPS_TO_RESULT, train_steps
+from study.steps_trial import BUDGET, CHANCE, CONFIG, GOAL, STEPS_TO_RESULT, split_config, train_steps
 from study.tuning import (RESOURCE_FLAGS, STUDY_FILE, StudyFolder, add_common_args, code_version, default_name)
 from study.workload import Workload, describe, resolve
 
@@ -125,7 +125,10 @@ def fill(args, workload: Workload, n_train: int) -> argparse.Namespace:
         if args.budget_steps is None and args.budget_epochs is None:
             args.budget_epochs = float(workload.smoke.get("epochs", 1))
     if args.batch_sizes is None:
-        args.batch_sizes = S.default_batch_sizes(n_train)
+        try:
+            args.batch_sizes = S.default_batch_sizes(n_train)
+        except ValueError as err:
+            raise StudyError(f"{err}; give smaller ones with --batch-sizes")
     if args.budget_steps is None and args.budget_epochs is None:
         args.budget_epochs = float(defaults.get("epochs", base.epochs))
     for key in SCALARS:
@@ -147,6 +150,20 @@ def fill(args, workload: Workload, n_train: int) -> argparse.Namespace:
     checks.check_grid_size(len(args.batch_sizes) * args.configs, args.max_trials,
                            f"{len(args.batch_sizes)} batch sizes x {args.configs} configs")
     return args
+
+
+def check_trials(base: dict, points: list[dict], budgets: dict, steps_per_epoch: dict) -> None:
+    """Every batch size's trial config through TrainConfig before Ray starts (as study.api.trial_configs does), so
+    a bad training flag (--schedule, --warmup-epochs, --weight-decay, ...) is one StudyError with nothing written,
+    not a crashed trial per configuration. Only batch size and epochs differ between them besides the Sobol
+    points, which fill() checked already."""
+    point = points[0]
+    for batch, budget in budgets.items():
+        config = dict(base, batch_size=batch, lr=point["lr"], epochs=math.ceil(budget / steps_per_epoch[batch]),
+                      **{BUDGET: budget, CONFIG: 0})
+        if point["momentum"] is not None:
+            config["momentum"] = point["momentum"]
+        split_config(config)
 
 
 def ranges(args) -> dict:
@@ -228,11 +245,16 @@ def execute(args, workload: Workload) -> tuple[int, str]:
     except ValueError as err:
         raise StudyError(f"--goal: {err}")
     spec = str(Path(args.workload).resolve()) if args.workload.endswith(".py") else args.workload
+    points = args.points
+    budgets = {b: budget_of(args, b, n_train) for b in args.batch_sizes}
+    base = dict(TrainConfig(workload=spec).to_dict(), options=options, stage=STAGE, optimizer=args.optimizer,
+                noise_scale=args.noise_scale == "on", tf32=args.tf32, code_version="", seed=args.seed,
+                **{k: getattr(args, k) for k in SCALARS}, **{GOAL: goal, CHANCE: chance})
+    steps_per_epoch = {b: math.ceil(n_train / b) for b in args.batch_sizes}
+    check_trials(base, points, budgets, steps_per_epoch)
     folder = StudyFolder(args.storage_path, args.name)
     resources = open_study(folder, args)
     version = code_version()
-    points = args.points
-    budgets = {b: budget_of(args, b, n_train) for b in args.batch_sizes}
     stored_args = {k: v for k, v in vars(args).items() if k != "points"}
     if not args.resume:
         axes = {"batch_size": args.batch_sizes, CONFIG: list(range(args.configs))}
@@ -249,10 +271,7 @@ def execute(args, workload: Workload) -> tuple[int, str]:
                          [("steps/to_result", "steps to result (first evaluation at the strictest goal)"),
                           (tag(goal["metric"]), goal["metric"].replace("_", " "))])
     print(f"study folder: {folder.uri}\n{tensorboard_hint(folder.uri)}")
-    base = dict(TrainConfig(workload=spec).to_dict(), options=options, stage=STAGE, optimizer=args.optimizer,
-                noise_scale=args.noise_scale == "on", tf32=args.tf32, code_version=version, seed=args.seed,
-                **{k: getattr(args, k) for k in SCALARS}, **{GOAL: goal, CHANCE: chance})
-    steps_per_epoch = {b: math.ceil(n_train / b) for b in args.batch_sizes}
+    base["code_version"] = version
     space = dict(base, batch_size=grid_axis(args.batch_sizes), **{CONFIG: grid_axis(list(range(args.configs)))})
     space["lr"] = tune.sample_from(lambda c: points[c[CONFIG]]["lr"])
     if points[0]["momentum"] is not None:

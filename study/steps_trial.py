@@ -33,6 +33,7 @@ from study.workload import Workload, resolve
 BUDGET, GOAL, CHANCE, CONFIG = "budget_steps", "goal", "chance", "config"
 STEP_KEYS = (BUDGET, GOAL, CHANCE, CONFIG)
 STEPS_TO_RESULT = "steps_to_result"  # on the last row: the step of the first evaluation at the goal (NaN: none)
+AUG_STATE = "aug_state"  # in the checkpoint: the augmentation generator's state at the checkpoint's step
 CHECKPOINT_SECONDS = 60.0  # a checkpoint at most this often (and at the end): the state is written, not free
 
 
@@ -93,9 +94,13 @@ def run_steps(cfg: TrainConfig, extra: dict, workload: Workload, splits: dict, d
         set_rng_state(start, device)
         state.update(step=start["step"], train_seconds=start["train_seconds"])
 
+    aug = None  # this epoch's augmentation generator (workloads with augment only)
+
     def snapshot():
+        # The augmentation generator's state too: a restart mid-epoch skips the batches before its step without
+        # drawing their augmentation, so it takes the generator up where the checkpoint left it.
         return {**state, "epoch": state["step"], "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                **rng_state(device)}
+                **rng_state(device), **({AUG_STATE: aug.get_state()} if aug is not None else {})}
 
     def loss_of(x, y):
         return workload.loss(model(x), y)
@@ -148,6 +153,8 @@ def run_steps(cfg: TrainConfig, extra: dict, workload: Workload, splits: dict, d
         epoch += 1
         gen = epoch_generator(cfg.seed, epoch)
         aug = epoch_generator(cfg.seed, epoch, device) if workload.augment is not None else None
+        if aug is not None and skip and start is not None and AUG_STATE in start:
+            aug.set_state(start[AUG_STATE])
         for k, (x, y) in enumerate(batches.epoch(gen)):
             if k < skip:  # a restart mid-epoch: the batches before its checkpoint's step were trained already
                 continue

@@ -167,6 +167,9 @@ def check(w, spec: str) -> None:
     w.metric(w.primary)
     for goal in w.goals:
         w.metric(goal.metric)
+        if not goal.metric.startswith("val_"):  # steps trials evaluate the validation split only
+            raise StudyError(f"workload {w.name}: a goal must be on a validation metric (val_...), "
+                             f"got {goal.metric!r}")
     for name in w.chance:
         w.metric(name)
     if w.select and not w.select.startswith("val_"):

@@ -62,6 +62,32 @@ def test_a_trial_folder_is_trimmed_to_its_restart_epoch(tmp_path):
     assert (tmp_path / "params.json").read_text() == "{}"
 
 
+def test_a_steps_trial_with_fractional_epochs_keeps_its_rows_and_events_up_to_its_checkpoint(tmp_path):
+    """Steps rows carry epoch = step / steps per epoch and TensorBoard's step is the training step: a restart at
+    step 6 of 4-step epochs (epoch 1.5) keeps every row and event up to step 6, and drops only those after it."""
+    from types import SimpleNamespace
+    from torch.utils.tensorboard import SummaryWriter
+    from study.resume import restart_point
+
+    steps = [0, 2, 4, 6, 8, 10]
+    rows = [{M.EPOCH: s / 4, M.STEP: s, "steps_to_result": float("nan"), M.STATUS: M.STATUS_RUNNING}
+            for s in steps]
+    (tmp_path / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    writer = SummaryWriter(str(tmp_path))
+    for s in steps:
+        writer.add_scalar("val/error", 1.0 / (s + 1), s)
+    writer.close()
+    trial = SimpleNamespace(latest_checkpoint_result=SimpleNamespace(metrics=rows[3]))
+    assert restart_point(trial) == (1.5, 6)
+    trim_trial_folder(pafs.LocalFileSystem(), str(tmp_path), *restart_point(trial))
+    kept = [r[M.STEP] for r in map(json.loads, (tmp_path / "result.json").read_text().splitlines())]
+    assert kept == [0, 2, 4, 6]
+    assert stored_steps(tmp_path) == {"val/error": [0, 2, 4, 6]}
+    # A workload trial's rows also carry a step, but its events are keyed by the epoch.
+    workload = SimpleNamespace(latest_checkpoint_result=SimpleNamespace(metrics={M.EPOCH: 2, M.STEP: 40}))
+    assert restart_point(workload) == (2.0, None)
+
+
 # ---- a real study: out of memory, then --resume --retry-errored with a larger share --------------------------
 
 @pytest.fixture

@@ -84,6 +84,9 @@ def test_regime_rule():
     assert A.regime(1.2, 0.95, 1.4) == A.MAXIMAL  # in between: holds 1, not 2
     assert A.regime(1.5, 0.9, 2.2) == A.UNDETERMINED  # holds both
     assert A.regime(math.nan, math.nan, math.nan) == A.UNDETERMINED
+    assert A.regime(1.5, math.nan, math.nan) == A.UNDETERMINED  # in between without an interval
+    assert A.regime(1.5, 1.3, math.nan) == A.UNDETERMINED
+    assert A.regime(1.9, math.nan, math.nan) == A.PERFECT  # the point estimate still decides at the ends
 
 
 def test_b_simple_over_the_rows_before_the_goal():
@@ -95,6 +98,15 @@ def test_b_simple_over_the_rows_before_the_goal():
     assert A.b_simple(pairs, 1) == 5.0  # (2 + 8) / (1 + 1), not the mean of ratios (also 5 here)
     pairs[1]["noise_grad_sq"] = 3.0
     assert A.b_simple(pairs, 1) == 2.5
+
+
+def test_b_simple_weights_each_row_by_its_probes():
+    """Rows hold means over their own probes: 1 probe of (trace 2, |G|^2 1), then 3 of (8, 1) are sums 2 + 24
+    over 1 + 3, so B_simple = 26 / 4, not (2 + 8) / (1 + 1)."""
+    pairs = [{"step": 10, "noise_trace": 2.0, "noise_grad_sq": 1.0, "noise_probes": 1},
+             {"step": 20, "noise_trace": 8.0, "noise_grad_sq": 1.0, "noise_probes": 3},
+             {"step": 30, "noise_trace": 99.0, "noise_grad_sq": 1.0, "noise_probes": 0}]  # no probe: no weight
+    assert A.b_simple(pairs, 2) == pytest.approx(26 / 4)
 
 
 def test_edge_of_the_search_space_is_flagged():
@@ -161,3 +173,21 @@ def test_write_section_writes_every_table_and_figure(tmp_path):
     again = tmp_path / "again"
     assert write_section(ruled, [GOAL, LOOSE], again, ranges={"lr": (1e-3, 1.0)}, n_boot=200) == text
     assert (again / "steps_fit.csv").read_bytes() == (tmp_path / "steps_fit.csv").read_bytes()
+
+
+def test_an_out_of_memory_trial_is_a_failure_left_out_of_the_per_batch_results():
+    from types import SimpleNamespace
+
+    from analysis.steps_report import status_of
+    from study import metrics as M
+
+    oom = SimpleNamespace(dirname="t", rows=[{"step": 0, "val_error": 0.9, M.STATUS: M.STATUS_RUNNING},
+                                            {M.EPOCH: 0, M.STATUS: M.STATUS_OOM, M.MESSAGE: "out of memory"}])
+    assert status_of(oom, {}) == M.STATUS_OOM
+    rows = lambda reach: [{"step": s, "val_error": 0.01 if s >= reach else 0.9} for s in (0, 10, 20, 40)]  # noqa: E731
+    trials = [{"trial_id": "a", "batch_size": 16, "config": 0, "lr": 0.1, "momentum": None, "status": S.REACHED,
+               "rows": rows(40)},
+              {"trial_id": "b", "batch_size": 16, "config": 1, "lr": 0.2, "momentum": None, "status": M.STATUS_OOM,
+               "rows": rows(10)}]  # rows of an out-of-memory trial never count, whatever they say
+    (row,) = A.per_batch(trials, GOAL, n_boot=20)
+    assert row["configs"] == 1 and row["best_config"] == 0 and row["steps"] > 20

@@ -68,6 +68,35 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("flags", [["--schedule", "bogus"], ["--warmup-epochs", "-3"], ["--weight-decay", "-1"]])
+def test_bad_training_flag_is_one_line_and_exit_2_before_anything_is_written(tmp_path, capsys, flags):
+    assert main(["steps", DIGITS, "--storage-path", str(tmp_path), "--name", "x"] + flags) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 1 and errors[0].startswith("error: "), errors
+    assert not any(tmp_path.iterdir())
+
+
+def test_too_few_training_examples_for_the_default_batch_sizes_suggests_batch_sizes():
+    from study.errors import StudyError
+    from study.steps_study import fill, parser
+
+    workload = resolve(DIGITS)
+    args = parser(workload).parse_args([DIGITS])
+    with pytest.raises(StudyError, match="--batch-sizes"):
+        fill(args, workload, 10)
+
+
+def test_a_declared_goal_on_a_test_metric_is_refused():
+    import dataclasses
+
+    from study.errors import StudyError
+    from study.workload import Goal, check
+
+    workload = dataclasses.replace(resolve(DIGITS), goals=(Goal("test_error", 0.1),))
+    with pytest.raises(StudyError, match="validation metric"):
+        check(workload, DIGITS)
+
+
 def stored(study: Path) -> dict:
     return {p.parent.name: [json.loads(line) for line in p.read_text().splitlines()]
             for p in study.glob("steps/*/result.json")}
@@ -185,10 +214,19 @@ def test_report_section_of_a_study_where_nothing_reached_the_goal(tmp_path):
         assert (tmp_path / name).stat().st_size > 0 and f"({name})" in text, name
 
 
-def test_trial_restarted_from_a_mid_epoch_checkpoint_goes_on_exactly():
-    import copy
+def noisy(x, generator):
+    """A batched augmentation that draws from the epoch's generator (as random crops and flips do)."""
+    return x + 0.5 * torch.randn(x.shape, generator=generator, device=x.device)
 
-    workload = resolve(DIGITS)
+
+@pytest.mark.parametrize("augment", [None, noisy])
+def test_trial_restarted_from_a_mid_epoch_checkpoint_goes_on_exactly(augment):
+    """With augmentation too: the restart does not draw for the batches it skips, so the checkpoint carries the
+    augmentation generator's state."""
+    import copy
+    import dataclasses
+
+    workload = dataclasses.replace(resolve(DIGITS), augment=augment)
     splits = workload.load(workload.option_values())
     cfg = TrainConfig(workload=DIGITS, batch_size=64, optimizer="nesterov", lr=0.1, momentum=0.9, noise_every=4)
     extra = {GOAL: {**GOAL_03, "value": 0.0}, BUDGET: 45, CHANCE: None, CONFIG: 0}  # 19 steps per epoch
