@@ -85,7 +85,7 @@ def run_steps(cfg: TrainConfig, extra: dict, workload: Workload, splits: dict, d
     at = S.eval_steps(budget)
     base_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_reference_batch, cfg.lr_scaling)
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    noise = NoiseScale(model.parameters(), cfg.noise_every, seed=cfg.seed) if cfg.noise_scale else None
+    noise = NoiseScale(model, cfg.noise_every, seed=cfg.seed) if cfg.noise_scale else None
     clock = ProbeClock(device)
     state = {"step": 0, "train_seconds": 0.0}
     if start is not None:
