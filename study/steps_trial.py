@@ -120,7 +120,8 @@ def run_steps(cfg: TrainConfig, extra: dict, workload: Workload, splits: dict, d
 
     def new_row(loss):
         step = state["step"]
-        row = {M.EPOCH: step / steps_per_epoch, S.STEP: step, M.EXAMPLES: examples_at(step), M.TRAIN_SECONDS: state["train_seconds"],
+        row = {M.EPOCH: step / steps_per_epoch, S.STEP: step, M.EXAMPLES: examples_at(step),
+               M.TRAIN_SECONDS: state["train_seconds"],
                M.TRAIN_LOSS: loss, M.DIVERGED: not math.isfinite(loss) if step else False,
                M.LR: optimizer.param_groups[0]["lr"], M.NOISE_SCALE: math.nan, M.NOISE_PROBES: 0,
                M.EPOCH_SECONDS: 0.0, M.PROBE_SECONDS: 0.0, M.IMAGES_PER_SECOND: math.nan}
@@ -140,14 +141,17 @@ def run_steps(cfg: TrainConfig, extra: dict, workload: Workload, splits: dict, d
         report(row, snapshot)
         if row[M.STATUS] != M.STATUS_RUNNING:
             return row
+    def start_interval():
+        """An evaluation interval starts: its loss sum, example count, noise sums and clocks at zero."""
+        if noise is not None:
+            noise.start_epoch()
+        clock.start_epoch()
+        model.train()
+        sync(device)
+        return torch.zeros((), device=device), 0, time.perf_counter()
+
     pending = [s for s in at if s > state["step"]]
-    loss_sum, seen = torch.zeros((), device=device), 0
-    if noise is not None:
-        noise.start_epoch()
-    clock.start_epoch()
-    model.train()
-    sync(device)
-    started = time.perf_counter()
+    loss_sum, seen, started = start_interval()
     epoch, skip = divmod(state["step"], steps_per_epoch)
     while True:
         epoch += 1
@@ -190,11 +194,5 @@ def run_steps(cfg: TrainConfig, extra: dict, workload: Workload, splits: dict, d
             report(row, snapshot)
             if row[M.STATUS] != M.STATUS_RUNNING:
                 return row
-            loss_sum, seen = torch.zeros((), device=device), 0
-            if noise is not None:
-                noise.start_epoch()
-            clock.start_epoch()
-            model.train()
-            sync(device)
-            started = time.perf_counter()
+            loss_sum, seen, started = start_interval()
         skip = 0
