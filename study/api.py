@@ -3,8 +3,9 @@
 
 The grid is batch sizes x optimizers x learning rates x lr-scaling rules x seeds, one Tune experiment ("sweep")
 under <storage-path>/<name>/; study.json holds the arguments, workload.json what the report needs to know of the
-workload (metric names and directions, goals, chance levels, the grid's axes). Flags are defined once here: the
-training flags (study.config.TrainConfig), the Ray and storage flags (study.tuning) and the workload's own options.
+workload (metric names and directions, goals, chance levels, the grid's axes). The flags come from where each is
+defined once: the grid and training flags from study.flags (their defaults from the workload, then TrainConfig), the
+Ray and storage flags from study.tuning, and the workload's own options from its Options.
 """
 
 import argparse
@@ -14,26 +15,19 @@ import sys
 from pathlib import Path
 
 from study import cli_checks as checks
+from study import flags
 from study import metrics as M
-from study.config import SCHEDULES, TRAIN_OPTIMIZERS, TrainConfig
+from study.config import TrainConfig
 from study.errors import StudyError
-from study.lr_scaling import RULES as LR_SCALING_RULES, scaling_rules
-from study.tuning import (RESOURCE_FLAGS, STUDY_FILE, StudyFolder, add_common_args, check_common_args,
-                          code_version, default_name)
+from study.lr_scaling import scaling_rules
+from study.tuning import (STUDY_FILE, StudyFolder, add_common_args, check_common_args, code_version,
+                          default_name, restore_args)
 from study.workload import SPLITS, Workload, describe, resolve
 
 STAGE = "sweep"
 # Grid flags and the TrainConfig fields they fill; a workload's `defaults` and `smoke` use the flags' names.
 GRID = dict(batch_sizes="batch_size", optimizers="optimizer", lrs="lr", lr_scaling="lr_scaling", seeds="seed")
-# Training flags with one value per study: flag name -> (type, help). Their defaults are TrainConfig's.
-SCALARS = dict(epochs=(int, "epochs per trial"), momentum=(float, "sgd and nesterov momentum"),
-               weight_decay=(float, "L2 (sgd, nesterov, adam) or decoupled (adamw) weight decay"),
-               lr_reference_batch=(int, "the batch size the learning rates are given for (--lr-scaling)"),
-               warmup_epochs=(float, "linear warmup over this many epochs"),
-               schedule=(str, f"lr decay after warmup: {', '.join(SCHEDULES)}"),
-               final_lr_factor=(float, "the schedule's last lr as a multiple of the base lr"),
-               eval_batch_size=(int, "examples per evaluation forward pass (memory only)"),
-               noise_every=(int, "probe the noise scale on every Nth training step of an epoch"))
+SCALARS = flags.TRAINING  # training flags with one value per study; their defaults are TrainConfig's
 
 
 def parser(workload: Workload | None = None) -> argparse.ArgumentParser:
@@ -41,20 +35,8 @@ def parser(workload: Workload | None = None) -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workload", help="a shipped workload (python -m study list), path/to/file.py or module:name")
     grid = p.add_argument_group("grid (defaults: the workload's)")
-    grid.add_argument("--batch-sizes", type=int, nargs="+")
-    grid.add_argument("--optimizers", nargs="+", help=f"of {', '.join(TRAIN_OPTIMIZERS)}")
-    grid.add_argument("--lrs", type=float, nargs="+", help="base learning rates (before --lr-scaling)")
-    grid.add_argument("--lr-scaling", choices=LR_SCALING_RULES, nargs="+",
-                      help="lr = base x (batch / --lr-reference-batch) or its square root; several are an axis")
-    grid.add_argument("--seeds", type=int, nargs="+", help="seeded runs of each configuration")
-    grid.add_argument("--runs", type=int, help="seeds 0..N-1 (instead of --seeds)")
-    grid.add_argument("--smoke", action="store_true", help="the workload's tiny smoke grid (a minute on CPU)")
-    train = p.add_argument_group("training")
-    for name, (kind, text) in SCALARS.items():
-        train.add_argument("--" + name.replace("_", "-"), type=kind, help=text)
-    train.add_argument("--noise-scale", choices=("on", "off"), default="on", help="estimate the gradient noise scale")
-    train.add_argument("--tf32", action="store_true", help="on CUDA: TF32 convolutions and matmuls")
-    train.add_argument("--amp", choices=("on", "off"), help="on CUDA: bf16 autocast (default: the workload's; off)")
+    flags.add(grid, "batch_sizes", "optimizers", "lrs", "lr_scaling", "seeds", "runs", "smoke")
+    flags.add(p.add_argument_group("training"), *SCALARS, "noise_scale", "tf32", "amp")
     add_common_args(p, gpus_per_trial=0.25)
     if workload is not None and "lr_search" in workload.stages:
         search = workload.stages["lr_search"]
@@ -63,16 +45,7 @@ def parser(workload: Workload | None = None) -> argparse.ArgumentParser:
                                f"{search['batch_size']}, then lr_fine round the best), on {search['select']}; its "
                                f"choice replaces --lrs")
     if workload is not None and workload.options:
-        own = p.add_argument_group(f"{workload.name}'s options")
-        for o in workload.options:
-            flag = "--" + o.name.replace("_", "-")
-            try:
-                if o.type is bool:
-                    own.add_argument(flag, dest=o.name, action="store_true", default=None, help=o.help)
-                else:
-                    own.add_argument(flag, dest=o.name, type=o.type, help=f"{o.help} (default {o.default!r})")
-            except argparse.ArgumentError:
-                raise StudyError(f"workload {workload.name}: option {o.name} clashes with the engine's flag {flag}")
+        flags.add_options(p, workload)
     return p
 
 
@@ -83,8 +56,7 @@ def fill(args, workload: Workload) -> argparse.Namespace:
               dict(batch_sizes=[base.batch_size], optimizers=[base.optimizer], lrs=[base.lr], lr_scaling=["none"],
                    seeds=[0], **{k: getattr(base, k) for k in SCALARS})]
     if args.runs is not None:
-        if args.runs < 1:
-            raise StudyError(f"--runs must be >= 1, got {args.runs}")
+        flags.check(argparse.Namespace(runs=args.runs))
         if args.seeds is not None:
             raise StudyError("--runs and --seeds both given; pass one")
         args.seeds = list(range(args.runs))
@@ -102,15 +74,10 @@ def fill(args, workload: Workload) -> argparse.Namespace:
 def check_flags(args) -> None:
     """What needs no data: ranges, repeated grid values, the grid's size (before the data is read)."""
     check_common_args(args)
-    for flag in ("batch_sizes", "optimizers", "lrs", "lr_scaling", "seeds"):
-        values = getattr(args, flag)
-        if not values:
-            raise StudyError(f"--{flag.replace('_', '-')} needs at least one value")
-        checks.check_unique("--" + flag.replace("_", "-"), values)
-    for value in args.lrs:
-        checks.check_number("--lrs", value, 0, low_open=True)
-    for name in ("momentum", "weight_decay", "warmup_epochs", "final_lr_factor"):
-        checks.check_number("--" + name.replace("_", "-"), getattr(args, name), 0)
+    for flag in GRID:
+        if not getattr(args, flag):
+            raise StudyError(f"{flags.flag(flag)} needs at least one value")
+    flags.check(args)
     size = math.prod(len(getattr(args, flag)) for flag in GRID)
     checks.check_grid_size(size, args.max_trials, " x ".join(f"{len(getattr(args, f))} {f}" for f in GRID))
 
@@ -170,21 +137,18 @@ def spec_of(workload: Workload) -> str:
     return file if module.__name__.startswith("_workload_") and file else f"{module.__name__}:{name}"
 
 
-def restore(args) -> argparse.Namespace:
-    """With --resume, the stored arguments (the resource flags may change; keys a newer version added keep
-    this version's defaults)."""
-    folder = StudyFolder(args.storage_path, args.name)
-    if not (folder.exists() and folder.has(STUDY_FILE)):
-        raise StudyError(f"--resume: no study at {folder.uri} (no {STUDY_FILE}); check --storage-path and --name, "
-                         f"or start a new study without --resume")
-    saved = folder.read_json(STUDY_FILE)
-    if not isinstance(saved, dict) or not isinstance(saved.get("args"), dict):
-        raise StudyError(f"{folder.child(STUDY_FILE)} is not a readable study record; restore it from a copy, or "
-                         f"start a new study under another --name")
-    if saved.get("kind") != "workload":
-        raise StudyError(f"{folder.uri} holds a {saved.get('study')} study, not a workload study; resume it with "
-                         f"python -m study.{saved.get('study')} --resume")
-    return argparse.Namespace(**{**vars(args), **saved["args"], **{k: getattr(args, k) for k in RESOURCE_FLAGS}})
+def start(args, workload: Workload, kind: str, suffix: str = "") -> argparse.Namespace:
+    """What every workload study does first: its name (default: the workload's and the time), storage checks and,
+    with --resume, the stored arguments (study.tuning.restore_args)."""
+    if args.resume and not args.name:
+        raise StudyError("--resume needs --name: the study folder to continue")
+    args.name = args.name or default_name(workload.name + suffix + ("-smoke" if args.smoke else ""))
+    checks.check_name(args.name)
+    checks.check_uri(args.storage_path, "--storage-path")
+    if args.resume:
+        args = restore_args(args, kind, workload.name)
+    args.study = workload.name
+    return args
 
 
 def execute(args, workload: Workload) -> tuple[int, str]:
@@ -196,18 +160,9 @@ def execute(args, workload: Workload) -> tuple[int, str]:
     from study.tensorboard import StudyTensorBoard, write_experiment
     from study.tuning import grid_axis, open_study, run_stage
 
-    if args.resume and not args.name:
-        raise StudyError("--resume needs --name: the study folder to continue")
-    args.name = args.name or default_name(workload.name + ("-smoke" if args.smoke else ""))
-    checks.check_name(args.name)
-    checks.check_uri(args.storage_path, "--storage-path")
-    if args.resume:
-        args = restore(args)
-        if args.study != workload.name:
-            raise StudyError(f"{args.storage_path}/{args.name} holds a {args.study} study, not {workload.name}")
+    args = start(args, workload, "workload")
     args.lr_scaling = scaling_rules(args.lr_scaling) if args.lr_scaling is not None else None
     fill(args, workload)
-    args.study = workload.name
     # A file is found again from the trials' own working folders: pass it on as an absolute path.
     spec = str(Path(args.workload).resolve()) if args.workload.endswith(".py") else args.workload
     check_flags(args)

@@ -85,12 +85,8 @@ def check_common_flags(args) -> None:
 
 
 def check_lr_flags(args) -> None:
-    """The learning-rate scaling and warmup flags both studies share."""
-    check_number("--momentum", args.momentum, 0, 1, high_open=True)
+    """The warmup fits in the epochs (the flags' own ranges: study.flags.check)."""
     check_number("--warmup-epochs", args.warmup_epochs, 0, args.epochs)
-    if args.lr_reference_batch < 1:
-        raise StudyError(f"--lr-reference-batch must be >= 1, got {args.lr_reference_batch}")
-    check_unique("--lr-scaling", args.lr_scaling if isinstance(args.lr_scaling, list) else [args.lr_scaling])
 
 
 def host_port(address: str) -> tuple[str, int] | None:

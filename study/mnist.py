@@ -16,9 +16,10 @@ import sys
 from ray import tune
 
 from study import cli_checks as checks
+from study import flags
 from study import metrics as M
 from study.console import stage_callbacks, tensorboard_hint
-from study.config import LR_SCALING_RULES, MNIST_TARGETS, NOISE_EVERY, OPTIMIZERS, MnistConfig
+from study.config import MNIST_TARGETS, NOISE_EVERY, OPTIMIZERS, MnistConfig
 from study.data import mnist as mnist_data
 from study.errors import StudyError
 from study.lr_scaling import scaling_rules
@@ -39,13 +40,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m study.mnist", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
-    data.add_argument("--data-dir", help="folder with the four MNIST idx files (.gz or not; MNIST/raw/ layout too)")
-    data.add_argument("--download", action="store_true", help="fetch MNIST through torchvision into --data-dir")
-    data.add_argument("--smoke", action="store_true",
-                      help="the whole pipeline on built-in synthetic digits with a tiny grid (under a minute on CPU)")
-    data.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
-    data.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
+    flags.add_options(p, workload, ("data_dir", "download"), group=data, download=False)
+    flags.add(data, "smoke", help={"smoke": "the whole pipeline on built-in synthetic digits with a tiny grid "
+                                            "(under a minute on CPU)"})
+    flags.add_options(p, workload, ("train_limit", "test_limit"), group=data)
     grid = p.add_argument_group("grid (defaults: the original study)")
+    # The original's own flags: the learning-rate search stage per target, and one optimizer.
     grid.add_argument("--targets", nargs="+", default=None, help=f"of {', '.join(MNIST_TARGETS)} (default all)")
     grid.add_argument("--lr", type=float, default=None, help="use this learning rate for every target; skips stage 1")
     grid.add_argument("--lr-grid", type=float, nargs="+", default=None, help="stage 1 coarse grid")
@@ -53,26 +53,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     grid.add_argument("--lr-search-batch", type=int, default=SEARCH["batch_size"])
     grid.add_argument("--select-on", choices=("val", "test"), default="val",
                       help="stage 1 selects on the validation split (default) or, as the original, the test set")
-    grid.add_argument("--val-size", type=int, default=None,
-                      help=f"validation images (default {OPTIONS['val_size'].default})")
-    grid.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="stage 2 batch sizes")
-    grid.add_argument("--runs", type=int, default=None,
-                      help=f"seeded runs per batch size (default {len(workload.defaults['seeds'])})")
-    grid.add_argument("--epochs", type=int, default=None, help="epochs per trial (default 10)")
     grid.add_argument("--optimizer", default=workload.defaults["optimizers"][0], help=f"one of {', '.join(OPTIMIZERS)}")
-    grid.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
-    for name in ("input_scale", "target_scale"):
-        grid.add_argument("--" + name.replace("_", "-"), choices=("raw", "unit"), default=OPTIONS[name].default,
-                          help=OPTIONS[name].help)
-    grid.add_argument("--noise-scale", choices=("on", "off"), default="on", help="estimate the gradient noise scale")
-    grid.add_argument("--tf32", action="store_true", help="on CUDA: TF32 convolutions and matmuls (default fp32)")
-    grid.add_argument("--noise-every", type=int, default=NOISE_EVERY,
-                      help="probe the noise scale on every Nth training step of an epoch (default 32: < 4 %% time)")
-    grid.add_argument("--lr-scaling", choices=LR_SCALING_RULES, nargs="+", default=["none"],
-                      help="stage 2: lr = chosen x (batch / --lr-reference-batch) or its square root; several "
-                           "rules are a grid axis (each with the same seeds)")
-    grid.add_argument("--lr-reference-batch", type=int, default=SEARCH["batch_size"])
-    grid.add_argument("--warmup-epochs", type=float, default=0.0)
+    flags.add_options(p, workload, ("val_size",), group=grid)
+    flags.add(grid, "batch_sizes", "runs", "epochs", help=dict(
+        batch_sizes="stage 2 batch sizes",
+        runs=f"seeded runs per batch size, seed = batch size + run (default {len(workload.defaults['seeds'])})",
+        epochs="epochs per trial (default 10)"))
+    flags.add(grid, "momentum", momentum=0.0, help={"momentum": "SGD momentum"})
+    flags.add_options(p, workload, ("input_scale", "target_scale"), group=grid,
+                      **{n: OPTIONS[n].default for n in ("input_scale", "target_scale")})
+    flags.add(grid, "noise_scale", "tf32", "noise_every", "lr_scaling", "lr_reference_batch", "warmup_epochs",
+              noise_every=NOISE_EVERY, lr_scaling=["none"], lr_reference_batch=SEARCH["batch_size"],
+              warmup_epochs=0.0, help={"lr_scaling": "stage 2: lr = chosen x (batch / --lr-reference-batch) or its "
+                                                     "square root; several rules are a grid axis (same seeds)"})
     add_common_args(p, gpus_per_trial=0.125)
     args = p.parse_args(argv)
     defaults = dict(targets=list(MNIST_TARGETS), lr_grid=list(SEARCH["lr_grid"]),
@@ -93,14 +86,14 @@ def check_flags(args) -> None:
     too large for the driver (counted, never built)."""
     check_common_args(args)
     checks.check_lr_flags(args)
+    flags.check(args)
     for flag in ("--train-limit", "--test-limit", "--val-size"):
         value = getattr(args, flag[2:].replace("-", "_"))
         if value < 0:
             raise StudyError(f"{flag} must be >= 0 (0 for --train-limit/--test-limit: all images), got {value}")
-    for flag in ("--runs", "--epochs", "--lr-search-batch", "--noise-every"):
-        if getattr(args, flag[2:].replace("-", "_")) < 1:
-            raise StudyError(f"{flag} must be >= 1, got {getattr(args, flag[2:].replace('-', '_'))}")
-    for flag in ("--targets", "--lr-grid", "--fine-factors", "--batch-sizes"):
+    if args.lr_search_batch < 1:
+        raise StudyError(f"--lr-search-batch must be >= 1, got {args.lr_search_batch}")
+    for flag in ("--targets", "--lr-grid", "--fine-factors"):
         checks.check_unique(flag, getattr(args, flag[2:].replace("-", "_")))
     targets, rules = len(args.targets or ()), len(scaling_rules(args.lr_scaling))
     sweep = targets * len(args.batch_sizes or ()) * args.runs * rules

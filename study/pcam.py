@@ -18,9 +18,10 @@ from ray import tune
 from ray.tune.search import BasicVariantGenerator
 
 from study import cli_checks as checks
+from study import flags
 from study import metrics as M
 from study.console import stage_callbacks, tensorboard_hint
-from study.config import LR_SCALING_RULES, NOISE_EVERY, OPTIMIZERS, PCAM_BATCH_SIZES, PCAM_LRS, PcamConfig
+from study.config import NOISE_EVERY, OPTIMIZERS, PCAM_BATCH_SIZES, PCAM_LRS, PcamConfig
 from study.data import kaggle
 from study.data import pcam as pcam_data
 from study.errors import StudyError
@@ -32,6 +33,8 @@ from study.tuning import (StudyFolder, add_common_args, check_common_args, code_
                           grid_axis, main_of, open_study, run_stage)
 from study.workloads import pcam as pcam_workload
 
+WORKLOAD = pcam_workload.workload
+
 SMOKE = dict(batch_sizes=[8, 16], optimizers=["sgd", "adam"], sgd_lrs=[0.01], adam_lrs=[1e-4], epochs=2,
              weights="none", eval_batch_size=32, noise_every=1)
 
@@ -40,43 +43,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m study.pcam", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
-    data.add_argument("--data-dir", help="official PCam HDF5 files, or the Kaggle layout (train/, train_labels.csv)")
-    data.add_argument("--download", action="store_true", help="fetch PCam through torchvision into --data-dir")
-    data.add_argument("--prepared-dir", help="where Kaggle data is converted to HDF5 (default DATA_DIR/prepared-h5)")
-    data.add_argument("--val-fraction", type=float, default=0.2, help="Kaggle data: validation share (default 0.2)")
-    data.add_argument("--split-seed", type=int, default=0, help="Kaggle data: seed of the stratified split")
-    data.add_argument("--train-limit", type=int, default=0, help="use only the first N training patches")
-    data.add_argument("--smoke", action="store_true",
-                      help="the whole pipeline on a generated PCam-like set, two small configurations, random init")
+    flags.add_options(p, WORKLOAD, ("data_dir", "download", "prepared_dir", "val_fraction", "split_seed",
+                                    "train_limit"), group=data, download=False, val_fraction=0.2, split_seed=0,
+                      train_limit=0)
+    flags.add(data, "smoke", help={"smoke": "the whole pipeline on a generated PCam-like set, two small "
+                                            "configurations, random init"})
     grid = p.add_argument_group("grid (defaults: the original study)")
-    grid.add_argument("--batch-sizes", type=int, nargs="+", default=None)
-    grid.add_argument("--optimizers", nargs="+", default=None, help=f"of {', '.join(OPTIMIZERS)} (default both)")
+    flags.add(grid, "batch_sizes", "optimizers", help={"optimizers": f"of {', '.join(OPTIMIZERS)} (default both)"})
+    # The original's own flags: (optimizer, lr) pairs from a table per optimizer, N seeds, amp on by default.
     grid.add_argument("--sgd-lrs", type=float, nargs="+", default=None, help=f"default {PCAM_LRS['sgd']}")
     grid.add_argument("--adam-lrs", type=float, nargs="+", default=None, help=f"default {PCAM_LRS['adam']}")
-    grid.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    grid.add_argument("--epochs", type=int, default=None, help="default 55")
     grid.add_argument("--seeds", type=int, default=1, help="runs per configuration, seeds 0..N-1 (default 1)")
-    grid.add_argument("--weights", default=None,
-                      help="imagenet (torchvision's cache; default), none (random init) or PATH to a state_dict")
-    grid.add_argument("--freeze-blocks", type=int, default=2, help="VGG16 conv blocks kept frozen (default 2)")
-    grid.add_argument("--no-flip", action="store_true")
-    grid.add_argument("--no-rot90", action="store_true")
-    grid.add_argument("--zoom", type=float, default=0.1, help="random zoom up to this fraction (0 disables)")
-    grid.add_argument("--brightness", type=float, default=0.1, help="random brightness up to this fraction")
     grid.add_argument("--no-amp", action="store_true", help="on CUDA: fp32 instead of bf16 autocast")
-    grid.add_argument("--eval-batch-size", type=int, default=None)
-    grid.add_argument("--noise-scale", choices=("on", "off"), default="on", help="estimate the gradient noise scale")
-    grid.add_argument("--tf32", action="store_true", help="on CUDA: TF32 for what runs in fp32 (default off)")
     grid.add_argument("--checkpoint-every", type=int, default=1,
                       help="epochs between checkpoints (default 1; epoch 0 and the last always checkpoint)")
-    grid.add_argument("--noise-every", type=int, default=None,
-                      help="probe the noise scale on every Nth training step of an epoch (default 32: < 4 %% time; "
-                           "--smoke: 1, its epochs have 3-6 steps)")
-    grid.add_argument("--lr-scaling", choices=LR_SCALING_RULES, nargs="+", default=["none"],
-                      help="lr = lr x (batch / --lr-reference-batch) or its square root; several rules are a grid "
-                           "axis (each with the same seeds)")
-    grid.add_argument("--lr-reference-batch", type=int, default=32)
-    grid.add_argument("--warmup-epochs", type=float, default=0.0)
+    flags.add(grid, "momentum", "epochs", momentum=0.9, help={"momentum": "SGD momentum", "epochs": "default 55"})
+    flags.add_options(p, WORKLOAD, ("weights", "freeze_blocks", "no_flip", "no_rot90", "zoom", "brightness"),
+                      group=grid, freeze_blocks=2, no_flip=False, no_rot90=False, zoom=0.1, brightness=0.1)
+    flags.add(grid, "eval_batch_size", "noise_scale", "tf32", "noise_every", "lr_scaling", "lr_reference_batch",
+              "warmup_epochs", lr_scaling=["none"], lr_reference_batch=32, warmup_epochs=0.0,
+              help={"noise_every": "probe the noise scale on every Nth training step of an epoch (default 32: "
+                                   "< 4 %% time; --smoke: 1, its epochs have 3-6 steps)"})
     add_common_args(p, gpus_per_trial=0.25)
     args = p.parse_args(argv)
     defaults = dict(batch_sizes=list(PCAM_BATCH_SIZES), optimizers=list(OPTIMIZERS), sgd_lrs=list(PCAM_LRS["sgd"]),
@@ -105,6 +92,7 @@ def check_flags(args) -> None:
     values, a grid too large for the driver (counted, never built)."""
     check_common_args(args)
     checks.check_lr_flags(args)
+    flags.check(args)
     checks.check_number("--val-fraction", args.val_fraction, 0, 1, low_open=True, high_open=True)
     checks.check_number("--zoom", args.zoom, 0, 1, high_open=True)
     checks.check_number("--brightness", args.brightness, 0, 1, high_open=True)
@@ -116,10 +104,10 @@ def check_flags(args) -> None:
                          f"VGG16 state_dict")
     if not 0 <= args.freeze_blocks <= 5:
         raise StudyError(f"--freeze-blocks must be in 0..5 (VGG16 has five conv blocks), got {args.freeze_blocks}")
-    for flag in ("--epochs", "--seeds", "--eval-batch-size", "--noise-every", "--checkpoint-every"):
+    for flag in ("--seeds", "--checkpoint-every"):
         if getattr(args, flag[2:].replace("-", "_")) < 1:
             raise StudyError(f"{flag} must be >= 1, got {getattr(args, flag[2:].replace('-', '_'))}")
-    for flag in ("--batch-sizes", "--optimizers", "--sgd-lrs", "--adam-lrs"):
+    for flag in ("--sgd-lrs", "--adam-lrs"):
         checks.check_unique(flag, getattr(args, flag[2:].replace("-", "_")))
     pairs = sum(len(lrs_of(args, o)) for o in dict.fromkeys(args.optimizers or ()) if o in OPTIMIZERS)
     trials = pairs * len(args.batch_sizes or ()) * args.seeds * len(scaling_rules(args.lr_scaling))

@@ -18,12 +18,13 @@ from pathlib import Path
 
 from study import api
 from study import cli_checks as checks
+from study import flags
 from study import metrics as M
 from study import steps as S
 from study.config import TRAIN_OPTIMIZERS, TrainConfig
 from study.errors import StudyError
 from study.steps_trial import BUDGET, CHANCE, CONFIG, GOAL, STEPS_TO_RESULT, split_config, train_steps
-from study.tuning import (RESOURCE_FLAGS, STUDY_FILE, StudyFolder, add_common_args, code_version, default_name)
+from study.tuning import STUDY_FILE, StudyFolder, add_common_args, code_version
 from study.workload import Workload, describe, resolve
 
 STAGE = "steps"
@@ -33,7 +34,7 @@ LEVEL, SAFETY = 0.95, 10.0  # the bootstrap interval's level and the rule's safe
 MOMENTUM_OPTIMIZERS = ("sgd", "nesterov")
 DEFAULT_MOMENTUM_RANGE = (0.01, 0.5)  # 1 - momentum: momentum 0.5 .. 0.99
 # Training flags with one value per study, as in `python -m study run` (epochs and momentum are the study's axes).
-SCALARS = {k: v for k, v in api.SCALARS.items() if k not in ("epochs", "momentum")}
+SCALARS = tuple(k for k in flags.TRAINING if k not in ("epochs", "momentum"))
 
 
 def parser(workload: Workload | None = None) -> argparse.ArgumentParser:
@@ -45,7 +46,7 @@ def parser(workload: Workload | None = None) -> argparse.ArgumentParser:
                    help="a goal on a declared validation metric, e.g. val_error=0.01; several allowed (default: "
                         "the workload's goals); trials stop at the strictest")
     g.add_argument("--configs", type=int, default=16, help="metaparameter configurations per batch size")
-    g.add_argument("--batch-sizes", type=int, nargs="+", help="default: powers of two from 16 to the training set")
+    flags.add(g, "batch_sizes", help={"batch_sizes": "default: powers of two from 16 to the training set"})
     g.add_argument("--lr-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
                    help="learning rates, sampled in log space (default: the workload's lrs / 10 .. x 10)")
     g.add_argument("--momentum-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
@@ -56,24 +57,11 @@ def parser(workload: Workload | None = None) -> argparse.ArgumentParser:
     budget.add_argument("--budget-steps", type=int, help="training steps per trial at most (every batch size)")
     budget.add_argument("--budget-epochs", type=float, help="epochs per trial at most (default: the workload's epochs)")
     g.add_argument("--seed", type=int, default=0, help="the Sobol points' and every trial's seed")
-    g.add_argument("--smoke", action="store_true", help="the workload's smoke data, 2 batch sizes x 2 configs")
-    train = p.add_argument_group("training")
-    for name, (kind, text) in SCALARS.items():
-        train.add_argument("--" + name.replace("_", "-"), type=kind, help=text)
-    train.add_argument("--noise-scale", choices=("on", "off"), default="on", help="estimate the gradient noise scale")
-    train.add_argument("--tf32", action="store_true", help="on CUDA: TF32 convolutions and matmuls")
+    flags.add(g, "smoke", help={"smoke": "the workload's smoke data, 2 batch sizes x 2 configs"})
+    flags.add(p.add_argument_group("training"), *SCALARS, "noise_scale", "tf32")
     add_common_args(p, gpus_per_trial=0.25)
     if workload is not None and workload.options:
-        own = p.add_argument_group(f"{workload.name}'s options")
-        for o in workload.options:
-            flag = "--" + o.name.replace("_", "-")
-            try:
-                if o.type is bool:
-                    own.add_argument(flag, dest=o.name, action="store_true", default=None, help=o.help)
-                else:
-                    own.add_argument(flag, dest=o.name, type=o.type, help=f"{o.help} (default {o.default!r})")
-            except argparse.ArgumentError:
-                raise StudyError(f"workload {workload.name}: option {o.name} clashes with the engine's flag {flag}")
+        flags.add_options(p, workload)
     return p
 
 
@@ -134,7 +122,7 @@ def fill(args, workload: Workload, n_train: int) -> argparse.Namespace:
     for key in SCALARS:
         if getattr(args, key, None) is None:
             setattr(args, key, defaults.get(key, getattr(base, key)))
-    checks.check_unique("--batch-sizes", args.batch_sizes)
+    flags.check(args)
     for b in args.batch_sizes:
         if not 1 <= b <= n_train:
             raise StudyError(f"batch size {b} is outside 1..{n_train} (the training examples)")
@@ -199,17 +187,6 @@ def run_steps(workload: str | Workload, **flags) -> str:
     return execute(args, found)[1]
 
 
-def restore(args) -> argparse.Namespace:
-    folder = StudyFolder(args.storage_path, args.name)
-    if not (folder.exists() and folder.has(STUDY_FILE)):
-        raise StudyError(f"--resume: no study at {folder.uri} (no {STUDY_FILE}); check --storage-path and --name")
-    saved = folder.read_json(STUDY_FILE)
-    if not isinstance(saved, dict) or saved.get("kind") != KIND or not isinstance(saved.get("args"), dict):
-        raise StudyError(f"{folder.uri} holds no steps-to-result study (study.json kind {saved.get('kind')!r}); "
-                         f"resume it with the command that started it")
-    return argparse.Namespace(**{**vars(args), **saved["args"], **{k: getattr(args, k) for k in RESOURCE_FLAGS}})
-
-
 def execute(args, workload: Workload) -> tuple[int, str]:
     """The study of parsed flags: (exit status, folder URI). Exit 1 when a trial failed."""
     from ray import tune
@@ -218,16 +195,7 @@ def execute(args, workload: Workload) -> tuple[int, str]:
     from study.tensorboard import write_experiment
     from study.tuning import grid_axis, open_study, run_stage
 
-    if args.resume and not args.name:
-        raise StudyError("--resume needs --name: the study folder to continue")
-    args.name = args.name or default_name(workload.name + "-steps" + ("-smoke" if args.smoke else ""))
-    checks.check_name(args.name)
-    checks.check_uri(args.storage_path, "--storage-path")
-    if args.resume:
-        args = restore(args)
-        if args.study != workload.name:
-            raise StudyError(f"{args.storage_path}/{args.name} holds a {args.study} study, not {workload.name}")
-    args.study = workload.name
+    args = api.start(args, workload, KIND, "-steps")
     api.check_common_args(args)
     goals = goals_of(args, workload)
     goal = S.strictest(goals)

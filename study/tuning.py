@@ -337,30 +337,42 @@ RESOURCE_FLAGS = ("address", "gpus_per_trial", "cpus_per_trial", "num_cpus", "re
                   "storage_path", "name", "verbose", "max_trials")
 
 
+# How each kind of study is resumed (study.json "kind"; the original studies have none).
+RESUME_COMMANDS = {"workload": "python -m study run {study}", "steps": "python -m study steps {study}",
+                   None: "python -m study.{study}"}
+KIND_NAMES = {"workload": "workload", "steps": "steps-to-result"}
+
+
+def restore_args(args, kind: str | None, study: str) -> argparse.Namespace:
+    """--resume: the arguments the study in --storage-path/--name started with, which must be a `kind` study of
+    `study`; the resource flags given now replace the stored ones, and keys an older study.json lacks (flags added
+    since) keep this version's defaults."""
+    folder = StudyFolder(args.storage_path, args.name)
+    if not (folder.exists() and folder.has(STUDY_FILE)):
+        raise StudyError(f"--resume: no study at {folder.uri} (no {STUDY_FILE}); check --storage-path and "
+                         f"--name, or start a new study without --resume")
+    try:
+        saved = folder.read_json(STUDY_FILE)
+        stored = dict(saved["args"])
+    except (ValueError, KeyError, TypeError) as err:  # edited, or not ours
+        raise StudyError(f"{folder.child(STUDY_FILE)} is not a readable study record ({err!r}); restore it "
+                         f"from a copy, or start a new study under another --name")
+    if saved.get("kind") != kind or saved.get("study") != study:
+        how = RESUME_COMMANDS.get(saved.get("kind"), "the command that started it").format(study=saved.get("study"))
+        other = f", not a {KIND_NAMES[kind]} study" if kind in KIND_NAMES and saved.get("kind") != kind else ""
+        raise StudyError(f"{folder.uri} holds a {saved.get('study')} study{other}; resume it with {how} --resume")
+    return argparse.Namespace(**{**vars(args), **stored, **{k: getattr(args, k) for k in RESOURCE_FLAGS}})
+
+
 def main_of(kind: str, parse_args, run, argv=None) -> int:
-    """A study CLI's main: with --resume the stored arguments come back (the resource flags may change); a
+    """An original study's main (study.mnist, study.pcam): with --resume the stored arguments come back; a
     StudyError becomes one line on stderr and exit status 2."""
     args = parse_args(argv)
     try:
         check_name(args.name)
         check_uri(args.storage_path, "--storage-path")
         if args.resume:
-            folder = StudyFolder(args.storage_path, args.name)
-            if not (folder.exists() and folder.has(STUDY_FILE)):
-                raise StudyError(f"--resume: no study at {folder.uri} (no {STUDY_FILE}); check --storage-path and "
-                                 f"--name, or start a new study without --resume")
-            saved = folder.read_json(STUDY_FILE)
-            try:
-                stored_args = dict(saved["args"])
-            except (ValueError, KeyError, TypeError) as err:  # edited, or not ours
-                raise StudyError(f"{folder.child(STUDY_FILE)} is not a readable study record ({err!r}); restore it "
-                                 f"from a copy, or start a new study under another --name")
-            if saved.get("study") != kind:
-                how = (f"python -m study run {saved.get('study')}" if saved.get("kind") == "workload" else
-                       f"python -m study.{saved.get('study')}")
-                raise StudyError(f"{folder.uri} holds a {saved.get('study')} study; resume it with {how} --resume")
-            # Keys an older study.json lacks (flags added since) take this version's defaults.
-            args = argparse.Namespace(**{**vars(args), **stored_args, **{k: getattr(args, k) for k in RESOURCE_FLAGS}})
+            args = restore_args(args, None, kind)
         return run(args)
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)

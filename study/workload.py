@@ -38,6 +38,7 @@ class Option:
     type: type
     default: Any
     help: str = ""
+    choices: tuple = ()  # the allowed values, when they are few (the flag refuses others)
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,9 @@ class Workload:
                 value = float(value)
             if not isinstance(value, want) or (want is int and isinstance(value, bool)):
                 raise StudyError(f"workload {self.name}: option {name} must be {want.__name__}, got {value!r}")
+            if known[name].choices and value not in known[name].choices:
+                raise StudyError(f"workload {self.name}: option {name} must be one of "
+                                 f"{', '.join(map(str, known[name].choices))}, got {value!r}")
             values[name] = value
         return values
 
@@ -180,6 +184,8 @@ def check(w, spec: str) -> None:
         if o.type not in OPTION_TYPES or not isinstance(o.default, o.type):
             raise StudyError(f"workload {w.name}: option {o.name} needs a type of bool/int/float/str and a default "
                              f"of that type, got {o.type!r} and {o.default!r}")
+        if o.choices and o.default not in o.choices:
+            raise StudyError(f"workload {w.name}: option {o.name}'s default {o.default!r} is not one of its choices")
     w.option_values(w.smoke.get("options", {}))
     unknown = sorted(set(w.stages) - {"lr_search"})
     if unknown:
