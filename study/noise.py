@@ -171,12 +171,18 @@ class NoiseScale:
         self._record(weighted_sq, batch_sq, n, k)
         return loss.detach()
 
+    def means(self) -> tuple[float, float]:
+        """The epoch's mean tr(Sigma) and |G|^2 estimates over its probes (one host sync); NaN without a probe.
+        B_simple is their ratio; a steps-to-result row stores both, so probes can be pooled across rows."""
+        if self.probes == 0:
+            return math.nan, math.nan
+        trace, grad_sq = torch.stack((self._trace, self._grad_sq)).tolist()
+        return trace / self.probes, grad_sq / self.probes
+
     def value(self) -> float:
         """The epoch's B_simple in examples; NaN without a probe, or while the |G|^2 estimate is <= 0 (the
         gradient is too small against its noise to be told apart at this batch size)."""
-        if self.probes == 0:
-            return math.nan
-        trace, grad_sq = torch.stack((self._trace, self._grad_sq)).tolist()
+        trace, grad_sq = self.means()
         if not grad_sq > 0.0:
             return math.nan
         return trace / grad_sq

@@ -126,9 +126,9 @@ def run_steps(cfg: TrainConfig, extra: dict, workload: Workload, splits: dict, d
                M.LR: optimizer.param_groups[0]["lr"], M.NOISE_SCALE: math.nan, M.NOISE_PROBES: 0,
                M.EPOCH_SECONDS: 0.0, M.PROBE_SECONDS: 0.0, M.IMAGES_PER_SECOND: math.nan}
         if noise is not None and noise.probes:
-            trace, grad_sq = torch.stack((noise._trace, noise._grad_sq)).tolist()
-            row.update({M.NOISE_SCALE: noise.value(), M.NOISE_PROBES: noise.probes,
-                        "noise_trace": trace / noise.probes, "noise_grad_sq": grad_sq / noise.probes})
+            trace, grad_sq = noise.means()
+            row.update({M.NOISE_SCALE: trace / grad_sq if grad_sq > 0.0 else math.nan, M.NOISE_PROBES: noise.probes,
+                        "noise_trace": trace, "noise_grad_sq": grad_sq})
         return row
 
     def examples_at(step):  # only an epoch's last batch can be smaller than batch_size
