@@ -10,7 +10,6 @@ Ray and storage flags from study.tuning, and the workload's own options from its
 
 import argparse
 import math
-import shlex
 import sys
 from pathlib import Path
 
@@ -155,7 +154,7 @@ def execute(args, workload: Workload) -> tuple[int, str]:
     """The study of parsed flags: (exit status, folder URI). Exit 1 when a trial failed or ran out of memory."""
     from ray import tune
 
-    from study.console import StudyConsole, tensorboard_hint
+    from study.console import StudyConsole, finished, started
     from study.run_workload import train_workload
     from study.tensorboard import StudyTensorBoard, write_experiment
     from study.tuning import grid_axis, open_study, run_stage
@@ -194,7 +193,7 @@ def execute(args, workload: Workload) -> tuple[int, str]:
         write_experiment(folder, workload.name, dict(axes, momentum=[args.momentum],
                                                      weight_decay=[args.weight_decay], schedule=[args.schedule]),
                          [(tag(m), m.replace("_", " ")) for m in key])
-    print(f"study folder: {folder.uri}\n{tensorboard_hint(folder.uri)}")
+    started(folder.uri)
     space = dict(base, **{field: grid_axis(values) for field, values in axes.items()})
     space["run"] = grid_axis(axes["seed"])  # names the trial folder (seed=...)
     space["seed"] = tune.sample_from(lambda c: c["run"])
@@ -205,9 +204,7 @@ def execute(args, workload: Workload) -> tuple[int, str]:
     # Memory-mapped splits never travel: each trial opens the files itself (study.run_workload).
     results = run_stage(train_workload, space, folder=folder, stage=STAGE, args=args, resources=resources,
                         data=None if workload.memory_mapped else splits, callbacks=callbacks)
-    print(f"results: {folder.uri}  (report: python -m analysis.report {shlex.quote(folder.uri)})")
-    failed = any(r.error is not None or (r.metrics or {}).get(M.STATUS) == M.STATUS_OOM for r in results)
-    return (1 if failed else 0), folder.uri
+    return finished(folder.uri, results), folder.uri
 
 
 def searched_lr(args, workload: Workload, folder, base: dict, resources: dict, splits: dict) -> float:

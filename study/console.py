@@ -10,6 +10,7 @@ import contextlib
 import logging
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -48,6 +49,17 @@ def tune_console(verbose: bool):
 
 def tensorboard_hint(uri: str) -> str:
     return f"TensorBoard: tensorboard --logdir {uri}"
+
+
+def started(uri: str) -> None:
+    print(f"study folder: {uri}\n{tensorboard_hint(uri)}")
+
+
+def finished(uri: str, results) -> int:
+    """Where the results are and the report's command; the exit status: 1 when a trial failed or ran out of
+    memory (the others' results are stored all the same)."""
+    print(f"results: {uri}  (report: python -m analysis.report {shlex.quote(uri)})")
+    return 1 if any(r.error is not None or (r.metrics or {}).get(M.STATUS) == M.STATUS_OOM for r in results) else 0
 
 
 def duration(seconds: float) -> str:

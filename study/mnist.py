@@ -10,7 +10,6 @@ The model, loss, metrics, data splits, scaling and default grid are the mnist-re
 
 import argparse
 import math
-import shlex
 import sys
 
 from ray import tune
@@ -18,11 +17,12 @@ from ray import tune
 from study import cli_checks as checks
 from study import flags
 from study import metrics as M
-from study.console import stage_callbacks, tensorboard_hint
+from study.console import finished, stage_callbacks, started
 from study.config import MNIST_TARGETS, NOISE_EVERY, OPTIMIZERS, MnistConfig
 from study.data import mnist as mnist_data
 from study.errors import StudyError
 from study.lr_scaling import scaling_rules
+from study.lr_search import best as best_trial
 from study.tensorboard import RunName, write_experiment
 from study.trainables import train_mnist
 from study.tuning import (StudyFolder, add_common_args, check_common_args, code_version, default_name,
@@ -140,18 +140,15 @@ def trial_base(args, version: str) -> dict:
 
 
 def choose_lr(results, select_on: str) -> dict:
-    """Per target, the learning rate with the lowest final MSE among trials that finished and did not diverge."""
+    """Per target, the learning rate with the lowest final MSE among trials that finished and did not diverge
+    (study.lr_search.best, per target)."""
     key = M.VAL_MSE if select_on == "val" else M.TEST_MSE
-    best = {}
+    by_target = {}
     for result in results:
-        cfg, last = result.config or {}, result.metrics or {}
-        if not cfg or result.error is not None or last.get(M.DIVERGED) or not math.isfinite(last.get(key, math.nan)):
-            continue
-        if last.get(M.EPOCH) != cfg["epochs"]:
-            continue
-        if cfg["target"] not in best or last[key] < best[cfg["target"]]["mse"]:
-            best[cfg["target"]] = {"lr": cfg["lr"], "mse": last[key], "selected_on": key}
-    return best
+        if result.config:
+            by_target.setdefault(result.config["target"], []).append(result)
+    found = {t: best_trial(rs, key, higher_is_better=False) for t, rs in by_target.items()}
+    return {t: {"lr": f["lr"], "mse": f[key], "selected_on": key} for t, f in found.items() if f is not None}
 
 
 def hparam_domains(args) -> dict:
@@ -219,7 +216,7 @@ def run(args) -> int:
         write_experiment(folder, "mnist", hparam_domains(args))
     shared = {"train_x": data.train_x, "test_x": data.test_x, "targets": targets}
     base = trial_base(args, version)
-    print(f"study folder: {folder.uri}\n{tensorboard_hint(folder.uri)}")
+    started(folder.uri)
 
     if args.lr is not None:
         chosen = {t: {"lr": args.lr, "selected_on": "--lr"} for t in args.targets}
@@ -243,8 +240,7 @@ def run(args) -> int:
                       callbacks=callbacks(args, "batch_sweep", ["target"] + (["lr_scaling"] if len(rules) > 1 else [])
                                           + ["batch_size", "run"]), run_names=RunName(lrs))
     print_summary(sweep)
-    print(f"results: {folder.uri}  (report: python -m analysis.report {shlex.quote(folder.uri)})")
-    return 1 if any(r.error is not None or (r.metrics or {}).get(M.STATUS) == M.STATUS_OOM for r in sweep) else 0
+    return finished(folder.uri, sweep)
 
 
 def print_summary(results) -> None:

@@ -10,7 +10,6 @@ split; a study on Kaggle data writes each trial's submission.csv.
 
 import argparse
 import math
-import shlex
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from ray.tune.search import BasicVariantGenerator
 from study import cli_checks as checks
 from study import flags
 from study import metrics as M
-from study.console import stage_callbacks, tensorboard_hint
+from study.console import finished, stage_callbacks, started
 from study.config import NOISE_EVERY, OPTIMIZERS, PCAM_BATCH_SIZES, PCAM_LRS, PcamConfig
 from study.data import kaggle
 from study.data import pcam as pcam_data
@@ -168,7 +167,7 @@ def run(args) -> int:
                                                   "kaggle": kaggle.read_ids(data_dir, "test") is not None},
                                          "resources_per_trial": resources})
         write_experiment(folder, "pcam", hparam_domains(args))
-    print(f"study folder: {folder.uri}\n{tensorboard_hint(folder.uri)}")
+    started(folder.uri)
     # (optimizer, lr) pairs are not a product, so each pair is one of Tune's points_to_evaluate (one sample per
     # pair, never a random draw); Tune crosses each point with the grid over batch size and seed.
     pairs = [{"optimizer": o, "lr": lr} for o in args.optimizers for lr in lrs_of(args, o)]
@@ -183,8 +182,7 @@ def run(args) -> int:
                             ["lr_scaling"] if len(args.lr_scaling) > 1 else []) + ["batch_size", "seed"],
                                                   [M.BEST_VAL_ACC, M.TEST_AUC]))
     print_summary(results)
-    print(f"results: {folder.uri}  (report: python -m analysis.report {shlex.quote(folder.uri)})")
-    return 1 if any(r.error is not None or (r.metrics or {}).get(M.STATUS) == M.STATUS_OOM for r in results) else 0
+    return finished(folder.uri, results)
 
 
 def print_summary(results) -> None:

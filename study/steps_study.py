@@ -13,7 +13,6 @@ stopped_by_rule.json the trials the rule stopped (trial folder -> step). Report:
 import argparse
 import json
 import math
-import shlex
 from pathlib import Path
 
 from study import api
@@ -191,7 +190,7 @@ def execute(args, workload: Workload) -> tuple[int, str]:
     """The study of parsed flags: (exit status, folder URI). Exit 1 when a trial failed."""
     from ray import tune
 
-    from study.console import tensorboard_hint
+    from study.console import finished, started
     from study.tensorboard import write_experiment
     from study.tuning import grid_axis, open_study, run_stage
 
@@ -238,7 +237,7 @@ def execute(args, workload: Workload) -> tuple[int, str]:
                                            if points[0]["momentum"] is not None else {}), CONFIG: axes[CONFIG]},
                          [("steps/to_result", "steps to result (first evaluation at the strictest goal)"),
                           (tag(goal["metric"]), goal["metric"].replace("_", " "))])
-    print(f"study folder: {folder.uri}\n{tensorboard_hint(folder.uri)}")
+    started(folder.uri)
     base["code_version"] = version
     space = dict(base, batch_size=grid_axis(args.batch_sizes), **{CONFIG: grid_axis(list(range(args.configs)))})
     space["lr"] = tune.sample_from(lambda c: points[c[CONFIG]]["lr"])
@@ -258,9 +257,7 @@ def execute(args, workload: Workload) -> tuple[int, str]:
     results = run_stage(train_steps, space, folder=folder, stage=STAGE, args=args, resources=resources,
                         data=splits, callbacks=callbacks, run_names=trial_name, stop=stopper)
     save_stopped(folder, stopper, results)
-    print(f"results: {folder.uri}  (report: python -m analysis.report {shlex.quote(folder.uri)})")
-    failed = any(r.error is not None or (r.metrics or {}).get(M.STATUS) == M.STATUS_OOM for r in results)
-    return (1 if failed else 0), folder.uri
+    return finished(folder.uri, results), folder.uri
 
 
 def stored_rows(folder: StudyFolder) -> dict:
