@@ -270,9 +270,10 @@ def main(argv=None) -> None:
                       f"{CUDA_CONTEXT_BYTES / 2**20:.0f} MiB each)")
             (a, ours), (b, theirs) = combined_rate(project), combined_rate(run_packed("baseline", args, data_dir,
                                                                                        device, packed))
-            each = lambda rates: ", ".join(f"{r:.0f}" for r in rates)  # noqa: E731
-            print(f"{packed} trial(s) at once: project {a:8.0f} images/s ({each(ours)}) | "
-                  f"baseline fp32 DataLoader({max(1, os.cpu_count() // packed)} workers each) {b:7.0f} images/s "
+            # One decimal: a tiny CPU run (the test's) trains below one image a second, which must not print as 0.
+            each = lambda rates: ", ".join(f"{r:.1f}" for r in rates)  # noqa: E731
+            print(f"{packed} trial(s) at once: project {a:8.1f} images/s ({each(ours)}) | "
+                  f"baseline fp32 DataLoader({max(1, os.cpu_count() // packed)} workers each) {b:7.1f} images/s "
                   f"({each(theirs)}) | ratio {a / b:.2f}x")
             mfu = f"{100 * a * flops / (peak * 1e12):.1f} %" if peak and device.type == "cuda" else "not measured"
             memory = ", ".join(f"{o['memory_mb']:.0f}" for o in project)
