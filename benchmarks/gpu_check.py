@@ -84,7 +84,7 @@ def parts(args) -> list[dict]:
                                         alone_steps_per_s=r"alone: .* = ([\d.e+]+) steps/s")),
         # Eight cold processes (the project's and the baseline's, alone and four at once), each loading CUDA and
         # autotuning cuDNN for VGG16 (the project's): 4096 patches, 8 steps of 512 an epoch, keep that inside the cap.
-        dict(name="pcam", cap=200 if not dry else 600,
+        dict(name="pcam", cap=200 if not dry else 900,
              cmd=bench("pcam_train.py") + device + (["--n", "4", "--eval-n", "2", "--batch-size", "2", "--epochs", "1",
                                                      "--packed", "1", "2", "--memory-batch", "4"] if dry else
                                                     ["--n", "4096", "--eval-n", "512", "--batch-size", "512",
