@@ -56,7 +56,7 @@ def parts(args) -> list[dict]:
     return [
         # Ray's wheel unpacks to ~200 MB.
         dict(name="install", cap=60, cmd=install, parse=lambda text: {}),
-        dict(name="versions", cap=15, cmd=versions, parse=parse_versions),
+        dict(name="versions", cap=15 if not dry else 120, cmd=versions, parse=parse_versions),  # dry: imports on busy shared cores
         dict(name="cuda_tests", cap=75 if not dry else 180,
              cmd=[PY, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
                   *(str(ROOT / f) for f in CUDA_TEST_FILES)],
