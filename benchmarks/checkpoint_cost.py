@@ -1,7 +1,7 @@
 """PCam checkpoint cost: seconds to write one trial checkpoint against the seconds of one training epoch.
 
     python benchmarks/checkpoint_cost.py [--device auto] [--optimizer sgd adam] [--batch-size 128] [--n 2048]
-                                         [--epochs 2] [--full-train 262144]
+                                         [--eval-n 64] [--epochs 2] [--full-train 262144]
 
 Runs `study.trainables.run_pcam` (a PCam trial as Tune runs it, minus Ray) on generated patches, and at every
 epoch does what `trainables.report` does with a checkpoint: torch.save of the trial's state (model, optimizer,
@@ -76,11 +76,13 @@ def main(argv=None) -> int:
     p.add_argument("--optimizer", nargs="+", choices=("sgd", "adam"), default=["sgd", "adam"])
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--n", type=int, default=2048, help="generated training patches (the measured epochs)")
+    p.add_argument("--eval-n", type=int, default=64, help="generated validation and test patches (evaluated, untimed)")
     p.add_argument("--epochs", type=int, default=2, help="trained epochs (the first is left out of images/s)")
     p.add_argument("--full-train", type=int, default=262_144, help="patches of the epoch the figure is about")
     args = p.parse_args(argv)
-    if min(args.batch_size, args.n, args.epochs, args.full_train) < 1 or args.batch_size > args.n:
-        p.error("--batch-size, --n, --epochs and --full-train must be at least 1, --batch-size at most --n")
+    if min(args.batch_size, args.n, args.epochs, args.full_train) < 1 or args.batch_size > args.n or args.eval_n < 2:
+        p.error("--batch-size, --n, --epochs and --full-train must be at least 1, --batch-size at most --n, --eval-n "
+                "at least 2")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda, but PyTorch sees no CUDA GPU here")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
           f"batch {args.batch_size}, {args.n} generated patches, {args.epochs} epochs; epoch figure for "
           f"{args.full_train} patches")
     with tempfile.TemporaryDirectory(prefix="checkpoint-cost-") as tmp:
-        data_dir = str(write_random_set(Path(tmp) / "data", args.n, 64))
+        data_dir = str(write_random_set(Path(tmp) / "data", args.n, args.eval_n))
         storage = Path(tmp) / "storage"
         storage.mkdir()
         for optimizer in args.optimizer:

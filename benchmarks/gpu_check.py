@@ -56,19 +56,20 @@ def parts(args) -> list[dict]:
     return [
         # Ray's wheel unpacks to ~200 MB.
         dict(name="install", cap=60, cmd=install, parse=lambda text: {}),
-        dict(name="versions", cap=15, cmd=versions, parse=parse_versions),
+        dict(name="versions", cap=15 if not dry else 120, cmd=versions, parse=parse_versions),  # dry: imports on busy shared cores
         dict(name="cuda_tests", cap=75 if not dry else 180,
              cmd=[PY, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
                   *(str(ROOT / f) for f in CUDA_TEST_FILES)],
              parse=parse_pytest, check=None if dry else all_selected_passed),
         dict(name="mnist", cap=60 if not dry else 240,
-             cmd=bench("mnist_trial.py") + mnist + device + (["--train-limit", "256", "--epochs", "1", "--batch-size",
-                                                              "64"] if dry else
+             cmd=bench("mnist_trial.py") + mnist + device + (["--train-limit", "256", "--test-limit", "256", "--epochs",
+                                                              "1", "--batch-size", "64"] if dry else
                                                              ["--train-limit", "20000", "--epochs", "2",
                                                               "--batch-size", "16"]),
              parse=lambda text: figures(text, mnist_ratio=r"ratio \(classic / project\) at batch \d+: ([\d.]+)x")),
         dict(name="tf32", cap=40 if not dry else 240,
-             cmd=bench("tf32_effect.py") + mnist + device + (["--train-limit", "256", "--epochs", "1"] if dry else
+             cmd=bench("tf32_effect.py") + mnist + device + (["--train-limit", "256", "--test-limit", "256", "--epochs",
+                                                              "1"] if dry else
                                                              ["--train-limit", "20000", "--epochs", "2"]),
              parse=lambda text: figures(text, mse_change_percent=r"relative to without: ([+-][\d.]+)%",
                                         mse_fp32=r"tf32 off: test MSE ([\d.e+-]+)",
@@ -83,15 +84,15 @@ def parts(args) -> list[dict]:
                                         alone_steps_per_s=r"alone: .* = ([\d.e+]+) steps/s")),
         # Eight cold processes (the project's and the baseline's, alone and four at once), each loading CUDA and
         # autotuning cuDNN for VGG16 (the project's): 4096 patches, 8 steps of 512 an epoch, keep that inside the cap.
-        dict(name="pcam", cap=200 if not dry else 600,
-             cmd=bench("pcam_train.py") + device + (["--n", "16", "--eval-n", "2", "--batch-size", "8", "--epochs",
-                                                     "1", "--packed", "1"] if dry else
+        dict(name="pcam", cap=200 if not dry else 900,
+             cmd=bench("pcam_train.py") + device + (["--n", "4", "--eval-n", "2", "--batch-size", "2", "--epochs", "1",
+                                                     "--packed", "1", "2", "--memory-batch", "4"] if dry else
                                                     ["--n", "4096", "--eval-n", "512", "--batch-size", "512",
                                                      "--epochs", "3", "--packed", "1", "4"]),
              parse=parse_pcam),
         dict(name="checkpoint", cap=40 if not dry else 400,
-             cmd=bench("checkpoint_cost.py") + device + (["--optimizer", "sgd", "--batch-size", "8", "--n", "16",
-                                                          "--epochs", "1"] if dry else
+             cmd=bench("checkpoint_cost.py") + device + (["--optimizer", "sgd", "--batch-size", "2", "--n", "2",
+                                                          "--eval-n", "2", "--epochs", "1"] if dry else
                                                          ["--batch-size", "128", "--n", "4096", "--epochs", "2"]),
              parse=parse_checkpoint),
     ]
@@ -142,7 +143,7 @@ def all_selected_passed(figures: dict) -> str | None:
 
 def parse_pcam(text: str) -> dict:
     out = {}
-    for packed, project, ratio in re.findall(r"(\d+) trial\(s\) at once: project +(\d+) images/s .* ratio "
+    for packed, project, ratio in re.findall(r"(\d+) trial\(s\) at once: project +([\d.]+) images/s .* ratio "
                                              r"([\d.]+)x", text):
         out[f"images_per_s_{packed}"], out[f"ratio_{packed}"] = float(project), float(ratio)
     for packed, mfu, memory in re.findall(r"(\d+) at once: model FLOP utilisation ([\d.]+|not measured)[^;]*; "

@@ -1,7 +1,8 @@
 """One MNIST regression trial, seconds per epoch: the project's trial vs the classic DataLoader loop.
 
     python benchmarks/mnist_trial.py [--data-dir DIR] [--batch-size 16] [--epochs 1] [--device auto|cpu|cuda]
-        [--target mean] [--train-limit N] [--repeats 1] [--workers 0] [--threads N] [--noise-scale on|off] [--compile]
+        [--target mean] [--train-limit N] [--test-limit N] [--repeats 1] [--workers 0] [--threads N]
+        [--noise-scale on|off] [--compile]
 
 (a) the project: `study.trainables.run_mnist` as a trial runs it without Ray (data put on the device once,
     batched by indexing a shuffled permutation, foreach/fused Adam, loss summed on the device). Its per-epoch
@@ -48,10 +49,11 @@ MNIST_TEST_SIZE = 10_000
 def load_data(args) -> tuple[np.ndarray, np.ndarray, str]:
     """(train images, test images, description); uint8 (N, 28, 28)."""
     if args.data_dir:
-        data = mnist_data.load(args.data_dir).limit(train=args.train_limit or 0)
+        data = mnist_data.load(args.data_dir).limit(train=args.train_limit or 0, test=args.test_limit or 0)
         return data.train_x, data.test_x, f"MNIST from {args.data_dir}"
     n = args.train_limit or 60_000
-    parts = [mnist_data.synthetic(min(SYNTHETIC_CHUNK, n - start), MNIST_TEST_SIZE if start == 0 else 0,
+    n_test = min(args.test_limit or MNIST_TEST_SIZE, MNIST_TEST_SIZE)  # as many as MNIST has at most
+    parts = [mnist_data.synthetic(min(SYNTHETIC_CHUNK, n - start), n_test if start == 0 else 0,
                                   seed=start // SYNTHETIC_CHUNK) for start in range(0, n, SYNTHETIC_CHUNK)]
     train_x = np.concatenate([p.train_x for p in parts])
     return train_x, parts[0].test_x, "synthetic MNIST-like digits (study.data.mnist.synthetic)"
@@ -215,6 +217,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="default: the batch size (the sweep's seed for run 0)")
     p.add_argument("--train-limit", type=int, default=None,
                    help="training images (default: all 60,000 of MNIST, or 60,000 synthetic ones)")
+    p.add_argument("--test-limit", type=int, default=None,
+                   help="test images, evaluated untimed (default: all 10,000, or 10,000 synthetic ones)")
     p.add_argument("--repeats", type=int, default=1, help="run both ways this many times, alternating")
     p.add_argument("--workers", type=int, default=0, help="DataLoader num_workers of the classic way")
     p.add_argument("--threads", type=int, default=0,
@@ -226,8 +230,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("batch_size", "epochs", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.workers < 0 or args.threads < 0 or (args.train_limit is not None and args.train_limit < 1):
-        p.error("--workers and --threads must be >= 0, --train-limit >= 1")
+    if args.workers < 0 or args.threads < 0 or any(n is not None and n < 1 for n in (args.train_limit,
+                                                                                      args.test_limit)):
+        p.error("--workers and --threads must be >= 0, --train-limit and --test-limit >= 1")
     return args
 
 

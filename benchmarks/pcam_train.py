@@ -50,7 +50,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the checkout
 
-from benchmarks.mnist_trial import device_name  # noqa: E402
 from benchmarks.pcam_pipeline import per_item_transform, torchvision_root, write_random_split  # noqa: E402
 from study import metrics as M  # noqa: E402
 from study.config import PcamConfig  # noqa: E402
@@ -89,6 +88,8 @@ def training_flops_per_image(freeze_blocks: int = 2) -> float:
 def peak_tflops(device: torch.device, given: float) -> float | None:
     if given:
         return given
+    from benchmarks.mnist_trial import device_name  # not at the top: see main
+
     name = device_name(device) if device.type == "cuda" else ""
     return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
 
@@ -239,6 +240,10 @@ def main(argv=None) -> None:
     parser.add_argument("--peak-tflops", type=float, default=0,
                         help="the GPU's dense bf16 peak for the FLOP utilisation (default: known H200/H100/A100...)")
     args = parser.parse_args(argv)
+    # Here, not at the top: every trial process re-imports this module (spawn), and mnist_trial brings in
+    # study.trainables and Ray, seconds of imports that the baseline's processes do not need.
+    from benchmarks.mnist_trial import device_name
+
     if (min(args.epochs, args.batch_size, *args.packed) < 1 or args.eval_n < 2
             or min(args.memory_batch, args.limit, args.peak_tflops) < 0 or args.lr <= 0):
         parser.error("--epochs, --batch-size and --packed must be at least 1, --eval-n at least 2, --memory-batch "
@@ -270,9 +275,10 @@ def main(argv=None) -> None:
                       f"{CUDA_CONTEXT_BYTES / 2**20:.0f} MiB each)")
             (a, ours), (b, theirs) = combined_rate(project), combined_rate(run_packed("baseline", args, data_dir,
                                                                                        device, packed))
-            each = lambda rates: ", ".join(f"{r:.0f}" for r in rates)  # noqa: E731
-            print(f"{packed} trial(s) at once: project {a:8.0f} images/s ({each(ours)}) | "
-                  f"baseline fp32 DataLoader({max(1, os.cpu_count() // packed)} workers each) {b:7.0f} images/s "
+            # One decimal: a tiny CPU run (the test's) trains below one image a second, which must not print as 0.
+            each = lambda rates: ", ".join(f"{r:.1f}" for r in rates)  # noqa: E731
+            print(f"{packed} trial(s) at once: project {a:8.1f} images/s ({each(ours)}) | "
+                  f"baseline fp32 DataLoader({max(1, os.cpu_count() // packed)} workers each) {b:7.1f} images/s "
                   f"({each(theirs)}) | ratio {a / b:.2f}x")
             mfu = f"{100 * a * flops / (peak * 1e12):.1f} %" if peak and device.type == "cuda" else "not measured"
             memory = ", ".join(f"{o['memory_mb']:.0f}" for o in project)

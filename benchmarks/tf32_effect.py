@@ -1,7 +1,7 @@
 """What TF32 does to the MNIST regression: test MSE and seconds per epoch with `tf32` off and on, same seed.
 
     python benchmarks/tf32_effect.py [--data-dir DIR] [--target var] [--batch-size 64] [--epochs 2]
-                                     [--train-limit 20000] [--device auto]
+                                     [--train-limit 20000] [--test-limit 0] [--device auto]
 
 Runs `study.trainables.run_mnist` (a trial without Ray) twice with the config's `tf32` False and True: the same
 seed, data and order, so the only difference is the precision of the convolutions and matmuls (TF32 rounds their
@@ -33,18 +33,20 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--train-limit", type=int, default=20_000)
+    p.add_argument("--test-limit", type=int, default=0, help="test images (0: all 10,000)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = p.parse_args(argv)
-    if min(args.batch_size, args.epochs, args.train_limit) < 1:
-        p.error("--batch-size, --epochs and --train-limit must be at least 1")
+    if min(args.batch_size, args.epochs, args.train_limit) < 1 or args.test_limit < 0:
+        p.error("--batch-size, --epochs and --train-limit must be at least 1, --test-limit >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda, but PyTorch sees no CUDA GPU here")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    train_x, test_x, source = load_data(argparse.Namespace(data_dir=args.data_dir, train_limit=args.train_limit))
+    train_x, test_x, source = load_data(argparse.Namespace(data_dir=args.data_dir, train_limit=args.train_limit,
+                                                              test_limit=args.test_limit))
     targets = {args.target: (mnist_data.targets(train_x, args.target), mnist_data.targets(test_x, args.target))}
     data = {"train_x": train_x, "test_x": test_x, "targets": targets}
-    print(f"{device_name(device)}, torch {torch.__version__}; {source}, {len(train_x)} images, target {args.target}, "
-          f"batch {args.batch_size}, {args.epochs} epochs")
+    print(f"{device_name(device)}, torch {torch.__version__}; {source}, {len(train_x)} train / {len(test_x)} test "
+          f"images, target {args.target}, batch {args.batch_size}, {args.epochs} epochs")
     mse = {}
     for tf32 in (False, True):
         cfg = MnistConfig(target=args.target, batch_size=args.batch_size, epochs=args.epochs, seed=args.batch_size,

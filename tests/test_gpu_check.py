@@ -1,10 +1,13 @@
 """benchmarks/gpu_check.py --dry-run: every part of the device check runs tiny on CPU, writes its log and a summary
-whose figures were parsed from the benchmarks' own output (so a changed output line breaks this, not the GPU run)."""
+whose figures were parsed from the benchmarks' own output (so a changed output line breaks this, not the GPU run).
+The dry run is also the CPU test of the benchmarks it runs (mnist_trial, tf32_effect, tune_packing, pcam_train,
+checkpoint_cost): their output lines are checked in its log; tests/test_benchmarks.py has the others."""
 
 import argparse
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,9 +36,21 @@ def test_dry_run_runs_every_part_and_summarises_it(tmp_path):
     assert parts["tf32"]["figures"]["mse_change_percent"] == 0  # CPU: no TF32, the same run twice
     assert parts["packing"]["figures"]["packed_over_alone"] > 0
     assert parts["pcam"]["figures"]["ratio_1"] > 0 and parts["pcam"]["figures"]["gflop_per_image"] > 1
+    assert parts["pcam"]["figures"]["ratio_2"] > 0
     assert parts["checkpoint"]["figures"]["sgd"]["mb"] > 100  # VGG16 + momentum + best weights
     log = (out / "gpu_check.log").read_text()
     assert all(f"=== {name}" in log for name in parts)
+    # mnist_trial: both ways ran, from the same initial weights
+    assert re.search(r"ratio \(classic / project\) at batch 64: \d+\.\d+x", log)
+    assert "same initial weights in both ways: yes" in log
+    # pcam_train: both ways alone and packed, a rate per process, and the memory run at its own batch
+    for packed in (1, 2):
+        line = re.search(rf"{packed} trial\(s\) at once: project +([\d.]+) images/s \(([\d., ]+)\) \| baseline .* "
+                         rf"([\d.]+) images/s \(([\d., ]+)\) \| ratio (\d+\.\d+)x", log)
+        assert line, log[-4000:]
+        assert len(line.group(2).split(",")) == packed and len(line.group(4).split(",")) == packed
+        assert float(line.group(1)) > 0 and float(line.group(3)) > 0
+    assert "peak GPU memory at batch 4: not measured on cpu" in log
 
 
 def test_refuses_a_folder_that_holds_an_earlier_check(tmp_path):
