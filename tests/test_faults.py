@@ -270,7 +270,10 @@ def test_worker_killed_after_epoch_0_reports_each_epoch_once_and_counts_as_recov
     step (TensorBoard's x axis) stays epoch + 1, and the report counts it done, recovered after one failure."""
     from analysis.load import open_study
 
-    cmd = [*data_args(60000), *SWEEP, "--batch-sizes", "16", "--runs", "1", "--epochs", "2"]  # epochs of seconds
+    # LONG_EPOCHS' epochs of a few seconds leave room to aim: Tune stores epoch 0's row before it lets the trial
+    # start epoch 1 (function trainables report synchronously), so the whole of epoch 1 lies between the row and
+    # checkpoint_000001.
+    cmd = [*LONG_EPOCHS, "--epochs", "2"]
     with Study(tmp_path, *cmd, "--storage-path", str(tmp_path), "--name", "killed0") as study:
         stage = tmp_path / "killed0" / STAGE
         result_file = wait_for(lambda: next(stage.glob("*/result.json"), None), study, "a trial folder")
