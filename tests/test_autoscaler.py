@@ -34,7 +34,7 @@ FAKE_HEAD_TYPE = "ray.head.default"  # the name Ray's fake provider gives the he
 FAKE_WORKER_CAP = 2  # per type: each fake node is a raylet on this 2-core machine
 OBJECT_STORE = 80 * 2**20  # bytes per fake node; Ray would take 30 % of the machine's memory for each
 # Long enough epochs (batch 16 on 6000 synthetic digits, a few seconds each) to kill a node inside a trial.
-EPOCHS = 4
+EPOCHS = 3  # a kill after epoch 1 still leaves an epoch or two to continue on another node
 STUDY = ["--smoke", "--val-size", str(6000 - 512), "--lr", "1e-3", "--targets", "mean", "--batch-sizes", "16",
          "--runs", "2", "--epochs", str(EPOCHS), "--cpus-per-trial", "1", "--max-failures", "3"]
 

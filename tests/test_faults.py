@@ -249,6 +249,19 @@ def kill_worker_mid_epoch(study: Study, result_file: Path, after_epoch: int = 1)
     return pid, rows
 
 
+def trial_worker(study: Study) -> tuple[int, Path] | None:
+    """(pid, working directory) of the study's one running trial: Tune starts a trial in a working directory of
+    its own, <session>/artifacts/<time>/<stage>/working_dirs/<trial folder name>."""
+    for pid in session_pids(study.sid):
+        try:
+            cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+        except OSError:  # ended meanwhile
+            continue
+        if cwd.parent.name == "working_dirs":
+            return pid, cwd
+    return None
+
+
 def test_worker_killed_mid_epoch_resumes_from_checkpoint_exactly(tmp_path, reference):
     with Study(tmp_path, *LONG_EPOCHS, "--storage-path", str(tmp_path), "--name", "killed") as study:
         stage = tmp_path / "killed" / STAGE
@@ -270,18 +283,20 @@ def test_worker_killed_after_epoch_0_reports_each_epoch_once_and_counts_as_recov
     step (TensorBoard's x axis) stays epoch + 1, and the report counts it done, recovered after one failure."""
     from analysis.load import open_study
 
-    cmd = [*data_args(60000), *SWEEP, "--batch-sizes", "16", "--runs", "1", "--epochs", "2"]  # epochs of seconds
+    cmd = [*LONG_EPOCHS, "--epochs", "2"]
     with Study(tmp_path, *cmd, "--storage-path", str(tmp_path), "--name", "killed0") as study:
         stage = tmp_path / "killed0" / STAGE
-        result_file = wait_for(lambda: next(stage.glob("*/result.json"), None), study, "a trial folder")
+        pid, working_dir = wait_for(lambda: trial_worker(study), study, "the trial's worker")
+        # The rows as the driver writes them, before Tune lets the trial go on: the study folder gets them only
+        # at Tune's next snapshot, which can come after the next epoch's checkpoint.
+        staged = working_dir.parents[1] / "driver_artifacts" / working_dir.name / "result.json"
 
         def in_epoch_1():  # epoch 0 stored (its checkpoint with it), epoch 1's checkpoint not yet written
-            rows = read_rows(result_file)
-            done_1 = (result_file.parent / "checkpoint_000001").exists()
+            rows = read_rows(staged)
+            done_1 = (stage / working_dir.name / "checkpoint_000001").exists()
             return rows if rows and rows[-1][M.EPOCH] == 0 and not done_1 else None
 
-        pid = wait_for(in_epoch_1, study, f"epoch 0 alone in {result_file}")[-1]["pid"]
-        assert study.owns(pid), f"pid {pid} of {result_file} is not a process of this study"
+        assert wait_for(in_epoch_1, study, f"epoch 0 alone in {staged}")[-1]["pid"] == pid
         os.kill(pid, signal.SIGKILL)
         code = study.wait()
     assert code == 0, study.output()[-3000:]

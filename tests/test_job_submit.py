@@ -166,7 +166,9 @@ def test_a_job_stopped_mid_study_is_continued_by_a_second_job(cluster, store):
     """The driver's job stopped mid-run (`ray job stop`, as a lost laptop session or a cancelled job would), then
     the same command with --resume as a second job: finished rows kept, unfinished trials go on from a
     checkpoint to the end, none restarted from scratch."""
-    epochs = 60  # long enough (about 0.3 s an epoch at batch 16) to stop the job while both trials run
+    # Long enough (0.3-0.5 s an epoch at batch 16) to stop the job while both trials run: the stop lands a few
+    # epochs after both are past epoch 4. Each epoch more is one the second job trains after it.
+    epochs = 30
     argv = [*STUDY, "--batch-sizes", "16", "--epochs", str(epochs), "--storage-path", str(store), "--name", "stopped"]
     stage = store / "stopped" / "batch_sweep"
     job_id = cluster.submit(*argv)
