@@ -1,4 +1,5 @@
-"""Shared fixtures: the real MNIST files when present, a small local Ray, a TensorBoard server."""
+"""Shared fixtures: the real MNIST files when present, a small local Ray, a TensorBoard server, the MNIST smoke
+study (run once per session, read by several modules)."""
 
 import os
 from pathlib import Path
@@ -23,6 +24,23 @@ def local_ray():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mnist_smoke(tmp_path_factory):
+    """(study folder, stdout) of `python -m study.mnist --smoke`, as a user runs it, in its own process with a Ray
+    of its own (RAY_ADDRESS=local: never another Ray running on this machine; "local" counts as an address, hence
+    no GPU share to wait for). Run once per session: tests only READ it; one that changes a study copies it first."""
+    import subprocess
+    import sys
+
+    store = tmp_path_factory.mktemp("mnist-smoke")
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ADDRESS="local")
+    done = subprocess.run([sys.executable, "-m", "study.mnist", "--smoke", "--storage-path", str(store), "--name",
+                           "smoke", "--num-cpus", "2", "--gpus-per-trial", "0"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return store / "smoke", done.stdout
 
 
 @pytest.fixture

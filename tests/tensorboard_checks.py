@@ -30,7 +30,7 @@ def session_groups(api, expected: int, timeout_s: float = 60) -> list:
                      {"experimentName": "", "allowedStatuses": ALL_STATUSES, "startIndex": 0, "sliceSize": 1000})
         if len(groups["sessionGroups"]) >= expected or time.monotonic() > deadline:
             return groups["sessionGroups"]
-        time.sleep(1)
+        time.sleep(0.25)
 
 
 def number(value) -> float:

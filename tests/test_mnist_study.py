@@ -2,8 +2,6 @@
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,14 +22,11 @@ def trials(stage_dir: Path) -> list[dict]:
     return out
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    """`python -m study.mnist --smoke`, as a user runs it, in its own process (it starts its own Ray)."""
-    store = tmp_path_factory.mktemp("store")
-    done = subprocess.run([sys.executable, "-m", "study.mnist", "--smoke", "--storage-path", str(store),
-                           "--name", "smoke", "--num-cpus", "2"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return store / "smoke", done.stdout
+@pytest.fixture
+def smoke(mnist_smoke):
+    """`python -m study.mnist --smoke`, as a user runs it, in its own process (it starts its own Ray): conftest's
+    session fixture, run once for this module and tests/test_report_mnist.py."""
+    return mnist_smoke
 
 
 def test_smoke_stores_both_stages(smoke):

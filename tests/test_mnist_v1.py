@@ -8,17 +8,21 @@ probe now splits its batch into other micro-batches, so float32 gradients are su
 per step, eps = 1.2e-7), amplified over the steps. RTOL = 1e-5 allows ~15x that; a real change (another lr, target
 scale, seed or data order) moves these numbers by percent, not ppm. The noise scale itself is an estimate whose
 micro-batches changed, so it is not compared (it differs by 14-29 % between the versions).
+
+The studies run through study.mnist's main() in this process, on the module's one small Ray: the trials run in
+Ray's workers either way, so their numbers are those of `python -m study.mnist` (which tests/test_mnist_study.py
+runs in a subprocess).
 """
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from analysis import report
+from study import mnist as cli
 
 REPO = Path(__file__).resolve().parents[1]
 V1 = REPO / "tests" / "data" / "mnist-v1"
@@ -29,11 +33,12 @@ RAY_KEYS = {"timestamp", "date", "time_this_iter_s", "time_total_s", "pid", "hos
             "time_since_restore", "iterations_since_restore", "trial_id", "checkpoint_dir_name"}
 
 
-def run(*argv, timeout=600) -> subprocess.CompletedProcess:
-    # RAY_ADDRESS=local: a Ray of its own even when other Ray instances run on this machine.
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ADDRESS="local")
-    return subprocess.run([sys.executable, *map(str, argv)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+@pytest.fixture
+def ray_here(local_ray, monkeypatch):
+    """The module's Ray (2 CPUs), which study.mnist's main() reuses; RAY_ADDRESS=local as before, when each study
+    started a Ray of its own: never another Ray running on this machine."""
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    return local_ray
 
 
 def trials(study: Path, stage: str) -> dict[str, Path]:
@@ -50,19 +55,17 @@ def close(a: float, b: float) -> bool:
 
 
 @pytest.mark.slow
-def test_v1_study_reports_and_resumes_its_batch_sweep(tmp_path):
+def test_v1_study_reports_and_resumes_its_batch_sweep(ray_here, tmp_path):
     study = tmp_path / "mnist-v1"
     shutil.copytree(V1, study)
     out = tmp_path / "report"
-    done = run("-m", "analysis.report", study, "--out", out)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert report.main([str(study), "--out", str(out)]) == 0  # in this process: the CLI's own test is elsewhere
     assert (out / "report.md").exists() and list(out.glob("*.png"))
 
     shutil.rmtree(study / "batch_sweep")
     stages_before = {s: sorted(p.name for p in (study / s).iterdir()) for s in ("lr_coarse", "lr_fine")}
-    done = run("-m", "study.mnist", "--storage-path", tmp_path, "--name", "mnist-v1", "--resume", "--num-cpus", "2",
-               "--gpus-per-trial", "0")
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert cli.main(["--storage-path", str(tmp_path), "--name", "mnist-v1", "--resume", "--num-cpus", "2",
+                     "--gpus-per-trial", "0"]) == 0
     # The search is not run again: its stages and its choice are the stored ones.
     assert {s: sorted(p.name for p in (study / s).iterdir()) for s in stages_before} == stages_before
     assert json.loads((study / "chosen_lr.json").read_text()) == json.loads((V1 / "chosen_lr.json").read_text())
@@ -78,16 +81,14 @@ def test_v1_study_reports_and_resumes_its_batch_sweep(tmp_path):
         assert [r["epoch"] for r in new_rows] == [r["epoch"] for r in old_rows] == [0, 1, 2]
         assert new_rows[0].keys() - RAY_KEYS == old_rows[0].keys() - RAY_KEYS | ADDED
         assert all(close(a["test_mse"], b["test_mse"]) for a, b in zip(old_rows, new_rows))
-    done = run("-m", "analysis.report", study, "--out", tmp_path / "report-resumed")
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert report.main([str(study), "--out", str(tmp_path / "report-resumed")]) == 0
 
 
 @pytest.mark.slow
-def test_smoke_study_stores_the_metrics_of_v1(tmp_path):
+def test_smoke_study_stores_the_metrics_of_v1(ray_here, tmp_path):
     """tests/data/README.md's command, run with today's code; every stage's metrics compared epoch by epoch."""
-    done = run("-m", "study.mnist", "--smoke", "--targets", "mean", "--runs", "1", "--storage-path", tmp_path,
-               "--name", "mnist-v1", "--num-cpus", "2", "--gpus-per-trial", "0")
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert cli.main(["--smoke", "--targets", "mean", "--runs", "1", "--storage-path", str(tmp_path),
+                     "--name", "mnist-v1", "--num-cpus", "2", "--gpus-per-trial", "0"]) == 0
     study = tmp_path / "mnist-v1"
     assert json.loads((study / "chosen_lr.json").read_text())["mean"]["lr"] == 0.002
     assert json.loads((study / "target_stats.json").read_text()) == json.loads((V1 / "target_stats.json").read_text())

@@ -179,14 +179,15 @@ def test_smoke_study_end_to_end(tmp_path, tensorboard_api):
 
 
 @pytest.mark.slow
-def test_kaggle_layout_study_writes_submissions(tmp_path):
+def test_kaggle_layout_study_writes_submissions(tmp_path, monkeypatch, local_ray):
     if not SHARED_KAGGLE.is_dir():
         pytest.skip("../shared/data/pcam-kaggle-sample is absent")
-    done = subprocess.run([sys.executable, "-m", "study.pcam", "--data-dir", str(SHARED_KAGGLE), "--prepared-dir",
-                           str(tmp_path / "h5"), "--weights", "none", "--epochs", "1", "--batch-sizes", "4",
-                           "--optimizers", "sgd", "--sgd-lrs", "0.01", "--storage-path", str(tmp_path),
-                           "--name", "kaggle", "--num-cpus", "2"], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # main() in this process, on the module's small Ray (the smoke study above runs `python -m study.pcam` itself);
+    # RAY_ADDRESS=local as a user's run without --address.
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    assert cli.main(["--data-dir", str(SHARED_KAGGLE), "--prepared-dir", str(tmp_path / "h5"), "--weights", "none",
+                     "--epochs", "1", "--batch-sizes", "4", "--optimizers", "sgd", "--sgd-lrs", "0.01",
+                     "--storage-path", str(tmp_path), "--name", "kaggle", "--num-cpus", "2"]) == 0
     (trial,) = [p for p in (tmp_path / "kaggle" / "grid").iterdir() if p.is_dir()]
     last = json.loads((trial / "result.json").read_text().splitlines()[-1])
     submission = pd.read_csv(trial / last["checkpoint_dir_name"] / M.SUBMISSION_FILE, dtype={"id": str})

@@ -1,12 +1,14 @@
 """PCam on the workload engine: `python -m study run pcam`, and the study stored before the redesign
-(tests/data/pcam-v1, see tests/data/README.md) reported, resumed and reproduced by today's code."""
+(tests/data/pcam-v1, see tests/data/README.md) reported, resumed and reproduced by today's code.
+
+The studies run through their CLIs' main() in this process, on the module's one small Ray (the trials run in Ray's
+workers either way, so their numbers are those of `python -m ...`; tests/test_pcam_study.py and
+tests/test_mnist_workload.py run the entry points themselves in a subprocess)."""
 
 import hashlib
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -14,7 +16,9 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from analysis import report
 from study import metrics as M
+from study import pcam as pcam_cli
 from study.__main__ import main as study_main
 from study.workload import resolve
 
@@ -68,29 +72,32 @@ def test_pcam_is_a_shipped_workload(capsys):
     assert {m.name: m.higher_is_better for m in workload.metrics} == {"auc": True, "acc": True, "loss": False}
 
 
+@pytest.fixture
+def ray_here(local_ray, monkeypatch):
+    """The module's Ray, which the studies' main() reuses; RAY_ADDRESS=local as a user's run without --address."""
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    return local_ray
+
+
 @pytest.mark.slow
-def test_study_stored_before_workloads_reports_and_resumes(tmp_path):
+def test_study_stored_before_workloads_reports_and_resumes(ray_here, tmp_path):
     shutil.copytree(V1, tmp_path / "pcam-v1")
     study = tmp_path / "pcam-v1"
     before = digest(study)
     out = tmp_path / "report"
-    done = subprocess.run([sys.executable, "-m", "analysis.report", str(study), "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert report.main([str(study), "--out", str(out)]) == 0  # in this process: the CLI's own test is elsewhere
     stored = rows_of(study / "grid" / V1_TRIAL)[-1]
     summary = pd.read_csv(out / "auc_summary.csv")
     assert summary["mean_test_auc"].tolist() == [stored[M.TEST_AUC]] and (out / "report.md").is_file()
-    done = subprocess.run([sys.executable, "-m", "study.pcam", "--resume", "--name", "pcam-v1", "--storage-path",
-                           str(tmp_path), "--num-cpus", "2"], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert pcam_cli.main(["--resume", "--name", "pcam-v1", "--storage-path", str(tmp_path), "--num-cpus", "2"]) == 0
     assert digest(study) == before  # finished: nothing trained again, nothing rewritten
 
 
 @pytest.mark.slow
-def test_smoke_study_stores_the_metrics_stored_before_workloads(tmp_path):
-    done = subprocess.run([sys.executable, *V1_COMMAND, "--storage-path", str(tmp_path), "--name", "pcam-v1",
-                           "--num-cpus", "2"], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+def test_smoke_study_stores_the_metrics_stored_before_workloads(ray_here, tmp_path):
+    assert V1_COMMAND[:2] == ["-m", "study.pcam"]
+    argv = [*V1_COMMAND[2:], "--storage-path", str(tmp_path), "--name", "pcam-v1", "--num-cpus", "2"]
+    assert pcam_cli.main(argv) == 0
     old_trial, new_trial = V1 / "grid" / V1_TRIAL, tmp_path / "pcam-v1" / "grid" / V1_TRIAL
     assert json.loads((new_trial / "params.json").read_text()).keys() == \
         json.loads((old_trial / "params.json").read_text()).keys()
@@ -108,11 +115,10 @@ def test_smoke_study_stores_the_metrics_stored_before_workloads(tmp_path):
 
 
 @pytest.mark.slow
-def test_workload_cli_smoke_study(tmp_path):
+def test_workload_cli_smoke_study(ray_here, tmp_path):
     """`python -m study run pcam --smoke`: the same grid as pcam-v1's command, through the generic engine."""
-    done = subprocess.run([sys.executable, "-m", "study", "run", "pcam", "--smoke", "--storage-path", str(tmp_path),
-                           "--name", "w", "--num-cpus", "2"], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert study_main(["run", "pcam", "--smoke", "--storage-path", str(tmp_path), "--name", "w",
+                       "--num-cpus", "2"]) == 0
     described = json.loads((tmp_path / "w" / M.WORKLOAD_FILE).read_text())
     assert described["primary"] == "val_auc" and {"val_auc", "val_acc", "val_loss", "test_auc"} <= {
         m["name"] for m in described["metrics"]}

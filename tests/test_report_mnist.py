@@ -4,7 +4,6 @@ number is recomputed here from the raw result.json files, not through analysis.l
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -56,16 +55,10 @@ def check_report_folder(out: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory) -> Path:
-    storage = tmp_path_factory.mktemp("store")
-    # RAY_ADDRESS=local: a Ray of its own even when other Ray instances run on this machine (ray.init would
-    # otherwise join the newest one); "local" counts as an address, hence no GPU share to wait for.
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ADDRESS="local")
-    done = subprocess.run([sys.executable, "-m", "study.mnist", "--smoke", "--storage-path", str(storage), "--name",
-                           "smoke", "--gpus-per-trial", "0"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return storage / "smoke"
+def smoke(mnist_smoke) -> Path:
+    """The MNIST smoke study, run once per session in a subprocess (conftest; tests/test_mnist_study.py reads it
+    too). Read only: a test that changes it copies it first."""
+    return mnist_smoke[0]
 
 
 @pytest.fixture(scope="module")
