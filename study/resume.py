@@ -6,6 +6,11 @@ runs out-of-memory trials again.
   checkpoint. `StoredOnce`, the first callback of every stage, removes those rows from result.json, progress.csv
   and the TensorBoard event files before the loggers reopen them, so each epoch is stored once, as the restarted
   trial reports it (on CPU the same numbers).
+- Tune keeps a trial's two newest checkpoints and writes its experiment snapshot every few seconds, so a driver
+  stopped between the two can leave a snapshot naming a checkpoint already deleted; Tune's restore then fails that
+  trial ("Could not recover from checkpoint as it does not exist on storage anymore"), retry after retry.
+  `forget_lost_checkpoints` makes such a trial start again from scratch instead (StoredOnce then removes all it
+  stored), which costs its epochs but never an epoch stored twice or a lost trial.
 - An out-of-memory trial ends normally in Tune's eyes (study.trainables.trial_entry: so that Tune does not retry
   it in the same share), so a restore would keep it finished. `mark_out_of_memory_errored` turns it into an
   errored trial in Tune's newest experiment snapshot before `Tuner.restore(resume_errored=True)`, which then
@@ -159,18 +164,59 @@ class StoredOnce(tune.Callback):
 SNAPSHOT_PATTERN = "experiment_state-*.json"  # Tune restores from the newest (greatest name) of these
 
 
-def mark_out_of_memory_errored(fs: pafs.FileSystem, stage_path: str) -> list[str]:
-    """In Tune's newest experiment snapshot of a stage, mark each trial that ended out of memory as errored, so a
-    restore with resume_errored continues it from its last checkpoint. Returns their trial ids."""
+def newest_snapshot(fs: pafs.FileSystem, stage_path: str) -> tuple[str, dict] | None:
+    """(path, contents) of the experiment snapshot Tune restores a stage from; None when it has none."""
     import fnmatch
 
     names = [Path(i.path).name for i in fs.get_file_info(pafs.FileSelector(stage_path))]
     snapshots = fnmatch.filter(names, SNAPSHOT_PATTERN)
     if not snapshots:
-        return []
+        return None
     path = f"{stage_path}/{max(snapshots)}"
     with fs.open_input_stream(path) as src:
-        state = json.loads(src.read())
+        return path, json.loads(src.read())
+
+
+def forget_lost_checkpoints(fs: pafs.FileSystem, stage_path: str) -> list[str]:
+    """In the newest snapshot, a trial to be continued whose latest checkpoint is gone from its folder forgets its
+    checkpoints, so the restore starts it from scratch instead of failing it. Checked in the stage folder as it is
+    now (Tune maps the snapshot's paths there too when a study was moved). Returns those trials' ids."""
+    from ray.tune.trainable.metadata import _TrainingRunMetadata  # the snapshot's own format (Ray internals)
+
+    found = newest_snapshot(fs, stage_path)
+    if found is None:
+        return []
+    path, state = found
+    forgotten = []
+    for entry in state.get("trial_data", []):
+        trial = json.loads(entry[0])
+        if trial.get("status") == "TERMINATED":
+            continue  # not run again
+        run = _TrainingRunMetadata.from_json_state(entry[1])
+        manager = run.checkpoint_manager
+        latest = manager.latest_checkpoint_result if manager is not None else None
+        if latest is None:
+            continue
+        where = Path(latest.checkpoint.path)
+        if fs.get_file_info(f"{stage_path}/{where.parent.name}/{where.name}").type != pafs.FileType.NotFound:
+            continue
+        manager._checkpoint_results, manager._latest_checkpoint_result = [], None
+        run.invalidate_cache()
+        entry[1] = run.get_json_state()
+        forgotten.append(trial.get("trial_id"))
+    if forgotten:
+        with fs.open_output_stream(path) as out:
+            out.write(json.dumps(state).encode())
+    return forgotten
+
+
+def mark_out_of_memory_errored(fs: pafs.FileSystem, stage_path: str) -> list[str]:
+    """In Tune's newest experiment snapshot of a stage, mark each trial that ended out of memory as errored, so a
+    restore with resume_errored continues it from its last checkpoint. Returns their trial ids."""
+    found = newest_snapshot(fs, stage_path)
+    if found is None:
+        return []
+    path, state = found
     marked = []
     for entry in state.get("trial_data", []):
         trial, run = json.loads(entry[0]), json.loads(entry[1])

@@ -264,7 +264,7 @@ def run_stage(trainable, param_space: dict, *, folder: StudyFolder, stage: str, 
     from ray import tune
 
     from study.console import tune_console
-    from study.resume import StoredOnce, mark_out_of_memory_errored
+    from study.resume import StoredOnce, forget_lost_checkpoints, mark_out_of_memory_errored
     from study.tensorboard import RunName
 
     path = folder.child(stage)
@@ -285,6 +285,9 @@ def run_stage(trainable, param_space: dict, *, folder: StudyFolder, stage: str, 
         print(f"resuming {path}")
         if args.retry_errored:  # out-of-memory trials too, in the resources given now (study.resume)
             mark_out_of_memory_errored(folder.fs, f"{folder.path}/{stage}")
+        for trial_id in forget_lost_checkpoints(folder.fs, f"{folder.path}/{stage}"):
+            print(f"note: trial {trial_id}'s last checkpoint was deleted after Tune's last snapshot of the stage; it "
+                  f"starts again from scratch")
         tuner = tune.Tuner.restore(path, trainable=wrapped, resume_errored=args.retry_errored)
         if stop is not None:  # restore brings back the stopper pickled at the start; the caller's knows the results
             tuner._local_tuner.get_run_config().stop = stop

@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -149,3 +150,38 @@ def test_an_out_of_memory_trial_is_retried_with_the_new_share_on_retry_errored(r
     steps = stored_steps(next(p.parent for p in stage.glob("*/params.json")
                               if json.loads(p.read_text())["batch_size"] == 64))
     assert steps["train/loss"] == [1, 2, 3]  # epoch 0 has no training loss; each epoch once
+
+
+@pytest.mark.slow
+def test_a_trial_whose_snapshot_names_a_deleted_checkpoint_starts_again_from_scratch(local_ray, tmp_path, capsys):
+    from study import mnist
+
+    argv = ["--smoke", "--lr", "1e-3", "--targets", "mean", "--batch-sizes", "16", "64", "--runs", "1",
+            "--epochs", "2", "--noise-scale", "off", "--storage-path", str(tmp_path), "--name", "s"]
+    stage = tmp_path / "s" / "batch_sweep"
+    assert mnist.main(argv) == 0
+    folders = {json.loads(p.read_text())["batch_size"]: p.parent for p in stage.glob("*/params.json")}
+    first = stored(stage)
+    kept = (folders[16] / "result.json").read_bytes()
+    # What a driver stopped at the wrong moment leaves: Tune keeps two checkpoints per trial, so the one its last
+    # snapshot names can be deleted before the next snapshot. Here: batch 64's trial, still running in the
+    # snapshot, whose latest checkpoint is gone.
+    snapshot = max(stage.glob("experiment_state-*.json"))
+    state = json.loads(snapshot.read_text())
+    for entry in state["trial_data"]:
+        trial = json.loads(entry[0])
+        if trial["trial_id"] == first[64][-1]["trial_id"]:
+            trial["status"] = "RUNNING"
+            entry[0] = json.dumps(trial)
+    snapshot.write_text(json.dumps(state))
+    shutil.rmtree(max(folders[64].glob("checkpoint_*")))
+
+    capsys.readouterr()
+    assert mnist.main([*argv, "--resume"]) == 0  # Tune alone fails the trial: "Could not recover from checkpoint"
+    assert "starts again from scratch" in capsys.readouterr().out
+    rows = stored(stage)[64]
+    assert [r[M.EPOCH] for r in rows] == [0, 1, 2] and rows[-1][M.STATUS] == M.STATUS_DONE  # each epoch once
+    assert {r["pid"] for r in rows}.isdisjoint(r["pid"] for r in first[64])  # all of them trained again
+    assert [r[M.TEST_MSE] for r in rows] == pytest.approx([r[M.TEST_MSE] for r in first[64]], rel=1e-5)  # same seed
+    assert (folders[16] / "result.json").read_bytes() == kept  # the finished trial was not run again
+    assert stored_steps(folders[64])["test/mse"] == [0, 1, 2]
