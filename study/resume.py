@@ -177,55 +177,55 @@ def newest_snapshot(fs: pafs.FileSystem, stage_path: str) -> tuple[str, dict] | 
         return path, json.loads(src.read())
 
 
+def edit_snapshot(fs: pafs.FileSystem, stage_path: str, edit) -> list[str]:
+    """Apply edit(entry) to each [trial JSON, run metadata JSON] entry of the stage's newest snapshot; edit changes
+    the entry in place and returns the trial's id when it did. The snapshot is rewritten only when one changed."""
+    found = newest_snapshot(fs, stage_path)
+    if found is None:
+        return []
+    path, state = found
+    edited = [i for i in (edit(entry) for entry in state.get("trial_data", [])) if i is not None]
+    if edited:
+        with fs.open_output_stream(path) as out:
+            out.write(json.dumps(state).encode())
+    return edited
+
+
 def forget_lost_checkpoints(fs: pafs.FileSystem, stage_path: str) -> list[str]:
     """In the newest snapshot, a trial to be continued whose latest checkpoint is gone from its folder forgets its
     checkpoints, so the restore starts it from scratch instead of failing it. Checked in the stage folder as it is
     now (Tune maps the snapshot's paths there too when a study was moved). Returns those trials' ids."""
     from ray.tune.trainable.metadata import _TrainingRunMetadata  # the snapshot's own format (Ray internals)
 
-    found = newest_snapshot(fs, stage_path)
-    if found is None:
-        return []
-    path, state = found
-    forgotten = []
-    for entry in state.get("trial_data", []):
+    def forget(entry):
         trial = json.loads(entry[0])
         if trial.get("status") == "TERMINATED":
-            continue  # not run again
+            return None  # not run again
         run = _TrainingRunMetadata.from_json_state(entry[1])
         manager = run.checkpoint_manager
         latest = manager.latest_checkpoint_result if manager is not None else None
         if latest is None:
-            continue
+            return None
         where = Path(latest.checkpoint.path)
         if fs.get_file_info(f"{stage_path}/{where.parent.name}/{where.name}").type != pafs.FileType.NotFound:
-            continue
+            return None
         manager._checkpoint_results, manager._latest_checkpoint_result = [], None
         run.invalidate_cache()
         entry[1] = run.get_json_state()
-        forgotten.append(trial.get("trial_id"))
-    if forgotten:
-        with fs.open_output_stream(path) as out:
-            out.write(json.dumps(state).encode())
-    return forgotten
+        return trial.get("trial_id")
+
+    return edit_snapshot(fs, stage_path, forget)
 
 
 def mark_out_of_memory_errored(fs: pafs.FileSystem, stage_path: str) -> list[str]:
     """In Tune's newest experiment snapshot of a stage, mark each trial that ended out of memory as errored, so a
     restore with resume_errored continues it from its last checkpoint. Returns their trial ids."""
-    found = newest_snapshot(fs, stage_path)
-    if found is None:
-        return []
-    path, state = found
-    marked = []
-    for entry in state.get("trial_data", []):
+    def mark(entry):
         trial, run = json.loads(entry[0]), json.loads(entry[1])
-        last = run.get("last_result") or {}
-        if trial.get("status") == "TERMINATED" and last.get(M.STATUS) == M.STATUS_OOM:
-            trial["status"] = "ERROR"
-            entry[0] = json.dumps(trial, indent=2)
-            marked.append(trial.get("trial_id"))
-    if marked:
-        with fs.open_output_stream(path) as out:
-            out.write(json.dumps(state).encode())
-    return marked
+        if trial.get("status") != "TERMINATED" or (run.get("last_result") or {}).get(M.STATUS) != M.STATUS_OOM:
+            return None
+        trial["status"] = "ERROR"
+        entry[0] = json.dumps(trial, indent=2)
+        return trial.get("trial_id")
+
+    return edit_snapshot(fs, stage_path, mark)
