@@ -37,10 +37,15 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(
         total_memory=gpu.total))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (gpu.total, gpu.total))
-    for flag in ((torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"),
-                 (torch.backends.cudnn, "benchmark")):  # configure_cuda sets them: put them back afterwards
-        monkeypatch.setattr(*flag, getattr(*flag))
-    return gpu
+    # configure_cuda sets these: put them back afterwards, by hand. torch serves cuda.matmul's flags through
+    # __getattr__, which monkeypatch (pytest >= 9) records as unset and deletes on undo; that AttributeError
+    # stopped the undo and left CUDA stubbed as available for the rest of the session.
+    flags = [(torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"),
+             (torch.backends.cudnn, "benchmark")]
+    saved = [(owner, name, getattr(owner, name)) for owner, name in flags]
+    yield gpu
+    for owner, name, value in saved:
+        setattr(owner, name, value)
 
 
 def run_trial(monkeypatch, share: float) -> tuple[list, list]:

@@ -39,6 +39,11 @@ V1_COMMAND = ["-m", "study.pcam", "--smoke", "--batch-sizes", "8", "--optimizers
 # moved 0.0083 and its val_loss 0.0029, outside both tolerances.
 TRAIN_LOSS_TOL = 0.005
 VAL_LOSS_TOL = 0.0015
+# AUC is a rank statistic: with the same order of scores it is the same rational number, and one pair of patches
+# ranked the other way moves it by 1 / (positives x negatives) >= 1/144 on these splits (16 and 24 patches). Only
+# its floating-point evaluation differs between releases (0.6958929049 on torch 2.14.1 and today's scikit-learn
+# where pcam-v1 stored 0.6958928978), so AUCs are compared within 1e-6, thousands of times finer than a reordering.
+AUC_TOL = 1e-6
 
 
 def rows_of(trial: Path) -> list[dict]:
@@ -54,13 +59,14 @@ def digest(folder: Path) -> dict:
 def same_metrics(new_rows: list[dict], old_rows: list[dict]) -> None:
     assert [r[M.EPOCH] for r in new_rows] == [r[M.EPOCH] for r in old_rows] == [0, 1, 2]
     for new, old in zip(new_rows, old_rows):
-        assert new[M.VAL_AUC] == old[M.VAL_AUC] and new[M.VAL_ACC] == old[M.VAL_ACC], (new, old)
+        assert new[M.VAL_AUC] == pytest.approx(old[M.VAL_AUC], abs=AUC_TOL) and new[M.VAL_ACC] == old[M.VAL_ACC], (
+            new, old)
         assert abs(new[M.VAL_LOSS] - old[M.VAL_LOSS]) <= VAL_LOSS_TOL, (new[M.VAL_LOSS], old[M.VAL_LOSS])
         if old[M.EPOCH] == 0:
             assert math.isnan(new[M.TRAIN_LOSS]) and new[M.VAL_LOSS] == old[M.VAL_LOSS]  # the same initial weights
         else:
             assert abs(new[M.TRAIN_LOSS] - old[M.TRAIN_LOSS]) <= TRAIN_LOSS_TOL, (new[M.TRAIN_LOSS], old[M.TRAIN_LOSS])
-    assert new_rows[-1][M.TEST_AUC] == old_rows[-1][M.TEST_AUC]
+    assert new_rows[-1][M.TEST_AUC] == pytest.approx(old_rows[-1][M.TEST_AUC], abs=AUC_TOL)
     assert new_rows[-1][M.BEST_VAL_ACC] == old_rows[-1][M.BEST_VAL_ACC]
 
 

@@ -9,6 +9,7 @@ unless `download` is called; `make_synthetic` writes a tiny learnable stand-in f
 
 import gzip
 import hashlib
+import importlib.util
 import os
 import sys
 import zlib
@@ -311,6 +312,10 @@ def download(root) -> Path:
     """Fetch the three splits through torchvision into root/pcam (needs internet and gdown); return that folder."""
     from torchvision.datasets import PCAM
 
+    if importlib.util.find_spec("gdown") is None:  # torchvision fetches PCam from Google Drive through it
+        raise StudyError("PCam's --download needs the gdown package: pip install 'batchsize-study[pcam]' (or "
+                         "pip install gdown), or get the .h5.gz files from https://github.com/basveeling/pcam and "
+                         "pass --data-dir pointing at them")
     try:
         for split in ("train", "val", "test"):  # torchvision's name for the valid split
             # torchvision and gdown draw their own bars; say what they are for and where it goes
