@@ -217,7 +217,9 @@ def write_spread(report: ReportWriter, sweep: pd.DataFrame) -> None:
     fig, axes = new_figure(len(targets) + 1)
     for ax, target in zip(axes, targets):
         part = spread[(spread["target"] == target) & (spread["finished"] > 0)]
-        ax.fill_between(part["batch_size"], part["min"], part["max"], alpha=0.3, label="min–max over runs")
+        # arrays, not Series: numpy 1.24's masked arrays take a pandas Series's _data (its block manager)
+        ax.fill_between(part["batch_size"].to_numpy(), part["min"].to_numpy(float), part["max"].to_numpy(float),
+                        alpha=0.3, label="min–max over runs")
         ax.plot(part["batch_size"], part["mean"], marker="o", label="mean over runs")
         batch_axis(ax, sweep["batch_size"])
         log_scale_if_wide(ax, list(part["min"]) + list(part["max"]))

@@ -130,7 +130,9 @@ def over_training(report: ReportWriter, trials: list, panel_of: Callable[[dict],
         for batch, group in sorted(part.groupby("batch_size"), key=lambda kv: kv[0]):
             s = group.groupby(M.EPOCH)["b"].agg(["median", "min", "max"]).sort_index()
             line = ax.plot(s.index, s["median"], marker="o", label=f"batch {batch}")[0]
-            ax.fill_between(s.index, s["min"], s["max"], color=line.get_color(), alpha=0.15, linewidth=0)
+            # arrays, not Series: numpy 1.24's masked arrays take a pandas Series's _data (its block manager)
+            ax.fill_between(s.index.to_numpy(), s["min"].to_numpy(float), s["max"].to_numpy(float),
+                            color=line.get_color(), alpha=0.15, linewidth=0)
         _log_axis(ax.yaxis)
         epoch_axis(ax)
         ax.set_ylabel("B_simple (images)")

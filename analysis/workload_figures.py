@@ -69,7 +69,9 @@ def curves(curve_tbl: pd.DataFrame, chosen: pd.DataFrame, spec: Spec):
                     continue
                 line, = ax.plot(ok[x], ok[f"{y}_mean"], marker="o", color=colour, label=label)
                 colour = line.get_color()
-                ax.fill_between(ok[x], ok[f"{y}_min"], ok[f"{y}_max"], color=colour, alpha=0.15, linewidth=0)
+                # arrays, not Series: numpy 1.24's masked arrays take a pandas Series's _data (its block manager)
+                ax.fill_between(ok[x].to_numpy(), ok[f"{y}_min"].to_numpy(float), ok[f"{y}_max"].to_numpy(float),
+                                color=colour, alpha=0.15, linewidth=0)
                 if not lines or lines[-1].get_label() != label:
                     lines.append(line)
     for i, (y, name) in enumerate((("metric", spec.primary), ("train_loss", M.TRAIN_LOSS))):

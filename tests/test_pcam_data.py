@@ -1,6 +1,7 @@
 """The official-layout PCam reader on small generated HDF5 files: layouts, .h5.gz, memory maps and every error."""
 
 import gzip
+import importlib.util
 import shutil
 import threading
 from pathlib import Path
@@ -236,9 +237,26 @@ def test_synthetic_set_is_deterministic_balanced_and_learnable(tmp_path):
     assert ((darkness > threshold) == ya.astype(bool)).mean() >= 0.85
 
 
+def with_gdown(monkeypatch, present: bool) -> None:
+    """gdown (the pcam extra) as installed or not, whatever this environment has."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (object() if present else None) if name == "gdown" else real(name, *a))
+
+
+def test_download_without_gdown_names_the_extra_before_fetching(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets, "PCAM", lambda *a, **k: pytest.fail("fetched without gdown"))
+    with_gdown(monkeypatch, False)
+    with pytest.raises(StudyError, match=r"needs the gdown package: pip install 'batchsize-study\[pcam\]'"):
+        pcam.download(tmp_path)
+
+
 def test_download_failure_is_a_study_error(tmp_path, monkeypatch):
     import torchvision.datasets
 
+    with_gdown(monkeypatch, True)
     calls = []
 
     def offline(root, split, download):
