@@ -48,9 +48,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 SPLITS = 4  # micro-batches per probe: 3 degrees of freedom for tr(Sigma) per probe at one extra step or less
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What a gradient of `dtype` accumulates in: fp32 at least, so half-precision gradients cannot overflow when
+    squared; float64 gradients (a float64 model) stay float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _sq_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    # Norms accumulate in fp32 so half-precision gradients cannot overflow when squared.
-    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    norms = torch._foreach_norm(tensors, 2, dtype=_acc_dtype(tensors[0].dtype))
     return torch.stack(norms).square().sum()
 
 
@@ -122,9 +127,9 @@ class NoiseScale:
         if batch_norms:
             return self._probe_batch_norm(loss_of, x, y, order, k, batch_norms)
         x, y = x[order], y[order]
-        total = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
-        weighted_sq = torch.zeros((), device=total[0].device)  # sum_i b_i |g_i|^2
-        loss_sum = torch.zeros((), device=total[0].device)
+        total = [torch.zeros_like(p, dtype=_acc_dtype(p.dtype)) for p in self.params]
+        weighted_sq = torch.zeros((), device=total[0].device, dtype=total[0].dtype)  # sum_i b_i |g_i|^2
+        loss_sum = torch.zeros((), device=total[0].device, dtype=total[0].dtype)
         for xc, yc in zip(x.tensor_split(k), y.tensor_split(k)):
             b = len(yc)
             loss = loss_of(xc, yc)

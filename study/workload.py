@@ -109,6 +109,7 @@ WORKLOADS = {
     "cifar10-resnet8": "study.workloads.cifar10_resnet8:workload",
     "pcam": "study.workloads.pcam:workload",
     "mnist-regression": "study.workloads.mnist_regression:workload",
+    "least-squares": "study.workloads.least_squares:workload",
 }
 
 
