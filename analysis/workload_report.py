@@ -69,10 +69,7 @@ def write_workload(report: ReportWriter, study: Study, spec: T.Spec) -> None:
         facts.append("goals: " + ", ".join(f"`{m}` {'≥' if h else '≤'} {fmt(v)}" for m, v, h in spec.goals))
     if spec.chance:
         facts.append("chance level: " + ", ".join(f"`{m}` {fmt(v)}" for m, v in spec.chance.items()))
-    options = options_of(study.trials(spec.stage))
-    if options:
-        facts.append("the workload's own options: " + ", ".join(
-            f"`{name}` {', '.join(fmt(v) for v in values)}" for name, values in options.items()))
+    facts += options_line(options_of(study.trials(spec.stage)))
     if len(study.expected_stages()) > 1:
         facts.append(f"the sections below cover stage `{spec.stage}`; the timing and failure sections cover all")
     report.bullets(facts)
@@ -133,6 +130,12 @@ def write_others(report: ReportWriter, spec, configs: pd.DataFrame, epochs: pd.D
                       f"{metric} ({F.direction(spec, metric)}, goal {goals}) vs epoch, examples seen and steps, per "
                       f"batch size" + (f" (each its best configuration by final {metric})" if len(spec.axes) > 1
                                        else ""))
+
+
+def options_line(options: dict) -> list:
+    """The header's bullet of the workload's own options (none when it has none): `name` value, ..."""
+    return ["the workload's own options: " + ", ".join(f"`{name}` {', '.join(fmt(v) for v in values)}"
+                                                       for name, values in options.items())] if options else []
 
 
 def options_of(trials: list) -> dict:
