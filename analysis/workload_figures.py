@@ -1,7 +1,7 @@
 """The figures of a workload study's report: curves per batch size (of the primary metric, and of every other
 metric with a goal), the primary metric against batch size with its run-to-run spread and the noise scale, and
-training speed per batch size. Drawn from the tables of
-analysis/workload_tables.py (stored results only); used by analysis/workload_report.py.
+training speed per batch size. Drawn from the tables of analysis/workload_tables.py (stored results only); used by
+analysis/workload_report.py.
 """
 
 import math
