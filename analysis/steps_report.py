@@ -9,6 +9,7 @@ import json
 from analysis.figures import ReportWriter
 from analysis.steps_figures import write_section
 from analysis.load import Study
+from analysis.workload_report import options_line, options_of
 from study import metrics as M
 from study import steps as S
 
@@ -70,6 +71,7 @@ def write(report: ReportWriter, study: Study) -> None:
                     f"scrambled Sobol points (seed {args.get('seed')}) over log "
                     + " and log ".join(f"{k} in [{lo:g}, {hi:g}]" for k, (lo, hi) in ranges.items()),
                     f"batch sizes {args.get('batch_sizes')}; budget {budget}",
+                    *options_line(options_of(study.trials())),
                     "trial ends: " + ", ".join(f"{s} {sum(t['status'] == s for t in trials)}"
                                                for s in S.STATUSES + (M.STATUS_OOM,))])
     failed = sum(t["status"] == M.STATUS_OOM for t in trials)

@@ -1,6 +1,7 @@
-"""The figures of a workload study's report: curves per batch size, the primary metric against batch size with its
-run-to-run spread and the noise scale, and training speed per batch size. Drawn from the tables of
-analysis/workload_tables.py (stored results only); used by analysis/workload_report.py.
+"""The figures of a workload study's report: curves per batch size (of the primary metric, and of every other
+metric with a goal), the primary metric against batch size with its run-to-run spread and the noise scale, and
+training speed per batch size. Drawn from the tables of analysis/workload_tables.py (stored results only); used by
+analysis/workload_report.py.
 """
 
 import math
@@ -17,23 +18,25 @@ MAX_LINES = 8  # more configurations per batch size than this: the sensitivity f
 X_AXES = ((M.EPOCH, "epoch"), (EXAMPLES, "training examples seen"), (STEP, "optimizer steps (log scale)"))
 
 
-def direction(spec: Spec) -> str:
-    return "higher is better" if spec.higher_is_better else "lower is better"
+def direction(spec: Spec, metric: str | None = None) -> str:
+    return "higher is better" if spec.higher(metric or spec.primary) else "lower is better"
 
 
-def _reference_lines(ax, spec: Spec, values) -> None:
-    """The primary metric's goals (dashed) and chance level (dotted), where workload.json declares them, with the
-    y axis fitted to the data and the goals: a chance level far off the data is named in the legend, not drawn."""
+def _reference_lines(ax, spec: Spec, values, metric: str | None = None) -> None:
+    """The metric's (default: the primary one's) goals (dashed) and chance level (dotted), where workload.json
+    declares them, with the y axis fitted to the data and the goals: a chance level far off the data is named in
+    the legend, not drawn."""
+    metric = metric or spec.primary
     v = np.asarray([x for x in values if x is not None], dtype=float)
     v = v[np.isfinite(v)]
-    goals = [value for metric, value, _ in spec.goals if metric == spec.primary]
+    goals = [value for name, value, _ in spec.goals if name == metric]
     if not len(v):
         return
     low, high = min([v.min(), *goals]), max([v.max(), *goals])
     pad = 0.08 * (high - low) or 0.05 * abs(high) or 0.05
     for value in goals:
         ax.axhline(value, color="black", linestyle="--", linewidth=1, label=f"goal {fmt(value)}")
-    chance = spec.chance.get(spec.primary)
+    chance = spec.chance.get(metric)
     if chance is not None:
         inside = low - 3 * pad <= chance <= high + 3 * pad
         ax.axhline(chance if inside else np.nan, color="grey", linestyle=":", linewidth=1,
@@ -50,16 +53,19 @@ def _select(table: pd.DataFrame, row: pd.Series, axes: list) -> pd.DataFrame:
     return table[mask]
 
 
-def curves(curve_tbl: pd.DataFrame, chosen: pd.DataFrame, spec: Spec):
+def curves(curve_tbl: pd.DataFrame, chosen: pd.DataFrame, spec: Spec, metric: str | None = None):
     """2 x 3 panels: the primary metric (top) and the training loss (bottom) against epoch, examples seen and
-    optimizer steps; a line per batch size (its chosen configuration, mean over runs), band min..max over runs."""
-    fig, axes = new_figure(6, width=4.2, height=3.3)
+    optimizer steps; a line per batch size (its chosen configuration, mean over runs), band min..max over runs.
+    With another `metric` (whose values curve_tbl holds as its "metric_" columns): that metric's row alone."""
+    rows = (("metric", spec.primary), ("train_loss", M.TRAIN_LOSS)) if metric in (None, spec.primary) else (
+        ("metric", metric),)
+    fig, axes = new_figure(3 * len(rows), width=4.2, height=3.3)
     lines = []
     for _, config in chosen.sort_values("batch_size").iterrows():
         part = _select(curve_tbl, config, list(spec.axes)).sort_values(M.EPOCH)
         label = f"batch {fmt(config['batch_size'])}"
         colour = None
-        for i, (y, name) in enumerate((("metric", spec.primary), ("train_loss", M.TRAIN_LOSS))):
+        for i, (y, name) in enumerate(rows):
             for j, (x, _) in enumerate(X_AXES):
                 ax = axes[3 * i + j]
                 ok = part[np.isfinite(part[f"{y}_mean"]) & np.isfinite(part[x])]
@@ -74,12 +80,12 @@ def curves(curve_tbl: pd.DataFrame, chosen: pd.DataFrame, spec: Spec):
                                 color=colour, alpha=0.15, linewidth=0)
                 if not lines or lines[-1].get_label() != label:
                     lines.append(line)
-    for i, (y, name) in enumerate((("metric", spec.primary), ("train_loss", M.TRAIN_LOSS))):
+    for i, (y, name) in enumerate(rows):
         for j, (x, xlabel) in enumerate(X_AXES):
             ax = axes[3 * i + j]
             if y == "metric":
                 shown = curve_tbl.merge(chosen[list(spec.axes)], on=list(spec.axes))
-                _reference_lines(ax, spec, list(shown["metric_min"]) + list(shown["metric_max"]))
+                _reference_lines(ax, spec, list(shown["metric_min"]) + list(shown["metric_max"]), name)
             else:
                 log_scale_if_wide(ax, curve_tbl["train_loss_mean"])
             if x == M.EPOCH:
@@ -88,7 +94,7 @@ def curves(curve_tbl: pd.DataFrame, chosen: pd.DataFrame, spec: Spec):
                 ax.set_xlabel(xlabel)
             if x == STEP:
                 steps_axis(ax)
-            ax.set_ylabel(name + (f" ({direction(spec)})" if y == "metric" else ""))
+            ax.set_ylabel(name + (f" ({direction(spec, name)})" if y == "metric" else ""))
             ax.set_title(f"{name} vs {xlabel.split(' (')[0]}")
     best = "each batch size's best configuration, " if len(spec.axes) > 1 else ""
     fig.suptitle(f"{spec.name}: {best}mean over runs (band: min to max)")

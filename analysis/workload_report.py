@@ -1,6 +1,7 @@
 """The general report sections of any workload study (study.json "kind": "workload"), driven by the workload.json
-the study stored: the workload and its grid, the primary metric per configuration and per axis with intervals over
-runs, curves per batch size, run-to-run spread, training speed per batch size and the gradient noise scale.
+the study stored: the workload, its own options and its grid, the primary metric per configuration and per axis
+with intervals over runs, every other declared metric per configuration (with curves of those that have a goal),
+curves per batch size, run-to-run spread, training speed per batch size and the gradient noise scale.
 
 Called by `python -m analysis.report STUDY`; `write(report, study)` adds the sections, and analysis/report.py then
 adds the timing, cost and failure sections every study has. Reads stored results only, never a workload's code,
@@ -42,8 +43,9 @@ def write(report: ReportWriter, study: Study) -> None:
     trials = T.trial_frame(trial_objects, spec)
     epochs = T.epoch_frame(trial_objects, spec)
     axes = list(spec.axes)
-    configs = T.config_table(trials, axes, spec.primary)
+    configs = T.config_table(trials, axes, spec.primary, spec.others)
     write_primary(report, spec, trials, configs)
+    write_others(report, spec, configs, epochs)
     chosen = T.best_rows(configs, ["batch_size"], spec.primary, spec.higher_is_better)
     write_curves(report, spec, epochs, chosen)
     write_spread(report, spec, trials, chosen, trial_objects)
@@ -67,6 +69,7 @@ def write_workload(report: ReportWriter, study: Study, spec: T.Spec) -> None:
         facts.append("goals: " + ", ".join(f"`{m}` {'≥' if h else '≤'} {fmt(v)}" for m, v, h in spec.goals))
     if spec.chance:
         facts.append("chance level: " + ", ".join(f"`{m}` {fmt(v)}" for m, v in spec.chance.items()))
+    facts += options_line(options_of(study.trials(spec.stage)))
     if len(study.expected_stages()) > 1:
         facts.append(f"the sections below cover stage `{spec.stage}`; the timing and failure sections cover all")
     report.bullets(facts)
@@ -87,12 +90,9 @@ def write_primary(report: ReportWriter, spec, trials: pd.DataFrame, configs: pd.
         best=[T.cell(r, f"best_{metric}") for _, r in configs.iterrows()])
     report.table("configurations", configs, f"Final and best {metric} per configuration, mean [95 % interval]",
                  shown=shown)
-    per_trial = trials.rename(columns={"final": f"final_{metric}", "best": f"best_{metric}",
-                                       "final_test": f"final_{spec.test}" if spec.test else "final_test"})
-    if not spec.test:
-        per_trial = per_trial.drop(columns=["final_test"])
+    per_trial = trials.rename(columns={"final": f"final_{metric}", "best": f"best_{metric}"})
     report.table("trials", per_trial, f"Every trial: final and best {metric}"
-                 + (f", final {spec.test}" if spec.test else "") + ", training seconds, B_simple")
+                 + (", every other metric's final and best" if spec.others else "") + ", training seconds, B_simple")
     for axis in spec.axes if len(spec.axes) > 1 else ():  # one axis: the table above is already per batch size
         if configs[axis].nunique(dropna=False) < 2:
             continue
@@ -102,6 +102,52 @@ def write_primary(report: ReportWriter, spec, trials: pd.DataFrame, configs: pd.
             best=[T.cell(r, f"best_{metric}") for _, r in table.iterrows()])
         report.table(f"axis_{axis}", table, f"{metric} per {axis}: the best configuration at each value "
                                             f"({F.direction(spec)})", shown=shown)
+
+
+def write_others(report: ReportWriter, spec, configs: pd.DataFrame, epochs: pd.DataFrame) -> None:
+    """Every declared metric besides the primary one, per configuration, as the primary's table gives it; and for
+    each with a goal, its curves per batch size."""
+    if not spec.others:
+        return
+    report.heading("Other declared metrics")
+    report.text("Every other metric the workload declares, per configuration: final and best as for the primary "
+                "metric (mean over finished runs [Student-t 95 % interval]); the test split is measured once, after "
+                "the last epoch, so it has a final value only. "
+                + ", ".join(f"`{m}`: {F.direction(spec, m)}" for m in spec.others) + ".")
+    kept = [f"{kind}_{m}" for m in spec.others for kind in ("final", "best") if f"{kind}_{m}" in configs]
+    table = configs[[*spec.axes, "runs", "finished", *[c + end for c in kept for end in ("", "_low", "_high")]]]
+    shown = configs[[*spec.axes, "finished"]].assign(
+        **{c.replace("_", " ", 1): [T.cell(r, c) for _, r in configs.iterrows()] for c in kept})
+    report.table("metrics", table, "Final and best of every other declared metric per configuration, mean "
+                                   "[95 % interval]", shown=shown)
+    for metric in dict.fromkeys(m for m, _, _ in spec.goals):
+        if metric == spec.primary or metric not in epochs or f"final_{metric}" not in configs:
+            continue
+        chosen = T.best_rows(configs, ["batch_size"], metric, spec.higher(metric))
+        goals = ", ".join(f"{'≥' if higher else '≤'} {fmt(v)}" for m, v, higher in spec.goals if m == metric)
+        report.figure(f"curves_{metric}", F.curves(T.curve_table(epochs, list(spec.axes), metric), chosen, spec,
+                                                   metric),
+                      f"{metric} ({F.direction(spec, metric)}, goal {goals}) vs epoch, examples seen and steps, per "
+                      f"batch size" + (f" (each its best configuration by final {metric})" if len(spec.axes) > 1
+                                       else ""))
+
+
+def options_line(options: dict) -> list:
+    """The header's bullet of the workload's own options (none when it has none): `name` value, ..."""
+    return ["the workload's own options: " + ", ".join(f"`{name}` {', '.join(fmt(v) for v in values)}"
+                                                       for name, values in options.items())] if options else []
+
+
+def options_of(trials: list) -> dict:
+    """The workload's own options (each trial's config "options", as params.json stores it): name -> the values
+    the trials ran with, in order of first appearance."""
+    values = {}
+    for t in trials:
+        for name, value in (t.config.get("options") or {}).items():
+            values.setdefault(name, [])
+            if value not in values[name]:
+                values[name].append(value)
+    return values
 
 
 def write_curves(report: ReportWriter, spec, epochs: pd.DataFrame, chosen: pd.DataFrame) -> None:

@@ -40,6 +40,22 @@ class Spec:
     hook: str  # "module:function" of the workload's own report section, or ""
     stage: str  # the stage the general sections cover
 
+    @property
+    def others(self) -> tuple:
+        """The stored columns of every metric but the primary one: the declared ones in their order, and the
+        primary's test split where the trials stored it undeclared (a study without workload.json)."""
+        declared = tuple(m for m, _ in self.metrics if m != self.primary)
+        return declared + ((self.test,) if self.test and self.test not in declared else ())
+
+    def higher(self, metric: str) -> bool:
+        """Whether higher values of a stored column are better (lower when nothing says so)."""
+        return self.higher_is_better if metric == self.primary else dict(self.metrics).get(metric, False)
+
+
+def has_best(metric: str) -> bool:
+    """A best-over-epochs value needs a metric measured every epoch: the test split is measured once, at the end."""
+    return not metric.startswith("test_")
+
 
 def _column(name: str, keys: set) -> str:
     """The stored column of a declared metric: its own name when the rows hold it, else its validation split."""
@@ -99,29 +115,41 @@ def _trained(row: dict) -> bool:
     return after and row.get(M.STATUS) != M.STATUS_OOM
 
 
+def _best(t, metric: str, higher: bool) -> tuple[float, float]:
+    """(epoch, value) of a finished trial's best trained epoch by `metric` in its direction; NaNs otherwise."""
+    values = [(_num(r.get(M.EPOCH)), _num(r.get(metric))) for r in t.rows if _trained(r)]
+    values = [(e, v) for e, v in values if math.isfinite(v)]
+    if not values or t.outcome != "done":
+        return math.nan, math.nan
+    return (max if higher else min)(values, key=lambda ev: ev[1])
+
+
 def trial_frame(trials: list, spec: Spec) -> pd.DataFrame:
     """One row per trial: its axes and repeats, outcome, last epoch, the primary metric's final and best value
-    (best over trained epochs, in the metric's direction), the test metric's final value, and its B_simple."""
+    (best over trained epochs, in the metric's direction), every other metric's final_<m> and best_<m> (final
+    only for the test split), and its B_simple."""
+    others = [(f"{kind}_{m}", m, kind) for m in spec.others for kind in ("final", "best") if kind == "final"
+              or has_best(m)]
     records = []
     for t in trials:
         done = t.outcome == "done"
-        values = [(_num(r.get(M.EPOCH)), _num(r.get(spec.primary))) for r in t.rows if _trained(r)]
-        values = [(e, v) for e, v in values if math.isfinite(v)]
-        pick = max if spec.higher_is_better else min
-        best = pick(values, key=lambda ev: ev[1]) if values and done else (math.nan, math.nan)
+        best = _best(t, spec.primary, spec.higher_is_better)
         records.append({"trial_id": t.trial_id, **{a: axis_value(t.config, a) for a in spec.axes + spec.repeats},
                         "outcome": t.outcome, "epochs": _num(t.last(M.EPOCH)) if t.rows else math.nan,
                         "final": _num(t.last(spec.primary)) if done else math.nan, "best": best[1],
                         "best_epoch": best[0],
-                        "final_test": _num(t.last(spec.test)) if done and spec.test else math.nan,
+                        **{column: (_num(t.last(m)) if done else math.nan) if kind == "final"
+                           else _best(t, m, spec.higher(m))[1] for column, m, kind in others},
                         "train_seconds": _num(t.last(M.TRAIN_SECONDS)), "noise_scale": noise_figures.trial_noise(t)})
-    numbers = ["epochs", "final", "best", "best_epoch", "final_test", "train_seconds", "noise_scale"]
+    numbers = ["epochs", "final", "best", "best_epoch", *[c for c, _, _ in others], "train_seconds", "noise_scale"]
     columns = ["trial_id", *spec.axes, *spec.repeats, "outcome", *numbers]
     return pd.DataFrame.from_records(records, columns=columns).astype({c: float for c in numbers})
 
 
 def epoch_frame(trials: list, spec: Spec) -> pd.DataFrame:
-    """One row per trial and stored row (long form): step, examples, seconds per epoch, train loss, the metric."""
+    """One row per trial and stored row (long form): step, examples, seconds per epoch, train loss, the primary
+    metric ("metric") and every other metric measured each epoch (by its own name)."""
+    each_epoch = [m for m in spec.others if has_best(m)]
     records = []
     for t in trials:
         base = {"trial_id": t.trial_id, **{a: axis_value(t.config, a) for a in spec.axes}, "outcome": t.outcome}
@@ -134,13 +162,14 @@ def epoch_frame(trials: list, spec: Spec) -> pd.DataFrame:
             epoch_examples = examples - before[EXAMPLES]
             records.append({**base, M.EPOCH: _num(r.get(M.EPOCH)), STEP: _num(r.get(STEP)), EXAMPLES: examples,
                             M.TRAIN_LOSS: _num(r.get(M.TRAIN_LOSS)), "metric": _num(r.get(spec.primary)),
+                            **{m: _num(r.get(m)) for m in each_epoch},
                             "epoch_seconds": epoch_seconds if _trained(r) else math.nan,
                             "images_per_second": _num(r.get(M.IMAGES_PER_SECOND, epoch_examples / epoch_seconds
                                                             if epoch_seconds > 0 else math.nan))
                             if _trained(r) else math.nan})
             before = {M.TRAIN_SECONDS: seconds if math.isfinite(seconds) else before[M.TRAIN_SECONDS],
                       EXAMPLES: examples if math.isfinite(examples) else before[EXAMPLES]}
-    numbers = [M.EPOCH, STEP, EXAMPLES, M.TRAIN_LOSS, "metric", "epoch_seconds", "images_per_second"]
+    numbers = [M.EPOCH, STEP, EXAMPLES, M.TRAIN_LOSS, "metric", *each_epoch, "epoch_seconds", "images_per_second"]
     return pd.DataFrame.from_records(records, columns=["trial_id", *spec.axes, "outcome", *numbers]).astype(
         {c: float for c in numbers})  # numbers even with no row yet (a study whose trials have not started)
 
@@ -157,19 +186,20 @@ def outcomes_text(outcomes: pd.Series) -> str:
     return ", ".join(f"{n} {o}" for o, n in sorted(outcomes.value_counts().items()))
 
 
-def config_table(trials: pd.DataFrame, axes: list, metric: str) -> pd.DataFrame:
+def config_table(trials: pd.DataFrame, axes: list, metric: str, others=()) -> pd.DataFrame:
     """Per configuration (a value of every axis): the final and the best-over-epochs value of `metric` as the mean
-    over its finished runs with a Student-t 95 % interval (none from one run)."""
+    over its finished runs with a Student-t 95 % interval (none from one run); the same of each metric in `others`
+    from the trials' final_<m> and best_<m> columns (those it has)."""
+    columns = [(f"final_{metric}", "final"), (f"best_{metric}", "best")]
+    columns += [(f"{kind}_{m}", f"{kind}_{m}") for m in others for kind in ("final", "best") if f"{kind}_{m}" in trials]
     rows = []
     for key, part in trials.groupby(list(axes), sort=True, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
-        final, final_low, final_high, interval = _interval(part["final"])
-        best, best_low, best_high, _ = _interval(part["best"])
-        rows.append({**dict(zip(axes, key)), "runs": len(part), "finished": int(np.isfinite(part["final"]).sum()),
-                     "outcomes": outcomes_text(part["outcome"]), f"final_{metric}": final,
-                     f"final_{metric}_low": final_low, f"final_{metric}_high": final_high,
-                     f"best_{metric}": best, f"best_{metric}_low": best_low, f"best_{metric}_high": best_high,
-                     "interval": interval})
+        row = {**dict(zip(axes, key)), "runs": len(part), "finished": int(np.isfinite(part["final"]).sum()),
+               "outcomes": outcomes_text(part["outcome"])}
+        for name, source in columns:
+            row[name], row[f"{name}_low"], row[f"{name}_high"], _ = _interval(part[source])
+        rows.append({**row, "interval": _interval(part["final"])[3]})  # the primary metric's interval
     return pd.DataFrame.from_records(rows)
 
 
@@ -211,17 +241,18 @@ def spread_table(trials: pd.DataFrame, axes: list) -> pd.DataFrame:
     return pd.DataFrame.from_records(rows)
 
 
-def curve_table(epochs: pd.DataFrame, axes: list) -> pd.DataFrame:
-    """Per configuration and epoch: means over runs of the finite metric and train loss (a diverged run stops
-    counting at its first NaN), their min and max, and the mean step and examples seen."""
+def curve_table(epochs: pd.DataFrame, axes: list, metric: str = "metric") -> pd.DataFrame:
+    """Per configuration and epoch: means over runs of the finite metric (the primary one, or the epoch frame's
+    column `metric`) and train loss (a diverged run stops counting at its first NaN), their min and max, and the
+    mean step and examples seen."""
     at = M.EPOCH if epochs[M.EPOCH].notna().any() else STEP  # rows that count steps only: per step
     rows = []
     for key, part in epochs.groupby([*axes, at], sort=True, dropna=False):
-        metric, loss = part["metric"].dropna(), part[M.TRAIN_LOSS][np.isfinite(part[M.TRAIN_LOSS])]
-        rows.append({**dict(zip([*axes, at], key)), "runs": int(metric.size), M.EPOCH: part[M.EPOCH].mean(),
-                     STEP: part[STEP].mean(),
-                     EXAMPLES: part[EXAMPLES].mean(), "metric_mean": metric.mean(), "metric_min": metric.min(),
-                     "metric_max": metric.max(), "train_loss_mean": loss.mean(), "train_loss_min": loss.min(),
+        metric_values, loss = part[metric].dropna(), part[M.TRAIN_LOSS][np.isfinite(part[M.TRAIN_LOSS])]
+        rows.append({**dict(zip([*axes, at], key)), "runs": int(metric_values.size), M.EPOCH: part[M.EPOCH].mean(),
+                     STEP: part[STEP].mean(), EXAMPLES: part[EXAMPLES].mean(), "metric_mean": metric_values.mean(),
+                     "metric_min": metric_values.min(), "metric_max": metric_values.max(),
+                     "train_loss_mean": loss.mean(), "train_loss_min": loss.min(),
                      "train_loss_max": loss.max()})
     return pd.DataFrame.from_records(rows)
 

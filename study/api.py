@@ -156,7 +156,7 @@ def execute(args, workload: Workload) -> tuple[int, str]:
 
     from study.console import StudyConsole, finished, started
     from study.run_workload import train_workload
-    from study.tensorboard import StudyTensorBoard, write_experiment
+    from study.tensorboard import StudyTensorBoard, option_hparams, write_experiment
     from study.tuning import grid_axis, open_study, run_stage
 
     args = start(args, workload, "workload")
@@ -190,8 +190,9 @@ def execute(args, workload: Workload) -> tuple[int, str]:
     if not args.resume:
         folder.write_json(M.WORKLOAD_FILE, dict(describe(workload, splits), axes=axes))
         key = [workload.primary] + [m for m in metric_names if m != workload.primary]
+        own = {name: [value] for name, value in option_hparams(options, {*base, "run"}).items()}
         write_experiment(folder, workload.name, dict(axes, momentum=[args.momentum],
-                                                     weight_decay=[args.weight_decay], schedule=[args.schedule]),
+                                                     weight_decay=[args.weight_decay], schedule=[args.schedule], **own),
                          [(tag(m), m.replace("_", " ")) for m in key])
     started(folder.uri)
     space = dict(base, **{field: grid_axis(values) for field, values in axes.items()})

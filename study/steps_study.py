@@ -191,7 +191,7 @@ def execute(args, workload: Workload) -> tuple[int, str]:
     from ray import tune
 
     from study.console import finished, started
-    from study.tensorboard import write_experiment
+    from study.tensorboard import option_hparams, write_experiment
     from study.tuning import grid_axis, open_study, run_stage
 
     args = api.start(args, workload, KIND, "-steps")
@@ -232,9 +232,10 @@ def execute(args, workload: Workload) -> tuple[int, str]:
                                        "budget_steps": {str(b): s for b, s in budgets.items()},
                                        "configs": points})
         folder.write_json(M.WORKLOAD_FILE, dict(describe(workload, splits), goals=goals, axes=axes))
+        own = {name: [value] for name, value in option_hparams(options, {*base, CONFIG, BUDGET}).items()}
         write_experiment(folder, KIND, {"batch_size": args.batch_sizes, "lr": [p["lr"] for p in points],
                                         **({"momentum": [p["momentum"] for p in points]}
-                                           if points[0]["momentum"] is not None else {}), CONFIG: axes[CONFIG]},
+                                           if points[0]["momentum"] is not None else {}), CONFIG: axes[CONFIG], **own},
                          [("steps/to_result", "steps to result (first evaluation at the strictest goal)"),
                           (tag(goal["metric"]), goal["metric"].replace("_", " "))])
     started(folder.uri)

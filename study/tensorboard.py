@@ -2,8 +2,9 @@
 
 `tensorboard --logdir <storage-path>/<name>` then shows:
 - HPARAMS: one experiment per study (written once at its root by `write_experiment`: every hyperparameter of the
-  grid with its domain, the metrics that matter first) and one session per trial (its full configuration at the
-  start, its outcome at the end: done = success, diverged or error = failure, `train/diverged` tells them apart).
+  grid with its domain, then a workload's own options, the metrics that matter first) and one session per trial
+  (its full configuration and options at the start, its outcome at the end: done = success, diverged or error =
+  failure, `train/diverged` tells them apart).
   A diverged or errored trial's key metrics end as NaN, so the table never shows the numbers of an epoch before
   it failed (e.g. the untrained epoch 0) as its result; except a diverged trial that was tested on its
   best-on-validation weights from before it diverged (PCam), whose test is its result, as in the report.
@@ -141,10 +142,19 @@ def write_experiment(folder, kind: str, domains: dict, key_metrics: list | None 
                 out.write(event_file.read_bytes())
 
 
+def option_hparams(options: dict, taken) -> dict:
+    """A workload's own options (a trial config's "options", a dict HPARAMS cannot show) as hyperparameters of
+    their own: each under its name, or "options.<name>" where that name is one of the `taken` config keys. The
+    experiment and the sessions must name them alike: both pass the trial config's keys as `taken`."""
+    return {f"options.{k}" if k in taken else k: v for k, v in (options or {}).items()}
+
+
 def session_start(config: dict, group: str) -> Summary:
-    """The trial's HPARAMS row (TensorBoard's hparams API): the config values that apply to it."""
-    return hp.hparams_pb({k: v for k, v in config.items() if isinstance(v, (bool, int, float, str)) and
-                          applies(k, config)}, trial_id=group)
+    """The trial's HPARAMS row (TensorBoard's hparams API): the config values that apply to it, and the workload's
+    own options."""
+    values = {**config, **option_hparams(config.get("options"), config)}
+    return hp.hparams_pb({k: v for k, v in values.items() if isinstance(v, (bool, int, float, str)) and
+                          applies(k, values)}, trial_id=group)
 
 
 def session_end(success: bool) -> Summary:

@@ -155,11 +155,13 @@ def test_steps_study_through_tune(local_ray, tmp_path, monkeypatch, tensorboard_
         assert (study / "report" / name).stat().st_size > 0 and f"({name})" in report, name
     per_batch = (study / "report" / "steps_per_batch.csv").read_text()
     assert "val_error <= 0.3" in per_batch and "val_error <= 0.4" in per_batch
+    assert "the workload's own options: `width` 16" in report  # the example's option, where the grid is
 
     api = tensorboard_api(study)
     groups = session_groups(api, 9)
     experiment = api("/data/plugin/hparams/experiment", {"experimentName": ""})
-    assert {"batch_size", "lr", "momentum", "config"} <= {h["name"] for h in experiment["hparamInfos"]}
+    assert {"batch_size", "lr", "momentum", "config", "width"} <= {h["name"] for h in experiment["hparamInfos"]}
+    assert all(g["hparams"]["width"] == 16 for g in groups)
     to_result = [float(m["value"]) for g in groups for m in g["metricValues"] if m["name"]["tag"] == "steps/to_result"]
     assert len(to_result) == sum(len(v) for v in first.values())
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -127,6 +127,22 @@ def test_hyperparameters_that_apply():
     assert set(hparams) == {"optimizer", "amp", "lr"} and hparams["amp"].bool_value is True
 
 
+def test_a_workloads_own_options_are_hyperparameters_beside_the_grid():
+    from study.tensorboard import option_hparams
+
+    config = {"batch_size": 16, "lr": 0.1, "stage": "sweep", "options": {"width": 32, "stage": "x", "scale": True}}
+    summary = session_start(config, "sweep/t")
+    hparams = metadata.parse_session_start_info_plugin_data(summary.value[0].metadata.plugin_data.content).hparams
+    assert hparams["width"].number_value == 32 and hparams["scale"].bool_value is True
+    assert hparams["stage"].string_value == "sweep" and hparams["options.stage"].string_value == "x"  # no clash
+    assert "options" not in hparams
+    own = option_hparams(config["options"], config)
+    domains = {"batch_size": [16, 64], "lr": [0.1], **{name: [value] for name, value in own.items()}}
+    data = metadata.parse_experiment_plugin_data(experiment_summary("digits-mlp", domains).value[0].metadata
+                                                 .plugin_data.content)
+    assert [h.name for h in data.hparam_infos] == ["batch_size", "lr", "width", "options.stage", "scale"]
+
+
 def test_run_names_say_what_the_trial_is():
     placeholder = ("__fn_ph", "0123")  # what Tune holds for a sample_from value when it names the folder
     sweep = SimpleNamespace(trial_id="abcde_00012", config={"stage": "batch_sweep", "target": "std", "lr": placeholder,

@@ -20,6 +20,7 @@ from study.workloads import cifar10_resnet8, mnist_cnn
 
 CPU = torch.device("cpu")
 EXAMPLE = "examples/digits_workload.py"
+TABULAR = "examples/tabular_workload.py"
 
 
 def tiny_workload(**changes) -> Workload:
@@ -243,9 +244,25 @@ def test_workload_files_stay_short_and_free_of_ray():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    files = {root / EXAMPLE: 60, **{p: 150 for p in (root / "study" / "workloads").glob("*.py")}}
+    files = {root / EXAMPLE: 60, root / TABULAR: 60, **{p: 150 for p in (root / "study" / "workloads").glob("*.py")}}
     for path, limit in files.items():
         text = path.read_text()
         assert len(text.splitlines()) <= limit, path
         assert "import ray" not in text and "from ray" not in text, path
     assert "study.workload" not in (root / "study" / "train.py").read_text()  # the loop imports no workload
+
+
+def test_tabular_example_loads_float32_features_and_int64_labels_and_learns_without_prepare():
+    example = resolve(TABULAR)
+    assert example.prepare is None and example.metric("val_auc").higher_is_better
+    options = example.option_values({"width": 16})
+    splits = example.load(options)
+    for x, y in splits.values():
+        assert x.dtype == np.float32 and x.shape[1] == 30 and y.dtype == np.int64
+    assert abs(splits["train"][0].mean(0)).max() < 1e-5  # standardised on the training rows
+    rows = []
+    cfg = TrainConfig.from_dict({"workload": TABULAR, "options": options, "batch_size": 32, "lr": 0.003,
+                                 "optimizer": "adam", "epochs": 2, "noise_scale": False})
+    run_workload(cfg, example, splits, CPU, lambda metrics, state: rows.append(metrics))
+    assert rows[-1]["val_error"] < rows[0]["val_error"] and rows[-1]["val_auc"] > 0.95
+    assert math.isfinite(rows[-1]["test_auc"]) and math.isnan(rows[0]["test_auc"])  # the test split: at the end

@@ -1,5 +1,5 @@
 """Workload studies end to end through `python -m study run` (study.__main__.main, in this process on one small
-Ray): the example, mnist-cnn and cifar10-resnet8 smoke studies, what they store, TensorBoard's HPARAMS; and
+Ray): the two examples, mnist-cnn and cifar10-resnet8 smoke studies, what they store, TensorBoard's HPARAMS; and
 mnist-cnn on real MNIST reaching under 2 % validation error (without Ray)."""
 
 import json
@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -94,6 +95,41 @@ def test_example_study_stores_results_and_tensorboard_lists_axes_and_metrics(loc
                               text=True, timeout=600)
         assert done.returncode == 0, done.stderr
         assert "val_error" in (study / "report" / "report.md").read_text()
+
+
+def test_tabular_example_end_to_end_with_its_option_and_auc_in_tensorboard_and_the_report(local_ray, tmp_path,
+                                                                                          tensorboard_api):
+    """examples/tabular_workload.py: no prepare, float32 features, an AUC metric and its own option --width, given
+    a value other than its default: the option reaches the trials, TensorBoard's HPARAMS and the report's header,
+    and the AUC the report's tables."""
+    assert main(["run", "examples/tabular_workload.py", "--smoke", "--width", "16", "--storage-path", str(tmp_path),
+                 "--name", "tab"]) == 0
+    study = tmp_path / "tab"
+    described = check_stored(study, "breast-cancer-mlp", trials=4, epochs=3)
+    assert {"name": "val_auc", "higher_is_better": True} in described["metrics"]
+    rows = study_rows(study)
+    assert all(r[-1]["config"]["options"] == {"width": 16} for r in rows.values())
+    assert max(r[-1]["val_auc"] for r in rows.values()) > 0.95  # three epochs learn the table
+
+    api = tensorboard_api(study)
+    experiment = api("/data/plugin/hparams/experiment", {"experimentName": ""})
+    width = next(h for h in experiment["hparamInfos"] if h["name"] == "width")
+    assert width["domainDiscrete"] == [16] and not width.get("differs")
+    assert "val/auc" in [m["name"]["tag"] for m in experiment["metricInfos"]]
+    groups = session_groups(api, 4)
+    assert len(groups) == 4 and all(g["hparams"]["width"] == 16 for g in groups)
+
+    done = subprocess.run([sys.executable, "-m", "analysis.report", str(study)], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    text = (study / "report" / "report.md").read_text()
+    assert "the workload's own options: `width` 16" in text
+    assert "## Other declared metrics" in text and "| final val_auc | best val_auc |" in text
+    metrics = {r.batch_size: r for r in pd.read_csv(study / "report" / "metrics.csv").itertuples()}
+    for batch in (16, 64):
+        finals = [r[-1]["val_auc"] for r in rows.values() if r[-1]["config"]["batch_size"] == batch]
+        assert metrics[batch].final_val_auc == pytest.approx(np.mean(finals))
+        assert metrics[batch].final_val_auc_low < metrics[batch].final_val_auc_high  # two seeds: an interval
 
 
 def test_mnist_cnn_smoke_study_from_python(local_ray, tmp_path):
