@@ -112,9 +112,9 @@ class Lease:
         if mtime is None:
             return False, "another driver (its lease is gone)"
         if held is None:
-            age = time.time() - mtime
+            age = max(time.time() - mtime, 0.0)
             return age < self.stale_after, f"another driver (its {LEASE_FILE}, written {age:.0f}s ago, is unreadable)"
-        age = time.time() - held["heartbeat"]
+        age = max(time.time() - held["heartbeat"], 0.0)  # a writer's clock a little ahead: now
         who = f"{held.get('host')} pid {held.get('pid')}" + (f" job {held['job']}" if held.get("job") else "")
         if (held.get("host"), held.get("machine")) == (self.mine["host"], self.mine["machine"]) and \
                 isinstance(held.get("pid"), int) and _exited(held["pid"]):

@@ -195,6 +195,18 @@ def test_a_study_folder_holding_only_a_lease_is_no_study(tmp_path):
         held.release()
 
 
+def test_the_report_reads_a_held_study_as_it_reads_it_free(tmp_path):
+    from analysis.load import open_study
+
+    shutil.copytree(REPO / "tests" / "data" / "mnist-v1", tmp_path / "s")
+    free = open_study(str(tmp_path / "s"))
+    (tmp_path / "s" / LEASE_FILE).write_text('{"host": "elsew')  # even one cut short: never read
+    held = open_study(str(tmp_path / "s"))
+    assert (held.kind, held.meta, held.files, sorted(held.stages)) == (free.kind, free.meta, free.files,
+                                                                        sorted(free.stages))
+    assert [t.trial_id for t in held.trials()] == [t.trial_id for t in free.trials()]
+
+
 def test_leases_taken_inside_a_driver_are_given_back_when_it_raises(tmp_path):
     folder = StudyFolder(str(tmp_path), "s")
 
