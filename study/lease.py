@@ -97,8 +97,7 @@ class Lease:
         self.path = f"{folder.path}/{LEASE_FILE}"
         job = next((os.environ[v] for v in JOB_VARIABLES if os.environ.get(v)), None)
         self.mine = dict(host=socket.gethostname(), pid=os.getpid(), job=job, machine=_machine(),
-                         token=uuid.uuid4().hex, started=time.time(), heartbeat=time.time(),
-                         command=" ".join(sys.argv)[:500])
+                         token=uuid.uuid4().hex, started=time.time(), heartbeat=time.time())
         self._made = []  # local folders take() created, innermost first: removed again on release when empty
         self._stop = threading.Event()
         self._thread = None

@@ -47,7 +47,7 @@ def files(root: Path) -> dict[str, tuple[bytes, int]]:
 
 def write_lease(folder: StudyFolder, **fields) -> None:
     held = dict(host="elsewhere", pid=1, job=None, machine="", token="theirs", started=time.time(),
-                heartbeat=time.time(), command="python -m study run")
+                heartbeat=time.time())
     held.update(fields)
     folder.fs.create_dir(folder.path, recursive=True)
     # In one piece, as a driver's lease never is seen half written (a PUT on S3, a rename here).
