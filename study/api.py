@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from study import cli_checks as checks
-from study import flags
+from study import flags, lease
 from study import metrics as M
 from study.config import TrainConfig
 from study.errors import StudyError
@@ -150,6 +150,7 @@ def start(args, workload: Workload, kind: str, suffix: str = "") -> argparse.Nam
     return args
 
 
+@lease.released_at_end()  # the study folder's lease, taken in open_study
 def execute(args, workload: Workload) -> tuple[int, str]:
     """The study of parsed flags: (exit status, folder URI). Exit 1 when a trial failed or ran out of memory."""
     from ray import tune

@@ -51,6 +51,7 @@ ERRORED_FILE = "errored_trials.json"  # in each stage folder: the trial folders 
 CHOSEN_FILE = "chosen_lr.json"  # MNIST: the learning rate stage 1 chose per target
 WORKLOAD_FILE = "workload.json"  # a workload study: metrics (names, directions), primary, goals, chance, grid axes
 TARGET_STATS_FILE = "target_stats.json"  # MNIST: box-plot statistics of each target over the training images
+LEASE_FILE = "lease.json"  # the driver running the study now (study.lease); never read by analysis/
 
 # Files inside a trial's final checkpoint (persisted to the storage path with it).
 PREDICTIONS_FILE = "test_predictions.csv"  # columns: index, label, probability

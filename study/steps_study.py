@@ -17,7 +17,7 @@ from pathlib import Path
 
 from study import api
 from study import cli_checks as checks
-from study import flags
+from study import flags, lease
 from study import metrics as M
 from study import steps as S
 from study.config import TRAIN_OPTIMIZERS, TrainConfig
@@ -186,6 +186,7 @@ def run_steps(workload: str | Workload, **flags) -> str:
     return execute(args, found)[1]
 
 
+@lease.released_at_end()  # the study folder's lease, taken in open_study
 def execute(args, workload: Workload) -> tuple[int, str]:
     """The study of parsed flags: (exit status, folder URI). Exit 1 when a trial failed."""
     from ray import tune

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from study import cluster
+from study import cluster, lease
 from study import metrics as M
 from study.cli_checks import MAX_TRIALS, check_common_flags, check_name, check_uri, reachable
 from study.errors import StudyError
-from study.metrics import ERRORED_FILE, STUDY_FILE
+from study.metrics import ERRORED_FILE, LEASE_FILE, STUDY_FILE
 
 SNAPSHOTS = "experiment_state-*.json"  # Tune's experiment snapshots in a stage folder (TuneController.CKPT_FILE_TMPL)
 # Where ray.init logs its start-up notes (ray.init sets the level of "ray" itself, so that one is no use).
@@ -110,7 +110,9 @@ class StudyFolder:
     def prepare(self, resume: bool) -> bool:
         """Refuse to start over an existing study (without --resume) and check the storage is writable by
         creating the folder; returns whether it was created now (so a later failure can take it back)."""
-        existed = self.exists() and bool(self.fs.get_file_info(pafs.FileSelector(self.path)))  # empty: no study
+        # Empty, or only this driver's lease: no study.
+        existed = self.exists() and any(Path(i.path).name != LEASE_FILE
+                                        for i in self.fs.get_file_info(pafs.FileSelector(self.path)))
         if existed and not resume:
             raise StudyError(f"{self.uri} already holds a study; pass --resume to continue it, or choose another "
                              f"--name. Nothing was changed.")
@@ -160,17 +162,21 @@ class StudyFolder:
 
 
 def open_study(folder: StudyFolder, args) -> dict:
-    """Check the study folder, start or join Ray, fit the per-trial resources; on a bad input leave no trace."""
+    """Take the study folder's lease (study.lease), check the folder, start or join Ray, fit the per-trial
+    resources; on a bad input leave no trace."""
     import ray
 
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address and not ray.is_initialized():
         reachable(address)  # before anything is written: ray.init retries an unreachable address for good
-    created = folder.prepare(args.resume)
+    held = lease.take(folder)  # one driver per study: before anything in the folder is created or trimmed
+    created = False
     try:
+        created = folder.prepare(args.resume)
         start_ray(args)
         return fit_resources(args)
     except StudyError:
+        held.release()
         if created:
             folder.remove_if_empty()
         raise
@@ -376,7 +382,8 @@ def main_of(kind: str, parse_args, run, argv=None) -> int:
         check_uri(args.storage_path, "--storage-path")
         if args.resume:
             args = restore_args(args, None, kind)
-        return run(args)
+        with lease.released_at_end():
+            return run(args)
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

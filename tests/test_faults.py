@@ -3,8 +3,9 @@
 
 - a trial's worker process is SIGKILLed mid-epoch: Tune restarts it from its last checkpoint and it ends exactly
   where an uninterrupted run ends (also from epoch 0's checkpoint: every epoch stored once, counted as recovered);
-- the driver and its Ray are SIGKILLed mid-study: `--resume` finishes the study without re-running finished trials,
-  each epoch stored once (result.json, progress.csv, TensorBoard);
+- the driver and its Ray are SIGKILLed mid-study: `--resume` takes over the lease the killed driver left and
+  finishes the study without re-running finished trials, each epoch stored once (result.json, progress.csv,
+  TensorBoard);
 - starting into an existing study folder without `--resume` refuses and changes nothing;
 - with `--max-failures 0` a killed worker leaves an errored trial: `--resume` keeps it errored, `--resume
   --retry-errored` completes it from its checkpoint.
@@ -412,6 +413,8 @@ def test_driver_killed_mid_study_then_resume_keeps_finished_trials(tmp_path):
     code, out = run_study(tmp_path, *cmd, "--resume")
     assert code == 0, out[-3000:]
     assert "resuming" in out
+    assert "took over the lease of" in out and "(exited)" in out  # the killed driver's, left in the folder
+    assert not (tmp_path / "study" / M.LEASE_FILE).exists()  # given back at the end
     after = trials(stage)
     assert sorted((t["config"]["batch_size"], t["config"]["run"]) for t in after.values()) == grid  # none twice
     for name, stored in kept.items():
