@@ -1,6 +1,7 @@
 """Workload studies end to end through `python -m study run` (study.__main__.main, in this process on one small
 Ray): the example, mnist-cnn and cifar10-resnet8 smoke studies, what they store, TensorBoard's HPARAMS; and
-mnist-cnn on real MNIST reaching under 2 % validation error (without Ray)."""
+mnist-cnn on real MNIST reaching under 2 % validation error (without Ray). The other shipped workloads' smoke
+studies: tests/test_pcam_workload.py (pcam) and tests/test_mnist_workload.py (mnist-regression, with --lr-search)."""
 
 import json
 import math
@@ -8,12 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from study.__main__ import main
-from study.data import cifar
 from tensorboard_checks import session_groups
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,24 +105,15 @@ def test_mnist_cnn_smoke_study_from_python(local_ray, tmp_path):
     assert described["chance"]["val_error"] == 0.9
 
 
-def write_cifar(folder: Path, per_batch: int) -> None:
-    """CIFAR-10's own pickle format, images whose class shows in their mean colour (learnable in a few steps)."""
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name in (*cifar.TRAIN_FILES, cifar.TEST_FILE):
-        labels = rng.integers(0, 10, per_batch)
-        images = rng.integers(0, 100, (per_batch, 3, 32, 32)) + (labels * 15)[:, None, None, None]
-        cifar.write_batch(folder / name, images.astype(np.uint8), labels)
-
-
-def test_cifar10_resnet8_smoke_study_on_generated_pickles(local_ray, tmp_path):
-    write_cifar(tmp_path / "data" / cifar.FOLDER, per_batch=60)
-    assert main(["run", "cifar10-resnet8", "--smoke", "--data-dir", str(tmp_path / "data"), "--storage-path",
-                 str(tmp_path), "--name", "c"]) == 0
+def test_cifar10_resnet8_smoke_study_with_no_data(local_ray, tmp_path):
+    """--smoke writes a generated set in CIFAR-10's own files to a temporary folder and reads it back through the
+    CIFAR reader (study.data.cifar.load_synthetic): no --data-dir needed."""
+    assert main(["run", "cifar10-resnet8", "--smoke", "--storage-path", str(tmp_path), "--name", "c"]) == 0
     described = check_stored(tmp_path / "c", "cifar10-resnet8", trials=2, epochs=2)
     assert described["goals"][0] == {"metric": "val_error", "value": 0.3, "higher_is_better": False}
     saved = json.loads((tmp_path / "c" / "study.json").read_text())
-    assert saved["data"] == {"train": 172, "val": 128, "test": 60}
+    assert saved["data"] == {"train": 256, "val": 128, "test": 100}
+    assert saved["args"]["synthetic"] is True and saved["args"]["data_dir"] == ""
 
 
 def test_mnist_cnn_reaches_two_percent_validation_error_on_real_mnist(mnist_dir):
