@@ -259,6 +259,9 @@ def test_run_study_refuses_unknown_flags(tmp_path):
 
     with pytest.raises(StudyError, match="unknown flags bogus"):
         run_study("mnist-cnn", bogus=1, storage_path=str(tmp_path))
+    for bad in (print, [print], ["MLflowLoggerCallback"]):  # a Tune callback object is wanted, not its name
+        with pytest.raises(StudyError, match=r"callbacks must be a list of ray.tune.Callback objects"):
+            run_study("mnist-cnn", smoke=True, storage_path=str(tmp_path), callbacks=bad)
     assert not any(tmp_path.iterdir())
 
 

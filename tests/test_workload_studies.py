@@ -5,6 +5,7 @@ studies: tests/test_pcam_workload.py (pcam) and tests/test_mnist_workload.py (mn
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -95,14 +96,42 @@ def test_example_study_stores_results_and_tensorboard_lists_axes_and_metrics(loc
         assert "val_error" in (study / "report" / "report.md").read_text()
 
 
-def test_mnist_cnn_smoke_study_from_python(local_ray, tmp_path):
+def test_mnist_cnn_smoke_study_from_python_with_a_tune_callback(local_ray, tmp_path, result_recorder):
     import study
 
-    uri = study.run_study("mnist-cnn", smoke=True, storage_path=str(tmp_path), name="m")  # as a notebook would
+    seen = result_recorder()
+    uri = study.run_study("mnist-cnn", smoke=True, storage_path=str(tmp_path), name="m",  # as a notebook would
+                          callbacks=[seen])
     assert Path(uri) == tmp_path / "m"
     described = check_stored(tmp_path / "m", "mnist-cnn", trials=2, epochs=2)
     assert described["goals"] == [{"metric": "val_error", "value": 0.01, "higher_is_better": False}]
     assert described["chance"]["val_error"] == 0.9
+    # The user's callback saw every row the study stored, with its values; the study's own callbacks ran too
+    # (the TensorBoard files are theirs), and study.json holds flags, not callbacks.
+    stored = sorted((r["trial_id"], r["training_iteration"], r["val_error"])
+                    for rows in study_rows(tmp_path / "m").values() for r in rows)
+    assert len(stored) == 2 * 3 and sorted((r["trial_id"], r["training_iteration"], r["val_error"])
+                                           for r in seen.results) == stored
+    assert all(list(p.parent.glob("events.out.tfevents.*")) for p in (tmp_path / "m").glob("sweep/*/result.json"))
+    assert "callbacks" not in json.loads((tmp_path / "m" / "study.json").read_text())["args"]
+
+    # A resumed study runs with the callbacks given now, not those Tune pickled at the start: one trial, marked
+    # running in Tune's last snapshot with its latest checkpoint gone, trains again and reports to the new one.
+    sweep = tmp_path / "m" / "sweep"
+    snapshot = max(sweep.glob("experiment_state-*.json"))
+    state = json.loads(snapshot.read_text())
+    trial = json.loads(state["trial_data"][0][0])
+    trial["status"] = "RUNNING"
+    state["trial_data"][0][0] = json.dumps(trial)
+    snapshot.write_text(json.dumps(state))
+    (folder,) = [p.parent for p in sweep.glob("*/result.json") if trial["trial_id"] in p.read_text()]
+    shutil.rmtree(max(folder.glob("checkpoint_*")))
+    again = result_recorder()
+    study.run_study("mnist-cnn", storage_path=str(tmp_path), name="m", resume=True, callbacks=[again])
+    rows = [json.loads(line) for line in (folder / "result.json").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2] and len(seen.results) == 2 * 3
+    assert [(r["trial_id"], r["epoch"], r["val_error"]) for r in again.results] == \
+        [(r["trial_id"], r["epoch"], r["val_error"]) for r in rows]
 
 
 def test_cifar10_resnet8_smoke_study_with_no_data(local_ray, tmp_path):
