@@ -136,7 +136,8 @@ def check_callbacks(callbacks) -> list:
     if callbacks is None:
         return []
     if not isinstance(callbacks, (list, tuple)) or not all(isinstance(c, tune.Callback) for c in callbacks):
-        got = [type(c).__name__ for c in callbacks] if isinstance(callbacks, (list, tuple)) else type(callbacks)
+        listed = isinstance(callbacks, (list, tuple))
+        got = [type(c).__name__ for c in callbacks] if listed else type(callbacks).__name__
         raise StudyError(f"callbacks must be a list of ray.tune.Callback objects (e.g. "
                          f"ray.air.integrations.mlflow.MLflowLoggerCallback), got {got}")
     return list(callbacks)
