@@ -111,10 +111,13 @@ def trial_configs(args, workload_spec: str, options: dict, version: str) -> tupl
     return base, axes
 
 
-def run_study(workload: str | Workload, **flags) -> str:
+def run_study(workload: str | Workload, *, callbacks: list | None = None, **flags) -> str:
     """Run (or with resume=True and name=..., continue) a study; returns its folder's URI. flags: the CLI's flags
     with underscores (batch_sizes=[32, 64], lrs=[0.1], smoke=True, storage_path=..., data_dir=... for the
-    workload's own options). Raises StudyError on bad input; a trial's failure is in the stored results."""
+    workload's own options). callbacks: Ray Tune callbacks (ray.tune.Callback, e.g. Ray's MLflowLoggerCallback or
+    WandbLoggerCallback), given to every stage's Tuner after the study's own; a resumed study runs with those given
+    now. Raises StudyError on bad input; a trial's failure is in the stored results."""
+    tune_callbacks = check_callbacks(callbacks)
     spec = workload if isinstance(workload, str) else spec_of(workload)
     found = resolve(spec)
     args = parser(found).parse_args([spec])
@@ -122,7 +125,22 @@ def run_study(workload: str | Workload, **flags) -> str:
     if unknown:
         raise StudyError(f"unknown flags {', '.join(unknown)}; see python -m study run {found.name} --help")
     vars(args).update(flags)
-    return execute(args, found)[1]
+    return execute(args, found, tune_callbacks)[1]
+
+
+def check_callbacks(callbacks) -> list:
+    """run_study's and run_steps' callbacks= as a list of Tune callbacks (kept out of the stored arguments: they
+    are objects, not flags)."""
+    from ray import tune
+
+    if callbacks is None:
+        return []
+    if not isinstance(callbacks, (list, tuple)) or not all(isinstance(c, tune.Callback) for c in callbacks):
+        listed = isinstance(callbacks, (list, tuple))
+        got = [type(c).__name__ for c in callbacks] if listed else type(callbacks).__name__
+        raise StudyError(f"callbacks must be a list of ray.tune.Callback objects (e.g. "
+                         f"ray.air.integrations.mlflow.MLflowLoggerCallback), got {got}")
+    return list(callbacks)
 
 
 def spec_of(workload: Workload) -> str:
@@ -151,8 +169,9 @@ def start(args, workload: Workload, kind: str, suffix: str = "") -> argparse.Nam
 
 
 @lease.released_at_end()  # the study folder's lease, taken in open_study
-def execute(args, workload: Workload) -> tuple[int, str]:
-    """The study of parsed flags: (exit status, folder URI). Exit 1 when a trial failed or ran out of memory."""
+def execute(args, workload: Workload, tune_callbacks: list = ()) -> tuple[int, str]:
+    """The study of parsed flags: (exit status, folder URI). Exit 1 when a trial failed or ran out of memory.
+    tune_callbacks: the user's Tune callbacks (run_study's callbacks=), after the study's own in every stage."""
     from ray import tune
 
     from study.console import StudyConsole, finished, started
@@ -187,7 +206,7 @@ def execute(args, workload: Workload) -> tuple[int, str]:
                                        "args": vars(args), "code_version": version, "resources_per_trial": resources,
                                        "data": {s: len(splits[s][0]) for s in splits}})
     if searching:
-        axes["lr"] = [searched_lr(args, workload, folder, base, resources, splits)]
+        axes["lr"] = [searched_lr(args, workload, folder, base, resources, splits, tune_callbacks)]
     if not args.resume:
         folder.write_json(M.WORKLOAD_FILE, dict(describe(workload, splits), axes=axes))
         key = [workload.primary] + [m for m in metric_names if m != workload.primary]
@@ -205,11 +224,12 @@ def execute(args, workload: Workload) -> tuple[int, str]:
         callbacks.append(StudyConsole(STAGE, columns, [workload.primary]))
     # Memory-mapped splits never travel: each trial opens the files itself (study.run_workload).
     results = run_stage(train_workload, space, folder=folder, stage=STAGE, args=args, resources=resources,
-                        data=None if workload.memory_mapped else splits, callbacks=callbacks)
+                        data=None if workload.memory_mapped else splits, callbacks=[*callbacks, *tune_callbacks])
     return finished(folder.uri, results), folder.uri
 
 
-def searched_lr(args, workload: Workload, folder, base: dict, resources: dict, splits: dict) -> float:
+def searched_lr(args, workload: Workload, folder, base: dict, resources: dict, splits: dict,
+                tune_callbacks: list = ()) -> float:
     """--lr-search: the workload's search stages (study.lr_search); a --resume reads back the rate they chose."""
     from study.console import StudyConsole
     from study.lr_search import search
@@ -222,7 +242,8 @@ def searched_lr(args, workload: Workload, folder, base: dict, resources: dict, s
 
     def run(stage, space):
         return run_stage(train_workload, space, folder=folder, stage=stage, args=args, resources=resources,
-                         data=splits, callbacks=[] if args.verbose else [StudyConsole(stage, ["lr"], [select])])
+                         data=splits, callbacks=[*([] if args.verbose else [StudyConsole(stage, ["lr"], [select])]),
+                                                 *tune_callbacks])
 
     chosen = search(workload, args, base, run, folder)
     folder.write_json(M.CHOSEN_FILE, chosen)

@@ -50,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     grid.add_argument("--lr", type=float, default=None, help="use this learning rate for every target; skips stage 1")
     grid.add_argument("--lr-grid", type=float, nargs="+", default=None, help="stage 1 coarse grid")
     grid.add_argument("--fine-factors", type=float, nargs="+", default=None, help="stage 1 fine grid, x best lr")
-    grid.add_argument("--lr-search-batch", type=int, default=SEARCH["batch_size"])
+    grid.add_argument("--lr-search-batch", type=int, default=SEARCH["batch_size"],
+                      help=f"stage 1 batch size (default {SEARCH['batch_size']}, the original's)")
     grid.add_argument("--select-on", choices=("val", "test"), default="val",
                       help="stage 1 selects on the validation split (default) or, as the original, the test set")
     grid.add_argument("--optimizer", default=workload.defaults["optimizers"][0], help=f"one of {', '.join(OPTIMIZERS)}")

@@ -173,9 +173,11 @@ def trial_name(trial) -> str:
     return f"batch={c['batch_size']}_config={c[CONFIG]}_{trial.trial_id.rsplit('_', 1)[-1]}"
 
 
-def run_steps(workload: str | Workload, **flags) -> str:
+def run_steps(workload: str | Workload, *, callbacks: list | None = None, **flags) -> str:
     """Run (or with resume=True and name=..., continue) a steps-to-result study; returns its folder's URI. flags:
-    the CLI's flags with underscores (goal=["val_error=0.02"], configs=8, batch_sizes=[32, 64], smoke=True, ...)."""
+    the CLI's flags with underscores (goal=["val_error=0.02"], configs=8, batch_sizes=[32, 64], smoke=True, ...).
+    callbacks: Ray Tune callbacks, given to the Tuner after the study's own (as study.run_study's)."""
+    tune_callbacks = api.check_callbacks(callbacks)
     spec = workload if isinstance(workload, str) else api.spec_of(workload)
     found = resolve(spec)
     args = parser(found).parse_args([spec])
@@ -183,12 +185,13 @@ def run_steps(workload: str | Workload, **flags) -> str:
     if unknown:
         raise StudyError(f"unknown flags {', '.join(unknown)}; see python -m study steps {found.name} --help")
     vars(args).update(flags)
-    return execute(args, found)[1]
+    return execute(args, found, tune_callbacks)[1]
 
 
 @lease.released_at_end()  # the study folder's lease, taken in open_study
-def execute(args, workload: Workload) -> tuple[int, str]:
-    """The study of parsed flags: (exit status, folder URI). Exit 1 when a trial failed."""
+def execute(args, workload: Workload, tune_callbacks: list = ()) -> tuple[int, str]:
+    """The study of parsed flags: (exit status, folder URI). Exit 1 when a trial failed. tune_callbacks: the
+    user's Tune callbacks (run_steps' callbacks=), after the study's own."""
     from ray import tune
 
     from study.console import finished, started
@@ -257,7 +260,7 @@ def execute(args, workload: Workload) -> tuple[int, str]:
     if not args.verbose:
         callbacks.append(StepsConsole(STAGE, ["batch_size", CONFIG], [goal["metric"], S.STEP]))
     results = run_stage(train_steps, space, folder=folder, stage=STAGE, args=args, resources=resources,
-                        data=splits, callbacks=callbacks, run_names=trial_name, stop=stopper)
+                        data=splits, callbacks=[*callbacks, *tune_callbacks], run_names=trial_name, stop=stopper)
     save_stopped(folder, stopper, results)
     return finished(folder.uri, results), folder.uri
 

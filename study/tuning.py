@@ -41,7 +41,9 @@ def add_common_args(parser: argparse.ArgumentParser, *, gpus_per_trial: float) -
                            help=f"GPU share per trial, at most 1 (a trial trains on one GPU); fractions pack trials "
                                 f"on one GPU (default {gpus_per_trial}); falls back to CPU on a local machine with "
                                 "no GPU")
-    ray_group.add_argument("--cpus-per-trial", type=float, default=1.0)
+    ray_group.add_argument("--cpus-per-trial", type=float, default=1.0,
+                           help="CPUs Ray reserves for each trial (default 1): a node runs as many trials at once as "
+                                "its CPUs hold at this share (and its GPUs at --gpus-per-trial)")
     ray_group.add_argument("--num-cpus", type=int, default=None,
                            help="CPUs of the local Ray instance started when no --address is given (default: all)")
     ray_group.add_argument("--max-failures", type=int, default=3,
@@ -265,8 +267,9 @@ def fit_resources(args) -> dict:
 def run_stage(trainable, param_space: dict, *, folder: StudyFolder, stage: str, args, resources: dict,
               data: dict, search_alg=None, num_samples: int = 1, callbacks: list = (), run_names=None, stop=None):
     """Run (or, with --resume, continue) one Tune experiment of the study; returns its ResultGrid.
-    callbacks: the study's loggers and console (study.console.stage_callbacks); run_names: a
-    study.tensorboard.RunName naming the trial folders; stop: a tune.Stopper (the steps study's rule)."""
+    callbacks: the study's loggers and console (study.console.stage_callbacks), then a user's Tune callbacks; a
+    resumed stage runs with those given now; run_names: a study.tensorboard.RunName naming the trial folders;
+    stop: a tune.Stopper (the steps study's rule)."""
     from ray import tune
 
     from study.console import tune_console
@@ -297,6 +300,8 @@ def run_stage(trainable, param_space: dict, *, folder: StudyFolder, stage: str, 
         tuner = tune.Tuner.restore(path, trainable=wrapped, resume_errored=args.retry_errored)
         if stop is not None:  # restore brings back the stopper pickled at the start; the caller's knows the results
             tuner._local_tuner.get_run_config().stop = stop
+        # Likewise the callbacks pickled at the start: those given now replace them (a user's, a new terminal's console)
+        tuner._local_tuner.get_run_config().callbacks = [StoredOnce(), *callbacks]
     else:
         tuner = tune.Tuner(
             wrapped,

@@ -26,6 +26,22 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.fixture
+def result_recorder():
+    """The class of a Tune callback of a user's own (study.run_study's callbacks=) that keeps every result Tune
+    gives it."""
+    from ray import tune
+
+    class Recorder(tune.Callback):
+        def __init__(self):
+            self.results = []
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.results.append(dict(result))
+
+    return Recorder
+
+
 @pytest.fixture(scope="session")
 def mnist_smoke(tmp_path_factory):
     """(study folder, stdout) of `python -m study.mnist --smoke`, as a user runs it, in its own process with a Ray

@@ -13,13 +13,14 @@ from study.errors import StudyError
 from study.workload import WORKLOADS, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = "examples/digits_workload.py"
 RESOURCES = {"address", "cpus_per_trial", "gpus_per_trial", "max_failures", "max_trials", "name", "num_cpus",
              "resume", "retry_errored", "storage_path", "verbose"}
 ORIGINAL_OWN = {"targets", "lr", "lr_grid", "fine_factors", "lr_search_batch", "select_on", "optimizer",  # mnist
                 "sgd_lrs", "adam_lrs", "seeds", "no_amp", "checkpoint_every"}  # pcam (its --seeds is a count)
 
 
-def parser_of(parse_args) -> argparse.ArgumentParser:
+def parser_of(parse_args, argv=()) -> argparse.ArgumentParser:
     """The parser an original study's parse_args builds (it returns only the parsed arguments)."""
     seen = {}
     original = argparse.ArgumentParser.parse_args
@@ -30,7 +31,7 @@ def parser_of(parse_args) -> argparse.ArgumentParser:
 
     argparse.ArgumentParser.parse_args = grab
     try:
-        parse_args([])
+        parse_args(list(argv))
     finally:
         argparse.ArgumentParser.parse_args = original
     return seen["parser"]
@@ -68,6 +69,20 @@ def test_every_flag_of_every_command_is_the_table_s_or_the_workload_s_option():
                 assert tuple(action.choices or ()) == o.choices, (command, dest)
             else:
                 assert command.startswith("steps") or dest == "lr_search", (command, dest)
+
+
+def test_every_flag_of_every_command_has_a_help():
+    from analysis import report
+
+    commands = [(command, parser) for command, parser, _ in parsers()]
+    commands += [("run " + EXAMPLE, api.parser(resolve(str(ROOT / EXAMPLE)))),
+                 ("steps " + EXAMPLE, steps_study.parser(resolve(str(ROOT / EXAMPLE)))),
+                 ("analysis.report", parser_of(report.parse_args, ["STUDY"]))]
+    for command, parser in commands:
+        for action in parser._actions:
+            assert action.help and action.help.strip() and action.help != argparse.SUPPRESS, \
+                (command, action.option_strings or action.dest)
+        parser.format_help()  # every help formats (a bare % in one raises here)
 
 
 def test_no_command_defines_a_shared_flag_again():

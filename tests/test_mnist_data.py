@@ -1,5 +1,6 @@
 import gzip
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,6 +109,21 @@ def test_synthetic_digits_are_deterministic_and_digit_like():
     eights, ones = a.train_x[a.train_y == 8], a.train_x[a.train_y == 1]
     assert eights.mean() > ones.mean()  # an 8 has more strokes than a 1
     assert not np.array_equal(a.train_x, mnist.synthetic(200, 20, seed=2).train_x)
+
+
+def test_smoke_digits_go_through_the_idx_reader(tmp_path, monkeypatch):
+    """load_synthetic writes the four idx files (the same bytes as MNIST's format, checked against this file's own
+    writer) and reads them back with load(); the temporary folder is gone after."""
+    images = mnist.synthetic(30, 10).train_x
+    mnist.write_idx(tmp_path / "ours", images)
+    write_idx(tmp_path / "theirs", images, 2051)
+    assert (tmp_path / "ours").read_bytes() == (tmp_path / "theirs").read_bytes()
+    read, folders = mnist.load, []
+    monkeypatch.setattr(mnist, "load", lambda folder: folders.append(folder) or read(folder))
+    data, expected = mnist.load_synthetic(40, 12, seed=5), mnist.synthetic(40, 12, seed=5)
+    assert len(folders) == 1 and not Path(folders[0]).exists()
+    for key in ("train_x", "train_y", "test_x", "test_y"):
+        assert np.array_equal(getattr(data, key), getattr(expected, key)), key
 
 
 def test_target_stats_are_box_plot_statistics():

@@ -123,6 +123,23 @@ def ray_help(*subcommand: str) -> str:
 
 
 @pytest.mark.slow
+def test_python_imports_in_the_documents_exist():
+    """Each `import X` and `from X import Y` of a ```python block imports (the README's MLflow callback: Ray's own
+    class, which imports without mlflow)."""
+    import importlib
+
+    found = 0
+    for name, text in TEXTS.items():
+        for block in re.findall(r"```python\n(.*?)```", text, re.S):
+            for module, names in re.findall(r"^from ([\w.]+) import ([\w, ]+)$", block, re.M):
+                for item in names.split(","):
+                    assert hasattr(importlib.import_module(module), item.strip()), (name, module, item)
+                    found += 1
+            for module in re.findall(r"^import ([\w.]+)$", block, re.M):
+                importlib.import_module(module)
+    assert found  # the README's example is among them
+
+
 def test_ray_commands_use_flags_that_exist():
     checked = 0
     for sub in (["up"], ["down"], ["exec"], ["attach"], ["job", "submit"], ["job", "logs"]):

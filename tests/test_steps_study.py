@@ -12,6 +12,7 @@ import torch
 from study import steps as S
 from study.__main__ import main
 from study.config import TrainConfig
+from study.errors import StudyError
 from study.steps_trial import BUDGET, CHANCE, CONFIG, GOAL, STEPS_TO_RESULT, run_steps
 from study.workload import resolve
 from tensorboard_checks import session_groups
@@ -176,6 +177,22 @@ def test_steps_study_through_tune(local_ray, tmp_path, monkeypatch, tensorboard_
     assert main(["steps", DIGITS, "--storage-path", str(tmp_path), "--name", "digits", "--resume"]) == 0
     assert {p: p.read_bytes() for p in study.glob("steps/*/result.json")} == before
     assert (study / "steps" / "stopped_by_rule.json").read_text() == stopped_before
+
+
+@pytest.mark.slow
+def test_run_steps_from_python_gives_a_tune_callback_every_result(local_ray, tmp_path, result_recorder):
+    import study
+
+    seen = result_recorder()
+    uri = study.run_steps(DIGITS, smoke=True, configs=1, batch_sizes=[16], budget_epochs=1.0, gpus_per_trial=0,
+                          storage_path=str(tmp_path), name="s", callbacks=[seen])
+    rows = [r for trial_rows in stored(Path(uri)).values() for r in trial_rows]
+    assert len(rows) >= 2 and rows[-1]["step"] > 0
+    key = lambda r: (r["trial_id"], r["training_iteration"], r["step"], r["val_error"])  # noqa: E731
+    assert sorted(map(key, seen.results)) == sorted(map(key, rows))
+    with pytest.raises(StudyError, match="callbacks must be a list of ray.tune.Callback"):
+        study.run_steps(DIGITS, smoke=True, storage_path=str(tmp_path), name="t", callbacks=[print])
+    assert not (tmp_path / "t").exists()
 
 
 def test_resume_rebuilds_the_rule_from_stored_rows_and_keeps_earlier_stops(tmp_path):

@@ -162,6 +162,46 @@ def test_cifar_reader_and_workload_load(tmp_path):
     assert np.array_equal(splits["val"][0], data["train"][0][70:])
 
 
+def test_cifar_smoke_set_is_cifars_own_files(tmp_path):
+    """make_synthetic writes what torchvision's cifar-10-batches-py holds: five training batches, test_batch and
+    batches.meta, each a plain dict with bytes keys, the images a uint8 array, labels and file names lists; the
+    classes are learnable (a nearest-mean-colour rule gets the test batch right)."""
+    folder = cifar.make_synthetic(tmp_path / cifar.FOLDER, per_batch=30, n_test=40, seed=1)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*cifar.TRAIN_FILES, cifar.TEST_FILE, "batches.meta"])
+    for name in (*cifar.TRAIN_FILES, cifar.TEST_FILE):
+        with open(folder / name, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        assert set(batch) == {b"batch_label", b"data", b"labels", b"filenames"}
+        assert batch[b"data"].dtype == np.uint8 and batch[b"data"].shape == (40 if name == cifar.TEST_FILE else 30,
+                                                                             3072)
+        assert all(type(v) is int for v in batch[b"labels"]) and all(type(v) is bytes for v in batch[b"filenames"])
+    with open(folder / "batches.meta", "rb") as f:
+        meta = pickle.load(f, encoding="bytes")
+    assert meta == {b"num_cases_per_batch": 30, b"label_names": [n.encode() for n in cifar.LABEL_NAMES],
+                    b"num_vis": 3072}
+    data = cifar.load(folder)
+    (x, y), (tx, ty) = data["train"], data["test"]
+    means = np.stack([x[y == c].reshape(-1, 3, 1024).mean(axis=(0, 2)) for c in range(10)])
+    guess = np.argmin(((tx.reshape(-1, 3, 1024).mean(axis=2)[:, None] - means[None]) ** 2).sum(-1), axis=1)
+    assert (guess == ty).mean() > 0.9
+    again = cifar.load_synthetic(per_batch=30, n_test=40, seed=1)
+    assert np.array_equal(again["train"][0], x) and np.array_equal(again["test"][1], ty)
+
+
+@pytest.mark.parametrize("name", list(WORKLOADS))
+def test_every_shipped_workload_loads_its_smoke_data_without_a_data_dir(name):
+    """What --smoke sets reads the workload's generated data (none of the user's), enough for its smoke batch
+    sizes; each workload's smoke study runs end to end in tests/test_workload_studies.py (mnist-cnn,
+    cifar10-resnet8), test_pcam_workload.py and test_mnist_workload.py."""
+    from study.api import check_splits
+
+    workload = resolve(name)
+    options = workload.option_values(workload.smoke.get("options", {}))
+    assert options["data_dir"] == "" and options["synthetic"] is True
+    splits = check_splits(workload.load(options), workload)
+    assert max(workload.smoke["batch_sizes"]) <= len(splits["train"][0])
+
+
 @pytest.mark.parametrize("corrupt, message", [
     (lambda p: p.write_bytes(b"\x80\x04truncated"), "cannot read"),
     (lambda p: p.write_bytes(pickle.dumps([1, 2])), "not a CIFAR-10 batch"),
@@ -220,6 +260,9 @@ def test_run_study_refuses_unknown_flags(tmp_path):
 
     with pytest.raises(StudyError, match="unknown flags bogus"):
         run_study("mnist-cnn", bogus=1, storage_path=str(tmp_path))
+    for bad in (print, [print], ["MLflowLoggerCallback"]):  # a Tune callback object is wanted, not its name
+        with pytest.raises(StudyError, match=r"callbacks must be a list of ray.tune.Callback objects"):
+            run_study("mnist-cnn", smoke=True, storage_path=str(tmp_path), callbacks=bad)
     assert not any(tmp_path.iterdir())
 
 

@@ -1,9 +1,11 @@
 """Workload studies end to end through `python -m study run` (study.__main__.main, in this process on one small
 Ray): the two examples, mnist-cnn and cifar10-resnet8 smoke studies, what they store, TensorBoard's HPARAMS; and
-mnist-cnn on real MNIST reaching under 2 % validation error (without Ray)."""
+mnist-cnn on real MNIST reaching under 2 % validation error (without Ray). The other shipped workloads' smoke
+studies: tests/test_pcam_workload.py (pcam) and tests/test_mnist_workload.py (mnist-regression, with --lr-search)."""
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 import torch
 
 from study.__main__ import main
-from study.data import cifar
+from study.workload import resolve
 from tensorboard_checks import session_groups
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,34 +134,72 @@ def test_tabular_example_end_to_end_with_its_option_and_auc_in_tensorboard_and_t
         assert metrics[batch].final_val_auc_low < metrics[batch].final_val_auc_high  # two seeds: an interval
 
 
-def test_mnist_cnn_smoke_study_from_python(local_ray, tmp_path):
+def test_mnist_cnn_smoke_study_from_python_with_a_tune_callback(local_ray, tmp_path, result_recorder):
     import study
 
-    uri = study.run_study("mnist-cnn", smoke=True, storage_path=str(tmp_path), name="m")  # as a notebook would
+    seen = result_recorder()
+    uri = study.run_study("mnist-cnn", smoke=True, storage_path=str(tmp_path), name="m",  # as a notebook would
+                          callbacks=[seen])
     assert Path(uri) == tmp_path / "m"
     described = check_stored(tmp_path / "m", "mnist-cnn", trials=2, epochs=2)
     assert described["goals"] == [{"metric": "val_error", "value": 0.01, "higher_is_better": False}]
     assert described["chance"]["val_error"] == 0.9
+    # The user's callback saw every row the study stored, with its values; the study's own callbacks ran too
+    # (the TensorBoard files are theirs), and study.json holds flags, not callbacks.
+    stored = sorted((r["trial_id"], r["training_iteration"], r["val_error"])
+                    for rows in study_rows(tmp_path / "m").values() for r in rows)
+    assert len(stored) == 2 * 3 and sorted((r["trial_id"], r["training_iteration"], r["val_error"])
+                                           for r in seen.results) == stored
+    assert all(list(p.parent.glob("events.out.tfevents.*")) for p in (tmp_path / "m").glob("sweep/*/result.json"))
+    assert "callbacks" not in json.loads((tmp_path / "m" / "study.json").read_text())["args"]
+
+    # A resumed study runs with the callbacks given now, not those Tune pickled at the start: one trial, marked
+    # running in Tune's last snapshot with its latest checkpoint gone, trains again and reports to the new one.
+    sweep = tmp_path / "m" / "sweep"
+    snapshot = max(sweep.glob("experiment_state-*.json"))
+    state = json.loads(snapshot.read_text())
+    trial = json.loads(state["trial_data"][0][0])
+    trial["status"] = "RUNNING"
+    state["trial_data"][0][0] = json.dumps(trial)
+    snapshot.write_text(json.dumps(state))
+    (folder,) = [p.parent for p in sweep.glob("*/result.json") if trial["trial_id"] in p.read_text()]
+    shutil.rmtree(max(folder.glob("checkpoint_*")))
+    again = result_recorder()
+    study.run_study("mnist-cnn", storage_path=str(tmp_path), name="m", resume=True, callbacks=[again])
+    rows = [json.loads(line) for line in (folder / "result.json").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2] and len(seen.results) == 2 * 3
+    assert [(r["trial_id"], r["epoch"], r["val_error"]) for r in again.results] == \
+        [(r["trial_id"], r["epoch"], r["val_error"]) for r in rows]
 
 
-def write_cifar(folder: Path, per_batch: int) -> None:
-    """CIFAR-10's own pickle format, images whose class shows in their mean colour (learnable in a few steps)."""
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name in (*cifar.TRAIN_FILES, cifar.TEST_FILE):
-        labels = rng.integers(0, 10, per_batch)
-        images = rng.integers(0, 100, (per_batch, 3, 32, 32)) + (labels * 15)[:, None, None, None]
-        cifar.write_batch(folder / name, images.astype(np.uint8), labels)
-
-
-def test_cifar10_resnet8_smoke_study_on_generated_pickles(local_ray, tmp_path):
-    write_cifar(tmp_path / "data" / cifar.FOLDER, per_batch=60)
-    assert main(["run", "cifar10-resnet8", "--smoke", "--data-dir", str(tmp_path / "data"), "--storage-path",
-                 str(tmp_path), "--name", "c"]) == 0
+def test_cifar10_resnet8_smoke_study_with_no_data(local_ray, tmp_path):
+    """--smoke writes a generated set in CIFAR-10's own files to a temporary folder and reads it back through the
+    CIFAR reader (study.data.cifar.load_synthetic): no --data-dir needed."""
+    assert main(["run", "cifar10-resnet8", "--smoke", "--storage-path", str(tmp_path), "--name", "c"]) == 0
     described = check_stored(tmp_path / "c", "cifar10-resnet8", trials=2, epochs=2)
     assert described["goals"][0] == {"metric": "val_error", "value": 0.3, "higher_is_better": False}
     saved = json.loads((tmp_path / "c" / "study.json").read_text())
-    assert saved["data"] == {"train": 172, "val": 128, "test": 60}
+    assert saved["data"] == {"train": 256, "val": 128, "test": 100}
+    assert saved["args"]["synthetic"] is True and saved["args"]["data_dir"] == ""
+
+
+def test_least_squares_smoke_study_learns_towards_the_exact_floor(local_ray, tmp_path):
+    """The known-answer workload through Tune: it stores what it declares, and SGD's loss falls from its exact
+    start (sum h_i w*_i^2 / 2 + noise^2 / 2) towards the floor noise^2 / 2, never below it by more than noise."""
+    from study.workloads import least_squares as ls
+
+    assert main(["run", "least-squares", "--smoke", "--storage-path", str(tmp_path), "--name", "ls"]) == 0
+    described = json.loads((tmp_path / "ls" / "workload.json").read_text())
+    assert described["primary"] == "val_loss" and described["splits"] == ["val"]
+    assert len(study_rows(tmp_path / "ls")) == 2
+    options = resolve("least-squares").option_values({"train_size": 4096, "val_size": 1024})
+    h, w_star = ls.problem(options)
+    start, floor = ls.population_loss(-w_star, h, 0.25), 0.25 / 2
+    for trial_rows in study_rows(tmp_path / "ls").values():
+        assert [r["epoch"] for r in trial_rows] == [0, 1] and trial_rows[-1]["status"] == "done"
+        first, last = trial_rows[0]["val_loss"], trial_rows[-1]["val_loss"]
+        assert first == pytest.approx(start, rel=0.15)  # zero weights on 1,024 validation examples
+        assert 0.8 * floor < last < first / 2
 
 
 def test_mnist_cnn_reaches_two_percent_validation_error_on_real_mnist(mnist_dir):

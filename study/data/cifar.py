@@ -2,10 +2,12 @@
 
 Each of data_batch_1..5 and test_batch is a pickled dict with b"data", (N, 3072) uint8 rows of 32x32 RGB images
 stored channel by channel, and b"labels", N ints in 0..9. Pickles can run code when read: read only the files you
-downloaded yourself (`--download` fetches them through torchvision).
+downloaded yourself (`--download` fetches them through torchvision). `load_synthetic` writes a small generated set in
+the same format and reads it back through `load`: what `--smoke` trains on.
 """
 
 import pickle
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,8 @@ from study.errors import StudyError
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
+META_FILE = "batches.meta"
+LABEL_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 FETCH_HINT = "pass --download to fetch CIFAR-10 through torchvision, or --data-dir pointing at cifar-10-batches-py"
 
 
@@ -80,3 +84,33 @@ def write_batch(path: Path, images: np.ndarray, labels) -> None:
         pickle.dump({b"batch_label": path.name.encode(), b"data": images.reshape(len(images), -1),
                      b"labels": [int(v) for v in labels], b"filenames": [b"%d.png" % i for i in range(len(images))]},
                     f)
+
+
+# One colour per class (RGB, 0..255): a generated image is its class's colour under noise, learnable in a few steps.
+_COLOURS = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40], [200, 40, 200], [40, 200, 200],
+                     [230, 230, 230], [30, 30, 30], [230, 130, 30], [120, 60, 180]], np.float32)
+
+
+def make_synthetic(folder, per_batch: int = 80, n_test: int = 100, seed: int = 0) -> Path:
+    """A small CIFAR-10-like set in CIFAR-10's own files (data_batch_1..5, test_batch, batches.meta), deterministic
+    for a seed; returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name, n in [(name, per_batch) for name in TRAIN_FILES] + [(TEST_FILE, n_test)]:
+        labels = rng.integers(0, 10, n)
+        noise = rng.normal(0, 40, (n, 3, 32, 32))
+        images = np.clip(_COLOURS[labels][:, :, None, None] + noise, 0, 255).astype(np.uint8)
+        write_batch(folder / name, images, labels)
+    with open(folder / META_FILE, "wb") as f:
+        pickle.dump({b"num_cases_per_batch": per_batch, b"label_names": [n.encode() for n in LABEL_NAMES],
+                     b"num_vis": 3 * 32 * 32}, f)
+    return folder
+
+
+def load_synthetic(per_batch: int = 80, n_test: int = 100, seed: int = 0) -> dict:
+    """`load` of a generated set, written to a fresh temporary folder (removed after): the smoke runs' data go
+    through the same reader and checks as CIFAR-10's own files, and never through files someone else could have
+    placed in a shared folder."""
+    with tempfile.TemporaryDirectory(prefix="cifar10-smoke-") as root:
+        return load(make_synthetic(Path(root) / FOLDER, per_batch, n_test, seed))

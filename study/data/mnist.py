@@ -1,4 +1,5 @@
-"""MNIST: find and verify the four idx files, compute the regression targets, make synthetic digits for smoke runs.
+"""MNIST: find and verify the four idx files, compute the regression targets, make synthetic digits for smoke runs
+(`load_synthetic` writes them as the four idx files and reads them back through `load`).
 
 Read once by the driver (`python -m study.mnist`), verified before Ray starts, then shared with every trial
 through Ray's object store. Nothing here touches the network unless `download` is called.
@@ -6,6 +7,7 @@ through Ray's object store. Nothing here touches the network unless `download` i
 
 import gzip
 import sys
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,3 +175,23 @@ def synthetic(n_train: int = 512, n_test: int = 128, seed: int = 0) -> Mnist:
     train_x, train_y = make(n_train)
     test_x, test_y = make(n_test)
     return Mnist(train_x, train_y, test_x, test_y)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """One uint8 array as an idx file: the magic number (0, 0, 8 for unsigned bytes, the number of dimensions),
+    each dimension as a big-endian 4-byte integer, then the bytes."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    Path(path).write_bytes(header + array.tobytes())
+
+
+def load_synthetic(n_train: int = 512, n_test: int = 128, seed: int = 0) -> Mnist:
+    """`synthetic` digits written as the four idx files to a fresh temporary folder (removed after) and read back
+    by `load`: the smoke runs' data go through the same reader and checks as MNIST's own files."""
+    data = synthetic(n_train, n_test, seed)
+    arrays = {"train_images": data.train_x, "train_labels": data.train_y, "test_images": data.test_x,
+              "test_labels": data.test_y}
+    with tempfile.TemporaryDirectory(prefix="mnist-smoke-") as folder:
+        for key, name in FILES.items():
+            write_idx(Path(folder) / name, arrays[key])
+        return load(folder)

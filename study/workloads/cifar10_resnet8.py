@@ -4,7 +4,8 @@ with --blocks n (n=3: ResNet-20). Augmentation: pad 4 and random 32x32 crop, ran
 device.
 
 `python -m study run cifar10-resnet8 --data-dir DIR` (the cifar-10-batches-py folder, or its parent; --download
-fetches it). The validation split is the last --val-size training images; the test split is CIFAR-10's own.
+fetches it), or `--smoke` on generated CIFAR-10 files (study.data.cifar.load_synthetic). The validation split is the
+last --val-size training images; the test split is CIFAR-10's own.
 """
 
 import torch
@@ -19,15 +20,18 @@ STD = (0.2470, 0.2435, 0.2616)
 
 
 def load(options: dict) -> dict:
-    if not options["data_dir"]:
-        raise StudyError("no data: pass --data-dir DIR (add --download to fetch CIFAR-10 there)")
-    try:
-        data = cifar.load(options["data_dir"])
-    except StudyError:
-        if not options["download"]:
-            raise
-        cifar.download(options["data_dir"])
-        data = cifar.load(options["data_dir"])
+    if options["synthetic"]:
+        data = cifar.load_synthetic()
+    elif not options["data_dir"]:
+        raise StudyError("no data: pass --data-dir DIR (add --download to fetch CIFAR-10 there), or --smoke")
+    else:
+        try:
+            data = cifar.load(options["data_dir"])
+        except StudyError:
+            if not options["download"]:
+                raise
+            cifar.download(options["data_dir"])
+            data = cifar.load(options["data_dir"])
     (x, y), n_val = data["train"], options["val_size"]
     if not 0 < n_val < len(x):
         raise StudyError(f"--val-size must be in 1..{len(x) - 1}, got {n_val}")
@@ -97,9 +101,10 @@ workload = Workload(
     defaults=dict(batch_sizes=[32, 64, 128, 256, 512, 1024], optimizers=["nesterov"], lrs=[0.05, 0.1, 0.2],
                   epochs=30, seeds=[0, 1, 2], momentum=0.9, weight_decay=5e-4, schedule="cosine"),
     smoke=dict(batch_sizes=[32, 64], optimizers=["nesterov"], lrs=[0.05], epochs=2, seeds=[0],
-               options={"val_size": 128, "train_limit": 256}),
+               options={"synthetic": True, "val_size": 128, "train_limit": 256}),
     options=(Option("data_dir", str, "", "the cifar-10-batches-py folder, or the folder holding it"),
              Option("download", bool, False, "fetch CIFAR-10 through torchvision into --data-dir"),
+             Option("synthetic", bool, False, "generated CIFAR-10 files instead of CIFAR-10 (what --smoke uses)"),
              Option("val_size", int, 5000, "the last N training images are the validation split"),
              Option("train_limit", int, 0, "train on the first N of the remaining training images (0: all)"),
              Option("blocks", int, 1, "residual blocks per stage: ResNet-(6n+2), 1 is ResNet-8, 3 ResNet-20")),

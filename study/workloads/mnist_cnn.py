@@ -18,7 +18,7 @@ MEAN, STD = 0.1307, 0.3081  # MNIST's pixel mean and standard deviation on the 0
 
 def load(options: dict) -> dict:
     if options["synthetic"]:
-        data = mnist_data.synthetic(1024 + options["val_size"], 256)
+        data = mnist_data.load_synthetic(1024 + options["val_size"], 256)
     elif not options["data_dir"]:
         raise StudyError("no data: pass --data-dir DIR (add --download to fetch MNIST there), or --smoke")
     else:

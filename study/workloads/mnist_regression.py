@@ -30,7 +30,7 @@ SCALES = ("raw", "unit")  # raw: pixels and statistics on 0..255 (the original);
 def read(options: dict) -> mnist_data.Mnist:
     """The images: built-in synthetic digits, or the idx files (fetched with --download when absent)."""
     if options["synthetic"]:
-        return mnist_data.synthetic(512 + options["val_size"], 128)
+        return mnist_data.load_synthetic(512 + options["val_size"], 128)
     if not options["data_dir"]:
         raise StudyError("no data: pass --data-dir DIR (add --download to fetch MNIST there), or --smoke")
     try:
