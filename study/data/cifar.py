@@ -35,10 +35,14 @@ def find_folder(data_dir) -> Path:
     raise StudyError(f"no CIFAR-10 batch files in {root} or {root / FOLDER}; {FETCH_HINT}")
 
 
+class _Refused(pickle.UnpicklingError):
+    """A pickle that names what a CIFAR-10 batch never does (as opposed to a damaged one)."""
+
+
 def _latin1(text: str, encoding: str) -> bytes:
     """_codecs.encode as Python 3 pickles bytes with protocol 2, and only that use of it."""
     if encoding != "latin1" or not isinstance(text, str):
-        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r}, which a CIFAR-10 batch never calls")
+        raise _Refused(f"_codecs.encode with {encoding!r}, which a CIFAR-10 batch never calls")
     return text.encode("latin1")
 
 
@@ -59,7 +63,7 @@ class _BatchUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if (module, name) not in _allowed_globals():
-            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR-10 batch never does")
+            raise _Refused(f"it names {module}.{name}, which a CIFAR-10 batch never does")
         return _allowed_globals()[module, name]
 
 
@@ -68,10 +72,11 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
             batch = _BatchUnpickler(f, encoding="bytes").load()
-    except pickle.UnpicklingError as err:
+    except _Refused as err:
         raise StudyError(f"{path} is not a CIFAR-10 batch ({err}); it was not read further: delete the folder and "
                          f"fetch CIFAR-10 again with --download")
-    except (OSError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as err:
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            MemoryError) as err:
         raise StudyError(f"cannot read {path}: {type(err).__name__}: {err} (corrupt or truncated? delete the folder "
                          f"and fetch it again)")
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:

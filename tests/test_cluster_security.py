@@ -1,0 +1,432 @@
+"""cluster.yaml's locks and the IAM policies in cluster/, checked offline (`python -m pytest
+tests/test_cluster_security.py -q`, seconds): the head runs under its own scoped profile, never Ray's full-access
+default; the nodes use the project's key pair, the user's security group (never Ray's, which opens SSH to
+0.0.0.0/0) and IMDSv2; the policies grant EC2 only by the cluster's tag and worker types, PassRole only for the
+workers' role, S3 only on the one bucket; docs/cluster.md opens SSH to the user's address only and never prints the
+token. Each check also runs on broken copies, so a check that can no longer fail is caught. What leaves the laptop
+is checked through Ray's own packer (`ray job submit --working-dir .`) and rsync filter (`ray up`)."""
+
+import contextlib
+import copy
+import http.server
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from study import tuning
+from tests.test_cluster_yaml import AUTH_TOKEN, node_setup_commands
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = (REPO / "docs" / "cluster.md").read_text()
+HEAD_PROFILE = "batchsize-study-head"
+RAY_DEFAULT_PROFILE = "ray-autoscaler-v1"
+OPEN = ("0.0.0.0/0", "::/0")
+SECRETS = [".env", ".env.local", "deploy.pem", "id_rsa", ".aws/credentials", ".ssh/id_ed25519", "kaggle.json",
+           ".kaggle/kaggle.json", "study/.env", "minio-credentials", "gcs-credentials.json", ".netrc"]
+
+
+@pytest.fixture
+def config() -> dict:
+    return yaml.safe_load((REPO / "cluster.yaml").read_text())
+
+
+@pytest.fixture
+def head_policy() -> dict:
+    return json.loads((REPO / "cluster" / "head-policy.json").read_text())
+
+
+def worker_types(config: dict) -> dict:
+    return {k: v for k, v in config["available_node_types"].items() if k != config["head_node_type"]}
+
+
+# ---------------------------------------------------------------------------------------------- the config
+
+
+def config_problems(config: dict) -> list[str]:
+    problems = []
+    types = config["available_node_types"]
+    head = types.get(config["head_node_type"], {}).get("node_config", {})
+    profile = head.get("IamInstanceProfile", {})
+    if not profile:
+        problems.append(f"head: no IamInstanceProfile; Ray would create {RAY_DEFAULT_PROFILE} (full EC2, full S3)")
+    elif RAY_DEFAULT_PROFILE in str(profile) or profile != {"Name": HEAD_PROFILE}:
+        problems.append(f"head: IamInstanceProfile {profile}, expected the scoped {HEAD_PROFILE}")
+    key = config.get("provider", {}).get("key_pair", {}).get("key_name", "")
+    if not key or key.startswith("ray-autoscaler"):
+        problems.append(f"provider.key_pair.key_name {key!r}: not the project's own key pair (Ray's default is "
+                        f"shared by every Ray cluster of the account)")
+    groups = {name: node.get("node_config", {}).get("SecurityGroupIds") for name, node in types.items()}
+    if not all(groups.values()) or len({tuple(g) for g in groups.values()}) != 1:
+        problems.append(f"SecurityGroupIds must name the same group on every node type (else Ray creates its own, "
+                        f"SSH open to 0.0.0.0/0): {groups}")
+    for rule in config.get("provider", {}).get("security_group", {}).get("IpPermissions", []):
+        if any(r.get("CidrIp") in OPEN for r in rule.get("IpRanges", [])) or \
+                any(r.get("CidrIpv6") in OPEN for r in rule.get("Ipv6Ranges", [])):
+            problems.append(f"provider.security_group opens {rule} to the world")
+    for name, node in types.items():
+        imds = node.get("node_config", {}).get("MetadataOptions", {})
+        if imds.get("HttpTokens") != "required" or imds.get("HttpEndpoint", "enabled") != "enabled":
+            problems.append(f"{name}: MetadataOptions {imds}; IMDSv2 needs HttpTokens: required")
+    if ".rayignore" not in config.get("rsync_filter", []):
+        problems.append("rsync_filter lacks .rayignore: ray up would sync the secrets it lists")
+    for name, commands in node_setup_commands(config).items():
+        if f"chmod 600 {AUTH_TOKEN}" not in commands:
+            problems.append(f"{name}: no setup command makes {AUTH_TOKEN} readable by its owner only")
+    return problems
+
+
+def project_mounts(config: dict) -> dict[str, str]:
+    return {remote: local for remote, local in config["file_mounts"].items() if (remote, local) != (AUTH_TOKEN,) * 2}
+
+
+def mount_problems(config: dict, elsewhere: Path) -> list[str]:
+    """A project mount that would name something when `ray up` runs from another folder (`elsewhere`) ships
+    that folder: "." from the home folder ships ~/.aws and ~/.ssh."""
+    return [f"file_mounts {remote}: {local!r} exists outside the repository too (run from {elsewhere})"
+            for remote, local in project_mounts(config).items() if (elsewhere / local).exists()]
+
+
+def _no_head_profile(c):
+    del c["available_node_types"]["head"]["node_config"]["IamInstanceProfile"]
+
+
+def _ray_default_profile(c):
+    c["available_node_types"]["head"]["node_config"]["IamInstanceProfile"] = {"Name": RAY_DEFAULT_PROFILE}
+
+
+def _shared_key_pair(c):
+    del c["provider"]["key_pair"]
+
+
+def _worker_without_group(c):
+    del c["available_node_types"]["gpu-4x"]["node_config"]["SecurityGroupIds"]
+
+
+def _world_ssh_rule(c):
+    c["provider"]["security_group"] = {"IpPermissions": [
+        {"FromPort": 22, "ToPort": 22, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}]}
+
+
+def _imdsv1(c):
+    c["available_node_types"]["gpu-1x"]["node_config"]["MetadataOptions"] = {"HttpTokens": "optional"}
+
+
+def _no_rayignore(c):
+    c["rsync_filter"] = [".gitignore"]
+
+
+def _token_mode_left(c):
+    c["setup_commands"] = [cmd for cmd in c["setup_commands"] if "chmod" not in cmd]
+
+
+BROKEN = {"no head profile": (_no_head_profile, "no IamInstanceProfile"),
+          "Ray's default profile": (_ray_default_profile, RAY_DEFAULT_PROFILE),
+          "shared key pair": (_shared_key_pair, "key_pair"),
+          "worker without the group": (_worker_without_group, "SecurityGroupIds"),
+          "SSH from the world": (_world_ssh_rule, "0.0.0.0/0"),
+          "IMDSv1": (_imdsv1, "HttpTokens"),
+          "no .rayignore in the filter": (_no_rayignore, ".rayignore"),
+          "token mode left": (_token_mode_left, "readable by its owner only")}
+
+
+def test_cluster_yaml_is_locked_down(config):
+    assert config_problems(config) == []
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_an_unlocked_config_is_caught(config, case):
+    mutate, fragment = BROKEN[case]
+    broken = copy.deepcopy(config)
+    mutate(broken)
+    assert any(fragment in p for p in config_problems(broken)), config_problems(broken)
+
+
+def test_ray_up_from_another_folder_syncs_nothing(config, tmp_path, monkeypatch):
+    assert mount_problems(config, tmp_path) == [] and mount_problems(config, Path.home()) == []
+    assert mount_problems({"file_mounts": {"~/batchsize-study": "."}}, tmp_path)  # the check can fail
+    # Ray hashes every mount before it syncs one: from elsewhere it stops there, File not found.
+    from ray.autoscaler._private.util import hash_runtime_conf
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        hash_runtime_conf(project_mounts(config), None, {}, generate_file_mounts_contents_hash=True)
+    for local in project_mounts(config).values():
+        assert (REPO / local).resolve() == REPO
+
+
+# ---------------------------------------------------------------------------------------------- the policies
+
+
+def statements(policy: dict) -> list[dict]:
+    return [{**s, "Action": [s["Action"]] if isinstance(s["Action"], str) else s["Action"],
+             "Resource": [s["Resource"]] if isinstance(s["Resource"], str) else s["Resource"]}
+            for s in policy["Statement"]]
+
+
+def policy_problems(policy: dict, config: dict) -> list[str]:
+    """Every grant of the head's policy is scoped: by the cluster's tag, to the workers' role, to the bucket."""
+    problems = []
+    if policy.get("Version") != "2012-10-17":
+        problems.append(f"Version {policy.get('Version')!r}: policy variables and conditions need 2012-10-17")
+    region, cluster = config["provider"]["region"], config["cluster_name"]
+    worker_roles = {n["node_config"]["IamInstanceProfile"]["Name"] for n in worker_types(config).values()}
+    instance_types = sorted({n["node_config"]["InstanceType"] for n in worker_types(config).values()})
+    key = config["provider"]["key_pair"]["key_name"]
+    ami_parameter = config["available_node_types"]["head"]["node_config"]["ImageId"].removeprefix("resolve:ssm:")
+    for s in statements(policy):
+        where = s.get("Sid", s["Action"])
+        if s.get("Effect") != "Allow" or {"NotAction", "NotResource", "NotPrincipal"} & set(s):
+            problems.append(f"{where}: only plain Allow statements are expected")
+        condition = s.get("Condition", {}).get("StringEquals", {})
+        for action in s["Action"]:
+            service, _, verb = action.partition(":")
+            if "*" in action:
+                problems.append(f"{where}: wildcard action {action}")
+            if s["Resource"] == ["*"] and not verb.startswith("Describe"):
+                problems.append(f"{where}: {action} on every resource")
+            if action in ("ec2:TerminateInstances", "ec2:CreateTags") and \
+                    condition.get("ec2:ResourceTag/ray-cluster-name") != cluster and \
+                    condition.get("ec2:CreateAction") != "RunInstances":
+                problems.append(f"{where}: {action} not limited to instances tagged ray-cluster-name={cluster}")
+            if action == "ec2:RunInstances" and any(":instance/" in r for r in s["Resource"]):
+                if condition.get("aws:RequestTag/ray-cluster-name") != cluster:
+                    problems.append(f"{where}: RunInstances of instances not tagged ray-cluster-name={cluster}")
+                if sorted(condition.get("ec2:InstanceType", [])) != instance_types:
+                    problems.append(f"{where}: instance types {condition.get('ec2:InstanceType')}, the worker "
+                                    f"types are {instance_types}")
+            if service == "iam" and (verb != "PassRole" or
+                                     s["Resource"] != [f"arn:aws:iam::ACCOUNT_ID:role/{r}" for r in worker_roles]):
+                problems.append(f"{where}: {action} on {s['Resource']}; only PassRole of {worker_roles}")
+            if service == "ssm" and (verb != "GetParameters" or
+                                     not all(ami_parameter.startswith(r.split(":parameter", 1)[1].rstrip("*"))
+                                             for r in s["Resource"])):
+                problems.append(f"{where}: {action} on {s['Resource']}; only the AMI parameter {ami_parameter}")
+            if service not in ("ec2", "iam", "ssm", "s3"):
+                problems.append(f"{where}: {action}: a service the head does not use")
+        for resource in s["Resource"]:
+            if resource.startswith("arn:aws:s3:::") and resource not in ("arn:aws:s3:::BUCKET",
+                                                                          "arn:aws:s3:::BUCKET/*"):
+                problems.append(f"{where}: S3 resource {resource}, not the study bucket")
+            if resource.startswith(("arn:aws:ec2:", "arn:aws:ssm:")) and resource.split(":")[3] != region:
+                problems.append(f"{where}: {resource} is outside the cluster's region {region}")
+            if ":security-group/" in resource and not resource.endswith("/SG_ID"):
+                problems.append(f"{where}: {resource}: any security group, not the cluster's")
+            if ":key-pair/" in resource and resource.split("key-pair/")[1] != f"{key}*":
+                problems.append(f"{where}: {resource}: a key pair other than {key}")
+    return problems
+
+
+def _everywhere(p):
+    p["Statement"][-1]["Resource"] = "*"
+
+
+def _terminate_anything(p):
+    for s in p["Statement"]:
+        s.pop("Condition", None) if "ec2:TerminateInstances" in s["Action"] else None
+
+
+def _pass_any_role(p):
+    next(s for s in p["Statement"] if s["Action"] == "iam:PassRole")["Resource"] = "arn:aws:iam::ACCOUNT_ID:role/*"
+
+
+def _any_instance_type(p):
+    next(s for s in p["Statement"] if "Condition" in s and "ec2:InstanceType" in s["Condition"]["StringEquals"]
+         )["Condition"]["StringEquals"].pop("ec2:InstanceType")
+
+
+def _s3_wildcard(p):
+    p["Statement"].append({"Effect": "Allow", "Action": "s3:*", "Resource": "arn:aws:s3:::*"})
+
+
+def _any_group(p):
+    for s in p["Statement"]:
+        s["Resource"] = [r.replace("SG_ID", "*") for r in s["Resource"]] if isinstance(s["Resource"], list) \
+            else s["Resource"]
+
+
+POLICY_BROKEN = {"bucket on every resource": (_everywhere, "on every resource"),
+                 "terminate any instance": (_terminate_anything, "TerminateInstances not limited"),
+                 "pass any role": (_pass_any_role, "only PassRole"),
+                 "any instance type": (_any_instance_type, "instance types"),
+                 "S3 wildcard": (_s3_wildcard, "wildcard action s3:*"),
+                 "any security group": (_any_group, "any security group")}
+
+
+def test_the_head_policy_is_scoped(head_policy, config):
+    assert policy_problems(head_policy, config) == []
+    granted = {a for s in statements(head_policy) for a in s["Action"]}
+    # What Ray's AWS node provider calls from the head (ray/autoscaler/_private/aws/node_provider.py).
+    assert {"ec2:RunInstances", "ec2:TerminateInstances", "ec2:CreateTags", "ec2:DescribeInstances",
+            "iam:PassRole", "ssm:GetParameters", "s3:PutObject", "s3:ListBucket"} <= granted
+
+
+@pytest.mark.parametrize("case", sorted(POLICY_BROKEN))
+def test_a_widened_policy_is_caught(head_policy, config, case):
+    mutate, fragment = POLICY_BROKEN[case]
+    broken = copy.deepcopy(head_policy)
+    mutate(broken)
+    assert any(fragment in p for p in policy_problems(broken, config)), policy_problems(broken, config)
+
+
+def test_the_workers_touch_the_bucket_only_and_the_roles_trust_ec2():
+    worker = json.loads((REPO / "cluster" / "worker-policy.json").read_text())
+    resources = {r for s in statements(worker) for r in s["Resource"]}
+    actions = {a for s in statements(worker) for a in s["Action"]}
+    assert resources == {"arn:aws:s3:::BUCKET", "arn:aws:s3:::BUCKET/*"}
+    assert all(a.startswith("s3:") and "*" not in a for a in actions)
+    trust = json.loads((REPO / "cluster" / "ec2-trust.json").read_text())
+    assert [s["Principal"] for s in trust["Statement"]] == [{"Service": "ec2.amazonaws.com"}]
+
+
+# ---------------------------------------------------------------------------------------------- the documented setup
+
+
+def shell_commands(text: str) -> list[str]:
+    """Each command of the document's ```bash blocks, continuation lines joined, trailing comments dropped."""
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    lines = [line for b in blocks for line in re.sub(r"\\\n\s*", " ", b).splitlines()]
+    return [re.sub(r"\s+#.*$", "", line).strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def test_the_docs_set_up_what_cluster_yaml_names(config):
+    commands = shell_commands(DOCS)
+    placeholder = config["available_node_types"]["head"]["node_config"]["SecurityGroupIds"][0]
+    assert any(c.startswith("sed ") and f"s/{placeholder}/$SG_ID/" in c and "cluster.yaml" in c for c in commands)
+    for profile, policy in ((HEAD_PROFILE, "head-policy.json"),
+                            *((n["node_config"]["IamInstanceProfile"]["Name"], "worker-policy.json")
+                              for n in worker_types(config).values())):
+        assert f"aws iam create-instance-profile --instance-profile-name {profile}" in commands
+        assert any(f"put-role-policy --role-name {profile} " in c and f"fill cluster/{policy}" in c
+                   for c in commands), profile
+
+
+def test_the_docs_open_ssh_to_the_users_address_only():
+    ingress = [c for c in shell_commands(DOCS) if "authorize-security-group-ingress" in c]
+    ssh = [c for c in ingress if "--port 22" in c]
+    assert ssh and all(re.search(r'--cidr "\$[(A-Z_].*/32"', c) for c in ssh), ssh
+    assert all(not any(o in c for o in OPEN) for c in ingress)
+    others = [c for c in ingress if c not in ssh]
+    assert others == [c for c in others if '--source-group "$SG_ID"' in c and c.count("--group-id") == 1]
+
+
+def test_no_documented_command_prints_the_token():
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for command in shell_commands(doc.read_text()):
+            if "get-auth-token" in command:
+                assert re.search(r"get-auth-token(\s+--generate)?\s*>\s*/dev/null", command), (doc.name, command)
+    assert "chmod 600 ~/.ray/auth_token" in shell_commands(DOCS)
+
+
+def test_the_token_a_local_study_creates_is_made_private(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    tuning.protect_auth_token()  # no token yet: nothing to do, no error
+    token = tmp_path / ".ray" / "auth_token"
+    token.parent.mkdir()
+    token.write_text("x")
+    token.chmod(0o644)  # as Ray writes it under the usual umask 022
+    tuning.protect_auth_token()
+    assert token.stat().st_mode & 0o777 == 0o600
+
+
+# ---------------------------------------------------------------------------------------------- what leaves the laptop
+
+
+def ignore_lines(name: str) -> set[str]:
+    return {line.strip() for line in (REPO / name).read_text().splitlines() if line.strip()
+            and not line.startswith("#")}
+
+
+@pytest.mark.parametrize("name", [".rayignore", ".gitignore"])
+def test_the_ignore_files_list_the_secrets(name):
+    assert {".env", "*.pem", ".aws/", "kaggle.json", ".ssh/", "*credentials*"} <= ignore_lines(name)
+
+
+def a_tree_with_secrets(root: Path, ignore_files: tuple[str, ...]) -> Path:
+    root.mkdir()
+    for name in ignore_files:
+        shutil.copy(REPO / name, root / name)
+    for rel in [*SECRETS, "study/train.py", "cluster/head-policy.json", "docs/cluster.md"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("x")
+    return root
+
+
+def test_ray_job_submit_leaves_the_secrets_home(tmp_path):
+    """Ray's own packer of `--working-dir .`, with .rayignore alone (RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1 would
+    drop .gitignore) and with both files."""
+    from ray._private.runtime_env.packaging import _zip_files
+
+    for i, ignore_files in enumerate(((".rayignore",), (".rayignore", ".gitignore"))):
+        tree = a_tree_with_secrets(tmp_path / f"tree{i}", ignore_files)
+        _zip_files(str(tree), [], str(tree.with_suffix(".zip")), include_gitignore=True)
+        shipped = set(zipfile.ZipFile(tree.with_suffix(".zip")).namelist())
+        assert {"study/train.py", "cluster/head-policy.json", "docs/cluster.md"} <= shipped
+        assert not {s for s in SECRETS if s in shipped or any(n.startswith(s + "/") for n in shipped)}, shipped
+
+
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync is not installed")
+def test_ray_up_leaves_the_secrets_home(config, tmp_path):
+    """rsync with the filters Ray's command runner builds from rsync_filter and rsync_exclude."""
+    tree = a_tree_with_secrets(tmp_path / "repo", (".rayignore", ".gitignore"))
+    filters = [a for f in config["rsync_filter"] for a in ("--filter", f"dir-merge,- {f}")]
+    excludes = [a for e in config["rsync_exclude"] for a in ("--exclude", e)]
+    subprocess.run(["rsync", "-a", *excludes, *filters, f"{tree}/", str(tmp_path / "node")], check=True)
+    shipped = {p.relative_to(tmp_path / "node").as_posix() for p in (tmp_path / "node").rglob("*")}
+    assert "study/train.py" in shipped and not set(SECRETS) & shipped
+
+
+@contextlib.contextmanager
+def header_capture_server(header: str):
+    """An HTTP server on 127.0.0.1 (a free port) answering 404 to everything and keeping each request's `header`."""
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get(header))
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_a_minio_profile_reaches_pyarrow_and_not_the_autoscaler(tmp_path):
+    """docs/cluster.md's MinIO credentials: a named profile in the mounted file, chosen by AWS_PROFILE in the job;
+    pyarrow signs with its key, and boto3's default chain (the autoscaler's) does not pick it up."""
+    credentials = tmp_path / "minio-credentials"
+    credentials.write_text("[study-minio]\naws_access_key_id = AKIDSTUDYMINIO\naws_secret_access_key = s3cr3t\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(HOME=str(tmp_path), AWS_SHARED_CREDENTIALS_FILE=str(credentials),
+               AWS_CONFIG_FILE=str(tmp_path / "no-config"), AWS_EC2_METADATA_DISABLED="true")
+    with header_capture_server("Authorization") as (port, seen):
+        uri = f"s3://bucket/study?endpoint_override=http://127.0.0.1:{port}&region=us-west-2"
+        read = f"import pyarrow.fs as f; fs, p = f.FileSystem.from_uri({uri!r}); fs.get_file_info(p)"
+        subprocess.run([sys.executable, "-c", read], env={**env, "AWS_PROFILE": "study-minio"}, check=True,
+                       timeout=120)
+    assert seen and all("Credential=AKIDSTUDYMINIO/" in h for h in seen), seen
+    default_chain = "import boto3; print(boto3.Session().get_credentials())"
+    done = subprocess.run([sys.executable, "-c", default_chain], env=env, capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert done.stdout.strip() == "None"
