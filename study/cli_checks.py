@@ -6,6 +6,7 @@ into `error: ...` and exit status 2 (study.tuning.main_of).
 
 import math
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -16,6 +17,8 @@ from study.errors import StudyError
 MAX_TRIALS = 10_000  # trials per study unless --max-trials says more: Tune keeps every trial in the driver's memory
 ADDRESS_TIMEOUT_S = 10.0  # how long --address may take to accept a connection and answer as Ray's GCS
 BUCKET_SCHEMES = ("s3", "gs", "gcs")  # URIs whose first component is a bucket name
+# Query options that would carry a secret (pyarrow refuses them, but its error would print the value).
+SECRET_OPTION = re.compile(r"secret|password|token|access_key|credential", re.IGNORECASE)
 
 
 def check_name(name: str) -> None:
@@ -25,14 +28,38 @@ def check_name(name: str) -> None:
     if bad:
         raise StudyError(f"--name {name!r} is not one folder name; pass a plain name such as mnist-1 (put the "
                          f"parent folder in --storage-path)")
+    # In an s3:// or gs:// storage path pyarrow decodes %2f and %2e%2e into / and .., and ? or # would end the path.
+    if set(name) & set("%?#"):
+        raise StudyError(f"--name {name!r} contains % ? or #, which a storage URI would read as escapes, a query or "
+                         f"a fragment; pass a plain name such as mnist-1")
+
+
+def check_no_credentials(uri: str, flag: str) -> None:
+    """A URI carries no credentials (s3://KEY:SECRET@bucket, which pyarrow would use): they would be printed in
+    errors and stored with the study (study.json, Tune's records, the report). The refusal does not repeat them."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return
+    authority, query = re.split(r"[/?#]", rest, maxsplit=1)[0], urlsplit(uri).query
+    # A bucket name has no ':' or '@'; a secret with an unescaped '/' leaves "KEY:SEC" before the first slash.
+    userinfo = "@" in authority or (scheme.lower() in BUCKET_SCHEMES and ":" in authority)
+    # A user in the query's endpoint (endpoint_override=http://USER:PASS@host) is printed and stored just the same.
+    secret_option = "@" in query or any(SECRET_OPTION.search(key) for key in re.findall(r"(?:^|&)([^=&]*)", query))
+    if userinfo or secret_option:
+        where = "before its bucket or host" if userinfo else "in its query"
+        raise StudyError(f"{flag} must not carry credentials (the {scheme}:// URI has a key or user {where}): they "
+                         f"would be printed and stored with the study; give them to the store's client instead (S3: "
+                         f"AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or an AWS profile; see docs/cluster.md)")
 
 
 def check_uri(uri: str, flag: str) -> None:
-    """A path is not empty, and a URI of a bucket store names its bucket (s3:// alone makes pyarrow raise)."""
+    """A path is not empty, carries no credentials, and a URI of a bucket store names its bucket (s3:// alone
+    makes pyarrow raise)."""
     if not uri.strip():
         raise StudyError(f"{flag} is empty; pass a folder or a URI such as s3://BUCKET/prefix")
     if "://" not in uri:
         return
+    check_no_credentials(uri, flag)
     parts = urlsplit(uri)
     if parts.scheme in BUCKET_SCHEMES and not parts.netloc:
         raise StudyError(f"{flag} {uri!r} names no bucket; pass {parts.scheme}://BUCKET/prefix")

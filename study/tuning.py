@@ -230,6 +230,18 @@ def start_ray(args) -> None:
         raise StudyError(f"cannot start or join Ray at {address or 'a local instance'}: {err}")
     finally:
         driver_log.setLevel(level)
+    protect_auth_token()
+
+
+def protect_auth_token() -> None:
+    """~/.ray/auth_token readable by its owner only. A local ray.init creates it with the umask's mode, often
+    readable by every user of the machine, and whoever holds it can run code on each cluster that trusts it."""
+    path = Path.home() / ".ray" / "auth_token"
+    try:
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+    except OSError:  # no token (auth off), or another user's file: nothing this process may change
+        pass
 
 
 def fit_resources(args) -> dict:

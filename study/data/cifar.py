@@ -1,11 +1,14 @@
 """CIFAR-10 from the standard `cifar-10-batches-py` folder (Krizhevsky's python pickles), checked on reading.
 
 Each of data_batch_1..5 and test_batch is a pickled dict with b"data", (N, 3072) uint8 rows of 32x32 RGB images
-stored channel by channel, and b"labels", N ints in 0..9. Pickles can run code when read: read only the files you
-downloaded yourself (`--download` fetches them through torchvision). `load_synthetic` writes a small generated set in
-the same format and reads it back through `load`: what `--smoke` trains on.
+stored channel by channel, and b"labels", N ints in 0..9. A pickle can name any function to call while it is read,
+so batches are read by an unpickler that admits only what a batch holds: dicts, lists, bytes, ints and numpy
+uint8 arrays (the handful of numpy functions that rebuild an array and its dtype); a file that names anything else
+is refused unread. `load_synthetic` writes a small generated set in the same format and reads it back through
+`load`: what `--smoke` trains on.
 """
 
+import functools
 import pickle
 import tempfile
 from pathlib import Path
@@ -36,12 +39,48 @@ def find_folder(data_dir) -> Path:
     raise StudyError(f"no CIFAR-10 batch files in {root} or {root / FOLDER}; {FETCH_HINT}")
 
 
+class _Refused(pickle.UnpicklingError):
+    """A pickle that names what a CIFAR-10 batch never does (as opposed to a damaged one)."""
+
+
+def _latin1(text: str, encoding: str) -> bytes:
+    """_codecs.encode as Python 3 pickles bytes with protocol 2, and only that use of it."""
+    if encoding != "latin1" or not isinstance(text, str):
+        raise _Refused(f"_codecs.encode with {encoding!r}, which a CIFAR-10 batch never calls")
+    return text.encode("latin1")
+
+
+@functools.cache
+def _allowed_globals() -> dict:
+    """numpy's functions that rebuild an ndarray and its dtype, under the module names old and new numpy pickle
+    them with (the released batches name numpy.core.multiarray, numpy 2 writes numpy._core), taken from numpy's
+    own pickling; and bytes as protocol 2 writes them."""
+    sample = np.zeros(1, np.uint8)
+    reconstruct, frombuffer = sample.__reduce__()[0], sample.__reduce_ex__(5)[0]
+    return {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _latin1,
+            **{(f"numpy.{core}.multiarray", "_reconstruct"): reconstruct for core in ("core", "_core")},
+            **{(f"numpy.{core}.numeric", "_frombuffer"): frombuffer for core in ("core", "_core")}}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Admits the globals a CIFAR-10 batch needs and refuses every other (os.system, builtins.eval, ...)."""
+
+    def find_class(self, module, name):
+        if (module, name) not in _allowed_globals():
+            raise _Refused(f"it names {module}.{name}, which a CIFAR-10 batch never does")
+        return _allowed_globals()[module, name]
+
+
 def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """One batch file as ((N, 3, 32, 32) uint8 images, (N,) uint8 labels)."""
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, ImportError) as err:
+            batch = _BatchUnpickler(f, encoding="bytes").load()
+    except _Refused as err:
+        raise StudyError(f"{path} is not a CIFAR-10 batch ({err}); it was not read further: delete the folder and "
+                         f"fetch CIFAR-10 again with --download")
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            MemoryError) as err:
         raise StudyError(f"cannot read {path}: {type(err).__name__}: {err} (corrupt or truncated? delete the folder "
                          f"and fetch it again)")
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:

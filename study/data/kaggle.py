@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -83,10 +84,18 @@ def _split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarr
 
 
 def _read_tif(path: Path) -> np.ndarray:
+    """The patch's pixels, decoded only after its header says 96x96 RGB: a TIF that declares a huge image (a
+    decompression bomb) is refused before a byte of it is decoded."""
     try:
-        with Image.open(path) as img:
-            pixels = np.asarray(img)
-    except (OSError, ValueError) as err:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # big, not huge: refused just below
+            with Image.open(path) as img:  # the header only; PIL raises DecompressionBombError for huge sizes
+                bands = len(img.getbands())
+                declared = (img.height, img.width, *([bands] if bands > 1 else []))  # the shape decoding gives
+                if declared != SHAPE:
+                    raise StudyError(f"{path} is {declared} {img.mode}; PCam patches are 96x96x3 uint8 RGB")
+                pixels = np.asarray(img)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise StudyError(f"cannot read {path}: {err}")
     if pixels.shape != SHAPE or pixels.dtype != np.uint8:
         raise StudyError(f"{path} is {pixels.shape} {pixels.dtype}; PCam patches are 96x96x3 uint8 RGB")

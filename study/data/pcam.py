@@ -29,6 +29,9 @@ FETCH_HINT = ("pass --download to fetch PCam through torchvision (needs internet
 H5_ERRORS = (OSError, KeyError, RuntimeError, ValueError, TypeError)
 READ_ROWS = 4096  # patches per bulk read when converting (4096 * 27 KiB = 113 MiB)
 LABEL_ROWS = 1 << 20  # labels per bulk read when verifying
+# The most a decompressed file of the release may hold: train x is 262,144 patches of 27 KiB (6.75 GiB), a y file a
+# few MiB. A .h5.gz that inflates beyond this (a gzip bomb, or not PCam) is refused before it fills the disk.
+MAX_DECOMPRESSED = {"x": 8 << 30, "y": 64 << 20}
 
 
 def file_name(split: str, kind: str) -> str:
@@ -73,17 +76,22 @@ def _decompress(gz_path: Path, cache_dir: Path) -> Path:
         if _fresh(target, gz_path):
             return target
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        limit = MAX_DECOMPRESSED["y" if target.name.endswith("_y.h5") else "x"]
         try:
             with open(gz_path, "rb") as raw, gzip.GzipFile(fileobj=raw) as src, open(tmp, "wb") as dst, \
                     Progress(f"decompressing {gz_path.name}", gz_path.stat().st_size, "compressed bytes") as progress:
                 while chunk := src.read(16 << 20):
+                    if dst.tell() + len(chunk) > limit:
+                        raise StudyError(f"{gz_path} decompresses to more than {limit >> 20:,} MiB, more than any "
+                                         f"file of the PCam release holds; delete it and fetch PCam again")
                     dst.write(chunk)
                     progress.advance_to(raw.tell())
             os.replace(tmp, target)  # atomic: a reader never sees half a file under the final name
         except (OSError, EOFError, zlib.error) as err:
-            tmp.unlink(missing_ok=True)
             raise StudyError(f"cannot decompress {gz_path}: {err} (corrupt or truncated download? "
                              f"delete it and fetch it again)")
+        finally:
+            tmp.unlink(missing_ok=True)  # gone after the rename; a partial file on any failure
     return target
 
 
