@@ -6,11 +6,11 @@
 
 The layout read here is the one `study.tuning` writes: `<study>/study.json`, one Tune experiment per stage, and
 the study's own `errored_trials.json` per stage. What comes from where:
-- Tune's public `ExperimentAnalysis(stage, storage_filesystem=fs)` (its reader of the experiment snapshot): every
-  trial Tune knows, including those that errored or never started; its status (TERMINATED, ERROR, PENDING; Tune's
-  reader turns RUNNING into PENDING, as a restored trial starts again, so "running" is inferred from stored rows),
-  its config, its folder and how often it failed. Before Tune's first snapshot there is none: trials are then the
-  folders with a `params.json`, their statuses unknown.
+- Tune's newest experiment snapshot (`experiment_state-*.json`), read as plain JSON (never unpickled: see
+  `_trial_states`): every trial Tune knows, including those that errored or never started; its status
+  (TERMINATED, ERROR, PENDING; RUNNING is read as PENDING, as Tune's reader does, since a restored trial starts
+  again, so "running" is inferred from stored rows), its config, its folder and how often it failed. Before Tune's
+  first snapshot there is none: trials are then the folders with a `params.json`, their statuses unknown.
 - Tune's documented per-trial files, read directly: `params.json` (the config), `result.json` (a JSON line per
   epoch: every metric, the trial's outcome in `status`/`diverged`, the timeline's timestamps), `error.txt` (the
   exception; its "Failure # N" headers count failures when there is no snapshot), and the `checkpoint_*/` folders.
@@ -20,7 +20,6 @@ skipped and named in `Study.corrupt_lines()`. Nothing here writes to the study f
 
 import io
 import json
-import logging
 import math
 import posixpath
 import re
@@ -29,8 +28,6 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow.fs as pafs
-
-from ray.tune import ExperimentAnalysis
 
 from study import metrics as M
 from study.metrics import CHOSEN_FILE, ERRORED_FILE, STUDY_FILE, TARGET_STATS_FILE, WORKLOAD_FILE
@@ -55,7 +52,7 @@ class Trial:
     dirname: str  # folder under the stage; "" for a trial Tune listed but never started
     config: dict
     rows: list = field(default_factory=list)  # result.json, one dict per reported epoch, in order
-    tune_status: str = "UNKNOWN"  # TERMINATED | ERROR | PENDING | PAUSED, from Tune's ExperimentAnalysis
+    tune_status: str = "UNKNOWN"  # TERMINATED | ERROR | PENDING | PAUSED, from Tune's snapshot
     error: str = ""  # the exception line of error.txt (also of a failure the trial recovered from)
     failures: int = 0  # times the trial failed (Tune restarted it from its checkpoint, or it ended in ERROR)
     errored: bool = False  # listed in the stage's errored_trials.json: the study's last run left it errored
@@ -289,25 +286,29 @@ def _read_stage(fs: pafs.FileSystem, stage_dir: str, stage: str) -> list:
 
 
 def _trial_states(fs: pafs.FileSystem, stage_dir: str, listing: dict) -> dict:
-    """Trial folder name (trial id for one never started) -> {trial_id, status, config, failures}, from Tune's
-    ExperimentAnalysis of the stage; {} before Tune wrote its first experiment snapshot."""
-    if not any(EXPERIMENT_STATE.match(n) for n in listing):
+    """Trial folder name (trial id for one never started) -> {trial_id, status, config, failures}, from the stage's
+    newest experiment snapshot (the one Tune restores from); {} before Tune wrote its first one.
+
+    Read as plain JSON, never through Tune's reader: that one unpickles the objects Tune's encoder embedded (a
+    config value JSON cannot hold, the trial's resources), so a snapshot in a folder someone else could write would
+    run their code. Such values stay what they are stored as, {"_type": "CLOUDPICKLE_FALLBACK", ...}."""
+    snapshots = sorted(n for n in listing if EXPERIMENT_STATE.match(n))  # named by time: the newest sorts last
+    if not snapshots:
         return {}
-    # It also reads every trial's result.json into a frame, and warns of rows it cannot parse: this module reads
-    # those rows itself and names the bad lines, so its warnings would only say the same twice.
-    quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
+    path = f"{stage_dir}/{snapshots[-1]}"
     try:
-        analysis = ExperimentAnalysis(stage_dir, storage_filesystem=fs)
-    except Exception as err:  # a snapshot cut short or from another Tune: JSONDecodeError, KeyError, ...
-        raise StudyError(f"{stage_dir}: Tune's experiment snapshot (experiment_state-*.json) cannot be read "
-                         f"({type(err).__name__}: {err}); was it cut short while being written?")
-    finally:
-        quiet.setLevel(level)
-    return {trial.relative_logdir or trial.trial_id: {
-        "trial_id": trial.trial_id, "status": trial.status, "config": trial.config or {},
-        "failures": trial.num_failures} for trial in analysis.trials}
+        states = {}
+        for entry in json.loads(read_bytes(fs, path))["trial_data"]:
+            trial, run = json.loads(entry[0]), json.loads(entry[1])
+            status = trial["status"]
+            states[trial.get("relative_logdir") or trial["trial_id"]] = {
+                "trial_id": trial["trial_id"], "config": trial.get("config") or {},
+                # as Tune's reader has it: a trial stored running starts again when the stage is restored
+                "status": "PENDING" if status == "RUNNING" else status, "failures": run.get("num_failures")}
+    except (ValueError, KeyError, TypeError, IndexError) as err:  # cut short, or not a snapshot of this Tune
+        raise StudyError(f"{path}: Tune's experiment snapshot cannot be read ({type(err).__name__}: {err}); was it "
+                         f"cut short while being written?")
+    return states
 
 
 def _read_trial(fs, trial_dir: str, stage: str, dirname: str, state: dict | None) -> Trial | None:
