@@ -116,6 +116,7 @@ class Study:
     stages: dict  # stage name -> [Trial], sorted by trial id
     files: dict  # optional study-level JSON files (chosen_lr.json, target_stats.json) that exist
     only_stage: str = ""  # set when the report was pointed at one stage folder
+    unreadable: list = field(default_factory=list)  # a line per stored file that could not be read, and what instead
 
     @property
     def args(self) -> dict:
@@ -233,16 +234,31 @@ def open_study(uri: str) -> Study:
         hint = f" It holds the studies {', '.join(inside)}: pass one of them." if inside else ""
         raise StudyError(f"{uri} is not a study folder: it has no {STUDY_FILE} and no Tune experiment "
                          f"(experiment_state-*.json). Pass <storage-path>/<name> of a study.{hint}")
-    stages = {name: _read_stage(fs, f"{stage_root}/{name}", name) for name in stage_names}
-    files = {name: read_json(fs, f"{study_dir}/{name}") for name in (CHOSEN_FILE, TARGET_STATS_FILE, WORKLOAD_FILE)
-             if name in _listing(fs, study_dir)}
+    unreadable = []
+    stages = {name: _read_stage(fs, f"{stage_root}/{name}", name, unreadable) for name in stage_names}
+    files = {name: _read_or_warn(fs, f"{study_dir}/{name}", dict, unreadable, "read without it")
+             for name in (CHOSEN_FILE, TARGET_STATS_FILE, WORKLOAD_FILE) if name in _listing(fs, study_dir)}
+    files = {name: data for name, data in files.items() if data is not None}
     kind = _kind(meta, stages, WORKLOAD_FILE in files)
     if not kind:
         raise StudyError(f"{uri}: cannot tell which study this is (study.json says {meta.get('study')!r}, kind "
                          f"{meta.get('kind')!r}, and there is no {WORKLOAD_FILE}); expected one of "
                          f"{', '.join(STAGES)} or a workload study")
     return Study(uri=uri, fs=fs, path=study_dir, kind=kind, meta=meta, stages=stages, files=files,
-                 only_stage=only_stage)
+                 only_stage=only_stage, unreadable=unreadable)
+
+
+def _read_or_warn(fs: pafs.FileSystem, path: str, kind: type, unreadable: list, instead: str):
+    """A stored JSON file of the given type, or None with a line in `unreadable` that names the file and what the
+    report does without it: one unreadable file (cut short by a crash, edited) leaves the rest of the report."""
+    try:
+        data = json.loads(read_bytes(fs, path))
+        if not isinstance(data, kind):
+            raise ValueError(f"a JSON {type(data).__name__}, not a {kind.__name__}")
+        return data
+    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        unreadable.append(f"{path} cannot be read ({str(err).splitlines()[0][:120]}); {instead}")
+        return None
 
 
 def _kind(meta: dict, stages: dict, has_workload_file: bool) -> str:
@@ -267,14 +283,21 @@ def _guess_kind(stages: dict) -> str:
     return ""
 
 
-def _read_stage(fs: pafs.FileSystem, stage_dir: str, stage: str) -> list:
-    """Every trial of one Tune experiment: those with a folder, and those experiment_state lists without one."""
+def _read_stage(fs: pafs.FileSystem, stage_dir: str, stage: str, unreadable: list) -> list:
+    """Every trial of one Tune experiment: those with a folder, and those experiment_state lists without one. A
+    file that cannot be read is named in `unreadable`, and the stage is read without it."""
     listing = _listing(fs, stage_dir)
-    states = _trial_states(fs, stage_dir, listing)
-    errored = read_json(fs, f"{stage_dir}/{ERRORED_FILE}") if ERRORED_FILE in listing else []
+    try:
+        states = _trial_states(fs, stage_dir, listing)
+    except StudyError as err:
+        unreadable.append(f"{err}; the trials are read from their folders, their Tune statuses unknown")
+        states = {}
+    errored = (_read_or_warn(fs, f"{stage_dir}/{ERRORED_FILE}", list, unreadable,
+                             "errored trials are told by Tune's statuses alone")
+               if ERRORED_FILE in listing else None) or []
     trials = {}
     for name in sorted(n for n, kind in listing.items() if _is_dir(kind) and not n.startswith(".")):
-        trial = _read_trial(fs, f"{stage_dir}/{name}", stage, name, states.get(name))
+        trial = _read_trial(fs, f"{stage_dir}/{name}", stage, name, states.get(name), unreadable)
         if trial is not None:
             trial.errored = name in errored
             trials[name] = trial
@@ -311,11 +334,18 @@ def _trial_states(fs: pafs.FileSystem, stage_dir: str, listing: dict) -> dict:
     return states
 
 
-def _read_trial(fs, trial_dir: str, stage: str, dirname: str, state: dict | None) -> Trial | None:
+def _read_trial(fs, trial_dir: str, stage: str, dirname: str, state: dict | None, unreadable: list) -> Trial | None:
     files = _listing(fs, trial_dir)
     if "params.json" not in files and state is None:
         return None  # not a trial folder (e.g. a report written into the study folder)
-    config = read_json(fs, f"{trial_dir}/params.json") if "params.json" in files else state["config"]
+    config = None
+    if "params.json" in files:
+        config = _read_or_warn(fs, f"{trial_dir}/params.json", dict, unreadable,
+                               "its config taken from Tune's snapshot" if state else "the trial is left out")
+    if config is None:
+        if state is None:
+            return None
+        config = state["config"]
     corrupt = []
     running = (state or {}).get("status", "RUNNING") in UNFINISHED  # no state yet: a study still starting
     rows = parse_results(read_bytes(fs, f"{trial_dir}/result.json"), corrupt, running) \

@@ -98,6 +98,9 @@ def write_header(report: ReportWriter, study: Study) -> None:
     if corrupt:
         report.text(f"**{len(corrupt)} corrupt result line(s)**, skipped; every other row of those trials is used:")
         report.bullets(corrupt)
+    if study.unreadable:
+        report.text(f"**{len(study.unreadable)} stored file(s) could not be read**; everything else is reported:")
+        report.bullets(study.unreadable)
 
 
 SECTIONS = {"mnist": mnist_report, "pcam": pcam_report, "steps": steps_report}  # else: workload_report
@@ -141,6 +144,8 @@ def main(argv=None) -> int:
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    for line in study.unreadable:
+        print(f"warning: {line}", file=sys.stderr)
     corrupt = study.corrupt_lines()
     for line in corrupt:
         print(f"warning: {line}", file=sys.stderr)
