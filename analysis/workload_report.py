@@ -205,6 +205,7 @@ def import_file(path: str):
     """The module in a file the user named on the command line."""
     spec = importlib.util.spec_from_file_location(f"workload_section_{Path(path).stem}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import has it (dataclasses and pickling look the module up there)
     spec.loader.exec_module(module)
     return module
 

@@ -134,3 +134,18 @@ def test_a_named_section_file_that_is_not_there_is_refused(planted, tmp_path, ca
                         str(tmp_path / "absent.py") + ":section"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: --workload-section") and "absent.py" in err and err.count("\n") == 1
+
+
+def test_python_m_analysis_report_from_the_folder_above_runs_neither(planted, tmp_path):
+    """The documented flow itself: `python -m analysis.report results/toy` in the folder the study was copied into."""
+    import subprocess
+    from pathlib import Path
+
+    root, marker = planted
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    done = subprocess.run([sys.executable, "-m", "analysis.report", "results/toy", "--out", str(tmp_path / "out")],
+                          cwd=root.parents[1], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not marker.exists() and not (tmp_path / "ran-called").exists()
+    assert "Workload study toy: report" in (tmp_path / "out" / "report.md").read_text()
