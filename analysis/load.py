@@ -6,11 +6,11 @@
 
 The layout read here is the one `study.tuning` writes: `<study>/study.json`, one Tune experiment per stage, and
 the study's own `errored_trials.json` per stage. What comes from where:
-- Tune's public `ExperimentAnalysis(stage, storage_filesystem=fs)` (its reader of the experiment snapshot): every
-  trial Tune knows, including those that errored or never started; its status (TERMINATED, ERROR, PENDING; Tune's
-  reader turns RUNNING into PENDING, as a restored trial starts again, so "running" is inferred from stored rows),
-  its config, its folder and how often it failed. Before Tune's first snapshot there is none: trials are then the
-  folders with a `params.json`, their statuses unknown.
+- Tune's newest experiment snapshot (`experiment_state-*.json`), read as plain JSON (never unpickled: see
+  `_trial_states`): every trial Tune knows, including those that errored or never started; its status
+  (TERMINATED, ERROR, PENDING; RUNNING is read as PENDING, as Tune's reader does, since a restored trial starts
+  again, so "running" is inferred from stored rows), its config, its folder and how often it failed. Before Tune's
+  first snapshot there is none: trials are then the folders with a `params.json`, their statuses unknown.
 - Tune's documented per-trial files, read directly: `params.json` (the config), `result.json` (a JSON line per
   epoch: every metric, the trial's outcome in `status`/`diverged`, the timeline's timestamps), `error.txt` (the
   exception; its "Failure # N" headers count failures when there is no snapshot), and the `checkpoint_*/` folders.
@@ -20,7 +20,6 @@ skipped and named in `Study.corrupt_lines()`. Nothing here writes to the study f
 
 import io
 import json
-import logging
 import math
 import posixpath
 import re
@@ -29,8 +28,6 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow.fs as pafs
-
-from ray.tune import ExperimentAnalysis
 
 from study import metrics as M
 from study.metrics import CHOSEN_FILE, ERRORED_FILE, STUDY_FILE, TARGET_STATS_FILE, WORKLOAD_FILE
@@ -55,7 +52,7 @@ class Trial:
     dirname: str  # folder under the stage; "" for a trial Tune listed but never started
     config: dict
     rows: list = field(default_factory=list)  # result.json, one dict per reported epoch, in order
-    tune_status: str = "UNKNOWN"  # TERMINATED | ERROR | PENDING | PAUSED, from Tune's ExperimentAnalysis
+    tune_status: str = "UNKNOWN"  # TERMINATED | ERROR | PENDING | PAUSED, from Tune's snapshot
     error: str = ""  # the exception line of error.txt (also of a failure the trial recovered from)
     failures: int = 0  # times the trial failed (Tune restarted it from its checkpoint, or it ended in ERROR)
     errored: bool = False  # listed in the stage's errored_trials.json: the study's last run left it errored
@@ -119,6 +116,7 @@ class Study:
     stages: dict  # stage name -> [Trial], sorted by trial id
     files: dict  # optional study-level JSON files (chosen_lr.json, target_stats.json) that exist
     only_stage: str = ""  # set when the report was pointed at one stage folder
+    unreadable: list = field(default_factory=list)  # a line per stored file that could not be read, and what instead
 
     @property
     def args(self) -> dict:
@@ -236,16 +234,31 @@ def open_study(uri: str) -> Study:
         hint = f" It holds the studies {', '.join(inside)}: pass one of them." if inside else ""
         raise StudyError(f"{uri} is not a study folder: it has no {STUDY_FILE} and no Tune experiment "
                          f"(experiment_state-*.json). Pass <storage-path>/<name> of a study.{hint}")
-    stages = {name: _read_stage(fs, f"{stage_root}/{name}", name) for name in stage_names}
-    files = {name: read_json(fs, f"{study_dir}/{name}") for name in (CHOSEN_FILE, TARGET_STATS_FILE, WORKLOAD_FILE)
-             if name in _listing(fs, study_dir)}
+    unreadable = []
+    stages = {name: _read_stage(fs, f"{stage_root}/{name}", name, unreadable) for name in stage_names}
+    files = {name: _read_or_warn(fs, f"{study_dir}/{name}", dict, unreadable, "read without it")
+             for name in (CHOSEN_FILE, TARGET_STATS_FILE, WORKLOAD_FILE) if name in _listing(fs, study_dir)}
+    files = {name: data for name, data in files.items() if data is not None}
     kind = _kind(meta, stages, WORKLOAD_FILE in files)
     if not kind:
         raise StudyError(f"{uri}: cannot tell which study this is (study.json says {meta.get('study')!r}, kind "
                          f"{meta.get('kind')!r}, and there is no {WORKLOAD_FILE}); expected one of "
                          f"{', '.join(STAGES)} or a workload study")
     return Study(uri=uri, fs=fs, path=study_dir, kind=kind, meta=meta, stages=stages, files=files,
-                 only_stage=only_stage)
+                 only_stage=only_stage, unreadable=unreadable)
+
+
+def _read_or_warn(fs: pafs.FileSystem, path: str, kind: type, unreadable: list, instead: str):
+    """A stored JSON file of the given type, or None with a line in `unreadable` that names the file and what the
+    report does without it: one unreadable file (cut short by a crash, edited) leaves the rest of the report."""
+    try:
+        data = json.loads(read_bytes(fs, path))
+        if not isinstance(data, kind):
+            raise ValueError(f"a JSON {type(data).__name__}, not a {kind.__name__}")
+        return data
+    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        unreadable.append(f"{path} cannot be read ({str(err).splitlines()[0][:120]}); {instead}")
+        return None
 
 
 def _kind(meta: dict, stages: dict, has_workload_file: bool) -> str:
@@ -270,14 +283,21 @@ def _guess_kind(stages: dict) -> str:
     return ""
 
 
-def _read_stage(fs: pafs.FileSystem, stage_dir: str, stage: str) -> list:
-    """Every trial of one Tune experiment: those with a folder, and those experiment_state lists without one."""
+def _read_stage(fs: pafs.FileSystem, stage_dir: str, stage: str, unreadable: list) -> list:
+    """Every trial of one Tune experiment: those with a folder, and those experiment_state lists without one. A
+    file that cannot be read is named in `unreadable`, and the stage is read without it."""
     listing = _listing(fs, stage_dir)
-    states = _trial_states(fs, stage_dir, listing)
-    errored = read_json(fs, f"{stage_dir}/{ERRORED_FILE}") if ERRORED_FILE in listing else []
+    try:
+        states = _trial_states(fs, stage_dir, listing)
+    except StudyError as err:
+        unreadable.append(f"{err}; the trials are read from their folders, their Tune statuses unknown")
+        states = {}
+    errored = (_read_or_warn(fs, f"{stage_dir}/{ERRORED_FILE}", list, unreadable,
+                             "errored trials are told by Tune's statuses alone")
+               if ERRORED_FILE in listing else None) or []
     trials = {}
     for name in sorted(n for n, kind in listing.items() if _is_dir(kind) and not n.startswith(".")):
-        trial = _read_trial(fs, f"{stage_dir}/{name}", stage, name, states.get(name))
+        trial = _read_trial(fs, f"{stage_dir}/{name}", stage, name, states.get(name), unreadable)
         if trial is not None:
             trial.errored = name in errored
             trials[name] = trial
@@ -289,32 +309,43 @@ def _read_stage(fs: pafs.FileSystem, stage_dir: str, stage: str) -> list:
 
 
 def _trial_states(fs: pafs.FileSystem, stage_dir: str, listing: dict) -> dict:
-    """Trial folder name (trial id for one never started) -> {trial_id, status, config, failures}, from Tune's
-    ExperimentAnalysis of the stage; {} before Tune wrote its first experiment snapshot."""
-    if not any(EXPERIMENT_STATE.match(n) for n in listing):
+    """Trial folder name (trial id for one never started) -> {trial_id, status, config, failures}, from the stage's
+    newest experiment snapshot (the one Tune restores from); {} before Tune wrote its first one.
+
+    Read as plain JSON, never through Tune's reader: that one unpickles the objects Tune's encoder embedded (a
+    config value JSON cannot hold, the trial's resources), so a snapshot in a folder someone else could write would
+    run their code. Such values stay what they are stored as, {"_type": "CLOUDPICKLE_FALLBACK", ...}."""
+    snapshots = sorted(n for n in listing if EXPERIMENT_STATE.match(n))  # named by time: the newest sorts last
+    if not snapshots:
         return {}
-    # It also reads every trial's result.json into a frame, and warns of rows it cannot parse: this module reads
-    # those rows itself and names the bad lines, so its warnings would only say the same twice.
-    quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
+    path = f"{stage_dir}/{snapshots[-1]}"
     try:
-        analysis = ExperimentAnalysis(stage_dir, storage_filesystem=fs)
-    except Exception as err:  # a snapshot cut short or from another Tune: JSONDecodeError, KeyError, ...
-        raise StudyError(f"{stage_dir}: Tune's experiment snapshot (experiment_state-*.json) cannot be read "
-                         f"({type(err).__name__}: {err}); was it cut short while being written?")
-    finally:
-        quiet.setLevel(level)
-    return {trial.relative_logdir or trial.trial_id: {
-        "trial_id": trial.trial_id, "status": trial.status, "config": trial.config or {},
-        "failures": trial.num_failures} for trial in analysis.trials}
+        states = {}
+        for entry in json.loads(read_bytes(fs, path))["trial_data"]:
+            trial, run = json.loads(entry[0]), json.loads(entry[1])
+            status = trial["status"]
+            states[trial.get("relative_logdir") or trial["trial_id"]] = {
+                "trial_id": trial["trial_id"], "config": trial.get("config") or {},
+                # as Tune's reader has it: a trial stored running starts again when the stage is restored
+                "status": "PENDING" if status == "RUNNING" else status, "failures": run.get("num_failures")}
+    except (ValueError, KeyError, TypeError, IndexError) as err:  # cut short, or not a snapshot of this Tune
+        raise StudyError(f"{path}: Tune's experiment snapshot cannot be read ({type(err).__name__}: {err}); was it "
+                         f"cut short while being written?")
+    return states
 
 
-def _read_trial(fs, trial_dir: str, stage: str, dirname: str, state: dict | None) -> Trial | None:
+def _read_trial(fs, trial_dir: str, stage: str, dirname: str, state: dict | None, unreadable: list) -> Trial | None:
     files = _listing(fs, trial_dir)
     if "params.json" not in files and state is None:
         return None  # not a trial folder (e.g. a report written into the study folder)
-    config = read_json(fs, f"{trial_dir}/params.json") if "params.json" in files else state["config"]
+    config = None
+    if "params.json" in files:
+        config = _read_or_warn(fs, f"{trial_dir}/params.json", dict, unreadable,
+                               "its config taken from Tune's snapshot" if state else "the trial is left out")
+    if config is None:
+        if state is None:
+            return None
+        config = state["config"]
     corrupt = []
     running = (state or {}).get("status", "RUNNING") in UNFINISHED  # no state yet: a study still starting
     rows = parse_results(read_bytes(fs, f"{trial_dir}/result.json"), corrupt, running) \

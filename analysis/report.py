@@ -3,8 +3,9 @@
 EXPERIMENT_DIR is the study folder `<storage-path>/<name>` (or one stage folder inside it), a local path or any
 URI pyarrow reads (file://..., s3://bucket/prefix/name). The report goes to --out (default EXPERIMENT_DIR/report
 for local folders; required for remote ones): report.md with every figure (PNG) and table (CSV) next to it.
-It only reads: running it again on the same results writes the same bytes. A study still running is reported
-as far as it got, marked partial.
+It only reads: running it again on the same results writes the same bytes, and it runs no code found in the study
+folder (Tune's snapshot is read as plain JSON; a workload's own report section runs only with --workload-section).
+A study still running is reported as far as it got, marked partial.
 """
 
 import argparse
@@ -17,7 +18,7 @@ import pyarrow.fs as pafs
 from analysis import mnist_report, pcam_report, steps_report, workload_report
 from analysis.common import write_failures, write_timing
 from analysis.figures import ReportWriter
-from analysis.load import Study, open_study, resolve
+from analysis.load import WORKLOAD_FILE, Study, open_study, resolve
 from study.cli_checks import check_uri
 from study.errors import StudyError
 
@@ -32,6 +33,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiment_dir", metavar="EXPERIMENT_DIR", help="the study folder, <storage-path>/<name>")
     p.add_argument("--out", default=None, help="local folder for the report (default: EXPERIMENT_DIR/report)")
+    p.add_argument("--workload-section", nargs="?", const="", default=None, metavar="MODULE:FUNCTION|FILE.py:FUNCTION",
+                   help="also run a workload's own report section: alone, the one workload.json names, imported "
+                        "from installed packages only (never the current folder); with a value, that function of "
+                        "an installed module or of a file of yours. Off by default: a study folder is data, and the "
+                        "report runs no code it names")
     return p.parse_args(argv)
 
 
@@ -92,18 +98,26 @@ def write_header(report: ReportWriter, study: Study) -> None:
     if corrupt:
         report.text(f"**{len(corrupt)} corrupt result line(s)**, skipped; every other row of those trials is used:")
         report.bullets(corrupt)
+    if study.unreadable:
+        report.text(f"**{len(study.unreadable)} stored file(s) could not be read**; everything else is reported:")
+        report.bullets(study.unreadable)
 
 
+SECTIONS = {"mnist": mnist_report, "pcam": pcam_report, "steps": steps_report}  # else: workload_report
 MANIFEST = ".report-files"  # the figures and tables the last run wrote
 
 
-def build(study: Study, out: Path) -> Path:
-    """Write the whole report for a loaded study into `out`; returns the path of report.md."""
+def build(study: Study, out: Path, section: str | None = None) -> Path:
+    """Write the whole report for a loaded study into `out`; returns the path of report.md. `section`: the
+    --workload-section asked for (None: not asked)."""
     report = ReportWriter(out)
     write_header(report, study)
     # mnist and pcam: the two studies from before workloads, with their own reports; any other study is a workload's.
-    sections = {"mnist": mnist_report, "pcam": pcam_report, "steps": steps_report}.get(study.kind, workload_report)
-    sections.write(report, study)
+    sections = SECTIONS.get(study.kind)
+    if sections is None:
+        workload_report.write(report, study, section)
+    else:
+        sections.write(report, study)
     labels = LABELS.get(study.kind) or workload_report.labels(study)
     write_timing(report, study, labels)
     write_failures(report, study, labels)
@@ -124,18 +138,38 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         check_uri(args.experiment_dir, "EXPERIMENT_DIR")
+        check_section(args.workload_section)
         study = open_study(args.experiment_dir)
-        path = build(study, output_dir(study, args.experiment_dir, args.out))
+        path = build(study, output_dir(study, args.experiment_dir, args.out), args.workload_section)
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    for line in study.unreadable:
+        print(f"warning: {line}", file=sys.stderr)
     corrupt = study.corrupt_lines()
     for line in corrupt:
         print(f"warning: {line}", file=sys.stderr)
     if corrupt:
         print(f"warning: {len(corrupt)} corrupt result line(s) skipped (listed in the report)", file=sys.stderr)
+    hook = study.files.get(WORKLOAD_FILE, {}).get("report") if study.kind not in SECTIONS else None
+    if hook and args.workload_section is None:
+        print(f"note: the workload's own report section {hook} was not run: pass --workload-section to run it "
+              f"from an installed package", file=sys.stderr)
     print(f"report: {path}")
     return 0
+
+
+def check_section(section: str | None) -> None:
+    """--workload-section's value: MODULE:FUNCTION, or FILE.py:FUNCTION of a file that exists."""
+    if not section:
+        return
+    where, _, name = section.rpartition(":")
+    if not where or not name:
+        raise StudyError(f"--workload-section {section}: pass MODULE:FUNCTION (an installed module) or "
+                         f"FILE.py:FUNCTION")
+    if workload_report.section_file(section) and not Path(where).is_file():
+        raise StudyError(f"--workload-section {section}: there is no file {where}; pass FILE.py:FUNCTION of a file "
+                         f"of yours, or MODULE:FUNCTION of an installed module")
 
 
 if __name__ == "__main__":

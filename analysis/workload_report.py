@@ -5,12 +5,16 @@ curves per batch size, run-to-run spread, training speed per batch size and the 
 
 Called by `python -m analysis.report STUDY`; `write(report, study)` adds the sections, and analysis/report.py then
 adds the timing, cost and failure sections every study has. Reads stored results only, never a workload's code,
-except one extension point: when workload.json names "report": "module:function", that function is imported and
-called as function(report, study) after the general sections, to add the workload's own section.
+except one extension point, run only when the user asks for it by --workload-section: when workload.json names
+"report": "module:function", that function is imported (from installed packages only) and called as
+function(report, study) after the general sections, to add the workload's own section.
 """
 
-import importlib
+import importlib.util
 import json
+import os
+import sys
+from pathlib import Path
 
 import pandas as pd
 
@@ -32,7 +36,7 @@ def title(study: Study) -> str:
     return f"Workload study {T.spec_of(study).name}"
 
 
-def write(report: ReportWriter, study: Study) -> None:
+def write(report: ReportWriter, study: Study, section: str | None = None) -> None:
     spec = T.spec_of(study)
     write_workload(report, study, spec)
     trial_objects = study.trials(spec.stage)
@@ -51,7 +55,7 @@ def write(report: ReportWriter, study: Study) -> None:
     write_spread(report, spec, trials, chosen, trial_objects)
     write_speed(report, study, spec, trials, epochs)
     write_noise(report, spec, trials, trial_objects)
-    write_hook(report, study, spec)
+    write_hook(report, study, spec, section)
 
 
 def write_workload(report: ReportWriter, study: Study, spec: T.Spec) -> None:
@@ -210,14 +214,56 @@ def write_noise(report: ReportWriter, spec, trials, trial_objects) -> None:
                         lambda c: ", ".join(f"{a} {fmt(T.axis_value(c, a))}" for a in others) or spec.name)
 
 
-def write_hook(report: ReportWriter, study: Study, spec) -> None:
-    """The workload's own section, named in workload.json as "report": "module:function" (the one place the
-    report imports workload code). A hook that fails to import or raises is named, and the report goes on."""
-    if not spec.hook:
+def write_hook(report: ReportWriter, study: Study, spec, section: str | None = None) -> None:
+    """The workload's own section, named in workload.json as "report": "module:function", run only when the user
+    asks (`section`, from --workload-section: "" for the stored name, else MODULE:FUNCTION or FILE.py:FUNCTION).
+    A stored name is code named by a file anyone who could write the study folder may have written, so it is
+    imported from installed packages only (see import_installed). A section that fails is named, and the report
+    goes on."""
+    if section is None:
+        if spec.hook:
+            report.heading(f"{spec.name}: the workload's own section")
+            report.text(f"workload.json names a report section of the workload's own: `{spec.hook}` was not run. "
+                        f"{SECTION_HOW}")
         return
-    module, _, name = spec.hook.partition(":")
+    named = section or spec.hook
+    if not named:
+        return
+    where, _, name = named.rpartition(":")
     try:
-        getattr(importlib.import_module(module), name)(report, study)
+        getattr(import_file(where) if section_file(named) else import_installed(where), name)(report, study)
     except Exception as err:  # the workload's code, not ours: one line in the report, the general sections stand
         report.heading(f"{spec.name}: the workload's own section")
-        report.text(f"The workload's report section `{spec.hook}` failed: {type(err).__name__}: {err}")
+        report.text(f"The workload's report section `{named}` failed: {type(err).__name__}: {err}")
+
+
+SECTION_HOW = ("The report runs no code a study folder names unless asked: pass --workload-section to import it "
+               "from an installed package, or --workload-section FILE.py:FUNCTION for a file of your own.")
+
+
+def section_file(named: str) -> bool:
+    """FILE.py:FUNCTION (a file the user names) rather than MODULE:FUNCTION (an installed module)."""
+    where = named.rsplit(":", 1)[0]
+    return where.endswith(".py") or "/" in where or os.sep in where
+
+
+def import_file(path: str):
+    """The module in a file the user named on the command line."""
+    spec = importlib.util.spec_from_file_location(f"workload_section_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import has it (dataclasses and pickling look the module up there)
+    spec.loader.exec_module(module)
+    return module
+
+
+def import_installed(module: str):
+    """Import `module` from installed packages only. `python -m` puts the current folder first on the import path,
+    where a study copied down into ./results/NAME makes `results.NAME.section` importable (a namespace package);
+    the current folder is taken off the path for this import."""
+    here = os.path.realpath(os.getcwd())
+    saved = sys.path[:]
+    sys.path[:] = [p for p in saved if p and os.path.realpath(p) != here]
+    try:
+        return importlib.import_module(module)
+    finally:
+        sys.path[:] = saved

@@ -97,7 +97,7 @@ def spec_of(study: Study) -> Spec:
                 goals=tuple((_column(g["metric"], keys), float(g["value"]), bool(g.get("higher_is_better")))
                             for g in declared.get("goals", ())),
                 chance={_column(k, keys): float(v) for k, v in (declared.get("chance") or {}).items()},
-                hook=declared.get("report") or "", stage=stage)
+                hook=str(declared.get("report") or ""), stage=stage)
 
 
 def _num(value) -> float:

@@ -207,8 +207,9 @@ def execute(args, workload: Workload, tune_callbacks: list = ()) -> tuple[int, s
                                        "data": {s: len(splits[s][0]) for s in splits}})
     if searching:
         axes["lr"] = [searched_lr(args, workload, folder, base, resources, splits, tune_callbacks)]
-    if not args.resume:
+    if not args.resume or not folder.has(M.WORKLOAD_FILE):  # also for a start stopped before it was written
         folder.write_json(M.WORKLOAD_FILE, dict(describe(workload, splits), axes=axes))
+    if not args.resume:
         key = [workload.primary] + [m for m in metric_names if m != workload.primary]
         own = {name: [value] for name, value in option_hparams(options, {*base, "run"}).items()}
         write_experiment(folder, workload.name, dict(axes, momentum=[args.momentum],

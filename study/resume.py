@@ -28,8 +28,10 @@ import pyarrow.fs as pafs
 from ray import tune
 
 from study import metrics as M
+from study.atomic import replace_file
 
 RESULT_FILE, PROGRESS_FILE = "result.json", "progress.csv"  # Tune's per-trial files (documented names)
+TUNER_FILE = "tuner.pkl"  # Tune's record of a stage's Tuner, written before its first experiment snapshot
 EVENTS_PREFIX = "events.out.tfevents"
 # On every row of a steps trial (study.steps_trial.STEPS_TO_RESULT, not imported: that module loads torch). Only
 # those trials key their TensorBoard events by the training step; workload trials also report a step, but key
@@ -116,11 +118,10 @@ def trim_trial_folder(fs: pafs.FileSystem, path: str, epoch: float, step: int | 
             before = src.read()
         after = trim(before)
         if after != before:
-            # A new file in place of the old one: a TensorBoard writer of this trial still open on the old file (a
-            # worker restart in the same run) writes into the deleted one, never into what is kept here.
-            fs.delete_file(f"{path}/{name}")
-            with fs.open_output_stream(f"{path}/{name}") as out:
-                out.write(after)
+            # A new file in place of the old one (study.atomic): a TensorBoard writer of this trial still open on the
+            # old file (a worker restart in the same run) writes into the replaced one, never into what is kept
+            # here; a driver killed meanwhile leaves the old file, which the next --resume trims again.
+            replace_file(fs, f"{path}/{name}", after)
 
 
 def _finite(value) -> bool:
@@ -161,6 +162,16 @@ class StoredOnce(tune.Callback):
             trim_trial_folder(pafs.LocalFileSystem(), trial.local_path, *point)
 
 
+def start_over(fs: pafs.FileSystem, stage_path: str) -> None:
+    """Empty a stage folder that Tune cannot resume (its tuner.pkl, no snapshot), tuner.pkl last: a driver killed
+    meanwhile leaves a stage that still reads as such, and the next --resume empties it again."""
+    for info in fs.get_file_info(pafs.FileSelector(stage_path)):
+        if Path(info.path).name == TUNER_FILE:
+            continue
+        (fs.delete_dir if info.type == pafs.FileType.Directory else fs.delete_file)(info.path)
+    fs.delete_dir_contents(stage_path)
+
+
 SNAPSHOT_PATTERN = "experiment_state-*.json"  # Tune restores from the newest (greatest name) of these
 
 
@@ -186,8 +197,7 @@ def edit_snapshot(fs: pafs.FileSystem, stage_path: str, edit) -> list[str]:
     path, state = found
     edited = [i for i in (edit(entry) for entry in state.get("trial_data", [])) if i is not None]
     if edited:
-        with fs.open_output_stream(path) as out:
-            out.write(json.dumps(state).encode())
+        replace_file(fs, path, json.dumps(state).encode())
     return edited
 
 

@@ -227,15 +227,17 @@ def execute(args, workload: Workload, tune_callbacks: list = ()) -> tuple[int, s
     resources = open_study(folder, args)
     version = code_version()
     stored_args = {k: v for k, v in vars(args).items() if k != "points"}
+    axes = {"batch_size": args.batch_sizes, CONFIG: list(range(args.configs))}
     if not args.resume:
-        axes = {"batch_size": args.batch_sizes, CONFIG: list(range(args.configs))}
         folder.write_json(STUDY_FILE, {"study": workload.name, "kind": KIND, "stages": [STAGE], "args": stored_args,
                                        "code_version": version, "resources_per_trial": resources,
                                        "data": {s: len(splits[s][0]) for s in splits}, "goals": goals,
                                        "ranges": ranges(args), "level": LEVEL, "safety": SAFETY,
                                        "budget_steps": {str(b): s for b, s in budgets.items()},
                                        "configs": points})
+    if not args.resume or not folder.has(M.WORKLOAD_FILE):  # also for a start stopped before it was written
         folder.write_json(M.WORKLOAD_FILE, dict(describe(workload, splits), goals=goals, axes=axes))
+    if not args.resume:
         own = {name: [value] for name, value in option_hparams(options, {*base, CONFIG, BUDGET}).items()}
         write_experiment(folder, KIND, {"batch_size": args.batch_sizes, "lr": [p["lr"] for p in points],
                                         **({"momentum": [p["momentum"] for p in points]}

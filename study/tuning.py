@@ -19,10 +19,12 @@ import pyarrow.fs as pafs
 
 from study import cluster, lease
 from study import metrics as M
+from study.atomic import TEMP_PREFIX, replace_file
 from study.cli_checks import MAX_TRIALS, check_common_flags, check_name, check_uri, reachable
 from study.errors import StudyError
 from study.metrics import ERRORED_FILE, LEASE_FILE, STUDY_FILE
 
+PROBE = ".write-test"  # written and deleted at once: the storage path is writable
 SNAPSHOTS = "experiment_state-*.json"  # Tune's experiment snapshots in a stage folder (TuneController.CKPT_FILE_TMPL)
 # Where ray.init logs its start-up notes (ray.init sets the level of "ray" itself, so that one is no use).
 RAY_START_LOGGER = "ray._private.authentication.authentication_token_setup"
@@ -112,8 +114,9 @@ class StudyFolder:
     def prepare(self, resume: bool) -> bool:
         """Refuse to start over an existing study (without --resume) and check the storage is writable by
         creating the folder; returns whether it was created now (so a later failure can take it back)."""
-        # Empty, or only this driver's lease: no study.
-        existed = self.exists() and any(Path(i.path).name != LEASE_FILE
+        # Empty, or holding only this driver's lease and what a start killed before its study.json leaves (the
+        # probe below, a temporary file of study.atomic): no study, and a new start goes ahead.
+        existed = self.exists() and any(not Path(i.path).name.startswith((TEMP_PREFIX, PROBE, LEASE_FILE))
                                         for i in self.fs.get_file_info(pafs.FileSelector(self.path)))
         if existed and not resume:
             raise StudyError(f"{self.uri} already holds a study; pass --resume to continue it, or choose another "
@@ -124,7 +127,7 @@ class StudyFolder:
             if isinstance(self.fs, pafs.LocalFileSystem):
                 self._made = [p for p in (Path(self.path), *Path(self.path).parents) if not p.exists()]
             self.fs.create_dir(self.path, recursive=True)
-            probe = f"{self.path}/.write-test"
+            probe = f"{self.path}/{PROBE}"
             with self.fs.open_output_stream(probe) as out:
                 out.write(b"ok")
             self.fs.delete_file(probe)
@@ -150,8 +153,8 @@ class StudyFolder:
         return self.fs.get_file_info(f"{self.path}/{name}").type != pafs.FileType.NotFound
 
     def write_json(self, name: str, data) -> None:
-        with self.fs.open_output_stream(f"{self.path}/{name}") as out:
-            out.write(json.dumps(data, indent=2, sort_keys=True, default=str).encode())
+        """Whole or not at all (study.atomic): a killed driver leaves the old file, never one cut short."""
+        replace_file(self.fs, f"{self.path}/{name}", json.dumps(data, indent=2, sort_keys=True, default=str).encode())
 
     def read_json(self, name: str):
         with self.fs.open_input_stream(f"{self.path}/{name}") as src:
@@ -285,7 +288,7 @@ def run_stage(trainable, param_space: dict, *, folder: StudyFolder, stage: str, 
     from ray import tune
 
     from study.console import tune_console
-    from study.resume import StoredOnce, forget_lost_checkpoints, mark_out_of_memory_errored
+    from study.resume import StoredOnce, forget_lost_checkpoints, mark_out_of_memory_errored, start_over
     from study.tensorboard import RunName
 
     path = folder.child(stage)
@@ -294,7 +297,7 @@ def run_stage(trainable, param_space: dict, *, folder: StudyFolder, stage: str, 
     if resuming and never_snapshotted(folder, stage):
         print(f"note: {path} stopped before Tune's first snapshot of it, so Tune cannot resume it; it starts again "
               f"from scratch")
-        folder.fs.delete_dir_contents(f"{folder.path}/{stage}")  # else the new trials append to the old rows
+        start_over(folder.fs, f"{folder.path}/{stage}")  # else the new trials append to the old rows
         resuming = False
     # Ray Tune can save a trial whose worker died as RUNNING although it ended in ERROR (its experiment snapshot
     # races the worker's death), and a plain restore would then retry it. Our own record of the errored trials,

@@ -183,3 +183,30 @@ def test_the_report_from_s3_equals_the_report_from_a_local_copy(s3, stored, tmp_
 
 def _without_folder_line(report: bytes) -> list[bytes]:
     return [line for line in report.splitlines() if not line.startswith(b"Study folder:")]
+
+
+def test_a_rewrite_on_s3_is_one_upload_and_never_deletes_first(s3, monkeypatch):
+    """study.atomic on the S3 protocol: a --resume's trimming of a trial's files and a study file's rewrite replace
+    each object by writing the new one, never by deleting the old one first (a stopped upload leaves the old)."""
+    from study.atomic import replace_file
+    from study.resume import trim_trial_folder
+    from tests.test_atomic_writes import V1, Dying
+
+    for key, value in AWS.items():  # signed requests, as the study's own processes make them
+        monkeypatch.setenv(key, value)
+    fs, root = s3fs(s3), f"{BUCKET}/rewrite"
+    source = next((V1 / "batch_sweep").glob("mean_*run=0_00000"))
+    for path in source.iterdir():
+        with fs.open_output_stream(f"{root}/trial/{path.name}") as out:
+            out.write(path.read_bytes())
+    store = Dying(fs, type_name=fs.type_name)
+    trim_trial_folder(store, f"{root}/trial", 1.0)
+    replace_file(store, f"{root}/study.json", b'{"study": "mnist"}')
+    replace_file(store, f"{root}/study.json", b'{"study": "mnist", "args": {}}')
+    assert "delete_file" not in store.ops and "move" not in store.ops
+    with fs.open_input_stream(f"{root}/trial/result.json") as src:
+        assert [json.loads(line)[M.EPOCH] for line in src.read().decode().splitlines()] == [0, 1]
+    with fs.open_input_stream(f"{root}/study.json") as src:
+        assert json.loads(src.read()) == {"study": "mnist", "args": {}}
+    names = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)))
+    assert names == sorted(["study.json", "trial", *(p.name for p in source.iterdir())])

@@ -146,7 +146,7 @@ def test_sensitivity_draws_the_best_per_batch_size_when_the_other_axes_have_too_
     assert fig.axes[0].get_legend_handles_labels()[1] == [f"lr {lrs[0]:g}", f"lr {lrs[1]:g}"]
 
 
-def test_the_workloads_own_report_section_is_called_and_a_failing_one_is_named(tmp_path, monkeypatch):
+def test_the_workloads_own_report_section_is_called_when_asked_and_a_failing_one_is_named(tmp_path, monkeypatch):
     import sys
     import types
 
@@ -157,8 +157,12 @@ def test_the_workloads_own_report_section_is_called_and_a_failing_one_is_named(t
     hook.section = lambda report, study: report.heading(f"toy's own section for {study}")
     monkeypatch.setitem(sys.modules, "toy_report_hook", hook)
     report = ReportWriter(tmp_path)
-    workload_report.write_hook(report, "study-x", spec(hook="toy_report_hook:section"))
-    workload_report.write_hook(report, "study-x", spec(hook="toy_report_hook:missing"))
+    workload_report.write_hook(report, "study-x", spec(hook="toy_report_hook:section"))  # not asked: not run
+    text = report.finish().read_text()
+    assert "toy's own section for" not in text and "`toy_report_hook:section` was not run" in text
+    report = ReportWriter(tmp_path)
+    workload_report.write_hook(report, "study-x", spec(hook="toy_report_hook:section"), "")
+    workload_report.write_hook(report, "study-x", spec(hook="toy_report_hook:missing"), "")
     text = report.finish().read_text()
     assert "## toy's own section for study-x" in text
     assert "`toy_report_hook:missing` failed: AttributeError" in text
