@@ -313,7 +313,9 @@ def test_the_analysis_reads_an_out_of_memory_trial_as_failed_with_its_message(tm
             {M.EPOCH: 1, M.STATUS: M.STATUS_OOM, M.MESSAGE: "CUDA out of memory at batch size 512: ...",
              "timestamp": 2}]
     (folder / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    trial = _read_trial(pafs.LocalFileSystem(), str(folder), "grid", folder.name, None)
+    unreadable = []
+    trial = _read_trial(pafs.LocalFileSystem(), str(folder), "grid", folder.name, None, unreadable)
+    assert unreadable == []
     assert trial.outcome == "error" and trial.error.startswith("CUDA out of memory at batch size 512")
 
 
