@@ -16,6 +16,7 @@ from pathlib import Path
 from study import cli_checks as checks
 from study import flags
 from study import metrics as M
+from study import preflight
 from study.config import TrainConfig
 from study.errors import StudyError
 from study.lr_scaling import scaling_rules
@@ -98,6 +99,14 @@ def check_splits(splits, workload: Workload) -> dict:
     return splits
 
 
+def load_splits(workload: Workload, options: dict) -> dict:
+    """The workload's splits, loaded once and checked, after its every piece ran on a few of them (study.preflight):
+    a bug in the workload is one line here, before Ray starts, not an error in every trial."""
+    splits = check_splits(workload.load(options), workload)
+    preflight.check(workload, splits, options)
+    return splits
+
+
 def trial_configs(args, workload_spec: str, options: dict, version: str) -> tuple[dict, dict]:
     """The constant part of every trial's config, and the grid's axes (flag values per TrainConfig field)."""
     base = dict(TrainConfig(workload=workload_spec).to_dict(), workload=workload_spec, options=options,
@@ -168,7 +177,7 @@ def execute(args, workload: Workload) -> tuple[int, str]:
     if getattr(args, "lr_search", False) and len(args.optimizers) > 1:
         raise StudyError("--lr-search chooses one learning rate for one optimizer: pass one --optimizers value")
     options = workload.option_values({o.name: getattr(args, o.name) for o in workload.options})
-    splits = check_splits(workload.load(options), workload)
+    splits = load_splits(workload, options)
     n_train = len(splits["train"][0])
     for b in args.batch_sizes:
         if not 1 <= b <= n_train:
