@@ -207,9 +207,9 @@ def execute(args, workload: Workload) -> tuple[int, str]:
     space["run"] = grid_axis(axes["seed"])  # names the trial folder (seed=...)
     space["seed"] = tune.sample_from(lambda c: c["run"])
     columns = [f for f, values in axes.items() if len(values) > 1 and f != "seed"] + ["run"]
-    callbacks = [StudyTensorBoard(workload.name, STAGE, {m: tag(m) for m in metric_names})]
+    callbacks = [StudyTensorBoard(workload.name, STAGE, {m: tag(m) for m in metric_names}, workload.primary)]
     if not args.verbose:
-        callbacks.append(StudyConsole(STAGE, columns, [workload.primary]))
+        callbacks.append(StudyConsole(STAGE, columns, [workload.primary], workload.primary))
     # Memory-mapped splits never travel: each trial opens the files itself (study.run_workload).
     results = run_stage(train_workload, space, folder=folder, stage=STAGE, args=args, resources=resources,
                         data=None if workload.memory_mapped else splits, callbacks=callbacks)
