@@ -119,6 +119,7 @@ def test_tune_traceback_of_a_failed_trial_is_kept_off_the_console_unless_verbose
 # seed in its own way: the trial's process is seeded with the trial's seed (study.train.seed_everything).
 BREAKS_IN_TRIALS = '''
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -143,9 +144,10 @@ class Net(nn.Module):
     def forward(self, x):
         if self.training:
             self.steps += 1
-            if self.steps > 13 and torch.initial_seed() == 0:  # in epoch 2 (13 batches of 16 an epoch)
+            broken = self.steps > 13 and not Path(__file__).with_name("fixed").exists()  # in epoch 2 (13 batches)
+            if broken and torch.initial_seed() == 0:
                 raise ValueError("the second epoch breaks this model")
-            if self.steps > 13 and torch.initial_seed() == 1:
+            if broken and torch.initial_seed() == 1:
                 raise OSError("the disk went away")
         return self.linear(x)
 
@@ -161,8 +163,17 @@ workload = Workload(name="breaks", summary="breaks in its trials", load=load, mo
 '''
 
 
+@pytest.fixture
+def no_ray_left():
+    import ray
+
+    ray.shutdown()
+    yield
+    ray.shutdown()  # the study started its own
+
+
 @pytest.mark.slow
-def test_a_bug_in_a_trial_is_tried_once_and_summed_up_in_one_line(tmp_path, capsys):
+def test_a_bug_in_a_trial_is_tried_once_and_summed_up_in_one_line(tmp_path, capsys, no_ray_left):
     path = tmp_path / "breaks.py"
     path.write_text(BREAKS_IN_TRIALS)
     started = time.monotonic()
@@ -211,3 +222,14 @@ def test_a_bug_in_a_trial_is_tried_once_and_summed_up_in_one_line(tmp_path, caps
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| sweep | 3 | 0 | 1 | 0 | 2 |" in report  # done, no result, diverged, error
     assert "finished, but its val_error is NaN at the end: no result" in report
+
+    # Fixed, the errored trials go on from their last checkpoints; the finished one is not run again.
+    (tmp_path / "fixed").touch()
+    kept = (trials[2] / "result.json").read_bytes()
+    assert main(["run", str(path), "--storage-path", str(tmp_path), "--name", "s", "--resume",
+                 "--retry-errored"]) == 0, capsys.readouterr()
+    for seed in (0, 1):
+        assert [r[M.EPOCH] for r in rows(seed)] == [0, 1, 2, 3] and rows(seed)[-1][M.STATUS] == M.STATUS_DONE
+    assert (trials[2] / "result.json").read_bytes() == kept
+    assert {t.config["seed"]: t.outcome for t in open_study(str(tmp_path / "s")).trials("sweep")} == {
+        0: "done", 1: "done", 2: "no result"}
