@@ -205,8 +205,8 @@ class Run:
                 self.fail(f"evaluate() returned no {name!r} (its keys: {', '.join(map(repr, scores)) or 'none'}): "
                           f"return a dict {example}")
             value = scores[name]
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                value = value.item()
+            if isinstance(value, (torch.Tensor, np.ndarray)) and math.prod(value.shape) == 1:
+                value = value.item()  # the engine's float() takes a one-element tensor or array too
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 self.fail(f"evaluate() returned {name!r} as a {type(value).__name__} ({value!r:.40}): return a "
                           f"float (a tensor's .item())")

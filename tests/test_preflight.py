@@ -2,11 +2,13 @@
 line that names the file, the function and the fix, with exit status 2, before Ray starts and with nothing written;
 the shipped workloads and the example pass. No training here."""
 
+import sys
 import time
 
 import numpy as np
 import pytest
 import ray
+import torch
 
 from study.__main__ import main
 from study.preflight import FEW, pick
@@ -125,6 +127,23 @@ def test_shipped_workloads_and_the_example_pass(spec):
     started = time.monotonic()
     preflight.check(workload, splits, options)
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("value", ["0.5", None, True, [0.5]])
+def test_evaluate_must_return_a_number_for_every_metric(tmp_path, value):
+    from study import api, preflight
+    from study.errors import StudyError
+    from study.workload import resolve
+
+    path = workload_file(tmp_path, "kinds", evaluate="VALUE")
+    workload = resolve(path)
+    splits = api.check_splits(workload.load({}), workload)
+    for good in (0.5, 1, np.float32(0.5), np.array(0.5), torch.tensor([0.5])):
+        sys.modules[workload.load.__module__].VALUE = good
+        preflight.check(workload, splits, {})
+    sys.modules[workload.load.__module__].VALUE = value
+    with pytest.raises(StudyError, match=f"evaluate\\(\\) returned 'error' as a {type(value).__name__} "):
+        preflight.check(workload, splits, {})
 
 
 def test_the_few_rows_hold_every_class_when_they_can():
