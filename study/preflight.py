@@ -78,8 +78,12 @@ class Run:
         """A few rows of a split as the trial's batches hold them (study.run_workload, study.data.batches)."""
         x, y = self.splits[name]
         rows = pick(y, len(x))
-        xs = np.stack([np.asarray(x[i]) for i in rows])
-        ys = None if y is None else np.stack([np.asarray(y[i]) for i in rows])
+        try:
+            xs = np.stack([np.asarray(x[i]) for i in rows])
+            ys = None if y is None else np.stack([np.asarray(y[i]) for i in rows])
+        except ValueError as err:  # examples of different shapes
+            self.fail(f"load() returned {name} examples that are not arrays of one shape ({first_line(err)}): return "
+                      f"a numpy array per split's x and y")
         for what, a in (("features", xs), ("labels", ys)):
             if a is not None and a.dtype.kind not in NUMERIC:
                 self.fail(f"load() returned {name} {what} of dtype {a.dtype}: return a numeric numpy array")
@@ -143,7 +147,7 @@ class Run:
         try:
             outputs = model(inputs)
         except Exception as err:
-            if weights is not None and inputs.is_floating_point() and inputs.dtype != weights:
+            if weights is not None and inputs.dtype != weights:
                 try:
                     model(inputs.to(weights))
                 except Exception:
@@ -153,8 +157,8 @@ class Run:
                     what = "features" if made_by == "load()" else "input"
                     self.fail(f"{made_by} returned {dtype_name(inputs.dtype)} {what}, which the model's "
                               f"{dtype_name(weights)} weights refuse: return {dtype_name(weights)}"
-                              + (f" (x.astype(np.{dtype_name(weights)}))" if made_by == "load()" else
-                                 f" (x.to(torch.{dtype_name(weights)}))"))
+                              + (f" (x.astype(np.{dtype_name(weights)}), or convert it in prepare())"
+                                 if made_by == "load()" else f" (x.to(torch.{dtype_name(weights)}))"))
             self.raised("the model's forward", err, f" (on a few {split} examples)")
         if not isinstance(outputs, torch.Tensor):
             self.fail(f"the model's forward returned a {type(outputs).__name__}: return a tensor of outputs")

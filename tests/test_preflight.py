@@ -60,7 +60,7 @@ BROKEN = [
      "Double): return int64 labels (y.astype(np.int64))"),
     ("float64-features", dict(features=""),
      "load() returned float64 features, which the model's float32 weights refuse: return float32 "
-     "(x.astype(np.float32))"),
+     "(x.astype(np.float32), or convert it in prepare())"),
     ("evaluate-nan", dict(evaluate='float("nan")'),
      "evaluate() returned nan for 'error' on a few val examples of a freshly initialised model"),
 ]
@@ -106,6 +106,13 @@ def test_steps_runs_the_same_checks(capsys, tmp_path):
     path = workload_file(tmp_path, "labels", labels=".astype(np.float64)")
     err = refused(capsys, tmp_path, ["steps", path, "--smoke", "--goal", "val_error=0.1"])
     assert "load() returned float64 labels" in err and "labels.py" in err, err
+
+
+def test_uint8_images_without_a_prepare_name_load_and_prepare(capsys, tmp_path):
+    path = workload_file(tmp_path, "pixels", features=".astype(np.uint8)")
+    err = refused(capsys, tmp_path, ["run", path, "--smoke"])
+    assert "load() returned uint8 features, which the model's float32 weights refuse: return float32 " \
+           "(x.astype(np.float32), or convert it in prepare())" in err, err
 
 
 def test_splits_of_different_shapes_are_refused(capsys, tmp_path):
@@ -168,3 +175,37 @@ def test_the_command_refuses_within_seconds(tmp_path):
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "load() returned float64 features" in done.stderr and not (tmp_path / "store").exists()
     assert time.monotonic() - started < 15
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_memory_mapped_splits_give_up_a_few_rows(tmp_path, dtype):
+    """A memory-mapped workload's splits are read a few rows at a time, as the engine streams them: uint8 patches,
+    float32 labels (study.data.batches.PatchBatches)."""
+    from study import preflight
+    from study.errors import StudyError
+    from study.workload import Metric, Workload
+
+    def mapped(name, shape, kind):
+        array = np.lib.format.open_memmap(tmp_path / f"{name}.npy", mode="w+", dtype=kind, shape=shape)
+        array[:] = np.arange(np.prod(shape)).reshape(shape) % 2
+        return np.load(tmp_path / f"{name}.npy", mmap_mode="r")
+
+    splits = {s: (mapped(f"{s}_x", (50, 4, 4, 3), dtype), mapped(f"{s}_y", (50,), np.uint8)) for s in ("train", "val")}
+    seen = []
+
+    def evaluate(outputs, y):
+        seen.append(y.dtype)
+        return {"auc": 0.5}
+
+    workload = Workload(name="patches", summary="", load=lambda o: splits, memory_mapped=True,
+                        model=lambda o: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 1)),
+                        prepare=lambda x: x.float().flatten(1) / 255,
+                        loss=lambda out, y: torch.nn.functional.binary_cross_entropy_with_logits(out.squeeze(1), y),
+                        evaluate=evaluate, metrics=(Metric("auc", True),), primary="val_auc")
+    if dtype is np.uint8:
+        preflight.check(workload, splits, {})
+        assert seen == [torch.float32]
+    else:
+        with pytest.raises(StudyError, match="load\\(\\) returned float32 train features of a memory-mapped "
+                                             "workload: return uint8"):
+            preflight.check(workload, splits, {})
