@@ -17,13 +17,12 @@ import traceback
 from collections import Counter
 from pathlib import Path
 
-import torch
-
 from study import metrics as M
 
 
 def retried() -> tuple:
     """Exception types another try may pass (a fresh worker, the storage back, another device)."""
+    import torch
     from ray.exceptions import RayError
 
     device = getattr(torch, "AcceleratorError", None)  # a CUDA error (torch 2.8 on); before, a bare RuntimeError
