@@ -15,7 +15,7 @@ from study.config import REPEATS
 STAGE_COLOURS = ("tab:blue", "tab:green", "tab:purple", "tab:olive", "tab:cyan", "tab:brown")
 CONFIG_COLOURS = tuple(f"C{i}" for i in range(10)) + ("black", "silver", "gold", "teal", "navy", "salmon",
                                                    "lime", "orchid", "sienna", "khaki")
-OUTCOME_HATCH = {"error": "xxx", "diverged": "///", "running": "...", "incomplete": "..."}
+OUTCOME_HATCH = {"error": "xxx", "diverged": "///", "no result": "\\\\", "running": "...", "incomplete": "..."}
 
 
 def fold_lr_scaling(trials: list, key: str) -> bool:
@@ -107,6 +107,8 @@ def failure_reason(trial: Trial) -> str:
     epoch = trial.last(M.EPOCH, None) if trial.rows else None
     if trial.outcome == "error":
         return trial.error or f"Tune marked the trial as errored (no error.txt; last epoch {fmt(epoch)})"
+    if trial.outcome == "no result":
+        return f"finished, but its {trial.primary} is NaN at the end: no result to compare"
     if trial.outcome == "diverged":
         first = next((r.get(M.EPOCH) for r in trial.rows
                       if r.get(M.DIVERGED) is True or r.get(M.STATUS) == M.STATUS_DIVERGED), epoch)
@@ -224,5 +226,5 @@ def write_failures(report: ReportWriter, study: Study, label_keys: list) -> None
     counts = failures["outcome"].value_counts().sort_index()
     report.text("Counts: " + ", ".join(f"{n} {o}" for o, n in counts.items()) + ". Their metrics are shown as "
                 "missing (–) in the tables above, never as zeros. For an error the reason is the exception line "
-                "of the trial's error.txt.")
+                f"of the trial's error.txt, or of its {M.TRACEBACK_FILE} when its own error ended it unretried.")
     report.table("failures", failures, "Trials that did not finish normally")

@@ -14,8 +14,8 @@ from matplotlib.figure import Figure
 # Fixed style: the same numbers draw the same picture whatever the user's matplotlibrc says.
 STYLE = {"font.size": 10, "axes.titlesize": 10, "axes.labelsize": 10, "legend.fontsize": 8, "figure.dpi": 100,
          "savefig.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "lines.markersize": 4}
-OUTCOME_MARKS = {"error": "error", "diverged": "diverged", "pending": "not started", "running": "running",
-                 "incomplete": "incomplete"}
+OUTCOME_MARKS = {"error": "error", "diverged": "diverged", "no result": "no result", "pending": "not started",
+                 "running": "running", "incomplete": "incomplete"}
 
 
 def new_figure(n_panels: int = 1, *, width: float = 4.6, height: float = 3.6, ncols: int | None = None,

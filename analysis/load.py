@@ -62,20 +62,25 @@ class Trial:
     end_time: float = math.nan  # unix seconds of the last result
     checkpoint: str = ""  # path (in the study's filesystem) of the latest checkpoint folder
     checkpoint_files: tuple = ()
+    ended_by_error: bool = False  # its own exception ended it, reported, not raised (study.trial_errors)
+    primary: str = ""  # a workload study's primary metric (workload.json): NaN at the end is no result
 
     @property
     def outcome(self) -> str:
-        """error | diverged | done | running | pending | incomplete (stopped without finishing or erroring).
+        """error | diverged | done | no result | running | pending | incomplete (stopped without finishing or
+        erroring). "no result": finished without diverging, its primary metric NaN at the end.
 
         How the trial ended: an error.txt left by a failure Tune recovered from (the trial restarted from its
         checkpoint and finished) does not make it an error; `recovered` says that it happened."""
         oom = bool(self.rows) and self.rows[-1].get(M.STATUS) == M.STATUS_OOM  # ended at once, without raising
-        if self.tune_status == "ERROR" or self.errored or oom:
+        if self.tune_status == "ERROR" or self.errored or oom or self.ended_by_error:
             return "error"
         if any(r.get(M.DIVERGED) is True or r.get(M.STATUS) == M.STATUS_DIVERGED for r in self.rows):
             return "diverged"
         if self.rows and self.rows[-1].get(M.STATUS) in FINISHED:
-            return "done"
+            nan = self.rows[-1].get(M.STATUS) == M.STATUS_DONE and self.primary and math.isnan(
+                _number(self.last(self.primary)))
+            return "no result" if nan else "done"
         if self.tune_status in UNFINISHED:
             return "running" if self.rows or self.tune_status != "PENDING" else "pending"
         if self.error and self.tune_status == "UNKNOWN":  # no Tune state says otherwise: it stopped at its error
@@ -244,6 +249,9 @@ def open_study(uri: str) -> Study:
         raise StudyError(f"{uri}: cannot tell which study this is (study.json says {meta.get('study')!r}, kind "
                          f"{meta.get('kind')!r}, and there is no {WORKLOAD_FILE}); expected one of "
                          f"{', '.join(STAGES)} or a workload study")
+    primary = (files.get(WORKLOAD_FILE) or {}).get("primary") if kind == "workload" else None
+    for trial in (t for trials in stages.values() for t in trials):
+        trial.primary = primary if isinstance(primary, str) else ""
     return Study(uri=uri, fs=fs, path=study_dir, kind=kind, meta=meta, stages=stages, files=files,
                  only_stage=only_stage, unreadable=unreadable)
 
@@ -352,6 +360,9 @@ def _read_trial(fs, trial_dir: str, stage: str, dirname: str, state: dict | None
         if "result.json" in files else []
     error_text = read_bytes(fs, f"{trial_dir}/error.txt").decode(errors="replace") if "error.txt" in files else ""
     error = error_reason(error_text) if "error.txt" in files else ""
+    ended_by_error = bool(rows) and rows[-1].get(M.STATUS) == M.STATUS_ERROR
+    if ended_by_error:  # its last row trained nothing: only the exception's line (traceback.txt has the rest)
+        error = rows.pop().get(M.MESSAGE) or "error"
     if not error and rows and rows[-1].get(M.STATUS) == M.STATUS_OOM:  # ended by out-of-memory without raising
         error = rows[-1].get(M.MESSAGE) or "CUDA out of memory"
     checkpoints = sorted(n for n, kind in files.items() if _is_dir(kind) and n.startswith("checkpoint_"))
@@ -367,7 +378,8 @@ def _read_trial(fs, trial_dir: str, stage: str, dirname: str, state: dict | None
     return Trial(stage=stage, trial_id=trial_id, dirname=dirname, config=config, rows=rows,
                  tune_status=state.get("status", "UNKNOWN"), error=error, failures=failures,
                  result_file=f"{trial_dir}/result.json", corrupt=tuple(corrupt), start_time=start, end_time=end,
-                 checkpoint=checkpoint, checkpoint_files=tuple(sorted(_listing(fs, checkpoint))) if checkpoint else ())
+                 checkpoint=checkpoint, checkpoint_files=tuple(sorted(_listing(fs, checkpoint))) if checkpoint else (),
+                 ended_by_error=ended_by_error)
 
 
 def parse_results(raw: bytes, corrupt: list | None = None, still_writing: bool = False) -> list:

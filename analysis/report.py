@@ -23,7 +23,7 @@ from study.cli_checks import check_uri
 from study.errors import StudyError
 
 TITLES = {"mnist": "MNIST regression study", "pcam": "PCam classification study"}
-OUTCOMES = ("done", "diverged", "error", "incomplete", "running", "pending")
+OUTCOMES = ("done", "no result", "diverged", "error", "incomplete", "running", "pending")
 LABELS = {"mnist": ["target", "batch_size", "lr", "run"], "pcam": ["optimizer", "lr", "batch_size", "run"],
           "steps": steps_report.LABELS}
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from study import cli_checks as checks
 from study import flags, lease
 from study import metrics as M
+from study import preflight
 from study.config import TrainConfig
 from study.errors import StudyError
 from study.lr_scaling import scaling_rules
@@ -95,6 +96,14 @@ def check_splits(splits, workload: Workload) -> dict:
             continue  # unlabelled (a competition's test split): predicted for the workload's files, never scored
         if not (isinstance(split, tuple) and len(split) == 2 and len(split[0]) == len(split[1]) and len(split[0])):
             raise StudyError(f"workload {workload.name}: split {name} must be a non-empty (x, y) pair of one length")
+    return splits
+
+
+def load_splits(workload: Workload, options: dict) -> dict:
+    """The workload's splits, loaded once and checked, after its every piece ran on a few of them (study.preflight):
+    a bug in the workload is one line here, before Ray starts, not an error in every trial."""
+    splits = check_splits(workload.load(options), workload)
+    preflight.check(workload, splits, options)
     return splits
 
 
@@ -188,7 +197,7 @@ def execute(args, workload: Workload, tune_callbacks: list = ()) -> tuple[int, s
     if getattr(args, "lr_search", False) and len(args.optimizers) > 1:
         raise StudyError("--lr-search chooses one learning rate for one optimizer: pass one --optimizers value")
     options = workload.option_values({o.name: getattr(args, o.name) for o in workload.options})
-    splits = check_splits(workload.load(options), workload)
+    splits = load_splits(workload, options)
     n_train = len(splits["train"][0])
     for b in args.batch_sizes:
         if not 1 <= b <= n_train:
@@ -220,9 +229,9 @@ def execute(args, workload: Workload, tune_callbacks: list = ()) -> tuple[int, s
     space["run"] = grid_axis(axes["seed"])  # names the trial folder (seed=...)
     space["seed"] = tune.sample_from(lambda c: c["run"])
     columns = [f for f, values in axes.items() if len(values) > 1 and f != "seed"] + ["run"]
-    callbacks = [StudyTensorBoard(workload.name, STAGE, {m: tag(m) for m in metric_names})]
+    callbacks = [StudyTensorBoard(workload.name, STAGE, {m: tag(m) for m in metric_names}, workload.primary)]
     if not args.verbose:
-        callbacks.append(StudyConsole(STAGE, columns, [workload.primary]))
+        callbacks.append(StudyConsole(STAGE, columns, [workload.primary], workload.primary))
     # Memory-mapped splits never travel: each trial opens the files itself (study.run_workload).
     results = run_stage(train_workload, space, folder=folder, stage=STAGE, args=args, resources=resources,
                         data=None if workload.memory_mapped else splits, callbacks=[*callbacks, *tune_callbacks])

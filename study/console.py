@@ -22,23 +22,35 @@ from study.config import REPEATS
 from study.progress import LOG_EVERY_S  # one cadence for every progress line in a log
 
 REDRAW_EVERY_S = 1.0
-FINISHED = ("done", "diverged", "out of memory", "error")  # row statuses of trials that ended
+FINISHED = ("done", "no result", "diverged", "out of memory", "error")  # row statuses of trials that ended
 QUIET_LOGGERS = ("ray.tune", "ray.train", "ray.air")  # their warnings are benign in a study (snapshot timing, ...)
+# Logs a trial's traceback each time the trial fails; Tune writes it to the trial's error.txt as well, and the
+# stage's end names that file (study.trial_errors.summary).
+TRIAL_FAILURE_LOGGER = "ray.tune.execution.tune_controller"
+
+
+def trial_failure_traceback(record: logging.LogRecord) -> bool:
+    """A logging filter: False for Tune's "Trial task failed" record (its traceback), True for the rest."""
+    return not str(record.msg).startswith("Trial task failed")
 
 
 @contextlib.contextmanager
 def tune_console(verbose: bool):
-    """While a stage runs: Ray's benign warnings hidden unless --verbose (errors stay visible), and Tune's older
-    console, which prints nothing at verbose=0 and never the TensorBoard hint of a temporary staging folder
-    (the newer one prints both even at verbose=0). Everything is put back afterwards."""
+    """While a stage runs: Ray's benign warnings and the tracebacks of failed trials (they are in the trial folders)
+    hidden unless --verbose (other errors stay visible), and Tune's older console, which prints nothing at
+    verbose=0 and never the TensorBoard hint of a temporary staging folder (the newer one prints both even at
+    verbose=0). Everything is put back afterwards."""
     saved_env = os.environ.get("RAY_AIR_NEW_OUTPUT")
     saved_levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
+    if not verbose:
+        logging.getLogger(TRIAL_FAILURE_LOGGER).addFilter(trial_failure_traceback)
     try:
         yield
     finally:
+        logging.getLogger(TRIAL_FAILURE_LOGGER).removeFilter(trial_failure_traceback)
         if saved_env is None:
             os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
         else:
@@ -59,7 +71,7 @@ def finished(uri: str, results) -> int:
     """Where the results are and the report's command; the exit status: 1 when a trial failed or ran out of
     memory (the others' results are stored all the same)."""
     print(f"results: {uri}  (report: python -m analysis.report {shlex.quote(uri)})")
-    return 1 if any(r.error is not None or (r.metrics or {}).get(M.STATUS) == M.STATUS_OOM for r in results) else 0
+    return 1 if any(r.error is not None or (r.metrics or {}).get(M.STATUS) in M.ENDED for r in results) else 0
 
 
 def duration(seconds: float) -> str:
@@ -77,10 +89,11 @@ def cell(value) -> str:
 
 
 class StudyConsole(tune.Callback):
-    """columns: config keys shown per row (the grid's axes); metrics: the stage's key metrics (last reported)."""
+    """columns: config keys shown per row (the grid's axes); metrics: the stage's key metrics (last reported);
+    primary: the metric a finished trial is for (NaN at its end: "no result", not "done")."""
 
-    def __init__(self, stage: str, columns: list[str], metrics: list[str]):
-        self.stage, self.columns, self.metrics = stage, columns, metrics
+    def __init__(self, stage: str, columns: list[str], metrics: list[str], primary: str | None = None):
+        self.stage, self.columns, self.metrics, self.primary = stage, columns, metrics, primary
         self.live = sys.stdout.isatty()  # (no stream kept: Tune pickles its callbacks with the run config)
         self.trials = {}  # trial -> {"config", "epoch", "epochs", "status", metric: value}
         self.total = 0
@@ -106,16 +119,14 @@ class StudyConsole(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         row = self._row(trial)
         row["epoch"] = result.get(M.EPOCH, row["epoch"])
-        row["status"] = ("diverged" if result.get(M.DIVERGED) else
-                         "out of memory" if result.get(M.STATUS) == M.STATUS_OOM else "running")
+        row["status"] = ended(result) or "running"
         row.update({m: result[m] for m in self.metrics if m in result})
         self._dirty = True
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         row = self._row(trial)
         last = trial.last_result or {}
-        row["status"] = ("diverged" if last.get(M.DIVERGED) else
-                         "out of memory" if last.get(M.STATUS) == M.STATUS_OOM else "done")
+        row["status"] = ended(last) or ("no result" if no_result(last, self.primary) else "done")
         self._dirty = True
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -177,6 +188,20 @@ class StudyConsole(tune.Callback):
         widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
         fmt = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
         return [fmt(header)] + [fmt(b) for b in body]
+
+
+def ended(result: dict) -> str:
+    """The status word of a row that ended its trial early (diverged, out of memory, its own error), else ""."""
+    if result.get(M.DIVERGED):
+        return "diverged"
+    return {M.STATUS_OOM: "out of memory", M.STATUS_ERROR: "error"}.get(result.get(M.STATUS), "")
+
+
+def no_result(last: dict, primary: str | None) -> bool:
+    """A trial that finished without diverging but whose primary metric is NaN at its end (e.g. a metric undefined
+    on its split) has no result to show: not "done"."""
+    value = last.get(primary) if primary else None
+    return isinstance(value, float) and math.isnan(value)
 
 
 def sort_key(value):

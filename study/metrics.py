@@ -30,7 +30,9 @@ STATUS_RUNNING = "running"
 STATUS_DONE = "done"
 STATUS_DIVERGED = "diverged"
 STATUS_OOM = "out_of_memory"  # ended at once by CUDA out-of-memory (never retried); MESSAGE says what to change
-MESSAGE = "message"  # why the trial ended early (only in an out_of_memory row)
+STATUS_ERROR = "error"  # ended by its own exception, not retried (study.trial_errors); MESSAGE: the exception's line
+MESSAGE = "message"  # why the trial ended early (only in an out_of_memory or error row)
+ENDED = (STATUS_OOM, STATUS_ERROR)  # a last row's status of a trial that ended early, reported, not raised
 
 # MNIST regression.
 VAL_MSE = "val_mse"  # on the held-out validation images; NaN when no validation split
@@ -57,3 +59,7 @@ LEASE_FILE = "lease.json"  # the driver running the study now (study.lease); nev
 PREDICTIONS_FILE = "test_predictions.csv"  # columns: index, label, probability
 SUBMISSION_FILE = "submission.csv"  # Kaggle layout: id, label (predicted probability)
 STATE_FILE = "state.pt"
+
+# Files in a trial's folder (study.trial_errors).
+TRACEBACK_FILE = "traceback.txt"  # the full traceback of the exception that ended the trial (status error)
+LAST_FAILURE_FILE = "last_failure.txt"  # the line of the exception Tune last retried: the same again ends the trial

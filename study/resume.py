@@ -12,7 +12,8 @@ runs out-of-memory trials again.
   `forget_lost_checkpoints` makes such a trial start again from scratch instead (StoredOnce then removes all it
   stored), which costs its epochs but never an epoch stored twice or a lost trial.
 - An out-of-memory trial ends normally in Tune's eyes (study.trainables.trial_entry: so that Tune does not retry
-  it in the same share), so a restore would keep it finished. `mark_out_of_memory_errored` turns it into an
+  it in the same share), and so does one its own error ended (study.trial_errors), so a restore would keep it
+  finished. `mark_out_of_memory_errored` turns it into an
   errored trial in Tune's newest experiment snapshot before `Tuner.restore(resume_errored=True)`, which then
   continues it from its checkpoint with the resources the resumed study asks for (--gpus-per-trial).
 """
@@ -228,11 +229,13 @@ def forget_lost_checkpoints(fs: pafs.FileSystem, stage_path: str) -> list[str]:
 
 
 def mark_out_of_memory_errored(fs: pafs.FileSystem, stage_path: str) -> list[str]:
-    """In Tune's newest experiment snapshot of a stage, mark each trial that ended out of memory as errored, so a
-    restore with resume_errored continues it from its last checkpoint. Returns their trial ids."""
+    """In Tune's newest experiment snapshot of a stage, mark each trial that ended out of memory (or by its own
+    error, status error) as errored, so a restore with resume_errored continues it from its last checkpoint.
+    Returns their trial ids."""
     def mark(entry):
         trial, run = json.loads(entry[0]), json.loads(entry[1])
-        if trial.get("status") != "TERMINATED" or (run.get("last_result") or {}).get(M.STATUS) != M.STATUS_OOM:
+        ended = (run.get("last_result") or {}).get(M.STATUS) in M.ENDED
+        if trial.get("status") != "TERMINATED" or not ended:
             return None
         trial["status"] = "ERROR"
         entry[0] = json.dumps(trial, indent=2)

@@ -207,7 +207,7 @@ def execute(args, workload: Workload, tune_callbacks: list = ()) -> tuple[int, s
         if getattr(args, o.name, None) is None:
             setattr(args, o.name, smoke_options.get(o.name, o.default))
     options = workload.option_values({o.name: getattr(args, o.name) for o in workload.options})
-    splits = api.check_splits(workload.load(options), workload)
+    splits = api.load_splits(workload, options)
     n_train = len(splits["train"][0])
     fill(args, workload, n_train)
     chance = workload.chance.get(goal["metric"])

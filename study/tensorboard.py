@@ -25,6 +25,7 @@ from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from tensorboard.plugins.hparams import summary_v2 as hp
 
 from study import metrics as M
+from study.console import no_result
 
 # Tune metric -> TensorBoard tag. Anything else Tune reports (done, iterations_since_restore, gpu_share, ...) is
 # bookkeeping and drawn nowhere.
@@ -157,11 +158,12 @@ def session_start(config: dict, group: str) -> Summary:
                           applies(k, values)}, trial_id=group)
 
 
-def session_end(success: bool) -> Summary:
-    """The trial's outcome. TensorBoard's session_end_pb lives in its TensorFlow-only summary module, so the same
-    message is built here from the plugin's own protos and metadata."""
-    info = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS if success else api_pb2.STATUS_FAILURE,
-                                          end_time_secs=time.time())
+def session_end(success: bool | None) -> Summary:
+    """The trial's outcome (None: it finished with no result, TensorBoard's "unknown"). TensorBoard's session_end_pb
+    lives in its TensorFlow-only summary module, so the same message is built here from the plugin's own protos and
+    metadata."""
+    status = {True: api_pb2.STATUS_SUCCESS, False: api_pb2.STATUS_FAILURE, None: api_pb2.STATUS_UNKNOWN}[success]
+    info = plugin_data_pb2.SessionEndInfo(status=status, end_time_secs=time.time())
     data = plugin_data_pb2.HParamsPluginData(session_end_info=info)
     return Summary(value=[Summary.Value(tag=metadata.SESSION_END_INFO_TAG,
                                         metadata=metadata.create_summary_metadata(data))])
@@ -172,10 +174,13 @@ class StudyTensorBoard(TBXLoggerCallback):
     place of Tune's TBXLoggerCallback (Tune adds its own only when none is given), so there is no second,
     conflicting HPARAMS table; it shares nothing else with it."""
 
-    def __init__(self, kind: str, stage: str, scalars: dict | None = None):  # noqa: no super().__init__
+    def __init__(self, kind: str, stage: str, scalars: dict | None = None,
+                 primary: str | None = None):  # noqa: no super().__init__
         """scalars: a workload study's metrics (name -> tag), drawn besides SCALARS; its result metrics (those
-        of its key metrics) end as NaN in a failed trial. Tune's own writer is not wanted: no super().__init__."""
-        self.kind, self.stage, self.scalars = kind, stage, dict(scalars or {})
+        of its key metrics) end as NaN in a failed trial. primary: the metric a finished trial is for; NaN at its
+        end, the trial has no result (session status unknown, not success). Tune's own writer is not wanted: no
+        super().__init__."""
+        self.kind, self.stage, self.scalars, self.primary = kind, stage, dict(scalars or {}), primary
         self._writers = {}
         self._last = {}  # trial -> (epoch, val AUC of the best epoch)
 
@@ -208,7 +213,7 @@ class StudyTensorBoard(TBXLoggerCallback):
         writer = self._writers.pop(trial)
         last = trial.last_result or {}
         diverged = bool(last.get(M.DIVERGED))
-        failed = failed or last.get(M.STATUS) == M.STATUS_OOM  # reported, not raised: see trial_entry
+        failed = failed or last.get(M.STATUS) in M.ENDED  # reported, not raised: see trial_entry
         # One policy with the report (docs/faults.md, "Diverging runs"): a diverged trial that kept a best-on-validation
         # model from before it diverged (PCam) was tested on it, and that is its result; one without (MNIST's
         # last-epoch result, or PCam diverging in epoch 1) has none.
@@ -216,7 +221,8 @@ class StudyTensorBoard(TBXLoggerCallback):
         if (failed or diverged) and not tested:
             for tag in FAILED_NAN.get(self.kind, self.scalars.values()):
                 writer.add_scalar(tag, math.nan, self._last.get(trial, 0))
-        writer.file_writer.add_summary(session_end(not (failed or diverged)))
+        success = not (failed or diverged)
+        writer.file_writer.add_summary(session_end(None if success and no_result(last, self.primary) else success))
         writer.close()
         self._last.pop(trial, None)
 

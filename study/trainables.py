@@ -16,6 +16,7 @@ import torch
 from ray import tune
 
 from study import metrics as M
+from study import trial_errors
 from study.config import MnistConfig, PcamConfig, TrainConfig
 from study.data import pcam as pcam_data
 from study.memory import configure_cuda, free_cuda
@@ -47,31 +48,37 @@ def out_of_memory_message(config: dict, err: BaseException) -> str:
 
 
 def trial_entry(train):
-    """What every trainable runs inside: CUDA out-of-memory ends this trial alone, at once (the study and the other
-    trials go on), and a trial that errored before a --resume stays errored (errored: trial folder names; see
-    tuning.run_stage).
+    """What every trainable runs inside: CUDA out-of-memory and the trial's own errors end this trial alone, at once
+    (the study and the other trials go on), and a trial that errored before a --resume stays errored (errored:
+    trial folder names; see tuning.run_stage).
 
     Out of memory is reported, not raised: Tune retries every exception a trainable raises (--max-failures times,
     from the last checkpoint), and the same batch size in the same share runs out again. So the trial reports one
     last row, status `out_of_memory` with the message, and returns; the study counts it as failed (exit 1), and
-    `--resume --retry-errored` continues it from its last checkpoint in the share given then (study.resume)."""
+    `--resume --retry-errored` continues it from its last checkpoint in the share given then (study.resume). An
+    exception that another try would meet again ends the trial the same way, status `error`, its traceback in the
+    trial's folder (study.trial_errors); Tune retries the others."""
     def wrapped(config, data, errored=()):
         if errored and Path(tune.get_context().get_trial_dir()).name in errored:
             raise RuntimeError("this trial ended in an error before the study was resumed; "
                                "resume with --retry-errored to retry it")
         _reported["epoch"] = -1
-        message = None
         try:
             return train(config, data)
         except torch.cuda.OutOfMemoryError as err:
-            message = out_of_memory_message(config, err)
+            status, message = M.STATUS_OOM, out_of_memory_message(config, err)
+        except Exception as err:
+            if not trial_errors.ends_trial(err):
+                raise
+            status, message = M.STATUS_ERROR, trial_errors.record(err)
         # Out of the except block the traceback, and with it every tensor of the failed frames, is gone.
         free_cuda()
-        tune.report({M.EPOCH: _reported["epoch"] + 1, M.STATUS: M.STATUS_OOM, M.MESSAGE: message,
-                     M.DIVERGED: False})
-    # The trainable's qualified name too: Ray's cloudpickle then sends it by reference, and the worker runs it with
-    # this module's globals (sent by value it got its own copy of _reported: an out-of-memory row said epoch 0).
-    wrapped.__name__, wrapped.__qualname__, wrapped.__doc__ = train.__name__, train.__qualname__, train.__doc__
+        tune.report({M.EPOCH: _reported["epoch"] + 1, M.STATUS: status, M.MESSAGE: message, M.DIVERGED: False})
+    # The trainable's module and qualified name too: Ray's cloudpickle then sends it by reference, and the worker runs
+    # it with this module's globals (sent by value it got its own copy of _reported: an out-of-memory row said epoch
+    # 0). Without its module a trainable defined elsewhere (study.run_workload's) went by value.
+    wrapped.__module__, wrapped.__name__, wrapped.__qualname__ = train.__module__, train.__name__, train.__qualname__
+    wrapped.__doc__ = train.__doc__
     return wrapped
 
 

@@ -19,6 +19,7 @@ import pyarrow.fs as pafs
 
 from study import cluster, lease
 from study import metrics as M
+from study import trial_errors
 from study.atomic import TEMP_PREFIX, replace_file
 from study.cli_checks import MAX_TRIALS, check_common_flags, check_name, check_uri, reachable
 from study.errors import StudyError
@@ -337,7 +338,9 @@ def run_stage(trainable, param_space: dict, *, folder: StudyFolder, stage: str, 
     with tune_console(getattr(args, "verbose", False)):
         results = tuner.fit()
     folder.write_json(errored_file, sorted(Path(r.path).name for r in results if r.error is not None
-                                           or (r.metrics or {}).get(M.STATUS) == M.STATUS_OOM))
+                                           or (r.metrics or {}).get(M.STATUS) in M.ENDED))
+    for line in trial_errors.summary(results):  # the tracebacks are in the trial folders, not on the console
+        print(line)
     return results
 
 
