@@ -58,12 +58,17 @@ def _storage():
     """The trial's folder in the study's storage (local or remote), as Tune's own files reach it."""
     from ray import tune
 
-    storage = tune.get_context().get_storage()
+    get_storage = getattr(tune.get_context(), "get_storage", None)  # a developer API: absent outside a trial
+    storage = get_storage() if get_storage else None
+    if storage is None:
+        return None, None
     return storage.storage_filesystem, storage.trial_fs_path
 
 
 def _read(name: str) -> str:
     fs, folder = _storage()
+    if fs is None:
+        return ""
     try:
         with fs.open_input_stream(f"{folder}/{name}") as src:
             return src.read().decode(errors="replace")
@@ -73,6 +78,9 @@ def _read(name: str) -> str:
 
 def _write(name: str, text: str) -> None:
     fs, folder = _storage()
+    if fs is None:  # no trial folder to write to: the worker's log keeps it
+        print(f"{name}:\n{text}")
+        return
     try:
         fs.create_dir(folder, recursive=True)
         with fs.open_output_stream(f"{folder}/{name}") as out:

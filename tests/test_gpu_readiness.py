@@ -89,8 +89,9 @@ def test_another_error_from_the_cap_is_not_called_out_of_memory(fake_gpu, monkey
         raise ValueError("invalid device")
 
     monkeypatch.setattr(torch._C, "_cuda_setMemoryFraction", refuse, raising=False)
-    with pytest.raises(ValueError, match="invalid device"):
-        run_trial(monkeypatch, 0.25)
+    runs, rows = run_trial(monkeypatch, 0.25)  # the same error again on a retry: it ends the trial, unretried
+    assert runs == [] and [r[M.STATUS] for r in rows] == [M.STATUS_ERROR]
+    assert rows[0][M.MESSAGE].startswith("ValueError: invalid device")
 
 
 @pytest.mark.parametrize("share", [0.125, 0.25, 0.5])
@@ -194,13 +195,16 @@ def test_out_of_memory_frees_the_trials_tensors_before_it_reports(monkeypatch):
     assert alive_at_report == [False]
 
 
-def test_other_errors_still_raise(monkeypatch):
+def test_other_errors_are_errors_not_out_of_memory(monkeypatch):
     @trainables.trial_entry
     def train(config, data):
         raise Oom("not CUDA")
 
-    with pytest.raises(Oom):
-        train({"batch_size": 1}, None)
+    rows = []
+    monkeypatch.setattr(trainables.tune, "get_context", lambda: SimpleNamespace())  # no trial folder
+    monkeypatch.setattr(trainables.tune, "report", lambda metrics, checkpoint=None: rows.append(metrics))
+    train({"batch_size": 1}, None)
+    assert [r[M.STATUS] for r in rows] == [M.STATUS_ERROR] and "not CUDA" in rows[0][M.MESSAGE]
 
 
 def test_checkpoints_every_n_epochs_and_always_at_the_ends(monkeypatch):

@@ -88,7 +88,7 @@ def test_the_report_reads_an_ended_trial_as_an_error_and_a_nan_primary_as_no_res
     folder.mkdir()
     (folder / "params.json").write_text(json.dumps({"batch_size": 16}))
     (folder / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    trial = _read_trial(pafs.LocalFileSystem(), str(folder), "sweep", "trial", None)
+    trial = _read_trial(pafs.LocalFileSystem(), str(folder), "sweep", "trial", None, [])
     assert trial.outcome == "error" and trial.error == "ValueError: x at net.py:9 in forward"
     assert [r[M.EPOCH] for r in trial.rows] == [0, 1]  # the error's row trained nothing
 
