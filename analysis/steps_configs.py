@@ -59,6 +59,6 @@ def best_of_k(steps) -> dict:
     expected, p = [], []
     for k in range(1, n + 1):
         w = np.array([math.comb(n - i, k - 1) / math.comb(n, k) for i in range(1, n + 1)])
-        p.append(float(w[:reached_n].sum()))
+        p.append(1 - math.comb(n - reached_n, k) / math.comb(n, k))  # 1 - P(all k among those not reached)
         expected.append(float((w[:reached_n] * s[:reached_n]).sum()) if k > n - reached_n else math.inf)
     return {"k": list(range(1, n + 1)), "expected": expected, "p_reached": p}

@@ -165,7 +165,8 @@ def test_write_section_writes_every_table_and_figure(tmp_path):
     trials, _ = simulate(600.0, 600.0 * 128, BATCHES, configs=16, budget=budget, noise=0.05, seed=0, penalty=10.0)
     ruled = replay(trials, budget, rule=S.ResultRule(configs=16))
     text = write_section(ruled, [GOAL, LOOSE], tmp_path, ranges={"lr": (1e-3, 1.0)}, n_boot=200)
-    names = ["steps_to_result", "examples_to_result", "b_crit_vs_b_simple", "best_lr", "lr_map", "seconds_to_result"]
+    names = ["steps_to_result", "examples_to_result", "best_of_k", "b_crit_vs_b_simple", "best_lr", "lr_map",
+             "seconds_to_result"]
     for name in names:
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000 and f"({name}.png)" in text
     per_batch = pd.read_csv(tmp_path / "steps_per_batch.csv")
@@ -173,6 +174,8 @@ def test_write_section_writes_every_table_and_figure(tmp_path):
         [A.PERFECT, A.DIMINISHING, A.MAXIMAL, A.UNDETERMINED])
     fit = pd.read_csv(tmp_path / "steps_fit.csv")
     assert len(fit) == 2 and (fit["b_crit_low"] <= fit["b_crit"]).all() and (fit["b_crit"] <= fit["b_crit_high"]).all()
+    best_k = pd.read_csv(tmp_path / "steps_best_of_k.csv")
+    assert len(best_k) == 2 * len(BATCHES) * 16 and (best_k["p_reached"].between(0, 1)).all()
     trials_csv = pd.read_csv(tmp_path / "steps_trials.csv")
     assert len(trials_csv) == len(ruled) and "stopped_by_rule" in set(trials_csv["status"])
     assert "m = 5 of the 16 configurations" in text and "perfect scaling if r >= 1.8," in text
