@@ -54,7 +54,7 @@ def _best_k_shown(best_k: pd.DataFrame) -> pd.DataFrame:
     chosen = best_k[best_k["k"].isin(ks)]
     wide = chosen.pivot_table(index=["goal", "batch_size"], columns="k", values="expected_steps", sort=False)
     wide.columns = [f"k={k}" for k in wide.columns]
-    return wide.reset_index()
+    return wide.reset_index().map(lambda v: "inf" if isinstance(v, float) and math.isinf(v) else v)
 
 
 def _tables(trials, results, level):
@@ -88,7 +88,8 @@ def _tables(trials, results, level):
         fits_shown.append({
             "goal": label, "batch sizes fitted": f["batch_sizes"], "S_min": _estimate(f, "s_min"),
             "E_min": _estimate(f, "e_min"), f"B_crit [{level:.0%}]": cell, "B_crit is": status,
-            "bracket": f"[{fmt(f['bracket'][0], 4)}, {fmt(f['bracket'][1], 4)}]",
+            "bracket": (f"[{fmt(f['bracket'][0], 4)}, {fmt(f['bracket'][1], 4)}]"
+                        if f["bracket"][0] <= f["bracket"][1] else "–"),  # sizes spanning under 4x bracket nothing
             "leave-one-out": (f"{fmt(f['loo_low'], 3)} to {fmt(f['loo_high'], 3)}" if math.isfinite(f["loo_low"])
                               else "–"),
             "R^2 (log)": f["r2_log"], "failed replicates": f"{f['replicates_failed']} of {f['replicates']}",

@@ -42,8 +42,8 @@ def verdict(fit: dict, level: float = 0.95) -> tuple[str, str, list[str]]:
     if used < 3:
         return NOT_MEASURED, "not measured: two batch sizes to fit", [
             f"B_crit not measured: only batch sizes {_sizes([lo / 2, 2 * hi])} reached the goal after the first "
-            f"{FLOOR_EVALUATIONS} evaluations; two points fix the curve's two parameters exactly, so nothing checks "
-            f"its shape (B_crit would read {fmt(fit['b_crit'], 3)}).", *notes]
+            f"{FLOOR_EVALUATIONS} evaluations; two points fix the curve's two parameters, so nothing checks its "
+            f"shape.", *notes]
     if fit["s_min"] <= 0:
         return NOT_MEASURED, "not measured: S_min fitted at 0", [
             f"B_crit not measured: S_min was fitted at 0, so the steps fell as 1/B across every fitted batch size "
