@@ -27,6 +27,10 @@ Rules, stated once (the report repeats them):
   nnls); B_crit = E_min / S_min. Intervals: the same fit on each paired bootstrap replicate; replicates with fewer
   than two batch sizes at the goal give no fit and are counted. Checked: the bracket [2 x smallest, largest / 2]
   of the fitted batch sizes, and B_crit refitted without each batch size (analysis/steps_verdict.py words it).
+- Regime at B from r = S(B) / S(2B) and its bootstrap interval: perfect scaling if r >= 1.8, maximal data
+  parallelism if r <= 1.1; in between, perfect scaling if the interval holds 2 but not 1, maximal data parallelism
+  if it holds 1 but not 2, undetermined if it holds both or there is no interval, else diminishing returns;
+  undetermined where B or 2B is on the floor.
 """
 
 import math

@@ -23,7 +23,9 @@ from study.steps import configs_to_wait_for, strictest
 def _steps_cell(r) -> str:
     """Steps to result of a batch size as the table shows it: a bound where it is one."""
     if math.isfinite(r["steps"]):
-        if r["evaluation"] <= 1:  # the first evaluation after step 0: anywhere from 0 to it
+        if r["evaluation"] == 0:
+            return "0 (met before training)"
+        if r["evaluation"] == 1:  # the first evaluation after step 0: anywhere from 0 to it
             return f"<= {fmt(r['steps'], 4)} (first evaluation)"
         return fmt(r["steps"], 4) + (f" (evaluation {r['evaluation']})" if r["floor"] else "")
     if math.isfinite(r["lower_bound"]):
