@@ -141,6 +141,8 @@ def steps_figure(results, per_example: bool, floor: float, level: float):
 def best_of_k_figure(results):
     """Per goal: the expected best steps over k of the N configurations (left) and the chance that the best of k
     reaches the goal at all (right), one line per batch size."""
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = new_figure(2 * len(results), width=4.6, height=3.6, ncols=2)
     colours = batch_colours(r["batch_size"] for res in results for r in res["table"])
     for i, res in enumerate(results):
@@ -155,6 +157,7 @@ def best_of_k_figure(results):
         n = max((len(r["best_of_k"]["k"]) for r in res["table"]), default=1)
         for a in (ax, ax_p):
             a.set_xlim(0.5, n + 0.5)
+            a.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(goal_label(res["goal"]))
         ax.set_xlabel("configurations tried (k)")
         _log_y(ax)
