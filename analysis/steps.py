@@ -4,6 +4,7 @@ Library code: the steps-to-result report calls `write_section(trials, goals, out
 stored rows (numpy only); the same inputs and seed give the same numbers. A trial is a dict:
     {"trial_id", "batch_size", "config", "lr", "momentum" (None without momentum),
      "status" (study.steps.STATUSES, or study.metrics.STATUS_OOM: left out of every table),
+     "budget" (optional: its step budget; else its last evaluated step),
      "rows": [{"step", "examples", "train_seconds", <metric>, "noise_scale", ...} per evaluation, by step]}
 A goal is {"metric", "value", "higher_is_better"} as in workload.json.
 
@@ -12,28 +13,41 @@ Rules, stated once (the report repeats them):
   evaluation linearly in (log step, metric); the first evaluation itself when there is no earlier one after step 0
   or the earlier metric is not finite. A trial that never reached it (censored, stopped, diverged, infeasible)
   has infinite steps. Training seconds to result: linear in steps at the same point.
-- Per batch size: the minimum over its configurations, and a percentile bootstrap interval over configurations.
-  A resample that holds none of the m fastest configurations (m = study.steps.configs_to_wait_for) counts as the
-  m-th fastest's steps, a lower bound on its minimum: exactly what the early-stop rule keeps, so the analysis is
-  the same with and without it. Such resamples are a share (1 - m/N)^N, a tenth of the interval's tail.
+- Per batch size: the minimum over its configurations, and the paired bootstrap over configurations: each replicate
+  draws N of the study's configuration indices with replacement, the same draw for every batch size. Reported per
+  batch size as a one-sided bound, `level` of the resampled minima are at most it (a resampled minimum is never
+  below the minimum). A resample that holds none of the m fastest configurations (m =
+  study.steps.configs_to_wait_for) counts as the m-th fastest's steps, a lower bound on its minimum: exactly what
+  the early-stop rule keeps, so the analysis is the same with and without it. Such resamples are a share
+  (1 - m/N)^N, a tenth of the interval's tail. A batch size none of whose configurations reached the goal keeps
+  its budget as a lower bound; one whose best is above half its budget is budget-limited; one whose best reached
+  the goal at one of its first FLOOR_EVALUATIONS evaluations is on the floor: left out of the fit and the regimes.
 - The fit: S(B) = S_min + E_min / B by least squares on relative residuals (weights 1/S^2: each batch size
   counts by its relative error, as the bootstrap spread of a minimum grows with it), S_min, E_min >= 0 (scipy's
-  nnls); B_crit = E_min / S_min. Intervals: the same fit on each bootstrap replicate (one resample per batch size).
+  nnls); B_crit = E_min / S_min. Intervals: the same fit on each paired bootstrap replicate; replicates with fewer
+  than two batch sizes at the goal give no fit and are counted. Checked: the bracket [2 x smallest, largest / 2]
+  of the fitted batch sizes, and B_crit refitted without each batch size (analysis/steps_verdict.py words it).
 - Regime at B from r = S(B) / S(2B) and its bootstrap interval: perfect scaling if r >= 1.8, maximal data
   parallelism if r <= 1.1; in between, perfect scaling if the interval holds 2 but not 1, maximal data parallelism
-  if it holds 1 but not 2, undetermined if it holds both or there is no interval, else diminishing returns.
+  if it holds 1 but not 2, undetermined if it holds both or there is no interval, else diminishing returns;
+  undetermined where B or 2B is on the floor.
 """
 
 import math
 
 import numpy as np
 
+from analysis.steps_configs import best_of_k, edges
 from study import metrics as M
-from study.steps import STEP, configs_to_wait_for, reached
+from study.steps import DIVERGED, INFEASIBLE, STEP, configs_to_wait_for, reached
 
 EXAMPLES = "examples"  # training examples seen when the row was evaluated
 NOISE_TRACE = "noise_trace"  # if stored: mean tr(Sigma) estimate behind the row's noise_scale
 NOISE_GRAD_SQ = "noise_grad_sq"  # if stored: mean |G|^2 estimate behind it
+# A best configuration that reached the goal at one of its first ten evaluations after step 0 (steps 10 to 19 on
+# the default grid) sits on the floor the grid puts under steps to result: nothing below the first evaluation
+# step is measured, so S(B) there cannot show how much further a larger batch would cut it.
+FLOOR_EVALUATIONS = 10
 
 PERFECT, DIMINISHING, MAXIMAL, UNDETERMINED = ("perfect scaling", "diminishing returns",
                                               "maximal data parallelism", "undetermined")
@@ -57,12 +71,17 @@ def steps_to_result(rows: list[dict], goal: dict) -> tuple[float, float, int | N
     return math.inf, math.nan, None
 
 
-def bootstrap_minima(steps: np.ndarray, n_boot: int, rng: np.random.Generator, level: float,
-                     safety: float) -> np.ndarray:
-    """n_boot resampled minima of one batch size's steps (inf: not reached), each capped at the m-th fastest."""
-    n = len(steps)
-    mins = steps[rng.integers(0, n, size=(n_boot, n))].min(axis=1)
-    m = configs_to_wait_for(n, level, safety)
+def config_draws(n_configs: int, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n_configs) positions into the study's sorted configuration indices: one resample of configurations
+    per replicate, shared by every batch size (the same Sobol point is trained at each, so a good or bad point
+    moves every batch size's minimum together; resampling them independently would ignore that)."""
+    return np.random.default_rng(seed).integers(0, n_configs, size=(n_boot, n_configs))
+
+
+def bootstrap_minima(steps: np.ndarray, draws: np.ndarray, m: int) -> np.ndarray:
+    """The n_boot resampled minima of one batch size: steps[j] for the j-th configuration of the study (inf: not
+    reached or not run at this batch size), draws from config_draws; each capped at the m-th fastest."""
+    mins = steps[draws].min(axis=1)
     ordered = np.sort(steps)
     if np.isfinite(ordered[m - 1]):
         mins = np.minimum(mins, ordered[m - 1])
@@ -75,52 +94,70 @@ def interval(values: np.ndarray, level: float) -> tuple[float, float]:
     return float(np.quantile(values, a, method="lower")), float(np.quantile(values, 1 - a, method="higher"))
 
 
-def _on_edge(value, sampled: list, bounds, n: int) -> bool:
-    """Whether a sampled value lies in the outer 1/n of its log range, or is the largest or smallest sampled."""
-    if value is None:
-        return False
-    if value in (min(sampled), max(sampled)):
-        return True
-    if bounds is None:
-        return False
-    lo, hi = (math.log10(b) for b in bounds)
-    u = (math.log10(value) - lo) / (hi - lo) if hi > lo else 0.5
-    return u < 1 / n or u > 1 - 1 / n
+def upper(values: np.ndarray, level: float) -> float:
+    """One-sided: `level` of the values are at most this. A resampled minimum is never below the minimum itself,
+    so a two-sided interval of it would be one-sided in disguise."""
+    return float(np.quantile(values, level, method="higher"))
+
+
+def evaluation_number(rows: list[dict], k: int) -> int:
+    """Which evaluation after step 0 row k is (1: the first); 0 for a row at step 0."""
+    return sum(1 for r in rows[: k + 1] if r[STEP] > 0)
 
 
 def per_batch(trials: list[dict], goal: dict, ranges: dict | None = None, level: float = 0.95,
               safety: float = 10.0, n_boot: int = 1000, seed: int = 0) -> list[dict]:
-    """One dict per batch size: the best configuration, its steps/examples/seconds to result, the interval, the
-    edge flag and `replicates` (n_boot bootstrap minima, for the fit and the regimes). Sorted by batch size."""
+    """One dict per batch size: the best configuration, its steps/examples/seconds to result, the one-sided upper
+    bound of the resampled minima, the flags (edge, first evaluations, budget-limited), the lower bound where no
+    configuration reached the goal, and `replicates` (n_boot paired bootstrap minima, for the fit and the regimes).
+    Sorted by batch size."""
     out = []
     # An out-of-memory trial measured nothing about its configuration: it is a failure, not a censored trial.
     trials = [t for t in trials if t.get("status") != M.STATUS_OOM]
+    universe = sorted({t["config"] for t in trials})
+    position = {c: j for j, c in enumerate(universe)}
+    draws = config_draws(len(universe), n_boot, seed)
     for batch in sorted({t["batch_size"] for t in trials}):
         group = sorted((t for t in trials if t["batch_size"] == batch), key=lambda t: t["config"])
         results = [steps_to_result(t["rows"], goal) for t in group]
         steps = np.array([r[0] for r in results])
-        rng = np.random.default_rng([seed, batch])
-        reps = bootstrap_minima(steps, n_boot, rng, level, safety)
-        low, high = interval(reps, level)
+        by_config = np.full(len(universe), math.inf)
+        for t, s in zip(group, steps):
+            by_config[position[t["config"]]] = min(by_config[position[t["config"]]], s)
+        reps = bootstrap_minima(by_config, draws, configs_to_wait_for(len(group), level, safety))
         best = int(np.argmin(steps))
         found = bool(np.isfinite(steps[best]))
         b = group[best]
-        lrs = [t["lr"] for t in group]
-        moms = [1 - t["momentum"] for t in group if t.get("momentum") is not None]
-        edge_lr = _on_edge(b["lr"], lrs, (ranges or {}).get("lr"), len(group))
-        edge_mom = b.get("momentum") is not None and _on_edge(1 - b["momentum"], moms,
-                                                              (ranges or {}).get("one_minus_momentum"), len(group))
+        budget = max(_budget(t) for t in group)
+        censored = sum(t.get("status") not in (DIVERGED, INFEASIBLE) and not math.isfinite(x)
+                       for t, x in zip(group, steps))
+        evaluation = evaluation_number(b["rows"], results[best][2]) if found else None
+        edge = edges(b, group, ranges) if found else []
         out.append({
             "batch_size": batch, "configs": len(group), "reached": int(np.isfinite(steps).sum()),
-            "steps": float(steps[best]), "low": low, "high": high,
+            "steps": float(steps[best]), "upper": upper(reps, level),
+            # No configuration reached the goal within its budget: S(B) is above it (if the censored ones would
+            # ever get there; diverged and infeasible ones are taken not to).
+            "lower_bound": float(budget) if not found and censored else math.nan,
+            "budget": float(budget), "evaluation": evaluation,
+            "floor": bool(found and evaluation <= FLOOR_EVALUATIONS),
+            "budget_limited": bool(found and steps[best] > budget / 2),
             "examples": float(steps[best]) * batch, "seconds": results[best][1] if found else math.nan,
             "best_config": b["config"] if found else None, "best_lr": b["lr"] if found else math.nan,
             "best_momentum": b.get("momentum") if found else None,
-            "edge": bool(found and (edge_lr or edge_mom)), "edge_lr": bool(found and edge_lr),
-            "edge_momentum": bool(found and edge_mom), "b_simple": b_simple(b["rows"], results[best][2]) if found
-            else math.nan, "replicates": reps,
+            "edge": bool(edge), "edge_why": ", ".join(edge), "edge_lr": "lr" in edge,
+            "edge_momentum": "1 - momentum" in edge,
+            "b_simple": b_simple(b["rows"], results[best][2]) if found else math.nan,
+            "best_of_k": best_of_k(steps), "replicates": reps,
         })
     return out
+
+
+def _budget(trial: dict) -> float:
+    """The trial's step budget as stored with it, else its last evaluated step (the budget if it was censored)."""
+    if trial.get("budget") is not None:
+        return float(trial["budget"])
+    return float(trial["rows"][-1][STEP]) if trial["rows"] else math.nan
 
 
 def fit_curve(batch_sizes, steps) -> tuple[float, float]:
@@ -145,13 +182,17 @@ def _b_crit(s_min: float, e_min: float) -> float:
 
 
 def fit(table: list[dict], level: float = 0.95) -> dict:
-    """The fit over a per_batch table (batch sizes whose best reached the goal), with bootstrap intervals and its
-    goodness: R^2 of log S against log of the fitted curve, and the largest relative residual."""
-    used = [r for r in table if math.isfinite(r["steps"])]
+    """The fit over a per_batch table (batch sizes whose best reached the goal after the first evaluations), with
+    bootstrap intervals, the failed replicates, its goodness (R^2 of log S against the log of the curve, the largest
+    relative residual), the bracket it can measure and a leave-one-out check (analysis.steps_verdict reads them)."""
+    used = [r for r in table if math.isfinite(r["steps"]) and r["steps"] > 0 and not r.get("floor")]
     b = np.array([r["batch_size"] for r in used], dtype=float)
     s = np.array([r["steps"] for r in used])
     s_min, e_min = fit_curve(b, s)
-    out = {"batch_sizes": len(used), "s_min": s_min, "e_min": e_min, "b_crit": _b_crit(s_min, e_min)}
+    out = {"batch_sizes": len(used), "s_min": s_min, "e_min": e_min, "b_crit": _b_crit(s_min, e_min),
+           "floor_left_out": [r["batch_size"] for r in table if r.get("floor")],
+           "not_reached": [r["batch_size"] for r in table if not math.isfinite(r["steps"])],
+           "bracket": (2 * b.min(), b.max() / 2) if len(b) else (math.nan, math.nan)}
     if math.isfinite(s_min):
         curve = s_min + e_min / b
         log_res = np.log(s) - np.log(curve)
@@ -162,11 +203,26 @@ def fit(table: list[dict], level: float = 0.95) -> dict:
         out["r2_log"] = out["max_rel_residual"] = math.nan
     reps = np.array([r["replicates"] for r in used]) if used else np.empty((0, 0))
     boots = [fit_curve(b, reps[:, i]) for i in range(reps.shape[1])] if used else []
+    out["replicates"] = len(table[0]["replicates"]) if table else 0
+    out["replicates_failed"] = sum(1 for x in boots if math.isnan(x[0])) if used else out["replicates"]
     for name, values in (("s_min", [x[0] for x in boots]), ("e_min", [x[1] for x in boots]),
                          ("b_crit", [_b_crit(*x) for x in boots])):
         v = np.array([x for x in values if not math.isnan(x)])
         out[f"{name}_low"], out[f"{name}_high"] = interval(v, level) if len(v) else (math.nan, math.nan)
+    out["loo_low"], out["loo_high"], out["loo_batch"] = leave_one_out(b, s, out["b_crit"])
     return out
+
+
+def leave_one_out(b: np.ndarray, s: np.ndarray, b_crit: float) -> tuple[float, float, int | None]:
+    """B_crit refitted without each batch size in turn (three or more fitted): (lowest, highest, the batch size
+    whose removal moves it furthest in log); NaNs where it cannot be done."""
+    if len(b) < 3 or not math.isfinite(b_crit) or b_crit <= 0:
+        return math.nan, math.nan, None
+    values = [_b_crit(*fit_curve(np.delete(b, i), np.delete(s, i))) for i in range(len(b))]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        moved = [abs(math.log(v / b_crit)) if v > 0 else math.inf for v in values]
+    finite = [v for v in values if not math.isnan(v)]
+    return min(finite), max(finite), int(b[int(np.argmax(moved))])
 
 
 def regime(ratio: float, low: float, high: float) -> str:
@@ -198,8 +254,11 @@ def regimes(table: list[dict], level: float = 0.95) -> list[dict]:
             low, high = interval(row["replicates"] / twice["replicates"], level)
         # 2B never reached the goal (censored by the budget): S(B) / S(2B) = 0 says nothing about the regime.
         ratio = ratio if math.isfinite(ratio) and ratio > 0 else math.nan
+        # On the grid's floor S(2B) cannot fall below the first evaluation: the ratio would read as a plateau.
+        floor = row.get("floor") or twice.get("floor")
         out.append({"batch_size": batch, "ratio": ratio, "low": low, "high": high,
-                    "regime": regime(ratio, low, high)})
+                    "regime": UNDETERMINED if floor else regime(ratio, low, high),
+                    "note": "first evaluations" if floor else ""})
     return out
 
 

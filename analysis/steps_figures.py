@@ -1,4 +1,4 @@
-"""The steps-to-result report section: CSV tables, six figures and the text that states each rule.
+"""The steps-to-result report section: CSV tables, seven figures and the text that states each rule.
 
     write_section(trials, goals, out_dir, ranges=..., level=0.95, safety=10, n_boot=1000, seed=0) -> markdown
 
@@ -13,175 +13,99 @@ import numpy as np
 import pandas as pd
 
 from analysis import steps as A
-from analysis.figures import ReportWriter, batch_axis, fmt, new_figure
-from study.steps import STATUSES, configs_to_wait_for, strictest
-
-STATUS_STYLE = {"reached": ("o", "tab:green"), "censored": ("s", "tab:orange"),
-                "stopped_by_rule": ("^", "tab:blue"), "diverged": ("x", "tab:red"), "infeasible": ("v", "tab:grey")}
-
-
-def _goal_label(goal: dict) -> str:
-    return f"{goal['metric']} {'>=' if goal['higher_is_better'] else '<='} {goal['value']:g}"
+from analysis.figures import ReportWriter, fmt
+from analysis.steps_plots import (best_of_k_figure, first_step, goal_label, lr_figure, map_figure, noise_figure,
+                                  seconds_figure, steps_figure)
+from analysis.steps_verdict import verdict
+from study.steps import configs_to_wait_for, strictest
 
 
-def _log_y(ax) -> None:
-    """A log y axis whose ticks carry numbers even when the data span less than a decade (the log axis then
-    labels no major tick)."""
-    from matplotlib import ticker
-
-    lim = ax.dataLim
-    if not (math.isfinite(lim.y0) and lim.y0 > 0):  # nothing positive drawn (no batch size reached the goal)
-        ax.text(0.5, 0.5, "nothing to draw: no configuration reached the goal", ha="center", va="center",
-                transform=ax.transAxes)
-        return
-    ax.set_yscale("log")
-    ax.yaxis.set_minor_locator(ticker.LogLocator(subs=(2, 3, 5)))
-    low, high = ax.get_ylim()
-    plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
-    ax.yaxis.set_major_formatter(plain)
-    if high / low < 30:
-        ax.yaxis.set_minor_formatter(plain)
-        ax.tick_params(axis="y", which="minor", labelsize=7)
+def _steps_cell(r) -> str:
+    """Steps to result of a batch size as the table shows it: a bound where it is one."""
+    if math.isfinite(r["steps"]):
+        if r["evaluation"] == 0:
+            return "0 (met before training)"
+        if r["evaluation"] == 1:  # the first evaluation after step 0: anywhere from 0 to it
+            return f"<= {fmt(r['steps'], 4)} (first evaluation)"
+        return fmt(r["steps"], 4) + (f" (evaluation {r['evaluation']})" if r["floor"] else "")
+    if math.isfinite(r["lower_bound"]):
+        return f"> {fmt(r['lower_bound'], 4)} (not reached in the budget)"
+    return "not reached (every configuration diverged or was infeasible)"
 
 
-def _legend(ax, **options) -> None:
-    if ax.get_legend_handles_labels()[0]:  # an empty panel has nothing to list
-        ax.legend(**options)
+def _flags(r) -> str:
+    flags = [f"edge: {r['edge_why']}"] if r["edge"] else []
+    flags += ["first evaluations"] if r["floor"] else []
+    return "; ".join(flags + (["budget-limited"] if r["budget_limited"] else []))
 
 
-def _finite(table, key):
-    return [r for r in table if math.isfinite(r[key])]
+def _estimate(f, name) -> str:
+    value, low, high = f[name], f[f"{name}_low"], f[f"{name}_high"]
+    if not math.isfinite(value):
+        return "–"
+    if value <= 0:
+        return "0 (at its bound)"
+    return f"{fmt(value, 3)} [{fmt(low, 3)}, {fmt(high, 3) if math.isfinite(high) else 'open above'}]"
 
 
-def _steps_figure(results, per_example: bool):
-    fig, (ax,) = new_figure(1, width=5.6, height=4.2)
-    for i, res in enumerate(results):
-        colour = f"C{i}"
-        rows = _finite(res["table"], "steps")
-        if not rows:
-            continue
-        b = np.array([r["batch_size"] for r in rows], dtype=float)
-        scale = b if per_example else np.ones_like(b)
-        s = np.array([r["steps"] for r in rows]) * scale
-        low = np.array([r["low"] for r in rows]) * scale
-        high = np.array([r["high"] for r in rows]) * scale
-        open_end = ~np.isfinite(high)  # some resamples never reach the goal: drawn to 3x, with a triangle
-        high = np.where(open_end, s * 3, high)
-        ax.errorbar(b, s, yerr=[s - low, high - s], fmt="o", color=colour, capsize=3, label=_goal_label(res["goal"]))
-        if open_end.any():
-            ax.plot(b[open_end], high[open_end], "^", color=colour, ms=6,
-                    label="interval open above" if i == 0 else None)
-        edge = np.array([r["edge"] for r in rows])
-        if edge.any():
-            ax.plot(b[edge], s[edge], "o", mfc="white", mec=colour, ms=8, label="best on the search edge")
-        grid = np.geomspace(b.min(), b.max(), 100)
-        g = grid if per_example else 1.0
-        first = rows[0]["steps"] * b[0]  # examples at the smallest batch: constant under perfect scaling
-        ax.plot(grid, first / grid * g, ":", color=colour, lw=1, label="perfect scaling" if i == 0 else None)
-        f = res["fit"]
-        if math.isfinite(f["s_min"]):
-            ax.plot(grid, (f["s_min"] + f["e_min"] / grid) * g, "-", color=colour, lw=1,
-                    label=f"fit: B_crit {fmt(f['b_crit'], 3)}")
-    batch_axis(ax, [t["batch_size"] for res in results for t in res["table"]])
-    _log_y(ax)  # after batch_axis, which turns minor ticks off
-    ax.set_ylabel("examples to result" if per_example else "steps to result")
-    _legend(ax, fontsize=7)
-    return fig
+def _best_k_shown(best_k: pd.DataFrame) -> pd.DataFrame:
+    if best_k.empty:
+        return best_k
+    n = int(best_k["k"].max())
+    ks = sorted({2 ** j for j in range(n.bit_length()) if 2 ** j <= n} | {n})
+    chosen = best_k[best_k["k"].isin(ks)]
+    wide = chosen.pivot_table(index=["goal", "batch_size"], columns="k", values="expected_steps", sort=False)
+    wide.columns = [f"k={k}" for k in wide.columns]
+    return wide.reset_index().map(lambda v: "inf" if isinstance(v, float) and math.isinf(v) else v)
 
 
-def _lr_figure(results):
-    fig, (ax,) = new_figure(1, width=5.6, height=4.2)
-    for i, res in enumerate(results):
-        rows = _finite(res["table"], "best_lr")
-        if not rows:
-            continue
-        b = np.array([r["batch_size"] for r in rows], dtype=float)
-        lr = np.array([r["best_lr"] for r in rows])
-        # Goals often share their best configuration: later goals drawn smaller on top, so both stay visible.
-        ax.plot(b, lr, "o-" if i == 0 else "s--", ms=8 if i == 0 else 4, color=f"C{i}",
-                label=f"best lr, {_goal_label(res['goal'])}")
-        if i == 0:
-            ax.plot(b, lr[0] * b / b[0], ":", color="black", lw=1, label="linear scaling")
-            ax.plot(b, lr[0] * np.sqrt(b / b[0]), "--", color="black", lw=1, label="square-root scaling")
-    batch_axis(ax, [r["batch_size"] for res in results for r in res["table"]])
-    _log_y(ax)  # after batch_axis, which turns minor ticks off
-    ax.set_ylabel("learning rate")
-    _legend(ax)
-    return fig
-
-
-def _map_figure(trials, result):
-    fig, (ax,) = new_figure(1, width=6.6, height=4.2)
-    for status in STATUSES:
-        chosen = [t for t in trials if t["status"] == status]
-        if chosen:
-            marker, colour = STATUS_STYLE[status]
-            ax.scatter([t["batch_size"] for t in chosen], [t["lr"] for t in chosen], marker=marker, c=colour,
-                       label=status.replace("_", " "))
-    best = [r for r in result["table"] if math.isfinite(r["best_lr"])]
-    ax.scatter([r["batch_size"] for r in best], [r["best_lr"] for r in best], s=120, facecolors="none",
-               edgecolors="black", label="best")
-    batch_axis(ax, [t["batch_size"] for t in trials])
-    _log_y(ax)  # after batch_axis, which turns minor ticks off
-    ax.set_ylabel("learning rate")
-    _legend(ax, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    return fig
-
-
-def _seconds_figure(results):
-    fig, (ax,) = new_figure(1, width=5.6, height=4.2)
-    for i, res in enumerate(results):
-        rows = _finite(res["table"], "seconds")
-        ax.plot([r["batch_size"] for r in rows], [r["seconds"] for r in rows], "o-", color=f"C{i}",
-                label=_goal_label(res["goal"]))
-    batch_axis(ax, [r["batch_size"] for res in results for r in res["table"]])
-    _log_y(ax)  # after batch_axis, which turns minor ticks off
-    ax.set_ylabel("training seconds to result (best config)")
-    _legend(ax)
-    return fig
-
-
-def _noise_figure(results):
-    fig, (ax,) = new_figure(1, width=5.6, height=4.2)
-    sizes = [r["batch_size"] for res in results for r in res["table"]]
-    for i, res in enumerate(results):
-        colour, f = f"C{i}", res["fit"]
-        rows = _finite(res["table"], "b_simple")
-        # Goals often share their best configuration: later goals drawn smaller on top, so both stay visible.
-        ax.plot([r["batch_size"] for r in rows], [r["b_simple"] for r in rows], "s", color=colour,
-                ms=8 if i == 0 else 4, label=f"B_simple before {_goal_label(res['goal'])}")
-        if math.isfinite(f["b_crit"]):
-            ax.axhline(f["b_crit"], color=colour, lw=1, label=f"B_crit (fit) {fmt(f['b_crit'], 3)}")
-            if math.isfinite(f["b_crit_low"]) and math.isfinite(f["b_crit_high"]):
-                ax.axhspan(f["b_crit_low"], f["b_crit_high"], color=colour, alpha=0.15)
-    batch_axis(ax, sizes)
-    _log_y(ax)  # after batch_axis, which turns minor ticks off
-    ax.set_ylabel("batch size (examples)")
-    _legend(ax, fontsize=7)
-    return fig
-
-
-def _tables(trials, results):
-    per_batch, fits, rows = [], [], []
+def _tables(trials, results, level):
+    per_batch, shown, best_k, fits, fits_shown, rows = [], [], [], [], [], []
     for res in results:
-        label = _goal_label(res["goal"])
+        label = goal_label(res["goal"])
         regimes = {r["batch_size"]: r for r in res["regimes"]}
         for r in res["table"]:
             g = regimes.get(r["batch_size"], {})
-            per_batch.append({"goal": label, **{k: v for k, v in r.items() if k != "replicates"},
-                              "ratio_to_2B": g.get("ratio", math.nan), "ratio_low": g.get("low", math.nan),
-                              "ratio_high": g.get("high", math.nan), "regime": g.get("regime", "")})
+            row = {"goal": label, **{k: v for k, v in r.items() if k not in ("replicates", "best_of_k")},
+                   "ratio_to_2B": g.get("ratio", math.nan), "ratio_low": g.get("low", math.nan),
+                   "ratio_high": g.get("high", math.nan), "regime": g.get("regime", ""),
+                   "regime_note": g.get("note", "")}
+            per_batch.append(row)
+            shown.append({"goal": label, "batch_size": r["batch_size"], "configs": r["configs"],
+                          "reached": r["reached"], "steps": _steps_cell(r),
+                          f"{level:.0%} of resampled bests <=": fmt(r["upper"], 4) if math.isfinite(r["upper"])
+                          else "not all reach", "best_lr": r["best_lr"], "flags": _flags(r),
+                          "b_simple": r["b_simple"], "S(B)/S(2B)": row["ratio_to_2B"],
+                          "regime": row["regime"] + (f" ({row['regime_note']})" if row["regime_note"] else "")})
+            curve = r["best_of_k"]
+            best_k += [{"goal": label, "batch_size": r["batch_size"], "k": k, "expected_steps": e, "p_reached": p}
+                       for k, e, p in zip(curve["k"], curve["expected"], curve["p_reached"])]
+        f, (status, cell, _) = res["fit"], res["verdict"]
         simple = [r["b_simple"] for r in res["table"] if math.isfinite(r["b_simple"])]
-        fits.append({"goal": label, **res["fit"], "b_simple_median": float(np.median(simple)) if simple else math.nan,
-                     "b_simple_min": min(simple, default=math.nan), "b_simple_max": max(simple, default=math.nan)})
+        median = float(np.median(simple)) if simple else math.nan
+        fits.append({"goal": label, "status": status, "b_crit_text": cell,
+                     **{k: (" ".join(str(x) for x in v) if isinstance(v, (list, tuple)) else v) for k, v in f.items()},
+                     "b_simple_median": median, "b_simple_min": min(simple, default=math.nan),
+                     "b_simple_max": max(simple, default=math.nan)})
+        fits_shown.append({
+            "goal": label, "batch sizes fitted": f["batch_sizes"], "S_min": _estimate(f, "s_min"),
+            "E_min": _estimate(f, "e_min"), f"B_crit [{level:.0%}]": cell, "B_crit is": status,
+            "bracket": (f"[{fmt(f['bracket'][0], 4)}, {fmt(f['bracket'][1], 4)}]"
+                        if f["bracket"][0] <= f["bracket"][1] else "–"),  # sizes spanning under 4x bracket nothing
+            "leave-one-out": (f"{fmt(f['loo_low'], 3)} to {fmt(f['loo_high'], 3)}" if math.isfinite(f["loo_low"])
+                              else "–"),
+            "R^2 (log)": f["r2_log"], "failed replicates": f"{f['replicates_failed']} of {f['replicates']}",
+            "B_simple median (min-max)": f"{fmt(median, 3)} ({fmt(fits[-1]['b_simple_min'], 3)}-"
+                                         f"{fmt(fits[-1]['b_simple_max'], 3)})"})
     for t in trials:
         row = {k: t.get(k) for k in ("trial_id", "batch_size", "config", "lr", "momentum", "status")}
         row["last_step"] = t["rows"][-1]["step"] if t["rows"] else math.nan
         for res in results:
-            row[f"steps {_goal_label(res['goal'])}"] = A.steps_to_result(t["rows"], res["goal"])[0]
+            row[f"steps {goal_label(res['goal'])}"] = A.steps_to_result(t["rows"], res["goal"])[0]
         rows.append(row)
     order = pd.DataFrame(rows).sort_values(["batch_size", "config"], kind="stable")
-    return pd.DataFrame(per_batch), pd.DataFrame(fits), order
+    return ((pd.DataFrame(per_batch), pd.DataFrame(shown)), pd.DataFrame(best_k),
+            (pd.DataFrame(fits), pd.DataFrame(fits_shown)), order)
 
 
 def write_section(trials: list[dict], goals: list[dict], out_dir, ranges: dict | None = None, level: float = 0.95,
@@ -189,67 +113,90 @@ def write_section(trials: list[dict], goals: list[dict], out_dir, ranges: dict |
     """Tables and figures into out_dir; returns the section's markdown. writer: a report to add the section to
     (its folder is then out_dir's place; python -m analysis.report passes its own)."""
     results = A.analyse(trials, goals, ranges, level, safety, n_boot, seed)
+    for res in results:
+        res["verdict"] = verdict(res["fit"], level)
     report = writer if writer is not None else ReportWriter(Path(out_dir))
     n = max(sum(1 for t in trials if t["batch_size"] == b) for b in {t["batch_size"] for t in trials})
     m = configs_to_wait_for(n, level, safety)
-    pct = f"{level:.0%}"
+    pct, floor = f"{level:.0%}", first_step(trials)
     report.heading("Steps to result")
     report.text(
         f"Per batch size, the fewest steps over its configurations at which the validation metric reached each goal "
-        f"(Shallue et al. 2019), with a {pct} percentile bootstrap interval over configurations ({n_boot} "
-        f"resamples, seed {seed}). A trial's steps to result: its first evaluation at the goal, interpolated "
+        f"(Shallue et al. 2019). A trial's steps to result: its first evaluation at the goal, interpolated "
         "between it and the previous evaluation linearly in (log step, metric); trials that never reached a goal "
         "(censored at the step budget, stopped by the rule, diverged, infeasible) count as not reached.",
+        f"How much the best depends on which configurations were drawn: a paired bootstrap over configurations "
+        f"({n_boot} resamples, seed {seed}): each resample draws N of the study's configuration indices with "
+        f"replacement, the same draw for every batch size (they share their Sobol points). Per batch size it is "
+        f"shown one-sided: {pct} of the resampled bests are at or below the bound (a resampled best is never below "
+        f"the best, so the interval's lower end would be the best itself). It says how far the best could move "
+        f"with another draw of N configurations, not where the best of a larger search would lie: see best of k.",
         f"Early stop that cannot change the result: once m = {m} of the {n} configurations of a batch size reached "
         f"the strictest goal, any trial of that batch size past the m-th smallest of their steps is stopped. It is "
         f"slower than m configurations, so it is the minimum of no bootstrap resample holding one of them; a "
         f"resample holding none (probability (1 - m/N)^N = {(1 - m / n) ** n:.2g}, under a tenth of the interval's "
         f"tail) counts as the m-th fastest's steps, with or without the rule.",
-        "The best configuration is flagged *on the edge* when its learning rate (or 1 - momentum) is the largest "
-        "or smallest sampled or lies in the outer 1/N of the sampled log range: the range was too narrow there.",
+        "Flags. *Edge*: the best configuration's learning rate, 1 - momentum or lr / (1 - momentum) is the largest "
+        "or smallest sampled or lies in the outer 1/N of the sampled log range (the range was too narrow there), "
+        "or a neighbour in lr / (1 - momentum) diverged or was infeasible (the best rate may be cut off by "
+        f"instability). *First evaluations*: the best reached the goal within its first {A.FLOOR_EVALUATIONS} "
+        f"evaluations (the first is at step {fmt(floor, 4)}; nothing below it is measured): such batch sizes are "
+        "left out of the fit and call no regime. *Budget-limited*: the best took more than half the budget, so "
+        "configurations slower than it were cut off. A batch size none of whose configurations reached the goal "
+        "is kept as a lower bound: above its budget.",
     )
-    per_batch, fits, trial_rows = _tables(trials, results)
+    (per_batch, per_batch_shown), best_k, (fits, fits_shown), trial_rows = _tables(trials, results, level)
     report.table("steps_per_batch", per_batch, "Steps to result per batch size and goal (best configuration)",
-                 shown=per_batch[["goal", "batch_size", "configs", "reached", "steps", "low", "high",
-                                  "best_lr", "edge", "b_simple", "ratio_to_2B", "regime"]])
-    report.figure("steps_to_result", _steps_figure(results, False),
-                  "Steps to result vs batch size: best configuration with its bootstrap interval (a triangle: open "
-                  "above, some resamples never reach the goal), perfect scaling from the smallest batch (dotted) and "
-                  "the fit S_min + E_min / B (solid)")
-    report.figure("examples_to_result", _steps_figure(results, True),
-                  "Examples to result (steps x batch size); the fit is S_min B + E_min")
+                 shown=per_batch_shown)
+    report.figure("steps_to_result", steps_figure(results, False, floor, level),
+                  f"Steps to result vs batch size: the best configuration, its bar up to the {pct} bound of the "
+                  "resampled bests (a triangle: open above), flagged points, batch sizes that never reached the goal "
+                  "as arrows up from their budget, the first evaluation (the floor), perfect scaling from the "
+                  "smallest fitted batch (dotted) and the fit S_min + E_min / B (solid)")
+    report.figure("examples_to_result", steps_figure(results, True, floor, level),
+                  "Examples to result (steps x batch size); the fit is S_min B + E_min, the floor first step x B")
+    report.table("steps_best_of_k", best_k, "Best of k: the expected fewest steps over k of the N configurations "
+                 "and the chance that the best of k reaches the goal (shown: the expected steps at k = 1, 2, 4, ... "
+                 "and N; infinite while some k-subset holds no configuration that reached)",
+                 shown=_best_k_shown(best_k))
+    report.figure("best_of_k", best_of_k_figure(results),
+                  "Best of k (Shallue et al. 2019): the expected fewest steps to result over k configurations drawn "
+                  "at random from the N (exact, from order statistics; not reached counts as infinite, so a line "
+                  "starts once every k-subset holds a configuration that reached), and the chance that the best of "
+                  "k reaches the goal at all. Trials stopped by the rule count as not reached, so where it stopped "
+                  "some, the small-k end of these curves is pessimistic")
     report.heading("The critical batch size", 3)
     report.text(
         "Fit S(B) = S_min + E_min / B (McCandlish et al. 2018) by least squares on relative residuals (weights "
-        "1/S^2), S_min and E_min kept >= 0, over the batch sizes whose best configuration reached the goal; "
-        "B_crit = E_min / S_min. Intervals: the fit repeated on every bootstrap replicate (one resample of "
-        "configurations per batch size). Goodness: R^2 of log S against the log of the curve, and the largest "
-        "relative residual.",
-        "Regime at B from r = S(B) / S(2B) and its interval from the same replicates: perfect scaling if r >= 1.8, "
-        "maximal data parallelism if r <= 1.1; in between, perfect scaling if the interval holds 2 but not 1, "
-        "maximal data parallelism if it holds 1 but not 2, undetermined if it holds both, otherwise diminishing "
-        "returns. (A bootstrap interval of a minimum over configurations is one-sided: its lower end is the "
-        "minimum itself unless several configurations tie near it.)",
+        "1/S^2), S_min and E_min kept >= 0, over the batch sizes whose best configuration reached the goal after "
+        f"its first {A.FLOOR_EVALUATIONS} evaluations; B_crit = E_min / S_min. Intervals: the fit repeated on every "
+        "paired bootstrap replicate (replicates with fewer than two batch sizes at the goal give no fit and are "
+        "counted). Goodness: R^2 of log S against the log of the curve. B_crit is *measured* inside the bracket "
+        "[2 x smallest, largest / 2] of the fitted batch sizes, *extrapolated* outside it, *not measured* when "
+        "S_min or E_min is fitted at 0 or R^2 < 0; leave-one-out refits it without each batch size in turn.",
+        "Regime at B from r = S(B) / S(2B) and its interval from the same paired replicates: perfect scaling if "
+        "r >= 1.8, maximal data parallelism if r <= 1.1; in between, perfect scaling if the interval holds 2 but "
+        "not 1, maximal data parallelism if it holds 1 but not 2, undetermined if it holds both, otherwise "
+        "diminishing returns; undetermined where B or 2B reached the goal within the first evaluations.",
     )
-    report.table("steps_fit", fits, "Fit per goal: S_min, E_min, B_crit with intervals, how well it fits, and "
-                 "B_simple over the batch sizes (median, min, max) beside B_crit",
-                 shown=fits[["goal", "batch_sizes", "s_min", "s_min_low", "s_min_high", "e_min", "b_crit",
-                             "b_crit_low", "b_crit_high", "r2_log", "max_rel_residual", "b_simple_median",
-                             "b_simple_min", "b_simple_max"]])
+    report.table("steps_fit", fits, "Fit per goal: S_min, E_min, B_crit with intervals, what B_crit is, the bracket, "
+                 "leave-one-out, how well it fits, and B_simple over the batch sizes beside B_crit", shown=fits_shown)
+    report.bullets(f"{goal_label(res['goal'])}: " + " ".join(res["verdict"][2] or ["no flag."]) for res in results)
     report.text(
         "B_simple beside B_crit: the gradient noise scale measured in the same runs, over each batch size's best "
         "configuration's evaluations up to the one that reached the goal (numerator and denominator averaged "
         "separately where the rows store them, else the mean of the per-evaluation values). McCandlish et al. "
         "predict B_crit ~ B_noise averaged over training, B_simple standing in for B_noise.")
-    report.figure("b_crit_vs_b_simple", _noise_figure(results),
-                  "B_crit from the fit (line, band: interval) and B_simple of each batch size's best configuration")
-    report.figure("best_lr", _lr_figure(results),
+    report.figure("b_crit_vs_b_simple", noise_figure(results, level),
+                  "B_crit from the fit (line, band: interval; left out when not measured) and B_simple of each batch "
+                  "size's best configuration")
+    report.figure("best_lr", lr_figure(results),
                   "Best learning rate vs batch size, with linear and square-root scaling from the smallest batch")
     strict = next(r for r in results if r["goal"] == strictest(goals))
-    report.figure("lr_map", _map_figure(trials, strict),
+    report.figure("lr_map", map_figure(trials, strict),
                   f"Every configuration by batch size and learning rate, by status (strictest goal "
-                  f"{_goal_label(strict['goal'])}); circled: the best per batch size there")
-    report.figure("seconds_to_result", _seconds_figure(results),
+                  f"{goal_label(strict['goal'])}); circled: the best per batch size there")
+    report.figure("seconds_to_result", seconds_figure(results),
                   "Measured training seconds to result of each batch size's best configuration")
     counts = pd.crosstab(trial_rows["batch_size"], trial_rows["status"]).reset_index()
     report.table("steps_trials", trial_rows, "Every trial (in the CSV): status, last evaluated step, steps to each "

@@ -15,6 +15,7 @@ from study import steps as S
 
 STAGE = "steps"
 CONFIG = "config"
+BUDGET = "budget_steps"  # study.steps_trial.BUDGET (analysis imports no trainable)
 STOPPED_FILE = "stopped_by_rule.json"  # study.steps_study writes it into the stage folder
 LABELS = ["batch_size", CONFIG]
 
@@ -48,7 +49,7 @@ def trials_of(study: Study) -> list[dict]:
         momentum = t.config.get("momentum") if t.config.get("optimizer") in ("sgd", "nesterov") else None
         out.append({"trial_id": t.dirname or t.trial_id, "batch_size": int(t.config["batch_size"]),
                     "config": int(t.config[CONFIG]), "lr": float(t.config["lr"]), "momentum": momentum,
-                    "status": status, "rows": rows})
+                    "status": status, "budget": t.config.get(BUDGET), "rows": rows})
     return out
 
 

@@ -42,7 +42,8 @@ def simulate(s_min: float, e_min: float, batch_sizes, configs: int, budget: int,
             true = base * (1 + penalty * distance ** 2) * math.exp(rng.normal(0, noise / 2))
             diverge = 50.0 if c["lr"] > 0.6 else math.inf
             trials.append({"trial_id": f"{batch}_{c['config']}", "batch_size": batch, "config": c["config"],
-                           "lr": c["lr"], "momentum": None, "rows": curve_rows(true, batch, budget, diverge)})
+                           "lr": c["lr"], "momentum": None, "budget": budget,
+                           "rows": curve_rows(true, batch, budget, diverge)})
     return trials, sobol
 
 

@@ -124,10 +124,11 @@ def test_edge_of_the_search_space_is_flagged():
 
 
 def strip(result):
-    """The result without what the rule may change on purpose (how many configurations reached the goal)."""
+    """The result without what the rule may change on purpose: how many configurations reached the goal, and the
+    best-of-k curves where a k-subset may miss the m fastest (the trials it stopped count as not reached there)."""
     out = []
     for goal in result:
-        table = [{k: v for k, v in r.items() if k not in ("reached", "replicates")} for r in goal["table"]]
+        table = [{k: v for k, v in r.items() if k not in ("reached", "replicates", "best_of_k")} for r in goal["table"]]
         reps = [r["replicates"] for r in goal["table"]]
         out.append((goal["goal"], table, reps, goal["fit"], goal["regimes"]))
     return out
@@ -150,6 +151,11 @@ def test_the_early_stop_rule_changes_no_result(seed):
     for (goal_a, table_a, reps_a, fit_a, reg_a), (goal_b, table_b, reps_b, fit_b, reg_b) in zip(strip(a), strip(b)):
         assert goal_a == goal_b and table_a == table_b and fit_a == fit_b and reg_a == reg_b
         assert all(np.array_equal(x, y) for x, y in zip(reps_a, reps_b))
+    m = S.configs_to_wait_for(16)
+    for goal_a, goal_b in zip(a, b):
+        for row_a, row_b in zip(goal_a["table"], goal_b["table"]):
+            # A k-subset with k > N - m holds one of the m fastest, which the rule never stops.
+            assert row_a["best_of_k"]["expected"][16 - m:] == row_b["best_of_k"]["expected"][16 - m:]
 
 
 def test_write_section_writes_every_table_and_figure(tmp_path):
@@ -159,7 +165,8 @@ def test_write_section_writes_every_table_and_figure(tmp_path):
     trials, _ = simulate(600.0, 600.0 * 128, BATCHES, configs=16, budget=budget, noise=0.05, seed=0, penalty=10.0)
     ruled = replay(trials, budget, rule=S.ResultRule(configs=16))
     text = write_section(ruled, [GOAL, LOOSE], tmp_path, ranges={"lr": (1e-3, 1.0)}, n_boot=200)
-    names = ["steps_to_result", "examples_to_result", "b_crit_vs_b_simple", "best_lr", "lr_map", "seconds_to_result"]
+    names = ["steps_to_result", "examples_to_result", "best_of_k", "b_crit_vs_b_simple", "best_lr", "lr_map",
+             "seconds_to_result"]
     for name in names:
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000 and f"({name}.png)" in text
     per_batch = pd.read_csv(tmp_path / "steps_per_batch.csv")
@@ -167,6 +174,8 @@ def test_write_section_writes_every_table_and_figure(tmp_path):
         [A.PERFECT, A.DIMINISHING, A.MAXIMAL, A.UNDETERMINED])
     fit = pd.read_csv(tmp_path / "steps_fit.csv")
     assert len(fit) == 2 and (fit["b_crit_low"] <= fit["b_crit"]).all() and (fit["b_crit"] <= fit["b_crit_high"]).all()
+    best_k = pd.read_csv(tmp_path / "steps_best_of_k.csv")
+    assert len(best_k) == 2 * len(BATCHES) * 16 and (best_k["p_reached"].between(0, 1)).all()
     trials_csv = pd.read_csv(tmp_path / "steps_trials.csv")
     assert len(trials_csv) == len(ruled) and "stopped_by_rule" in set(trials_csv["status"])
     assert "m = 5 of the 16 configurations" in text and "perfect scaling if r >= 1.8," in text

@@ -103,9 +103,9 @@ def stored(study: Path) -> dict:
             for p in study.glob("steps/*/result.json")}
 
 
-REPORT_FILES = ["steps_per_batch.csv", "steps_fit.csv", "steps_trials.csv", "steps_to_result.png",
-                "examples_to_result.png", "b_crit_vs_b_simple.png", "best_lr.png", "lr_map.png",
-                "seconds_to_result.png"]
+REPORT_FILES = ["steps_per_batch.csv", "steps_fit.csv", "steps_best_of_k.csv", "steps_trials.csv",
+                "steps_to_result.png", "examples_to_result.png", "best_of_k.png", "b_crit_vs_b_simple.png",
+                "best_lr.png", "lr_map.png", "seconds_to_result.png"]
 
 
 @pytest.mark.slow

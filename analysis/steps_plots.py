@@ -1,0 +1,244 @@
+"""The steps-to-result report's figures, drawn from analysis.steps' results (analysis/steps_figures.py saves them).
+
+Conventions every figure keeps: a goal has one colour (C0, C1, ...) and a batch size one colour (batch_colours)
+wherever they are a series; axes count examples, whatever the workload's examples are; log axes only over positive
+values; censored batch sizes drawn as arrows up from their budget, the first evaluation as the floor under steps to
+result, and every band in the legend.
+"""
+
+import math
+
+import numpy as np
+
+from analysis.figures import batch_axis, fmt, new_figure
+from analysis.steps import FLOOR_EVALUATIONS
+from study.steps import STATUSES
+
+STATUS_STYLE = {"reached": ("o", "tab:green"), "censored": ("s", "tab:orange"),
+                "stopped_by_rule": ("^", "tab:blue"), "diverged": ("x", "tab:red"), "infeasible": ("v", "tab:grey")}
+
+
+def goal_label(goal: dict) -> str:
+    return f"{goal['metric']} {'>=' if goal['higher_is_better'] else '<='} {goal['value']:g}"
+
+
+def batch_colours(sizes) -> dict:
+    """One colour per batch size of the study, light to dark with the size, the same in every figure."""
+    from matplotlib import colormaps
+
+    sizes = sorted({int(b) for b in sizes})
+    cmap = colormaps["viridis"]
+    return {b: cmap(0.9 * i / max(len(sizes) - 1, 1)) for i, b in enumerate(sizes)}
+
+
+def _batch_axis(ax, sizes) -> None:
+    batch_axis(ax, sizes)
+    ax.set_xlabel("batch size (examples)")
+
+
+def _log_y(ax) -> None:
+    """A log y axis whose ticks carry numbers even when the data span less than a decade (the log axis then
+    labels no major tick)."""
+    from matplotlib import ticker
+
+    lim = ax.dataLim
+    if not (math.isfinite(lim.y0) and lim.y0 > 0):  # nothing positive drawn (no batch size reached the goal)
+        ax.text(0.5, 0.5, "nothing to draw: no configuration reached the goal", ha="center", va="center",
+                transform=ax.transAxes)
+        return
+    ax.set_yscale("log")
+    ax.yaxis.set_minor_locator(ticker.LogLocator(subs=(2, 3, 5)))
+    low, high = ax.get_ylim()
+    plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    if high / low < 30:
+        ax.yaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="y", which="minor", labelsize=7)
+
+
+def _legend(ax, **options) -> None:
+    if ax.get_legend_handles_labels()[0]:  # an empty panel has nothing to list
+        ax.legend(**options)
+
+
+def _positive(table, key):
+    return [r for r in table if math.isfinite(r[key]) and r[key] > 0]
+
+
+def first_step(trials) -> float:
+    """The first evaluation step after step 0 (the floor under steps to result); NaN without one."""
+    return min((r["step"] for t in trials for r in t["rows"] if r["step"] > 0), default=math.nan)
+
+
+def steps_figure(results, per_example: bool, floor: float, level: float):
+    fig, (ax,) = new_figure(1, width=9.0, height=4.6)
+    sizes = [r["batch_size"] for res in results for r in res["table"]]
+    grid = np.geomspace(min(sizes), max(sizes), 100)
+    g = grid if per_example else np.ones_like(grid)
+    once = set()  # the flag markers' labels, listed once for every goal
+
+    def label_once(label):
+        if label in once:
+            return None
+        once.add(label)
+        return label
+
+    for i, res in enumerate(results):
+        colour, name = f"C{i}", goal_label(res["goal"])
+        rows = _positive(res["table"], "steps")
+        if rows:
+            b = np.array([r["batch_size"] for r in rows], dtype=float)
+            scale = b if per_example else np.ones_like(b)
+            s = np.array([r["steps"] for r in rows]) * scale
+            high = np.array([r["upper"] for r in rows]) * scale
+            open_end = ~np.isfinite(high)  # some resamples never reach the goal: drawn to 3x, with a triangle
+            high = np.where(open_end, s * 3, high)
+            ax.errorbar(b, s, yerr=[np.zeros_like(s), high - s], fmt="o", color=colour, capsize=3,
+                        label=f"{name}: best; bar up to {level:.0%} of resampled bests")
+            if open_end.any():
+                ax.plot(b[open_end], high[open_end], "^", color=colour, ms=6, label=label_once("bar open above"))
+            for key, style, label in (("edge", dict(marker="o", ms=9), "best on the search edge"),
+                                      ("floor", dict(marker="D", ms=8), f"reached within the first "
+                                       f"{FLOOR_EVALUATIONS} evaluations (not fitted)"),
+                                      ("budget_limited", dict(marker="s", ms=10), "above half its budget")):
+                chosen = np.array([r[key] for r in rows])
+                if chosen.any():
+                    ax.plot(b[chosen], s[chosen], ls="none", mfc="none", mec=colour, **style,
+                            label=label_once(label))
+            fitted = [r for r in rows if not r["floor"]] or rows
+            first = fitted[0]["steps"] * fitted[0]["batch_size"]  # examples: constant under perfect scaling
+            ideal = first / grid * g
+            # Down to half the lowest point: further it would only stretch the log axis.
+            keep = ideal >= 0.5 * s.min()  # (examples: the line is flat, all of it kept)
+            ax.plot(grid[keep], ideal[keep], ":", color=colour, lw=1, label=label_once("perfect scaling (dotted)"))
+        f = res["fit"]
+        if math.isfinite(f["s_min"]) and f["s_min"] > 0 and f["e_min"] > 0:
+            ax.plot(grid, (f["s_min"] + f["e_min"] / grid) * g, "-", color=colour, lw=1,
+                    label=f"fit, {name}: " + (f"B_crit {fmt(f['b_crit'], 3)} ({res['verdict'][0]})"
+                                              if res["verdict"][0] != "not measured" else "B_crit not measured"))
+        for r in res["table"]:
+            if math.isfinite(r["lower_bound"]):
+                y = r["lower_bound"] * (r["batch_size"] if per_example else 1)
+                ax.annotate("", xy=(r["batch_size"], y * 2), xytext=(r["batch_size"], y),
+                            arrowprops=dict(arrowstyle="-|>", color=colour, lw=1.5))
+                ax.plot([r["batch_size"]], [y], "_", color=colour, ms=14, mew=2,
+                        label=f"{name}: not reached, above its budget" if f"{name} arrow" not in once else None)
+                once.add(f"{name} arrow")
+    if math.isfinite(floor):
+        low = min((r["steps"] for res in results for r in _positive(res["table"], "steps")), default=math.inf)
+        # Drawn where it bounds the points; a line a decade below them would only squeeze them together.
+        if low <= 10 * floor:
+            ax.plot(grid, floor * g, "--", color="grey", lw=1, label=f"first evaluation (step {floor:g}): the floor")
+        else:
+            ax.plot([], [], "--", color="grey", lw=1, label=f"first evaluation at step {floor:g}: far below")
+    _batch_axis(ax, sizes)
+    _log_y(ax)  # after batch_axis, which turns minor ticks off
+    ax.set_ylabel("examples to result" if per_example else "steps to result")
+    _legend(ax, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return fig
+
+
+def best_of_k_figure(results):
+    """Per goal: the expected best steps over k of the N configurations (left) and the chance that the best of k
+    reaches the goal at all (right), one line per batch size."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = new_figure(2 * len(results), width=4.6, height=3.6, ncols=2)
+    colours = batch_colours(r["batch_size"] for res in results for r in res["table"])
+    for i, res in enumerate(results):
+        ax, ax_p = axes[2 * i], axes[2 * i + 1]
+        for r in res["table"]:
+            curve = r["best_of_k"]
+            k, e = np.array(curve["k"]), np.array(curve["expected"])
+            shown = np.isfinite(e) & (e > 0)
+            if shown.any():
+                ax.plot(k[shown], e[shown], "o-", color=colours[r["batch_size"]], ms=3, label=str(r["batch_size"]))
+            ax_p.plot(k, curve["p_reached"], "o-", color=colours[r["batch_size"]], ms=3, label=str(r["batch_size"]))
+        n = max((len(r["best_of_k"]["k"]) for r in res["table"]), default=1)
+        for a in (ax, ax_p):
+            a.set_xlim(0.5, n + 0.5)
+            a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(goal_label(res["goal"]))
+        ax.set_xlabel("configurations tried (k)")
+        _log_y(ax)
+        ax.set_ylabel("expected best steps to result")
+        ax_p.set_title(goal_label(res["goal"]))
+        ax_p.set_xlabel("configurations tried (k)")
+        ax_p.set_ylabel("P(the best of k reaches the goal)")
+        ax_p.set_ylim(-0.03, 1.03)
+        _legend(ax_p, fontsize=7, title="batch size", loc="lower right")
+    return fig
+
+
+def lr_figure(results):
+    fig, (ax,) = new_figure(1, width=5.6, height=4.2)
+    for i, res in enumerate(results):
+        rows = _positive(res["table"], "best_lr")
+        if not rows:
+            continue
+        b = np.array([r["batch_size"] for r in rows], dtype=float)
+        lr = np.array([r["best_lr"] for r in rows])
+        # Goals often share their best configuration: later goals drawn smaller on top, so both stay visible.
+        ax.plot(b, lr, "o-" if i == 0 else "s--", ms=8 if i == 0 else 4, color=f"C{i}",
+                label=f"best lr, {goal_label(res['goal'])}")
+        if i == 0:
+            ax.plot(b, lr[0] * b / b[0], ":", color="black", lw=1, label="linear scaling")
+            ax.plot(b, lr[0] * np.sqrt(b / b[0]), "--", color="black", lw=1, label="square-root scaling")
+    _batch_axis(ax, [r["batch_size"] for res in results for r in res["table"]])
+    _log_y(ax)  # after batch_axis, which turns minor ticks off
+    ax.set_ylabel("learning rate")
+    _legend(ax)
+    return fig
+
+
+def map_figure(trials, result):
+    fig, (ax,) = new_figure(1, width=6.6, height=4.2)
+    for status in STATUSES:
+        chosen = [t for t in trials if t["status"] == status]
+        if chosen:
+            marker, colour = STATUS_STYLE[status]
+            ax.scatter([t["batch_size"] for t in chosen], [t["lr"] for t in chosen], marker=marker, c=colour,
+                       label=status.replace("_", " "))
+    best = _positive(result["table"], "best_lr")
+    ax.scatter([r["batch_size"] for r in best], [r["best_lr"] for r in best], s=120, facecolors="none",
+               edgecolors="black", label="best")
+    _batch_axis(ax, [t["batch_size"] for t in trials])
+    _log_y(ax)  # after batch_axis, which turns minor ticks off
+    ax.set_ylabel("learning rate")
+    _legend(ax, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return fig
+
+
+def seconds_figure(results):
+    fig, (ax,) = new_figure(1, width=5.6, height=4.2)
+    for i, res in enumerate(results):
+        rows = _positive(res["table"], "seconds")
+        ax.plot([r["batch_size"] for r in rows], [r["seconds"] for r in rows], "o-", color=f"C{i}",
+                label=goal_label(res["goal"]))
+    _batch_axis(ax, [r["batch_size"] for res in results for r in res["table"]])
+    _log_y(ax)  # after batch_axis, which turns minor ticks off
+    ax.set_ylabel("training seconds to result (best config)")
+    _legend(ax)
+    return fig
+
+
+def noise_figure(results, level: float):
+    fig, (ax,) = new_figure(1, width=5.6, height=4.2)
+    sizes = [r["batch_size"] for res in results for r in res["table"]]
+    for i, res in enumerate(results):
+        colour, f = f"C{i}", res["fit"]
+        rows = _positive(res["table"], "b_simple")
+        # Goals often share their best configuration: later goals drawn smaller on top, so both stay visible.
+        ax.plot([r["batch_size"] for r in rows], [r["b_simple"] for r in rows], "s", color=colour,
+                ms=8 if i == 0 else 4, label=f"B_simple before {goal_label(res['goal'])}")
+        if res["verdict"][0] != "not measured" and math.isfinite(f["b_crit"]):
+            ax.axhline(f["b_crit"], color=colour, lw=1, label=f"B_crit (fit, {res['verdict'][0]}) "
+                                                              f"{fmt(f['b_crit'], 3)}")
+            low, high = f["b_crit_low"], f["b_crit_high"]
+            if math.isfinite(low) and math.isfinite(high) and low > 0:
+                ax.axhspan(low, high, color=colour, alpha=0.15, label=f"B_crit {level:.0%} interval")
+    _batch_axis(ax, sizes)
+    _log_y(ax)  # after batch_axis, which turns minor ticks off
+    ax.set_ylabel("batch size (examples)")
+    _legend(ax, fontsize=7)
+    return fig
