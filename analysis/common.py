@@ -10,7 +10,7 @@ import pandas as pd
 from analysis.figures import ReportWriter, fmt, new_figure
 from analysis.load import Study, Trial
 from study import metrics as M
-from study.config import REPEATS
+from study.metrics import REPEATS
 
 STAGE_COLOURS = ("tab:blue", "tab:green", "tab:purple", "tab:olive", "tab:cyan", "tab:brown")
 CONFIG_COLOURS = tuple(f"C{i}" for i in range(10)) + ("black", "silver", "gold", "teal", "navy", "salmon",

@@ -2,7 +2,7 @@
 over training per batch size, and per trial how many trained epochs have an estimate, or why none does.
 
 Reads stored results only (study.noise writes `noise_scale` and `noise_probes` per epoch). Used by
-analysis/mnist_report.py and analysis/pcam_report.py; a trial's B_simple is study.noise.trial_value of its trained
+analysis/mnist_report.py and analysis/pcam_report.py; a trial's B_simple is study.metrics.trial_value of its trained
 epochs (the last finite one; one epoch's value is the ratio of its probes' mean tr(Sigma) and mean |G|^2).
 """
 
@@ -15,7 +15,7 @@ import pandas as pd
 from analysis.figures import ReportWriter, epoch_axis, new_figure
 from analysis.load import Trial
 from study import metrics as M
-from study.noise import trial_value
+from study.metrics import trial_value
 
 
 def _values(trial: Trial) -> list[tuple[int, float, int]]:
@@ -32,7 +32,7 @@ def _values(trial: Trial) -> list[tuple[int, float, int]]:
 
 
 def trial_noise(trial: Trial) -> float:
-    """The trial's B_simple (study.noise.trial_value of its trained epochs; NaN if none)."""
+    """The trial's B_simple (study.metrics.trial_value of its trained epochs; NaN if none)."""
     return trial_value(v for _, v, _ in _values(trial))
 
 
@@ -60,7 +60,7 @@ def why_none(trial: Trial) -> str:
 
 def coverage_table(trials: list, keys: list) -> pd.DataFrame:
     """One row per trial: trained epochs, epochs with a finite B_simple, their first, last (the trial's B_simple,
-    study.noise.trial_value) and median value, and why none."""
+    study.metrics.trial_value) and median value, and why none."""
     rows = []
     for t in trials:
         values = _values(t)

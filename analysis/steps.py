@@ -41,9 +41,6 @@ from analysis.steps_configs import best_of_k, edges
 from study import metrics as M
 from study.steps import DIVERGED, INFEASIBLE, STEP, configs_to_wait_for, reached
 
-EXAMPLES = "examples"  # training examples seen when the row was evaluated
-NOISE_TRACE = "noise_trace"  # if stored: mean tr(Sigma) estimate behind the row's noise_scale
-NOISE_GRAD_SQ = "noise_grad_sq"  # if stored: mean |G|^2 estimate behind it
 # A best configuration that reached the goal at one of its first ten evaluations after step 0 (steps 10 to 19 on
 # the default grid) sits on the floor the grid puts under steps to result: nothing below the first evaluation
 # step is measured, so S(B) there cannot show how much further a larger batch would cut it.
@@ -271,8 +268,8 @@ def b_simple(rows: list[dict], until: int | None) -> float:
     if until is None:
         return math.nan
     span = [r for r in rows[: until + 1] if r[STEP] > 0]
-    pairs = [(_probes(r), r[NOISE_TRACE], r[NOISE_GRAD_SQ]) for r in span if NOISE_TRACE in r and NOISE_GRAD_SQ in r
-             and math.isfinite(r[NOISE_TRACE]) and math.isfinite(r[NOISE_GRAD_SQ])]
+    pairs = [(_probes(r), r[M.NOISE_TRACE], r[M.NOISE_GRAD_SQ]) for r in span if M.NOISE_TRACE in r and M.NOISE_GRAD_SQ in r
+             and math.isfinite(r[M.NOISE_TRACE]) and math.isfinite(r[M.NOISE_GRAD_SQ])]
     pairs = [p for p in pairs if p[0] > 0]
     if pairs:
         grad_sq = sum(p[0] * p[2] for p in pairs)

@@ -12,11 +12,8 @@ from analysis.load import Study
 from analysis.workload_report import options_line, options_of
 from study import metrics as M
 from study import steps as S
+from study.steps import BUDGET, CONFIG, STAGE
 
-STAGE = "steps"
-CONFIG = "config"
-BUDGET = "budget_steps"  # study.steps_trial.BUDGET (analysis imports no trainable)
-STOPPED_FILE = "stopped_by_rule.json"  # study.steps_study writes it into the stage folder
 LABELS = ["batch_size", CONFIG]
 
 
@@ -37,7 +34,7 @@ def status_of(trial, stopped: dict) -> str:
 
 def trials_of(study: Study) -> list[dict]:
     try:
-        stopped = json.loads(study.read_bytes(f"{study.path}/{STAGE}/{STOPPED_FILE}"))
+        stopped = json.loads(study.read_bytes(f"{study.path}/{STAGE}/{M.STOPPED_FILE}"))
     except (OSError, ValueError):  # written after the run: none yet while it runs
         stopped = {}
     out = []

@@ -13,7 +13,6 @@ from study.errors import StudyError
 
 OPTIMIZERS = ("adam", "sgd")
 LR_SCALING_RULES = ("none", "linear", "sqrt")  # study.lr_scaling.scaled_lr
-REPEATS = ("run", "seed")  # grid axes that repeat a configuration rather than make a new one
 NOISE_EVERY = 32  # the gradient noise scale is probed on every 32nd training step of an epoch (study.noise)
 
 # MNIST regression study ("Is the batch size affecting the performance of regression CNNs?").

@@ -18,7 +18,7 @@ import time
 from ray import tune
 
 from study import metrics as M
-from study.config import REPEATS
+from study.metrics import REPEATS
 from study.progress import LOG_EVERY_S  # one cadence for every progress line in a log
 
 REDRAW_EVERY_S = 1.0

@@ -1,7 +1,11 @@
 """Metric and artifact names, shared by the trainables, the Tuners, TensorBoard and analysis/.
 
-One name per metric (STYLE habit 7): a rename here reaches every reader and writer at once.
+One name per metric (STYLE habit 7): a rename here reaches every reader and writer at once. Torch-free, as is
+every reader of the stored format here (trial_value): analysis/ imports it without loading PyTorch.
 """
+
+import math
+from collections.abc import Iterable
 
 # Reported by every trial, every epoch (epoch 0 is the evaluation before any training step).
 EPOCH = "epoch"
@@ -33,6 +37,12 @@ STATUS_OOM = "out_of_memory"  # ended at once by CUDA out-of-memory (never retri
 STATUS_ERROR = "error"  # ended by its own exception, not retried (study.trial_errors); MESSAGE: the exception's line
 MESSAGE = "message"  # why the trial ended early (only in an out_of_memory or error row)
 ENDED = (STATUS_OOM, STATUS_ERROR)  # a last row's status of a trial that ended early, reported, not raised
+REPEATS = ("run", "seed")  # grid axes that repeat a configuration rather than make a new one
+
+# Steps-to-result studies: on each evaluation row, keyed by STEP (study.steps_trial).
+NOISE_TRACE = "noise_trace"  # mean tr(Sigma) estimate over the probes since the previous evaluation
+NOISE_GRAD_SQ = "noise_grad_sq"  # mean |G|^2 estimate behind it (NOISE_SCALE is their ratio)
+STEPS_TO_RESULT = "steps_to_result"  # the step of the first evaluation at the strictest goal (NaN: none yet)
 
 # MNIST regression.
 VAL_MSE = "val_mse"  # on the held-out validation images; NaN when no validation split
@@ -54,6 +64,7 @@ CHOSEN_FILE = "chosen_lr.json"  # MNIST: the learning rate stage 1 chose per tar
 WORKLOAD_FILE = "workload.json"  # a workload study: metrics (names, directions), primary, goals, chance, grid axes
 TARGET_STATS_FILE = "target_stats.json"  # MNIST: box-plot statistics of each target over the training images
 LEASE_FILE = "lease.json"  # the driver running the study now (study.lease); never read by analysis/
+STOPPED_FILE = "stopped_by_rule.json"  # steps study, in its stage folder: trial folder -> the step the rule stopped it
 
 # Files inside a trial's final checkpoint (persisted to the storage path with it).
 PREDICTIONS_FILE = "test_predictions.csv"  # columns: index, label, probability
@@ -63,3 +74,12 @@ STATE_FILE = "state.pt"
 # Files in a trial's folder (study.trial_errors).
 TRACEBACK_FILE = "traceback.txt"  # the full traceback of the exception that ended the trial (status error)
 LAST_FAILURE_FILE = "last_failure.txt"  # the line of the exception Tune last retried: the same again ends the trial
+
+
+def trial_value(epoch_values: Iterable[float]) -> float:
+    """A trial's B_simple from its trained epochs' values in order: the last finite one (NaN if none). The one
+    definition the reports, the noise figures and TensorBoard use (TensorBoard draws no NaN point, so the last point
+    of `noise/scale`, which its HPARAMS table shows, is this value). The last, not a mean over epochs: B_simple
+    grows as the loss falls (McCandlish et al. 2018, section 3.3), and the trained model is the one at the end."""
+    finite = [float(v) for v in epoch_values if v is not None and math.isfinite(v)]
+    return finite[-1] if finite else math.nan

@@ -45,6 +45,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from study.metrics import trial_value  # noqa: F401 (defined with the stored names: analysis/ loads no torch)
+
 SPLITS = 4  # micro-batches per probe: 3 degrees of freedom for tr(Sigma) per probe at one extra step or less
 
 
@@ -57,15 +59,6 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def _sq_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     norms = torch._foreach_norm(tensors, 2, dtype=_acc_dtype(tensors[0].dtype))
     return torch.stack(norms).square().sum()
-
-
-def trial_value(epoch_values: Iterable[float]) -> float:
-    """A trial's B_simple from its trained epochs' values in order: the last finite one (NaN if none). The one
-    definition the reports, the noise figures and TensorBoard use (TensorBoard draws no NaN point, so the last point
-    of `noise/scale`, which its HPARAMS table shows, is this value). The last, not a mean over epochs: B_simple
-    grows as the loss falls (McCandlish et al. 2018, section 3.3), and the trained model is the one at the end."""
-    finite = [float(v) for v in epoch_values if v is not None and math.isfinite(v)]
-    return finite[-1] if finite else math.nan
 
 
 class NoiseScale:

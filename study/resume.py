@@ -34,10 +34,9 @@ from study.atomic import replace_file
 RESULT_FILE, PROGRESS_FILE = "result.json", "progress.csv"  # Tune's per-trial files (documented names)
 TUNER_FILE = "tuner.pkl"  # Tune's record of a stage's Tuner, written before its first experiment snapshot
 EVENTS_PREFIX = "events.out.tfevents"
-# On every row of a steps trial (study.steps_trial.STEPS_TO_RESULT, not imported: that module loads torch). Only
-# those trials key their TensorBoard events by the training step; workload trials also report a step, but key
-# their events by the epoch.
-STEPS_ROW_KEY = "steps_to_result"
+# On every row of a steps trial. Only those trials key their TensorBoard events by the training step; workload
+# trials also report a step, but key their events by the epoch.
+STEPS_ROW_KEY = M.STEPS_TO_RESULT
 
 
 def _after(value, epoch: float) -> bool:

@@ -13,8 +13,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from study import metrics as M
+from study.metrics import STEP  # training steps taken when the row was evaluated (0: before any step)
 
-STEP = "step"  # training steps taken when the row was evaluated (0: before any step)
+STAGE = "steps"  # the study's one stage: its Tune experiment's folder
+# Keys of a steps trial's config besides TrainConfig's: the budget, the stopping limits, the Sobol point's index.
+BUDGET, GOAL, CHANCE, CONFIG = "budget_steps", "goal", "chance", "config"
 
 REACHED = "reached"  # the strictest goal was met at this evaluation
 CENSORED = "censored"  # the step budget ran out first: the trial's steps to result are unknown, above the budget

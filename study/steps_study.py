@@ -22,13 +22,12 @@ from study import metrics as M
 from study import steps as S
 from study.config import TRAIN_OPTIMIZERS, TrainConfig
 from study.errors import StudyError
-from study.steps_trial import BUDGET, CHANCE, CONFIG, GOAL, STEPS_TO_RESULT, split_config, train_steps
+from study.steps import BUDGET, CHANCE, CONFIG, GOAL, STAGE
+from study.steps_trial import split_config, train_steps
 from study.tuning import STUDY_FILE, StudyFolder, add_common_args, code_version
 from study.workload import Workload, describe, resolve
 
-STAGE = "steps"
 KIND = "steps"
-STOPPED_FILE = "stopped_by_rule.json"  # in the stage folder: trial folder -> the step the rule stopped it at
 LEVEL, SAFETY = 0.95, 10.0  # the bootstrap interval's level and the rule's safety factor (study.steps)
 MOMENTUM_OPTIMIZERS = ("sgd", "nesterov")
 DEFAULT_MOMENTUM_RANGE = (0.01, 0.5)  # 1 - momentum: momentum 0.5 .. 0.99
@@ -258,7 +257,7 @@ def execute(args, workload: Workload, tune_callbacks: list = ()) -> tuple[int, s
     if args.resume:
         prime(stopper, folder, limits)
     callbacks = [StepsTensorBoard(workload.name, STAGE, {goal["metric"]: tag(goal["metric"]),
-                                                         STEPS_TO_RESULT: "steps/to_result"})]
+                                                         M.STEPS_TO_RESULT: "steps/to_result"})]
     if not args.verbose:
         callbacks.append(StepsConsole(STAGE, ["batch_size", CONFIG], [goal["metric"], S.STEP]))
     results = run_stage(train_steps, space, folder=folder, stage=STAGE, args=args, resources=resources,
@@ -302,14 +301,14 @@ def prime(stopper, folder: StudyFolder, limits: S.TrialLimits) -> None:
         first = next((r for r in rows if S.reached(float(r.get(limits.goal["metric"], math.nan)), limits.goal)), None)
         if first is not None:
             stopper.rule.reached(config["batch_size"], rows[0].get("trial_id", name), first[S.STEP])
-    earlier = f"{STAGE}/{STOPPED_FILE}"
+    earlier = f"{STAGE}/{M.STOPPED_FILE}"
     if folder.has(earlier):
         stopper.stopped.update(folder.read_json(earlier))
 
 
 def save_stopped(folder: StudyFolder, stopper, results) -> None:
     """stopped_by_rule.json: trial folder -> step, this run's stops added to any earlier run's."""
-    earlier = f"{STAGE}/{STOPPED_FILE}"
+    earlier = f"{STAGE}/{M.STOPPED_FILE}"
     stopped = dict(folder.read_json(earlier)) if folder.has(earlier) else {}
     folders = {(r.metrics or {}).get("trial_id"): Path(r.path).name for r in results}
     for trial_id, step in stopper.stopped.items():

@@ -24,15 +24,13 @@ from study.lr_scaling import lr_at, scaled_lr, set_lr
 from study.memory import configure_cuda
 from study.noise import NoiseScale
 from study.run_workload import to_device
+from study.steps import BUDGET, CHANCE, CONFIG, GOAL
 from study.trainables import load_start, trial_device, trial_entry
 from study.train import (DeviceBatches, ProbeClock, epoch_generator, make_optimizer, predict, rng_state,
                          seed_everything, set_rng_state, sync)
 from study.workload import Workload, resolve
 
-# Keys of a steps trial's config besides TrainConfig's: the budget, the stopping limits, the Sobol point's index.
-BUDGET, GOAL, CHANCE, CONFIG = "budget_steps", "goal", "chance", "config"
 STEP_KEYS = (BUDGET, GOAL, CHANCE, CONFIG)
-STEPS_TO_RESULT = "steps_to_result"  # on the last row: the step of the first evaluation at the goal (NaN: none)
 AUG_STATE = "aug_state"  # in the checkpoint: the augmentation generator's state at the checkpoint's step
 CHECKPOINT_SECONDS = 60.0  # a checkpoint at most this often (and at the end): the state is written, not free
 
@@ -115,7 +113,7 @@ def run_steps(cfg: TrainConfig, extra: dict, workload: Workload, splits: dict, d
             row.update({f"val_{m.name}": math.nan for m in workload.metrics})
         status = limits.status(row)
         row[M.STATUS] = status or M.STATUS_RUNNING
-        row[STEPS_TO_RESULT] = float(row[S.STEP]) if status == S.REACHED else math.nan
+        row[M.STEPS_TO_RESULT] = float(row[S.STEP]) if status == S.REACHED else math.nan
         return row
 
     def new_row(loss):
@@ -128,7 +126,7 @@ def run_steps(cfg: TrainConfig, extra: dict, workload: Workload, splits: dict, d
         if noise is not None and noise.probes:
             trace, grad_sq = noise.means()
             row.update({M.NOISE_SCALE: trace / grad_sq if grad_sq > 0.0 else math.nan, M.NOISE_PROBES: noise.probes,
-                        "noise_trace": trace, "noise_grad_sq": grad_sq})
+                        M.NOISE_TRACE: trace, M.NOISE_GRAD_SQ: grad_sq})
         return row
 
     def examples_at(step):  # only an epoch's last batch can be smaller than batch_size

@@ -47,7 +47,7 @@ KEY_METRICS = {
              ("val/best_acc", "best validation accuracy"), ("test/acc", "test accuracy")],
 }
 # HPARAMS shows a tag's last point; noise/scale draws no NaN, so its column is the trial's B_simple as
-# study.noise.trial_value defines it for the reports (the last finite epoch value).
+# study.metrics.trial_value defines it for the reports (the last finite epoch value).
 COMMON_METRICS = [("train/loss", "train loss"), ("time/epoch_seconds", "epoch seconds"),
                   ("noise/scale", "noise scale B_simple"), ("train/diverged", "diverged (1) or not (0)")]
 # Values a failed trial must not keep: its result metrics (the ones before the common ones).

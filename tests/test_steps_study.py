@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from study import metrics as M
 from study import steps as S
 from study.__main__ import main
 from study.config import TrainConfig
 from study.errors import StudyError
-from study.steps_trial import BUDGET, CHANCE, CONFIG, GOAL, STEPS_TO_RESULT, run_steps
+from study.steps import BUDGET, CHANCE, CONFIG, GOAL
+from study.steps_trial import run_steps
 from study.workload import resolve
 from tensorboard_checks import session_groups
 
@@ -37,7 +39,7 @@ def test_trial_evaluates_on_the_step_grid_across_epochs_and_stops_at_the_goal():
     rows, last = trial(GOAL_03, budget=200)  # 1200 examples at 64: 19 steps per epoch
     steps = [r["step"] for r in rows]
     assert steps == [0] + S.eval_steps(200)[:len(steps) - 1]
-    assert last is rows[-1] and last["status"] == S.REACHED and last[STEPS_TO_RESULT] == last["step"]
+    assert last is rows[-1] and last["status"] == S.REACHED and last[M.STEPS_TO_RESULT] == last["step"]
     assert all(not S.reached(r["val_error"], GOAL_03) for r in rows[:-1]) and last["val_error"] <= 0.3
     assert last["step"] > 19, "should cross an epoch boundary before the goal"
     assert last["examples"] == (last["step"] // 19) * 1200 + (last["step"] % 19) * 64
@@ -49,7 +51,7 @@ def test_trial_evaluates_on_the_step_grid_across_epochs_and_stops_at_the_goal():
 def test_trial_is_censored_at_its_budget_and_infeasible_at_chance():
     rows, last = trial({**GOAL_03, "value": 0.0}, budget=13)
     assert [r["step"] for r in rows] == [0, 10, 11, 12, 13] and last["status"] == S.CENSORED
-    assert math.isnan(last[STEPS_TO_RESULT])
+    assert math.isnan(last[M.STEPS_TO_RESULT])
     rows, last = trial(GOAL_03, budget=40, lr=1e-7, chance=0.9)  # learns nothing: ends at a quarter of its budget
     assert last["status"] == S.INFEASIBLE and [r["step"] for r in rows] == [0, 10]
 
@@ -210,7 +212,7 @@ def test_resume_rebuilds_the_rule_from_stored_rows_and_keeps_earlier_stops(tmp_p
         rows = [{"step": 10 * k, "val_error": e, "trial_id": trial_id, "config": {"batch_size": batch}}
                 for k, e in enumerate(errors)]
         (trial_dir / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"cut sh')
-    (tmp_path / "s" / "steps" / steps_study.STOPPED_FILE).write_text('{"e": 70}')
+    (tmp_path / "s" / "steps" / M.STOPPED_FILE).write_text('{"e": 70}')
     stopper = S.tune_stopper(S.ResultRule(configs=2, level=0.5, safety=1.0), limits)  # m = 1 of 2
     steps_study.prime(stopper, folder, limits)
     assert stopper.rule.steps == {16: {"t_a": 20, "t_b": 10}, 32: {"t_d": 10}}
@@ -218,7 +220,7 @@ def test_resume_rebuilds_the_rule_from_stored_rows_and_keeps_earlier_stops(tmp_p
     assert not stopper("t_x", {"step": 20, "val_error": 0.5, "config": {"batch_size": 64}})
     results = [SimpleNamespace(metrics={"trial_id": "t_c"}, path=str(tmp_path / "s" / "steps" / "c"))]
     steps_study.save_stopped(folder, stopper, results)
-    assert json.loads((tmp_path / "s" / "steps" / steps_study.STOPPED_FILE).read_text()) == {"c": 20, "e": 70}
+    assert json.loads((tmp_path / "s" / "steps" / M.STOPPED_FILE).read_text()) == {"c": 20, "e": 70}
 
 
 def test_report_section_of_a_study_where_nothing_reached_the_goal(tmp_path):
