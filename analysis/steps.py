@@ -6,7 +6,7 @@ stored rows (numpy only); the same inputs and seed give the same numbers. A tria
      "status" (study.steps.STATUSES, or study.metrics.STATUS_OOM: left out of every table),
      "budget" (optional: its step budget; else its last evaluated step),
      "rows": [{"step", "examples", "train_seconds", <metric>, "noise_scale", ...} per evaluation, by step]}
-A goal is {"metric", "value", "higher_is_better"} as in workload.json.
+A goal is a study.workload.Goal (read from study.json with Goal.from_dict).
 
 Rules, stated once (the report repeats them):
 - Steps to result of a trial: the first evaluation that reaches the goal, interpolated between it and the previous
@@ -39,7 +39,8 @@ import numpy as np
 
 from analysis.steps_configs import best_of_k, edges
 from study import metrics as M
-from study.steps import DIVERGED, INFEASIBLE, STEP, configs_to_wait_for, reached
+from study.steps import DIVERGED, INFEASIBLE, STEP, configs_to_wait_for
+from study.workload import Goal
 
 # A best configuration that reached the goal at one of its first ten evaluations after step 0 (steps 10 to 19 on
 # the default grid) sits on the floor the grid puts under steps to result: nothing below the first evaluation
@@ -50,19 +51,19 @@ PERFECT, DIMINISHING, MAXIMAL, UNDETERMINED = ("perfect scaling", "diminishing r
                                               "maximal data parallelism", "undetermined")
 
 
-def steps_to_result(rows: list[dict], goal: dict) -> tuple[float, float, int | None]:
+def steps_to_result(rows: list[dict], goal: Goal) -> tuple[float, float, int | None]:
     """(steps, train_seconds, index of the first reaching row) at the goal; (inf, nan, None) if never reached."""
     for k, row in enumerate(rows):
-        value = float(row.get(goal["metric"], math.nan))
-        if not reached(value, goal):
+        value = float(row.get(goal.metric, math.nan))
+        if not goal.reached(value):
             continue
         s2, sec2 = float(row[STEP]), float(row.get(M.TRAIN_SECONDS, math.nan))
         prev = rows[k - 1] if k > 0 else None
-        v1 = float(prev.get(goal["metric"], math.nan)) if prev else math.nan
+        v1 = float(prev.get(goal.metric, math.nan)) if prev else math.nan
         if prev is None or prev[STEP] <= 0 or not math.isfinite(v1) or not math.isfinite(value) or v1 == value:
             return s2, sec2, k
         s1, sec1 = float(prev[STEP]), float(prev.get(M.TRAIN_SECONDS, math.nan))
-        t = (goal["value"] - v1) / (value - v1)  # in (0, 1]: v1 missed the goal, value met it
+        t = (goal.value - v1) / (value - v1)  # in (0, 1]: v1 missed the goal, value met it
         steps = math.exp(math.log(s1) + t * (math.log(s2) - math.log(s1)))
         return steps, sec1 + (steps - s1) / (s2 - s1) * (sec2 - sec1), k
     return math.inf, math.nan, None
@@ -102,7 +103,7 @@ def evaluation_number(rows: list[dict], k: int) -> int:
     return sum(1 for r in rows[: k + 1] if r[STEP] > 0)
 
 
-def per_batch(trials: list[dict], goal: dict, ranges: dict | None = None, level: float = 0.95,
+def per_batch(trials: list[dict], goal: Goal, ranges: dict | None = None, level: float = 0.95,
               safety: float = 10.0, n_boot: int = 1000, seed: int = 0) -> list[dict]:
     """One dict per batch size: the best configuration, its steps/examples/seconds to result, the one-sided upper
     bound of the resampled minima, the flags (edge, first evaluations, budget-limited), the lower bound where no
@@ -268,9 +269,9 @@ def b_simple(rows: list[dict], until: int | None) -> float:
     if until is None:
         return math.nan
     span = [r for r in rows[: until + 1] if r[STEP] > 0]
-    pairs = [(_probes(r), r[M.NOISE_TRACE], r[M.NOISE_GRAD_SQ]) for r in span if M.NOISE_TRACE in r and M.NOISE_GRAD_SQ in r
-             and math.isfinite(r[M.NOISE_TRACE]) and math.isfinite(r[M.NOISE_GRAD_SQ])]
-    pairs = [p for p in pairs if p[0] > 0]
+    pairs = [(_probes(r), r[M.NOISE_TRACE], r[M.NOISE_GRAD_SQ]) for r in span
+             if M.NOISE_TRACE in r and M.NOISE_GRAD_SQ in r]
+    pairs = [p for p in pairs if math.isfinite(p[1]) and math.isfinite(p[2]) and p[0] > 0]
     if pairs:
         grad_sq = sum(p[0] * p[2] for p in pairs)
         return sum(p[0] * p[1] for p in pairs) / grad_sq if grad_sq > 0 else math.nan
@@ -288,7 +289,7 @@ def _probes(row: dict) -> float:
     return value if math.isfinite(value) else 1.0
 
 
-def analyse(trials: list[dict], goals: list[dict], ranges: dict | None = None, level: float = 0.95,
+def analyse(trials: list[dict], goals: list[Goal], ranges: dict | None = None, level: float = 0.95,
             safety: float = 10.0, n_boot: int = 1000, seed: int = 0) -> list[dict]:
     """Per goal: {"goal", "table" (per_batch), "fit", "regimes"}: everything the report prints."""
     if not trials:

@@ -18,6 +18,7 @@ from analysis.steps_plots import (best_of_k_figure, first_step, goal_label, lr_f
                                   seconds_figure, steps_figure)
 from analysis.steps_verdict import verdict
 from study.steps import configs_to_wait_for, strictest
+from study.workload import Goal
 
 
 def _steps_cell(r) -> str:
@@ -108,7 +109,7 @@ def _tables(trials, results, level):
             (pd.DataFrame(fits), pd.DataFrame(fits_shown)), order)
 
 
-def write_section(trials: list[dict], goals: list[dict], out_dir, ranges: dict | None = None, level: float = 0.95,
+def write_section(trials: list[dict], goals: list[Goal], out_dir, ranges: dict | None = None, level: float = 0.95,
                   safety: float = 10.0, n_boot: int = 1000, seed: int = 0, writer: ReportWriter | None = None) -> str:
     """Tables and figures into out_dir; returns the section's markdown. writer: a report to add the section to
     (its folder is then out_dir's place; python -m analysis.report passes its own)."""

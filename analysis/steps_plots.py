@@ -18,8 +18,8 @@ STATUS_STYLE = {"reached": ("o", "tab:green"), "censored": ("s", "tab:orange"),
                 "stopped_by_rule": ("^", "tab:blue"), "diverged": ("x", "tab:red"), "infeasible": ("v", "tab:grey")}
 
 
-def goal_label(goal: dict) -> str:
-    return f"{goal['metric']} {'>=' if goal['higher_is_better'] else '<='} {goal['value']:g}"
+def goal_label(goal) -> str:
+    return str(goal)
 
 
 def batch_colours(sizes) -> dict:

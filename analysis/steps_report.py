@@ -13,6 +13,7 @@ from analysis.workload_report import options_line, options_of
 from study import metrics as M
 from study import steps as S
 from study.steps import BUDGET, CONFIG, STAGE
+from study.workload import Goal
 
 LABELS = ["batch_size", CONFIG]
 
@@ -56,15 +57,15 @@ def title(study: Study) -> str:
 
 def write(report: ReportWriter, study: Study) -> None:
     meta = study.meta
-    goals = meta.get("goals") or (study.files.get(M.WORKLOAD_FILE) or {}).get("goals") or []
+    stored = meta.get("goals") or (study.files.get(M.WORKLOAD_FILE) or {}).get("goals") or []
+    goals = [Goal.from_dict(g) for g in stored]
     trials = trials_of(study)
     report.heading("The study")
     ranges = {k: tuple(v) for k, v in (meta.get("ranges") or {}).items()}
     args = study.args
     budget = (f"{args['budget_steps']} steps" if args.get("budget_steps") else
               f"{args.get('budget_epochs')} epochs per batch size")
-    report.bullets([f"goals: " + ", ".join(f"{g['metric']} {'>=' if g['higher_is_better'] else '<='} {g['value']:g}"
-                                          for g in goals),
+    report.bullets(["goals: " + ", ".join(map(str, goals)),
                     f"optimizer {args.get('optimizer')}; {args.get('configs')} configurations per batch size, "
                     f"scrambled Sobol points (seed {args.get('seed')}) over log "
                     + " and log ".join(f"{k} in [{lo:g}, {hi:g}]" for k, (lo, hi) in ranges.items()),

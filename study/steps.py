@@ -4,7 +4,7 @@ Library code, no entry point: `python -m study steps WORKLOAD` builds its grid f
 `default_batch_sizes` and `eval_steps`, ends each trial with `TrialLimits` and ends trials across a batch size with
 `ResultRule` (wrapped for Tune by `tune_stopper`). Nothing here imports a workload; Ray only inside `tune_stopper`.
 
-A goal is a dict as stored in workload.json: {"metric": "val_error", "value": 0.01, "higher_is_better": False}.
+A goal is a study.workload.Goal (in a trial's config and study.json, its to_dict()).
 """
 
 import math
@@ -14,6 +14,7 @@ import numpy as np
 
 from study import metrics as M
 from study.metrics import STEP  # training steps taken when the row was evaluated (0: before any step)
+from study.workload import Goal
 
 STAGE = "steps"  # the study's one stage: its Tune experiment's folder
 # Keys of a steps trial's config besides TrainConfig's: the budget, the stopping limits, the Sobol point's index.
@@ -92,19 +93,14 @@ def default_batch_sizes(n_train: int, low: int = 16) -> list[int]:
     return [low << k for k in range(int(math.log2(n_train // low)) + 1)]
 
 
-def reached(value: float, goal: dict) -> bool:
-    """Whether a metric value meets a goal; NaN never does."""
-    return value <= goal["value"] if not goal["higher_is_better"] else value >= goal["value"]
-
-
-def strictest(goals: list[dict]) -> dict:
+def strictest(goals: list[Goal]) -> Goal:
     """The hardest goal to reach: the lowest value of a lower-is-better metric, the highest of a higher-is-better
     one. All goals must be on the same metric (a study stops on one metric)."""
     if not goals:
         raise ValueError("a steps-to-result study needs at least one goal, e.g. --goal val_error=0.01")
-    if len({(g["metric"], g["higher_is_better"]) for g in goals}) != 1:
-        raise ValueError(f"all goals must be on one metric with one direction, got {goals}")
-    return (max if goals[0]["higher_is_better"] else min)(goals, key=lambda g: g["value"])
+    if len({(g.metric, g.higher_is_better) for g in goals}) != 1:
+        raise ValueError(f"all goals must be on one metric with one direction, got {', '.join(map(str, goals))}")
+    return (max if goals[0].higher_is_better else min)(goals, key=lambda g: g.value)
 
 
 @dataclass(frozen=True)
@@ -117,7 +113,7 @@ class TrialLimits:
     assumes something: that a configuration still at chance after a quarter of its budget would not reach the goal.
     """
 
-    goal: dict
+    goal: Goal
     budget_steps: int
     chance: float | None = None
     chance_after: float = 0.25
@@ -127,22 +123,22 @@ class TrialLimits:
         if self.budget_steps < 1 or not 0 <= self.chance_after <= 1 or not 0 < self.chance_margin < 1:
             raise ValueError(f"bad trial limits: budget {self.budget_steps} (>= 1), chance_after "
                              f"{self.chance_after} (0..1), chance_margin {self.chance_margin} (between 0 and 1)")
-        if self.chance is not None and self.chance == self.goal["value"]:
-            raise ValueError(f"the goal {self.goal['metric']} = {self.chance:g} equals the chance level; a model "
+        if self.chance is not None and self.chance == self.goal.value:
+            raise ValueError(f"the goal {self.goal.metric} = {self.chance:g} equals the chance level; a model "
                              "that learned nothing would reach it")
 
     def status(self, row: dict) -> str | None:
         """The status the trial ends with at this evaluation row, or None to go on."""
-        step, value = row[STEP], float(row[self.goal["metric"]])
+        step, value = row[STEP], float(row[self.goal.metric])
         loss = float(row.get(M.TRAIN_LOSS, math.nan))
         if row.get(M.DIVERGED) or (step > 0 and not math.isfinite(loss)):
             return DIVERGED
-        if reached(value, self.goal):
+        if self.goal.reached(value):
             return REACHED
         if step >= self.budget_steps:
             return CENSORED
         if self.chance is not None and step >= self.chance_after * self.budget_steps:
-            covered = (value - self.chance) / (self.goal["value"] - self.chance)
+            covered = (value - self.chance) / (self.goal.value - self.chance)
             if not covered >= self.chance_margin:  # NaN metric counts as chance
                 return INFEASIBLE
         return None
@@ -213,7 +209,7 @@ def tune_stopper(rule: ResultRule, limits: TrialLimits):
             self.rule, self.limits, self.stopped = rule, limits, {}
 
         def __call__(self, trial_id: str, result: dict) -> bool:
-            if STEP not in result or self.limits.goal["metric"] not in result:
+            if STEP not in result or self.limits.goal.metric not in result:
                 return False
             batch, step = result["config"]["batch_size"], result[STEP]
             if self.limits.status(result) == REACHED:

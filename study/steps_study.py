@@ -25,7 +25,7 @@ from study.errors import StudyError
 from study.steps import BUDGET, CHANCE, CONFIG, GOAL, STAGE
 from study.steps_trial import split_config, train_steps
 from study.tuning import STUDY_FILE, StudyFolder, add_common_args, code_version
-from study.workload import Workload, describe, resolve
+from study.workload import Goal, Workload, describe, resolve
 
 KIND = "steps"
 LEVEL, SAFETY = 0.95, 10.0  # the bootstrap interval's level and the rule's safety factor (study.steps)
@@ -63,14 +63,13 @@ def parser(workload: Workload | None = None) -> argparse.ArgumentParser:
     return p
 
 
-def goals_of(args, workload: Workload) -> list[dict]:
+def goals_of(args, workload: Workload) -> list[Goal]:
     """--goal METRIC=VALUE (several), else the workload's declared goals; each on a declared metric."""
     if not args.goal:
         if not workload.goals:
             raise StudyError(f"workload {workload.name} declares no goal; pass --goal METRIC=VALUE, e.g. "
                              f"--goal {workload.primary}=0.1")
-        return [{"metric": g.metric, "value": float(g.value),
-                 "higher_is_better": workload.metric(g.metric).higher_is_better} for g in workload.goals]
+        return list(workload.goals)
     goals = []
     for text in args.goal:
         metric, sep, value = text.partition("=")
@@ -82,7 +81,7 @@ def goals_of(args, workload: Workload) -> list[dict]:
             raise StudyError(f"--goal {text!r}: expected METRIC=VALUE with a number, e.g. --goal val_error=0.02")
         if not metric.startswith("val_"):
             raise StudyError(f"--goal {text!r}: a goal is on a validation metric (val_...)")
-        goals.append({"metric": metric, "value": number, "higher_is_better": workload.metric(metric).higher_is_better})
+        goals.append(workload.goal(metric, number))
     try:
         S.strictest(goals)
     except ValueError as err:
@@ -209,7 +208,7 @@ def execute(args, workload: Workload, tune_callbacks: list = ()) -> tuple[int, s
     splits = api.load_splits(workload, options)
     n_train = len(splits["train"][0])
     fill(args, workload, n_train)
-    chance = workload.chance.get(goal["metric"])
+    chance = workload.chance.get(goal.metric)
     try:
         S.TrialLimits(goal=goal, budget_steps=1, chance=chance)
     except ValueError as err:
@@ -219,30 +218,31 @@ def execute(args, workload: Workload, tune_callbacks: list = ()) -> tuple[int, s
     budgets = {b: budget_of(args, b, n_train) for b in args.batch_sizes}
     base = dict(TrainConfig(workload=spec).to_dict(), options=options, stage=STAGE, optimizer=args.optimizer,
                 noise_scale=args.noise_scale == "on", tf32=args.tf32, code_version="", seed=args.seed,
-                **{k: getattr(args, k) for k in SCALARS}, **{GOAL: goal, CHANCE: chance})
+                **{k: getattr(args, k) for k in SCALARS}, **{GOAL: goal.to_dict(), CHANCE: chance})
     steps_per_epoch = {b: math.ceil(n_train / b) for b in args.batch_sizes}
     check_trials(base, points, budgets, steps_per_epoch)
     folder = StudyFolder(args.storage_path, args.name)
     resources = open_study(folder, args)
     version = code_version()
     stored_args = {k: v for k, v in vars(args).items() if k != "points"}
+    stored_goals = [g.to_dict() for g in goals]
     axes = {"batch_size": args.batch_sizes, CONFIG: list(range(args.configs))}
     if not args.resume:
         folder.write_json(STUDY_FILE, {"study": workload.name, "kind": KIND, "stages": [STAGE], "args": stored_args,
                                        "code_version": version, "resources_per_trial": resources,
-                                       "data": {s: len(splits[s][0]) for s in splits}, "goals": goals,
+                                       "data": {s: len(splits[s][0]) for s in splits}, "goals": stored_goals,
                                        "ranges": ranges(args), "level": LEVEL, "safety": SAFETY,
                                        "budget_steps": {str(b): s for b, s in budgets.items()},
                                        "configs": points})
     if not args.resume or not folder.has(M.WORKLOAD_FILE):  # also for a start stopped before it was written
-        folder.write_json(M.WORKLOAD_FILE, dict(describe(workload, splits), goals=goals, axes=axes))
+        folder.write_json(M.WORKLOAD_FILE, dict(describe(workload, splits), goals=stored_goals, axes=axes))
     if not args.resume:
         own = {name: [value] for name, value in option_hparams(options, {*base, CONFIG, BUDGET}).items()}
         write_experiment(folder, KIND, {"batch_size": args.batch_sizes, "lr": [p["lr"] for p in points],
                                         **({"momentum": [p["momentum"] for p in points]}
                                            if points[0]["momentum"] is not None else {}), CONFIG: axes[CONFIG], **own},
                          [("steps/to_result", "steps to result (first evaluation at the strictest goal)"),
-                          (tag(goal["metric"]), goal["metric"].replace("_", " "))])
+                          (tag(goal.metric), goal.metric.replace("_", " "))])
     started(folder.uri)
     base["code_version"] = version
     space = dict(base, batch_size=grid_axis(args.batch_sizes), **{CONFIG: grid_axis(list(range(args.configs)))})
@@ -256,10 +256,10 @@ def execute(args, workload: Workload, tune_callbacks: list = ()) -> tuple[int, s
     stopper = S.tune_stopper(S.ResultRule(args.configs, LEVEL, SAFETY), limits)
     if args.resume:
         prime(stopper, folder, limits)
-    callbacks = [StepsTensorBoard(workload.name, STAGE, {goal["metric"]: tag(goal["metric"]),
+    callbacks = [StepsTensorBoard(workload.name, STAGE, {goal.metric: tag(goal.metric),
                                                          M.STEPS_TO_RESULT: "steps/to_result"})]
     if not args.verbose:
-        callbacks.append(StepsConsole(STAGE, ["batch_size", CONFIG], [goal["metric"], S.STEP]))
+        callbacks.append(StepsConsole(STAGE, ["batch_size", CONFIG], [goal.metric, S.STEP]))
     results = run_stage(train_steps, space, folder=folder, stage=STAGE, args=args, resources=resources,
                         data=splits, callbacks=[*callbacks, *tune_callbacks], run_names=trial_name, stop=stopper)
     save_stopped(folder, stopper, results)
@@ -298,7 +298,7 @@ def prime(stopper, folder: StudyFolder, limits: S.TrialLimits) -> None:
     """On --resume: the rule's record of reaching trials, rebuilt from the stored rows (Tune's restore brings back
     the stopper as the study started it, empty)."""
     for name, (config, rows) in stored_rows(folder).items():
-        first = next((r for r in rows if S.reached(float(r.get(limits.goal["metric"], math.nan)), limits.goal)), None)
+        first = next((r for r in rows if limits.goal.reached(float(r.get(limits.goal.metric, math.nan)))), None)
         if first is not None:
             stopper.rule.reached(config["batch_size"], rows[0].get("trial_id", name), first[S.STEP])
     earlier = f"{STAGE}/{M.STOPPED_FILE}"

@@ -28,7 +28,7 @@ from study.steps import BUDGET, CHANCE, CONFIG, GOAL
 from study.trainables import load_start, trial_device, trial_entry
 from study.train import (DeviceBatches, ProbeClock, epoch_generator, make_optimizer, predict, rng_state,
                          seed_everything, set_rng_state, sync)
-from study.workload import Workload, resolve
+from study.workload import Goal, Workload, resolve
 
 STEP_KEYS = (BUDGET, GOAL, CHANCE, CONFIG)
 AUG_STATE = "aug_state"  # in the checkpoint: the augmentation generator's state at the checkpoint's step
@@ -41,7 +41,7 @@ def split_config(config: dict) -> tuple[TrainConfig, dict]:
 
 
 def limits_of(extra: dict) -> S.TrialLimits:
-    return S.TrialLimits(goal=extra[GOAL], budget_steps=extra[BUDGET], chance=extra[CHANCE])
+    return S.TrialLimits(goal=Goal.from_dict(extra[GOAL]), budget_steps=extra[BUDGET], chance=extra[CHANCE])
 
 
 @trial_entry

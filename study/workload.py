@@ -5,9 +5,11 @@ study.run_workload) supplies the loop, the optimizers, the grid, checkpoints, Te
 `resolve` finds one by a shipped name (`python -m study list`), a path to a .py file, or `module:name`.
 """
 
+import dataclasses
 import hashlib
 import importlib
 import importlib.util
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +29,28 @@ class Metric:
 
 @dataclass(frozen=True)
 class Goal:
+    """A value of a validation metric that counts as a result. Its direction is the declared metric's: a workload
+    writes Goal("val_error", 0.01) and the Workload holding it fills in higher_is_better. Stored (workload.json,
+    study.json, a steps trial's config) as to_dict()'s {"metric", "value", "higher_is_better"}."""
     metric: str  # a declared metric with its split prefix, e.g. "val_error"
     value: float
+    higher_is_better: bool | None = None  # None until a Workload fills in its metric's
+
+    def reached(self, value: float) -> bool:
+        """Whether a value of the metric meets the goal (equal to it does); NaN never does."""
+        if self.higher_is_better is None:
+            raise ValueError(f"goal {self.metric} = {self.value:g} has no direction: build it with its Workload")
+        return value >= self.value if self.higher_is_better else value <= self.value
+
+    def __str__(self) -> str:
+        return f"{self.metric} {'>=' if self.higher_is_better else '<='} {self.value:g}"
+
+    def to_dict(self) -> dict:
+        return {"metric": self.metric, "value": float(self.value), "higher_is_better": self.higher_is_better}
+
+    @classmethod
+    def from_dict(cls, stored: dict) -> "Goal":
+        return cls(str(stored["metric"]), float(stored["value"]), bool(stored["higher_is_better"]))
 
 
 @dataclass(frozen=True)
@@ -72,15 +94,33 @@ class Workload:
     # learning-rate search (study.lr_search) that `python -m study run WORKLOAD --lr-search` runs first.
     stages: dict = field(default_factory=dict)
 
-    def metric(self, prefixed: str) -> Metric:
-        """The declared Metric behind a prefixed name (val_error -> Metric("error", ...))."""
+    def __post_init__(self):
+        # Each goal takes its metric's direction here, so every Goal a workload holds can say reached(value); one
+        # on an undeclared metric stays without and check() refuses it, as it does a direction given wrong.
+        object.__setattr__(self, "goals", tuple(
+            dataclasses.replace(g, higher_is_better=self._declared(g.metric).higher_is_better)
+            if isinstance(g, Goal) and g.higher_is_better is None and self._declared(g.metric) else g
+            for g in self.goals))
+
+    def _declared(self, prefixed) -> Metric | None:
         for split in SPLITS:
-            if prefixed.startswith(split + "_"):
+            if isinstance(prefixed, str) and prefixed.startswith(split + "_"):
                 for m in self.metrics:
                     if m.name == prefixed[len(split) + 1:]:
                         return m
+        return None
+
+    def metric(self, prefixed: str) -> Metric:
+        """The declared Metric behind a prefixed name (val_error -> Metric("error", ...))."""
+        found = self._declared(prefixed)
+        if found is not None:
+            return found
         raise StudyError(f"workload {self.name}: {prefixed!r} is no declared metric with a split prefix "
                          f"(declared: {', '.join(m.name for m in self.metrics)}; prefixes {', '.join(SPLITS)})")
+
+    def goal(self, prefixed: str, value: float) -> Goal:
+        """A goal on a declared metric (--goal METRIC=VALUE), with the metric's direction."""
+        return Goal(prefixed, float(value), self.metric(prefixed).higher_is_better)
 
     def option_values(self, given: dict | None = None) -> dict:
         """Every option of the workload, the defaults with `given` on top; unknown names and wrong types refused."""
@@ -171,10 +211,19 @@ def check(w, spec: str) -> None:
         raise StudyError(f"workload {w.name} declares no metrics")
     w.metric(w.primary)
     for goal in w.goals:
-        w.metric(goal.metric)
+        if not isinstance(goal, Goal):
+            raise StudyError(f"workload {w.name}: goals must be Goal(metric, value), got {goal!r}")
+        declared = w.metric(goal.metric)
         if not goal.metric.startswith("val_"):  # steps trials evaluate the validation split only
             raise StudyError(f"workload {w.name}: a goal must be on a validation metric (val_...), "
                              f"got {goal.metric!r}")
+        if isinstance(goal.value, bool) or not isinstance(goal.value, (int, float)) or not math.isfinite(goal.value):
+            raise StudyError(f"workload {w.name}: goal {goal.metric}'s value must be a finite number, "
+                             f"got {goal.value!r}")
+        if goal.higher_is_better != declared.higher_is_better:
+            raise StudyError(f"workload {w.name}: goal {goal.metric} says higher_is_better={goal.higher_is_better}, "
+                             f"its metric {declared.name} {declared.higher_is_better}; leave it out (the "
+                             f"metric's direction is the goal's)")
     for name in w.chance:
         w.metric(name)
     if w.select and not w.select.startswith("val_"):
@@ -206,6 +255,5 @@ def describe(w: Workload, splits) -> dict:
             "metrics": [{"name": f"{s}_{m.name}", "higher_is_better": m.higher_is_better}
                         for s in SPLITS if s in splits and s != "train" for m in w.metrics],
             "primary": w.primary,
-            "goals": [{"metric": g.metric, "value": g.value, "higher_is_better": w.metric(g.metric).higher_is_better}
-                      for g in w.goals],
+            "goals": [g.to_dict() for g in w.goals],
             "chance": dict(w.chance), **({"report": w.report} if w.report else {})}

@@ -6,9 +6,10 @@ import math
 import numpy as np
 
 from study import steps as S
+from study.workload import Goal
 
-GOAL = {"metric": "val_error", "value": 0.05, "higher_is_better": False}
-LOOSE = {"metric": "val_error", "value": 0.1, "higher_is_better": False}
+GOAL = Goal("val_error", 0.05, higher_is_better=False)
+LOOSE = Goal("val_error", 0.1, higher_is_better=False)
 CHANCE = 0.9
 SLOPE = 0.1  # val_error falls by this per unit of ln(step)
 
@@ -19,7 +20,7 @@ def curve_rows(true_steps: float, batch: int, budget: int, diverge_at: float = m
     rows = [{"step": 0, "examples": 0, "train_seconds": 0.0, "val_error": CHANCE, "train_loss": math.nan,
              "noise_scale": math.nan}]
     for step in S.eval_steps(budget):
-        error = min(CHANCE, GOAL["value"] + SLOPE * math.log(true_steps / step))
+        error = min(CHANCE, GOAL.value + SLOPE * math.log(true_steps / step))
         rows.append({"step": step, "examples": step * batch, "train_seconds": step * batch * 1e-4,
                      "val_error": error, "train_loss": math.nan if step >= diverge_at else 1.0,
                      "noise_scale": 10.0 * step / true_steps if math.isfinite(true_steps) else 5.0})

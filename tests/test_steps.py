@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from study import steps as S
+from study.workload import Goal
 
 RANGES = {"lr": (1e-3, 1.0), "one_minus_momentum": (1e-3, 0.5)}
-GOAL = {"metric": "val_error", "value": 0.01, "higher_is_better": False}
+GOAL = Goal("val_error", 0.01, higher_is_better=False)
 
 
 def test_sobol_same_points_for_the_same_seed_and_inside_the_ranges():
@@ -77,7 +78,7 @@ def test_trial_limits_statuses():
     assert limits.status(row(200, 0.85)) is None
     assert limits.status(row(250, 0.85)) == S.INFEASIBLE
     assert limits.status(row(250, 0.79)) is None
-    higher = S.TrialLimits({"metric": "val_auc", "value": 0.9, "higher_is_better": True}, 100, chance=0.5)
+    higher = S.TrialLimits(Goal("val_auc", 0.9, higher_is_better=True), 100, chance=0.5)
     assert higher.status({"step": 50, "val_auc": 0.52, "train_loss": 1}) == S.INFEASIBLE
     assert higher.status({"step": 50, "val_auc": 0.91, "train_loss": 1}) == S.REACHED
     with pytest.raises(ValueError, match="equals the chance level"):
@@ -85,10 +86,10 @@ def test_trial_limits_statuses():
 
 
 def test_strictest_goal():
-    goals = [dict(GOAL, value=v) for v in (0.03, 0.01, 0.02)]
-    assert S.strictest(goals)["value"] == 0.01
-    auc = [{"metric": "val_auc", "value": v, "higher_is_better": True} for v in (0.9, 0.95)]
-    assert S.strictest(auc)["value"] == 0.95
+    goals = [Goal("val_error", v, higher_is_better=False) for v in (0.03, 0.01, 0.02)]
+    assert S.strictest(goals).value == 0.01
+    auc = [Goal("val_auc", v, higher_is_better=True) for v in (0.9, 0.95)]
+    assert S.strictest(auc).value == 0.95
     with pytest.raises(ValueError, match="one metric"):
         S.strictest(goals + auc)
 

@@ -16,7 +16,7 @@ from study.config import TrainConfig
 from study.errors import StudyError
 from study.steps import BUDGET, CHANCE, CONFIG, GOAL
 from study.steps_trial import run_steps
-from study.workload import resolve
+from study.workload import Goal, resolve
 from tensorboard_checks import session_groups
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def test_trial_evaluates_on_the_step_grid_across_epochs_and_stops_at_the_goal():
     steps = [r["step"] for r in rows]
     assert steps == [0] + S.eval_steps(200)[:len(steps) - 1]
     assert last is rows[-1] and last["status"] == S.REACHED and last[M.STEPS_TO_RESULT] == last["step"]
-    assert all(not S.reached(r["val_error"], GOAL_03) for r in rows[:-1]) and last["val_error"] <= 0.3
+    assert all(not Goal.from_dict(GOAL_03).reached(r["val_error"]) for r in rows[:-1]) and last["val_error"] <= 0.3
     assert last["step"] > 19, "should cross an epoch boundary before the goal"
     assert last["examples"] == (last["step"] // 19) * 1200 + (last["step"] % 19) * 64
     assert all(b["train_seconds"] > a["train_seconds"] for a, b in zip(rows[1:], rows[2:]))
@@ -204,7 +204,7 @@ def test_resume_rebuilds_the_rule_from_stored_rows_and_keeps_earlier_stops(tmp_p
     from study.tuning import StudyFolder
 
     folder = StudyFolder(str(tmp_path), "s")
-    limits = S.TrialLimits(goal=GOAL_03, budget_steps=100)
+    limits = S.TrialLimits(goal=Goal.from_dict(GOAL_03), budget_steps=100)
     for name, trial_id, batch, errors in (("a", "t_a", 16, [0.9, 0.5, 0.25]), ("b", "t_b", 16, [0.9, 0.2]),
                                           ("c", "t_c", 16, [0.9, 0.6, 0.5, 0.4]), ("d", "t_d", 32, [0.9, 0.1])):
         trial_dir = tmp_path / "s" / "steps" / name
@@ -230,7 +230,7 @@ def test_report_section_of_a_study_where_nothing_reached_the_goal(tmp_path):
                "status": S.CENSORED, "rows": [{"step": s, "val_error": 0.5, "train_seconds": s / 10}
                                               for s in (0, 10, 11, 12)]}
               for b in (16, 32) for c in range(2)]
-    text = write_section(trials, [GOAL_03], tmp_path)
+    text = write_section(trials, [Goal.from_dict(GOAL_03)], tmp_path)
     for name in REPORT_FILES:
         assert (tmp_path / name).stat().st_size > 0 and f"({name})" in text, name
 

@@ -85,6 +85,27 @@ def test_declared_metrics_are_checked(tmp_path):
     assert stored["goals"] == [{"metric": "val_error", "value": 0.1, "higher_is_better": False}]
 
 
+def test_a_goal_takes_its_metric_s_direction_and_says_whether_a_value_reaches_it():
+    from study.workload import check
+
+    lower = tiny_workload().goals[0]  # written Goal("val_error", 0.1): error is lower-is-better
+    assert lower == Goal("val_error", 0.1, higher_is_better=False) and str(lower) == "val_error <= 0.1"
+    assert lower.reached(0.1) and lower.reached(0.05) and not lower.reached(0.2) and not lower.reached(math.nan)
+    higher = tiny_workload(metrics=(Metric("error", False), Metric("acc", True)), goals=(Goal("val_acc", 0.9),))
+    (goal,) = higher.goals
+    assert goal.higher_is_better and goal.reached(0.95) and not goal.reached(0.5) and not goal.reached(math.nan)
+    assert higher.goal("val_error", 0.2) == Goal("val_error", 0.2, higher_is_better=False)
+    assert Goal.from_dict(goal.to_dict()) == goal and goal.to_dict() == {"metric": "val_acc", "value": 0.9,
+                                                                         "higher_is_better": True}
+    assert resolve("mnist-cnn").goals and all(g.higher_is_better is False for g in resolve("mnist-cnn").goals)
+    with pytest.raises(ValueError, match="no direction"):
+        Goal("val_error", 0.1).reached(0.0)  # not held by a Workload: nothing said which way is better
+    with pytest.raises(StudyError, match="says higher_is_better=True, its metric error False"):
+        check(tiny_workload(goals=(Goal("val_error", 0.1, higher_is_better=True),)), "tiny")
+    with pytest.raises(StudyError, match="value must be a finite number"):
+        check(tiny_workload(goals=(Goal("val_error", math.nan),)), "tiny")
+
+
 def test_train_config_round_trip_and_refusals():
     cfg = TrainConfig.from_dict({"workload": "mnist-cnn", "optimizer": "adamw", "weight_decay": 1, "lr": 1,
                                  "options": {"val_size": 10}})
