@@ -308,7 +308,7 @@ def write_noise(report: ReportWriter, sweep: pd.DataFrame) -> None:
     finite = sweep[np.isfinite(sweep["last_noise_scale"])]
     if finite.empty:
         report.text("No trial measured a finite gradient noise scale (B_simple); the study ran with "
-                    "--noise-scale off, or every estimate was NaN.")
+                    "--no-noise-scale, or every estimate was NaN.")
         return
     table = (finite.groupby(["target", "batch_size"])["last_noise_scale"]
              .agg(trials="count", median="median", min="min", max="max").reset_index())

@@ -42,7 +42,7 @@ def why_none(trial: Trial) -> str:
     if any(math.isfinite(v) for _, v, _ in values):
         return ""
     if trial.config.get("noise_scale") is False:
-        return "noise scale off (--noise-scale off)"
+        return "noise scale off (--no-noise-scale)"
     if any(r.get(M.STATUS) == M.STATUS_OOM for r in trial.rows):
         return "ran out of GPU memory" + (f" in epoch {values[-1][0] + 1}" if values else " before its first epoch")
     if not values:

@@ -1,15 +1,31 @@
 """`python -m study run WORKLOAD [flags]`: a batch-size study of a shipped workload, a workload file or
 module:name (`python -m study run WORKLOAD --help` lists its flags); `python -m study steps WORKLOAD [flags]`: the
-steps-to-result study of it (study.steps_study); `python -m study list`: the shipped ones.
-`python -m study.mnist` and `python -m study.pcam` run the two original studies.
+steps-to-result study of it (study.steps_study); `python -m study list`: the shipped ones; `python -m study --help`:
+the commands. Installed, `batchsize-study` is the same command line. `python -m study.mnist` and
+`python -m study.pcam` run the two original studies.
 """
 
+import argparse
 import sys
 
 from study.errors import StudyError
 
-USAGE = ("usage: python -m study run WORKLOAD [flags] | python -m study steps WORKLOAD [flags] | python -m study list"
-         "   (run WORKLOAD --help: its flags)")
+# The commands; each parses its own flags (run and steps only once the workload, whose options join them, is known).
+COMMANDS = {"run": "a batch-size study of a workload (run WORKLOAD --help: its flags)",
+            "steps": "the steps-to-result study of a workload (steps WORKLOAD --help: its flags)",
+            "list": "the shipped workloads"}
+
+
+def parser() -> argparse.ArgumentParser:
+    """`python -m study --help`: the commands (`batchsize-study` once installed)."""
+    p = argparse.ArgumentParser(prog="python -m study", description="Batch-size studies of a workload on Ray Tune.",
+                                epilog="A command's flags: python -m study run WORKLOAD --help (steps alike). "
+                                       "python -m study.mnist and python -m study.pcam run the two original "
+                                       "studies; python -m analysis.report STUDY writes a study's report.")
+    commands = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, text in COMMANDS.items():
+        commands.add_parser(name, help=text, description=text)
+    return p
 
 
 def list_workloads() -> int:
@@ -46,19 +62,19 @@ def steps(argv: list[str]) -> int:
 
 
 def main(argv=None) -> int:
+    """The command line (`python -m study`, the `batchsize-study` script): the command's exit status; 2 for input
+    it refuses (one line on stderr); --help prints the commands and exits 0."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if argv[:1] == ["list"]:
-            return list_workloads()
         if argv[:1] == ["run"]:
             return run(argv[1:])
         if argv[:1] == ["steps"]:
             return steps(argv[1:])
+        parser().parse_args(argv)  # list, or --help, or a usage error (exit 2)
+        return list_workloads()
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(USAGE, file=sys.stderr)
-    return 2
 
 
 if __name__ == "__main__":

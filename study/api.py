@@ -19,6 +19,7 @@ from study import metrics as M
 from study import preflight
 from study.config import TrainConfig
 from study.errors import StudyError
+from study.flags import from_python  # run_study's **flags hides the module
 from study.lr_scaling import scaling_rules
 from study.tuning import (STUDY_FILE, StudyFolder, add_common_args, check_common_args, code_version,
                           default_name, restore_args)
@@ -31,8 +32,8 @@ SCALARS = flags.TRAINING  # training flags with one value per study; their defau
 
 
 def parser(workload: Workload | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m study run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = flags.Parser(prog="python -m study run", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workload", help="a shipped workload (python -m study list), path/to/file.py or module:name")
     grid = p.add_argument_group("grid (defaults: the workload's)")
     flags.add(grid, "batch_sizes", "optimizers", "lrs", "lr_scaling", "seeds", "runs", "smoke")
@@ -134,7 +135,7 @@ def run_study(workload: str | Workload, *, callbacks: list | None = None, **flag
     if unknown:
         raise StudyError(f"unknown flags {', '.join(unknown)}; see python -m study run {found.name} --help")
     vars(args).update(flags)
-    return execute(args, found, tune_callbacks)[1]
+    return execute(from_python(args), found, tune_callbacks)[1]
 
 
 def check_callbacks(callbacks) -> list:

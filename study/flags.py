@@ -2,16 +2,61 @@
 (study.steps_study) and the two original studies' aliases (study.mnist, study.pcam) take theirs from here, and a
 workload's own options become flags through `add_options`. A command passes its own defaults (the original studies
 keep theirs, stored in their study.json) and may word a flag's help for itself; the name, type, choices and the
-range `check` enforces are the table's.
+range `check` enforces are the table's. An on/off flag is `--name` / `--no-name` (OnOff); the commands' parser
+(Parser) still reads the older `--name on|off`, so the commands stored studies were started with run as they did.
 """
 
 import argparse
 import math
+import sys
 
 from study import cli_checks as checks
 from study.config import SCHEDULES, TRAIN_OPTIMIZERS
 from study.errors import StudyError
 from study.lr_scaling import RULES as LR_SCALING_RULES
+
+
+class OnOff(argparse.Action):
+    """`--name` and `--no-name`, storing `on` or `off`: the values studies stored before the flags took this
+    style ("on"/"off" for some, True/False for others), so that a stored study's arguments mean what they did."""
+
+    def __init__(self, option_strings, dest, on=True, off=False, default=None, help=None):  # noqa: A002
+        super().__init__([option_strings[0], "--no-" + option_strings[0][2:]], dest, nargs=0, default=default,
+                         help=help)
+        self.on, self.off = on, off
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, self.off if option_string.startswith("--no-") else self.on)
+
+    def format_usage(self) -> str:
+        return " | ".join(self.option_strings)
+
+
+def old_spellings(argv: list[str], actions) -> list[str]:
+    """argv with each on/off flag's older spelling, `--name on|off` or `--name=on|off`, as --name or --no-name."""
+    names = {a.option_strings[0] for a in actions if isinstance(a, OnOff)}
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":  # the rest are positional values
+            return out + argv[i:]
+        name, eq, value = arg.partition("=")
+        if not eq and name in names and i + 1 < len(argv) and argv[i + 1] in ("on", "off"):
+            value, i = argv[i + 1], i + 1
+        if name in names and value in ("on", "off"):
+            arg = name if value == "on" else "--no-" + name[2:]
+        out.append(arg)
+        i += 1
+    return out
+
+
+class Parser(argparse.ArgumentParser):
+    """The study commands' parser: an on/off flag's older spelling (`--noise-scale off`) reads as the one style."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        argv = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args(old_spellings(argv, self._actions), namespace)
+
 
 # name -> argparse settings; `--name-with-dashes` on the command line, args.name in Python.
 FLAGS = dict(
@@ -33,9 +78,11 @@ FLAGS = dict(
     final_lr_factor=dict(type=float, help="the schedule's last lr as a multiple of the base lr"),
     eval_batch_size=dict(type=int, help="examples per evaluation forward pass (memory only)"),
     noise_every=dict(type=int, help="probe the noise scale on every Nth training step of an epoch (32: < 4 %% time)"),
-    noise_scale=dict(choices=("on", "off"), default="on", help="estimate the gradient noise scale"),
-    tf32=dict(action="store_true", help="on CUDA: TF32 convolutions and matmuls (default fp32)"),
-    amp=dict(choices=("on", "off"), help="on CUDA: bf16 autocast (default: the workload's; off)"),
+    # On/off flags store what studies stored before: "on"/"off" (noise_scale, amp) or True/False (tf32).
+    noise_scale=dict(action=OnOff, on="on", off="off", default="on",
+                     help="estimate the gradient noise scale (default on)"),
+    tf32=dict(action=OnOff, default=False, help="on CUDA: TF32 convolutions and matmuls (default off: fp32)"),
+    amp=dict(action=OnOff, on="on", off="off", help="on CUDA: bf16 autocast (default: the workload's; off)"),
 )
 # The flags with one value per study that fill TrainConfig fields of the same name.
 TRAINING = ("epochs", "momentum", "weight_decay", "lr_reference_batch", "warmup_epochs", "schedule",
@@ -80,6 +127,15 @@ def add_options(parser: argparse.ArgumentParser, workload, names=None, group=Non
                                    help=f"{o.help} (default {o.default!r})")
         except argparse.ArgumentError:
             raise StudyError(f"workload {workload.name}: option {name} clashes with the engine's flag {flag(name)}")
+
+
+def from_python(args) -> argparse.Namespace:
+    """run_study(noise_scale=False) and the like: an on/off flag given as a bool takes the value the command line
+    would have stored ("off" here), so that True and False mean on and off whatever a flag stores."""
+    for name, settings in FLAGS.items():
+        if settings.get("action") is OnOff and isinstance(getattr(args, name, None), bool):
+            setattr(args, name, settings.get("on", True) if getattr(args, name) else settings.get("off", False))
+    return args
 
 
 def check(args) -> None:

@@ -37,8 +37,8 @@ SMOKE = dict(targets=["mean", "std"], lr_grid=[1e-3, 1e-2, 1e3], fine_factors=[0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m study.mnist", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = flags.Parser(prog="python -m study.mnist", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
     flags.add_options(p, workload, ("data_dir", "download"), group=data, download=False)
     flags.add(data, "smoke", help={"smoke": "the whole pipeline on built-in synthetic digits with a tiny grid "

@@ -39,8 +39,8 @@ SMOKE = dict(batch_sizes=[8, 16], optimizers=["sgd", "adam"], sgd_lrs=[0.01], ad
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m study.pcam", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = flags.Parser(prog="python -m study.pcam", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
     flags.add_options(p, WORKLOAD, ("data_dir", "download", "prepared_dir", "val_fraction", "split_seed",
                                     "train_limit"), group=data, download=False, val_fraction=0.2, split_seed=0,
@@ -49,11 +49,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                                             "configurations, random init"})
     grid = p.add_argument_group("grid (defaults: the original study)")
     flags.add(grid, "batch_sizes", "optimizers", help={"optimizers": f"of {', '.join(OPTIMIZERS)} (default both)"})
-    # The original's own flags: (optimizer, lr) pairs from a table per optimizer, N seeds, amp on by default.
+    # The original's own flags: (optimizer, lr) pairs from a table per optimizer, N seeds, amp on by default (its
+    # study.json stores no_amp).
     grid.add_argument("--sgd-lrs", type=float, nargs="+", default=None, help=f"default {PCAM_LRS['sgd']}")
     grid.add_argument("--adam-lrs", type=float, nargs="+", default=None, help=f"default {PCAM_LRS['adam']}")
     grid.add_argument("--seeds", type=int, default=1, help="runs per configuration, seeds 0..N-1 (default 1)")
-    grid.add_argument("--no-amp", action="store_true", help="on CUDA: fp32 instead of bf16 autocast")
+    grid.add_argument("--amp", dest="no_amp", action=flags.OnOff, on=False, off=True, default=False,
+                      help="on CUDA: bf16 autocast (default) or fp32 (--no-amp)")
     grid.add_argument("--checkpoint-every", type=int, default=1,
                       help="epochs between checkpoints (default 1; epoch 0 and the last always checkpoint)")
     flags.add(grid, "momentum", "epochs", momentum=0.9, help={"momentum": "SGD momentum", "epochs": "default 55"})

@@ -22,6 +22,7 @@ from study import metrics as M
 from study import steps as S
 from study.config import TRAIN_OPTIMIZERS, TrainConfig
 from study.errors import StudyError
+from study.flags import from_python  # run_steps' **flags hides the module
 from study.steps import BUDGET, CHANCE, CONFIG, GOAL, STAGE
 from study.steps_trial import split_config, train_steps
 from study.tuning import STUDY_FILE, StudyFolder, add_common_args, code_version
@@ -36,8 +37,8 @@ SCALARS = tuple(k for k in flags.TRAINING if k not in ("epochs", "momentum"))
 
 
 def parser(workload: Workload | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m study steps", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = flags.Parser(prog="python -m study steps", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workload", help="a shipped workload (python -m study list), path/to/file.py or module:name")
     g = p.add_argument_group("steps-to-result grid")
     g.add_argument("--goal", action="append", metavar="METRIC=VALUE",
@@ -183,7 +184,7 @@ def run_steps(workload: str | Workload, *, callbacks: list | None = None, **flag
     if unknown:
         raise StudyError(f"unknown flags {', '.join(unknown)}; see python -m study steps {found.name} --help")
     vars(args).update(flags)
-    return execute(args, found, tune_callbacks)[1]
+    return execute(from_python(args), found, tune_callbacks)[1]
 
 
 @lease.released_at_end()  # the study folder's lease, taken in open_study

@@ -1,9 +1,13 @@
 """Each flag is defined once (study.flags): every study command's parser takes the shared flags and the workloads'
-options from there, and the original studies' commands still parse to the arguments their stored studies hold."""
+options from there, and the original studies' commands still parse to the arguments their stored studies hold.
+On/off flags are --name/--no-name everywhere, their older spellings read as before; `python -m study --help` lists
+the commands, and the console script is the same main."""
 
 import argparse
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,6 +59,12 @@ def test_every_flag_of_every_command_is_the_table_s_or_the_workload_s_option():
                 continue
             if command.startswith("study.") and dest in ORIGINAL_OWN:
                 continue
+            if isinstance(action, flags.OnOff):
+                table = flags.FLAGS[dest]
+                assert table["action"] is flags.OnOff, (command, dest)
+                assert action.option_strings == [flags.flag(dest), "--no-" + flags.flag(dest)[2:]], (command, dest)
+                assert (action.on, action.off) == (table.get("on", True), table.get("off", False)), (command, dest)
+                continue
             assert action.option_strings == [flags.flag(dest)], (command, action.option_strings)
             if dest in flags.FLAGS:
                 table = flags.FLAGS[dest]
@@ -90,8 +100,8 @@ def test_no_command_defines_a_shared_flag_again():
     for path in [ROOT / "study" / f for f in ("api.py", "steps_study.py", "mnist.py", "pcam.py")]:
         for name in pattern.findall(path.read_text()):
             key = name.replace("-", "_")
-            if path.name == "pcam.py" and key == "seeds":
-                continue  # the original's --seeds N (a count), not the table's list of seeds
+            if path.name == "pcam.py" and key in ("seeds", "amp"):
+                continue  # the original's --seeds N (a count), and --amp/--no-amp stored inverted as no_amp
             assert key not in flags.FLAGS, f"{path.name} defines --{name} itself"
 
 
@@ -125,3 +135,80 @@ def test_an_option_with_choices_refuses_others(capsys):
     assert "invalid choice: 'mode'" in capsys.readouterr().err
     with pytest.raises(StudyError, match="option target must be one of mean, median, std, var"):
         workload.option_values({"target": "mode"})
+
+
+ON_OFF = [("--noise-scale", "noise_scale", "on", "off"), ("--tf32", "tf32", True, False)]
+
+
+@pytest.mark.parametrize("flag, dest, on, off", ON_OFF)
+@pytest.mark.parametrize("command", ["run", "steps", "study.mnist", "study.pcam"])
+def test_on_off_flags_take_one_style_and_their_old_spellings_store_the_same(command, flag, dest, on, off):
+    workload = resolve("mnist-regression" if command == "study.mnist" else "pcam")
+    parse = {"run": lambda argv: api.parser(workload).parse_args(["pcam", *argv]),
+             "steps": lambda argv: steps_study.parser(workload).parse_args(["pcam", *argv]),
+             "study.mnist": mnist.parse_args, "study.pcam": pcam.parse_args}[command]
+    no = "--no-" + flag[2:]
+    for argv, want in [([flag], on), ([no], off), ([flag, "on"], on), ([flag, "off"], off), ([f"{flag}=off"], off),
+                       ([no, flag], on), ([flag, "off", flag], on)]:
+        assert getattr(parse(argv), dest) == want, (command, argv)
+    assert getattr(parse([]), dest) == {"noise_scale": "on", "tf32": False}[dest]
+
+
+def test_amp_takes_one_style_in_every_command_and_pcam_stores_it_as_before():
+    parser = api.parser(resolve("mnist-cnn"))
+    for argv, want in [(["--amp"], "on"), (["--no-amp"], "off"), (["--amp", "off"], "off"), ([], None)]:
+        assert parser.parse_args(["mnist-cnn", *argv]).amp == want, argv  # None: the workload's, filled in later
+    for argv, want in [(["--no-amp"], True), (["--amp"], False), ([], False)]:
+        assert pcam.parse_args(argv).no_amp is want, argv  # pcam-v1's study.json holds no_amp: False
+    assert "[--amp | --no-amp]" in parser.format_usage() and "--amp, --no-amp" in parser.format_help()
+
+
+def test_an_on_off_flag_refuses_other_values_and_old_spellings_stop_at_a_double_dash(capsys):
+    with pytest.raises(SystemExit):
+        mnist.parse_args(["--noise-scale", "maybe"])
+    assert "unrecognized arguments: maybe" in capsys.readouterr().err
+    parser = flags.Parser()
+    parser.add_argument("--tf32", action=flags.OnOff)
+    assert flags.old_spellings(["--tf32", "off", "--", "--tf32", "on"], parser._actions) == \
+        ["--no-tf32", "--", "--tf32", "on"]
+
+
+def test_python_m_study_help_lists_the_commands_and_refuses_others(capsys):
+    from study.__main__ import COMMANDS, main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and set(COMMANDS) == {"run", "steps", "list"}
+    for command in COMMANDS:
+        assert re.search(rf"^\s+{command}\s+\S", out, re.M), out
+    for argv, message in [([], "required: COMMAND"), (["lst"], "invalid choice: 'lst'"), (["list", "x"], "x")]:
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code == 2 and message in capsys.readouterr().err, argv
+    assert main(["list"]) == 0 and "mnist-cnn" in capsys.readouterr().out
+    shown = subprocess.run([sys.executable, "-m", "study", "--help"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=60)
+    assert shown.returncode == 0 and "steps" in shown.stdout, shown.stderr
+
+
+def test_the_console_script_is_the_module_s_main():
+    import importlib
+    import inspect
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, name = scripts["batchsize-study"].partition(":")
+    main = getattr(importlib.import_module(module), name)
+    assert module == "study.__main__" and list(inspect.signature(main).parameters) == ["argv"]
+    assert main(["list"]) == 0  # an exit status: the script passes it to sys.exit
+
+
+@pytest.mark.parametrize("run, module", [("run_study", api), ("run_steps", steps_study)])
+def test_from_python_an_on_off_flag_may_be_a_bool(run, module, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(module, "execute", lambda args, workload, callbacks: seen.update(vars(args)) or (0, "uri"))
+    getattr(module, run)("mnist-cnn", noise_scale=False, tf32=True, **({"amp": True} if run == "run_study" else {}))
+    assert (seen["noise_scale"], seen["tf32"], seen.get("amp", "on")) == ("off", True, "on")
+    getattr(module, run)("mnist-cnn", noise_scale="off")  # the value the command line stores, as before
+    assert seen["noise_scale"] == "off"
