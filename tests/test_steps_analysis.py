@@ -26,12 +26,14 @@ def test_interpolation_is_exact_for_a_metric_linear_in_log_steps():
 def test_interpolation_rule_by_hand():
     rows = [{"step": 0, "val_error": 0.9}, {"step": 100, "val_error": 0.2, "train_seconds": 1.0},
             {"step": 400, "val_error": 0.0, "train_seconds": 4.0}]
-    goal = Goal("val_error", 0.1, higher_is_better=False)  # half way from 0.2 to 0.0: half way from log 100 to log 400, i.e. step 200
+    # Half way from 0.2 to 0.0: half way from log 100 to log 400, i.e. step 200.
+    goal = Goal("val_error", 0.1, higher_is_better=False)
     steps, seconds, k = A.steps_to_result(rows, goal)
     assert (steps, seconds, k) == (pytest.approx(200.0), pytest.approx(2.0), 2)
     # Reached at the first evaluation after step 0: that evaluation, no interpolation toward step 0.
     assert A.steps_to_result(rows[:1] + rows[2:], goal)[0] == 400
-    assert A.steps_to_result(rows, Goal("val_error", 0.2, higher_is_better=False))[0] == 100  # equal to the goal counts as reached
+    equal = Goal("val_error", 0.2, higher_is_better=False)
+    assert A.steps_to_result(rows, equal)[0] == 100  # equal to the goal counts as reached
     higher = [{"step": 10, "val_auc": 0.5}, {"step": 1000, "val_auc": 0.9}]
     assert A.steps_to_result(higher, Goal("val_auc", 0.7, higher_is_better=True))[0] == \
         pytest.approx(100.0)
