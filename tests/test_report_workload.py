@@ -182,8 +182,9 @@ def test_report_names_every_section_and_lists_the_failed_trials(workload_study):
     assert failures.loc[DIVERGES, "outcome"] == "diverged" and "epoch 2" in failures.loc[DIVERGES, "reason"]
     assert failures.loc[RAISES, "outcome"] == "error" and "boom in epoch 2" in failures.loc[RAISES, "reason"]
     stages = csv(out, "stages")
-    assert stages.to_dict("records")[0] == {"stage": "sweep", "trials": 12, "done": 10, "diverged": 1,
-                                                "error": 1, "incomplete": 0, "running": 0, "pending": 0}
+    assert stages.to_dict("records")[0] == {"stage": "sweep", "trials": 12, "done": 10, "no result": 0,
+                                                "diverged": 1, "error": 1, "incomplete": 0, "running": 0,
+                                                "pending": 0}
     again = root / "again"
     assert report.main([str(root), "--out", str(again)]) == 0  # a pure function of stored results
     for name in ("configurations.csv", "curves.csv", "speed.csv", "report.md"):
