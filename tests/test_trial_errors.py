@@ -99,20 +99,29 @@ def test_the_report_reads_an_ended_trial_as_an_error_and_a_nan_primary_as_no_res
     assert StoredTrial("sweep", "t", "t", {}, rows=finished, primary="val_error").outcome == "done"
 
 
-def test_tune_traceback_of_a_failed_trial_is_kept_off_the_console_unless_verbose(caplog):
+def test_tune_traceback_of_a_failed_trial_is_kept_off_the_console_unless_verbose():
     import logging
 
     from study.console import TRIAL_FAILURE_LOGGER, tune_console
 
-    logger = logging.getLogger(TRIAL_FAILURE_LOGGER)
-    with caplog.at_level(logging.ERROR, logger=TRIAL_FAILURE_LOGGER):
+    # A handler of our own on the logger (the filter sits on the logger, so it sees what Ray's handlers would):
+    # pytest's caplog does not see a logger that does not propagate on every pytest release.
+    logger, records = logging.getLogger(TRIAL_FAILURE_LOGGER), []
+    handler, level = logging.Handler(logging.ERROR), logger.level
+    handler.emit = records.append
+    logger.addHandler(handler)
+    logger.setLevel(logging.ERROR)
+    try:
         with tune_console(verbose=False):
             logger.error("Trial task failed for trial a_00000", exc_info=ValueError("x"))
             logger.error("Could not re-use actor for trial a_00001")
         with tune_console(verbose=True):
             logger.error("Trial task failed for trial a_00002")
         logger.error("Trial task failed for trial a_00003")  # outside a stage: left alone
-    assert [r.getMessage()[-7:] for r in caplog.records] == ["a_00001", "a_00002", "a_00003"]
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert [r.getMessage()[-7:] for r in records] == ["a_00001", "a_00002", "a_00003"]
 
 
 # Passes the preflight (study.preflight: a few examples, one training step), then breaks inside its trials, each
