@@ -223,17 +223,21 @@ class Lease:
 
     # -- remote stores: write, pause, read back
 
-    def _read_remote(self) -> tuple[dict | None, float | None]:
-        """(lease, or None when unreadable; its time), or (None, None) when there is none."""
-        info = self.folder.fs.get_file_info(self.path)
-        if info.type == pafs.FileType.NotFound:
-            return None, None
-        try:
-            with self.folder.fs.open_input_stream(self.path) as src:
-                raw = src.read()
-        except FileNotFoundError:  # given back between the two calls
-            return None, None
-        return _parse(raw), info.mtime.timestamp() if info.mtime is not None else time.time()
+    def _read_remote(self, tries: int = 4) -> tuple[dict | None, float | None]:
+        """(lease, or None when unreadable; its time), or (None, None) when there is none. pyarrow reads an object
+        as its size, then byte ranges: a lease rewritten in between reads torn, so an unreadable one is read again."""
+        for attempt in range(tries):
+            info = self.folder.fs.get_file_info(self.path)
+            if info.type == pafs.FileType.NotFound:
+                return None, None
+            try:
+                with self.folder.fs.open_input_stream(self.path) as src:
+                    held = _parse(src.read())
+            except FileNotFoundError:  # given back between the two calls
+                return None, None
+            if held is not None or attempt == tries - 1:
+                return held, info.mtime.timestamp() if info.mtime is not None else time.time()
+            time.sleep(0.05 * (attempt + 1))
 
     def _write_remote(self) -> None:
         with self.folder.fs.open_output_stream(self.path) as out:

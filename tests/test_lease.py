@@ -60,11 +60,16 @@ def read_lease(folder: StudyFolder) -> dict | None:
     if "://" not in folder.uri:  # as drivers read it: under its lock (a renewal rewrites it in place)
         with lease._locked(f"{folder.path}/{LEASE_FILE}") as fd:
             return None if fd is None else json.loads(os.pread(fd, 1 << 16, 0))
-    try:
-        with folder.fs.open_input_stream(f"{folder.path}/{LEASE_FILE}") as src:
-            return json.loads(src.read())
-    except FileNotFoundError:
-        return None
+    for attempt in range(20):  # S3 through pyarrow: a size, then byte ranges; a renewal in between reads torn
+        try:
+            with folder.fs.open_input_stream(f"{folder.path}/{LEASE_FILE}") as src:
+                return json.loads(src.read())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            if attempt == 19:
+                raise
+            time.sleep(0.02)
 
 
 def exited_pid() -> int:
