@@ -11,13 +11,12 @@ stopped_by_rule.json the trials the rule stopped (trial folder -> step). Report:
 """
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 from study import api
 from study import cli_checks as checks
-from study import flags, lease
+from study import flags, lease, result_rows
 from study import metrics as M
 from study import steps as S
 from study.config import TRAIN_OPTIMIZERS, TrainConfig
@@ -280,16 +279,10 @@ def stored_rows(folder: StudyFolder) -> dict:
         if info.type != pafs.FileType.Directory:
             continue
         try:
-            with folder.fs.open_input_stream(f"{info.path}/result.json") as src:
-                lines = src.read().decode().splitlines()
+            with folder.fs.open_input_stream(f"{info.path}/{M.RESULT_FILE}") as src:
+                rows = result_rows.rows(src.read())  # a line cut short by a crash: the rows before it stand
         except OSError:
             continue
-        rows = []
-        for line in lines:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:  # a line cut short by a crash: the rows before it stand
-                continue
         if rows:
             out[Path(info.path).name] = (rows[0].get("config", {}), rows)
     return out
