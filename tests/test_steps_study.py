@@ -50,10 +50,11 @@ def test_trial_evaluates_on_the_step_grid_across_epochs_and_stops_at_the_goal():
 
 def test_trial_is_censored_at_its_budget_and_infeasible_at_chance():
     rows, last = trial({**GOAL_03, "value": 0.0}, budget=13)
-    assert [r["step"] for r in rows] == [0, 10, 11, 12, 13] and last["status"] == S.CENSORED
+    assert [r["step"] for r in rows] == list(range(14)) and last["status"] == S.CENSORED  # every step to 10
     assert math.isnan(last[M.STEPS_TO_RESULT])
-    rows, last = trial(GOAL_03, budget=40, lr=1e-7, chance=0.9)  # learns nothing: ends at a quarter of its budget
-    assert last["status"] == S.INFEASIBLE and [r["step"] for r in rows] == [0, 10]
+    rows, last = trial(GOAL_03, budget=120, lr=1e-7, chance=0.9)  # learns nothing: ends 50 steps in (the floor)
+    assert last["status"] == S.INFEASIBLE and [r["step"] for r in rows] == [0] + S.eval_steps(120)[:31]
+    assert rows[-1]["step"] == 50
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
