@@ -154,8 +154,8 @@ def write_section(trials: list[dict], goals: list[Goal], out_dir, ranges: dict |
     report.figure("steps_to_result", steps_figure(results, False, floor, level),
                   f"Steps to result vs batch size: the best configuration, its bar up to the {pct} bound of the "
                   "resampled bests (a triangle: open above), flagged points, batch sizes that never reached the goal "
-                  "as arrows up from their budget, the floor (the first evaluations, not fitted), perfect scaling from the "
-                  "smallest fitted batch (dotted) and the fit S_min + E_min / B (solid)")
+                  "as arrows up from their budget, the floor (the first evaluations, not fitted), perfect scaling "
+                  "from the smallest fitted batch (dotted) and the fit S_min + E_min / B (solid)")
     report.figure("examples_to_result", steps_figure(results, True, floor, level),
                   "Examples to result (steps x batch size); the fit is S_min B + E_min, the floor its step x B")
     report.table("steps_best_of_k", best_k, "Best of k: the expected fewest steps over k of the N configurations "

@@ -210,6 +210,7 @@ def execute(args, workload: Workload, tune_callbacks: list = ()) -> tuple[int, s
     from ray import tune
 
     from study.console import finished, started
+    from study.steps_console import StepsConsole, StepsTensorBoard
     from study.tensorboard import option_hparams, write_experiment
     from study.tuning import grid_axis, open_study, run_stage
 
@@ -278,7 +279,7 @@ def execute(args, workload: Workload, tune_callbacks: list = ()) -> tuple[int, s
     callbacks = [StepsTensorBoard(workload.name, STAGE, {goal.metric: tag(goal.metric),
                                                          M.STEPS_TO_RESULT: "steps/to_result"})]
     if not args.verbose:
-        callbacks.append(StepsConsole(STAGE, ["batch_size", CONFIG], [goal.metric, S.STEP]))
+        callbacks.append(StepsConsole(STAGE, goal.metric))
     results = run_stage(train_steps, space, folder=folder, stage=STAGE, args=args, resources=resources,
                         data=splits, callbacks=[*callbacks, *tune_callbacks], run_names=trial_name, stop=stopper)
     save_stopped(folder, stopper, results)
@@ -338,31 +339,3 @@ def save_stopped(folder: StudyFolder, stopper, results) -> None:
 def tag(metric: str) -> str:
     split, _, name = metric.partition("_")
     return f"{split}/{name}"
-
-
-def _tensorboard():
-    from study.tensorboard import StudyTensorBoard
-
-    class Steps(StudyTensorBoard):
-        """TensorBoard's step is the training step (the rows' epoch is fractional here)."""
-
-        def log_trial_result(self, iteration, trial, result):
-            super().log_trial_result(iteration, trial, {**result, M.EPOCH: result.get(S.STEP, iteration)})
-
-    return Steps
-
-
-def StepsConsole(stage: str, columns: list, metrics: list):  # noqa: N802 (a class, built when Ray is imported)
-    from study.console import StudyConsole
-
-    class Steps(StudyConsole):
-        """The time left counts every trial's whole budget, which most trials never use: an upper bound."""
-
-        def progress(self) -> str:
-            return super().progress().replace(" about ", " at most ")
-
-    return Steps(stage, columns, metrics)
-
-
-def StepsTensorBoard(kind: str, stage: str, scalars: dict):  # noqa: N802 (a class, built when Ray is imported)
-    return _tensorboard()(kind, stage, scalars)

@@ -171,3 +171,14 @@ def test_flags_budget_limited_and_the_edge_in_effective_rate_and_next_to_failure
     group[3] = dict(group[3], status=S.DIVERGED)
     row = A.per_batch(group, GOAL, {"lr": (1e-4, 10)}, n_boot=50)[0]
     assert row["best_config"] == 2 and row["edge"] and row["edge_why"] == "next to diverged"
+
+
+def test_the_report_says_how_the_budget_was_set():
+    from analysis.steps_report import budget_line
+
+    assert budget_line({"budget_steps": 500}, {"16": 500, "32": 500}) == "500 steps at every batch size"
+    # A study stored before the sqrt rule: epochs at every batch size.
+    assert budget_line({"budget_epochs": 2.0}, {"1024": 16, "16": 1024}) == ("2.0 epochs per batch size; steps "
+                                                                              "16: 1024, 1024: 16")
+    line = budget_line({"budget_epochs": 2.0, "budget_scaling": S.SQRT}, {"16": 1024, "1024": 128})
+    assert "at the smallest batch size" in line and "1 / sqrt" in line and line.endswith("16: 1024, 1024: 128")
