@@ -1,6 +1,8 @@
-"""study/steps.py: the Sobol configurations, the evaluation grid, batch sizes, per-trial limits, the rule's m."""
+"""study/steps.py: the Sobol configurations and their seeds, the evaluation grid, step budgets (and the driver's budget
+flags), batch sizes, per-trial limits, the rule's m and why failed trials count in its N."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,6 +72,29 @@ def test_step_budgets_starve_no_batch_size_and_the_epoch_rule_stays():
     assert S.step_budgets([16, 4096], 16_000, 1) == {16: 1000, 4096: 100}
     with pytest.raises(ValueError, match="scaling"):
         S.step_budgets([16], 100, 1, "linear")
+
+
+def test_budget_flags_and_the_budget_of_a_study_stored_before_the_sqrt_rule():
+    from study.errors import StudyError
+    from study.steps_study import budgets_of, fill, parser
+    from study.workload import resolve
+
+    digits = str(Path(__file__).resolve().parents[1] / "examples" / "digits_workload.py")
+    workload = resolve(digits)
+    p = parser(workload)
+    args = fill(p.parse_args([digits, "--batch-sizes", "16", "64", "--budget-epochs", "2"]), workload, 1200)
+    assert args.budget_scaling == S.SQRT and budgets_of(args, 1200) == {16: 150, 64: 100}  # the floor of 100
+    args = fill(p.parse_args([digits, "--batch-sizes", "16", "64", "--budget-epochs", "2", "--budget-scaling",
+                              "epochs"]), workload, 1200)
+    assert budgets_of(args, 1200) == {16: 150, 64: 38}
+    args = fill(p.parse_args([digits, "--batch-sizes", "16", "64", "--budget-steps", "70"]), workload, 1200)
+    assert budgets_of(args, 1200) == {16: 70, 64: 70}
+    with pytest.raises(StudyError, match="--budget-scaling"):
+        fill(p.parse_args([digits, "--budget-steps", "70", "--budget-scaling", "sqrt"]), workload, 1200)
+    # --resume of a study whose study.json predates --budget-scaling: its trials had epochs at every batch size.
+    old = p.parse_args([digits, "--batch-sizes", "16", "64", "--budget-epochs", "2"])
+    old.resume = True
+    assert fill(old, workload, 1200).budget_scaling == S.EPOCHS and budgets_of(old, 1200) == {16: 150, 64: 38}
 
 
 def test_every_configuration_has_its_own_seed_drawn_from_the_study_seed():

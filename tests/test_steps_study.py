@@ -90,26 +90,6 @@ def test_too_few_training_examples_for_the_default_batch_sizes_suggests_batch_si
         fill(args, workload, 10)
 
 
-def test_budget_flags_and_the_budget_of_a_study_stored_before_the_sqrt_rule():
-    from study.steps_study import budgets_of, fill, parser
-
-    workload = resolve(DIGITS)
-    p = parser(workload)
-    args = fill(p.parse_args([DIGITS, "--batch-sizes", "16", "64", "--budget-epochs", "2"]), workload, 1200)
-    assert args.budget_scaling == S.SQRT and budgets_of(args, 1200) == {16: 150, 64: 100}  # the floor of 100
-    args = fill(p.parse_args([DIGITS, "--batch-sizes", "16", "64", "--budget-epochs", "2", "--budget-scaling",
-                              "epochs"]), workload, 1200)
-    assert budgets_of(args, 1200) == {16: 150, 64: 38}
-    args = fill(p.parse_args([DIGITS, "--batch-sizes", "16", "64", "--budget-steps", "70"]), workload, 1200)
-    assert budgets_of(args, 1200) == {16: 70, 64: 70}
-    with pytest.raises(StudyError, match="--budget-scaling"):
-        fill(p.parse_args([DIGITS, "--budget-steps", "70", "--budget-scaling", "sqrt"]), workload, 1200)
-    # --resume of a study whose study.json predates --budget-scaling: its trials had epochs at every batch size.
-    old = p.parse_args([DIGITS, "--batch-sizes", "16", "64", "--budget-epochs", "2"])
-    old.resume = True
-    assert fill(old, workload, 1200).budget_scaling == S.EPOCHS and budgets_of(old, 1200) == {16: 150, 64: 38}
-
-
 def test_a_declared_goal_on_a_test_metric_is_refused():
     import dataclasses
 
