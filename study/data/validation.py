@@ -7,7 +7,8 @@ rows have classes: each class gets its share of the split within one example. "t
 studies stored before this choice existed ran with (a workload declares that through Option.before, and a resumed
 study keeps it).
 
-A workload declares the two options with `options()` and calls `carve(x, y, options, classes=...)` in its load().
+A workload declares the two options with `options(before, classes)` and calls `carve(x, y, options, classes)` in its
+load().
 """
 
 import numpy as np
@@ -18,13 +19,14 @@ from study.workload import Option
 HOW = ("random", "tail")
 
 
-def options(before: str) -> tuple[Option, Option]:
+def options(before: str, classes: bool) -> tuple[Option, Option]:
     """The workload options val_split and split_seed; `before`: how the workload drew its split before they existed
-    (what a study stored without them resumes with)."""
+    (what a study stored without them resumes with); classes: its labels are classes (carve(classes=True))."""
+    sample = "a seeded sample, stratified by class" if classes else "a seeded sample"
     then = ", what studies stored without this option ran with" if before == "tail" else ""
     return (Option("val_split", str, "random", f"how the validation split is drawn from the training file: random "
-                                               f"(a seeded sample, stratified by class where there are classes) or "
-                                               f"tail (the last --val-size rows{then})", HOW, before=before),
+                                               f"({sample}) or tail (the last --val-size rows{then})",
+                   HOW, before=before),
             Option("split_seed", int, 0, "seed of the random validation split (the same rows for every trial)"))
 
 

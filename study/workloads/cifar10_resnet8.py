@@ -105,7 +105,7 @@ workload = Workload(
              Option("download", bool, False, "fetch CIFAR-10 through torchvision into --data-dir"),
              Option("synthetic", bool, False, "generated CIFAR-10 files instead of CIFAR-10 (what --smoke uses)"),
              Option("val_size", int, 5000, "training images held out as the validation split (--val-split)"),
-             *validation.options(before="tail"),
+             *validation.options(before="tail", classes=True),
              Option("train_limit", int, 0, "train on the first N of the remaining training images (0: all)"),
              Option("blocks", int, 1, "residual blocks per stage: ResNet-(6n+2), 1 is ResNet-8, 3 ResNet-20")),
 )

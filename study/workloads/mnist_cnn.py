@@ -71,6 +71,6 @@ workload = Workload(
              Option("download", bool, False, "fetch MNIST through torchvision into --data-dir"),
              Option("synthetic", bool, False, "built-in synthetic digits instead of MNIST (what --smoke uses)"),
              Option("val_size", int, 10_000, "training images held out as the validation split (--val-split)"),
-             *validation.options(before="tail"),
+             *validation.options(before="tail", classes=True),
              Option("train_limit", int, 0, "train on the first N of the remaining training images (0: all)")),
 )

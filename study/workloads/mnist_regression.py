@@ -113,7 +113,7 @@ workload = Workload(
              Option("download", bool, False, "fetch MNIST through torchvision into --data-dir"),
              Option("synthetic", bool, False, "built-in synthetic digits instead of MNIST (what --smoke uses)"),
              Option("val_size", int, VAL_SIZE, "training images held out as the validation split (--val-split)"),
-             *validation.options(before="random"),
+             *validation.options(before="random", classes=False),
              Option("train_limit", int, 0, "use only the first N training images (0: all)"),
              Option("test_limit", int, 0, "use only the first N test images (0: all)")),
     # The original study's learning-rate search (study.mnist runs it per target; `run ... --lr-search` for one).
