@@ -31,6 +31,8 @@ Rules, stated once (the report repeats them):
   parallelism if r <= 1.1; in between, perfect scaling if the interval holds 2 but not 1, maximal data parallelism
   if it holds 1 but not 2, undetermined if it holds both or there is no interval, else diminishing returns;
   undetermined where B or 2B is on the floor.
+- B_simple of the best configuration (of the first, where none reached the goal): at initialisation, and over the
+  window before its first evaluation at the goal, with its probes and a bootstrap interval (analysis/steps_noise.py).
 """
 
 import math
@@ -38,6 +40,7 @@ import math
 import numpy as np
 
 from analysis.steps_configs import best_of_k, edges
+from analysis.steps_noise import b_simple
 from study import metrics as M
 from study.steps import DIVERGED, INFEASIBLE, STEP, configs_to_wait_for
 from study.workload import Goal
@@ -147,7 +150,7 @@ def per_batch(trials: list[dict], goal: Goal, ranges: dict | None = None, level:
             "best_momentum": b.get("momentum") if found else None,
             "edge": bool(edge), "edge_why": ", ".join(edge), "edge_lr": "lr" in edge,
             "edge_momentum": "1 - momentum" in edge,
-            "b_simple": b_simple(b["rows"], results[best][2]) if found else math.nan,
+            **b_simple(b["rows"], results[best][2] if found else None, level, seed),
             "best_of_k": best_of_k(steps), "replicates": reps,
         })
     return out
@@ -260,35 +263,6 @@ def regimes(table: list[dict], level: float = 0.95) -> list[dict]:
                     "regime": UNDETERMINED if floor else regime(ratio, low, high),
                     "note": "first evaluations" if floor else ""})
     return out
-
-
-def b_simple(rows: list[dict], until: int | None) -> float:
-    """B_simple of a trial over its evaluations after step 0 up to row `until` (the first to reach the goal; its
-    noise_scale covers the steps before it). Numerator and denominator averaged separately when the rows carry
-    them (noise_trace, noise_grad_sq: each row's means over its own probes), each row weighted by its number of
-    probes (noise_probes; 1 where not stored), so that the result is the mean over every probe of the span;
-    else the mean of the finite per-row noise_scale values."""
-    if until is None:
-        return math.nan
-    span = [r for r in rows[: until + 1] if r[STEP] > 0]
-    pairs = [(_probes(r), r[M.NOISE_TRACE], r[M.NOISE_GRAD_SQ]) for r in span
-             if M.NOISE_TRACE in r and M.NOISE_GRAD_SQ in r]
-    pairs = [p for p in pairs if math.isfinite(p[1]) and math.isfinite(p[2]) and p[0] > 0]
-    if pairs:
-        grad_sq = sum(p[0] * p[2] for p in pairs)
-        return sum(p[0] * p[1] for p in pairs) / grad_sq if grad_sq > 0 else math.nan
-    values = [float(r.get(M.NOISE_SCALE, math.nan)) for r in span]
-    finite = [v for v in values if math.isfinite(v)]
-    return float(np.mean(finite)) if finite else math.nan
-
-
-def _probes(row: dict) -> float:
-    """The number of probes behind a row's noise means (1 where the row does not say)."""
-    try:
-        value = float(row.get(M.NOISE_PROBES, 1))
-    except (TypeError, ValueError):
-        return 1.0
-    return value if math.isfinite(value) else 1.0
 
 
 def analyse(trials: list[dict], goals: list[Goal], ranges: dict | None = None, level: float = 0.95,

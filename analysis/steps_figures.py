@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import steps as A
+from analysis import steps_noise as N
 from analysis.figures import ReportWriter, fmt
 from analysis.steps_plots import (best_of_k_figure, floor_step, goal_label, lr_figure, map_figure, noise_figure,
                                   seconds_figure, steps_figure)
@@ -49,6 +50,29 @@ def _estimate(f, name) -> str:
     return f"{fmt(value, 3)} [{fmt(low, 3)}, {fmt(high, 3) if math.isfinite(high) else 'open above'}]"
 
 
+def b_simple_summary(table) -> dict:
+    """steps_fit.csv's B_simple columns: median, min and max over the batch sizes of B_simple before the goal (those
+    whose window held enough probes) and at initialisation, and how many batch sizes had too few probes."""
+    out = {}
+    for key in ("b_simple", "b_simple_init"):
+        values = [r[key] for r in table if not math.isnan(r[key])]  # inf (|G|^2 <= 0) counts: it is the largest
+        out.update({f"{key}_median": float(np.median(values)) if values else math.nan,
+                    f"{key}_min": min(values, default=math.nan), f"{key}_max": max(values, default=math.nan),
+                    f"{key}_batch_sizes": len(values)})
+    out["b_simple_too_few_probes"] = sum(r["b_simple_note"].startswith(N.TOO_FEW) for r in table)
+    return out
+
+
+def _spread(noise: dict, key: str) -> str:
+    n = noise[f"{key}_batch_sizes"]
+    if not n:
+        return f"{N.TOO_FEW} at every batch size" if key == "b_simple" else "–"
+    text = (f"{fmt(noise[f'{key}_median'], 3)} ({fmt(noise[f'{key}_min'], 3)}-{fmt(noise[f'{key}_max'], 3)}), "
+            f"{n} batch size{'s' if n != 1 else ''}")
+    few = noise["b_simple_too_few_probes"] if key == "b_simple" else 0
+    return text + (f"; {few} with {N.TOO_FEW}" if few else "")
+
+
 def _best_k_shown(best_k: pd.DataFrame) -> pd.DataFrame:
     if best_k.empty:
         return best_k
@@ -76,18 +100,17 @@ def _tables(trials, results, level):
                           "reached": r["reached"], "steps": _steps_cell(r),
                           f"{level:.0%} of resampled bests <=": fmt(r["upper"], 4) if math.isfinite(r["upper"])
                           else "not all reach", "best_lr": r["best_lr"], "flags": _flags(r),
-                          "b_simple": r["b_simple"], "S(B)/S(2B)": row["ratio_to_2B"],
+                          "B_simple at init": fmt(r["b_simple_init"], 3),
+                          f"B_simple before the goal [{level:.0%}]": N.cell(r), "S(B)/S(2B)": row["ratio_to_2B"],
                           "regime": row["regime"] + (f" ({row['regime_note']})" if row["regime_note"] else "")})
             curve = r["best_of_k"]
             best_k += [{"goal": label, "batch_size": r["batch_size"], "k": k, "expected_steps": e, "p_reached": p}
                        for k, e, p in zip(curve["k"], curve["expected"], curve["p_reached"])]
         f, (status, cell, _) = res["fit"], res["verdict"]
-        simple = [r["b_simple"] for r in res["table"] if math.isfinite(r["b_simple"])]
-        median = float(np.median(simple)) if simple else math.nan
+        noise = b_simple_summary(res["table"])
         fits.append({"goal": label, "status": status, "b_crit_text": cell,
                      **{k: (" ".join(str(x) for x in v) if isinstance(v, (list, tuple)) else v) for k, v in f.items()},
-                     "b_simple_median": median, "b_simple_min": min(simple, default=math.nan),
-                     "b_simple_max": max(simple, default=math.nan)})
+                     **noise})
         fits_shown.append({
             "goal": label, "batch sizes fitted": f["batch_sizes"], "S_min": _estimate(f, "s_min"),
             "E_min": _estimate(f, "e_min"), f"B_crit [{level:.0%}]": cell, "B_crit is": status,
@@ -96,8 +119,8 @@ def _tables(trials, results, level):
             "leave-one-out": (f"{fmt(f['loo_low'], 3)} to {fmt(f['loo_high'], 3)}" if math.isfinite(f["loo_low"])
                               else "–"),
             "R^2 (log)": f["r2_log"], "failed replicates": f"{f['replicates_failed']} of {f['replicates']}",
-            "B_simple median (min-max)": f"{fmt(median, 3)} ({fmt(fits[-1]['b_simple_min'], 3)}-"
-                                         f"{fmt(fits[-1]['b_simple_max'], 3)})"})
+            "B_simple before the goal, median (min-max)": _spread(noise, "b_simple"),
+            "B_simple at init, median (min-max)": _spread(noise, "b_simple_init")})
     for t in trials:
         row = {k: t.get(k) for k in ("trial_id", "batch_size", "config", "lr", "momentum", "status")}
         row["last_step"] = t["rows"][-1]["step"] if t["rows"] else math.nan
@@ -186,13 +209,21 @@ def write_section(trials: list[dict], goals: list[Goal], out_dir, ranges: dict |
                  "leave-one-out, how well it fits, and B_simple over the batch sizes beside B_crit", shown=fits_shown)
     report.bullets(f"{goal_label(res['goal'])}: " + " ".join(res["verdict"][2] or ["no flag."]) for res in results)
     report.text(
-        "B_simple beside B_crit: the gradient noise scale measured in the same runs, over each batch size's best "
-        "configuration's evaluations up to the one that reached the goal (numerator and denominator averaged "
-        "separately where the rows store them, else the mean of the per-evaluation values). McCandlish et al. "
-        "predict B_crit ~ B_noise averaged over training, B_simple standing in for B_noise.")
+        "B_simple beside B_crit: the gradient noise scale measured in the same runs by probes at fixed weights, for "
+        "each batch size's best configuration, in two places. *Before the goal*: over the evaluations whose probes "
+        f"lie in the last {N.WINDOW:.0%} of the log steps up to its first evaluation at the goal (from step "
+        f"s_goal^{1 - N.WINDOW:g} on), pooled as the ratio of the probes' mean tr(Sigma) to their mean |G|^2 "
+        f"(McCandlish et al. 2018, Appendix A.1), with the number of probes and a {pct} percentile bootstrap over "
+        "those evaluations (each resampled with all its probes; a resample whose pooled |G|^2 is <= 0 counts as "
+        f"unbounded, so the interval is then open above); \"{N.TOO_FEW}\" where the window holds fewer than "
+        f"{N.MIN_PROBES}, no interval where fewer than {N.MIN_ROWS} evaluations hold probes. *At initialisation*: "
+        "the probes at the initial weights (the step-0 evaluation's, else the first evaluation's), apart: they "
+        "describe the untrained model, not the training the goal measures. McCandlish et al. predict B_crit ~ "
+        "B_noise averaged over training, B_simple standing in for B_noise.")
     report.figure("b_crit_vs_b_simple", noise_figure(results, level),
-                  "B_crit from the fit (line, band: interval; left out when not measured) and B_simple of each batch "
-                  "size's best configuration")
+                  f"B_crit from the fit (line; band: its {pct} interval; left out when not measured) and B_simple of "
+                  f"each batch size's best configuration before the goal (filled, bar: its {pct} interval) and at "
+                  "initialisation (open); batch sizes with too few probes before the goal show only the latter")
     report.figure("best_lr", lr_figure(results),
                   "Best learning rate vs batch size, with linear and square-root scaling from the smallest batch")
     strict = next(r for r in results if r["goal"] == strictest(goals))

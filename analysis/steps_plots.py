@@ -18,6 +18,10 @@ STATUS_STYLE = {"reached": ("o", "tab:green"), "censored": ("s", "tab:orange"),
                 "stopped_by_rule": ("^", "tab:blue"), "diverged": ("x", "tab:red"), "infeasible": ("v", "tab:grey")}
 
 
+ARROW = 2.0  # a censored batch size's arrow runs from its budget to this multiple of it
+ARROW_SHIFT = 1.07  # goals' arrows at one batch size sit this factor apart along the batch axis
+
+
 def goal_label(goal) -> str:
     return str(goal)
 
@@ -54,6 +58,8 @@ def _log_y(ax) -> None:
     if high / low < 30:
         ax.yaxis.set_minor_formatter(plain)
         ax.tick_params(axis="y", which="minor", labelsize=7)
+    else:  # wider: the decades are labelled, and minor labels would crowd them (as 3 x 10^2)
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
 
 
 def _legend(ax, **options) -> None:
@@ -84,6 +90,7 @@ def steps_figure(results, per_example: bool, floor: float, level: float):
     grid = np.geomspace(min(sizes), max(sizes), 100)
     g = grid if per_example else np.ones_like(grid)
     once = set()  # the flag markers' labels, listed once for every goal
+    tips = []  # the censored arrows' heads
 
     def label_once(label):
         if label in once:
@@ -124,14 +131,16 @@ def steps_figure(results, per_example: bool, floor: float, level: float):
             ax.plot(grid, (f["s_min"] + f["e_min"] / grid) * g, "-", color=colour, lw=1,
                     label=f"fit, {name}: " + (f"B_crit {fmt(f['b_crit'], 3)} ({res['verdict'][0]})"
                                               if res["verdict"][0] != "not measured" else "B_crit not measured"))
-        for r in res["table"]:
-            if math.isfinite(r["lower_bound"]):
-                y = r["lower_bound"] * (r["batch_size"] if per_example else 1)
-                ax.annotate("", xy=(r["batch_size"], y * 2), xytext=(r["batch_size"], y),
+        censored = [r for r in res["table"] if math.isfinite(r["lower_bound"]) and r["lower_bound"] > 0]
+        if censored:
+            # Goals share a budget: each goal's arrows a little to the side, so none hides another.
+            x = np.array([r["batch_size"] for r in censored]) * ARROW_SHIFT ** (i - (len(results) - 1) / 2)
+            y = np.array([r["lower_bound"] * (r["batch_size"] if per_example else 1) for r in censored])
+            ax.plot(x, y, "_", color=colour, ms=12, mew=2, label=f"{name}: not reached, above its budget (arrow)")
+            for xi, yi in zip(x, y):
+                ax.annotate("", xy=(xi, yi * ARROW), xytext=(xi, yi),
                             arrowprops=dict(arrowstyle="-|>", color=colour, lw=1.5))
-                ax.plot([r["batch_size"]], [y], "_", color=colour, ms=14, mew=2,
-                        label=f"{name}: not reached, above its budget" if f"{name} arrow" not in once else None)
-                once.add(f"{name} arrow")
+            tips.append(y.max() * ARROW)
     if math.isfinite(floor):
         low = min((r["steps"] for res in results for r in _positive(res["table"], "steps")), default=math.inf)
         # Drawn where it bounds the points; a line a decade below them would only squeeze them together.
@@ -143,6 +152,9 @@ def steps_figure(results, per_example: bool, floor: float, level: float):
                                                             f"{floor:g}): far below")
     _batch_axis(ax, sizes)
     _log_y(ax)  # after batch_axis, which turns minor ticks off
+    if tips and ax.get_yscale() == "log":  # annotations are not data: make room for the arrowheads
+        low, high = ax.get_ylim()
+        ax.set_ylim(low, max(high, 1.3 * max(tips)))
     ax.set_ylabel("examples to result" if per_example else "steps to result")
     _legend(ax, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return fig
@@ -233,22 +245,51 @@ def seconds_figure(results):
 
 
 def noise_figure(results, level: float):
-    fig, (ax,) = new_figure(1, width=5.6, height=4.2)
+    """B_crit per goal (line and band) beside each batch size's B_simple before the goal (filled, bar: interval;
+    a triangle where the interval is open) and at initialisation (open markers)."""
+    fig, (ax,) = new_figure(1, width=7.6, height=4.4)
     sizes = [r["batch_size"] for res in results for r in res["table"]]
+    once = set()
     for i, res in enumerate(results):
-        colour, f = f"C{i}", res["fit"]
-        rows = _positive(res["table"], "b_simple")
+        colour, f, name = f"C{i}", res["fit"], goal_label(res["goal"])
         # Goals often share their best configuration: later goals drawn smaller on top, so both stay visible.
-        ax.plot([r["batch_size"] for r in rows], [r["b_simple"] for r in rows], "s", color=colour,
-                ms=8 if i == 0 else 4, label=f"B_simple before {goal_label(res['goal'])}")
+        ms = 8 if i == 0 else 5
+        rows = _positive(res["table"], "b_simple")
+        rows = [r for r in rows if math.isfinite(r["b_simple"])]
+        if rows:
+            b = np.array([r["batch_size"] for r in rows], dtype=float)
+            v = np.array([r["b_simple"] for r in rows])
+            low = np.array([r["b_simple_low"] for r in rows])
+            high = np.array([r["b_simple_high"] for r in rows])
+            has = np.isfinite(low)
+            open_low, open_high = has & (low <= 0), has & ~np.isfinite(high)
+            # An open end drawn to 3x (or a third) of the value, with a triangle: a log axis holds no 0 or inf.
+            lo = np.where(has, np.where(open_low, v / 3, low), v)
+            hi = np.where(has, np.where(open_high, v * 3, high), v)
+            ax.errorbar(b, v, yerr=[v - lo, hi - v], fmt="s", color=colour, ms=ms, capsize=3,
+                        label=f"B_simple before {name}, bar: {level:.0%} interval")
+            if open_high.any():
+                ax.plot(b[open_high], hi[open_high], "^", color=colour, ms=6,
+                        label=None if "open" in once else "interval open (|G|^2 <= 0 in resamples)")
+                once.add("open")
+            if open_low.any():
+                ax.plot(b[open_low], lo[open_low], "v", color=colour, ms=6,
+                        label=None if "open low" in once else "interval reaches <= 0")
+                once.add("open low")
+        init = [r for r in _positive(res["table"], "b_simple_init") if math.isfinite(r["b_simple_init"])]
+        if init:
+            ax.plot([r["batch_size"] for r in init], [r["b_simple_init"] for r in init], "o", mfc="none",
+                    mec=colour, ms=ms, label=f"B_simple at initialisation (best for {name})")
         if res["verdict"][0] != "not measured" and math.isfinite(f["b_crit"]):
-            ax.axhline(f["b_crit"], color=colour, lw=1, label=f"B_crit (fit, {res['verdict'][0]}) "
+            ax.axhline(f["b_crit"], color=colour, lw=1, label=f"B_crit for {name} (fit, {res['verdict'][0]}) "
                                                               f"{fmt(f['b_crit'], 3)}")
             low, high = f["b_crit_low"], f["b_crit_high"]
             if math.isfinite(low) and math.isfinite(high) and low > 0:
-                ax.axhspan(low, high, color=colour, alpha=0.15, label=f"B_crit {level:.0%} interval")
+                ax.axhspan(low, high, color=colour, alpha=0.15, label=f"B_crit for {name}: {level:.0%} interval")
+        else:
+            ax.plot([], [], " ", label=f"B_crit for {name}: {res['verdict'][0]}")
     _batch_axis(ax, sizes)
     _log_y(ax)  # after batch_axis, which turns minor ticks off
-    ax.set_ylabel("batch size (examples)")
-    _legend(ax, fontsize=7)
+    ax.set_ylabel("B_simple, B_crit (examples)")
+    _legend(ax, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return fig

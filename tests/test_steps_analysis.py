@@ -92,26 +92,6 @@ def test_regime_rule():
     assert A.regime(1.9, math.nan, math.nan) == A.PERFECT  # the point estimate still decides at the ends
 
 
-def test_b_simple_over_the_rows_before_the_goal():
-    rows = [{"step": 0, "noise_scale": math.nan}, {"step": 10, "noise_scale": 2.0},
-            {"step": 20, "noise_scale": math.nan}, {"step": 30, "noise_scale": 4.0}, {"step": 40, "noise_scale": 99}]
-    assert A.b_simple(rows, 3) == 3.0 and math.isnan(A.b_simple(rows, None))
-    pairs = [{"step": 10, "noise_trace": 2.0, "noise_grad_sq": 1.0, "noise_scale": 2.0},
-             {"step": 20, "noise_trace": 8.0, "noise_grad_sq": 1.0, "noise_scale": 8.0}]
-    assert A.b_simple(pairs, 1) == 5.0  # (2 + 8) / (1 + 1), not the mean of ratios (also 5 here)
-    pairs[1]["noise_grad_sq"] = 3.0
-    assert A.b_simple(pairs, 1) == 2.5
-
-
-def test_b_simple_weights_each_row_by_its_probes():
-    """Rows hold means over their own probes: 1 probe of (trace 2, |G|^2 1), then 3 of (8, 1) are sums 2 + 24
-    over 1 + 3, so B_simple = 26 / 4, not (2 + 8) / (1 + 1)."""
-    pairs = [{"step": 10, "noise_trace": 2.0, "noise_grad_sq": 1.0, "noise_probes": 1},
-             {"step": 20, "noise_trace": 8.0, "noise_grad_sq": 1.0, "noise_probes": 3},
-             {"step": 30, "noise_trace": 99.0, "noise_grad_sq": 1.0, "noise_probes": 0}]  # no probe: no weight
-    assert A.b_simple(pairs, 2) == pytest.approx(26 / 4)
-
-
 def test_edge_of_the_search_space_is_flagged():
     lrs = [0.001, 0.01, 0.1, 0.9]
     def trial(i, steps):
