@@ -1,6 +1,6 @@
 """The steps-to-result report section: CSV tables, seven figures and the text that states each rule.
 
-    write_section(trials, goals, out_dir, ranges=..., level=0.95, safety=10, n_boot=1000, seed=0) -> markdown
+    write_section(trials, goals, out_dir, ranges=..., level=0.95, safety=10, n_boot=1000, seed=0, unit=...) -> markdown
 
 `trials` and `goals` as in analysis/steps.py. The tables and PNGs go to out_dir; the markdown that shows them is
 returned for the caller's report.md. A pure function of its inputs: a second call writes the same files.
@@ -15,8 +15,8 @@ import pandas as pd
 from analysis import steps as A
 from analysis import steps_noise as N
 from analysis.figures import ReportWriter, fmt
-from analysis.steps_plots import (best_of_k_figure, floor_step, goal_label, lr_figure, map_figure, noise_figure,
-                                  seconds_figure, steps_figure)
+from analysis.steps_plots import (UNIT, best_of_k_figure, floor_step, goal_label, lr_figure, map_figure,
+                                  noise_figure, seconds_figure, steps_figure)
 from analysis.steps_verdict import verdict
 from study.steps import configs_to_wait_for, strictest
 from study.workload import Goal
@@ -133,9 +133,11 @@ def _tables(trials, results, level):
 
 
 def write_section(trials: list[dict], goals: list[Goal], out_dir, ranges: dict | None = None, level: float = 0.95,
-                  safety: float = 10.0, n_boot: int = 1000, seed: int = 0, writer: ReportWriter | None = None) -> str:
+                  safety: float = 10.0, n_boot: int = 1000, seed: int = 0, writer: ReportWriter | None = None,
+                  unit: str = UNIT) -> str:
     """Tables and figures into out_dir; returns the section's markdown. writer: a report to add the section to
-    (its folder is then out_dir's place; python -m analysis.report passes its own)."""
+    (its folder is then out_dir's place; python -m analysis.report passes its own). unit: what the workload's
+    examples are, for the axes ("examples", "images", ...)."""
     results = A.analyse(trials, goals, ranges, level, safety, n_boot, seed)
     for res in results:
         res["verdict"] = verdict(res["fit"], level)
@@ -174,12 +176,12 @@ def write_section(trials: list[dict], goals: list[Goal], out_dir, ranges: dict |
     (per_batch, per_batch_shown), best_k, (fits, fits_shown), trial_rows = _tables(trials, results, level)
     report.table("steps_per_batch", per_batch, "Steps to result per batch size and goal (best configuration)",
                  shown=per_batch_shown)
-    report.figure("steps_to_result", steps_figure(results, False, floor, level),
+    report.figure("steps_to_result", steps_figure(results, False, floor, level, unit),
                   f"Steps to result vs batch size: the best configuration, its bar up to the {pct} bound of the "
                   "resampled bests (a triangle: open above), flagged points, batch sizes that never reached the goal "
                   "as arrows up from their budget, the floor (the first evaluations, not fitted), perfect scaling "
                   "from the smallest fitted batch (dotted) and the fit S_min + E_min / B (solid)")
-    report.figure("examples_to_result", steps_figure(results, True, floor, level),
+    report.figure("examples_to_result", steps_figure(results, True, floor, level, unit),
                   "Examples to result (steps x batch size); the fit is S_min B + E_min, the floor its step x B")
     report.table("steps_best_of_k", best_k, "Best of k: the expected fewest steps over k of the N configurations "
                  "and the chance that the best of k reaches the goal (shown: the expected steps at k = 1, 2, 4, ... "
@@ -220,17 +222,17 @@ def write_section(trials: list[dict], goals: list[Goal], out_dir, ranges: dict |
         "the probes at the initial weights (the step-0 evaluation's, else the first evaluation's), apart: they "
         "describe the untrained model, not the training the goal measures. McCandlish et al. predict B_crit ~ "
         "B_noise averaged over training, B_simple standing in for B_noise.")
-    report.figure("b_crit_vs_b_simple", noise_figure(results, level),
+    report.figure("b_crit_vs_b_simple", noise_figure(results, level, unit),
                   f"B_crit from the fit (line; band: its {pct} interval; left out when not measured) and B_simple of "
                   f"each batch size's best configuration before the goal (filled, bar: its {pct} interval) and at "
                   "initialisation (open); batch sizes with too few probes before the goal show only the latter")
-    report.figure("best_lr", lr_figure(results),
+    report.figure("best_lr", lr_figure(results, unit),
                   "Best learning rate vs batch size, with linear and square-root scaling from the smallest batch")
     strict = next(r for r in results if r["goal"] == strictest(goals))
-    report.figure("lr_map", map_figure(trials, strict),
+    report.figure("lr_map", map_figure(trials, strict, unit),
                   f"Every configuration by batch size and learning rate, by status (strictest goal "
                   f"{goal_label(strict['goal'])}); circled: the best per batch size there")
-    report.figure("seconds_to_result", seconds_figure(results),
+    report.figure("seconds_to_result", seconds_figure(results, unit),
                   "Measured training seconds to result of each batch size's best configuration")
     counts = pd.crosstab(trial_rows["batch_size"], trial_rows["status"]).reset_index()
     report.table("steps_trials", trial_rows, "Every trial (in the CSV): status, last evaluated step, steps to each "

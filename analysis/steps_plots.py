@@ -1,7 +1,7 @@
 """The steps-to-result report's figures, drawn from analysis.steps' results (analysis/steps_figures.py saves them).
 
 Conventions every figure keeps: a goal has one colour (C0, C1, ...) and a batch size one colour (batch_colours)
-wherever they are a series; axes count examples, whatever the workload's examples are; log axes only over positive
+wherever they are a series; axes count the workload's examples in its unit word (`unit`, default "examples"); log axes only over positive
 values; censored batch sizes drawn as arrows up from their budget, the floor (the step of the last of the first
 FLOOR_EVALUATIONS evaluations, up to which nothing is fitted) under steps to result, and every band in the legend.
 """
@@ -18,6 +18,7 @@ STATUS_STYLE = {"reached": ("o", "tab:green"), "censored": ("s", "tab:orange"),
                 "stopped_by_rule": ("^", "tab:blue"), "diverged": ("x", "tab:red"), "infeasible": ("v", "tab:grey")}
 
 
+UNIT = "examples"  # what a batch holds, unless the study's workload.json names it ("unit": "images")
 ARROW = 2.0  # a censored batch size's arrow runs from its budget to this multiple of it
 ARROW_SHIFT = 1.07  # goals' arrows at one batch size sit this factor apart along the batch axis
 
@@ -35,9 +36,9 @@ def batch_colours(sizes) -> dict:
     return {b: cmap(0.9 * i / max(len(sizes) - 1, 1)) for i, b in enumerate(sizes)}
 
 
-def _batch_axis(ax, sizes) -> None:
+def _batch_axis(ax, sizes, unit: str) -> None:
     batch_axis(ax, sizes)
-    ax.set_xlabel("batch size (examples)")
+    ax.set_xlabel(f"batch size ({unit})")
 
 
 def _log_y(ax) -> None:
@@ -84,7 +85,7 @@ def _nth_after_zero(rows) -> int | None:
     return after[FLOOR_EVALUATIONS - 1] if len(after) >= FLOOR_EVALUATIONS else None
 
 
-def steps_figure(results, per_example: bool, floor: float, level: float):
+def steps_figure(results, per_example: bool, floor: float, level: float, unit: str = UNIT):
     fig, (ax,) = new_figure(1, width=9.0, height=4.6)
     sizes = [r["batch_size"] for res in results for r in res["table"]]
     grid = np.geomspace(min(sizes), max(sizes), 100)
@@ -150,12 +151,12 @@ def steps_figure(results, per_example: bool, floor: float, level: float):
         else:
             ax.plot([], [], "--", color="grey", lw=1, label=f"floor (first {FLOOR_EVALUATIONS} evaluations, to step "
                                                             f"{floor:g}): far below")
-    _batch_axis(ax, sizes)
+    _batch_axis(ax, sizes, unit)
     _log_y(ax)  # after batch_axis, which turns minor ticks off
     if tips and ax.get_yscale() == "log":  # annotations are not data: make room for the arrowheads
         low, high = ax.get_ylim()
         ax.set_ylim(low, max(high, 1.3 * max(tips)))
-    ax.set_ylabel("examples to result" if per_example else "steps to result")
+    ax.set_ylabel(f"{unit} to result" if per_example else "steps to result")
     _legend(ax, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return fig
 
@@ -192,7 +193,7 @@ def best_of_k_figure(results):
     return fig
 
 
-def lr_figure(results):
+def lr_figure(results, unit: str = UNIT):
     fig, (ax,) = new_figure(1, width=5.6, height=4.2)
     for i, res in enumerate(results):
         rows = _positive(res["table"], "best_lr")
@@ -206,14 +207,14 @@ def lr_figure(results):
         if i == 0:
             ax.plot(b, lr[0] * b / b[0], ":", color="black", lw=1, label="linear scaling")
             ax.plot(b, lr[0] * np.sqrt(b / b[0]), "--", color="black", lw=1, label="square-root scaling")
-    _batch_axis(ax, [r["batch_size"] for res in results for r in res["table"]])
+    _batch_axis(ax, [r["batch_size"] for res in results for r in res["table"]], unit)
     _log_y(ax)  # after batch_axis, which turns minor ticks off
     ax.set_ylabel("learning rate")
     _legend(ax)
     return fig
 
 
-def map_figure(trials, result):
+def map_figure(trials, result, unit: str = UNIT):
     fig, (ax,) = new_figure(1, width=6.6, height=4.2)
     for status in STATUSES:
         chosen = [t for t in trials if t["status"] == status]
@@ -224,27 +225,27 @@ def map_figure(trials, result):
     best = _positive(result["table"], "best_lr")
     ax.scatter([r["batch_size"] for r in best], [r["best_lr"] for r in best], s=120, facecolors="none",
                edgecolors="black", label="best")
-    _batch_axis(ax, [t["batch_size"] for t in trials])
+    _batch_axis(ax, [t["batch_size"] for t in trials], unit)
     _log_y(ax)  # after batch_axis, which turns minor ticks off
     ax.set_ylabel("learning rate")
     _legend(ax, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return fig
 
 
-def seconds_figure(results):
+def seconds_figure(results, unit: str = UNIT):
     fig, (ax,) = new_figure(1, width=5.6, height=4.2)
     for i, res in enumerate(results):
         rows = _positive(res["table"], "seconds")
         ax.plot([r["batch_size"] for r in rows], [r["seconds"] for r in rows], "o-", color=f"C{i}",
                 label=goal_label(res["goal"]))
-    _batch_axis(ax, [r["batch_size"] for res in results for r in res["table"]])
+    _batch_axis(ax, [r["batch_size"] for res in results for r in res["table"]], unit)
     _log_y(ax)  # after batch_axis, which turns minor ticks off
     ax.set_ylabel("training seconds to result (best config)")
     _legend(ax)
     return fig
 
 
-def noise_figure(results, level: float):
+def noise_figure(results, level: float, unit: str = UNIT):
     """B_crit per goal (line and band) beside each batch size's B_simple before the goal (filled, bar: interval;
     a triangle where the interval is open) and at initialisation (open markers)."""
     fig, (ax,) = new_figure(1, width=7.6, height=4.4)
@@ -288,8 +289,8 @@ def noise_figure(results, level: float):
                 ax.axhspan(low, high, color=colour, alpha=0.15, label=f"B_crit for {name}: {level:.0%} interval")
         else:
             ax.plot([], [], " ", label=f"B_crit for {name}: {res['verdict'][0]}")
-    _batch_axis(ax, sizes)
+    _batch_axis(ax, sizes, unit)
     _log_y(ax)  # after batch_axis, which turns minor ticks off
-    ax.set_ylabel("B_simple, B_crit (examples)")
+    ax.set_ylabel(f"B_simple, B_crit ({unit})")
     _legend(ax, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return fig

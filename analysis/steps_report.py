@@ -8,6 +8,7 @@ import json
 
 from analysis.figures import ReportWriter
 from analysis.steps_figures import write_section
+from analysis.steps_plots import UNIT
 from analysis.load import Study
 from analysis.workload_report import options_line, options_of
 from study import metrics as M
@@ -96,4 +97,11 @@ def write(report: ReportWriter, study: Study) -> None:
         report.text("No trial has stored an evaluation yet." if goals else "study.json names no goal.")
         return
     write_section(trials, goals, report.out, ranges=ranges or None, level=meta.get("level", 0.95),
-                  safety=meta.get("safety", 10.0), seed=int(args.get("seed", 0)), writer=report)
+                  safety=meta.get("safety", 10.0), seed=int(args.get("seed", 0)), writer=report, unit=unit_of(study))
+
+
+def unit_of(study: Study) -> str:
+    """What the workload's examples are, for the figures' axes: workload.json's "unit" where the study stored one,
+    else "examples" (true of any workload; "images" would be wrong for a table)."""
+    unit = (study.files.get(M.WORKLOAD_FILE) or {}).get("unit")
+    return unit if isinstance(unit, str) and unit.strip() else UNIT

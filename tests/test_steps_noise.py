@@ -10,7 +10,7 @@ import pytest
 from analysis import steps_noise as N
 from study import metrics as M
 from study import steps as S
-from tests.steps_sim import GOAL
+from steps_sim import GOAL
 
 
 def row(step, trace=math.nan, grad_sq=math.nan, probes=0, **extra):
