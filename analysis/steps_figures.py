@@ -63,11 +63,17 @@ def b_simple_summary(table) -> dict:
     return out
 
 
+def _noise(value: float, why: str = " (|G|^2 <= 0)") -> str:
+    """A B_simple for a table: inf where the pooled |G|^2 estimate was <= 0 (noise swamps the gradient)."""
+    return "inf" + why if value == math.inf else fmt(value, 3)
+
+
 def _spread(noise: dict, key: str) -> str:
     n = noise[f"{key}_batch_sizes"]
     if not n:
         return f"{N.TOO_FEW} at every batch size" if key == "b_simple" else "–"
-    text = (f"{fmt(noise[f'{key}_median'], 3)} ({fmt(noise[f'{key}_min'], 3)}-{fmt(noise[f'{key}_max'], 3)}), "
+    text = (f"{_noise(noise[f'{key}_median'], '')} ({_noise(noise[f'{key}_min'], '')}-"
+            f"{_noise(noise[f'{key}_max'], '')}), "
             f"{n} batch size{'s' if n != 1 else ''}")
     few = noise["b_simple_too_few_probes"] if key == "b_simple" else 0
     return text + (f"; {few} with {N.TOO_FEW}" if few else "")
@@ -100,7 +106,7 @@ def _tables(trials, results, level):
                           "reached": r["reached"], "steps": _steps_cell(r),
                           f"{level:.0%} of resampled bests <=": fmt(r["upper"], 4) if math.isfinite(r["upper"])
                           else "not all reach", "best_lr": r["best_lr"], "flags": _flags(r),
-                          "B_simple at init": fmt(r["b_simple_init"], 3),
+                          "B_simple at init": _noise(r["b_simple_init"]),
                           f"B_simple before the goal [{level:.0%}]": N.cell(r), "S(B)/S(2B)": row["ratio_to_2B"],
                           "regime": row["regime"] + (f" ({row['regime_note']})" if row["regime_note"] else "")})
             curve = r["best_of_k"]
@@ -178,8 +184,9 @@ def write_section(trials: list[dict], goals: list[Goal], out_dir, ranges: dict |
                  shown=per_batch_shown)
     report.figure("steps_to_result", steps_figure(results, False, floor, level, unit),
                   f"Steps to result vs batch size: the best configuration, its bar up to the {pct} bound of the "
-                  "resampled bests (a triangle: open above), flagged points, batch sizes that never reached the goal "
-                  "as arrows up from their budget, the floor (the first evaluations, not fitted), perfect scaling "
+                  "resampled bests (a triangle: open above), flagged points (a downward triangle: met at the first "
+                  "evaluation, so at most that step), batch sizes that never reached the goal as arrows up from their "
+                  "budget, the floor (the first evaluations, not fitted), perfect scaling "
                   "from the smallest fitted batch (dotted) and the fit S_min + E_min / B (solid)")
     report.figure("examples_to_result", steps_figure(results, True, floor, level, unit),
                   "Examples to result (steps x batch size); the fit is S_min B + E_min, the floor its step x B")

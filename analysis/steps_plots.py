@@ -59,7 +59,11 @@ def _log_y(ax) -> None:
     if high / low < 30:
         ax.yaxis.set_minor_formatter(plain)
         ax.tick_params(axis="y", which="minor", labelsize=7)
-    else:  # wider: the decades are labelled, and minor labels would crowd them (as 3 x 10^2)
+    elif math.floor(math.log10(high)) - math.ceil(math.log10(low)) < 2:  # fewer than 3 labelled decades: 2 and 5 too
+        ax.yaxis.set_minor_formatter(ticker.FuncFormatter(
+            lambda v, _: f"{v:g}" if round(v / 10 ** math.floor(math.log10(v) + 1e-9)) in (2, 5) else ""))
+        ax.tick_params(axis="y", which="minor", labelsize=7)
+    else:  # the decades are labelled, and minor labels would crowd them (as 3 x 10^2)
         ax.yaxis.set_minor_formatter(ticker.NullFormatter())
 
 
@@ -116,8 +120,9 @@ def steps_figure(results, per_example: bool, floor: float, level: float, unit: s
             for key, style, label in (("edge", dict(marker="o", ms=9), "best on the search edge"),
                                       ("floor", dict(marker="D", ms=8), f"reached within the first "
                                        f"{FLOOR_EVALUATIONS} evaluations (not fitted)"),
-                                      ("budget_limited", dict(marker="s", ms=10), "above half its budget")):
-                chosen = np.array([r[key] for r in rows])
+                                      ("budget_limited", dict(marker="s", ms=10), "above half its budget"),
+                                      ("first", dict(marker="v", ms=11), "at the first evaluation: at most this")):
+                chosen = np.array([r["evaluation"] == 1 if key == "first" else r[key] for r in rows])
                 if chosen.any():
                     ax.plot(b[chosen], s[chosen], ls="none", mfc="none", mec=colour, **style,
                             label=label_once(label))
@@ -226,6 +231,7 @@ def map_figure(trials, result, unit: str = UNIT):
     ax.scatter([r["batch_size"] for r in best], [r["best_lr"] for r in best], s=120, facecolors="none",
                edgecolors="black", label="best")
     _batch_axis(ax, [t["batch_size"] for t in trials], unit)
+    ax.margins(y=0.08)  # the circles around the best at the range's ends stay whole
     _log_y(ax)  # after batch_axis, which turns minor ticks off
     ax.set_ylabel("learning rate")
     _legend(ax, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
@@ -277,6 +283,9 @@ def noise_figure(results, level: float, unit: str = UNIT):
                 ax.plot(b[open_low], lo[open_low], "v", color=colour, ms=6,
                         label=None if "open low" in once else "interval reaches <= 0")
                 once.add("open low")
+        if not rows:  # no number before the goal at any batch size: the legend says why
+            notes = sorted({r["b_simple_note"].split(" (")[0] for r in res["table"]} - {""})
+            ax.plot([], [], " ", label=f"B_simple before {name}: {', '.join(notes) or 'none'}")
         init = [r for r in _positive(res["table"], "b_simple_init") if math.isfinite(r["b_simple_init"])]
         if init:
             ax.plot([r["batch_size"] for r in init], [r["b_simple_init"] for r in init], "o", mfc="none",
