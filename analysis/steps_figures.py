@@ -15,7 +15,7 @@ import pandas as pd
 from analysis import steps as A
 from analysis import steps_noise as N
 from analysis.figures import ReportWriter, fmt
-from analysis.steps_plots import (UNIT, best_of_k_figure, floor_step, goal_label, lr_figure, map_figure,
+from analysis.steps_plots import (best_of_k_figure, floor_step, goal_label, lr_figure, map_figure,
                                   noise_figure, seconds_figure, steps_figure)
 from analysis.steps_verdict import verdict
 from study.steps import configs_to_wait_for, strictest
@@ -140,10 +140,11 @@ def _tables(trials, results, level):
 
 def write_section(trials: list[dict], goals: list[Goal], out_dir, ranges: dict | None = None, level: float = 0.95,
                   safety: float = 10.0, n_boot: int = 1000, seed: int = 0, writer: ReportWriter | None = None,
-                  unit: str = UNIT) -> str:
+                  unit: str | None = None) -> str:
     """Tables and figures into out_dir; returns the section's markdown. writer: a report to add the section to
     (its folder is then out_dir's place; python -m analysis.report passes its own). unit: what the workload's
-    examples are, for the axes ("examples", "images", ...)."""
+    examples are, for the axes ("images"; None: "examples", true of any workload and never wrong for a table)."""
+    unit = unit or "examples"
     results = A.analyse(trials, goals, ranges, level, safety, n_boot, seed)
     for res in results:
         res["verdict"] = verdict(res["fit"], level)

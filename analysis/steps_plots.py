@@ -1,9 +1,10 @@
 """The steps-to-result report's figures, drawn from analysis.steps' results (analysis/steps_figures.py saves them).
 
 Conventions every figure keeps: a goal has one colour (C0, C1, ...) and a batch size one colour (batch_colours)
-wherever they are a series; axes count the workload's examples in its unit word (`unit`, default "examples"); log axes only over positive
-values; censored batch sizes drawn as arrows up from their budget, the floor (the step of the last of the first
-FLOOR_EVALUATIONS evaluations, up to which nothing is fitted) under steps to result, and every band in the legend.
+wherever they are a series; axes count the workload's examples in its unit word (`unit`: "examples", "images");
+log axes only over positive values (an open or zero end drawn as a triangle); censored batch sizes drawn as arrows
+up from their budget; the floor (the step of the last of the first FLOOR_EVALUATIONS evaluations, up to which
+nothing is fitted) under steps to result; every band and goal in the legend.
 """
 
 import math
@@ -18,7 +19,6 @@ STATUS_STYLE = {"reached": ("o", "tab:green"), "censored": ("s", "tab:orange"),
                 "stopped_by_rule": ("^", "tab:blue"), "diverged": ("x", "tab:red"), "infeasible": ("v", "tab:grey")}
 
 
-UNIT = "examples"  # what a batch holds, unless the study's workload.json names it ("unit": "images")
 ARROW = 2.0  # a censored batch size's arrow runs from its budget to this multiple of it
 ARROW_SHIFT = 1.07  # goals' arrows at one batch size sit this factor apart along the batch axis
 
@@ -89,7 +89,7 @@ def _nth_after_zero(rows) -> int | None:
     return after[FLOOR_EVALUATIONS - 1] if len(after) >= FLOOR_EVALUATIONS else None
 
 
-def steps_figure(results, per_example: bool, floor: float, level: float, unit: str = UNIT):
+def steps_figure(results, per_example: bool, floor: float, level: float, unit: str):
     fig, (ax,) = new_figure(1, width=9.0, height=4.6)
     sizes = [r["batch_size"] for res in results for r in res["table"]]
     grid = np.geomspace(min(sizes), max(sizes), 100)
@@ -198,7 +198,7 @@ def best_of_k_figure(results):
     return fig
 
 
-def lr_figure(results, unit: str = UNIT):
+def lr_figure(results, unit: str):
     fig, (ax,) = new_figure(1, width=5.6, height=4.2)
     for i, res in enumerate(results):
         rows = _positive(res["table"], "best_lr")
@@ -219,7 +219,7 @@ def lr_figure(results, unit: str = UNIT):
     return fig
 
 
-def map_figure(trials, result, unit: str = UNIT):
+def map_figure(trials, result, unit: str):
     fig, (ax,) = new_figure(1, width=6.6, height=4.2)
     for status in STATUSES:
         chosen = [t for t in trials if t["status"] == status]
@@ -238,7 +238,7 @@ def map_figure(trials, result, unit: str = UNIT):
     return fig
 
 
-def seconds_figure(results, unit: str = UNIT):
+def seconds_figure(results, unit: str):
     fig, (ax,) = new_figure(1, width=5.6, height=4.2)
     for i, res in enumerate(results):
         rows = _positive(res["table"], "seconds")
@@ -251,7 +251,7 @@ def seconds_figure(results, unit: str = UNIT):
     return fig
 
 
-def noise_figure(results, level: float, unit: str = UNIT):
+def noise_figure(results, level: float, unit: str):
     """B_crit per goal (line and band) beside each batch size's B_simple before the goal (filled, bar: interval;
     a triangle where the interval is open) and at initialisation (open markers)."""
     fig, (ax,) = new_figure(1, width=7.6, height=4.4)

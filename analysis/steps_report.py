@@ -8,7 +8,6 @@ import json
 
 from analysis.figures import ReportWriter
 from analysis.steps_figures import write_section
-from analysis.steps_plots import UNIT
 from analysis.load import Study
 from analysis.workload_report import options_line, options_of
 from study import metrics as M
@@ -100,8 +99,9 @@ def write(report: ReportWriter, study: Study) -> None:
                   safety=meta.get("safety", 10.0), seed=int(args.get("seed", 0)), writer=report, unit=unit_of(study))
 
 
-def unit_of(study: Study) -> str:
-    """What the workload's examples are, for the figures' axes: workload.json's "unit" where the study stored one,
-    else "examples" (true of any workload; "images" would be wrong for a table)."""
+def unit_of(study: Study) -> str | None:
+    """What the workload's examples are, for the figures' axes: workload.json's "unit" where the study stored one
+    ("images"), else None (write_section then says "examples": true of any workload, where "images" would be
+    wrong for a table)."""
     unit = (study.files.get(M.WORKLOAD_FILE) or {}).get("unit")
-    return unit if isinstance(unit, str) and unit.strip() else UNIT
+    return unit.strip() if isinstance(unit, str) and unit.strip() else None

@@ -83,7 +83,7 @@ def test_a_batch_size_has_one_colour_in_every_panel():
 def test_censored_arrows_floor_goals_and_bands_are_drawn_and_listed():
     trials = study("curve")
     results = results_of(trials)
-    fig = P.steps_figure(results, False, P.floor_step(trials), 0.95)
+    fig = P.steps_figure(results, False, P.floor_step(trials), 0.95, "examples")
     (ax,) = visible_axes(fig)
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     for goal in (GOAL, LOOSE):
@@ -99,7 +99,7 @@ def test_censored_arrows_floor_goals_and_bands_are_drawn_and_listed():
 
 
 def test_the_noise_figure_lists_both_estimates_and_each_goals_b_crit():
-    fig = P.noise_figure(results_of(study("curve")), 0.95)
+    fig = P.noise_figure(results_of(study("curve")), 0.95, "examples")
     (ax,) = visible_axes(fig)
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     for goal in (GOAL, LOOSE):
@@ -124,6 +124,6 @@ def test_the_report_takes_the_unit_from_workload_json():
     from analysis.steps_report import unit_of
     from study import metrics as M
 
-    assert unit_of(SimpleNamespace(files={})) == "examples"
+    assert unit_of(SimpleNamespace(files={})) is None
     assert unit_of(SimpleNamespace(files={M.WORKLOAD_FILE: {"unit": "images"}})) == "images"
-    assert unit_of(SimpleNamespace(files={M.WORKLOAD_FILE: {"unit": ""}})) == "examples"
+    assert unit_of(SimpleNamespace(files={M.WORKLOAD_FILE: {"unit": " "}})) is None
