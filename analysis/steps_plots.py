@@ -20,7 +20,12 @@ STATUS_STYLE = {"reached": ("o", "tab:green"), "censored": ("s", "tab:orange"),
 
 
 ARROW = 2.0  # a censored batch size's arrow runs from its budget to this multiple of it
-ARROW_SHIFT = 1.07  # goals' arrows at one batch size sit this factor apart along the batch axis
+GOAL_SHIFT = 1.1  # goals' arrows and B_simple points at one batch size sit this factor apart on the batch axis
+
+
+def _shift(i: int, goals: int) -> float:
+    """The factor on the batch axis that sets goal i's marks beside the other goals' at the same batch size."""
+    return GOAL_SHIFT ** (i - (goals - 1) / 2)
 
 
 def goal_label(goal) -> str:
@@ -140,7 +145,7 @@ def steps_figure(results, per_example: bool, floor: float, level: float, unit: s
         censored = [r for r in res["table"] if math.isfinite(r["lower_bound"]) and r["lower_bound"] > 0]
         if censored:
             # Goals share a budget: each goal's arrows a little to the side, so none hides another.
-            x = np.array([r["batch_size"] for r in censored]) * ARROW_SHIFT ** (i - (len(results) - 1) / 2)
+            x = np.array([r["batch_size"] for r in censored]) * _shift(i, len(results))
             y = np.array([r["lower_bound"] * (r["batch_size"] if per_example else 1) for r in censored])
             ax.plot(x, y, "_", color=colour, ms=12, mew=2, label=f"{name}: not reached, above its budget (arrow)")
             for xi, yi in zip(x, y):
@@ -264,7 +269,7 @@ def noise_figure(results, level: float, unit: str):
         rows = _positive(res["table"], "b_simple")
         rows = [r for r in rows if math.isfinite(r["b_simple"])]
         if rows:
-            b = np.array([r["batch_size"] for r in rows], dtype=float)
+            b = np.array([r["batch_size"] for r in rows], dtype=float) * _shift(i, len(results))
             v = np.array([r["b_simple"] for r in rows])
             low = np.array([r["b_simple_low"] for r in rows])
             high = np.array([r["b_simple_high"] for r in rows])
@@ -288,8 +293,8 @@ def noise_figure(results, level: float, unit: str):
             ax.plot([], [], " ", label=f"B_simple before {name}: {', '.join(notes) or 'none'}")
         init = [r for r in _positive(res["table"], "b_simple_init") if math.isfinite(r["b_simple_init"])]
         if init:
-            ax.plot([r["batch_size"] for r in init], [r["b_simple_init"] for r in init], "o", mfc="none",
-                    mec=colour, ms=ms, label=f"B_simple at initialisation (best for {name})")
+            ax.plot([r["batch_size"] * _shift(i, len(results)) for r in init], [r["b_simple_init"] for r in init],
+                    "o", mfc="none", mec=colour, ms=ms, label=f"B_simple at initialisation (best for {name})")
         if res["verdict"][0] != "not measured" and math.isfinite(f["b_crit"]):
             ax.axhline(f["b_crit"], color=colour, lw=1, label=f"B_crit for {name} (fit, {res['verdict'][0]}) "
                                                               f"{fmt(f['b_crit'], 3)}")
