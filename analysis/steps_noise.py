@@ -62,20 +62,18 @@ def _usable(row: dict) -> bool:
                                 or _finite(row, M.NOISE_SCALE))
 
 
-def _columns(rows: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
-    """(probes, numerator, denominator, pooled) of the rows that carry a usable estimate. pooled: the rows have
-    both means (the ratio of sums); else per-row NOISE_SCALE values, averaged with the probes as weights
-    (denominator 1 per probe)."""
-    finite = _finite
+def _columns(rows: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(probes, numerator, denominator) of the rows that carry an estimate: their mean tr(Sigma) and mean |G|^2
+    (pooled as a ratio of sums); rows stored before those means: their NOISE_SCALE values over 1 (so the ratio of
+    sums is their probe-weighted mean)."""
     with_probes = [r for r in rows if probes(r) > 0]
-    pairs = [r for r in with_probes if finite(r, M.NOISE_TRACE) and finite(r, M.NOISE_GRAD_SQ)]
+    pairs = [r for r in with_probes if _finite(r, M.NOISE_TRACE) and _finite(r, M.NOISE_GRAD_SQ)]
     if pairs or any(M.NOISE_TRACE in r for r in with_probes):
-        p = np.array([probes(r) for r in pairs])
-        return p, np.array([r[M.NOISE_TRACE] for r in pairs], float), np.array(
-            [r[M.NOISE_GRAD_SQ] for r in pairs], float), True
-    scales = [r for r in with_probes if finite(r, M.NOISE_SCALE)]
-    p = np.array([probes(r) for r in scales])
-    return p, np.array([r[M.NOISE_SCALE] for r in scales], float), np.ones(len(scales)), False
+        return (np.array([probes(r) for r in pairs]), np.array([r[M.NOISE_TRACE] for r in pairs], float),
+                np.array([r[M.NOISE_GRAD_SQ] for r in pairs], float))
+    scales = [r for r in with_probes if _finite(r, M.NOISE_SCALE)]
+    return (np.array([probes(r) for r in scales]), np.array([r[M.NOISE_SCALE] for r in scales], float),
+            np.ones(len(scales)))
 
 
 def _ratio(p: np.ndarray, num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -90,7 +88,7 @@ def estimate(rows: list[dict], level: float = 0.95, seed: int = 0, min_probes: i
     """B_simple over the rows: {"value", "low", "high", "probes", "rows" (with probes), "note"}. value NaN with
     note "too few probes" under min_probes; low/high NaN (note says why) under MIN_ROWS rows; high inf when
     resamples pool a |G|^2 <= 0."""
-    p, num, den, _ = _columns(rows)
+    p, num, den = _columns(rows)
     out = {"value": math.nan, "low": math.nan, "high": math.nan, "probes": int(p.sum()), "rows": len(p),
            "note": ""}
     if p.sum() < min_probes:

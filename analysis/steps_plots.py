@@ -264,10 +264,8 @@ def noise_figure(results, level: float, unit: str):
     once = set()
     for i, res in enumerate(results):
         colour, f, name = f"C{i}", res["fit"], goal_label(res["goal"])
-        # Goals often share their best configuration: later goals drawn smaller on top, so both stay visible.
         ms = 8 if i == 0 else 5
-        rows = _positive(res["table"], "b_simple")
-        rows = [r for r in rows if math.isfinite(r["b_simple"])]
+        rows = [r for r in _positive(res["table"], "b_simple") if math.isfinite(r["b_simple"])]
         if rows:
             b = np.array([r["batch_size"] for r in rows], dtype=float) * _shift(i, len(results))
             v = np.array([r["b_simple"] for r in rows])
@@ -280,15 +278,12 @@ def noise_figure(results, level: float, unit: str):
             hi = np.where(has, np.where(open_high, v * 3, high), v)
             ax.errorbar(b, v, yerr=[v - lo, hi - v], fmt="s", color=colour, ms=ms, capsize=3,
                         label=f"B_simple before {name}, bar: {level:.0%} interval")
-            if open_high.any():
-                ax.plot(b[open_high], hi[open_high], "^", color=colour, ms=6,
-                        label=None if "open" in once else "interval open (|G|^2 <= 0 in resamples)")
-                once.add("open")
-            if open_low.any():
-                ax.plot(b[open_low], lo[open_low], "v", color=colour, ms=6,
-                        label=None if "open low" in once else "interval reaches <= 0")
-                once.add("open low")
-        if not rows:  # no number before the goal at any batch size: the legend says why
+            for mask, y, marker, label in ((open_high, hi, "^", "interval open above (|G|^2 <= 0 in resamples)"),
+                                           (open_low, lo, "v", "interval reaches <= 0")):
+                if mask.any():
+                    ax.plot(b[mask], y[mask], marker, color=colour, ms=6, label=None if label in once else label)
+                    once.add(label)
+        else:  # no number before the goal at any batch size: the legend says why
             notes = sorted({r["b_simple_note"].split(" (")[0] for r in res["table"]} - {""})
             ax.plot([], [], " ", label=f"B_simple before {name}: {', '.join(notes) or 'none'}")
         init = [r for r in _positive(res["table"], "b_simple_init") if math.isfinite(r["b_simple_init"])]
