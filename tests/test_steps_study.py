@@ -256,7 +256,7 @@ def test_trial_restarted_from_a_mid_epoch_checkpoint_goes_on_exactly(augment):
     def report(row, state):
         rows.append(row)
         if row["step"] == 24:  # inside the second epoch (an evaluation step of the budget)
-            saved.update(copy.deepcopy(state()))
+            saved.update(copy.deepcopy(state))
 
     run_steps(cfg, extra, workload, splits, torch.device("cpu"), report)
     again = []
