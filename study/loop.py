@@ -168,6 +168,20 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
     pending = [s for s in at if s > state["step"]]
     epoch, skip = divmod(state["step"], steps_per_epoch)
     loss_sum, seen, started = start_interval()
+
+    def evaluation_ends_training() -> bool:
+        """The evaluation due at this step: the interval's row, reported; True when training ends here."""
+        pending.pop(0)
+        sync(device)
+        probe_seconds = clock.seconds()
+        # Timing comparisons across batch sizes leave the probes out: their share of an interval depends on the
+        # batch size. What is left out is the probe steps' forward and backward passes (their optimizer steps
+        # stay in); evaluations are outside the interval.
+        seconds = time.perf_counter() - started - probe_seconds
+        state["train_seconds"] += seconds
+        state["epoch"] = epoch_of(state["step"], steps_per_epoch, eval_steps)
+        return finish(row_at((loss_sum / max(seen, 1)).item(), seconds, probe_seconds, seen), last=not pending)
+
     while pending:
         epoch += 1
         gen = epoch_generator(cfg.seed, epoch)
@@ -185,21 +199,15 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
             loss_sum += loss.detach().float() * len(y)
             seen += len(y)
             state["step"] = step + 1
-            if state["step"] != pending[0]:
-                continue
-            pending.pop(0)
-            sync(device)
-            probe_seconds = clock.seconds()
-            # Timing comparisons across batch sizes leave the probes out: their share of an interval depends on the
-            # batch size. What is left out is the probe steps' forward and backward passes (their optimizer steps
-            # stay in); evaluations are outside the interval.
-            seconds = time.perf_counter() - started - probe_seconds
-            state["train_seconds"] += seconds
-            state["epoch"] = epoch_of(state["step"], steps_per_epoch, eval_steps)
-            if finish(row_at((loss_sum / max(seen, 1)).item(), seconds, probe_seconds, seen), last=not pending):
+            if state["step"] == pending[0] and state["step"] % steps_per_epoch:  # mid-epoch
+                if evaluation_ends_training():
+                    return state
+                loss_sum, seen, started = start_interval()
+        skip = 0
+        if pending and state["step"] == pending[0]:  # at the epoch's end, once its batches have run out
+            if evaluation_ends_training():
                 return state
             loss_sum, seen, started = start_interval()
-        skip = 0
     return state
 
 
