@@ -32,6 +32,7 @@ import pyarrow.fs as pafs
 from study import metrics as M
 from study.metrics import CHOSEN_FILE, ERRORED_FILE, STUDY_FILE, TARGET_STATS_FILE, WORKLOAD_FILE
 from study.errors import StudyError
+from study.result_rows import result_lines
 
 WORKLOAD_KINDS = ("workload", "steps")  # study.json "kind" of a study built from a workload (study/workload.py)
 EXPERIMENT_STATE = re.compile(r"^experiment_state-.*\.json$")
@@ -356,8 +357,8 @@ def _read_trial(fs, trial_dir: str, stage: str, dirname: str, state: dict | None
         config = state["config"]
     corrupt = []
     running = (state or {}).get("status", "RUNNING") in UNFINISHED  # no state yet: a study still starting
-    rows = parse_results(read_bytes(fs, f"{trial_dir}/result.json"), corrupt, running) \
-        if "result.json" in files else []
+    rows = parse_results(read_bytes(fs, f"{trial_dir}/{M.RESULT_FILE}"), corrupt, running) \
+        if M.RESULT_FILE in files else []
     error_text = read_bytes(fs, f"{trial_dir}/error.txt").decode(errors="replace") if "error.txt" in files else ""
     error = error_reason(error_text) if "error.txt" in files else ""
     ended_by_error = bool(rows) and rows[-1].get(M.STATUS) == M.STATUS_ERROR
@@ -377,7 +378,7 @@ def _read_trial(fs, trial_dir: str, stage: str, dirname: str, state: dict | None
         failures = len(re.findall(r"^Failure # \d+", error_text, re.MULTILINE))
     return Trial(stage=stage, trial_id=trial_id, dirname=dirname, config=config, rows=rows,
                  tune_status=state.get("status", "UNKNOWN"), error=error, failures=failures,
-                 result_file=f"{trial_dir}/result.json", corrupt=tuple(corrupt), start_time=start, end_time=end,
+                 result_file=f"{trial_dir}/{M.RESULT_FILE}", corrupt=tuple(corrupt), start_time=start, end_time=end,
                  checkpoint=checkpoint, checkpoint_files=tuple(sorted(_listing(fs, checkpoint))) if checkpoint else (),
                  ended_by_error=ended_by_error)
 
@@ -387,20 +388,13 @@ def parse_results(raw: bytes, corrupt: list | None = None, still_writing: bool =
     epochs again, and the later row wins. A line that is not a JSON object is skipped and appended to `corrupt` as
     (line number from 1, reason), except, while the trial runs (`still_writing`), a last line with no newline yet."""
     by_epoch = {}
-    lines = raw.decode(errors="replace").split("\n")
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
+    for line in result_lines(raw):
+        if line.row is None:
+            if not line.blank and corrupt is not None and not (line.cut and still_writing):
+                why = "cut short, no newline" if line.cut else line.problem
+                corrupt.append((line.number, f"not a result row ({why}); skipped"))
             continue
-        try:
-            row = json.loads(line)  # Python's json reads the NaN/Infinity Tune writes
-            if not isinstance(row, dict):
-                raise ValueError(f"a JSON {type(row).__name__}, not an object")
-        except ValueError as err:  # JSONDecodeError is a ValueError
-            cut = number == len(lines)  # Tune ends every row with a newline
-            if corrupt is not None and not (cut and still_writing):
-                why = "cut short, no newline" if cut else str(err).splitlines()[0][:80]
-                corrupt.append((number, f"not a result row ({why}); skipped"))
-            continue
+        row = dict(line.row)
         row.pop("config", None)  # the same as params.json, repeated on every line
         by_epoch.pop(row.get(M.EPOCH), None)
         by_epoch[row.get(M.EPOCH)] = row

@@ -42,9 +42,11 @@ from study import metrics as M
 from study.steps import DIVERGED, INFEASIBLE, STEP, configs_to_wait_for
 from study.workload import Goal
 
-# A best configuration that reached the goal at one of its first ten evaluations after step 0 (steps 10 to 19 on
-# the default grid) sits on the floor the grid puts under steps to result: nothing below the first evaluation
-# step is measured, so S(B) there cannot show how much further a larger batch would cut it.
+# A best configuration that reached the goal at one of its first ten evaluations after step 0 sits on the floor
+# under steps to result: steps 1 to 10 on the grid from step 1 (study.steps.eval_steps), where whole steps resolve
+# no better than 10 % and the start-up of training, not the batch size, sets the steps; steps 10 to 19 on the grid
+# from step 10 of studies stored before it, where nothing below the first evaluation is measured. S(B) there
+# cannot show how much further a larger batch would cut it.
 FLOOR_EVALUATIONS = 10
 
 PERFECT, DIMINISHING, MAXIMAL, UNDETERMINED = ("perfect scaling", "diminishing returns",

@@ -14,7 +14,7 @@ import pandas as pd
 
 from analysis import steps as A
 from analysis.figures import ReportWriter, fmt
-from analysis.steps_plots import (best_of_k_figure, first_step, goal_label, lr_figure, map_figure, noise_figure,
+from analysis.steps_plots import (best_of_k_figure, floor_step, goal_label, lr_figure, map_figure, noise_figure,
                                   seconds_figure, steps_figure)
 from analysis.steps_verdict import verdict
 from study.steps import configs_to_wait_for, strictest
@@ -119,7 +119,7 @@ def write_section(trials: list[dict], goals: list[Goal], out_dir, ranges: dict |
     report = writer if writer is not None else ReportWriter(Path(out_dir))
     n = max(sum(1 for t in trials if t["batch_size"] == b) for b in {t["batch_size"] for t in trials})
     m = configs_to_wait_for(n, level, safety)
-    pct, floor = f"{level:.0%}", first_step(trials)
+    pct, floor = f"{level:.0%}", floor_step(trials)
     report.heading("Steps to result")
     report.text(
         f"Per batch size, the fewest steps over its configurations at which the validation metric reached each goal "
@@ -136,12 +136,14 @@ def write_section(trials: list[dict], goals: list[Goal], out_dir, ranges: dict |
         f"the strictest goal, any trial of that batch size past the m-th smallest of their steps is stopped. It is "
         f"slower than m configurations, so it is the minimum of no bootstrap resample holding one of them; a "
         f"resample holding none (probability (1 - m/N)^N = {(1 - m / n) ** n:.2g}, under a tenth of the interval's "
-        f"tail) counts as the m-th fastest's steps, with or without the rule.",
+        f"tail) counts as the m-th fastest's steps, with or without the rule. Infeasible and diverged configurations "
+        f"count in N: the bootstrap draws them like any other.",
         "Flags. *Edge*: the best configuration's learning rate, 1 - momentum or lr / (1 - momentum) is the largest "
         "or smallest sampled or lies in the outer 1/N of the sampled log range (the range was too narrow there), "
         "or a neighbour in lr / (1 - momentum) diverged or was infeasible (the best rate may be cut off by "
         f"instability). *First evaluations*: the best reached the goal within its first {A.FLOOR_EVALUATIONS} "
-        f"evaluations (the first is at step {fmt(floor, 4)}; nothing below it is measured): such batch sizes are "
+        f"evaluations (up to step {fmt(floor, 4)}, the floor; the grid resolves no finer than one step, and so "
+        "early the start-up of training, not the batch size, sets the steps): such batch sizes are "
         "left out of the fit and call no regime. *Budget-limited*: the best took more than half the budget, so "
         "configurations slower than it were cut off. A batch size none of whose configurations reached the goal "
         "is kept as a lower bound: above its budget.",
@@ -152,10 +154,10 @@ def write_section(trials: list[dict], goals: list[Goal], out_dir, ranges: dict |
     report.figure("steps_to_result", steps_figure(results, False, floor, level),
                   f"Steps to result vs batch size: the best configuration, its bar up to the {pct} bound of the "
                   "resampled bests (a triangle: open above), flagged points, batch sizes that never reached the goal "
-                  "as arrows up from their budget, the first evaluation (the floor), perfect scaling from the "
-                  "smallest fitted batch (dotted) and the fit S_min + E_min / B (solid)")
+                  "as arrows up from their budget, the floor (the first evaluations, not fitted), perfect scaling "
+                  "from the smallest fitted batch (dotted) and the fit S_min + E_min / B (solid)")
     report.figure("examples_to_result", steps_figure(results, True, floor, level),
-                  "Examples to result (steps x batch size); the fit is S_min B + E_min, the floor first step x B")
+                  "Examples to result (steps x batch size); the fit is S_min B + E_min, the floor its step x B")
     report.table("steps_best_of_k", best_k, "Best of k: the expected fewest steps over k of the N configurations "
                  "and the chance that the best of k reaches the goal (shown: the expected steps at k = 1, 2, 4, ... "
                  "and N; infinite while some k-subset holds no configuration that reached)",

@@ -2,8 +2,8 @@
 
 Conventions every figure keeps: a goal has one colour (C0, C1, ...) and a batch size one colour (batch_colours)
 wherever they are a series; axes count examples, whatever the workload's examples are; log axes only over positive
-values; censored batch sizes drawn as arrows up from their budget, the first evaluation as the floor under steps to
-result, and every band in the legend.
+values; censored batch sizes drawn as arrows up from their budget, the floor (the step of the last of the first
+FLOOR_EVALUATIONS evaluations, up to which nothing is fitted) under steps to result, and every band in the legend.
 """
 
 import math
@@ -65,9 +65,17 @@ def _positive(table, key):
     return [r for r in table if math.isfinite(r[key]) and r[key] > 0]
 
 
-def first_step(trials) -> float:
-    """The first evaluation step after step 0 (the floor under steps to result); NaN without one."""
-    return min((r["step"] for t in trials for r in t["rows"] if r["step"] > 0), default=math.nan)
+def floor_step(trials) -> float:
+    """The floor under steps to result: the step of the FLOOR_EVALUATIONS-th evaluation after step 0 (10 on the
+    grid from step 1, 19 on the grid from step 10 of studies stored before it), the smallest over the trials that
+    got that far; NaN when none did."""
+    return min((t["rows"][k]["step"] for t in trials for k in [_nth_after_zero(t["rows"])] if k is not None),
+               default=math.nan)
+
+
+def _nth_after_zero(rows) -> int | None:
+    after = [k for k, r in enumerate(rows) if r["step"] > 0]
+    return after[FLOOR_EVALUATIONS - 1] if len(after) >= FLOOR_EVALUATIONS else None
 
 
 def steps_figure(results, per_example: bool, floor: float, level: float):
@@ -128,9 +136,11 @@ def steps_figure(results, per_example: bool, floor: float, level: float):
         low = min((r["steps"] for res in results for r in _positive(res["table"], "steps")), default=math.inf)
         # Drawn where it bounds the points; a line a decade below them would only squeeze them together.
         if low <= 10 * floor:
-            ax.plot(grid, floor * g, "--", color="grey", lw=1, label=f"first evaluation (step {floor:g}): the floor")
+            ax.plot(grid, floor * g, "--", color="grey", lw=1,
+                    label=f"floor: the first {FLOOR_EVALUATIONS} evaluations, to step {floor:g} (not fitted)")
         else:
-            ax.plot([], [], "--", color="grey", lw=1, label=f"first evaluation at step {floor:g}: far below")
+            ax.plot([], [], "--", color="grey", lw=1, label=f"floor (first {FLOOR_EVALUATIONS} evaluations, to step "
+                                                            f"{floor:g}): far below")
     _batch_axis(ax, sizes)
     _log_y(ax)  # after batch_axis, which turns minor ticks off
     ax.set_ylabel("examples to result" if per_example else "steps to result")

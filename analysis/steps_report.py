@@ -55,6 +55,20 @@ def title(study: Study) -> str:
     return f"Steps-to-result study of {study.meta.get('study', 'a workload')}"
 
 
+def budget_line(args: dict, per_batch: dict) -> str:
+    """The step budget as the study set it: the same steps at every batch size, or epochs at the smallest with the
+    rule that carried them to the others (study.steps.step_budgets; studies stored before the rule had epochs at
+    every batch size), and the steps per batch size."""
+    steps = "; steps " + ", ".join(f"{b}: {s}" for b, s in sorted(per_batch.items(), key=lambda kv: int(kv[0])))
+    if args.get("budget_steps"):
+        return f"{args['budget_steps']} steps at every batch size"
+    if args.get("budget_scaling") == S.SQRT:
+        return (f"{args.get('budget_epochs')} epochs at the smallest batch size, steps shrinking as 1 / sqrt(batch "
+                f"size) for the larger ones, at least {S.BUDGET_FLOOR} (where the smallest had as many)"
+                + (steps if per_batch else ""))
+    return f"{args.get('budget_epochs')} epochs per batch size" + (steps if per_batch else "")
+
+
 def write(report: ReportWriter, study: Study) -> None:
     meta = study.meta
     stored = meta.get("goals") or (study.files.get(M.WORKLOAD_FILE) or {}).get("goals") or []
@@ -63,8 +77,7 @@ def write(report: ReportWriter, study: Study) -> None:
     report.heading("The study")
     ranges = {k: tuple(v) for k, v in (meta.get("ranges") or {}).items()}
     args = study.args
-    budget = (f"{args['budget_steps']} steps" if args.get("budget_steps") else
-              f"{args.get('budget_epochs')} epochs per batch size")
+    budget = budget_line(args, meta.get("budget_steps") or {})
     report.bullets(["goals: " + ", ".join(map(str, goals)),
                     f"optimizer {args.get('optimizer')}; {args.get('configs')} configurations per batch size, "
                     f"scrambled Sobol points (seed {args.get('seed')}) over log "

@@ -166,14 +166,15 @@ def spec_of(workload: Workload) -> str:
 
 def start(args, workload: Workload, kind: str, suffix: str = "") -> argparse.Namespace:
     """What every workload study does first: its name (default: the workload's and the time), storage checks and,
-    with --resume, the stored arguments (study.tuning.restore_args)."""
+    with --resume, the stored arguments (study.tuning.restore_args; an option a study stored before it existed lacks
+    takes the value it ran with then, Option.before)."""
     if args.resume and not args.name:
         raise StudyError("--resume needs --name: the study folder to continue")
     args.name = args.name or default_name(workload.name + suffix + ("-smoke" if args.smoke else ""))
     checks.check_name(args.name)
     checks.check_uri(args.storage_path, "--storage-path")
     if args.resume:
-        args = restore_args(args, kind, workload.name)
+        args = restore_args(args, kind, workload.name, workload.options_before())
     args.study = workload.name
     return args
 

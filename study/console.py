@@ -90,7 +90,10 @@ def cell(value) -> str:
 
 class StudyConsole(tune.Callback):
     """columns: config keys shown per row (the grid's axes); metrics: the stage's key metrics (last reported);
-    primary: the metric a finished trial is for (NaN at its end: "no result", not "done")."""
+    primary: the metric a finished trial is for (NaN at its end: "no result", not "done"). A study whose trials end
+    in its own words (study.steps_console) overrides `finished_words`, `outcome` and `status_text`."""
+
+    finished_words = FINISHED  # the status words of trials that ended
 
     def __init__(self, stage: str, columns: list[str], metrics: list[str], primary: str | None = None):
         self.stage, self.columns, self.metrics, self.primary = stage, columns, metrics, primary
@@ -126,8 +129,12 @@ class StudyConsole(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         row = self._row(trial)
         last = trial.last_result or {}
-        row["status"] = ended(last) or ("no result" if no_result(last, self.primary) else "done")
+        row["status"] = self.outcome(last)
         self._dirty = True
+
+    def outcome(self, last: dict) -> str:
+        """The status word of a trial Tune calls complete, from its last result."""
+        return ended(last) or ("no result" if no_result(last, self.primary) else "done")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._row(trial)["status"] = "error"
@@ -158,10 +165,10 @@ class StudyConsole(tune.Callback):
     def progress(self) -> str:
         rows = list(self.trials.values())
         total = max(self.total, len(rows))
-        finished = sum(r["status"] in FINISHED for r in rows)
+        finished = sum(r["status"] in self.finished_words for r in rows)
         running = sum(r["status"] == "running" for r in rows)
         epochs_total = sum(r["epochs"] for r in rows) + (total - len(rows)) * (rows[0]["epochs"] if rows else 1)
-        epochs_done = sum(r["epochs"] if r["status"] in FINISHED else r["epoch"] for r in rows)
+        epochs_done = sum(r["epochs"] if r["status"] in self.finished_words else r["epoch"] for r in rows)
         elapsed = time.monotonic() - self.started
         if finished == total:
             left = "stage finished"
@@ -183,11 +190,14 @@ class StudyConsole(tune.Callback):
         header = [*columns, "status", *self.metrics]
         body = []
         for key, members in sorted(groups.items(), key=lambda kv: [sort_key(v) for v in kv[0]]):
-            body.append([*(cell(v) for v in key), status_of(members),
+            body.append([*(cell(v) for v in key), self.status_text(members),
                          *(cell(mean([m.get(name, math.nan) for m in members])) for name in self.metrics)])
         widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
         fmt = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
         return [fmt(header)] + [fmt(b) for b in body]
+
+    def status_text(self, members: list[dict]) -> str:
+        return status_of(members)
 
 
 def ended(result: dict) -> str:

@@ -70,6 +70,8 @@ STOPPED_FILE = "stopped_by_rule.json"  # steps study, in its stage folder: trial
 PREDICTIONS_FILE = "test_predictions.csv"  # columns: index, label, probability
 SUBMISSION_FILE = "submission.csv"  # Kaggle layout: id, label (predicted probability)
 STATE_FILE = "state.pt"
+RESULT_FILE = "result.json"  # Tune's per-trial rows, a JSON object per line (read by study.result_rows only)
+PROGRESS_FILE = "progress.csv"  # Tune's per-trial rows as CSV
 
 # Files in a trial's folder (study.trial_errors).
 TRACEBACK_FILE = "traceback.txt"  # the full traceback of the exception that ended the trial (status error)

@@ -30,8 +30,9 @@ from ray import tune
 
 from study import metrics as M
 from study.atomic import replace_file
+from study.metrics import PROGRESS_FILE, RESULT_FILE
+from study.result_rows import result_lines
 
-RESULT_FILE, PROGRESS_FILE = "result.json", "progress.csv"  # Tune's per-trial files (documented names)
 TUNER_FILE = "tuner.pkl"  # Tune's record of a stage's Tuner, written before its first experiment snapshot
 EVENTS_PREFIX = "events.out.tfevents"
 # On every row of a steps trial. Only those trials key their TensorBoard events by the training step; workload
@@ -48,18 +49,8 @@ def _after(value, epoch: float) -> bool:
 
 def trimmed_results(text: str, epoch: float) -> str:
     """result.json without rows after `epoch`, nor a last line cut short by a killed driver."""
-    kept = []
-    for line in text.splitlines(keepends=True):
-        if not line.endswith("\n"):
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:  # a corrupt row stays for the analysis to report
-            kept.append(line)
-            continue
-        if not (isinstance(row, dict) and _after(row.get(M.EPOCH), epoch)):
-            kept.append(line)
-    return "".join(kept)
+    return "".join(line.text for line in result_lines(text)
+                   if not line.cut and not (line.row is not None and _after(line.row.get(M.EPOCH), epoch)))
 
 
 def trimmed_progress(text: str, epoch: float) -> str:

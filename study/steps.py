@@ -24,7 +24,7 @@ REACHED = "reached"  # the strictest goal was met at this evaluation
 CENSORED = "censored"  # the step budget ran out first: the trial's steps to result are unknown, above the budget
 STOPPED_BY_RULE = "stopped_by_rule"  # ResultRule: already slower than enough configurations of its batch size
 DIVERGED = "diverged"  # training loss NaN or inf
-INFEASIBLE = "infeasible"  # still at chance level after chance_after of the budget
+INFEASIBLE = "infeasible"  # still at chance level late in the budget (TrialLimits.infeasible_from)
 STATUSES = (REACHED, CENSORED, STOPPED_BY_RULE, DIVERGED, INFEASIBLE)
 
 
@@ -33,8 +33,8 @@ def sobol_configs(n: int, ranges: dict, seed: int, momentum: bool) -> list[dict]
 
     ranges: {"lr": (low, high)} and, when `momentum`, {"one_minus_momentum": (low, high)}, all > 0 (momentum 0.9 is
     one_minus_momentum 0.1). The points depend only on (n, ranges, seed, momentum): every batch size gets the same
-    ones, and so does every run with the same seed. Returns [{"config": i, "lr": ..., "momentum": ...}] (momentum
-    None without a momentum optimizer).
+    ones, and so does every run with the same seed. Returns [{"config": i, "lr": ..., "momentum": ..., "seed": ...}]
+    (momentum None without a momentum optimizer; seed: the configuration's own, from config_seed).
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"the number of configurations must be a positive integer, got {n!r}")
@@ -58,23 +58,35 @@ def sobol_configs(n: int, ranges: dict, seed: int, momentum: bool) -> list[dict]
     configs = []
     for i, point in enumerate(unit):
         values = [float(10 ** (lo + u * (hi - lo))) for u, (lo, hi) in zip(point, bounds)]
-        configs.append({"config": i, "lr": values[0], "momentum": 1 - values[1] if momentum else None})
+        configs.append({"config": i, "lr": values[0], "momentum": 1 - values[1] if momentum else None,
+                        "seed": config_seed(seed, i)})
     return configs
 
 
-def eval_steps(budget_steps: int, resolution: float = 0.1, first: int | None = None) -> list[int]:
+def config_seed(seed: int, index: int) -> int:
+    """Configuration `index`'s seed (its initialisation and data order), drawn from the study's seed.
+
+    Each configuration its own, so the N configurations of a batch size are N draws of the initialisation and the
+    data order, not N learning rates on one draw; the same at every batch size, so batch sizes stay paired (the
+    analysis resamples configurations across batch sizes together). numpy's SeedSequence with the index as its
+    spawn key: independent streams, and a configuration's seed does not depend on how many there are. Below 2**31,
+    so every consumer of an int seed takes it."""
+    return int(np.random.SeedSequence(seed, spawn_key=(index,)).generate_state(1)[0]) >> 1
+
+
+def eval_steps(budget_steps: int, resolution: float = 0.1, first: int = 1) -> list[int]:
     """Training steps at which a trial evaluates: geometric, so steps to result are resolved to `resolution`.
 
-    From `first` (default ceil(1 / resolution), where one step is the resolution) each next step is
-    max(s + 1, floor(s * (1 + resolution))): consecutive evaluations differ by at most `resolution` relative to the
-    earlier one wherever s >= 1 / resolution, and by one step below that. The budget is always the last step.
-    About ln(budget / first) / ln(1 + resolution) evaluations: 79 from 10 to 10,000 steps at 10 %.
+    From `first` (default step 1) each next step is max(s + 1, floor(s * (1 + resolution))): every step up to
+    1 / resolution (1, 2, ..., 10 at 10 %), then consecutive evaluations at most `resolution` apart relative to
+    the earlier one; no grid of whole steps is finer below that. The budget is always the last step. About
+    1 / resolution + ln(budget * resolution) / ln(1 + resolution) evaluations, a few more for the rounding down:
+    88 up to 10,000 steps at 10 %.
     """
     if isinstance(budget_steps, bool) or not isinstance(budget_steps, int) or budget_steps < 1:
         raise ValueError(f"the step budget must be a positive integer, got {budget_steps!r}")
     if not 0 < resolution < 1:
         raise ValueError(f"resolution must lie strictly between 0 and 1 (0.1 = 10 %), got {resolution}")
-    first = math.ceil(1 / resolution) if first is None else first
     if isinstance(first, bool) or not isinstance(first, int) or first < 1:
         raise ValueError(f"the first evaluation step must be a positive integer, got {first!r}")
     steps, s = [], min(first, budget_steps)
@@ -82,6 +94,39 @@ def eval_steps(budget_steps: int, resolution: float = 0.1, first: int | None = N
         steps.append(s)
         s = max(s + 1, int(s * (1 + resolution)))
     return steps + [budget_steps]
+
+
+SQRT, EPOCHS = "sqrt", "epochs"  # how a budget given in epochs carries over to larger batch sizes (step_budgets)
+BUDGET_SCALINGS = (SQRT, EPOCHS)
+BUDGET_FLOOR = 100  # steps at least, under the sqrt rule: ten times the first-evaluation floor of 10 steps
+
+
+def step_budgets(batch_sizes: list[int], n_train: int, epochs: float, scaling: str = SQRT) -> dict[int, int]:
+    """Each batch size's step budget from `epochs` at the smallest batch size B0 (S0 = epochs x its steps per
+    epoch).
+
+    EPOCHS: `epochs` at every batch size, S0 B0 / B steps. That budget falls exactly as fast as the steps of a run
+    that scales perfectly, so past the critical batch size, where steps to result stop falling (S(B) -> S_min),
+    it starves the large batches (2 epochs of 8,192 examples is 16 steps at batch 1024).
+    SQRT (the default): S0 sqrt(B0 / B) steps, at least min(BUDGET_FLOOR, S0). It falls more slowly than the steps
+    of perfect scaling (examples grow as sqrt(B)), so wherever the curve scales perfectly the budget grows
+    relative to the steps needed, and past it the ratio of budget to steps falls only as sqrt(B0 / B) of its
+    value at B0, at worst (when S(B) stops falling at once: tuned, a larger batch never needs more steps);
+    under EPOCHS it falls as B0 / B. The floor keeps room past the first evaluations wherever S0 allows.
+    """
+    if scaling not in BUDGET_SCALINGS:
+        raise ValueError(f"the budget scaling must be one of {', '.join(BUDGET_SCALINGS)}, got {scaling!r}")
+    if not epochs > 0 or not batch_sizes:
+        raise ValueError(f"a budget needs epochs > 0 and batch sizes, got {epochs!r} and {batch_sizes!r}")
+    low = min(batch_sizes)
+    first = max(1, round(epochs * math.ceil(n_train / low)))
+    out = {}
+    for b in batch_sizes:
+        if scaling == EPOCHS:
+            out[b] = max(1, round(epochs * math.ceil(n_train / b)))
+        else:
+            out[b] = max(min(BUDGET_FLOOR, first), math.ceil(first * math.sqrt(low / b)))
+    return out
 
 
 def default_batch_sizes(n_train: int, low: int = 16) -> list[int]:
@@ -109,8 +154,10 @@ class TrialLimits:
 
     goal: the strictest goal. chance: the goal metric's value for a model that learned nothing (None: no check).
     A row is at chance level when its metric covered less than `chance_margin` of the way from chance to the goal;
-    such a row at step >= chance_after * budget ends the trial as infeasible. This is the one rule here that
-    assumes something: that a configuration still at chance after a quarter of its budget would not reach the goal.
+    such a row ends the trial as infeasible once the trial is past `infeasible_from()`: its warmup (a learning rate
+    still ramping up has not yet been tried), then at least `chance_min_steps` steps and `chance_after` of the
+    steps left after the warmup. This is the one rule here that assumes something: that a configuration still at
+    chance that late would not reach the goal. A budget below infeasible_from() never calls a trial infeasible.
     """
 
     goal: Goal
@@ -118,14 +165,24 @@ class TrialLimits:
     chance: float | None = None
     chance_after: float = 0.25
     chance_margin: float = 0.1
+    warmup_steps: int = 0
+    chance_min_steps: int = 50  # five times the first-evaluation floor (analysis.steps.FLOOR_EVALUATIONS)
 
     def __post_init__(self):
         if self.budget_steps < 1 or not 0 <= self.chance_after <= 1 or not 0 < self.chance_margin < 1:
             raise ValueError(f"bad trial limits: budget {self.budget_steps} (>= 1), chance_after "
                              f"{self.chance_after} (0..1), chance_margin {self.chance_margin} (between 0 and 1)")
+        if self.warmup_steps < 0 or self.chance_min_steps < 0:
+            raise ValueError(f"bad trial limits: warmup_steps {self.warmup_steps} and chance_min_steps "
+                             f"{self.chance_min_steps} must be >= 0")
         if self.chance is not None and self.chance == self.goal.value:
             raise ValueError(f"the goal {self.goal.metric} = {self.chance:g} equals the chance level; a model "
                              "that learned nothing would reach it")
+
+    def infeasible_from(self) -> float:
+        """The first step at which a row at chance level ends the trial."""
+        rest = max(0, self.budget_steps - self.warmup_steps)
+        return self.warmup_steps + max(self.chance_min_steps, self.chance_after * rest)
 
     def status(self, row: dict) -> str | None:
         """The status the trial ends with at this evaluation row, or None to go on."""
@@ -137,7 +194,7 @@ class TrialLimits:
             return REACHED
         if step >= self.budget_steps:
             return CENSORED
-        if self.chance is not None and step >= self.chance_after * self.budget_steps:
+        if self.chance is not None and step >= self.infeasible_from():
             covered = (value - self.chance) / (self.goal.value - self.chance)
             if not covered >= self.chance_margin:  # NaN metric counts as chance
                 return INFEASIBLE
@@ -147,13 +204,23 @@ class TrialLimits:
 def configs_to_wait_for(n: int, level: float = 0.95, safety: float = 10.0) -> int:
     """m for ResultRule: the smallest m with (1 - m/n)^n <= (1 - level) / 2 / safety.
 
-    Derivation. The study's result at one batch size is the minimum steps to result over its n configurations and
-    a percentile bootstrap interval of that minimum over configurations (resample n with replacement). Once the m
-    fastest configurations are known, every other one is slower than the m-th fastest S_(m), so it cannot be the
-    minimum of any resample that holds at least one of the m fastest. A resample misses all m with probability
-    (1 - m/n)^n (each of n draws misses with 1 - m/n). Those resamples have minima >= S_(m), above all others, so
-    the upper end of the interval (the 1 - (1-level)/2 quantile) is made of resamples that hold one of the m
-    unless more than a share (1 - level)/2 misses them; `safety` keeps the expected share a factor below that.
+    n counts every configuration of the batch size, the infeasible and diverged ones too.
+
+    Derivation. The study's result at one batch size is the minimum steps to result over its n configurations, with
+    a paired bootstrap over configurations (each replicate draws n configuration indices with replacement;
+    analysis.steps). Once m configurations reached the goal, at S_(1) <= ... <= S_(m), a trial the rule stops is
+    past S_(m) without the goal, so its steps exceed S_(m). (i) A resample holding one of the m fastest has its
+    minimum among them, whatever its other draws did (reached later, stopped, censored, infeasible or diverged):
+    the same with the rule and without. (ii) A resample holding none of them is counted at S_(m) by the analysis,
+    with the rule and without (a lower bound on its minimum). So the rule changes no replicate; the cap in (ii)
+    moves the interval's upper end (the 1 - (1-level)/2 quantile) only if such resamples exceed that tail, and
+    their expected share is (1 - m/n)^n (each of n draws misses the m with probability 1 - m/n), kept `safety`
+    times below it. (The report's per-batch bound is one-sided at `level`: twice the tail, so safer still.)
+    Why failed configurations count in n: the bootstrap draws them like any other (a search of n points includes
+    its failures), and drawing one is another way to miss the m fastest, never a way to hold one, so the share in
+    (ii) is (1 - m/n)^n whatever f of the n failed. Taking m from the n - f others instead would need
+    (1 - m/(n-f))^(n-f) <= limit, a smaller m than the bound allows: n = 8 with 3 failed gives m = 4, and
+    (1 - 4/8)^8 = 0.39 % is above the limit 0.25 % (tests/test_steps.py simulates both).
     Examples at level 0.95, safety 10: n=8 -> m=5, n=16 -> m=5, n=32 -> m=6,
     n=100 -> m=6 ((1 - m/n)^n tends to exp(-m), so m stays near ln(2 safety / (1 - level)) as n grows).
     """
@@ -172,8 +239,9 @@ class ResultRule:
     trial of that batch size evaluated at a step beyond the m-th smallest of them without having reached the goal.
     Such a trial's steps to result exceed that step, so it is none of the m fastest and, with analysis.steps
     counting any resample without one of the m fastest at S_(m), the minimum, its bootstrap interval and the fit
-    are the same as if it had run to its budget (on simulated trials:
-    tests/test_steps_analysis.py::test_the_early_stop_rule_changes_no_result).
+    are the same as if it had run to its budget (configs_to_wait_for proves it; on simulated trials:
+    tests/test_steps_analysis.py::test_the_early_stop_rule_changes_no_result). `configs` is every configuration
+    of a batch size: infeasible and diverged trials count in it and never in the m (configs_to_wait_for says why).
     """
 
     configs: int

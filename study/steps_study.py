@@ -11,13 +11,12 @@ stopped_by_rule.json the trials the rule stopped (trial folder -> step). Report:
 """
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 from study import api
 from study import cli_checks as checks
-from study import flags, lease
+from study import flags, lease, result_rows
 from study import metrics as M
 from study import steps as S
 from study.config import TRAIN_OPTIMIZERS, TrainConfig
@@ -54,8 +53,16 @@ def parser(workload: Workload | None = None) -> argparse.ArgumentParser:
     g.add_argument("--optimizer", help=f"one of {', '.join(TRAIN_OPTIMIZERS)} (default: the workload's first)")
     budget = g.add_mutually_exclusive_group()
     budget.add_argument("--budget-steps", type=int, help="training steps per trial at most (every batch size)")
-    budget.add_argument("--budget-epochs", type=float, help="epochs per trial at most (default: the workload's epochs)")
-    g.add_argument("--seed", type=int, default=0, help="the Sobol points' and every trial's seed")
+    budget.add_argument("--budget-epochs", type=float,
+                        help="epochs per trial at the smallest batch size (default: the workload's epochs); larger "
+                             "ones per --budget-scaling")
+    g.add_argument("--budget-scaling", choices=S.BUDGET_SCALINGS,
+                   help=f"{S.SQRT} (default): a batch size B gets the smallest one's steps x sqrt(smallest / B), at "
+                        f"least {S.BUDGET_FLOOR}; {S.EPOCHS}: --budget-epochs at every batch size (starves large "
+                        f"ones past the critical batch size)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="the study's seed: the Sobol points', and each configuration's own seed (initialisation and "
+                        "data order, the same at every batch size) is drawn from it")
     flags.add(g, "smoke", help={"smoke": "the workload's smoke data, 2 batch sizes x 2 configs"})
     flags.add(p.add_argument_group("training"), *SCALARS, "noise_scale", "tf32")
     add_common_args(p, gpus_per_trial=0.25)
@@ -117,6 +124,11 @@ def fill(args, workload: Workload, n_train: int) -> argparse.Namespace:
             raise StudyError(f"{err}; give smaller ones with --batch-sizes")
     if args.budget_steps is None and args.budget_epochs is None:
         args.budget_epochs = float(defaults.get("epochs", base.epochs))
+    if args.budget_steps is not None and args.budget_scaling is not None and not args.resume:
+        raise StudyError("--budget-scaling: --budget-steps gives every batch size the same steps; scale a budget "
+                         "given with --budget-epochs")
+    if args.budget_scaling is None:  # a study stored before the flag had epoch budgets
+        args.budget_scaling = S.EPOCHS if args.resume else S.SQRT
     for key in SCALARS:
         if getattr(args, key, None) is None:
             setattr(args, key, defaults.get(key, getattr(base, key)))
@@ -129,6 +141,8 @@ def fill(args, workload: Workload, n_train: int) -> argparse.Namespace:
     for flag, value in (("--budget-steps", args.budget_steps), ("--budget-epochs", args.budget_epochs)):
         if value is not None and not value > 0:
             raise StudyError(f"{flag} must be > 0, got {value}")
+    if args.seed < 0:
+        raise StudyError(f"--seed must be >= 0, got {args.seed}")
     try:
         args.points = S.sobol_configs(args.configs, ranges(args), args.seed, momentum)
     except ValueError as err:
@@ -146,7 +160,7 @@ def check_trials(base: dict, points: list[dict], budgets: dict, steps_per_epoch:
     point = points[0]
     for batch, budget in budgets.items():
         config = dict(base, batch_size=batch, lr=point["lr"], epochs=math.ceil(budget / steps_per_epoch[batch]),
-                      **{BUDGET: budget, CONFIG: 0})
+                      seed=point["seed"], **{BUDGET: budget, CONFIG: 0})
         if point["momentum"] is not None:
             config["momentum"] = point["momentum"]
         split_config(config)
@@ -159,11 +173,12 @@ def ranges(args) -> dict:
     return out
 
 
-def budget_of(args, batch_size: int, n_train: int) -> int:
-    """The trial's step budget: --budget-steps, or --budget-epochs x the batch size's steps per epoch."""
+def budgets_of(args, n_train: int) -> dict[int, int]:
+    """Each batch size's step budget: --budget-steps at every one, or --budget-epochs at the smallest and
+    study.steps.step_budgets for the rest (--budget-scaling)."""
     if args.budget_steps is not None:
-        return int(args.budget_steps)
-    return max(1, round(args.budget_epochs * math.ceil(n_train / batch_size)))
+        return {b: int(args.budget_steps) for b in args.batch_sizes}
+    return S.step_budgets(args.batch_sizes, n_train, args.budget_epochs, args.budget_scaling)
 
 
 def trial_name(trial) -> str:
@@ -194,6 +209,7 @@ def execute(args, workload: Workload, tune_callbacks: list = ()) -> tuple[int, s
     from ray import tune
 
     from study.console import finished, started
+    from study.steps_console import StepsConsole, StepsTensorBoard
     from study.tensorboard import option_hparams, write_experiment
     from study.tuning import grid_axis, open_study, run_stage
 
@@ -216,7 +232,7 @@ def execute(args, workload: Workload, tune_callbacks: list = ()) -> tuple[int, s
         raise StudyError(f"--goal: {err}")
     spec = str(Path(args.workload).resolve()) if args.workload.endswith(".py") else args.workload
     points = args.points
-    budgets = {b: budget_of(args, b, n_train) for b in args.batch_sizes}
+    budgets = budgets_of(args, n_train)
     base = dict(TrainConfig(workload=spec).to_dict(), options=options, stage=STAGE, optimizer=args.optimizer,
                 noise_scale=args.noise_scale == "on", tf32=args.tf32, code_version="", seed=args.seed,
                 **{k: getattr(args, k) for k in SCALARS}, **{GOAL: goal.to_dict(), CHANCE: chance})
@@ -248,6 +264,8 @@ def execute(args, workload: Workload, tune_callbacks: list = ()) -> tuple[int, s
     base["code_version"] = version
     space = dict(base, batch_size=grid_axis(args.batch_sizes), **{CONFIG: grid_axis(list(range(args.configs)))})
     space["lr"] = tune.sample_from(lambda c: points[c[CONFIG]]["lr"])
+    # Each configuration its own initialisation and data order, the same at every batch size (steps.config_seed).
+    space["seed"] = tune.sample_from(lambda c: points[c[CONFIG]]["seed"])
     if points[0]["momentum"] is not None:
         space["momentum"] = tune.sample_from(lambda c: points[c[CONFIG]]["momentum"])
     space[BUDGET] = tune.sample_from(lambda c: budgets[c["batch_size"]])
@@ -260,7 +278,7 @@ def execute(args, workload: Workload, tune_callbacks: list = ()) -> tuple[int, s
     callbacks = [StepsTensorBoard(workload.name, STAGE, {goal.metric: tag(goal.metric),
                                                          M.STEPS_TO_RESULT: "steps/to_result"})]
     if not args.verbose:
-        callbacks.append(StepsConsole(STAGE, ["batch_size", CONFIG], [goal.metric, S.STEP]))
+        callbacks.append(StepsConsole(STAGE, goal.metric))
     results = run_stage(train_steps, space, folder=folder, stage=STAGE, args=args, resources=resources,
                         data=splits, callbacks=[*callbacks, *tune_callbacks], run_names=trial_name, stop=stopper)
     save_stopped(folder, stopper, results)
@@ -280,16 +298,10 @@ def stored_rows(folder: StudyFolder) -> dict:
         if info.type != pafs.FileType.Directory:
             continue
         try:
-            with folder.fs.open_input_stream(f"{info.path}/result.json") as src:
-                lines = src.read().decode().splitlines()
+            with folder.fs.open_input_stream(f"{info.path}/{M.RESULT_FILE}") as src:
+                rows = result_rows.rows(src.read())  # a line cut short by a crash: the rows before it stand
         except OSError:
             continue
-        rows = []
-        for line in lines:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:  # a line cut short by a crash: the rows before it stand
-                continue
         if rows:
             out[Path(info.path).name] = (rows[0].get("config", {}), rows)
     return out
@@ -320,31 +332,3 @@ def save_stopped(folder: StudyFolder, stopper, results) -> None:
 def tag(metric: str) -> str:
     split, _, name = metric.partition("_")
     return f"{split}/{name}"
-
-
-def _tensorboard():
-    from study.tensorboard import StudyTensorBoard
-
-    class Steps(StudyTensorBoard):
-        """TensorBoard's step is the training step (the rows' epoch is fractional here)."""
-
-        def log_trial_result(self, iteration, trial, result):
-            super().log_trial_result(iteration, trial, {**result, M.EPOCH: result.get(S.STEP, iteration)})
-
-    return Steps
-
-
-def StepsConsole(stage: str, columns: list, metrics: list):  # noqa: N802 (a class, built when Ray is imported)
-    from study.console import StudyConsole
-
-    class Steps(StudyConsole):
-        """The time left counts every trial's whole budget, which most trials never use: an upper bound."""
-
-        def progress(self) -> str:
-            return super().progress().replace(" about ", " at most ")
-
-    return Steps(stage, columns, metrics)
-
-
-def StepsTensorBoard(kind: str, stage: str, scalars: dict):  # noqa: N802 (a class, built when Ray is imported)
-    return _tensorboard()(kind, stage, scalars)

@@ -375,10 +375,11 @@ RESUME_COMMANDS = {"workload": "python -m study run {study}", "steps": "python -
 KIND_NAMES = {"workload": "workload", "steps": "steps-to-result"}
 
 
-def restore_args(args, kind: str | None, study: str) -> argparse.Namespace:
+def restore_args(args, kind: str | None, study: str, before: dict | None = None) -> argparse.Namespace:
     """--resume: the arguments the study in --storage-path/--name started with, which must be a `kind` study of
     `study`; the resource flags given now replace the stored ones, and keys an older study.json lacks (flags added
-    since) keep this version's defaults."""
+    since) keep this version's defaults, or the value in `before` (what the study ran with before the flag existed,
+    e.g. a workload's val_split: Workload.options_before), whatever is given now."""
     folder = StudyFolder(args.storage_path, args.name)
     if not (folder.exists() and folder.has(STUDY_FILE)):
         raise StudyError(f"--resume: no study at {folder.uri} (no {STUDY_FILE}); check --storage-path and "
@@ -393,7 +394,8 @@ def restore_args(args, kind: str | None, study: str) -> argparse.Namespace:
         how = RESUME_COMMANDS.get(saved.get("kind"), "the command that started it").format(study=saved.get("study"))
         other = f", not a {KIND_NAMES[kind]} study" if kind in KIND_NAMES and saved.get("kind") != kind else ""
         raise StudyError(f"{folder.uri} holds a {saved.get('study')} study{other}; resume it with {how} --resume")
-    return argparse.Namespace(**{**vars(args), **stored, **{k: getattr(args, k) for k in RESOURCE_FLAGS}})
+    older = {k: v for k, v in (before or {}).items() if k not in stored}
+    return argparse.Namespace(**{**vars(args), **older, **stored, **{k: getattr(args, k) for k in RESOURCE_FLAGS}})
 
 
 def main_of(kind: str, parse_args, run, argv=None) -> int:

@@ -61,6 +61,9 @@ class Option:
     default: Any
     help: str = ""
     choices: tuple = ()  # the allowed values, when they are few (the flag refuses others)
+    # The value a study stored before this option existed ran with, when that is not `default` (a new default that
+    # changes results): resuming such a study keeps it (Workload.options_before, study.api.start). None: default.
+    before: Any = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,10 @@ class Workload:
     def goal(self, prefixed: str, value: float) -> Goal:
         """A goal on a declared metric (--goal METRIC=VALUE), with the metric's direction."""
         return Goal(prefixed, float(value), self.metric(prefixed).higher_is_better)
+
+    def options_before(self) -> dict:
+        """The options whose value in a study stored without them is not today's default: name -> that value."""
+        return {o.name: o.before for o in self.options if o.before is not None and o.before != o.default}
 
     def option_values(self, given: dict | None = None) -> dict:
         """Every option of the workload, the defaults with `given` on top; unknown names and wrong types refused."""
@@ -236,6 +243,9 @@ def check(w, spec: str) -> None:
                              f"of that type, got {o.type!r} and {o.default!r}")
         if o.choices and o.default not in o.choices:
             raise StudyError(f"workload {w.name}: option {o.name}'s default {o.default!r} is not one of its choices")
+        if o.before is not None and (not isinstance(o.before, o.type) or (o.choices and o.before not in o.choices)):
+            raise StudyError(f"workload {w.name}: option {o.name}'s before {o.before!r} is not a {o.type.__name__}"
+                             f"{' of its choices' if o.choices else ''}")
     w.option_values(w.smoke.get("options", {}))
     unknown = sorted(set(w.stages) - {"lr_search"})
     if unknown:

@@ -1,6 +1,8 @@
-"""study/steps.py: the Sobol configurations, the evaluation grid, batch sizes, per-trial limits, the rule's m."""
+"""study/steps.py: the Sobol configurations and their seeds, the evaluation grid, step budgets (and the driver's budget
+flags), batch sizes, per-trial limits, the rule's m and why failed trials count in its N."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,18 +42,68 @@ def test_sobol_without_momentum_and_bad_ranges():
 def test_eval_grid_resolves_steps_to_ten_percent(budget):
     grid = S.eval_steps(budget)
     assert grid == sorted(set(grid)) and all(isinstance(s, int) for s in grid)
-    assert grid[-1] == budget and grid[0] == min(10, budget)
+    assert grid[-1] == budget and grid[0] == 1
+    assert grid[:10] == list(range(1, min(10, budget) + 1))  # every step up to 10: evaluation k is step k there
     for a, b in zip(grid, grid[1:]):
         assert b / a <= 1.1 + 1e-12 or b == a + 1
 
 
 def test_eval_grid_is_geometric_not_linear():
     grid = S.eval_steps(10_000)
-    assert len(grid) < 100  # about ln(1000) / ln(1.1) = 72, plus the single steps 10..20
+    assert len(grid) == 88  # the steps 1..10, then about ln(1000) / ln(1.1) = 72, a few more for the rounding
     coarse = S.eval_steps(10_000, resolution=0.5, first=2)
     assert all(b / a <= 1.5 + 1e-12 for a, b in zip(coarse, coarse[1:])) and len(coarse) < len(grid)
     with pytest.raises(ValueError, match="resolution"):
         S.eval_steps(100, resolution=1.5)
+
+
+def test_step_budgets_starve_no_batch_size_and_the_epoch_rule_stays():
+    batches = [8 * 2**k for k in range(8)]  # 8 .. 1024
+    epochs = S.step_budgets(batches, 8192, 2, S.EPOCHS)
+    assert epochs[8] == 2048 and epochs[1024] == 16  # the starved batch size the epoch rule gave
+    sqrt = S.step_budgets(batches, 8192, 2)
+    assert sqrt[8] == 2048 and sqrt[32] == 1024 and sqrt[1024] == 182  # 2048 x sqrt(8 / B)
+    for small, large in zip(batches, batches[1:]):
+        # No faster than perfect scaling (steps halve as B doubles), no slower than constant steps.
+        assert sqrt[small] / 2 <= sqrt[large] <= sqrt[small]
+        assert sqrt[large] * large >= sqrt[small] * small  # so the examples never shrink
+    # The floor: 100 steps where the sqrt rule would give fewer, never above the smallest batch size's budget.
+    assert S.step_budgets([16, 256, 4096], 1200, 1) == {16: 75, 256: 75, 4096: 75}
+    assert S.step_budgets([16, 4096], 16_000, 1) == {16: 1000, 4096: 100}
+    with pytest.raises(ValueError, match="scaling"):
+        S.step_budgets([16], 100, 1, "linear")
+
+
+def test_budget_flags_and_the_budget_of_a_study_stored_before_the_sqrt_rule():
+    from study.errors import StudyError
+    from study.steps_study import budgets_of, fill, parser
+    from study.workload import resolve
+
+    digits = str(Path(__file__).resolve().parents[1] / "examples" / "digits_workload.py")
+    workload = resolve(digits)
+    p = parser(workload)
+    args = fill(p.parse_args([digits, "--batch-sizes", "16", "64", "--budget-epochs", "2"]), workload, 1200)
+    assert args.budget_scaling == S.SQRT and budgets_of(args, 1200) == {16: 150, 64: 100}  # the floor of 100
+    args = fill(p.parse_args([digits, "--batch-sizes", "16", "64", "--budget-epochs", "2", "--budget-scaling",
+                              "epochs"]), workload, 1200)
+    assert budgets_of(args, 1200) == {16: 150, 64: 38}
+    args = fill(p.parse_args([digits, "--batch-sizes", "16", "64", "--budget-steps", "70"]), workload, 1200)
+    assert budgets_of(args, 1200) == {16: 70, 64: 70}
+    with pytest.raises(StudyError, match="--budget-scaling"):
+        fill(p.parse_args([digits, "--budget-steps", "70", "--budget-scaling", "sqrt"]), workload, 1200)
+    # --resume of a study whose study.json predates --budget-scaling: its trials had epochs at every batch size.
+    old = p.parse_args([digits, "--batch-sizes", "16", "64", "--budget-epochs", "2"])
+    old.resume = True
+    assert fill(old, workload, 1200).budget_scaling == S.EPOCHS and budgets_of(old, 1200) == {16: 150, 64: 38}
+
+
+def test_every_configuration_has_its_own_seed_drawn_from_the_study_seed():
+    configs = S.sobol_configs(16, RANGES, seed=3, momentum=True)
+    seeds = [c["seed"] for c in configs]
+    assert len(set(seeds)) == 16 and all(0 <= s < 2**31 for s in seeds)
+    assert seeds == [S.config_seed(3, i) for i in range(16)]
+    assert [c["seed"] for c in S.sobol_configs(4, RANGES, seed=3, momentum=True)] == seeds[:4]  # not on n
+    assert set(seeds).isdisjoint(c["seed"] for c in S.sobol_configs(16, RANGES, seed=4, momentum=True))
 
 
 def test_default_batch_sizes():
@@ -83,6 +135,24 @@ def test_trial_limits_statuses():
     assert higher.status({"step": 50, "val_auc": 0.91, "train_loss": 1}) == S.REACHED
     with pytest.raises(ValueError, match="equals the chance level"):
         S.TrialLimits(GOAL, 100, chance=0.01)
+
+
+def test_the_infeasible_rule_waits_past_the_warmup_and_a_floor_of_steps():
+    at_chance = lambda step: row(step, 0.88)  # noqa: E731
+    # A small budget: the floor of 50 steps, not a quarter of 100 (25, the rule before it waited).
+    small = S.TrialLimits(GOAL, budget_steps=100, chance=0.9)
+    assert small.infeasible_from() == 50
+    assert small.status(at_chance(49)) is None and small.status(at_chance(50)) == S.INFEASIBLE
+    # A warmup of 300 steps: the learning rate is still ramping up, so wait past it, then a quarter of the rest.
+    warm = S.TrialLimits(GOAL, budget_steps=1300, chance=0.9, warmup_steps=300)
+    assert warm.infeasible_from() == 300 + 250
+    assert warm.status(at_chance(325)) is None and warm.status(at_chance(549)) is None
+    assert warm.status(at_chance(550)) == S.INFEASIBLE
+    # A budget that ends before the rule may fire: censored at the budget, never infeasible.
+    short = S.TrialLimits(GOAL, budget_steps=40, chance=0.9)
+    assert [short.status(at_chance(s)) for s in (10, 39, 40)] == [None, None, S.CENSORED]
+    with pytest.raises(ValueError, match="warmup_steps"):
+        S.TrialLimits(GOAL, 100, warmup_steps=-1)
 
 
 def test_strictest_goal():
@@ -149,3 +219,40 @@ def test_tune_stopper_in_a_real_grid_stops_the_slow_configurations(local_ray, tm
     assert all(100 * (c + 1) <= last[c] < 110 * (c + 1) for c in range(5)), (last, stopper.stopped)  # reached
     assert all(500 < last[c] < 100 * (c + 1) for c in range(5, 8))  # stopped just past the 5th fastest's step
     assert sorted(last[c] for c in range(5, 8)) == sorted(stopper.stopped.values())
+
+
+@pytest.mark.parametrize("failed", [0, 3, 6])
+def test_failed_configurations_count_in_n_and_the_rule_changes_no_bootstrap_replicate(failed):
+    """8 configurations of one batch size, `failed` of them infeasible or diverged (never reach), run in parallel
+    on the evaluation grid through ResultRule; the paired bootstrap's replicates are the same with and without it."""
+    from analysis.steps import bootstrap_minima, config_draws
+
+    n, rng = 8, np.random.default_rng(failed)
+    grid = S.eval_steps(5000)
+    draws = config_draws(n, 20_000, seed=failed)
+    m = S.configs_to_wait_for(n)
+    for _ in range(20):
+        true = rng.lognormal(np.log(300), 0.8, n)  # steps to result without the rule (inf: never)
+        true[rng.choice(n, failed, replace=False)] = math.inf
+        true[true > 5000] = math.inf  # censored at the budget
+        rule, ruled = S.ResultRule(configs=n), true.copy()
+        running = set(range(n))
+        for step in grid:
+            for c in sorted(running):
+                if true[c] <= step:  # reached at this evaluation (its first at the goal)
+                    rule.reached(16, str(c), step)
+                    running.discard(c)
+            for c in sorted(running):
+                if rule.should_stop(16, step):
+                    ruled[c] = math.inf
+                    running.discard(c)
+        if np.isfinite(true).sum() >= m:  # the rule could fire: stopped trials are slower than the m-th fastest
+            assert all(true[c] > np.sort(true)[m - 1] for c in np.flatnonzero(ruled != true))
+        assert np.array_equal(bootstrap_minima(true, draws, m), bootstrap_minima(ruled, draws, m))
+    # The share of resamples that miss the m fastest does not depend on which others failed: (1 - m/n)^n, below the
+    # limit. Taking m from the 8 - 3 that did not fail would give 4, and a share of (1 - 4/8)^8, above it.
+    limit = 0.05 / 2 / 10
+    share = lambda k: np.isin(draws, np.arange(k)).any(axis=1).__invert__().mean()  # noqa: E731
+    assert share(m) <= limit and abs(share(m) - (1 - m / n) ** n) < 0.001
+    if failed == 3:
+        assert S.configs_to_wait_for(n - failed) == 4 and share(4) > limit

@@ -50,10 +50,11 @@ def test_trial_evaluates_on_the_step_grid_across_epochs_and_stops_at_the_goal():
 
 def test_trial_is_censored_at_its_budget_and_infeasible_at_chance():
     rows, last = trial({**GOAL_03, "value": 0.0}, budget=13)
-    assert [r["step"] for r in rows] == [0, 10, 11, 12, 13] and last["status"] == S.CENSORED
+    assert [r["step"] for r in rows] == list(range(14)) and last["status"] == S.CENSORED  # every step to 10
     assert math.isnan(last[M.STEPS_TO_RESULT])
-    rows, last = trial(GOAL_03, budget=40, lr=1e-7, chance=0.9)  # learns nothing: ends at a quarter of its budget
-    assert last["status"] == S.INFEASIBLE and [r["step"] for r in rows] == [0, 10]
+    rows, last = trial(GOAL_03, budget=120, lr=1e-7, chance=0.9)  # learns nothing: ends 50 steps in (the floor)
+    assert last["status"] == S.INFEASIBLE and [r["step"] for r in rows] == [0] + S.eval_steps(120)[:31]
+    assert rows[-1]["step"] == 50
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
@@ -111,7 +112,7 @@ REPORT_FILES = ["steps_per_batch.csv", "steps_fit.csv", "steps_best_of_k.csv", "
 
 
 @pytest.mark.slow
-def test_steps_study_through_tune(local_ray, tmp_path, monkeypatch, tensorboard_api):
+def test_steps_study_through_tune(local_ray, tmp_path, monkeypatch, tensorboard_api, capsys):
     from analysis.report import main as report_main
     from study import steps_study
 
@@ -122,9 +123,13 @@ def test_steps_study_through_tune(local_ray, tmp_path, monkeypatch, tensorboard_
             "--batch-sizes", "16", "32", "64", "--optimizer", "nesterov", "--lr-range", "0.05", "0.4",
             "--momentum-range", "0.05", "0.3", "--budget-epochs", "3", "--storage-path", str(tmp_path),
             "--name", "digits", "--gpus-per-trial", "0"]
+    capsys.readouterr()
     assert main(argv) == 0
+    console = capsys.readouterr().out
     study = tmp_path / "digits"
     saved = json.loads((study / "study.json").read_text())
+    # Epochs at the smallest batch size, steps shrinking as 1 / sqrt(B) (study.steps.step_budgets).
+    assert saved["budget_steps"] == {"16": 225, "32": 160, "64": 113}
     assert saved["kind"] == "steps" and saved["level"] == 0.5 and saved["safety"] == 1.0
     assert saved["ranges"] == {"lr": [0.05, 0.4], "one_minus_momentum": [0.05, 0.3]}
     assert [g["value"] for g in saved["goals"]] == [0.3, 0.4]
@@ -134,6 +139,10 @@ def test_steps_study_through_tune(local_ray, tmp_path, monkeypatch, tensorboard_
     assert len(rows) == 9
     lrs = {r[0]["config"]["config"]: r[0]["config"]["lr"] for r in rows.values()}
     assert sorted(lrs.values()) == sorted(p["lr"] for p in saved["configs"])  # the same points at every batch size
+    # Each configuration its own seed (initialisation and data order), the same at every batch size.
+    seeds = {(r[0]["config"]["batch_size"], r[0]["config"]["config"]): r[0]["config"]["seed"] for r in rows.values()}
+    assert seeds == {(b, c): S.config_seed(0, c) for b in (16, 32, 64) for c in range(3)}
+    assert len(set(seeds.values())) == 3 and [p["seed"] for p in saved["configs"]] == [seeds[16, c] for c in range(3)]
     stopped = json.loads((study / "steps" / "stopped_by_rule.json").read_text())
     first = {}  # batch size -> first reaching steps of its trials
     for name, trial_rows in rows.items():
@@ -151,6 +160,18 @@ def test_steps_study_through_tune(local_ray, tmp_path, monkeypatch, tensorboard_
     for name, step in stopped.items():  # stopped only past the 2nd fastest reaching step of its batch size
         batch = rows[name][0]["config"]["batch_size"]
         assert step > sorted(first[batch])[1] and rows[name][-1]["status"] == "running"
+    # The console's last table: each trial's outcome, from its last row, and its steps to result.
+    table = console[console.rindex("batch_size  config"):].splitlines()[1:10]
+    words = {S.REACHED: "reached", S.CENSORED: "censored (budget)", S.INFEASIBLE: "infeasible",
+             S.DIVERGED: "diverged"}
+    shown = {tuple(map(int, line.split()[:2])): line.split(None, 2)[2] for line in table}
+    for name, trial_rows in rows.items():
+        c, last = trial_rows[0]["config"], trial_rows[-1]
+        word = "stopped by rule" if name in stopped else words[last["status"]]
+        to_result = f"{last['step']:.4g}" if last["status"] == S.REACHED else "-"
+        error = "-" if math.isnan(last["val_error"]) else f"{last['val_error']:.4g}"
+        assert shown[c["batch_size"], c["config"]].split() == [*word.split(), error,
+                                                               str(last["step"]), to_result], (name, table)
 
     assert report_main([str(study)]) == 0
     report = (study / "report" / "report.md").read_text()

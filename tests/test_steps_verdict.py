@@ -127,16 +127,35 @@ def test_a_batch_size_that_never_reached_the_goal_is_a_lower_bound_at_its_budget
 def test_a_goal_reached_at_the_first_evaluations_reports_no_b_crit(tmp_path):
     from analysis.steps_figures import write_section
 
-    # The goal falls at the first evaluation (step 10) or a few after it, at every batch size.
-    trials = [trial(b, c, 9.0 + 2 * c + 64 / b, budget=200) for b in BATCHES for c in range(4)]
+    # On the grid from step 1: the goal falls within the first 10 evaluations (steps 1 to 10) at every batch size,
+    # at the first evaluation at the largest.
+    trials = [trial(b, c, 0.6 + c + 8.9 * 16 / b, budget=200) for b in BATCHES for c in range(4)]
+    assert S.eval_steps(200)[:10] == list(range(1, 11))
     (result,) = A.analyse(trials, [GOAL], n_boot=100)
     assert all(r["floor"] for r in result["table"]) and result["table"][-1]["evaluation"] == 1
+    assert [r["evaluation"] for r in result["table"]][:2] == [10, 6]  # 9.5 steps at 16: evaluation 10, step 10
     assert math.isnan(result["fit"]["b_crit"]) and result["fit"]["floor_left_out"] == BATCHES
     assert {r["regime"] for r in result["regimes"]} == {A.UNDETERMINED}
     text = write_section(trials, [GOAL], tmp_path, n_boot=100)
     assert "B_crit not measured: 0 batch sizes reached the goal after the first 10 evaluations" in text
-    assert "<= 10 (first evaluation)" in text and "undetermined (first evaluations)" in text
+    assert "<= 1 (first evaluation)" in text and "undetermined (first evaluations)" in text
+    assert "(up to step 10, the floor;" in text
     assert (tmp_path / "best_of_k.png").stat().st_size > 10_000
+
+
+def test_the_floor_ends_at_the_tenth_evaluation_of_either_grid():
+    from analysis.steps_plots import floor_step
+
+    # Just past the floor (step 11, the 11th evaluation) a batch size is fitted and calls a regime; at step 10 not.
+    past = A.per_batch([trial(16, c, 10.5 + 5 * c, budget=200) for c in range(4)], GOAL, n_boot=50)[0]
+    on = A.per_batch([trial(16, c, 9.5 + 5 * c, budget=200) for c in range(4)], GOAL, n_boot=50)[0]
+    assert (past["evaluation"], past["floor"]) == (11, False) and (on["evaluation"], on["floor"]) == (10, True)
+    assert floor_step([trial(16, 0, 50.0, budget=200)]) == 10
+    # A study stored before the grid started at step 1 (first evaluation at step 10): its floor stays its first ten
+    # evaluations, steps 10 to 19, so it reports as before.
+    old = trial(16, 0, 15.0, budget=200)
+    old["rows"] = [old["rows"][0]] + [r for r in old["rows"] if r["step"] >= 10]
+    assert floor_step([old]) == 19 and A.per_batch([old], GOAL, n_boot=20)[0]["floor"]
 
 
 def test_flags_budget_limited_and_the_edge_in_effective_rate_and_next_to_failures():
@@ -152,3 +171,14 @@ def test_flags_budget_limited_and_the_edge_in_effective_rate_and_next_to_failure
     group[3] = dict(group[3], status=S.DIVERGED)
     row = A.per_batch(group, GOAL, {"lr": (1e-4, 10)}, n_boot=50)[0]
     assert row["best_config"] == 2 and row["edge"] and row["edge_why"] == "next to diverged"
+
+
+def test_the_report_says_how_the_budget_was_set():
+    from analysis.steps_report import budget_line
+
+    assert budget_line({"budget_steps": 500}, {"16": 500, "32": 500}) == "500 steps at every batch size"
+    # A study stored before the sqrt rule: epochs at every batch size.
+    assert budget_line({"budget_epochs": 2.0}, {"1024": 16, "16": 1024}) == ("2.0 epochs per batch size; steps "
+                                                                              "16: 1024, 1024: 16")
+    line = budget_line({"budget_epochs": 2.0, "budget_scaling": S.SQRT}, {"16": 1024, "1024": 128})
+    assert "at the smallest batch size" in line and "1 / sqrt" in line and line.endswith("16: 1024, 1024: 128")

@@ -180,7 +180,9 @@ def test_cifar_reader_and_workload_load(tmp_path):
     options = cifar10_resnet8.workload.option_values({"data_dir": str(folder), "val_size": 30})
     splits = cifar10_resnet8.load(options)
     assert [len(splits[s][0]) for s in ("train", "val", "test")] == [70, 30, 20]
-    assert np.array_equal(splits["val"][0], data["train"][0][70:])
+    assert not np.array_equal(splits["val"][0], data["train"][0][70:])  # a random sample (tests/test_validation_split)
+    tail = cifar10_resnet8.load(dict(options, val_split="tail"))
+    assert np.array_equal(tail["val"][0], data["train"][0][70:])
 
 
 def test_cifar_smoke_set_is_cifars_own_files(tmp_path):

@@ -4,14 +4,16 @@ with --blocks n (n=3: ResNet-20). Augmentation: pad 4 and random 32x32 crop, ran
 device.
 
 `python -m study run cifar10-resnet8 --data-dir DIR` (the cifar-10-batches-py folder, or its parent; --download
-fetches it), or `--smoke` on generated CIFAR-10 files (study.data.cifar.load_synthetic). The validation split is the
-last --val-size training images; the test split is CIFAR-10's own.
+fetches it), or `--smoke` on generated CIFAR-10 files (study.data.cifar.load_synthetic). The validation split is
+--val-size training images drawn at random, stratified by class and seeded by --split-seed (study.data.validation;
+--val-split tail takes the last ones, as studies stored before 2026-12-07 did and resume with); the test split is
+CIFAR-10's own.
 """
 
 import torch
 from torch import nn
 
-from study.data import cifar
+from study.data import cifar, validation
 from study.errors import StudyError
 from study.workload import Goal, Metric, Option, Workload
 
@@ -32,14 +34,11 @@ def load(options: dict) -> dict:
                 raise
             cifar.download(options["data_dir"])
             data = cifar.load(options["data_dir"])
-    (x, y), n_val = data["train"], options["val_size"]
-    if not 0 < n_val < len(x):
-        raise StudyError(f"--val-size must be in 1..{len(x) - 1}, got {n_val}")
-    train = x[:-n_val], y[:-n_val]
+    train, val = validation.carve(*data["train"], options, classes=True)
     if options["train_limit"]:
         train = train[0][:options["train_limit"]], train[1][:options["train_limit"]]
     as_long = lambda split: (split[0], split[1].astype("int64"))  # noqa: E731
-    return {"train": as_long(train), "val": as_long((x[-n_val:], y[-n_val:])), "test": as_long(data["test"])}
+    return {"train": as_long(train), "val": as_long(val), "test": as_long(data["test"])}
 
 
 class Block(nn.Module):
@@ -105,7 +104,8 @@ workload = Workload(
     options=(Option("data_dir", str, "", "the cifar-10-batches-py folder, or the folder holding it"),
              Option("download", bool, False, "fetch CIFAR-10 through torchvision into --data-dir"),
              Option("synthetic", bool, False, "generated CIFAR-10 files instead of CIFAR-10 (what --smoke uses)"),
-             Option("val_size", int, 5000, "the last N training images are the validation split"),
+             Option("val_size", int, 5000, "training images held out as the validation split (--val-split)"),
+             *validation.options(before="tail", classes=True),
              Option("train_limit", int, 0, "train on the first N of the remaining training images (0: all)"),
              Option("blocks", int, 1, "residual blocks per stage: ResNet-(6n+2), 1 is ResNet-8, 3 ResNet-20")),
 )

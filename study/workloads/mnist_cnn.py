@@ -2,14 +2,17 @@
 neural network training"): conv 5x5 32 + max-pool, conv 5x5 64 + max-pool, fc 1024, fc 10.
 
 `python -m study run mnist-cnn --data-dir DIR` (the four idx files; --download fetches them), or `--smoke` on
-built-in synthetic digits. The validation split is the last --val-size training images; the test split is
-MNIST's own 10,000.
+built-in synthetic digits. The validation split is --val-size training images drawn at random, stratified by digit
+and seeded by --split-seed (study.data.validation: MNIST's last training images are easier than the rest, so the
+last N, --val-split tail, make every goal easier; studies stored before 2026-12-07 used them and resume with them);
+the test split is MNIST's own 10,000.
 """
 
 import torch
 from torch import nn
 
 from study.data import mnist as mnist_data
+from study.data import validation
 from study.errors import StudyError
 from study.workload import Goal, Metric, Option, Workload
 
@@ -29,14 +32,11 @@ def load(options: dict) -> dict:
                 raise
             mnist_data.download(options["data_dir"])
             data = mnist_data.load(options["data_dir"])
-    n_val = options["val_size"]
-    if not 0 < n_val < len(data.train_x):
-        raise StudyError(f"--val-size must be in 1..{len(data.train_x) - 1}, got {n_val}")
-    train_x, train_y = data.train_x[:-n_val], data.train_y[:-n_val]
+    (train_x, train_y), (val_x, val_y) = validation.carve(data.train_x, data.train_y, options, classes=True)
     if options["train_limit"]:
         train_x, train_y = train_x[:options["train_limit"]], train_y[:options["train_limit"]]
     labels = lambda y: y.astype("int64")  # noqa: E731 (cross_entropy wants int64 class indices)
-    return {"train": (train_x, labels(train_y)), "val": (data.train_x[-n_val:], labels(data.train_y[-n_val:])),
+    return {"train": (train_x, labels(train_y)), "val": (val_x, labels(val_y)),
             "test": (data.test_x, labels(data.test_y))}
 
 
@@ -70,6 +70,7 @@ workload = Workload(
     options=(Option("data_dir", str, "", "folder with the four MNIST idx files (.gz or not)"),
              Option("download", bool, False, "fetch MNIST through torchvision into --data-dir"),
              Option("synthetic", bool, False, "built-in synthetic digits instead of MNIST (what --smoke uses)"),
-             Option("val_size", int, 10_000, "the last N training images are the validation split"),
+             Option("val_size", int, 10_000, "training images held out as the validation split (--val-split)"),
+             *validation.options(before="tail", classes=True),
              Option("train_limit", int, 0, "train on the first N of the remaining training images (0: all)")),
 )

@@ -3,8 +3,10 @@ predicts a statistic of each image's 784 pixels (--target mean | median | std | 
 
 `python -m study.mnist` runs the original two-stage study (a learning-rate search at batch 32, then the batch
 sweep; see study/mnist.py); `python -m study run mnist-regression --data-dir DIR` runs a plain grid of it (`--lrs`),
-`--smoke` on built-in synthetic digits. The validation split is a fixed random hold-out of --val-size training
-images (the same for every trial); the test split is MNIST's own 10,000.
+`--smoke` on built-in synthetic digits. The validation split is a seeded random sample of --val-size training
+images (--split-seed, the same for every trial; not stratified: the targets are numbers, not classes), the hold-out
+the original study has drawn since it was first built (seed 0; study.data.validation); the test split is MNIST's
+own 10,000.
 """
 
 import numpy as np
@@ -13,6 +15,7 @@ from torch import nn
 
 from study.config import MNIST_TARGETS
 from study.data import mnist as mnist_data
+from study.data import validation
 from study.errors import StudyError
 from study.models import RegressionCNN
 from study.workload import Goal, Metric, Option, Workload
@@ -23,7 +26,6 @@ LR_SEARCH_BATCH = 32  # batch size of the learning-rate search
 BATCH_SIZES = (16, 32, 64, 128, 256, 512, 1024)  # the sweep
 RUNS = 10  # seeded runs per batch size (study.mnist: seed = batch size + run index, as the original)
 VAL_SIZE = 10_000  # training images held out to select the learning rate
-VAL_SPLIT_SEED = 0  # the validation images are the same for every trial of a study
 SCALES = ("raw", "unit")  # raw: pixels and statistics on 0..255 (the original); unit: on 0..1
 
 
@@ -43,12 +45,6 @@ def read(options: dict) -> mnist_data.Mnist:
     return data.limit(options["train_limit"], options["test_limit"])
 
 
-def hold_out(n_train: int, val_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the training and validation images: a fixed random hold-out of val_size images."""
-    order = np.random.default_rng(VAL_SPLIT_SEED).permutation(n_train)
-    return np.sort(order[val_size:]), np.sort(order[:val_size])
-
-
 def scales(options: dict) -> tuple[float, float]:
     """(input, target) factors: 1 on the raw 0..255 scale; unit divides by 255 (a variance by 255**2)."""
     x_scale = 1.0 if options["input_scale"] == "raw" else 1 / 255
@@ -65,7 +61,10 @@ def splits(train_x, test_x, targets: tuple, options: dict) -> dict:
     x_scale, y_scale = scales(options)
     x = (lambda a: a) if x_scale == 1 else (lambda a: np.asarray(a, np.float32) * np.float32(x_scale))
     y = lambda a: np.asarray(a, np.float32) * np.float32(y_scale)  # noqa: E731
-    train_idx, val_idx = hold_out(len(train_x), options["val_size"])
+    # The original study's trials (study.trainables.run_mnist) pass no val_split or split_seed: theirs is the seeded
+    # random hold-out with seed 0, which these defaults draw (a val_size of 0, its batch sweep, holds out nothing).
+    train_idx, val_idx = validation.indices(len(train_x), options["val_size"], options.get("val_split", "random"),
+                                            options.get("split_seed", 0))
     return {"train": (x(train_x[train_idx]), y(targets[0][train_idx])),
             "val": (x(train_x[val_idx]), y(targets[0][val_idx])), "test": (x(test_x), y(targets[1]))}
 
@@ -113,7 +112,8 @@ workload = Workload(
              Option("data_dir", str, "", "folder with the four MNIST idx files (.gz or not; MNIST/raw/ too)"),
              Option("download", bool, False, "fetch MNIST through torchvision into --data-dir"),
              Option("synthetic", bool, False, "built-in synthetic digits instead of MNIST (what --smoke uses)"),
-             Option("val_size", int, VAL_SIZE, "training images held out for validation"),
+             Option("val_size", int, VAL_SIZE, "training images held out as the validation split (--val-split)"),
+             *validation.options(before="random", classes=False),
              Option("train_limit", int, 0, "use only the first N training images (0: all)"),
              Option("test_limit", int, 0, "use only the first N test images (0: all)")),
     # The original study's learning-rate search (study.mnist runs it per target; `run ... --lr-search` for one).
