@@ -55,7 +55,8 @@ class ProbeClock:
 def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.nn.Module], dict], report: Callable,
         *, cfg, device: torch.device, prepare: Callable | None = None, start: dict | None = None,
         select: str | None = None, maximise: bool = True, autocast_dtype: torch.dtype | None = None,
-        eval_steps: Sequence[int] | None = None, stop: Callable[[dict], str | None] | None = None) -> dict:
+        eval_steps: Sequence[int] | None = None, stop: Callable[[dict], str | None] | None = None,
+        keep_steps: Sequence[int] = (), rewind_on: tuple = ()) -> dict:
     """Train `model` until the last evaluation of the schedule, or until `stop` or divergence ends it; returns the
     final state (see `snapshot` below).
 
@@ -69,6 +70,9 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
     always end it, as `diverged` and `done`).
     select: a metric to maximise (minimise with maximise=False); the state then carries the best row's weights
     ("best_model"). start: a state from an earlier `report` to resume from (as loaded from a checkpoint).
+    keep_steps, rewind_on: steps between evaluations whose weights are kept, not evaluated; when an evaluation's
+    stop status is in rewind_on, the steps kept since the previous evaluation are evaluated in order and reported,
+    and the first whose status is also in rewind_on ends training there (study.eval_schedule states the rule).
     """
     steps_per_epoch = len(batches)
     at = list(eval_steps) if eval_steps is not None else [e * steps_per_epoch for e in range(1, cfg.epochs + 1)]
@@ -114,21 +118,40 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
         optimizer.step()
         return loss
 
-    def row_at(train_loss, seconds, probe_seconds, seen):
-        """The evaluation row at the current step: the interval since the previous evaluation, then the metrics."""
-        step = state["step"]
+    def so_far() -> dict:
+        """The interval's sums since the previous evaluation, at the current step (after a device sync)."""
+        sync(device)
+        probe_seconds = clock.seconds()
+        trace, grad_sq = noise.means() if noise is not None and noise.probes else (0.0, 0.0)
+        probes = noise.probes if noise is not None else 0
+        # Timing comparisons across batch sizes leave the probes out: their share of an interval depends on the
+        # batch size. What is left out is the probe steps' forward and backward passes (their optimizer steps
+        # stay in); evaluations are outside the interval.
+        return {"step": state["step"], "loss_sum": loss_sum.item(), "seen": seen, "probe_seconds": probe_seconds,
+                "seconds": time.perf_counter() - started - probe_seconds, "probes": probes,
+                "trace_sum": trace * probes, "grad_sq_sum": grad_sq * probes, "lr": optimizer.param_groups[0]["lr"]}
+
+    def row_of(now: dict, since: dict | None = None) -> dict:
+        """The row's training part: the interval from `since` (the interval's start by default) to `now`, two of
+        so_far()'s sums; it moves the state's step, epoch and training seconds to `now`."""
+        d = {k: now[k] - since[k] if since else now[k] for k in ("loss_sum", "seen", "seconds", "probe_seconds",
+                                                                 "probes", "trace_sum", "grad_sq_sum")}
+        step = now["step"]
+        state["train_seconds"] += d["seconds"]
+        state.update(step=step, epoch=epoch_of(step, steps_per_epoch, eval_steps))
+        train_loss = d["loss_sum"] / max(d["seen"], 1) if step else math.nan
         full, rest = divmod(step, steps_per_epoch)  # only an epoch's last batch can be smaller than batch_size
         row = {M.EPOCH: state["epoch"], M.STEP: step, M.EXAMPLES: full * len(batches.x) + rest * batches.batch_size,
-               M.TRAIN_LOSS: train_loss, M.EPOCH_SECONDS: seconds, M.PROBE_SECONDS: probe_seconds,
+               M.TRAIN_LOSS: train_loss, M.EPOCH_SECONDS: d["seconds"], M.PROBE_SECONDS: d["probe_seconds"],
                M.TRAIN_SECONDS: state["train_seconds"],
-               M.IMAGES_PER_SECOND: seen / seconds if seconds > 0 else math.nan,
+               M.IMAGES_PER_SECOND: d["seen"] / d["seconds"] if d["seconds"] > 0 else math.nan,
                M.NOISE_SCALE: math.nan, M.NOISE_PROBES: 0, M.DIVERGED: step > 0 and not math.isfinite(train_loss),
-               M.LR: optimizer.param_groups[0]["lr"], M.STATUS: M.STATUS_RUNNING}
-        if noise is not None and noise.probes:  # the means pool across rows (study.metrics.NOISE_TRACE)
-            trace, grad_sq = noise.means()
-            row.update({M.NOISE_SCALE: trace / grad_sq if grad_sq > 0.0 else math.nan, M.NOISE_PROBES: noise.probes,
+               M.LR: now["lr"], M.STATUS: M.STATUS_RUNNING}
+        if d["probes"]:  # the means pool across rows (study.metrics.NOISE_TRACE)
+            trace, grad_sq = d["trace_sum"] / d["probes"], d["grad_sq_sum"] / d["probes"]
+            row.update({M.NOISE_SCALE: trace / grad_sq if grad_sq > 0.0 else math.nan, M.NOISE_PROBES: d["probes"],
                         M.NOISE_TRACE: trace, M.NOISE_GRAD_SQ: grad_sq})
-        return {**row, **evaluate(model)}
+        return row
 
     def track_best(row):
         # Step 0 is the untrained network: reported, never the "best" model that gets tested.
@@ -141,16 +164,51 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
         row[M.BEST_EPOCH] = state["best"]["epoch"]  # e.g. best_val_acc (M.BEST_VAL_ACC) and its epoch
         row["best_" + select] = state["best"]["value"] if state["best"]["epoch"] > 0 else math.nan
 
-    def finish(row, last: bool) -> bool:
-        """Track the best row, set the status, report; True when training ends here."""
+    def decide(row, last: bool) -> dict:
+        """Track the best row and set the row's status."""
         if select is not None:
             track_best(row)
         status = stop(row) if stop is not None else None
         if status is None and row[M.DIVERGED]:  # a NaN/inf model has nothing left to learn
             status = M.STATUS_DIVERGED
         row[M.STATUS] = status or (M.STATUS_DONE if last else M.STATUS_RUNNING)
-        report(row, snapshot())
+        return row
+
+    def finish(row, last: bool) -> bool:
+        """Decide and report the row; True when training ends here."""
+        report(decide(row, last), snapshot())
         return row[M.STATUS] != M.STATUS_RUNNING
+
+    kept = []  # (so_far(), weights) of the steps kept since the last evaluation (keep_steps)
+    keeping = set(keep_steps)
+    on_host = sum(t.numel() * t.element_size() for t in model.state_dict().values()) > 2**26  # > 64 MiB: host
+
+    def evaluated(now: dict, last: bool) -> bool:
+        """The evaluation due now: decided, then, where its status asks for it (rewind_on), the kept steps before
+        it evaluated and reported in order until one's status is in rewind_on too; True when training ends."""
+        start_seconds = state["train_seconds"]
+        metrics = evaluate(model)
+        row = decide({**row_of(now), **metrics}, last)
+        if row[M.STATUS] not in rewind_on or not kept:
+            kept.clear()
+            report(row, snapshot())
+            return row[M.STATUS] != M.STATUS_RUNNING
+        current = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state["train_seconds"], since = start_seconds, None
+        for part, weights in kept:
+            model.load_state_dict(weights)
+            fine = decide({**row_of(part, since), **evaluate(model)}, last=False)
+            since = part
+            if fine[M.STATUS] in rewind_on:
+                kept.clear()
+                report(fine, snapshot())
+                return True
+            fine[M.STATUS] = M.STATUS_RUNNING  # the later evaluation decides how the trial goes on
+            report(fine, snapshot())
+        kept.clear()
+        model.load_state_dict(current)
+        report(decide({**row_of(now, since), **metrics}, last), snapshot())
+        return True
 
     def start_interval():
         """An evaluation interval starts: its loss sum, example count, noise sums and clocks at zero."""
@@ -163,7 +221,9 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
 
     if start is None:  # a start's step was reported with the checkpoint it came from: once per trial
         set_lr(optimizer, lr_at(0, base_lr, warmup_steps, at[-1], schedule, final))
-        if finish(row_at(math.nan, 0.0, 0.0, 0), last=False):
+        zero = dict(step=0, loss_sum=0.0, seen=0, seconds=0.0, probe_seconds=0.0, probes=0, trace_sum=0.0,
+                    grad_sq_sum=0.0, lr=optimizer.param_groups[0]["lr"])
+        if finish({**row_of(zero), **evaluate(model)}, last=False):
             return state
     pending = [s for s in at if s > state["step"]]
     epoch, skip = divmod(state["step"], steps_per_epoch)
@@ -172,15 +232,7 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
     def evaluation_ends_training() -> bool:
         """The evaluation due at this step: the interval's row, reported; True when training ends here."""
         pending.pop(0)
-        sync(device)
-        probe_seconds = clock.seconds()
-        # Timing comparisons across batch sizes leave the probes out: their share of an interval depends on the
-        # batch size. What is left out is the probe steps' forward and backward passes (their optimizer steps
-        # stay in); evaluations are outside the interval.
-        seconds = time.perf_counter() - started - probe_seconds
-        state["train_seconds"] += seconds
-        state["epoch"] = epoch_of(state["step"], steps_per_epoch, eval_steps)
-        return finish(row_at((loss_sum / max(seen, 1)).item(), seconds, probe_seconds, seen), last=not pending)
+        return evaluated(so_far(), last=not pending)
 
     while pending:
         epoch += 1
@@ -199,6 +251,9 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
             loss_sum += loss.detach().float() * len(y)
             seen += len(y)
             state["step"] = step + 1
+            if state["step"] in keeping and state["step"] < pending[0]:
+                kept.append((so_far(), {k: v.detach().to("cpu" if on_host else v.device, copy=True)
+                                        for k, v in model.state_dict().items()}))
             if state["step"] == pending[0] and state["step"] % steps_per_epoch:  # mid-epoch
                 if evaluation_ends_training():
                     return state

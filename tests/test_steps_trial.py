@@ -73,7 +73,7 @@ def test_a_steps_trial_streams_memory_mapped_pcam_splits_and_augments_them(tmp_p
                       noise_scale=False)
     goal = {"metric": "val_loss", "value": 0.0, "higher_is_better": False}
     rows, last = steps_trial(dataclasses.replace(workload, prepare_train=recorded), None, cfg, goal, budget=3)
-    assert [r[S.STEP] for r in rows] == [0, 3] and last[M.STATUS] == S.CENSORED
+    assert [r[S.STEP] for r in rows] == [0, *S.eval_steps(3)] and last[M.STATUS] == S.CENSORED
     # train (shuffled) and val (in order) read from their memory maps; on CPU nothing is uploaded whole.
     assert streamed == [(8, True, True, False), (4, True, False, False)]
     assert augmented == [torch.uint8] * 3
@@ -126,4 +126,4 @@ def test_one_loop_takes_the_lr_one_way():
     base = scaled_lr(0.1, 256, 32, "linear")  # 1200 examples at 256: 5 steps per epoch, 5 of warmup
     for rows in (by_epoch, by_step):
         assert [r[M.LR] for r in rows] == [lr_at(max(0, r[S.STEP] - 1), base, 5, 10, "cosine", 0.1) for r in rows]
-    assert [r[S.STEP] for r in by_epoch] == [0, 5, 10] and [r[S.STEP] for r in by_step] == [0, 10]
+    assert [r[S.STEP] for r in by_epoch] == [0, 5, 10] and [r[S.STEP] for r in by_step] == [0, *S.eval_steps(10)]
