@@ -20,11 +20,13 @@ from study import metrics as M
 from study import steps as S
 from study.bridge import load_start, reporter, trial_device, trial_entry
 from study.config import TrainConfig
+from study.eval_schedule import coarse_steps
 from study.run_workload import WorkloadTrial
 from study.steps import BUDGET, CHANCE, CONFIG, GOAL
 from study.workload import Goal, Workload, resolve
 
 STEP_KEYS = (BUDGET, GOAL, CHANCE, CONFIG)
+COARSE_FACTOR = 2.0  # evaluations about this far apart, the fine grid's in between evaluated back at the goal
 CHECKPOINT_SECONDS = 60.0  # a checkpoint at most this often (and at the end): the state is written, not free
 
 
@@ -33,8 +35,9 @@ def split_config(config: dict) -> tuple[TrainConfig, dict]:
     return TrainConfig.from_dict({k: v for k, v in config.items() if k not in STEP_KEYS}), extra
 
 
-def limits_of(extra: dict) -> S.TrialLimits:
-    return S.TrialLimits(goal=Goal.from_dict(extra[GOAL]), budget_steps=extra[BUDGET], chance=extra[CHANCE])
+def limits_of(extra: dict, warmup_steps: int = 0) -> S.TrialLimits:
+    return S.TrialLimits(goal=Goal.from_dict(extra[GOAL]), budget_steps=extra[BUDGET], chance=extra[CHANCE],
+                         warmup_steps=warmup_steps)
 
 
 @trial_entry
@@ -50,13 +53,18 @@ def train_steps(config: dict, data: dict | None) -> None:
 
 
 def run_steps(cfg: TrainConfig, extra: dict, workload: Workload, splits: dict | None, device: torch.device, report,
-              start: dict | None = None, *, memory_budget: int | None = None, packed: bool = False) -> dict:
+              start: dict | None = None, *, memory_budget: int | None = None, packed: bool = False,
+              coarse: float | None = COARSE_FACTOR) -> dict:
     """Train until the trial's limits end it; report(row, state) at every evaluation. Returns the last row.
     splits None: a memory-mapped workload's, opened here; memory_budget, packed: as for a run trial
-    (study.run_workload.WorkloadTrial, which sets up everything the two trials share)."""
-    limits = limits_of(extra)
+    (study.run_workload.WorkloadTrial, which sets up everything the two trials share). coarse: evaluate about this
+    factor apart and evaluate back through the fine grid's kept weights at the goal (study.eval_schedule); None:
+    evaluate every step of the fine grid."""
     trial = WorkloadTrial(cfg, workload, splits, device, memory_budget=memory_budget, packed=packed,
                           scored=("val",))
+    limits = limits_of(extra, warmup_steps=round(cfg.warmup_epochs * len(trial.batches)))
+    fine = S.eval_steps(limits.budget_steps)
+    at = coarse_steps(fine, coarse) if coarse else fine
     last = {}
 
     def report_row(row, state):
@@ -64,5 +72,6 @@ def run_steps(cfg: TrainConfig, extra: dict, workload: Workload, splits: dict | 
         last.update(row=row)
         report(row, state)
 
-    trial.fit(report_row, start, eval_steps=S.eval_steps(limits.budget_steps), stop=limits.status)
+    trial.fit(report_row, start, eval_steps=at, stop=limits.status, keep_steps=sorted(set(fine) - set(at)),
+              rewind_on=(S.REACHED,))
     return last["row"]
