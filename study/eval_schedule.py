@@ -11,7 +11,7 @@ coarse one are evaluated in order, and the first of them at the goal is the tria
 
 It equals the full fine grid's answer (the first fine step at the goal) except when the metric reaches the goal
 at a fine step and is back above it at the next coarse step: the full grid stops at that fine step, this rule
-goes on to a later one (the goal was met for a moment, and lost). tests/test_eval_schedule.py replays stored
+goes on to a later one, or to none before the budget (the goal was met for a moment, and lost). tests/test_eval_schedule.py replays stored
 full-grid curves of real trials and counts those cases.
 """
 
