@@ -15,7 +15,7 @@ for i, (b, lr, budget) in enumerate(plan):
     cfg = TrainConfig(workload="mnist-cnn", batch_size=b, optimizer="nesterov", lr=lr, momentum=0.9, seed=config_seed(0, i), noise_scale=False, options=o)
     extra = {GOAL: {"metric": "val_error", "value": 0.0, "higher_is_better": False}, BUDGET: budget, CHANCE: None, CONFIG: i}
     rows = []; t = time.time()
-    run_steps(cfg, extra, wl, splits, torch.device("cpu"), lambda r, s: rows.append(r))
+    run_steps(cfg, extra, wl, splits, torch.device("cpu"), lambda r, s: rows.append(r), coarse=None)
     out.append({"batch_size": b, "lr": lr, "momentum": 0.9, "budget": budget, "steps": [r["step"] for r in rows],
                 "val_error": [round(r["val_error"], 6) for r in rows], "val_loss": [round(r["val_loss"], 6) for r in rows]})
     print(b, lr, budget, "%.0fs" % (time.time() - t), "final err", rows[-1]["val_error"], "evals", len(rows), file=sys.stderr, flush=True)
