@@ -4,7 +4,7 @@
                                          [--eval-n 64] [--epochs 2] [--full-train 262144]
 
 Runs `study.trainables.run_pcam` (a PCam trial as Tune runs it, minus Ray) on generated patches, and at every
-epoch does what `trainables.report` does with a checkpoint: torch.save of the trial's state (model, optimizer,
+epoch does what `bridge.report` does with a checkpoint: torch.save of the trial's state (model, optimizer,
 best-so-far weights, RNG and noise-scale state) into a temporary folder, then a copy of that folder into a storage
 folder (Tune persists a local checkpoint by copying it; to S3 it uploads it, which is slower). The epoch figure is
 the trial's own training throughput (images/s, the epochs after the first) over the full training split

@@ -61,6 +61,14 @@ def _sq_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(norms).square().sum()
 
 
+def _set_grads(params: list[torch.Tensor], grads) -> None:
+    """The gradients into .grad as backward() leaves them after zero_grad (the training loop's, study.loop, is the
+    one backward() of a step: a probe takes its gradients with autograd.grad)."""
+    for p, g in zip(params, grads):
+        if g is not None:  # an unused parameter keeps grad None, so the optimizer skips it as after backward()
+            p.grad = g
+
+
 class NoiseScale:
     """Per-epoch estimate of B_simple from probe steps, each split into `splits` micro-batches at fixed weights.
 
@@ -113,7 +121,7 @@ class NoiseScale:
         k = min(self.splits, n)
         if k < 2:
             loss = loss_of(x, y)
-            loss.backward()
+            _set_grads(self.params, torch.autograd.grad(loss, self.params, allow_unused=True))
             return loss.detach()
         order = self.split_order(n, step, y.device)
         batch_norms = [m for m in self.batch_norms if m.training]
@@ -147,9 +155,7 @@ class NoiseScale:
         n = len(y)
         loss = loss_of(x, y)  # rows in the batch's order, as the plain step: bit-identical statistics and dropout
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-        for p, g in zip(self.params, grads):
-            if g is not None:  # an unused parameter keeps grad None, so the optimizer skips it as after backward()
-                p.grad = g
+        _set_grads(self.params, grads)
         used = [g for g in grads if g is not None]
         batch_sq = _sq_norm(used) if used else torch.zeros_like(self._trace, dtype=torch.float32)
         # The micro-batch gradients below are normalised with each micro-batch's own statistics, so they estimate

@@ -11,7 +11,7 @@ runs out-of-memory trials again.
   trial ("Could not recover from checkpoint as it does not exist on storage anymore"), retry after retry.
   `forget_lost_checkpoints` makes such a trial start again from scratch instead (StoredOnce then removes all it
   stored), which costs its epochs but never an epoch stored twice or a lost trial.
-- An out-of-memory trial ends normally in Tune's eyes (study.trainables.trial_entry: so that Tune does not retry
+- An out-of-memory trial ends normally in Tune's eyes (study.bridge.trial_entry: so that Tune does not retry
   it in the same share), and so does one its own error ended (study.trial_errors), so a restore would keep it
   finished. `mark_out_of_memory_errored` turns it into an
   errored trial in Tune's newest experiment snapshot before `Tuner.restore(resume_errored=True)`, which then

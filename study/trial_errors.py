@@ -4,7 +4,7 @@ Tune retries every exception a trainable raises (--max-failures times, from the 
 lost worker or node needs (those never reach the trainable's code) and what an exception another try may pass
 needs (I/O, storage, host memory, the accelerator, Ray itself); for a bug it is a waste: the same exception at the
 same place, each time after the epochs before it, and a traceback per try on the console. So the trial bridge
-(study.trainables.trial_entry) asks `ends_trial`:
+(study.bridge.trial_entry) asks `ends_trial`:
 - an exception of a kind another try may pass (RETRIED) is raised for Tune to retry, and its line (type, first
   line of the message, place) is kept in the trial's folder; the same line on a later try ends the trial;
 - any other exception (TypeError, ValueError, a shape or dtype mismatch's RuntimeError, ...) ends it at once.

@@ -10,7 +10,7 @@ import torch
 
 from study import memory
 from study import metrics as M
-from study import trainables
+from study import bridge, trainables
 from study.augment import to_input
 from study.config import PcamConfig
 from study.data import pcam as pcam_data
@@ -41,9 +41,9 @@ def test_the_cap_holds_and_an_out_of_memory_trial_frees_what_it_took(capped, mon
     total = torch.cuda.get_device_properties(CUDA).total_memory
     assert budget == pytest.approx(0.125 * total - memory.CUDA_CONTEXT_BYTES, rel=1e-6)
     rows = []
-    monkeypatch.setattr(trainables.tune, "report", lambda metrics, **_: rows.append(metrics))
+    monkeypatch.setattr(bridge.tune, "report", lambda metrics, **_: rows.append(metrics))
 
-    @trainables.trial_entry
+    @bridge.trial_entry
     def greedy(config, data):
         held = [torch.empty(budget // 2, dtype=torch.uint8, device=CUDA)]
         held.append(torch.empty(budget, dtype=torch.uint8, device=CUDA))  # past the cap, below the card's free memory

@@ -13,7 +13,7 @@ from torch import nn
 
 from study import memory
 from study import metrics as M
-from study import trainables
+from study import bridge, trainables
 from study.train import eval_logits, rng_state, set_rng_state
 
 GIB = 2**30
@@ -54,14 +54,14 @@ def run_trial(monkeypatch, share: float) -> tuple[list, list]:
 
     resources = {"CPU": torch.get_num_threads(), "GPU": share}
     context = SimpleNamespace(get_trial_resources=lambda: SimpleNamespace(required_resources=resources))
-    monkeypatch.setattr(trainables.tune, "get_context", lambda: context)
-    monkeypatch.setattr(trainables.tune, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(bridge.tune, "get_context", lambda: context)
+    monkeypatch.setattr(bridge.tune, "get_checkpoint", lambda: None)
     monkeypatch.setattr(ray, "get_gpu_ids", lambda: [0])
     monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "node"))
     runs, rows = [], []
     monkeypatch.setattr(trainables, "run_pcam", lambda cfg, features, device, report, start, **kw: runs.append(
         dict(device=device, **kw)))
-    monkeypatch.setattr(trainables.tune, "report", lambda metrics, checkpoint=None: rows.append(metrics))
+    monkeypatch.setattr(bridge.tune, "report", lambda metrics, checkpoint=None: rows.append(metrics))
     trainables.train_pcam({"batch_size": 64, "data_dir": "unread"}, {"features": None})
     return runs, rows
 
@@ -172,11 +172,11 @@ class Oom(RuntimeError):
 def test_out_of_memory_frees_the_trials_tensors_before_it_reports(monkeypatch):
     held = {}
 
-    @trainables.trial_entry
+    @bridge.trial_entry
     def train(config, data):
         big = torch.ones(1 << 20)
         held["ref"] = weakref.ref(big)
-        trainables.report({M.EPOCH: 0, M.STATUS: M.STATUS_RUNNING}, {})
+        bridge.report({M.EPOCH: 0, M.STATUS: M.STATUS_RUNNING}, {})
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     rows = []
@@ -187,8 +187,8 @@ def test_out_of_memory_frees_the_trials_tensors_before_it_reports(monkeypatch):
         if metrics.get(M.STATUS) == M.STATUS_OOM:
             alive_at_report.append(held["ref"]() is not None)
 
-    monkeypatch.setattr(trainables.tune, "report", fake_report)
-    monkeypatch.setattr(trainables.tune.Checkpoint, "from_directory", staticmethod(lambda folder: folder))
+    monkeypatch.setattr(bridge.tune, "report", fake_report)
+    monkeypatch.setattr(bridge.tune.Checkpoint, "from_directory", staticmethod(lambda folder: folder))
     train({"batch_size": 256}, None)
     assert [r[M.STATUS] for r in rows] == [M.STATUS_RUNNING, M.STATUS_OOM]
     assert rows[-1][M.EPOCH] == 1  # failed during epoch 1, after epoch 0 was reported
@@ -196,25 +196,25 @@ def test_out_of_memory_frees_the_trials_tensors_before_it_reports(monkeypatch):
 
 
 def test_other_errors_are_errors_not_out_of_memory(monkeypatch):
-    @trainables.trial_entry
+    @bridge.trial_entry
     def train(config, data):
         raise Oom("not CUDA")
 
     rows = []
-    monkeypatch.setattr(trainables.tune, "get_context", lambda: SimpleNamespace())  # no trial folder
-    monkeypatch.setattr(trainables.tune, "report", lambda metrics, checkpoint=None: rows.append(metrics))
+    monkeypatch.setattr(bridge.tune, "get_context", lambda: SimpleNamespace())  # no trial folder
+    monkeypatch.setattr(bridge.tune, "report", lambda metrics, checkpoint=None: rows.append(metrics))
     train({"batch_size": 1}, None)
     assert [r[M.STATUS] for r in rows] == [M.STATUS_ERROR] and "not CUDA" in rows[0][M.MESSAGE]
 
 
 def test_checkpoints_every_n_epochs_and_always_at_the_ends(monkeypatch):
     saved = []
-    monkeypatch.setattr(trainables.tune, "report",
+    monkeypatch.setattr(bridge.tune, "report",
                         lambda metrics, checkpoint=None: saved.append((metrics[M.EPOCH], checkpoint is not None)))
-    monkeypatch.setattr(trainables.tune.Checkpoint, "from_directory", staticmethod(lambda folder: folder))
+    monkeypatch.setattr(bridge.tune.Checkpoint, "from_directory", staticmethod(lambda folder: folder))
     for epoch in range(8):
         status = M.STATUS_DONE if epoch == 7 else M.STATUS_RUNNING
-        trainables.report({M.EPOCH: epoch, M.STATUS: status}, {"epoch": epoch}, every=3)
+        bridge.report({M.EPOCH: epoch, M.STATUS: status}, {"epoch": epoch}, every=3)
     assert [e for e, checkpointed in saved if checkpointed] == [0, 3, 6, 7]
     assert [e for e, _ in saved] == list(range(8))
 
@@ -284,7 +284,7 @@ def test_tune_does_not_retry_an_out_of_memory_trial(local_ray, tmp_path):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
 
     log = tmp_path / "starts.log"
-    tuner = tune.Tuner(tune.with_parameters(trainables.trial_entry(oom_trainable), data=None),
+    tuner = tune.Tuner(tune.with_parameters(bridge.trial_entry(oom_trainable), data=None),
                        param_space={"batch_size": 512, "log": str(log)},
                        run_config=tune.RunConfig(storage_path=str(tmp_path / "store"), name="oom", verbose=0,
                                                  failure_config=tune.FailureConfig(max_failures=3)))
@@ -332,13 +332,13 @@ def test_out_of_memory_after_a_restart_reports_the_epoch_it_failed_in(monkeypatc
             torch.save({"epoch": 2}, Path(folder.name) / M.STATE_FILE)
             return folder
 
-    @trainables.trial_entry
+    @bridge.trial_entry
     def train(config, data):
-        assert trainables.load_start()["epoch"] == 2
+        assert bridge.load_start()["epoch"] == 2
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
     rows = []
-    monkeypatch.setattr(trainables.tune, "get_checkpoint", lambda: Saved())
-    monkeypatch.setattr(trainables.tune, "report", lambda metrics, checkpoint=None: rows.append(metrics))
+    monkeypatch.setattr(bridge.tune, "get_checkpoint", lambda: Saved())
+    monkeypatch.setattr(bridge.tune, "report", lambda metrics, checkpoint=None: rows.append(metrics))
     train({"batch_size": 512}, None)
     assert [(r[M.EPOCH], r[M.STATUS]) for r in rows] == [(3, M.STATUS_OOM)]

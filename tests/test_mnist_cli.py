@@ -104,14 +104,14 @@ def test_resources_beyond_the_cluster_fail_and_leave_nothing(capsys, store):
 
 
 def test_cuda_out_of_memory_ends_the_trial_with_its_clear_message(monkeypatch):
-    from study import trainables
+    from study import bridge
 
-    @trainables.trial_entry
+    @bridge.trial_entry
     def train(config, data):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     reported = []
-    monkeypatch.setattr(trainables.tune, "report", lambda metrics, **_: reported.append(metrics))
+    monkeypatch.setattr(bridge.tune, "report", lambda metrics, **_: reported.append(metrics))
     assert train({"batch_size": 512}, None) is None  # returned, not raised: Tune would retry an exception
     assert reported[-1]["status"] == "out_of_memory"
     assert "batch size 512: give each trial a larger GPU share" in reported[-1]["message"]

@@ -15,6 +15,7 @@ from study.__main__ import main
 from study.config import TrainConfig
 from study.errors import StudyError
 from study.steps import BUDGET, CHANCE, CONFIG, GOAL
+from study.eval_schedule import coarse_steps
 from study.steps_trial import run_steps
 from study.workload import Goal, resolve
 from tensorboard_checks import session_groups
@@ -24,19 +25,20 @@ DIGITS = str(REPO / "examples" / "digits_workload.py")
 GOAL_03 = {"metric": "val_error", "value": 0.3, "higher_is_better": False}
 
 
-def trial(goal: dict, budget: int, batch_size: int = 64, lr: float = 0.2, chance: float | None = None):
+def trial(goal: dict, budget: int, batch_size: int = 64, lr: float = 0.2, chance: float | None = None,
+          coarse: float | None = None):
     workload = resolve(DIGITS)
     cfg = TrainConfig(workload=DIGITS, batch_size=batch_size, optimizer="nesterov", lr=lr, momentum=0.9,
                       noise_every=4)
     extra = {GOAL: goal, BUDGET: budget, CHANCE: chance, CONFIG: 0}
     rows = []
     last = run_steps(cfg, extra, workload, workload.load(workload.option_values()), torch.device("cpu"),
-                     lambda row, state: rows.append(row))
+                     lambda row, state: rows.append(row), coarse=coarse)
     return rows, last
 
 
 def test_trial_evaluates_on_the_step_grid_across_epochs_and_stops_at_the_goal():
-    rows, last = trial(GOAL_03, budget=200)  # 1200 examples at 64: 19 steps per epoch
+    rows, last = trial(GOAL_03, budget=200, coarse=None)  # 1200 examples at 64: 19 steps per epoch
     steps = [r["step"] for r in rows]
     assert steps == [0] + S.eval_steps(200)[:len(steps) - 1]
     assert last is rows[-1] and last["status"] == S.REACHED and last[M.STEPS_TO_RESULT] == last["step"]
@@ -46,13 +48,34 @@ def test_trial_evaluates_on_the_step_grid_across_epochs_and_stops_at_the_goal():
     assert all(b["train_seconds"] > a["train_seconds"] for a, b in zip(rows[1:], rows[2:]))
     assert math.isnan(rows[0]["train_loss"]) and all(math.isfinite(r["train_loss"]) for r in rows[1:])
     assert any(math.isfinite(r["noise_scale"]) and r["noise_probes"] > 0 for r in rows[1:])
+    return rows
+
+
+def test_the_coarse_schedule_evaluates_back_to_the_fine_grids_answer():
+    """Evaluations about 2x apart (the default), the fine grid's weights kept in between and evaluated back when one
+    reaches the goal: the same first fine step at the goal, the same weights there, fewer evaluations; the rows
+    evaluated back carry the training of their own interval (their losses and examples add up)."""
+    fine = test_trial_evaluates_on_the_step_grid_across_epochs_and_stops_at_the_goal()
+    rows, last = trial(GOAL_03, budget=200, coarse=2.0)
+    coarse = coarse_steps(S.eval_steps(200), 2.0)
+    before = [r["step"] for r in rows if r["step"] in (0, *coarse) and r["step"] < last["step"]]
+    assert before == [0] + coarse[:len(before) - 1] and len(before) > 2
+    back = [r["step"] for r in rows[len(before):]]
+    assert back == [s for s in S.eval_steps(200) if before[-1] < s <= last["step"]]  # evaluated in order
+    same = ["step", "examples", "val_error", "val_loss", "status", M.STEPS_TO_RESULT]
+    assert [last[k] for k in same] == [fine[-1][k] for k in same] and len(rows) < len(fine)
+    by_step = {r["step"]: r for r in fine}
+    for r in rows[len(before):]:  # the fine rows' training parts: their own intervals, as the full grid's
+        assert r["train_loss"] == pytest.approx(by_step[r["step"]]["train_loss"], rel=1e-6)
+        assert r["noise_probes"] == by_step[r["step"]]["noise_probes"]
+    assert all(b["train_seconds"] > a["train_seconds"] for a, b in zip(rows[1:], rows[2:]))
 
 
 def test_trial_is_censored_at_its_budget_and_infeasible_at_chance():
-    rows, last = trial({**GOAL_03, "value": 0.0}, budget=13)
+    rows, last = trial({**GOAL_03, "value": 0.0}, budget=13, coarse=None)
     assert [r["step"] for r in rows] == list(range(14)) and last["status"] == S.CENSORED  # every step to 10
     assert math.isnan(last[M.STEPS_TO_RESULT])
-    rows, last = trial(GOAL_03, budget=120, lr=1e-7, chance=0.9)  # learns nothing: ends 50 steps in (the floor)
+    rows, last = trial(GOAL_03, budget=120, lr=1e-7, chance=0.9, coarse=None)  # learns nothing: ends 50 steps in (the floor)
     assert last["status"] == S.INFEASIBLE and [r["step"] for r in rows] == [0] + S.eval_steps(120)[:31]
     assert rows[-1]["step"] == 50
 
@@ -276,13 +299,13 @@ def test_trial_restarted_from_a_mid_epoch_checkpoint_goes_on_exactly(augment):
 
     def report(row, state):
         rows.append(row)
-        if row["step"] == 24:  # inside the second epoch (an evaluation step of the budget)
-            saved.update(copy.deepcopy(state()))
+        if 19 < row["step"] < 38 and not saved:  # the first evaluation inside the second epoch
+            saved.update(copy.deepcopy(state))
 
     run_steps(cfg, extra, workload, splits, torch.device("cpu"), report)
     again = []
     run_steps(cfg, extra, workload, splits, torch.device("cpu"), lambda row, state: again.append(row), saved)
-    after = [r for r in rows if r["step"] > 24]
+    after = [r for r in rows if r["step"] > saved["step"]]
     keys = ["step", "examples", "train_loss", "val_error", "val_loss", "noise_scale", "status"]
     assert [[r[k] for k in keys] for r in again] == [[r[k] for k in keys] for r in after] and after
 

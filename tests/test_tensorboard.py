@@ -201,7 +201,7 @@ def test_tune_console_quiets_ray_only_while_a_stage_runs(monkeypatch):
 
 
 def test_an_out_of_memory_trial_is_a_failure_in_tensorboard_and_finished_on_the_console(tmp_path):
-    """Out of memory is reported as a last row (no exception, see trainables.trial_entry), so Tune calls the trial
+    """Out of memory is reported as a last row (no exception, see bridge.trial_entry), so Tune calls the trial
     complete: TensorBoard and the console must still show it failed."""
     writer = StudyTensorBoard("pcam", "grid")
     trial = fake_trial(tmp_path / "oom", {"optimizer": "sgd", "lr": 0.002, "batch_size": 512, "seed": 0})

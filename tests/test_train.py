@@ -11,7 +11,8 @@ from study.config import MnistConfig
 from study.data import mnist
 from study.models import RegressionCNN
 from study.trainables import run_mnist
-from study.train import DeviceBatches, epoch_generator, fit, make_optimizer
+from study.loop import fit
+from study.train import DeviceBatches, epoch_generator, make_optimizer
 
 CPU = torch.device("cpu")
 
@@ -151,7 +152,7 @@ def test_probe_seconds_are_kept_out_of_training_seconds(data, monkeypatch):
     probe_seconds and none of it into epoch or training seconds (a clock, not sleeps: two shared cores are noisy)."""
     import types
 
-    from study import train
+    from study import loop
     from study.noise import NoiseScale
 
     now = [0.0]
@@ -166,7 +167,7 @@ def test_probe_seconds_are_kept_out_of_training_seconds(data, monkeypatch):
         now[0] += 100.0
         return probe(self, *args, **kwargs)
 
-    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=perf_counter))
     monkeypatch.setattr(NoiseScale, "probe", slow_probe)
     rows, _ = collect(MnistConfig(target="mean", lr=1e-3, batch_size=64, epochs=2, noise_every=4), data)
     assert [r[M.NOISE_PROBES] for r in rows] == [0, 3, 3] and rows[0][M.PROBE_SECONDS] == 0.0

@@ -1,0 +1,129 @@
+"""The steps-to-result trial honours what a workload declares as the run trial does (they share
+study.run_workload.WorkloadTrial and the one loop): augmentation in prepare_train, and memory-mapped splits
+streamed from their files. Without Ray: run_steps directly, on small data."""
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from study import metrics as M
+from study import run_workload
+from study import steps as S
+from study.config import TrainConfig
+from study.data import pcam as pcam_data
+from study.steps import BUDGET, CHANCE, CONFIG, GOAL
+from study.steps_trial import run_steps
+from study.workload import resolve
+
+DIGITS = str(Path(__file__).resolve().parents[1] / "examples" / "digits_workload.py")
+CPU = torch.device("cpu")
+
+
+def steps_trial(workload, splits, cfg: TrainConfig, goal: dict, budget: int) -> tuple[list[dict], dict]:
+    rows = []
+    last = run_steps(cfg, {GOAL: goal, BUDGET: budget, CHANCE: None, CONFIG: 0}, workload, splits, CPU,
+                     lambda row, state: rows.append(row))
+    return rows, last
+
+
+def test_a_steps_trial_trains_on_the_batches_prepare_train_makes():
+    """Each training batch goes through the workload's prepare_train with the epoch's generator; evaluation does
+    not. Mirrored images train another model than plain ones: the augmentation reaches the optimizer."""
+    plain = resolve(DIGITS)
+    calls = []
+
+    def mirrored(x, generator, options):
+        calls.append((x.dtype, generator.device, options["width"]))
+        return plain.prepare(x).flip(-1)
+
+    cfg = TrainConfig(workload=DIGITS, batch_size=64, optimizer="nesterov", lr=0.2, momentum=0.9, noise_scale=False)
+    goal = {"metric": "val_error", "value": 0.0, "higher_is_better": False}  # never reached: runs to its budget
+    splits = plain.load(plain.option_values())
+    rows, last = steps_trial(dataclasses.replace(plain, prepare_train=mirrored), splits, cfg, goal, budget=21)
+    assert last[S.STEP] == 21 and last[M.STATUS] == S.CENSORED  # 19 steps per epoch: into the second epoch
+    assert calls == [(torch.uint8, CPU, 16)] * 21  # once per training step, on the raw batch, with the options
+    plain_rows, _ = steps_trial(plain, splits, cfg, goal, budget=21)
+    assert rows[0]["val_error"] == plain_rows[0]["val_error"]  # the same initial model, evaluated without it
+    assert rows[-1][M.TRAIN_LOSS] != plain_rows[-1][M.TRAIN_LOSS]
+
+
+def test_a_steps_trial_streams_memory_mapped_pcam_splits_and_augments_them(tmp_path, monkeypatch):
+    """PCam's splits are memory maps: the trial opens them itself (splits None, as train_steps passes for a
+    memory-mapped workload) and reads its batches from the files (PatchBatches), augmented by PCam's prepare_train;
+    the test split is not touched."""
+    pcam_data.make_synthetic(tmp_path, n_train=8, n_valid=4, n_test=4)
+    workload = resolve("pcam")
+    streamed, augmented = [], []
+
+    class Recorded(run_workload.PatchBatches):
+        def __init__(self, x, *args, **kwargs):
+            super().__init__(x, *args, **kwargs)
+            streamed.append((len(x), isinstance(x, np.memmap), self.shuffle, self.on_device))
+
+    def recorded(x, generator, options):
+        augmented.append(x.dtype)
+        return workload.prepare_train(x, generator, options)
+
+    monkeypatch.setattr(run_workload, "PatchBatches", Recorded)
+    options = {"data_dir": str(tmp_path), "weights": "none", "freeze_blocks": 4}
+    cfg = TrainConfig(workload="pcam", options=options, batch_size=4, eval_batch_size=4, optimizer="sgd", lr=0.01,
+                      noise_scale=False)
+    goal = {"metric": "val_loss", "value": 0.0, "higher_is_better": False}
+    rows, last = steps_trial(dataclasses.replace(workload, prepare_train=recorded), None, cfg, goal, budget=3)
+    assert [r[S.STEP] for r in rows] == [0, *S.eval_steps(3)] and last[M.STATUS] == S.CENSORED
+    # train (shuffled) and val (in order) read from their memory maps; on CPU nothing is uploaded whole.
+    assert streamed == [(8, True, True, False), (4, True, False, False)]
+    assert augmented == [torch.uint8] * 3
+    assert all(math.isfinite(r["val_loss"]) for r in rows) and not any(k.startswith("test_") for k in last)
+
+
+def test_the_steps_trainable_caps_memory_and_lets_a_memory_mapped_workload_open_its_files(monkeypatch):
+    """train_steps as Tune runs it, up to run_steps: its device and memory cap come from the trial bridge (as a
+    run trial's), and a memory-mapped workload's splits are opened by the trial, not taken from the object store."""
+    from types import SimpleNamespace
+
+    import ray
+
+    from study import bridge, steps_trial
+
+    resources = {"CPU": torch.get_num_threads(), "GPU": 0}
+    context = SimpleNamespace(get_trial_resources=lambda: SimpleNamespace(required_resources=resources))
+    monkeypatch.setattr(bridge.tune, "get_context", lambda: context)
+    monkeypatch.setattr(bridge.tune, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "node"))
+    budgets = []
+    monkeypatch.setattr(bridge, "cuda_budget", lambda device, share: budgets.append(share) or (123, True))
+    runs, reported = [], []
+    monkeypatch.setattr(bridge.tune, "report", lambda metrics, checkpoint=None: reported.append(metrics))
+    monkeypatch.setattr(steps_trial, "run_steps", lambda cfg, extra, workload, splits, device, report, start, **kw:
+                        runs.append(dict(splits=splits, device=device, **kw)))
+    steps = {GOAL: {"metric": "val_auc", "value": 0.9, "higher_is_better": True}, BUDGET: 10, CHANCE: 0.5,
+             CONFIG: 0}
+    for name, data in (("pcam", {"train": "memory maps that travelled"}), (DIGITS, {"train": "arrays"})):
+        steps_trial.train_steps({**TrainConfig(workload=name).to_dict(), **steps}, data)
+    assert budgets == [0.0, 0.0] and reported == []  # no error row: both went on to train
+    assert runs == [dict(splits=None, device=CPU, memory_budget=123, packed=True),
+                    dict(splits={"train": "arrays"}, device=CPU, memory_budget=123, packed=True)]
+
+
+def test_one_loop_takes_the_lr_one_way():
+    """The run trial and the steps trial set the same learning rate on the same step: warmup, then the decay
+    schedule down to its last evaluation (the run trial's last epoch, the steps trial's budget)."""
+    from study.lr_scaling import lr_at, scaled_lr
+
+    workload = resolve(DIGITS)
+    splits = workload.load(workload.option_values())
+    cfg = TrainConfig(workload=DIGITS, batch_size=256, lr=0.1, lr_scaling="linear", warmup_epochs=1.0,
+                      schedule="cosine", final_lr_factor=0.1, epochs=2, noise_scale=False)
+    by_epoch = []
+    run_workload.run_workload(cfg, workload, splits, CPU, lambda row, state, files=None: by_epoch.append(row))
+    by_step, _ = steps_trial(workload, splits, cfg, {"metric": "val_error", "value": 0.0, "higher_is_better": False},
+                             budget=10)
+    base = scaled_lr(0.1, 256, 32, "linear")  # 1200 examples at 256: 5 steps per epoch, 5 of warmup
+    for rows in (by_epoch, by_step):
+        assert [r[M.LR] for r in rows] == [lr_at(max(0, r[S.STEP] - 1), base, 5, 10, "cosine", 0.1) for r in rows]
+    assert [r[S.STEP] for r in by_epoch] == [0, 5, 10] and [r[S.STEP] for r in by_step] == [0, *S.eval_steps(10)]
