@@ -66,8 +66,8 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
     eval_steps: the training steps (ascending, counted across epochs) to evaluate at after step 0; None: at every
     epoch's end for cfg.epochs epochs. The lr schedule ends at the last of them. Rows carry the epoch as a whole
     number on the epoch schedule, as step / steps per epoch on a step schedule.
-    stop(row) -> a status that ends training at this row, or None to go on (divergence and the schedule's end
-    always end it, as `diverged` and `done`).
+    stop(row) -> a status that ends training at this row, or None to go on; where it gives None, divergence and
+    the schedule's last evaluation end training all the same, as `diverged` and `done`.
     select: a metric to maximise (minimise with maximise=False); the state then carries the best row's weights
     ("best_model"). start: a state from an earlier `report` to resume from (as loaded from a checkpoint).
     keep_steps, rewind_on: steps between evaluations whose weights are kept, not evaluated; when an evaluation's
