@@ -15,7 +15,8 @@ from study import steps as S
 from study.config import TrainConfig
 from study.data import pcam as pcam_data
 from study.steps import BUDGET, CHANCE, CONFIG, GOAL
-from study.steps_trial import run_steps
+from study.eval_schedule import coarse_steps
+from study.steps_trial import COARSE_FACTOR, run_steps
 from study.workload import resolve
 
 DIGITS = str(Path(__file__).resolve().parents[1] / "examples" / "digits_workload.py")
@@ -126,4 +127,4 @@ def test_one_loop_takes_the_lr_one_way():
     base = scaled_lr(0.1, 256, 32, "linear")  # 1200 examples at 256: 5 steps per epoch, 5 of warmup
     for rows in (by_epoch, by_step):
         assert [r[M.LR] for r in rows] == [lr_at(max(0, r[S.STEP] - 1), base, 5, 10, "cosine", 0.1) for r in rows]
-    assert [r[S.STEP] for r in by_epoch] == [0, 5, 10] and [r[S.STEP] for r in by_step] == [0, *S.eval_steps(10)]
+    assert [r[S.STEP] for r in by_epoch] == [0, 5, 10] and [r[S.STEP] for r in by_step] == [0, *coarse_steps(S.eval_steps(10), COARSE_FACTOR)]
