@@ -1,6 +1,6 @@
 """`python -m study run WORKLOAD [flags]`: a batch-size study of a shipped workload, a workload file or
 module:name (`python -m study run WORKLOAD --help` lists its flags); `python -m study steps WORKLOAD [flags]`: the
-steps-to-result study of it (study.steps_study); `python -m study list`: the shipped ones; `python -m study --help`:
+steps-to-result study of it (study.steps_command); `python -m study list`: the shipped ones; `python -m study --help`:
 the commands. Installed, `batchsize-study` is the same command line. `python -m study.mnist` and
 `python -m study.pcam` run the two original studies.
 """
@@ -36,29 +36,19 @@ def list_workloads() -> int:
     return 0
 
 
-def run(argv: list[str]) -> int:
-    from study import api
+def study_command(name: str, argv: list[str]) -> int:
+    """run or steps: the workload's own flags join the command's parser, so it is resolved first (--help without
+    one shows the engine's)."""
+    import importlib
+
     from study.workload import resolve
 
-    # The workload's own flags join the parser, so it is resolved first (--help without one shows the engine's).
+    module = importlib.import_module(f"study.{name}_command")
     spec = argv[0] if argv and not argv[0].startswith("-") else None
     if spec is None:
-        api.parser().parse_args(argv)
+        module.parser().parse_args(argv)
     workload = resolve(spec)
-    args = api.parser(workload).parse_args(argv)
-    return api.execute(args, workload)[0]
-
-
-def steps(argv: list[str]) -> int:
-    from study import steps_study
-    from study.workload import resolve
-
-    spec = argv[0] if argv and not argv[0].startswith("-") else None
-    if spec is None:
-        steps_study.parser().parse_args(argv)
-    workload = resolve(spec)
-    args = steps_study.parser(workload).parse_args(argv)
-    return steps_study.execute(args, workload)[0]
+    return module.execute(module.parser(workload).parse_args(argv), workload)[0]
 
 
 def main(argv=None) -> int:
@@ -66,10 +56,8 @@ def main(argv=None) -> int:
     it refuses (one line on stderr); --help prints the commands and exits 0."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if argv[:1] == ["run"]:
-            return run(argv[1:])
-        if argv[:1] == ["steps"]:
-            return steps(argv[1:])
+        if argv[:1] in (["run"], ["steps"]):
+            return study_command(argv[0], argv[1:])
         parser().parse_args(argv)  # list, or --help, or a usage error (exit 2)
         return list_workloads()
     except StudyError as err:

@@ -82,7 +82,7 @@ def test_bad_training_flag_is_one_line_and_exit_2_before_anything_is_written(tmp
 
 def test_too_few_training_examples_for_the_default_batch_sizes_suggests_batch_sizes():
     from study.errors import StudyError
-    from study.steps_study import fill, parser
+    from study.steps_command import fill, parser
 
     workload = resolve(DIGITS)
     args = parser(workload).parse_args([DIGITS])
@@ -114,11 +114,11 @@ REPORT_FILES = ["steps_per_batch.csv", "steps_fit.csv", "steps_best_of_k.csv", "
 @pytest.mark.slow
 def test_steps_study_through_tune(local_ray, tmp_path, monkeypatch, tensorboard_api, capsys):
     from analysis.report import main as report_main
-    from study import steps_study
+    from study import steps_command
 
     # A laxer rule than the study's default, so that three configurations already let it stop one (m = 2 of 3).
-    monkeypatch.setattr(steps_study, "LEVEL", 0.5)
-    monkeypatch.setattr(steps_study, "SAFETY", 1.0)
+    monkeypatch.setattr(steps_command, "LEVEL", 0.5)
+    monkeypatch.setattr(steps_command, "SAFETY", 1.0)
     argv = ["steps", DIGITS, "--goal", "val_error=0.3", "--goal", "val_error=0.4", "--configs", "3",
             "--batch-sizes", "16", "32", "64", "--optimizer", "nesterov", "--lr-range", "0.05", "0.4",
             "--momentum-range", "0.05", "0.3", "--budget-epochs", "3", "--storage-path", str(tmp_path),
@@ -221,8 +221,8 @@ def test_run_steps_from_python_gives_a_tune_callback_every_result(local_ray, tmp
 def test_resume_rebuilds_the_rule_from_stored_rows_and_keeps_earlier_stops(tmp_path):
     from types import SimpleNamespace
 
-    from study import steps_study
-    from study.tuning import StudyFolder
+    from study import steps_stopped
+    from study.study_folder import StudyFolder
 
     folder = StudyFolder(str(tmp_path), "s")
     limits = S.TrialLimits(goal=Goal.from_dict(GOAL_03), budget_steps=100)
@@ -235,12 +235,12 @@ def test_resume_rebuilds_the_rule_from_stored_rows_and_keeps_earlier_stops(tmp_p
         (trial_dir / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"cut sh')
     (tmp_path / "s" / "steps" / M.STOPPED_FILE).write_text('{"e": 70}')
     stopper = S.tune_stopper(S.ResultRule(configs=2, level=0.5, safety=1.0), limits)  # m = 1 of 2
-    steps_study.prime(stopper, folder, limits)
+    steps_stopped.prime(stopper, folder, limits)
     assert stopper.rule.steps == {16: {"t_a": 20, "t_b": 10}, 32: {"t_d": 10}}
     assert stopper("t_c", {"step": 20, "val_error": 0.5, "config": {"batch_size": 16}})  # past step 10, not there
     assert not stopper("t_x", {"step": 20, "val_error": 0.5, "config": {"batch_size": 64}})
     results = [SimpleNamespace(metrics={"trial_id": "t_c"}, path=str(tmp_path / "s" / "steps" / "c"))]
-    steps_study.save_stopped(folder, stopper, results)
+    steps_stopped.save_stopped(folder, stopper, results)
     assert json.loads((tmp_path / "s" / "steps" / M.STOPPED_FILE).read_text()) == {"c": 20, "e": 70}
 
 
