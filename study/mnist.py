@@ -5,7 +5,8 @@ on a held-out validation split; stage 2 sweeps the batch sizes with each target'
 Each stage is one Tune experiment under <storage-path>/<name>/: lr_coarse, lr_fine, batch_sweep; the chosen
 rates are in chosen_lr.json, the arguments in study.json. `tensorboard --logdir <storage-path>/<name>`.
 The model, loss, metrics, data splits, scaling and default grid are the mnist-regression workload's
-(study/workloads/mnist_regression.py); this module keeps the original study's flags, stages and stored layout.
+(study/workloads/mnist_regression.py); this module keeps the original study's flags, stages and stored layout, and
+the one driver (study.driver) runs them.
 """
 
 import argparse

@@ -2,7 +2,8 @@
 
 VGG16 (ImageNet weights; the first two conv blocks frozen) fine-tuned on PatchCamelyon 96x96 patches over the
 grid batch size x (optimizer, learning rate) x seed; the best-on-validation weights are tested at the end. One Tune
-experiment, <storage-path>/<name>/grid; `tensorboard --logdir <storage-path>/<name>`.
+experiment, <storage-path>/<name>/grid, run by the one driver (study.driver);
+`tensorboard --logdir <storage-path>/<name>`.
 --data-dir takes the official HDF5 files (.h5 or .h5.gz, also torchvision's pcam/ layout) or the Kaggle
 "Histopathologic Cancer Detection" folder (train/, train_labels.csv, test/), converted once with a stratified
 split; a study on Kaggle data writes each trial's submission.csv.
