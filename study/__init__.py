@@ -8,8 +8,8 @@ def __getattr__(name):
         from study.run_command import run_study
 
         return run_study
-    if name == "run_steps":  # the steps-to-result study (study.steps_command), not one trial of it
-        from study.steps_command import run_steps
+    if name == "run_steps":  # the steps-to-result study (study.steps_study), not one trial of it
+        from study.steps_study import run_steps
 
         return run_steps
     raise AttributeError(f"module 'study' has no attribute {name!r}")

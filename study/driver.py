@@ -1,4 +1,4 @@
-"""The one driver of every study command: `python -m study run|steps` (study.run_command, study.steps_command) and
+"""The one driver of every study command: `python -m study run|steps` (study.run_command, study.steps_study) and
 the two papers' `python -m study.mnist|pcam`, and their Python entry points (study.run_study, study.run_steps).
 
 Every study goes the same way (drive): its flags are checked and its data read once and preflighted (the command's

@@ -1,7 +1,7 @@
 """What a steps-to-result study (`python -m study steps`) shows while it runs: its console table, one row per trial
 with how the trial ended and its steps to result, and its TensorBoard writer, whose step axis is the training step.
 
-Imported by study.steps_command when the study starts (it imports Ray); nothing runs at import.
+Imported by study.steps_study when the study starts (it imports Ray); nothing runs at import.
 """
 
 from study import metrics as M

@@ -1,6 +1,6 @@
 """The steps study's stopping rule across a --resume: the rule's record rebuilt from what the stage stored (prime),
 and stopped_by_rule.json, the trials it stopped (trial folder -> step), this run's added to earlier runs'
-(save_stopped). Used by study.steps_command.
+(save_stopped). Used by study.steps_study.
 """
 
 import math

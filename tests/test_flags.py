@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from study import flags, mnist, pcam, run_command, steps_command
+from study import flags, mnist, pcam, run_command, steps_study
 from study.errors import StudyError
 from study.workload import WORKLOADS, resolve
 
@@ -45,7 +45,7 @@ def parsers():
     for name in WORKLOADS:
         workload = resolve(name)
         yield f"run {name}", run_command.parser(workload), workload
-        yield f"steps {name}", steps_command.parser(workload), workload
+        yield f"steps {name}", steps_study.parser(workload), workload
     yield "study.mnist", parser_of(mnist.parse_args), resolve("mnist-regression")
     yield "study.pcam", parser_of(pcam.parse_args), resolve("pcam")
 
@@ -86,7 +86,7 @@ def test_every_flag_of_every_command_has_a_help():
 
     commands = [(command, parser) for command, parser, _ in parsers()]
     commands += [("run " + EXAMPLE, run_command.parser(resolve(str(ROOT / EXAMPLE)))),
-                 ("steps " + EXAMPLE, steps_command.parser(resolve(str(ROOT / EXAMPLE)))),
+                 ("steps " + EXAMPLE, steps_study.parser(resolve(str(ROOT / EXAMPLE)))),
                  ("analysis.report", parser_of(report.parse_args, ["STUDY"]))]
     for command, parser in commands:
         for action in parser._actions:
@@ -97,7 +97,7 @@ def test_every_flag_of_every_command_has_a_help():
 
 def test_no_command_defines_a_shared_flag_again():
     pattern = re.compile(r"add_argument\(\s*\"--([a-z0-9-]+)\"")
-    for path in [ROOT / "study" / f for f in ("run_command.py", "steps_command.py", "mnist.py", "pcam.py")]:
+    for path in [ROOT / "study" / f for f in ("run_command.py", "steps_study.py", "mnist.py", "pcam.py")]:
         for name in pattern.findall(path.read_text()):
             key = name.replace("-", "_")
             if path.name == "pcam.py" and key in ("seeds", "amp"):
@@ -145,7 +145,7 @@ ON_OFF = [("--noise-scale", "noise_scale", "on", "off"), ("--tf32", "tf32", True
 def test_on_off_flags_take_one_style_and_their_old_spellings_store_the_same(command, flag, dest, on, off):
     workload = resolve("mnist-regression" if command == "study.mnist" else "pcam")
     parse = {"run": lambda argv: run_command.parser(workload).parse_args(["pcam", *argv]),
-             "steps": lambda argv: steps_command.parser(workload).parse_args(["pcam", *argv]),
+             "steps": lambda argv: steps_study.parser(workload).parse_args(["pcam", *argv]),
              "study.mnist": mnist.parse_args, "study.pcam": pcam.parse_args}[command]
     no = "--no-" + flag[2:]
     for argv, want in [([flag], on), ([no], off), ([flag, "on"], on), ([flag, "off"], off), ([f"{flag}=off"], off),
@@ -204,7 +204,7 @@ def test_the_console_script_is_the_module_s_main():
     assert main(["list"]) == 0  # an exit status: the script passes it to sys.exit
 
 
-@pytest.mark.parametrize("run, module", [("run_study", run_command), ("run_steps", steps_command)])
+@pytest.mark.parametrize("run, module", [("run_study", run_command), ("run_steps", steps_study)])
 def test_from_python_an_on_off_flag_may_be_a_bool(run, module, monkeypatch):
     seen = {}
     monkeypatch.setattr(module, "execute", lambda args, workload, callbacks: seen.update(vars(args)) or (0, "uri"))

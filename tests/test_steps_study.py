@@ -82,7 +82,7 @@ def test_bad_training_flag_is_one_line_and_exit_2_before_anything_is_written(tmp
 
 def test_too_few_training_examples_for_the_default_batch_sizes_suggests_batch_sizes():
     from study.errors import StudyError
-    from study.steps_command import fill, parser
+    from study.steps_study import fill, parser
 
     workload = resolve(DIGITS)
     args = parser(workload).parse_args([DIGITS])
@@ -114,11 +114,11 @@ REPORT_FILES = ["steps_per_batch.csv", "steps_fit.csv", "steps_best_of_k.csv", "
 @pytest.mark.slow
 def test_steps_study_through_tune(local_ray, tmp_path, monkeypatch, tensorboard_api, capsys):
     from analysis.report import main as report_main
-    from study import steps_command
+    from study import steps_study
 
     # A laxer rule than the study's default, so that three configurations already let it stop one (m = 2 of 3).
-    monkeypatch.setattr(steps_command, "LEVEL", 0.5)
-    monkeypatch.setattr(steps_command, "SAFETY", 1.0)
+    monkeypatch.setattr(steps_study, "LEVEL", 0.5)
+    monkeypatch.setattr(steps_study, "SAFETY", 1.0)
     argv = ["steps", DIGITS, "--goal", "val_error=0.3", "--goal", "val_error=0.4", "--configs", "3",
             "--batch-sizes", "16", "32", "64", "--optimizer", "nesterov", "--lr-range", "0.05", "0.4",
             "--momentum-range", "0.05", "0.3", "--budget-epochs", "3", "--storage-path", str(tmp_path),

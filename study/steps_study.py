@@ -182,7 +182,8 @@ def budgets_of(args, n_train: int) -> dict[int, int]:
 
 
 def trial_name(trial) -> str:
-    """Trial folders, so TensorBoard's run names say what they are: batch=64_config=3_00012."""
+    """Trial folders, so TensorBoard's run names say what they are: batch=64_config=3_00012. A stored study's
+    tuner.pkl names this function by its module and name, which a --resume imports: keep both."""
     c = trial.config
     return f"batch={c['batch_size']}_config={c[CONFIG]}_{trial.trial_id.rsplit('_', 1)[-1]}"
 
