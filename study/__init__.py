@@ -3,12 +3,12 @@
 
 
 def __getattr__(name):
-    # Lazily: Ray imports this package in every worker, and importing it must do nothing (study.api pulls in Ray).
+    # Lazily: Ray imports this package in every worker, and importing it must do nothing (the commands pull in Ray).
     if name == "run_study":
-        from study.api import run_study
+        from study.run_command import run_study
 
         return run_study
-    if name == "run_steps":  # the steps-to-result study (study.steps_study)
+    if name == "run_steps":  # the steps-to-result study (study.steps_study), not one trial of it
         from study.steps_study import run_steps
 
         return run_steps

@@ -36,29 +36,19 @@ def list_workloads() -> int:
     return 0
 
 
-def run(argv: list[str]) -> int:
-    from study import api
+def study_command(name: str, argv: list[str]) -> int:
+    """run or steps: the workload's own flags join the command's parser, so it is resolved first (--help without
+    one shows the engine's)."""
+    import importlib
+
     from study.workload import resolve
 
-    # The workload's own flags join the parser, so it is resolved first (--help without one shows the engine's).
+    module = importlib.import_module({"run": "study.run_command", "steps": "study.steps_study"}[name])
     spec = argv[0] if argv and not argv[0].startswith("-") else None
     if spec is None:
-        api.parser().parse_args(argv)
+        module.parser().parse_args(argv)
     workload = resolve(spec)
-    args = api.parser(workload).parse_args(argv)
-    return api.execute(args, workload)[0]
-
-
-def steps(argv: list[str]) -> int:
-    from study import steps_study
-    from study.workload import resolve
-
-    spec = argv[0] if argv and not argv[0].startswith("-") else None
-    if spec is None:
-        steps_study.parser().parse_args(argv)
-    workload = resolve(spec)
-    args = steps_study.parser(workload).parse_args(argv)
-    return steps_study.execute(args, workload)[0]
+    return module.execute(module.parser(workload).parse_args(argv), workload)[0]
 
 
 def main(argv=None) -> int:
@@ -66,10 +56,8 @@ def main(argv=None) -> int:
     it refuses (one line on stderr); --help prints the commands and exits 0."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if argv[:1] == ["run"]:
-            return run(argv[1:])
-        if argv[:1] == ["steps"]:
-            return steps(argv[1:])
+        if argv[:1] in (["run"], ["steps"]):
+            return study_command(argv[0], argv[1:])
         parser().parse_args(argv)  # list, or --help, or a usage error (exit 2)
         return list_workloads()
     except StudyError as err:

@@ -1,7 +1,7 @@
 """Checks of the flags both study CLIs (and the report) share, run before Ray starts or anything is written.
 
 Each raises StudyError with one line that names the flag, the value and what would be accepted; the CLIs turn it
-into `error: ...` and exit status 2 (study.tuning.main_of).
+into `error: ...` and exit status 2 (study.driver.main_of).
 """
 
 import math

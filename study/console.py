@@ -232,10 +232,3 @@ def mean(values: list[float]) -> float:
     finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
     return sum(finite) / len(finite) if finite else math.nan
 
-
-def stage_callbacks(args, kind: str, stage: str, columns: list[str], metrics: list[str]) -> list:
-    """The Tune callbacks of one stage: the study's TensorBoard writer (in place of Tune's), and the compact
-    console unless --verbose (which leaves the console to Tune)."""
-    from study.tensorboard import StudyTensorBoard
-
-    return [StudyTensorBoard(kind, stage)] + ([] if args.verbose else [StudyConsole(stage, columns, metrics)])

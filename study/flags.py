@@ -1,4 +1,4 @@
-"""Every flag the study commands share, defined once: `python -m study run` (study.api), `python -m study steps`
+"""Every flag the study commands share, defined once: `python -m study run` (study.run_command), `python -m study steps`
 (study.steps_study) and the two original studies' aliases (study.mnist, study.pcam) take theirs from here, and a
 workload's own options become flags through `add_options`. A command passes its own defaults (the original studies
 keep theirs, stored in their study.json) and may word a flag's help for itself; the name, type, choices and the

@@ -1,6 +1,6 @@
 """One driver per study: a lease file in the study folder (lease.json) names the driver that holds the folder.
 
-A driver takes the lease before anything in the folder is created or trimmed (study.tuning.open_study) and
+A driver takes the lease before anything in the folder is created or trimmed (study.driver.open_study) and
 gives it back when it ends (`released_at_end` around every driver), also on an error, Ctrl-C or SIGTERM (Ray's
 driver turns SIGTERM into SystemExit). While it runs, a daemon thread renews the lease's heartbeat every EVERY_S
 seconds. A second driver of the same folder is refused in one line while the lease is live; it takes the lease

@@ -57,7 +57,7 @@ BEST_VAL_ACC = "best_val_acc"
 TEST_AUC = "test_auc"  # of the best-on-validation model; reported once, at the end
 TEST_ACC = "test_acc"
 
-# Files a study stores next to Tune's experiments (study.tuning, study.mnist write them; analysis/ reads them).
+# Files a study stores next to Tune's experiments (study.driver and the commands write them; analysis/ reads them).
 STUDY_FILE = "study.json"  # what ran: the study's kind, its arguments, code version, stages
 ERRORED_FILE = "errored_trials.json"  # in each stage folder: the trial folders its last run left errored
 CHOSEN_FILE = "chosen_lr.json"  # MNIST: the learning rate stage 1 chose per target

@@ -5,7 +5,8 @@ on a held-out validation split; stage 2 sweeps the batch sizes with each target'
 Each stage is one Tune experiment under <storage-path>/<name>/: lr_coarse, lr_fine, batch_sweep; the chosen
 rates are in chosen_lr.json, the arguments in study.json. `tensorboard --logdir <storage-path>/<name>`.
 The model, loss, metrics, data splits, scaling and default grid are the mnist-regression workload's
-(study/workloads/mnist_regression.py); this module keeps the original study's flags, stages and stored layout.
+(study/workloads/mnist_regression.py); this module keeps the original study's flags, stages and stored layout, and
+the one driver (study.driver) runs them.
 """
 
 import argparse
@@ -15,18 +16,18 @@ import sys
 from ray import tune
 
 from study import cli_checks as checks
-from study import flags
+from study import driver, flags
 from study import metrics as M
-from study.console import finished, stage_callbacks, started
+from study.console import StudyConsole
 from study.config import MNIST_TARGETS, NOISE_EVERY, OPTIMIZERS, MnistConfig
 from study.data import mnist as mnist_data
 from study.errors import StudyError
 from study.lr_scaling import scaling_rules
 from study.lr_search import best as best_trial
-from study.tensorboard import RunName, write_experiment
+from study.tensorboard import RunName, StudyTensorBoard, write_experiment
 from study.trainables import train_mnist
-from study.tuning import (StudyFolder, add_common_args, check_common_args, code_version, default_name,
-                          grid_axis, main_of, open_study, run_stage)
+from study.study_folder import default_name
+from study.tuning import add_common_args, check_common_args, grid_axis
 from study.workloads.mnist_regression import read, workload
 
 SEARCH = workload.stages["lr_search"]  # the learning-rate search stage the workload declares
@@ -165,29 +166,31 @@ def hparam_domains(args) -> dict:
                      ({args.lr_search_batch} if search else set()))
 
 
-def callbacks(args, stage: str, columns: list[str]) -> list:
+def callbacks(args, stage: str, columns: list[str]) -> dict:
+    """A stage's TensorBoard writer and console (study.driver.Study.stage)."""
     metric = M.VAL_MSE if stage != "batch_sweep" and args.select_on == "val" else M.TEST_MSE
-    return stage_callbacks(args, "mnist", stage, columns, [metric])
+    return dict(tensorboard=StudyTensorBoard("mnist", stage), console=StudyConsole(stage, columns, [metric]))
 
 
-def lr_search(args, folder, resources, data, base) -> dict:
+def lr_search(study, data, base) -> dict:
+    args, folder = study.args, study.folder
     common = dict(base, batch_size=args.lr_search_batch, seed=args.lr_search_batch,
                   val_size=args.val_size if args.select_on == "val" else 0, noise_scale=False)
-    coarse = run_stage(train_mnist, dict(common, stage="lr_coarse", target=tune.grid_search(args.targets),
-                                         lr=tune.grid_search(args.lr_grid)),
-                       folder=folder, stage="lr_coarse", args=args, resources=resources, data=data,
-                       callbacks=callbacks(args, "lr_coarse", ["target", "lr"]))
+    coarse = study.stage("lr_coarse", train_mnist,
+                         dict(common, stage="lr_coarse", target=tune.grid_search(args.targets),
+                              lr=tune.grid_search(args.lr_grid)),
+                         data=data, **callbacks(args, "lr_coarse", ["target", "lr"]))
     best = choose_lr(coarse, args.select_on)
     missing = sorted(set(args.targets) - set(best))
     if missing:
         raise StudyError(f"stage 1: every coarse learning rate diverged or failed for {', '.join(missing)}; "
                          f"see {folder.child('lr_coarse')}")
     centre = {t: best[t]["lr"] for t in best}
-    fine = run_stage(train_mnist, dict(common, stage="lr_fine", target=tune.grid_search(args.targets),
-                                       lr=tune.sample_from(lambda c: centre[c["target"]] * c["lr_factor"]),
-                                       lr_factor=tune.grid_search(args.fine_factors)),
-                     folder=folder, stage="lr_fine", args=args, resources=resources, data=data,
-                     callbacks=callbacks(args, "lr_fine", ["target", "lr_factor", "lr"]), run_names=RunName(centre))
+    fine = study.stage("lr_fine", train_mnist, dict(common, stage="lr_fine", target=tune.grid_search(args.targets),
+                                                    lr=tune.sample_from(lambda c: centre[c["target"]] * c["lr_factor"]),
+                                                    lr_factor=tune.grid_search(args.fine_factors)),
+                       data=data, run_names=RunName(centre),
+                       **callbacks(args, "lr_fine", ["target", "lr_factor", "lr"]))
     chosen = choose_lr(fine, args.select_on)
     for t in args.targets:  # the fine grid includes the coarse best (factor 1), so this only guards failures
         chosen.setdefault(t, best[t])
@@ -195,53 +198,60 @@ def lr_search(args, folder, resources, data, base) -> dict:
     return chosen
 
 
+class MnistCommand(driver.Command):
+    """The original study's stages: lr_coarse and lr_fine per target (unless --lr or a stored choice), then
+    batch_sweep at each target's chosen rate."""
+
+    study = "mnist"
+
+    def prepare(self, args) -> None:
+        check_flags(args)
+        self.data, self.source = load_data(args)
+        check_grid(args, len(self.data.train_x))
+        for rule in scaling_rules(args.lr_scaling):  # every other flag, before Ray starts
+            MnistConfig.from_dict(dict(trial_base(args, ""), lr_scaling=rule, warmup_epochs=args.warmup_epochs,
+                                       lr_reference_batch=args.lr_reference_batch))
+
+    def record(self, study) -> dict:
+        return dict(super().record(study), data={"source": self.source, "n_train": len(self.data.train_x),
+                                                 "n_test": len(self.data.test_x)})
+
+    def begin(self, study) -> None:
+        args, data = study.args, self.data
+        targets = {t: (mnist_data.targets(data.train_x, t), mnist_data.targets(data.test_x, t)) for t in args.targets}
+        if not args.resume:  # the analysis draws the target distributions from this; it never reads the images
+            study.folder.write_json(M.TARGET_STATS_FILE, mnist_data.target_stats(data.train_x))
+            write_experiment(study.folder, "mnist", hparam_domains(args))
+        self.shared = {"train_x": data.train_x, "test_x": data.test_x, "targets": targets}
+
+    def stages(self, study):
+        args, folder = study.args, study.folder
+        base = trial_base(args, study.version)
+        if args.lr is not None:
+            chosen = {t: {"lr": args.lr, "selected_on": "--lr"} for t in args.targets}
+        elif args.resume and folder.has(M.CHOSEN_FILE):
+            chosen = folder.read_json(M.CHOSEN_FILE)
+        else:
+            chosen = lr_search(study, self.shared, base)
+        folder.write_json(M.CHOSEN_FILE, chosen)
+        for t in args.targets:
+            print(f"learning rate for {t}: {chosen[t]['lr']:.4g} ({chosen[t]['selected_on']})")
+        lrs, rules = {t: chosen[t]["lr"] for t in args.targets}, scaling_rules(args.lr_scaling)
+        space = dict(base, stage="batch_sweep", val_size=0, target=tune.grid_search(args.targets),
+                     batch_size=tune.grid_search(args.batch_sizes), run=tune.grid_search(list(range(args.runs))),
+                     seed=tune.sample_from(lambda c: c["batch_size"] + c["run"]),
+                     lr=tune.sample_from(lambda c: lrs[c["target"]]), lr_scaling=grid_axis(rules),
+                     lr_reference_batch=args.lr_reference_batch, warmup_epochs=args.warmup_epochs)
+        columns = ["target"] + (["lr_scaling"] if len(rules) > 1 else []) + ["batch_size", "run"]
+        return study.stage("batch_sweep", train_mnist, space, data=self.shared, run_names=RunName(lrs),
+                           **callbacks(args, "batch_sweep", columns))
+
+    def end(self, study, results) -> None:
+        print_summary(results)
+
+
 def run(args) -> int:
-    check_flags(args)
-    data, source = load_data(args)
-    n_train = len(data.train_x)
-    check_grid(args, n_train)
-    rules = scaling_rules(args.lr_scaling)
-    for rule in rules:  # every other flag, before Ray starts
-        MnistConfig.from_dict(dict(trial_base(args, ""), lr_scaling=rule, warmup_epochs=args.warmup_epochs,
-                                   lr_reference_batch=args.lr_reference_batch))
-    folder = StudyFolder(args.storage_path, args.name)
-    resources = open_study(folder, args)
-    version = code_version()
-    if not args.resume:
-        folder.write_json(M.STUDY_FILE, {"study": "mnist", "args": vars(args), "code_version": version,
-                                         "data": {"source": source, "n_train": n_train, "n_test": len(data.test_x)},
-                                         "resources_per_trial": resources})
-    targets = {t: (mnist_data.targets(data.train_x, t), mnist_data.targets(data.test_x, t)) for t in args.targets}
-    if not args.resume:  # the analysis draws the target distributions from this; it never reads the images
-        folder.write_json(M.TARGET_STATS_FILE, mnist_data.target_stats(data.train_x))
-        write_experiment(folder, "mnist", hparam_domains(args))
-    shared = {"train_x": data.train_x, "test_x": data.test_x, "targets": targets}
-    base = trial_base(args, version)
-    started(folder.uri)
-
-    if args.lr is not None:
-        chosen = {t: {"lr": args.lr, "selected_on": "--lr"} for t in args.targets}
-    elif args.resume and folder.has(M.CHOSEN_FILE):
-        chosen = folder.read_json(M.CHOSEN_FILE)
-    else:
-        chosen = lr_search(args, folder, resources, shared, base)
-    folder.write_json(M.CHOSEN_FILE, chosen)
-    for t in args.targets:
-        print(f"learning rate for {t}: {chosen[t]['lr']:.4g} ({chosen[t]['selected_on']})")
-
-    lrs = {t: chosen[t]["lr"] for t in args.targets}
-    sweep = run_stage(train_mnist, dict(base, stage="batch_sweep", val_size=0, target=tune.grid_search(args.targets),
-                                        batch_size=tune.grid_search(args.batch_sizes),
-                                        run=tune.grid_search(list(range(args.runs))),
-                                        seed=tune.sample_from(lambda c: c["batch_size"] + c["run"]),
-                                        lr=tune.sample_from(lambda c: lrs[c["target"]]),
-                                        lr_scaling=grid_axis(rules), lr_reference_batch=args.lr_reference_batch,
-                                        warmup_epochs=args.warmup_epochs),
-                      folder=folder, stage="batch_sweep", args=args, resources=resources, data=shared,
-                      callbacks=callbacks(args, "batch_sweep", ["target"] + (["lr_scaling"] if len(rules) > 1 else [])
-                                          + ["batch_size", "run"]), run_names=RunName(lrs))
-    print_summary(sweep)
-    return finished(folder.uri, sweep)
+    return driver.drive(MnistCommand(), args)[0]
 
 
 def print_summary(results) -> None:
@@ -260,7 +270,7 @@ def print_summary(results) -> None:
 
 
 def main(argv=None) -> int:
-    return main_of("mnist", parse_args, run, argv)
+    return driver.main_of(MnistCommand(), parse_args, run, argv)
 
 
 if __name__ == "__main__":

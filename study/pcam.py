@@ -2,7 +2,8 @@
 
 VGG16 (ImageNet weights; the first two conv blocks frozen) fine-tuned on PatchCamelyon 96x96 patches over the
 grid batch size x (optimizer, learning rate) x seed; the best-on-validation weights are tested at the end. One Tune
-experiment, <storage-path>/<name>/grid; `tensorboard --logdir <storage-path>/<name>`.
+experiment, <storage-path>/<name>/grid, run by the one driver (study.driver);
+`tensorboard --logdir <storage-path>/<name>`.
 --data-dir takes the official HDF5 files (.h5 or .h5.gz, also torchvision's pcam/ layout) or the Kaggle
 "Histopathologic Cancer Detection" folder (train/, train_labels.csv, test/), converted once with a stratified
 split; a study on Kaggle data writes each trial's submission.csv.
@@ -17,19 +18,19 @@ from ray import tune
 from ray.tune.search import BasicVariantGenerator
 
 from study import cli_checks as checks
-from study import flags
+from study import driver, flags
 from study import metrics as M
-from study.console import finished, stage_callbacks, started
+from study.console import StudyConsole
 from study.config import NOISE_EVERY, OPTIMIZERS, PCAM_BATCH_SIZES, PCAM_LRS, PcamConfig
 from study.data import kaggle
 from study.data import pcam as pcam_data
 from study.errors import StudyError
 from study.lr_scaling import scaling_rules
 from study.models import vgg16_features_state
-from study.tensorboard import write_experiment
+from study.tensorboard import StudyTensorBoard, write_experiment
 from study.trainables import train_pcam
-from study.tuning import (StudyFolder, add_common_args, check_common_args, code_version, default_name,
-                          grid_axis, main_of, open_study, run_stage)
+from study.study_folder import default_name
+from study.tuning import add_common_args, check_common_args, grid_axis
 from study.workloads import pcam as pcam_workload
 
 WORKLOAD = pcam_workload.workload
@@ -146,13 +147,48 @@ def lrs_of(args, optimizer: str) -> list[float]:
     return list(args.sgd_lrs if optimizer == "sgd" else args.adam_lrs)
 
 
-def run(args) -> int:
-    check_flags(args)
-    data_dir, sizes = prepare_data(args)
-    n_train = min(sizes["train"], args.train_limit or sizes["train"])
-    check_grid(args, n_train)
-    version = code_version()
-    base = PcamConfig(data_dir=data_dir, download=bool(args.download), momentum=args.momentum, epochs=args.epochs,
+class PcamCommand(driver.Command):
+    """The original study's one stage, grid: (optimizer, lr) pairs x batch sizes x seeds."""
+
+    study = "pcam"
+
+    def prepare(self, args) -> None:
+        check_flags(args)
+        self.data_dir, self.sizes = prepare_data(args)
+        check_grid(args, min(self.sizes["train"], args.train_limit or self.sizes["train"]))
+        self.base = config_of(args, self.data_dir, "")  # every flag checked (PcamConfig), before Ray starts
+        self.features = vgg16_features_state(args.weights)  # before Ray: missing weights fail here, not in every trial
+
+    def record(self, study) -> dict:
+        return dict(super().record(study), data={"dir": self.data_dir, "sizes": self.sizes,
+                                                 "kaggle": kaggle.read_ids(self.data_dir, "test") is not None})
+
+    def begin(self, study) -> None:
+        if not study.args.resume:
+            write_experiment(study.folder, "pcam", hparam_domains(study.args))
+
+    def stages(self, study):
+        args = study.args
+        # (optimizer, lr) pairs are not a product, so each pair is one of Tune's points_to_evaluate (one sample per
+        # pair, never a random draw); Tune crosses each point with the grid over batch size and seed.
+        pairs = [{"optimizer": o, "lr": lr} for o in args.optimizers for lr in lrs_of(args, o)]
+        space = dict(config_of(args, self.data_dir, study.version).to_dict(), optimizer=tune.choice(args.optimizers),
+                     lr=tune.choice(sorted({p["lr"] for p in pairs})))
+        space.update(lr_scaling=grid_axis(scaling_rules(args.lr_scaling)),
+                     batch_size=tune.grid_search(args.batch_sizes), run=tune.grid_search(list(range(args.seeds))),
+                     seed=tune.sample_from(lambda c: c["run"]))
+        columns = ["optimizer", "lr"] + (["lr_scaling"] if len(args.lr_scaling) > 1 else []) + ["batch_size", "seed"]
+        return study.stage("grid", train_pcam, space, data={"features": self.features},
+                           search_alg=BasicVariantGenerator(points_to_evaluate=pairs), num_samples=len(pairs),
+                           tensorboard=StudyTensorBoard("pcam", "grid"),
+                           console=StudyConsole("grid", columns, [M.BEST_VAL_ACC, M.TEST_AUC]))
+
+    def end(self, study, results) -> None:
+        print_summary(results)
+
+
+def config_of(args, data_dir: str, version: str) -> PcamConfig:
+    return PcamConfig(data_dir=data_dir, download=bool(args.download), momentum=args.momentum, epochs=args.epochs,
                       weights=args.weights, freeze_blocks=args.freeze_blocks, flip=not args.no_flip,
                       rot90=not args.no_rot90, zoom=args.zoom, brightness=args.brightness, amp=not args.no_amp,
                       eval_batch_size=args.eval_batch_size, train_limit=args.train_limit,
@@ -160,31 +196,10 @@ def run(args) -> int:
                       lr_reference_batch=args.lr_reference_batch, warmup_epochs=args.warmup_epochs,
                       tf32=getattr(args, "tf32", False), checkpoint_every=getattr(args, "checkpoint_every", 1),
                       noise_every=args.noise_every, code_version=version)
-    features = vgg16_features_state(args.weights)  # before Ray: missing weights fail here, not in every trial
-    folder = StudyFolder(args.storage_path, args.name)
-    resources = open_study(folder, args)
-    if not args.resume:
-        folder.write_json(M.STUDY_FILE, {"study": "pcam", "args": vars(args), "code_version": version,
-                                         "data": {"dir": data_dir, "sizes": sizes,
-                                                  "kaggle": kaggle.read_ids(data_dir, "test") is not None},
-                                         "resources_per_trial": resources})
-        write_experiment(folder, "pcam", hparam_domains(args))
-    started(folder.uri)
-    # (optimizer, lr) pairs are not a product, so each pair is one of Tune's points_to_evaluate (one sample per
-    # pair, never a random draw); Tune crosses each point with the grid over batch size and seed.
-    pairs = [{"optimizer": o, "lr": lr} for o in args.optimizers for lr in lrs_of(args, o)]
-    space = dict(base.to_dict(), optimizer=tune.choice(args.optimizers),
-                 lr=tune.choice(sorted({p["lr"] for p in pairs})))
-    space.update(lr_scaling=grid_axis(scaling_rules(args.lr_scaling)), batch_size=tune.grid_search(args.batch_sizes),
-                 run=tune.grid_search(list(range(args.seeds))), seed=tune.sample_from(lambda c: c["run"]))
-    results = run_stage(train_pcam, space, folder=folder, stage="grid", args=args, resources=resources,
-                        data={"features": features},
-                        search_alg=BasicVariantGenerator(points_to_evaluate=pairs), num_samples=len(pairs),
-                        callbacks=stage_callbacks(args, "pcam", "grid", ["optimizer", "lr"] + (
-                            ["lr_scaling"] if len(args.lr_scaling) > 1 else []) + ["batch_size", "seed"],
-                                                  [M.BEST_VAL_ACC, M.TEST_AUC]))
-    print_summary(results)
-    return finished(folder.uri, results)
+
+
+def run(args) -> int:
+    return driver.drive(PcamCommand(), args)[0]
 
 
 def print_summary(results) -> None:
@@ -202,7 +217,7 @@ def print_summary(results) -> None:
 
 
 def main(argv=None) -> int:
-    return main_of("pcam", parse_args, run, argv)
+    return driver.main_of(PcamCommand(), parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The steps-to-result study (Shallue et al. 2019; McCandlish et al. 2018): `run_steps(workload, **flags)` from
-Python, of which `python -m study steps WORKLOAD [flags]` is a thin layer.
+"""`python -m study steps WORKLOAD [flags]`, and `run_steps(workload, **flags)` from Python: the steps-to-result study
+(Shallue et al. 2019; McCandlish et al. 2018), run by the one driver (study.driver) with this module's flags, grid
+and stage.
 
 Per batch size (powers of two by default) the same --configs metaparameter configurations, scrambled Sobol points
 over log learning rate and, for momentum optimizers, log (1 - momentum); one Tune trial each. A trial evaluates on
@@ -14,18 +15,17 @@ import argparse
 import math
 from pathlib import Path
 
-from study import api
 from study import cli_checks as checks
-from study import flags, lease, result_rows
+from study import driver, flags, run_command
 from study import metrics as M
 from study import steps as S
 from study.config import TRAIN_OPTIMIZERS, TrainConfig
 from study.errors import StudyError
-from study.flags import from_python  # run_steps' **flags hides the module
 from study.steps import BUDGET, CHANCE, CONFIG, GOAL, STAGE
+from study.steps_stopped import prime, save_stopped
 from study.steps_trial import split_config, train_steps
-from study.tuning import STUDY_FILE, StudyFolder, add_common_args, code_version
-from study.workload import Goal, Workload, describe, resolve
+from study.tuning import add_common_args, check_common_args
+from study.workload import Goal, Workload, describe
 
 KIND = "steps"
 LEVEL, SAFETY = 0.95, 10.0  # the bootstrap interval's level and the rule's safety factor (study.steps)
@@ -153,10 +153,10 @@ def fill(args, workload: Workload, n_train: int) -> argparse.Namespace:
 
 
 def check_trials(base: dict, points: list[dict], budgets: dict, steps_per_epoch: dict) -> None:
-    """Every batch size's trial config through TrainConfig before Ray starts (as study.api.trial_configs does), so
-    a bad training flag (--schedule, --warmup-epochs, --weight-decay, ...) is one StudyError with nothing written,
-    not a crashed trial per configuration. Only batch size and epochs differ between them besides the Sobol
-    points, which fill() checked already."""
+    """Every batch size's trial config through TrainConfig before Ray starts (as study.run_command.trial_configs
+    does), so a bad training flag (--schedule, --warmup-epochs, --weight-decay, ...) is one StudyError with nothing
+    written, not a crashed trial per configuration. Only batch size and epochs differ between them besides the
+    Sobol points, which fill() checked already."""
     point = points[0]
     for batch, budget in budgets.items():
         config = dict(base, batch_size=batch, lr=point["lr"], epochs=math.ceil(budget / steps_per_epoch[batch]),
@@ -182,7 +182,8 @@ def budgets_of(args, n_train: int) -> dict[int, int]:
 
 
 def trial_name(trial) -> str:
-    """Trial folders, so TensorBoard's run names say what they are: batch=64_config=3_00012."""
+    """Trial folders, so TensorBoard's run names say what they are: batch=64_config=3_00012. A stored study's
+    tuner.pkl names this function by its module and name, which a --resume imports: keep both."""
     c = trial.config
     return f"batch={c['batch_size']}_config={c[CONFIG]}_{trial.trial_id.rsplit('_', 1)[-1]}"
 
@@ -191,144 +192,104 @@ def run_steps(workload: str | Workload, *, callbacks: list | None = None, **flag
     """Run (or with resume=True and name=..., continue) a steps-to-result study; returns its folder's URI. flags:
     the CLI's flags with underscores (goal=["val_error=0.02"], configs=8, batch_sizes=[32, 64], smoke=True, ...).
     callbacks: Ray Tune callbacks, given to the Tuner after the study's own (as study.run_study's)."""
-    tune_callbacks = api.check_callbacks(callbacks)
-    spec = workload if isinstance(workload, str) else api.spec_of(workload)
-    found = resolve(spec)
-    args = parser(found).parse_args([spec])
-    unknown = sorted(set(flags) - set(vars(args)))
-    if unknown:
-        raise StudyError(f"unknown flags {', '.join(unknown)}; see python -m study steps {found.name} --help")
-    vars(args).update(flags)
-    return execute(from_python(args), found, tune_callbacks)[1]
+    return driver.call("steps", parser, execute, workload, callbacks, flags)
 
 
-@lease.released_at_end()  # the study folder's lease, taken in open_study
 def execute(args, workload: Workload, tune_callbacks: list = ()) -> tuple[int, str]:
     """The study of parsed flags: (exit status, folder URI). Exit 1 when a trial failed. tune_callbacks: the
     user's Tune callbacks (run_steps' callbacks=), after the study's own."""
-    from ray import tune
-
-    from study.console import finished, started
-    from study.steps_console import StepsConsole, StepsTensorBoard
-    from study.tensorboard import option_hparams, write_experiment
-    from study.tuning import grid_axis, open_study, run_stage
-
-    args = api.start(args, workload, KIND, "-steps")
-    api.check_common_args(args)
-    goals = goals_of(args, workload)
-    goal = S.strictest(goals)
-    smoke_options = workload.smoke.get("options", {}) if args.smoke else {}
-    for o in workload.options:
-        if getattr(args, o.name, None) is None:
-            setattr(args, o.name, smoke_options.get(o.name, o.default))
-    options = workload.option_values({o.name: getattr(args, o.name) for o in workload.options})
-    splits = api.load_splits(workload, options)
-    n_train = len(splits["train"][0])
-    fill(args, workload, n_train)
-    chance = workload.chance.get(goal.metric)
-    try:
-        S.TrialLimits(goal=goal, budget_steps=1, chance=chance)
-    except ValueError as err:
-        raise StudyError(f"--goal: {err}")
-    spec = str(Path(args.workload).resolve()) if args.workload.endswith(".py") else args.workload
-    points = args.points
-    budgets = budgets_of(args, n_train)
-    base = dict(TrainConfig(workload=spec).to_dict(), options=options, stage=STAGE, optimizer=args.optimizer,
-                noise_scale=args.noise_scale == "on", tf32=args.tf32, code_version="", seed=args.seed,
-                **{k: getattr(args, k) for k in SCALARS}, **{GOAL: goal.to_dict(), CHANCE: chance})
-    steps_per_epoch = {b: math.ceil(n_train / b) for b in args.batch_sizes}
-    check_trials(base, points, budgets, steps_per_epoch)
-    folder = StudyFolder(args.storage_path, args.name)
-    resources = open_study(folder, args)
-    version = code_version()
-    stored_args = {k: v for k, v in vars(args).items() if k != "points"}
-    stored_goals = [g.to_dict() for g in goals]
-    axes = {"batch_size": args.batch_sizes, CONFIG: list(range(args.configs))}
-    if not args.resume:
-        folder.write_json(STUDY_FILE, {"study": workload.name, "kind": KIND, "stages": [STAGE], "args": stored_args,
-                                       "code_version": version, "resources_per_trial": resources,
-                                       "data": {s: len(splits[s][0]) for s in splits}, "goals": stored_goals,
-                                       "ranges": ranges(args), "level": LEVEL, "safety": SAFETY,
-                                       "budget_steps": {str(b): s for b, s in budgets.items()},
-                                       "configs": points})
-    if not args.resume or not folder.has(M.WORKLOAD_FILE):  # also for a start stopped before it was written
-        folder.write_json(M.WORKLOAD_FILE, dict(describe(workload, splits), goals=stored_goals, axes=axes))
-    if not args.resume:
-        own = {name: [value] for name, value in option_hparams(options, {*base, CONFIG, BUDGET}).items()}
-        write_experiment(folder, KIND, {"batch_size": args.batch_sizes, "lr": [p["lr"] for p in points],
-                                        **({"momentum": [p["momentum"] for p in points]}
-                                           if points[0]["momentum"] is not None else {}), CONFIG: axes[CONFIG], **own},
-                         [("steps/to_result", "steps to result (first evaluation at the strictest goal)"),
-                          (tag(goal.metric), goal.metric.replace("_", " "))])
-    started(folder.uri)
-    base["code_version"] = version
-    space = dict(base, batch_size=grid_axis(args.batch_sizes), **{CONFIG: grid_axis(list(range(args.configs)))})
-    space["lr"] = tune.sample_from(lambda c: points[c[CONFIG]]["lr"])
-    # Each configuration its own initialisation and data order, the same at every batch size (steps.config_seed).
-    space["seed"] = tune.sample_from(lambda c: points[c[CONFIG]]["seed"])
-    if points[0]["momentum"] is not None:
-        space["momentum"] = tune.sample_from(lambda c: points[c[CONFIG]]["momentum"])
-    space[BUDGET] = tune.sample_from(lambda c: budgets[c["batch_size"]])
-    # TrainConfig's epochs: the budget's epochs, so a warmup given in epochs is checked against them.
-    space["epochs"] = tune.sample_from(lambda c: math.ceil(budgets[c["batch_size"]] / steps_per_epoch[c["batch_size"]]))
-    limits = S.TrialLimits(goal=goal, budget_steps=max(budgets.values()), chance=chance)
-    stopper = S.tune_stopper(S.ResultRule(args.configs, LEVEL, SAFETY), limits)
-    if args.resume:
-        prime(stopper, folder, limits)
-    callbacks = [StepsTensorBoard(workload.name, STAGE, {goal.metric: tag(goal.metric),
-                                                         M.STEPS_TO_RESULT: "steps/to_result"})]
-    if not args.verbose:
-        callbacks.append(StepsConsole(STAGE, goal.metric))
-    results = run_stage(train_steps, space, folder=folder, stage=STAGE, args=args, resources=resources,
-                        data=splits, callbacks=[*callbacks, *tune_callbacks], run_names=trial_name, stop=stopper)
-    save_stopped(folder, stopper, results)
-    return finished(folder.uri, results), folder.uri
+    command = StepsCommand(workload)
+    name = workload.name + "-steps" + ("-smoke" if args.smoke else "")
+    return driver.drive(command, driver.resumed(args, command, name, workload.options_before()), tune_callbacks)
 
 
-def stored_rows(folder: StudyFolder) -> dict:
-    """Trial folder -> (config, rows) of what the stage stored so far."""
-    import pyarrow.fs as pafs
+class StepsCommand(driver.Command):
+    """`python -m study steps`: one stage, batch sizes x Sobol configurations, stopped by the result rule."""
 
-    out = {}
-    try:
-        infos = folder.fs.get_file_info(pafs.FileSelector(f"{folder.path}/{STAGE}"))
-    except OSError:
-        return out
-    for info in infos:
-        if info.type != pafs.FileType.Directory:
-            continue
+    kind = KIND
+
+    def __init__(self, workload: Workload):
+        self.workload, self.study = workload, workload.name
+
+    def prepare(self, args) -> None:
+        workload = self.workload
+        args.study = workload.name
+        check_common_args(args)
+        self.goals = goals_of(args, workload)
+        goal = self.goal = S.strictest(self.goals)
+        run_command.fill_options(args, workload)
+        self.options = workload.option_values({o.name: getattr(args, o.name) for o in workload.options})
+        self.splits = run_command.load_splits(workload, self.options)
+        n_train = len(self.splits["train"][0])
+        fill(args, workload, n_train)
+        self.chance = workload.chance.get(goal.metric)
         try:
-            with folder.fs.open_input_stream(f"{info.path}/{M.RESULT_FILE}") as src:
-                rows = result_rows.rows(src.read())  # a line cut short by a crash: the rows before it stand
-        except OSError:
-            continue
-        if rows:
-            out[Path(info.path).name] = (rows[0].get("config", {}), rows)
-    return out
+            S.TrialLimits(goal=goal, budget_steps=1, chance=self.chance)
+        except ValueError as err:
+            raise StudyError(f"--goal: {err}")
+        spec = str(Path(args.workload).resolve()) if args.workload.endswith(".py") else args.workload
+        self.budgets = budgets_of(args, n_train)
+        self.base = dict(TrainConfig(workload=spec).to_dict(), options=self.options, stage=STAGE,
+                         optimizer=args.optimizer, noise_scale=args.noise_scale == "on", tf32=args.tf32,
+                         code_version="", seed=args.seed, **{k: getattr(args, k) for k in SCALARS},
+                         **{GOAL: goal.to_dict(), CHANCE: self.chance})
+        self.steps_per_epoch = {b: math.ceil(n_train / b) for b in args.batch_sizes}
+        check_trials(self.base, args.points, self.budgets, self.steps_per_epoch)
 
+    def record(self, study) -> dict:
+        args = study.args
+        return {"study": self.study, "kind": KIND, "stages": [STAGE],
+                "args": {k: v for k, v in vars(args).items() if k != "points"},
+                "data": {s: len(split[0]) for s, split in self.splits.items()},
+                "goals": [g.to_dict() for g in self.goals], "ranges": ranges(args), "level": LEVEL,
+                "safety": SAFETY, "budget_steps": {str(b): s for b, s in self.budgets.items()},
+                "configs": args.points}
 
-def prime(stopper, folder: StudyFolder, limits: S.TrialLimits) -> None:
-    """On --resume: the rule's record of reaching trials, rebuilt from the stored rows (Tune's restore brings back
-    the stopper as the study started it, empty)."""
-    for name, (config, rows) in stored_rows(folder).items():
-        first = next((r for r in rows if limits.goal.reached(float(r.get(limits.goal.metric, math.nan)))), None)
-        if first is not None:
-            stopper.rule.reached(config["batch_size"], rows[0].get("trial_id", name), first[S.STEP])
-    earlier = f"{STAGE}/{M.STOPPED_FILE}"
-    if folder.has(earlier):
-        stopper.stopped.update(folder.read_json(earlier))
+    def begin(self, study) -> None:
+        from study.tensorboard import option_hparams, tag, write_experiment
 
+        args, folder, points = study.args, study.folder, study.args.points
+        axes = {"batch_size": args.batch_sizes, CONFIG: list(range(args.configs))}
+        if not args.resume or not folder.has(M.WORKLOAD_FILE):  # also for a start stopped before it was written
+            folder.write_json(M.WORKLOAD_FILE, dict(describe(self.workload, self.splits),
+                                                    goals=[g.to_dict() for g in self.goals], axes=axes))
+        if not args.resume:
+            own = {name: [value] for name, value in option_hparams(self.options, {*self.base, CONFIG, BUDGET}).items()}
+            write_experiment(folder, KIND, {"batch_size": args.batch_sizes, "lr": [p["lr"] for p in points],
+                                            **({"momentum": [p["momentum"] for p in points]}
+                                               if points[0]["momentum"] is not None else {}),
+                                            CONFIG: axes[CONFIG], **own},
+                             [("steps/to_result", "steps to result (first evaluation at the strictest goal)"),
+                              (tag(self.goal.metric), self.goal.metric.replace("_", " "))])
 
-def save_stopped(folder: StudyFolder, stopper, results) -> None:
-    """stopped_by_rule.json: trial folder -> step, this run's stops added to any earlier run's."""
-    earlier = f"{STAGE}/{M.STOPPED_FILE}"
-    stopped = dict(folder.read_json(earlier)) if folder.has(earlier) else {}
-    folders = {(r.metrics or {}).get("trial_id"): Path(r.path).name for r in results}
-    for trial_id, step in stopper.stopped.items():
-        stopped[folders.get(trial_id, trial_id)] = step
-    folder.write_json(earlier, stopped)
+    def stages(self, study):
+        from ray import tune
 
+        from study.steps_console import StepsConsole, StepsTensorBoard
+        from study.tensorboard import tag
+        from study.tuning import grid_axis
 
-def tag(metric: str) -> str:
-    split, _, name = metric.partition("_")
-    return f"{split}/{name}"
+        args, points, budgets, goal = study.args, study.args.points, self.budgets, self.goal
+        steps_per_epoch = self.steps_per_epoch
+        space = dict(self.base, code_version=study.version, batch_size=grid_axis(args.batch_sizes),
+                     **{CONFIG: grid_axis(list(range(args.configs)))})
+        space["lr"] = tune.sample_from(lambda c: points[c[CONFIG]]["lr"])
+        # Each configuration its own initialisation and data order, the same at every batch size (steps.config_seed).
+        space["seed"] = tune.sample_from(lambda c: points[c[CONFIG]]["seed"])
+        if points[0]["momentum"] is not None:
+            space["momentum"] = tune.sample_from(lambda c: points[c[CONFIG]]["momentum"])
+        space[BUDGET] = tune.sample_from(lambda c: budgets[c["batch_size"]])
+        # TrainConfig's epochs: the budget's epochs, so a warmup given in epochs is checked against them.
+        space["epochs"] = tune.sample_from(lambda c: math.ceil(budgets[c["batch_size"]]
+                                                               / steps_per_epoch[c["batch_size"]]))
+        limits = S.TrialLimits(goal=goal, budget_steps=max(budgets.values()), chance=self.chance)
+        self.stopper = S.tune_stopper(S.ResultRule(args.configs, LEVEL, SAFETY), limits)
+        if args.resume:
+            prime(self.stopper, study.folder, limits)
+        return study.stage(STAGE, train_steps, space, data=self.splits, run_names=trial_name, stop=self.stopper,
+                           tensorboard=StepsTensorBoard(self.workload.name, STAGE, {
+                               goal.metric: tag(goal.metric), M.STEPS_TO_RESULT: "steps/to_result"}),
+                           console=StepsConsole(STAGE, goal.metric))
+
+    def end(self, study, results) -> None:
+        save_stopped(study.folder, self.stopper, results)

@@ -229,3 +229,9 @@ class StudyTensorBoard(TBXLoggerCallback):
     def on_experiment_end(self, trials, **info):
         for trial in list(self._writers):
             self._writers.pop(trial).close()
+
+
+def tag(metric: str) -> str:
+    """A prefixed metric's TensorBoard tag: val_error -> val/error."""
+    split, _, name = metric.partition("_")
+    return f"{split}/{name}"

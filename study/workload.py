@@ -1,6 +1,6 @@
 """What a workload declares: its data, model, loss, metrics and default grid, as data and plain functions.
 
-A workload file defines `workload = Workload(...)` and imports nothing of Ray; the engine (study.api,
+A workload file defines `workload = Workload(...)` and imports nothing of Ray; the engine (study.driver,
 study.run_workload) supplies the loop, the optimizers, the grid, checkpoints, TensorBoard and the console.
 `resolve` finds one by a shipped name (`python -m study list`), a path to a .py file, or `module:name`.
 """
@@ -62,7 +62,7 @@ class Option:
     help: str = ""
     choices: tuple = ()  # the allowed values, when they are few (the flag refuses others)
     # The value a study stored before this option existed ran with, when that is not `default` (a new default that
-    # changes results): resuming such a study keeps it (Workload.options_before, study.api.start). None: default.
+    # changes results): resuming such a study keeps it (Workload.options_before, study.driver.resumed). None: default.
     before: Any = None
 
 

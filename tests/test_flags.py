@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from study import api, flags, mnist, pcam, steps_study
+from study import flags, mnist, pcam, run_command, steps_study
 from study.errors import StudyError
 from study.workload import WORKLOADS, resolve
 
@@ -44,7 +44,7 @@ def parser_of(parse_args, argv=()) -> argparse.ArgumentParser:
 def parsers():
     for name in WORKLOADS:
         workload = resolve(name)
-        yield f"run {name}", api.parser(workload), workload
+        yield f"run {name}", run_command.parser(workload), workload
         yield f"steps {name}", steps_study.parser(workload), workload
     yield "study.mnist", parser_of(mnist.parse_args), resolve("mnist-regression")
     yield "study.pcam", parser_of(pcam.parse_args), resolve("pcam")
@@ -85,7 +85,7 @@ def test_every_flag_of_every_command_has_a_help():
     from analysis import report
 
     commands = [(command, parser) for command, parser, _ in parsers()]
-    commands += [("run " + EXAMPLE, api.parser(resolve(str(ROOT / EXAMPLE)))),
+    commands += [("run " + EXAMPLE, run_command.parser(resolve(str(ROOT / EXAMPLE)))),
                  ("steps " + EXAMPLE, steps_study.parser(resolve(str(ROOT / EXAMPLE)))),
                  ("analysis.report", parser_of(report.parse_args, ["STUDY"]))]
     for command, parser in commands:
@@ -97,7 +97,7 @@ def test_every_flag_of_every_command_has_a_help():
 
 def test_no_command_defines_a_shared_flag_again():
     pattern = re.compile(r"add_argument\(\s*\"--([a-z0-9-]+)\"")
-    for path in [ROOT / "study" / f for f in ("api.py", "steps_study.py", "mnist.py", "pcam.py")]:
+    for path in [ROOT / "study" / f for f in ("run_command.py", "steps_study.py", "mnist.py", "pcam.py")]:
         for name in pattern.findall(path.read_text()):
             key = name.replace("-", "_")
             if path.name == "pcam.py" and key in ("seeds", "amp"):
@@ -131,7 +131,7 @@ def test_check_refuses_values_out_of_the_table_s_ranges(name, value, message):
 def test_an_option_with_choices_refuses_others(capsys):
     workload = resolve("mnist-regression")
     with pytest.raises(SystemExit):
-        api.parser(workload).parse_args(["mnist-regression", "--target", "mode"])
+        run_command.parser(workload).parse_args(["mnist-regression", "--target", "mode"])
     assert "invalid choice: 'mode'" in capsys.readouterr().err
     with pytest.raises(StudyError, match="option target must be one of mean, median, std, var"):
         workload.option_values({"target": "mode"})
@@ -144,7 +144,7 @@ ON_OFF = [("--noise-scale", "noise_scale", "on", "off"), ("--tf32", "tf32", True
 @pytest.mark.parametrize("command", ["run", "steps", "study.mnist", "study.pcam"])
 def test_on_off_flags_take_one_style_and_their_old_spellings_store_the_same(command, flag, dest, on, off):
     workload = resolve("mnist-regression" if command == "study.mnist" else "pcam")
-    parse = {"run": lambda argv: api.parser(workload).parse_args(["pcam", *argv]),
+    parse = {"run": lambda argv: run_command.parser(workload).parse_args(["pcam", *argv]),
              "steps": lambda argv: steps_study.parser(workload).parse_args(["pcam", *argv]),
              "study.mnist": mnist.parse_args, "study.pcam": pcam.parse_args}[command]
     no = "--no-" + flag[2:]
@@ -155,7 +155,7 @@ def test_on_off_flags_take_one_style_and_their_old_spellings_store_the_same(comm
 
 
 def test_amp_takes_one_style_in_every_command_and_pcam_stores_it_as_before():
-    parser = api.parser(resolve("mnist-cnn"))
+    parser = run_command.parser(resolve("mnist-cnn"))
     for argv, want in [(["--amp"], "on"), (["--no-amp"], "off"), (["--amp", "off"], "off"), ([], None)]:
         assert parser.parse_args(["mnist-cnn", *argv]).amp == want, argv  # None: the workload's, filled in later
     for argv, want in [(["--no-amp"], True), (["--amp"], False), ([], False)]:
@@ -204,7 +204,7 @@ def test_the_console_script_is_the_module_s_main():
     assert main(["list"]) == 0  # an exit status: the script passes it to sys.exit
 
 
-@pytest.mark.parametrize("run, module", [("run_study", api), ("run_steps", steps_study)])
+@pytest.mark.parametrize("run, module", [("run_study", run_command), ("run_steps", steps_study)])
 def test_from_python_an_on_off_flag_may_be_a_bool(run, module, monkeypatch):
     seen = {}
     monkeypatch.setattr(module, "execute", lambda args, workload, callbacks: seen.update(vars(args)) or (0, "uri"))

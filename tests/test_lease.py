@@ -24,7 +24,7 @@ from cluster_procs import free_port
 from study import lease
 from study.errors import StudyError
 from study.metrics import LEASE_FILE, STUDY_FILE
-from study.tuning import StudyFolder
+from study.study_folder import StudyFolder
 
 REPO = Path(__file__).resolve().parents[1]
 AWS = dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
@@ -33,7 +33,7 @@ FAST = dict(every=0.1, missed=5, settle=0.2)  # stale after 0.5 s without a hear
 HOLDER = textwrap.dedent("""
     import sys, time
     from study import lease
-    from study.tuning import StudyFolder
+    from study.study_folder import StudyFolder
     held = [lease.take(StudyFolder(sys.argv[1], name), every=0.1) for name in sys.argv[2:]]
     print("held", flush=True)
     time.sleep(600)

@@ -135,7 +135,7 @@ def test_resume_needs_a_name_and_the_right_study(capsys, store):
 
 
 def test_an_empty_folder_is_not_a_study(store):
-    from study.tuning import StudyFolder
+    from study.study_folder import StudyFolder
 
     (store / "s").mkdir(parents=True)  # e.g. left by a start that died while connecting to Ray
     StudyFolder(str(store), "s").prepare(resume=False)  # accepted: nothing in it to protect

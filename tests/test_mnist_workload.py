@@ -14,7 +14,7 @@ import pytest
 
 from analysis import report
 from study.__main__ import main
-from study.api import parser
+from study.run_command import parser
 from study.data import mnist as mnist_data
 from study.workload import resolve
 from study.workloads import mnist_regression

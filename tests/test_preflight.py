@@ -127,12 +127,12 @@ def test_splits_of_different_shapes_are_refused(capsys, tmp_path):
 
 @pytest.mark.parametrize("spec", ["examples/digits_workload.py", "mnist-cnn", "mnist-regression"])
 def test_shipped_workloads_and_the_example_pass(spec):
-    from study import api, preflight
+    from study import preflight, run_command
     from study.workload import resolve
 
     workload = resolve(spec)
     options = workload.option_values(workload.smoke.get("options", {}))
-    splits = api.check_splits(workload.load(options), workload)
+    splits = run_command.check_splits(workload.load(options), workload)
     started = time.monotonic()
     preflight.check(workload, splits, options)
     assert time.monotonic() - started < 5
@@ -140,13 +140,13 @@ def test_shipped_workloads_and_the_example_pass(spec):
 
 @pytest.mark.parametrize("value", ["0.5", None, True, [0.5]])
 def test_evaluate_must_return_a_number_for_every_metric(tmp_path, value):
-    from study import api, preflight
+    from study import preflight, run_command
     from study.errors import StudyError
     from study.workload import resolve
 
     path = workload_file(tmp_path, "kinds", evaluate="VALUE")
     workload = resolve(path)
-    splits = api.check_splits(workload.load({}), workload)
+    splits = run_command.check_splits(workload.load({}), workload)
     for good in (0.5, 1, np.float32(0.5), np.array(0.5), torch.tensor([0.5])):
         sys.modules[workload.load.__module__].VALUE = good
         preflight.check(workload, splits, {})

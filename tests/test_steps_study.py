@@ -244,8 +244,8 @@ def test_run_steps_from_python_gives_a_tune_callback_every_result(local_ray, tmp
 def test_resume_rebuilds_the_rule_from_stored_rows_and_keeps_earlier_stops(tmp_path):
     from types import SimpleNamespace
 
-    from study import steps_study
-    from study.tuning import StudyFolder
+    from study import steps_stopped
+    from study.study_folder import StudyFolder
 
     folder = StudyFolder(str(tmp_path), "s")
     limits = S.TrialLimits(goal=Goal.from_dict(GOAL_03), budget_steps=100)
@@ -258,12 +258,12 @@ def test_resume_rebuilds_the_rule_from_stored_rows_and_keeps_earlier_stops(tmp_p
         (trial_dir / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"cut sh')
     (tmp_path / "s" / "steps" / M.STOPPED_FILE).write_text('{"e": 70}')
     stopper = S.tune_stopper(S.ResultRule(configs=2, level=0.5, safety=1.0), limits)  # m = 1 of 2
-    steps_study.prime(stopper, folder, limits)
+    steps_stopped.prime(stopper, folder, limits)
     assert stopper.rule.steps == {16: {"t_a": 20, "t_b": 10}, 32: {"t_d": 10}}
     assert stopper("t_c", {"step": 20, "val_error": 0.5, "config": {"batch_size": 16}})  # past step 10, not there
     assert not stopper("t_x", {"step": 20, "val_error": 0.5, "config": {"batch_size": 64}})
     results = [SimpleNamespace(metrics={"trial_id": "t_c"}, path=str(tmp_path / "s" / "steps" / "c"))]
-    steps_study.save_stopped(folder, stopper, results)
+    steps_stopped.save_stopped(folder, stopper, results)
     assert json.loads((tmp_path / "s" / "steps" / M.STOPPED_FILE).read_text()) == {"c": 20, "e": 70}
 
 

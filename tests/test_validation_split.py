@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from study import api
+from study import run_command
 from study.__main__ import main
 from study.data import cifar
 from study.data import mnist as mnist_data
@@ -111,7 +111,7 @@ def test_on_real_mnist_the_random_split_is_not_the_tail(mnist_dir):
 def stored_study(folder, workload_name: str, kind: str, drop: tuple) -> None:
     """A study.json as a version without the options in `drop` wrote it: this version's arguments less those."""
     workload = resolve(workload_name)
-    args = api.fill(api.parser(workload).parse_args([workload_name, "--smoke"]), workload)
+    args = run_command.fill(run_command.parser(workload).parse_args([workload_name, "--smoke"]), workload)
     stored = {k: v for k, v in vars(args).items() if k not in drop}
     folder.mkdir(parents=True)
     (folder / "study.json").write_text(json.dumps({"study": workload.name, "kind": kind, "args": stored}))
@@ -125,7 +125,7 @@ def loaded_options(monkeypatch):
     def load_splits(workload, options):
         seen.append(options)
         raise StudyError("stopped before Ray")
-    monkeypatch.setattr(api, "load_splits", load_splits)
+    monkeypatch.setattr(run_command, "load_splits", load_splits)
     return seen
 
 

@@ -216,7 +216,7 @@ def test_every_shipped_workload_loads_its_smoke_data_without_a_data_dir(name):
     """What --smoke sets reads the workload's generated data (none of the user's), enough for its smoke batch
     sizes; each workload's smoke study runs end to end in tests/test_workload_studies.py (mnist-cnn,
     cifar10-resnet8), test_pcam_workload.py and test_mnist_workload.py."""
-    from study.api import check_splits
+    from study.run_command import check_splits
 
     workload = resolve(name)
     options = workload.option_values(workload.smoke.get("options", {}))
@@ -270,7 +270,7 @@ def test_shipped_models_shapes():
 
 
 def test_run_study_finds_a_workload_object_again():
-    from study.api import spec_of
+    from study.driver import spec_of
 
     assert spec_of(mnist_cnn.workload) == "study.workloads.mnist_cnn:workload"
     example = resolve(EXAMPLE)
