@@ -286,7 +286,8 @@ class StepsCommand(driver.Command):
         self.stopper = S.tune_stopper(S.ResultRule(args.configs, LEVEL, SAFETY), limits)
         if args.resume:
             prime(self.stopper, study.folder, limits)
-        return study.stage(STAGE, train_steps, space, data=self.splits, run_names=trial_name, stop=self.stopper,
+        data = None if self.workload.memory_mapped else self.splits  # memory maps: each trial opens its files
+        return study.stage(STAGE, train_steps, space, data=data, run_names=trial_name, stop=self.stopper,
                            tensorboard=StepsTensorBoard(self.workload.name, STAGE, {
                                goal.metric: tag(goal.metric), M.STEPS_TO_RESULT: "steps/to_result"}),
                            console=StepsConsole(STAGE, goal.metric))
