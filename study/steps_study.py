@@ -50,6 +50,9 @@ def parser(workload: Workload | None = None) -> argparse.ArgumentParser:
     g.add_argument("--momentum-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
                    help=f"1 - momentum for sgd and nesterov, sampled in log space (default "
                         f"{DEFAULT_MOMENTUM_RANGE[0]:g} {DEFAULT_MOMENTUM_RANGE[1]:g})")
+    g.add_argument("--momentum", type=float, metavar="M",
+                   help="one momentum for every configuration instead of sampling it (0: plain SGD, e.g. for the "
+                        "least-squares check)")
     g.add_argument("--optimizer", help=f"one of {', '.join(TRAIN_OPTIMIZERS)} (default: the workload's first)")
     budget = g.add_mutually_exclusive_group()
     budget.add_argument("--budget-steps", type=int, help="training steps per trial at most (every batch size)")
@@ -108,6 +111,14 @@ def fill(args, workload: Workload, n_train: int) -> argparse.Namespace:
         lrs = defaults.get("lrs") or [base.lr]
         args.lr_range = [min(lrs) / 10, max(lrs) * 10]
     momentum = args.optimizer in MOMENTUM_OPTIMIZERS
+    fixed = getattr(args, "momentum", None)  # absent from studies stored before the flag
+    if fixed is not None:
+        if not momentum or args.momentum_range is not None or not 0 <= fixed < 1:
+            raise StudyError(f"--momentum {fixed:g}: a value in [0, 1) for sgd or nesterov, without --momentum-range "
+                             f"(got --optimizer {args.optimizer})")
+        if args.optimizer == "nesterov" and fixed == 0:
+            raise StudyError("--momentum 0: nesterov needs a momentum above 0; use --optimizer sgd for plain SGD")
+        momentum = False  # not sampled: every configuration has this one
     if args.momentum_range is None and momentum:
         args.momentum_range = list(DEFAULT_MOMENTUM_RANGE)
     if args.momentum_range is not None and not momentum:
@@ -232,7 +243,8 @@ class StepsCommand(driver.Command):
         self.base = dict(TrainConfig(workload=spec).to_dict(), options=self.options, stage=STAGE,
                          optimizer=args.optimizer, noise_scale=args.noise_scale == "on", tf32=args.tf32,
                          code_version="", seed=args.seed, **{k: getattr(args, k) for k in SCALARS},
-                         **{GOAL: goal.to_dict(), CHANCE: self.chance})
+                         **{GOAL: goal.to_dict(), CHANCE: self.chance},
+                         **({"momentum": args.momentum} if getattr(args, "momentum", None) is not None else {}))
         self.steps_per_epoch = {b: math.ceil(n_train / b) for b in args.batch_sizes}
         check_trials(self.base, args.points, self.budgets, self.steps_per_epoch)
 

@@ -95,6 +95,22 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
+def test_one_momentum_for_every_configuration_instead_of_sampling_it(tmp_path, capsys):
+    from study.steps_study import fill, parser
+
+    workload = resolve(DIGITS)
+    args = fill(parser(workload).parse_args([DIGITS, "--optimizer", "sgd", "--momentum", "0"]), workload, 1000)
+    assert args.momentum_range is None and all(p["momentum"] is None for p in args.points)  # not sampled
+    base = ["steps", DIGITS, "--storage-path", str(tmp_path), "--name", "x"]
+    assert main(base + ["--optimizer", "sgd", "--momentum", "0.5", "--momentum-range", "0.1", "0.2"]) == 2
+    assert main(base + ["--optimizer", "nesterov", "--momentum", "0"]) == 2
+    assert main(base + ["--optimizer", "adam", "--momentum", "0.9"]) == 2
+    assert main(base + ["--optimizer", "sgd", "--momentum", "1"]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 4 and all(e.startswith("error: --momentum") for e in errors), errors
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("flags", [["--schedule", "bogus"], ["--warmup-epochs", "-3"], ["--weight-decay", "-1"]])
 def test_bad_training_flag_is_one_line_and_exit_2_before_anything_is_written(tmp_path, capsys, flags):
     assert main(["steps", DIGITS, "--storage-path", str(tmp_path), "--name", "x"] + flags) == 2
