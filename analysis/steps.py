@@ -42,7 +42,7 @@ import numpy as np
 from analysis.steps_configs import best_of_k, edges
 from analysis.steps_noise import b_simple
 from study import metrics as M
-from study.steps import DIVERGED, INFEASIBLE, STEP, configs_to_wait_for
+from study.steps import DIVERGED, INFEASIBLE, STEP, configs_to_wait_for, eval_steps
 from study.workload import Goal
 
 # A best configuration that reached the goal at one of its first ten evaluations after step 0 sits on the floor
@@ -104,8 +104,24 @@ def upper(values: np.ndarray, level: float) -> float:
 
 
 def evaluation_number(rows: list[dict], k: int) -> int:
-    """Which evaluation after step 0 row k is (1: the first); 0 for a row at step 0."""
-    return sum(1 for r in rows[: k + 1] if r[STEP] > 0)
+    """Which step of the trial's fine grid (study.steps.eval_steps, from its first evaluated step) row k's step is
+    (1: the first); 0 for a row at step 0. The grid's count, not the rows': a trial on the coarse schedule
+    (study.eval_schedule) evaluates only some of the fine grid's steps."""
+    step = rows[k][STEP]
+    if not step > 0:
+        return 0
+    first = min(r[STEP] for r in rows if r[STEP] > 0)
+    return len(eval_steps(int(step), first=int(first)))
+
+
+def floor_step(rows: list[dict]) -> float:
+    """The step of the FLOOR_EVALUATIONS-th step of the trial's fine grid (10 on the grid from step 1, 19 on the
+    grid from step 10 of studies stored before it); NaN for a trial with no evaluation after step 0."""
+    steps = [r[STEP] for r in rows if r[STEP] > 0]
+    if not steps:
+        return math.nan
+    first = int(min(steps))
+    return float(eval_steps(first * 1000 + 1000, first=first)[FLOOR_EVALUATIONS - 1])
 
 
 def per_batch(trials: list[dict], goal: Goal, ranges: dict | None = None, level: float = 0.95,

@@ -13,6 +13,7 @@ import numpy as np
 
 from analysis.figures import batch_axis, fmt, new_figure
 from analysis.steps import FLOOR_EVALUATIONS
+from analysis.steps import floor_step as steps_floor
 from study.steps import STATUSES
 
 STATUS_STYLE = {"reached": ("o", "tab:green"), "censored": ("s", "tab:orange"),
@@ -82,16 +83,10 @@ def _positive(table, key):
 
 
 def floor_step(trials) -> float:
-    """The floor under steps to result: the step of the FLOOR_EVALUATIONS-th evaluation after step 0 (10 on the
-    grid from step 1, 19 on the grid from step 10 of studies stored before it), the smallest over the trials that
-    got that far; NaN when none did."""
-    return min((t["rows"][k]["step"] for t in trials for k in [_nth_after_zero(t["rows"])] if k is not None),
-               default=math.nan)
-
-
-def _nth_after_zero(rows) -> int | None:
-    after = [k for k, r in enumerate(rows) if r["step"] > 0]
-    return after[FLOOR_EVALUATIONS - 1] if len(after) >= FLOOR_EVALUATIONS else None
+    """The floor under steps to result: the step of the FLOOR_EVALUATIONS-th step of the fine grid (10 on the grid
+    from step 1, 19 on the grid from step 10 of studies stored before it), the smallest over the trials; NaN when
+    no trial evaluated past step 0."""
+    return min((f for t in trials for f in [steps_floor(t["rows"])] if not math.isnan(f)), default=math.nan)
 
 
 def steps_figure(results, per_example: bool, floor: float, level: float, unit: str):

@@ -182,3 +182,17 @@ def test_the_report_says_how_the_budget_was_set():
                                                                               "16: 1024, 1024: 16")
     line = budget_line({"budget_epochs": 2.0, "budget_scaling": S.SQRT}, {"16": 1024, "1024": 128})
     assert "at the smallest batch size" in line and "1 / sqrt" in line and line.endswith("16: 1024, 1024: 128")
+
+
+def test_the_floor_counts_the_fine_grids_steps_not_the_rows():
+    """A trial on the coarse schedule stores fewer rows than the fine grid has steps: the floor is where the fine
+    grid's tenth step is (study.eval_schedule), for old studies on the grid from step 10 too."""
+    from analysis.steps import FLOOR_EVALUATIONS, evaluation_number, floor_step
+
+    rows = lambda steps: [{"step": s} for s in steps]  # noqa: E731
+    coarse = rows([0, 1, 2, 4, 8, 16, 9, 10])  # evaluated back from 16: reached at 10
+    assert evaluation_number(coarse, 7) == FLOOR_EVALUATIONS and floor_step(coarse) == 10
+    later = rows([0, 1, 2, 4, 8, 16, 32, 17, 18])  # the fine grid's 18th step
+    assert evaluation_number(later, 8) == 18 and evaluation_number(later, 0) == 0
+    old = rows([0, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20])
+    assert evaluation_number(old, 10) == FLOOR_EVALUATIONS and floor_step(old) == 19
