@@ -36,7 +36,7 @@ def evaluate(outputs, y):
 
 
 workload = Workload(
-    name="digits-cnn",
+    name="digits-cnn", unit="images",
     summary="scikit-learn's 8x8 digits, a two-layer CNN (an example to copy)",
     load=load, model=model, loss=nn.functional.cross_entropy, prepare=prepare, evaluate=evaluate,
     metrics=(Metric("error", False), Metric("loss", False)), primary="val_error",

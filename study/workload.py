@@ -84,6 +84,7 @@ class Workload:
     smoke: dict = field(default_factory=dict)  # what --smoke sets: a tiny grid, and "options" of the workload's own
     options: tuple[Option, ...] = ()
     report: str = ""  # "module:function": the workload's own report section (analysis imports only this of it)
+    unit: str = "examples"  # what one training example is, in the figures' axes ("images" for image data sets)
     # For large data sets and fine-tuning (PCam); each is optional and off by default.
     memory_mapped: bool = False  # load() returns memory maps (uint8 x); each trial opens them itself and the engine
     # streams batches from them (study.data.batches), uploading a split whole when the trial's memory plan allows
@@ -266,4 +267,4 @@ def describe(w: Workload, splits) -> dict:
                         for s in SPLITS if s in splits and s != "train" for m in w.metrics],
             "primary": w.primary,
             "goals": [g.to_dict() for g in w.goals],
-            "chance": dict(w.chance), **({"report": w.report} if w.report else {})}
+            "chance": dict(w.chance), "unit": w.unit, **({"report": w.report} if w.report else {})}

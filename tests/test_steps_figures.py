@@ -127,3 +127,13 @@ def test_the_report_takes_the_unit_from_workload_json():
     assert unit_of(SimpleNamespace(files={})) is None
     assert unit_of(SimpleNamespace(files={M.WORKLOAD_FILE: {"unit": "images"}})) == "images"
     assert unit_of(SimpleNamespace(files={M.WORKLOAD_FILE: {"unit": " "}})) is None
+
+
+def test_workload_json_says_what_an_example_is():
+    from pathlib import Path
+
+    from study.workload import describe, resolve
+
+    tabular = str(Path(__file__).resolve().parents[1] / "examples" / "tabular_workload.py")
+    assert describe(resolve("mnist-cnn"), {"val": None})["unit"] == "images"
+    assert describe(resolve(tabular), {"val": None})["unit"] == "examples"  # the default

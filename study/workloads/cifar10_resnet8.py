@@ -92,7 +92,7 @@ def evaluate(outputs: torch.Tensor, y: torch.Tensor) -> dict:
 
 
 workload = Workload(
-    name="cifar10-resnet8",
+    name="cifar10-resnet8", unit="images",
     summary="CIFAR-10, ResNet-8 as in Shallue et al. 2019, pad-crop-flip on the device; goal 30 % validation error",
     load=load, model=model, loss=nn.functional.cross_entropy, prepare=prepare, augment=augment, evaluate=evaluate,
     metrics=(Metric("error", False), Metric("loss", False)), primary="val_error",

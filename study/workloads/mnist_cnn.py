@@ -58,7 +58,7 @@ def evaluate(outputs: torch.Tensor, y: torch.Tensor) -> dict:
 
 
 workload = Workload(
-    name="mnist-cnn",
+    name="mnist-cnn", unit="images",
     summary="MNIST digits, the simple CNN of Shallue et al. 2019 (2 conv + 2 fc); goal 1 % validation error",
     load=load, model=model, loss=nn.functional.cross_entropy, prepare=prepare, evaluate=evaluate,
     metrics=(Metric("error", False), Metric("loss", False)), primary="val_error",

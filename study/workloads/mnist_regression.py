@@ -94,7 +94,7 @@ def evaluate(outputs: torch.Tensor, y: torch.Tensor) -> dict:
 
 
 workload = Workload(
-    name="mnist-regression",
+    name="mnist-regression", unit="images",
     summary="MNIST regression: the original small CNN predicts each image's pixel mean/median/std/var (MSE)",
     load=load, model=model, loss=nn.functional.mse_loss, prepare=prepare, evaluate=evaluate,
     metrics=(Metric("mse", False),), primary="test_mse",  # the batch sweep trains on every image: no val split

@@ -121,7 +121,7 @@ def auc(labels: np.ndarray, p: np.ndarray) -> float:
 
 
 workload = Workload(
-    name="pcam",
+    name="pcam", unit="images",
     summary="PatchCamelyon 96x96 patches, VGG16 fine-tuned (ImageNet weights), best-on-validation model tested",
     load=load, model=model, loss=torch.nn.functional.binary_cross_entropy_with_logits, prepare=prepare,
     prepare_train=prepare_train, evaluate=evaluate, files=files, memory_mapped=True, channels_last=True,
