@@ -105,10 +105,15 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             return loss_fn(model(x), y)
 
+    # On a step schedule every interval between rows (evaluated or kept) opens with a probe, so each row's B_simple
+    # rests on probes of its own interval (the steps before a goal may be fewer than noise_every).
+    interval_opens = [eval_steps is not None]
+
     def train_step(x, y, step):
         """One optimizer step on the batch; a noise probe's step takes the same gradient in micro-batches."""
         optimizer.zero_grad(set_to_none=True)
-        if noise is not None and noise.due(step % steps_per_epoch):
+        opens, interval_opens[0] = interval_opens[0], False
+        if noise is not None and (noise.due(step % steps_per_epoch) or opens):
             clock.start()
             loss = noise.probe(loss_of, x, y, step)  # the plain step's gradient and BN statistics, at these weights
             clock.stop()
@@ -215,6 +220,7 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
         if noise is not None:
             noise.start_epoch()
         clock.start_epoch()
+        interval_opens[0] = eval_steps is not None
         model.train()
         sync(device)
         return torch.zeros((), device=device), 0, time.perf_counter()  # the loss summed on the device: no host sync
@@ -254,6 +260,7 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
             if state["step"] in keeping and state["step"] < pending[0]:
                 kept.append((so_far(), {k: v.detach().to("cpu" if on_host else v.device, copy=True)
                                         for k, v in model.state_dict().items()}))
+                interval_opens[0] = eval_steps is not None
             if state["step"] == pending[0] and state["step"] % steps_per_epoch:  # mid-epoch
                 if evaluation_ends_training():
                     return state

@@ -128,3 +128,17 @@ def test_one_loop_takes_the_lr_one_way():
     for rows in (by_epoch, by_step):
         assert [r[M.LR] for r in rows] == [lr_at(max(0, r[S.STEP] - 1), base, 5, 10, "cosine", 0.1) for r in rows]
     assert [r[S.STEP] for r in by_epoch] == [0, 5, 10] and [r[S.STEP] for r in by_step] == [0, *coarse_steps(S.eval_steps(10), COARSE_FACTOR)]
+
+
+def test_every_row_of_a_steps_trial_rests_on_probes_of_its_own_interval():
+    """noise_every far above the budget: the probe that opens each interval of the fine grid (at evaluated and at
+    kept steps, and an epoch's first step) gives B_simple, and every row after step 0 has one per fine interval."""
+    workload = resolve(DIGITS)
+    cfg = TrainConfig(workload=DIGITS, batch_size=64, optimizer="sgd", lr=0.05, noise_every=10_000)
+    goal = {"metric": "val_error", "value": 0.0, "higher_is_better": False}
+    rows, _ = steps_trial(workload, workload.load(workload.option_values()), cfg, goal, budget=40)
+    assert [r[S.STEP] for r in rows] == [0, *coarse_steps(S.eval_steps(40), COARSE_FACTOR)]
+    fine = S.eval_steps(40)
+    for before, row in zip(rows, rows[1:]):  # one probe for each fine interval the row covers (kept steps between)
+        intervals = len([s for s in fine if before[S.STEP] < s <= row[S.STEP]])
+        assert row[M.NOISE_PROBES] >= intervals >= 1 and math.isfinite(row[M.NOISE_TRACE]), (row[S.STEP], intervals)
