@@ -50,9 +50,8 @@ def parser(workload: Workload | None = None) -> argparse.ArgumentParser:
     g.add_argument("--momentum-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
                    help=f"1 - momentum for sgd and nesterov, sampled in log space (default "
                         f"{DEFAULT_MOMENTUM_RANGE[0]:g} {DEFAULT_MOMENTUM_RANGE[1]:g})")
-    g.add_argument("--momentum", type=float, metavar="M",
-                   help="one momentum for every configuration instead of sampling it (0: plain SGD, e.g. for the "
-                        "least-squares check)")
+    flags.add(g, "momentum", help={"momentum": "one momentum for every configuration instead of sampling it (0: "
+                                               "plain SGD, e.g. for the least-squares check)"}, default=None)
     g.add_argument("--optimizer", help=f"one of {', '.join(TRAIN_OPTIMIZERS)} (default: the workload's first)")
     budget = g.add_mutually_exclusive_group()
     budget.add_argument("--budget-steps", type=int, help="training steps per trial at most (every batch size)")
