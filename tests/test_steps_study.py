@@ -16,7 +16,7 @@ from study.config import TrainConfig
 from study.errors import StudyError
 from study.steps import BUDGET, CHANCE, CONFIG, GOAL
 from study.eval_schedule import coarse_steps
-from study.steps_trial import run_steps
+from study.steps_trial import COARSE_FACTOR, run_steps
 from study.workload import Goal, resolve
 from tensorboard_checks import session_groups
 
@@ -187,7 +187,14 @@ def test_steps_study_through_tune(local_ray, tmp_path, monkeypatch, tensorboard_
     for name, trial_rows in rows.items():
         steps = [r["step"] for r in trial_rows]
         budget = trial_rows[0]["config"]["budget_steps"]
-        assert steps == [0] + S.eval_steps(budget)[:len(steps) - 1], name
+        # The coarse schedule's steps, then where one reached the goal the fine grid's steps evaluated back to it.
+        fine, coarse = S.eval_steps(budget), coarse_steps(S.eval_steps(budget), COARSE_FACTOR)
+        k = 1
+        while k < len(steps) and steps[k] in coarse:
+            k += 1
+        last_coarse = steps[k - 1]
+        assert steps == [0, *(c for c in coarse if c <= last_coarse),
+                         *(f for f in fine if last_coarse < f <= steps[-1])], name
         hits = [k for k, r in enumerate(trial_rows) if r["val_error"] <= 0.3]
         end = trial_rows[-1]["status"]
         if hits:  # the last stored evaluation is the first to reach the strictest goal
