@@ -179,11 +179,6 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
         row[M.STATUS] = status or (M.STATUS_DONE if last else M.STATUS_RUNNING)
         return row
 
-    def finish(row, last: bool) -> bool:
-        """Decide and report the row; True when training ends here."""
-        report(decide(row, last), snapshot())
-        return row[M.STATUS] != M.STATUS_RUNNING
-
     kept = []  # (so_far(), weights) of the steps kept since the last evaluation (keep_steps)
     keeping = set(keep_steps)
     on_host = sum(t.numel() * t.element_size() for t in model.state_dict().values()) > 2**26  # > 64 MiB: host
@@ -229,7 +224,7 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
         set_lr(optimizer, lr_at(0, base_lr, warmup_steps, at[-1], schedule, final))
         zero = dict(step=0, loss_sum=0.0, seen=0, seconds=0.0, probe_seconds=0.0, probes=0, trace_sum=0.0,
                     grad_sq_sum=0.0, lr=optimizer.param_groups[0]["lr"])
-        if finish({**row_of(zero), **evaluate(model)}, last=False):
+        if evaluated(zero, last=False):
             return state
     pending = [s for s in at if s > state["step"]]
     epoch, skip = divmod(state["step"], steps_per_epoch)
