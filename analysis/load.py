@@ -4,7 +4,7 @@
     study = open_study("results/mnist-20250101-120000")   # or file:///..., s3://bucket/prefix/name, a stage folder
     study.trials("batch_sweep")[0].last("test_mse")
 
-The layout read here is the one `study.tuning` writes: `<study>/study.json`, one Tune experiment per stage, and
+The layout read here is the one `study.commands.tuning` writes: `<study>/study.json`, one Tune experiment per stage, and
 the study's own `errored_trials.json` per stage. What comes from where:
 - Tune's newest experiment snapshot (`experiment_state-*.json`), read as plain JSON (never unpickled: see
   `_trial_states`): every trial Tune knows, including those that errored or never started; its status
@@ -39,7 +39,7 @@ EXPERIMENT_STATE = re.compile(r"^experiment_state-.*\.json$")
 STAGES = {"mnist": ("lr_coarse", "lr_fine", "batch_sweep"), "pcam": ("grid",)}  # a workload study lists its own
 # Tune statuses of a trial that has not finished yet; a study holding one is reported as partial.
 UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
-# A last row's status of a trial that ended as planned: done, or a steps-to-result trial's end (study.steps).
+# A last row's status of a trial that ended as planned: done, or a steps-to-result trial's end (study.engine.steps).
 FINISHED = (M.STATUS_DONE, "reached", "censored", "infeasible")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -63,7 +63,7 @@ class Trial:
     end_time: float = math.nan  # unix seconds of the last result
     checkpoint: str = ""  # path (in the study's filesystem) of the latest checkpoint folder
     checkpoint_files: tuple = ()
-    ended_by_error: bool = False  # its own exception ended it, reported, not raised (study.trial_errors)
+    ended_by_error: bool = False  # its own exception ended it, reported, not raised (study.engine.trial_errors)
     primary: str = ""  # a workload study's primary metric (workload.json): NaN at the end is no result
 
     @property

@@ -15,11 +15,15 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from analysis import mnist_report, pcam_report, steps_report, workload_report
+from analysis import steps_report, workload_report
+
+from study.mnist import report as mnist_report
+
+from study.pcam import report as pcam_report
 from analysis.common import write_failures, write_timing
 from analysis.figures import ReportWriter
 from analysis.load import WORKLOAD_FILE, Study, open_study, resolve
-from study.cli_checks import check_uri
+from study.commands.cli_checks import check_uri
 from study.errors import StudyError
 
 TITLES = {"mnist": "MNIST regression study", "pcam": "PCam classification study"}

@@ -3,7 +3,7 @@
 Library code: the steps-to-result report calls `write_section(trials, goals, out_dir)`. Pure functions of the
 stored rows (numpy only); the same inputs and seed give the same numbers. A trial is a dict:
     {"trial_id", "batch_size", "config", "lr", "momentum" (None without momentum),
-     "status" (study.steps.STATUSES, or study.metrics.STATUS_OOM: left out of every table),
+     "status" (study.engine.steps.STATUSES, or study.metrics.STATUS_OOM: left out of every table),
      "budget" (optional: its step budget; else its last evaluated step),
      "rows": [{"step", "examples", "train_seconds", <metric>, "noise_scale", ...} per evaluation, by step]}
 A goal is a study.workload.Goal (read from study.json with Goal.from_dict).
@@ -17,7 +17,7 @@ Rules, stated once (the report repeats them):
   draws N of the study's configuration indices with replacement, the same draw for every batch size. Reported per
   batch size as a one-sided bound, `level` of the resampled minima are at most it (a resampled minimum is never
   below the minimum). A resample that holds none of the m fastest configurations (m =
-  study.steps.configs_to_wait_for) counts as the m-th fastest's steps, a lower bound on its minimum: exactly what
+  study.engine.steps.configs_to_wait_for) counts as the m-th fastest's steps, a lower bound on its minimum: exactly what
   the early-stop rule keeps, so the analysis is the same with and without it. Such resamples are a share
   (1 - m/N)^N, a tenth of the interval's tail. A batch size none of whose configurations reached the goal keeps
   its budget as a lower bound; one whose best is above half its budget is budget-limited; one whose best reached
@@ -42,11 +42,11 @@ import numpy as np
 from analysis.steps_configs import best_of_k, edges
 from analysis.steps_noise import b_simple
 from study import metrics as M
-from study.steps import DIVERGED, INFEASIBLE, STEP, configs_to_wait_for, eval_steps
+from study.engine.steps import DIVERGED, INFEASIBLE, STEP, configs_to_wait_for, eval_steps
 from study.workload import Goal
 
 # A best configuration that reached the goal at one of its first ten evaluations after step 0 sits on the floor
-# under steps to result: steps 1 to 10 on the grid from step 1 (study.steps.eval_steps), where whole steps resolve
+# under steps to result: steps 1 to 10 on the grid from step 1 (study.engine.steps.eval_steps), where whole steps resolve
 # no better than 10 % and the start-up of training, not the batch size, sets the steps; steps 10 to 19 on the grid
 # from step 10 of studies stored before it, where nothing below the first evaluation is measured. S(B) there
 # cannot show how much further a larger batch would cut it.
@@ -104,9 +104,9 @@ def upper(values: np.ndarray, level: float) -> float:
 
 
 def evaluation_number(rows: list[dict], k: int) -> int:
-    """Which step of the trial's fine grid (study.steps.eval_steps, from its first evaluated step) row k's step is
+    """Which step of the trial's fine grid (study.engine.steps.eval_steps, from its first evaluated step) row k's step is
     (1: the first); 0 for a row at step 0. The grid's count, not the rows': a trial on the coarse schedule
-    (study.eval_schedule) evaluates only some of the fine grid's steps."""
+    (study.engine.eval_schedule) evaluates only some of the fine grid's steps."""
     step = rows[k][STEP]
     if not step > 0:
         return 0

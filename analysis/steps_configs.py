@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from study.steps import DIVERGED, INFEASIBLE
+from study.engine.steps import DIVERGED, INFEASIBLE
 
 
 def _on_edge(value, sampled: list, bounds, n: int) -> bool:

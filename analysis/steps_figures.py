@@ -18,7 +18,7 @@ from analysis.figures import ReportWriter, fmt
 from analysis.steps_plots import (best_of_k_figure, floor_step, goal_label, lr_figure, map_figure,
                                   noise_figure, seconds_figure, steps_figure)
 from analysis.steps_verdict import verdict
-from study.steps import configs_to_wait_for, strictest
+from study.engine.steps import configs_to_wait_for, strictest
 from study.workload import Goal
 
 

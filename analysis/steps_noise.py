@@ -31,7 +31,7 @@ import math
 import numpy as np
 
 from study import metrics as M
-from study.steps import STEP
+from study.engine.steps import STEP
 
 WINDOW = 0.5  # the share of log steps before the goal's evaluation that B_simple is taken over
 MIN_PROBES = 8  # fewer in the window: "too few probes" (a probe's tr(Sigma) has 3 degrees of freedom)

@@ -14,7 +14,7 @@ import numpy as np
 from analysis.figures import batch_axis, fmt, new_figure
 from analysis.steps import FLOOR_EVALUATIONS
 from analysis.steps import floor_step as steps_floor
-from study.steps import STATUSES
+from study.engine.steps import STATUSES
 
 STATUS_STYLE = {"reached": ("o", "tab:green"), "censored": ("s", "tab:orange"),
                 "stopped_by_rule": ("^", "tab:blue"), "diverged": ("x", "tab:red"), "infeasible": ("v", "tab:grey")}

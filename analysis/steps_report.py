@@ -11,15 +11,15 @@ from analysis.steps_figures import write_section
 from analysis.load import Study
 from analysis.workload_report import options_line, options_of
 from study import metrics as M
-from study import steps as S
-from study.steps import BUDGET, CONFIG, STAGE
+from study.engine import steps as S
+from study.engine.steps import BUDGET, CONFIG, STAGE
 from study.workload import Goal
 
 LABELS = ["batch_size", CONFIG]
 
 
 def status_of(trial, stopped: dict) -> str:
-    """How a trial ended in the study's terms (study.steps.STATUSES, or out of memory: a failure, left out of the
+    """How a trial ended in the study's terms (study.engine.steps.STATUSES, or out of memory: a failure, left out of the
     per-batch results); a trial still going counts as censored."""
     if any(r.get(M.STATUS) == M.STATUS_OOM for r in trial.rows):
         return M.STATUS_OOM
@@ -57,7 +57,7 @@ def title(study: Study) -> str:
 
 def budget_line(args: dict, per_batch: dict) -> str:
     """The step budget as the study set it: the same steps at every batch size, or epochs at the smallest with the
-    rule that carried them to the others (study.steps.step_budgets; studies stored before the rule had epochs at
+    rule that carried them to the others (study.engine.steps.step_budgets; studies stored before the rule had epochs at
     every batch size), and the steps per batch size."""
     steps = "; steps " + ", ".join(f"{b}: {s}" for b, s in sorted(per_batch.items(), key=lambda kv: int(kv[0])))
     if args.get("budget_steps"):

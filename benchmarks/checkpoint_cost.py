@@ -3,7 +3,7 @@
     python benchmarks/checkpoint_cost.py [--device auto] [--optimizer sgd adam] [--batch-size 128] [--n 2048]
                                          [--eval-n 64] [--epochs 2] [--full-train 262144]
 
-Runs `study.trainables.run_pcam` (a PCam trial as Tune runs it, minus Ray) on generated patches, and at every
+Runs `study.mnist.trainable.run_pcam` (a PCam trial as Tune runs it, minus Ray) on generated patches, and at every
 epoch does what `bridge.report` does with a checkpoint: torch.save of the trial's state (model, optimizer,
 best-so-far weights, RNG and noise-scale state) into a temporary folder, then a copy of that folder into a storage
 folder (Tune persists a local checkpoint by copying it; to S3 it uploads it, which is slower). The epoch figure is
@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from benchmarks.mnist_trial import device_name  # noqa: E402
 from benchmarks.pcam_train import write_random_set  # noqa: E402
 from study import metrics as M  # noqa: E402
-from study.config import PcamConfig  # noqa: E402
-from study.memory import configure_cuda  # noqa: E402
-from study.trainables import run_pcam  # noqa: E402
+from study.engine.config import PcamConfig  # noqa: E402
+from study.engine.memory import configure_cuda  # noqa: E402
+from study.pcam.trainable import run_pcam  # noqa: E402
 
 
 def folder_bytes(folder: Path) -> int:

@@ -4,7 +4,7 @@
         [--target mean] [--train-limit N] [--test-limit N] [--repeats 1] [--workers 0] [--threads N]
         [--noise-scale on|off] [--compile]
 
-(a) the project: `study.trainables.run_mnist` as a trial runs it without Ray (data put on the device once,
+(a) the project: `study.mnist.trainable.run_mnist` as a trial runs it without Ray (data put on the device once,
     batched by indexing a shuffled permutation, foreach/fused Adam, loss summed on the device). Its per-epoch
     `epoch_seconds` plus `probe_seconds` are used; its wall time, which adds setup and the evaluations, is printed
     separately.
@@ -36,11 +36,11 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the checkout
 
 from study import metrics as M  # noqa: E402
-from study import trainables  # noqa: E402
-from study.config import MNIST_TARGETS, MnistConfig  # noqa: E402
+from study.mnist import trainable as trainables  # noqa: E402
+from study.engine.config import MNIST_TARGETS, MnistConfig  # noqa: E402
 from study.data import mnist as mnist_data  # noqa: E402
 from study.errors import StudyError  # noqa: E402
-from study.models import RegressionCNN  # noqa: E402
+from study.mnist.model import RegressionCNN  # noqa: E402
 
 SYNTHETIC_CHUNK = 10_000  # images per call of the synthetic generator (its temporaries grow with n)
 MNIST_TEST_SIZE = 10_000
@@ -256,7 +256,7 @@ def main(argv=None) -> int:
     train_t, test_t = mnist_data.targets(train_x, cfg.target), mnist_data.targets(test_x, cfg.target)
     data = {"train_x": train_x, "test_x": test_x, "targets": {cfg.target: (train_t, test_t)}}
 
-    print("MNIST regression trial: project (study.trainables.run_mnist) vs classic (per-item Dataset + DataLoader)")
+    print("MNIST regression trial: project (study.mnist.trainable.run_mnist) vs classic (per-item Dataset + DataLoader)")
     print(f"date {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}  torch {torch.__version__}  "
           f"python {platform.python_version()}")
     print(f"device {device.type}: {device_name(device)}  torch threads {torch.get_num_threads()} "

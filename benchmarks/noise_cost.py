@@ -5,7 +5,7 @@
 
 Per batch size, the loop's two kinds of training step are timed on the study's model and loss, interleaved in
 rounds so that both see the same machine load: a plain step (forward, loss.backward(), optimizer.step()) and a
-probe step (study.noise.NoiseScale.probe, then optimizer.step()). With noise on, the loop runs one probe per
+probe step (study.engine.noise.NoiseScale.probe, then optimizer.step()). With noise on, the loop runs one probe per
 `every` steps, so the extra training time is (probe - plain) / (every x plain); the medians over the rounds are
 used. MNIST: the regression CNN on random 28x28 inputs at the study's default batch sizes. PCam: VGG16Patches
 (random init, the first two blocks frozen, as a trial) on random 96x96 patches; on CPU its default batch sizes are
@@ -26,12 +26,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the checkout
 
 from benchmarks.mnist_trial import device_name  # noqa: E402
-from study.augment import to_input  # noqa: E402
-from study.config import NOISE_EVERY, PCAM_BATCH_SIZES  # noqa: E402
-from study.workloads.mnist_regression import BATCH_SIZES as MNIST_BATCH_SIZES  # noqa: E402
-from study.models import RegressionCNN, VGG16Patches  # noqa: E402
-from study.noise import NoiseScale  # noqa: E402
-from study.train import make_optimizer, sync  # noqa: E402
+from study.pcam.augment import to_input  # noqa: E402
+from study.engine.config import NOISE_EVERY, PCAM_BATCH_SIZES  # noqa: E402
+from study.mnist.workload import BATCH_SIZES as MNIST_BATCH_SIZES  # noqa: E402
+from study.mnist.model import RegressionCNN  # noqa: E402
+from study.pcam.model import VGG16Patches  # noqa: E402
+from study.engine.noise import NoiseScale  # noqa: E402
+from study.engine.train import make_optimizer, sync  # noqa: E402
 
 PCAM_CPU_BATCH_SIZES = (8, 16, 32)
 

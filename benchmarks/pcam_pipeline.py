@@ -34,10 +34,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the checkout
 
-from study.augment import IMAGENET_MEAN, IMAGENET_STD, to_input  # noqa: E402
-from study.data import pcam  # noqa: E402
+from study.pcam.augment import IMAGENET_MEAN, IMAGENET_STD, to_input  # noqa: E402
+from study.pcam import data as pcam  # noqa: E402
 from study.data.batches import PatchBatches  # noqa: E402
-from study.memory import plan_uploads  # noqa: E402
+from study.engine.memory import plan_uploads  # noqa: E402
 
 
 def write_random_split(folder: Path, n: int) -> tuple[Path, Path]:

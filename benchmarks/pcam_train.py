@@ -3,7 +3,7 @@
     python benchmarks/pcam_train.py [--data-dir DIR [--limit N]] [--n 16384] [--eval-n 512] [--batch-size 128]
                                     [--epochs 3] [--packed 1 4] [--device auto] [--memory-batch 512] [--lr 1e-4]
 
-(a) the project: `study.trainables.run_pcam`, a PCam trial as Tune runs it minus Ray: PatchBatches (the split on
+(a) the project: `study.mnist.trainable.run_pcam`, a PCam trial as Tune runs it minus Ray: PatchBatches (the split on
     the GPU when it fits), batched `to_input` augmentation on the device, bf16 autocast, channels_last, fused SGD,
     the gradient noise scale. Its throughput is the trial's training images over its epoch seconds plus its probe
     seconds (training steps only, synchronised), the median over the epochs after the first (which holds cuDNN's
@@ -22,7 +22,7 @@ images over the time the slowest took; each process's own rate and peak memory a
 utilisation is images/s x the FLOPs of a training step per image (FlopCounterMode) over the bf16 peak.
 Alone, the trial's process also measures its CUDA context (driver state, cuBLAS/cuDNN handles and kernels, after
 training): the card's used memory less PyTorch's reserve and what was in use before the trial started, printed
-against the allowance packed trials leave for it (study.memory.CUDA_CONTEXT_BYTES).
+against the allowance packed trials leave for it (study.engine.memory.CUDA_CONTEXT_BYTES).
 --memory-batch B: afterwards one project trial at batch B runs one epoch alone, and its peak GPU memory
 (torch.cuda.max_memory_allocated, the `gpu_memory_mb` every PCam trial reports, and the peak reserved by
 PyTorch's caching allocator, which the per-trial cap limits) is printed against a quarter of the GPU (the
@@ -52,10 +52,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks.pcam_pipeline import per_item_transform, torchvision_root, write_random_split  # noqa: E402
 from study import metrics as M  # noqa: E402
-from study.config import PcamConfig  # noqa: E402
-from study.data import pcam  # noqa: E402
-from study.memory import CUDA_CONTEXT_BYTES  # noqa: E402
-from study.train import sync  # noqa: E402
+from study.engine.config import PcamConfig  # noqa: E402
+from study.pcam import data as pcam  # noqa: E402
+from study.engine.memory import CUDA_CONTEXT_BYTES  # noqa: E402
+from study.engine.train import sync  # noqa: E402
 
 def write_random_set(folder: Path, n: int, n_eval: int) -> Path:
     """Random train (n), valid and test (n_eval each) splits in the official layout; returns the folder."""
@@ -76,7 +76,7 @@ def training_flops_per_image(freeze_blocks: int = 2) -> float:
     CPU batch of two; frozen blocks compute no weight gradients, which the count reflects)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from study.models import VGG16Patches
+    from study.pcam.model import VGG16Patches
 
     model = VGG16Patches(None, freeze_blocks)
     x = torch.randn(2, 3, 96, 96)
@@ -112,8 +112,8 @@ def project_trial(args, data_dir: str, device: torch.device, share: float, batch
                   barrier) -> dict:
     """One project trial: (images, seconds) of each trained epoch, peak GPU memory allocated and reserved, and alone on
     CUDA its process's CUDA context (MiB)."""
-    from study.memory import cap_memory, configure_cuda
-    from study.trainables import run_pcam
+    from study.engine.memory import cap_memory, configure_cuda
+    from study.pcam.trainable import run_pcam
 
     cfg = PcamConfig(batch_size=batch_size, optimizer="sgd", lr=args.lr, epochs=epochs, data_dir=data_dir,
                      weights="none", train_limit=args.limit)
@@ -145,7 +145,7 @@ def baseline_trial(args, device: torch.device, workers: int, barrier) -> dict:
     from torch.utils.data import DataLoader, Subset
     from torchvision.datasets import PCAM
 
-    from study.models import VGG16Patches
+    from study.pcam.model import VGG16Patches
 
     dataset = PCAM(args.tv_root, split="train", transform=per_item_transform())
     if args.limit:
@@ -241,7 +241,7 @@ def main(argv=None) -> None:
                         help="the GPU's dense bf16 peak for the FLOP utilisation (default: known H200/H100/A100...)")
     args = parser.parse_args(argv)
     # Here, not at the top: every trial process re-imports this module (spawn), and mnist_trial brings in
-    # study.trainables and Ray, seconds of imports that the baseline's processes do not need.
+    # study.mnist.trainable and Ray, seconds of imports that the baseline's processes do not need.
     from benchmarks.mnist_trial import device_name
 
     if (min(args.epochs, args.batch_size, *args.packed) < 1 or args.eval_n < 2

@@ -3,14 +3,14 @@
     python benchmarks/steps_cost.py [--data-dir ../shared/data/mnist] [--batch-sizes 16 256] [--goal 0.05]
                                     [--val-size 2000] [--device auto|cpu|cuda] [--threads N]
 
-Runs mnist-cnn steps trials (study.steps_trial.run_steps, a trial as Tune runs it, minus Ray) at each batch size
+Runs mnist-cnn steps trials (study.engine.steps_trial.run_steps, a trial as Tune runs it, minus Ray) at each batch size
 twice on the same seed, so on the same weights step by step: (a) the old schedule, an evaluation at every step of
-the fine grid (every step to 10, then <= 10 % apart), and (b) the new one (study.eval_schedule: evaluations about
+the fine grid (every step to 10, then <= 10 % apart), and (b) the new one (study.engine.eval_schedule: evaluations about
 2x apart, the fine grid's weights kept in between and evaluated back when one reaches the goal). Both must give
 the same steps to result (printed). Per trial: start-up (the trial's data onto the device and its model, up to the
 step-0 evaluation), training (the rows' training seconds, noise probes left out), noise probes, evaluations (inside
-the evaluation function), checkpoints (torch.save of the trial's state as study.bridge does, at most every
-study.steps_trial.CHECKPOINT_SECONDS and at the end; to a local temporary folder), the rest (the loop's own
+the evaluation function), checkpoints (torch.save of the trial's state as study.engine.bridge does, at most every
+study.engine.steps_trial.CHECKPOINT_SECONDS and at the end; to a local temporary folder), the rest (the loop's own
 bookkeeping, the kept weights' copies, reporting), and the ratio trial seconds / training seconds. Ray's share (the
 worker's start, tune.report) is not in it: benchmarks/tune_overhead.py measures that. Without MNIST's files
 (--data-dir, default ../shared/data/mnist) synthetic digits stand in. Time nothing else on the machine meanwhile.
@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks.mnist_trial import device_name  # noqa: E402
 from study import metrics as M  # noqa: E402
-from study import run_workload  # noqa: E402
-from study import steps_trial  # noqa: E402
-from study.config import TrainConfig  # noqa: E402
-from study.steps import BUDGET, CHANCE, CONFIG, GOAL, REACHED  # noqa: E402
+from study.engine import run_workload  # noqa: E402
+from study.engine import steps_trial  # noqa: E402
+from study.engine.config import TrainConfig  # noqa: E402
+from study.engine.steps import BUDGET, CHANCE, CONFIG, GOAL, REACHED  # noqa: E402
 from study.workload import resolve  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@
     python benchmarks/tf32_effect.py [--data-dir DIR] [--target var] [--batch-size 64] [--epochs 2]
                                      [--train-limit 20000] [--test-limit 0] [--device auto]
 
-Runs `study.trainables.run_mnist` (a trial without Ray) twice with the config's `tf32` False and True: the same
+Runs `study.mnist.trainable.run_mnist` (a trial without Ray) twice with the config's `tf32` False and True: the same
 seed, data and order, so the only difference is the precision of the convolutions and matmuls (TF32 rounds their
 inputs to 10 mantissa bits on Ampere and later). The network sees raw 0..255 pixels and the variance target is in
 the thousands, which is where a precision loss would show. On CPU TF32 does not exist and both runs are the same.
@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks.mnist_trial import device_name, load_data  # noqa: E402
 from study import metrics as M  # noqa: E402
-from study.config import MNIST_TARGETS, MnistConfig  # noqa: E402
+from study.engine.config import MNIST_TARGETS, MnistConfig  # noqa: E402
 from study.data import mnist as mnist_data  # noqa: E402
-from study.memory import configure_cuda  # noqa: E402
-from study.trainables import run_mnist  # noqa: E402
+from study.engine.memory import configure_cuda  # noqa: E402
+from study.mnist.trainable import run_mnist  # noqa: E402
 
 
 def main(argv=None) -> int:

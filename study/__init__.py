@@ -5,11 +5,11 @@
 def __getattr__(name):
     # Lazily: Ray imports this package in every worker, and importing it must do nothing (the commands pull in Ray).
     if name == "run_study":
-        from study.run_command import run_study
+        from study.commands.run_command import run_study
 
         return run_study
-    if name == "run_steps":  # the steps-to-result study (study.steps_study), not one trial of it
-        from study.steps_study import run_steps
+    if name == "run_steps":  # the steps-to-result study (study.commands.steps_study), not one trial of it
+        from study.commands.steps_study import run_steps
 
         return run_steps
     raise AttributeError(f"module 'study' has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """`python -m study run WORKLOAD [flags]`: a batch-size study of a shipped workload, a workload file or
 module:name (`python -m study run WORKLOAD --help` lists its flags); `python -m study steps WORKLOAD [flags]`: the
-steps-to-result study of it (study.steps_study); `python -m study list`: the shipped ones; `python -m study --help`:
+steps-to-result study of it (study.commands.steps_study); `python -m study list`: the shipped ones; `python -m study --help`:
 the commands. Installed, `batchsize-study` is the same command line. `python -m study.mnist` and
 `python -m study.pcam` run the two original studies.
 """
@@ -43,7 +43,7 @@ def study_command(name: str, argv: list[str]) -> int:
 
     from study.workload import resolve
 
-    module = importlib.import_module({"run": "study.run_command", "steps": "study.steps_study"}[name])
+    module = importlib.import_module({"run": "study.commands.run_command", "steps": "study.commands.steps_study"}[name])
     spec = argv[0] if argv and not argv[0].startswith("-") else None
     if spec is None:
         module.parser().parse_args(argv)

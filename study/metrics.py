@@ -34,12 +34,12 @@ STATUS_RUNNING = "running"
 STATUS_DONE = "done"
 STATUS_DIVERGED = "diverged"
 STATUS_OOM = "out_of_memory"  # ended at once by CUDA out-of-memory (never retried); MESSAGE says what to change
-STATUS_ERROR = "error"  # ended by its own exception, not retried (study.trial_errors); MESSAGE: the exception's line
+STATUS_ERROR = "error"  # ended by its own exception, not retried (study.engine.trial_errors); MESSAGE: the exception's line
 MESSAGE = "message"  # why the trial ended early (only in an out_of_memory or error row)
 ENDED = (STATUS_OOM, STATUS_ERROR)  # a last row's status of a trial that ended early, reported, not raised
 REPEATS = ("run", "seed")  # grid axes that repeat a configuration rather than make a new one
 
-# Steps-to-result studies: on each evaluation row, keyed by STEP (study.steps_trial).
+# Steps-to-result studies: on each evaluation row, keyed by STEP (study.engine.steps_trial).
 NOISE_TRACE = "noise_trace"  # mean tr(Sigma) estimate over the probes since the previous evaluation
 NOISE_GRAD_SQ = "noise_grad_sq"  # mean |G|^2 estimate behind it (NOISE_SCALE is their ratio)
 STEPS_TO_RESULT = "steps_to_result"  # the step of the first evaluation at the strictest goal (NaN: none yet)
@@ -57,13 +57,13 @@ BEST_VAL_ACC = "best_val_acc"
 TEST_AUC = "test_auc"  # of the best-on-validation model; reported once, at the end
 TEST_ACC = "test_acc"
 
-# Files a study stores next to Tune's experiments (study.driver and the commands write them; analysis/ reads them).
+# Files a study stores next to Tune's experiments (study.commands.driver and the commands write them; analysis/ reads them).
 STUDY_FILE = "study.json"  # what ran: the study's kind, its arguments, code version, stages
 ERRORED_FILE = "errored_trials.json"  # in each stage folder: the trial folders its last run left errored
 CHOSEN_FILE = "chosen_lr.json"  # MNIST: the learning rate stage 1 chose per target
 WORKLOAD_FILE = "workload.json"  # a workload study: metrics (names, directions), primary, goals, chance, grid axes
 TARGET_STATS_FILE = "target_stats.json"  # MNIST: box-plot statistics of each target over the training images
-LEASE_FILE = "lease.json"  # the driver running the study now (study.lease); never read by analysis/
+LEASE_FILE = "lease.json"  # the driver running the study now (study.commands.lease); never read by analysis/
 STOPPED_FILE = "stopped_by_rule.json"  # steps study, in its stage folder: trial folder -> the step the rule stopped it
 
 # Files inside a trial's final checkpoint (persisted to the storage path with it).
@@ -73,7 +73,7 @@ STATE_FILE = "state.pt"
 RESULT_FILE = "result.json"  # Tune's per-trial rows, a JSON object per line (read by study.result_rows only)
 PROGRESS_FILE = "progress.csv"  # Tune's per-trial rows as CSV
 
-# Files in a trial's folder (study.trial_errors).
+# Files in a trial's folder (study.engine.trial_errors).
 TRACEBACK_FILE = "traceback.txt"  # the full traceback of the exception that ended the trial (status error)
 LAST_FAILURE_FILE = "last_failure.txt"  # the line of the exception Tune last retried: the same again ends the trial
 

@@ -1,7 +1,7 @@
 """What a workload declares: its data, model, loss, metrics and default grid, as data and plain functions.
 
-A workload file defines `workload = Workload(...)` and imports nothing of Ray; the engine (study.driver,
-study.run_workload) supplies the loop, the optimizers, the grid, checkpoints, TensorBoard and the console.
+A workload file defines `workload = Workload(...)` and imports nothing of Ray; the engine (study.commands.driver,
+study.engine.run_workload) supplies the loop, the optimizers, the grid, checkpoints, TensorBoard and the console.
 `resolve` finds one by a shipped name (`python -m study list`), a path to a .py file, or `module:name`.
 """
 
@@ -62,7 +62,7 @@ class Option:
     help: str = ""
     choices: tuple = ()  # the allowed values, when they are few (the flag refuses others)
     # The value a study stored before this option existed ran with, when that is not `default` (a new default that
-    # changes results): resuming such a study keeps it (Workload.options_before, study.driver.resumed). None: default.
+    # changes results): resuming such a study keeps it (Workload.options_before, study.commands.driver.resumed). None: default.
     before: Any = None
 
 
@@ -95,7 +95,7 @@ class Workload:
     # final checkpoint, from the tested model's outputs on the test split (predictions, a submission)
     channels_last: bool = False  # on CUDA the model's weights in NHWC (when prepare delivers NHWC batches)
     # Stages before the sweep, as data: {"lr_search": {"lr_grid", "fine_factors", "batch_size", "select"}}, a
-    # learning-rate search (study.lr_search) that `python -m study run WORKLOAD --lr-search` runs first.
+    # learning-rate search (study.commands.lr_search) that `python -m study run WORKLOAD --lr-search` runs first.
     stages: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -155,8 +155,8 @@ class Workload:
 WORKLOADS = {
     "mnist-cnn": "study.workloads.mnist_cnn:workload",
     "cifar10-resnet8": "study.workloads.cifar10_resnet8:workload",
-    "pcam": "study.workloads.pcam:workload",
-    "mnist-regression": "study.workloads.mnist_regression:workload",
+    "pcam": "study.pcam.workload:workload",
+    "mnist-regression": "study.mnist.workload:workload",
     "least-squares": "study.workloads.least_squares:workload",
 }
 

@@ -8,7 +8,7 @@ import os
 def setup() -> None:
     import torch
 
-    from study import trainables
+    from study.mnist import trainable as trainables
 
     run_mnist = trainables.run_mnist
 

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from study import steps as S
+from study.engine import steps as S
 from study.workload import Goal
 
 GOAL = Goal("val_error", 0.05, higher_is_better=False)

@@ -6,7 +6,7 @@ import math
 import time
 from pathlib import Path
 
-from study.tensorboard import HPARAMS, KEY_METRICS, SCALARS, applies
+from study.commands.tensorboard import HPARAMS, KEY_METRICS, SCALARS, applies
 
 ALL_STATUSES = ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]
 GROUPS = ("train/", "val/", "test/", "time/", "noise/", "system/")

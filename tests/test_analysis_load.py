@@ -15,7 +15,7 @@ from study.errors import StudyError
 
 TUNE_ERROR = ("Failure # 1 (occurred at 2026-01-01_10-00-00)\n"
               "\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=1, ip=10.0.0.1, repr=train_mnist)\n"
-              '  File "study/trainables.py", line 9, in train_mnist\n'
+              '  File "study/mnist/trainable.py", line 9, in train_mnist\n'
               "    raise RuntimeError('CUDA out of memory')\n"
               "RuntimeError: CUDA out of memory\n\n")
 

@@ -23,9 +23,9 @@ import pytest
 from analysis.load import open_study
 from study import metrics as M
 from study.atomic import TEMP_PREFIX, replace_file
-from study.resume import mark_out_of_memory_errored, start_over, trim_trial_folder
-from study.study_folder import RESOURCE_FLAGS, StudyFolder, restore_args
-from study.tuning import never_snapshotted
+from study.commands.resume import mark_out_of_memory_errored, start_over, trim_trial_folder
+from study.commands.study_folder import RESOURCE_FLAGS, StudyFolder, restore_args
+from study.commands.tuning import never_snapshotted
 
 REPO = Path(__file__).resolve().parents[1]
 V1 = REPO / "tests" / "data" / "mnist-v1"  # a real stored study (tests/data/README.md)

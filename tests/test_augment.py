@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
-from study import augment
-from study.augment import IMAGENET_MEAN, IMAGENET_STD, to_input
+from study.pcam import augment
+from study.pcam.augment import IMAGENET_MEAN, IMAGENET_STD, to_input
 
 # The CUDA cases are marked `cuda` (benchmarks/gpu_check.py runs them with -m cuda) and skip without a GPU.
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from study.data import pcam
+from study.pcam import data as pcam
 from study.data.batches import PatchBatches
 
 

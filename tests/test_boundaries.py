@@ -96,10 +96,10 @@ def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
 
 def test_no_import_cycle_in_study():
     graph = study_imports()
-    assert {"study.loop", "study.bridge"} <= graph["study.run_workload"]  # the graph sees imports
+    assert {"study.engine.loop", "study.engine.bridge"} <= graph["study.engine.run_workload"]  # the graph sees imports
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]  # and the check sees cycles
     # console.py imports tensorboard.py inside a function and is imported by it: left to the commands' redesign.
-    known = [{"study.console", "study.tensorboard"}]
+    known = [{"study.commands.console", "study.commands.tensorboard"}]
     assert [c for c in cycles(graph) if c not in known] == []
 
 
@@ -112,4 +112,25 @@ def test_one_module_steps_the_optimizer():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in calls:
                 calls[node.func.attr].append(str(path.relative_to(ROOT)))
-    assert calls == {"backward": ["study/loop.py"], "step": ["study/loop.py"]}
+    assert calls == {"backward": ["study/engine/loop.py"], "step": ["study/engine/loop.py"]}
+
+
+# The packages (docs/development.md, "The map"): the engine and the public names at the top import no command and
+# no paper; the commands import no paper; neither paper imports the other. Allowed across: study/__init__'s lazy
+# entry points, `python -m study` (__main__) and the three modules at the old paths that stored studies' tuner.pkl files name.
+LAYERS = {"engine": 0, "data": 0, "workloads": 0, "top": 0, "commands": 1, "mnist": 2, "pcam": 2}
+ENTRY_POINTS = {"study", "study.console", "study.tensorboard", "study.steps_study", "study.__main__"}
+
+
+def layer(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 and parts[1] in LAYERS else "top"
+
+
+def test_packages_import_only_downwards():
+    graph = study_imports()
+    assert {"study.engine.loop", "study.commands.driver", "study.mnist.command", "study.pcam.command"} <= set(graph)
+    wrong = sorted(f"{m} -> {d}" for m, deps in graph.items() if m not in ENTRY_POINTS for d in deps
+                   if LAYERS[layer(d)] > LAYERS[layer(m)] or (LAYERS[layer(m)] == 2 and layer(d) not in
+                                                               (layer(m), *[k for k, v in LAYERS.items() if v < 2])))
+    assert wrong == []

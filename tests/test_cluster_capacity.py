@@ -1,4 +1,4 @@
-"""study.cluster: a trial runs now, waits for a node type the autoscaler can start, or is refused in one line.
+"""study.commands.cluster: a trial runs now, waits for a node type the autoscaler can start, or is refused in one line.
 
 `python -m pytest tests/test_cluster_capacity.py -q` (seconds, no Ray). The node types are cluster.yaml's own;
 the end-to-end check with a real autoscaler is tests/test_autoscaler.py.
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cluster_procs import free_port
-from study import cluster
+from study.commands import cluster
 
 REPO = Path(__file__).resolve().parents[1]
 TYPES = cluster._types_from_file(REPO / "cluster.yaml")

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from study.config import MnistConfig, PcamConfig
+from study.engine.config import MnistConfig, PcamConfig
 from study.errors import StudyError
 
 
@@ -45,7 +45,8 @@ def test_pcam_config_checks():
 
 
 def test_cli_defaults_are_the_papers_grids():
-    from study import mnist, pcam
+    from study.mnist import command as mnist
+    from study.pcam import command as pcam
 
     m = mnist.parse_args([])
     assert m.targets == ["mean", "median", "std", "var"] and m.lr_grid == [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
@@ -64,7 +65,7 @@ def test_select_on_test_chooses_by_test_mse():
     from types import SimpleNamespace
 
     from study import metrics as M
-    from study.mnist import choose_lr
+    from study.mnist.command import choose_lr
 
     def result(lr, val, test):
         return SimpleNamespace(config={"target": "mean", "lr": lr, "epochs": 2}, error=None,
@@ -77,15 +78,16 @@ def test_select_on_test_chooses_by_test_mse():
 
 
 def test_noise_scale_off_reaches_every_trial():
-    from study import mnist
+    from study.mnist import command as mnist
 
     assert mnist.trial_base(mnist.parse_args(["--noise-scale", "off"]), "")["noise_scale"] is False
     assert mnist.trial_base(mnist.parse_args([]), "")["noise_scale"] is True
 
 
 def test_noise_every_reaches_every_trial_and_must_be_positive():
-    from study import mnist, pcam
-    from study.config import NOISE_EVERY
+    from study.mnist import command as mnist
+    from study.pcam import command as pcam
+    from study.engine.config import NOISE_EVERY
 
     assert mnist.trial_base(mnist.parse_args(["--noise-every", "8"]), "")["noise_every"] == 8
     assert mnist.trial_base(mnist.parse_args([]), "")["noise_every"] == MnistConfig().noise_every

@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from study import memory
+from study.engine import memory
 from study import metrics as M
-from study import bridge, trainables
-from study.augment import to_input
-from study.config import PcamConfig
-from study.data import pcam as pcam_data
-from study.models import VGG16Patches
-from study.train import eval_logits, make_optimizer
+from study.engine import bridge
+from study.pcam import trainable as trainables
+from study.pcam.augment import to_input
+from study.engine.config import PcamConfig
+from study.pcam import data as pcam_data
+from study.pcam.model import VGG16Patches
+from study.engine.train import make_optimizer
+from study.pcam.model import eval_logits
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.py)")]

@@ -1,4 +1,4 @@
-"""The one driver (study.driver) with a command of its own: the order of a study's steps, what a new and a resumed
+"""The one driver (study.commands.driver) with a command of its own: the order of a study's steps, what a new and a resumed
 study store, the exit status, and a refusal that leaves nothing. Ray is not started: open_study is replaced by the
 folder's own checks."""
 
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from study import driver
+from study.commands import driver
 from study.errors import StudyError
 
 RESOURCES = {"cpu": 1.0, "gpu": 0.0}

@@ -1,4 +1,4 @@
-"""The coarse evaluation schedule's rule (study.eval_schedule) replayed on stored full-grid curves of real trials:
+"""The coarse evaluation schedule's rule (study.engine.eval_schedule) replayed on stored full-grid curves of real trials:
 it gives the full grid's steps to result except where the rule says it cannot, and those cases are counted.
 
 tests/data/steps-curves/mnist-cnn.json: 12 mnist-cnn steps trials on real MNIST (batch 16, 64, 256 x nesterov lr
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from study.eval_schedule import coarse_steps, first_reached, first_reached_coarse
-from study.steps import eval_steps
+from study.engine.eval_schedule import coarse_steps, first_reached, first_reached_coarse
+from study.engine.steps import eval_steps
 
 CURVES = Path(__file__).parent / "data" / "steps-curves" / "mnist-cnn.json"
 GOALS = (0.2, 0.1, 0.07, 0.05, 0.04, 0.03, 0.025, 0.02, 0.015)

@@ -1,4 +1,4 @@
-"""Each flag is defined once (study.flags): every study command's parser takes the shared flags and the workloads'
+"""Each flag is defined once (study.commands.flags): every study command's parser takes the shared flags and the workloads'
 options from there, and the original studies' commands still parse to the arguments their stored studies hold.
 On/off flags are --name/--no-name everywhere, their older spellings read as before; `python -m study --help` lists
 the commands, and the console script is the same main."""
@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from study import flags, mnist, pcam, run_command, steps_study
+from study.commands import flags
+
+from study.mnist import command as mnist
+
+from study.pcam import command as pcam
+
+from study.commands import run_command
+
+from study.commands import steps_study
 from study.errors import StudyError
 from study.workload import WORKLOADS, resolve
 
@@ -97,10 +105,11 @@ def test_every_flag_of_every_command_has_a_help():
 
 def test_no_command_defines_a_shared_flag_again():
     pattern = re.compile(r"add_argument\(\s*\"--([a-z0-9-]+)\"")
-    for path in [ROOT / "study" / f for f in ("run_command.py", "steps_study.py", "mnist.py", "pcam.py")]:
+    for path in [ROOT / "study" / f for f in ("commands/run_command.py", "commands/steps_study.py", "mnist/command.py",
+                                                 "pcam/command.py")]:
         for name in pattern.findall(path.read_text()):
             key = name.replace("-", "_")
-            if path.name == "pcam.py" and key in ("seeds", "amp"):
+            if path.parent.name == "pcam" and key in ("seeds", "amp"):
                 continue  # the original's --seeds N (a count), and --amp/--no-amp stored inverted as no_amp
             assert key not in flags.FLAGS, f"{path.name} defines --{name} itself"
 

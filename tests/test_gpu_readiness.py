@@ -11,10 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from study import memory
+from study.engine import memory
 from study import metrics as M
-from study import bridge, trainables
-from study.train import eval_logits, rng_state, set_rng_state
+from study.engine import bridge
+from study.pcam import trainable as trainables
+from study.engine.train import rng_state, set_rng_state
+from study.pcam.model import eval_logits
 
 GIB = 2**30
 
@@ -295,7 +297,7 @@ def test_tune_does_not_retry_an_out_of_memory_trial(local_ray, tmp_path):
 
 
 def test_evaluation_logits_match_the_models_forward_in_fp32():
-    from study.models import VGG16Patches
+    from study.pcam.model import VGG16Patches
 
     model = VGG16Patches(None, freeze_blocks=2).eval()
     x = torch.randn(2, 3, 96, 96)

@@ -14,9 +14,16 @@ import h5py
 import pytest
 import ray
 
-from study import cli_checks, mnist as mnist_cli, pcam as pcam_cli, trainables
-from study.config import PcamConfig
-from study.data import kaggle, pcam as pcam_data
+from study.commands import cli_checks
+
+from study.mnist import command as mnist_cli
+
+from study.pcam import command as pcam_cli
+
+from study.pcam import trainable as pcam_trainable
+from study.engine.config import PcamConfig
+from study.pcam import kaggle
+from study.pcam import data as pcam_data
 from study.data.locks import step_lock
 from study.errors import StudyError
 from tests.test_kaggle import make_folder
@@ -221,12 +228,12 @@ def test_pcam_download_decompress_and_convert_leave_no_lock_file(monkeypatch, tm
     monkeypatch.setattr(pcam_data, "download", lambda root: fetched.append(root) or
                         _fetch_gzipped_pcam_with_a_chunked_train_x(root))
     cfg = PcamConfig(data_dir=str(tmp_path / "data"), download=True)
-    files = trainables.locate_or_fetch(cfg)
+    files = pcam_trainable.locate_or_fetch(cfg)
     x, y = pcam_data.load_split(*files["train"])
     assert len(fetched) == 1 and x.shape == (8, 96, 96, 3) and len(y) == 8
     assert any(tmp_path.rglob("*.npy")) and any(tmp_path.rglob("*.h5"))  # every locked step ran
     assert sorted(str(p) for p in tmp_path.rglob("*lock*")) == []
-    assert trainables.locate_or_fetch(cfg) == files and len(fetched) == 1  # found again, not fetched again
+    assert pcam_trainable.locate_or_fetch(cfg) == files and len(fetched) == 1  # found again, not fetched again
     assert sorted(str(p) for p in tmp_path.rglob("*lock*")) == []
 
 

@@ -7,7 +7,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from study.data import kaggle, pcam
+from study.pcam import kaggle
+
+from study.pcam import data as pcam
 from study.errors import StudyError
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "pcam-kaggle-sample"

@@ -1,4 +1,4 @@
-"""One driver per study (study.lease): a live lease refuses a second driver and changes nothing; a stale one (no
+"""One driver per study (study.commands.lease): a live lease refuses a second driver and changes nothing; a stale one (no
 heartbeat, or its driver on this machine gone) is taken over; a lost lease stops its driver. On a local folder and
 on S3 through moto's S3 API server (in this process, on a free port of 127.0.0.1).
 
@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 
 from cluster_procs import free_port
-from study import lease
+from study.commands import lease
 from study.errors import StudyError
 from study.metrics import LEASE_FILE, STUDY_FILE
-from study.study_folder import StudyFolder
+from study.commands.study_folder import StudyFolder
 
 REPO = Path(__file__).resolve().parents[1]
 AWS = dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
@@ -32,8 +32,8 @@ FAST = dict(every=0.1, missed=5, settle=0.2)  # stale after 0.5 s without a hear
 # A driver's start, as open_study takes the lease: holds the folders named, prints "held", renews every 0.1 s.
 HOLDER = textwrap.dedent("""
     import sys, time
-    from study import lease
-    from study.study_folder import StudyFolder
+    from study.commands import lease
+    from study.commands.study_folder import StudyFolder
     held = [lease.take(StudyFolder(sys.argv[1], name), every=0.1) for name in sys.argv[2:]]
     print("held", flush=True)
     time.sleep(600)

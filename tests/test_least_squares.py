@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from study.noise import NoiseScale
+from study.engine.noise import NoiseScale
 from study.workload import resolve
 from study.workloads import least_squares as ls
 

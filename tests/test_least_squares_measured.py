@@ -7,7 +7,7 @@ seeds, is that curve: a check of the trial's SGD, batching, learning rate and ev
 (2) Steps to result are a first passage of one run, the best over configurations: at batch sizes where the step
 is noise-dominated (below B_crit) one run dips under the goal before its expectation does and the best of N picks
 the luckiest, so the measurement lies below the exact curve; above B_crit, where runs barely differ, it is the exact
-curve. The trials run without Ray (study.steps_trial.run_steps), as Tune runs them.
+curve. The trials run without Ray (study.engine.steps_trial.run_steps), as Tune runs them.
 """
 
 import math
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from study.config import TrainConfig
-from study.steps import BUDGET, CHANCE, CONFIG, GOAL, REACHED, config_seed
-from study.steps_trial import run_steps
+from study.engine.config import TrainConfig
+from study.engine.steps import BUDGET, CHANCE, CONFIG, GOAL, REACHED, config_seed
+from study.engine.steps_trial import run_steps
 from study.workload import resolve
 from study.workloads import least_squares as ls
 

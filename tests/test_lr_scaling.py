@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from study.config import LR_SCALING_RULES as RULES
-from study.lr_scaling import scaled_lr, set_lr, warmup_factor
+from study.engine.config import LR_SCALING_RULES as RULES
+from study.engine.lr_scaling import scaled_lr, set_lr, warmup_factor
 
 
 @pytest.mark.parametrize(

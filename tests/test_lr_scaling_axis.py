@@ -8,7 +8,7 @@ import pytest
 
 from analysis import report
 from study import metrics as M
-from study import mnist as cli
+from study.mnist import command as cli
 
 
 def stored(stage_dir: Path) -> list[tuple[dict, list[dict]]]:
@@ -60,7 +60,7 @@ def test_fold_joins_the_rule_only_when_several_ran():
 
 
 def test_scaling_rules_accepts_old_and_new_forms():
-    from study.lr_scaling import scaling_rules
+    from study.engine.lr_scaling import scaling_rules
 
     assert scaling_rules("linear") == ["linear"]
     assert scaling_rules(["none", "sqrt", "none"]) == ["none", "sqrt"]

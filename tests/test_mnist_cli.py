@@ -6,7 +6,7 @@ import pytest
 import torch
 import ray
 
-from study import mnist as cli
+from study.mnist import command as cli
 
 
 @pytest.fixture(autouse=True)
@@ -104,7 +104,7 @@ def test_resources_beyond_the_cluster_fail_and_leave_nothing(capsys, store):
 
 
 def test_cuda_out_of_memory_ends_the_trial_with_its_clear_message(monkeypatch):
-    from study import bridge
+    from study.engine import bridge
 
     @bridge.trial_entry
     def train(config, data):
@@ -135,7 +135,7 @@ def test_resume_needs_a_name_and_the_right_study(capsys, store):
 
 
 def test_an_empty_folder_is_not_a_study(store):
-    from study.study_folder import StudyFolder
+    from study.commands.study_folder import StudyFolder
 
     (store / "s").mkdir(parents=True)  # e.g. left by a start that died while connecting to Ray
     StudyFolder(str(store), "s").prepare(resume=False)  # accepted: nothing in it to protect

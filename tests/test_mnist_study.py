@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from study import metrics as M
-from study import mnist as cli
+from study.mnist import command as cli
 from tests.tensorboard_checks import check_study
 
 pytestmark = pytest.mark.slow

@@ -22,14 +22,14 @@ from pathlib import Path
 import pytest
 
 from analysis import report
-from study import mnist as cli
+from study.mnist import command as cli
 
 REPO = Path(__file__).resolve().parents[1]
 V1 = REPO / "tests" / "data" / "mnist-v1"
 RTOL = 1e-5
 STAGES = ("lr_coarse", "lr_fine", "batch_sweep")
 # Metrics added after mnist-v1: the noise probes' share of an epoch (before the redesign), and the step and examples
-# seen that every row of the one training loop carries (study.loop).
+# seen that every row of the one training loop carries (study.engine.loop).
 ADDED = {"probe_seconds", "step", "examples"}
 RAY_KEYS = {"timestamp", "date", "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "node_id",
             "time_since_restore", "iterations_since_restore", "trial_id", "checkpoint_dir_name"}

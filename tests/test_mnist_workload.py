@@ -1,4 +1,4 @@
-"""The MNIST regression study as a workload (study/workloads/mnist_regression.py): listed, run through
+"""The MNIST regression study as a workload (study/mnist/workload.py): listed, run through
 `python -m study run mnist-regression`, its declared learning-rate search (--lr-search) choosing what the original
 study chose, and its splits equal to the ones the original trainable built."""
 
@@ -14,10 +14,10 @@ import pytest
 
 from analysis import report
 from study.__main__ import main
-from study.run_command import parser
+from study.commands.run_command import parser
 from study.data import mnist as mnist_data
 from study.workload import resolve
-from study.workloads import mnist_regression
+from study.mnist import workload as mnist_regression
 
 REPO = Path(__file__).resolve().parents[1]
 V1 = REPO / "tests" / "data" / "mnist-v1"

@@ -26,8 +26,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from study.data import mnist
-from study.models import RegressionCNN
-from study.noise import NoiseScale
+from study.mnist.model import RegressionCNN
+from study.engine.noise import NoiseScale
 
 DIM = 10
 NOISE_STD = 1.0

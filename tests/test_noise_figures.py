@@ -10,7 +10,7 @@ from analysis import noise_figures
 from analysis.figures import ReportWriter, new_figure
 from analysis.load import Trial
 from study import metrics as M
-from study.noise import trial_value
+from study.engine.noise import trial_value
 
 NAN = math.nan
 

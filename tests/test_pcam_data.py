@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from study.data import pcam
+from study.pcam import data as pcam
 from study.errors import StudyError
 
 SIZES = {"train": 6, "valid": 4, "test": 5}

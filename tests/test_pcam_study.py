@@ -17,12 +17,12 @@ from sklearn.metrics import roc_auc_score
 
 from analysis import report as analysis_report
 from study import metrics as M
-from study import pcam as cli
-from study.config import PcamConfig
-from study.data import pcam as pcam_data
+from study.pcam import command as cli
+from study.engine.config import PcamConfig
+from study.pcam import data as pcam_data
 from study.errors import StudyError
-from study.models import VGG16_BLOCK_ENDS, VGG16Patches, vgg16_features_state
-from study.trainables import auc, bce, run_pcam
+from study.pcam.model import VGG16_BLOCK_ENDS, VGG16Patches, vgg16_features_state
+from study.pcam.trainable import auc, bce, run_pcam
 from tests.conftest import SHARED_KAGGLE
 from tests.tensorboard_checks import check_study
 
@@ -202,7 +202,7 @@ def test_a_node_without_the_files_fetches_them_once(tmp_path, monkeypatch, tiny_
     import shutil
     import threading
 
-    from study.trainables import locate_or_fetch
+    from study.pcam.trainable import locate_or_fetch
 
     calls = []
 

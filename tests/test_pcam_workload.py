@@ -18,7 +18,7 @@ from sklearn.metrics import roc_auc_score
 
 from analysis import report
 from study import metrics as M
-from study import pcam as pcam_cli
+from study.pcam import command as pcam_cli
 from study.__main__ import main as study_main
 from study.workload import resolve
 
@@ -142,9 +142,9 @@ def test_workload_cli_smoke_study(ray_here, tmp_path):
 
 
 def test_memory_mapped_splits_are_uploaded_only_when_the_budget_holds_them(tmp_path):
-    from study.config import TrainConfig
-    from study.data import pcam as pcam_data
-    from study.run_workload import streamed
+    from study.engine.config import TrainConfig
+    from study.pcam import data as pcam_data
+    from study.engine.run_workload import streamed
 
     pcam_data.make_synthetic(tmp_path, n_train=8, n_valid=4, n_test=4)
     workload = resolve("pcam")

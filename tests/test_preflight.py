@@ -1,4 +1,4 @@
-"""A workload's bugs found before any trial starts (study.preflight): each broken workload file is refused in one
+"""A workload's bugs found before any trial starts (study.commands.preflight): each broken workload file is refused in one
 line that names the file, the function and the fix, with exit status 2, before Ray starts and with nothing written;
 the shipped workloads and the example pass. No training here."""
 
@@ -12,7 +12,7 @@ import ray
 import torch
 
 from study.__main__ import main
-from study.preflight import FEW, pick
+from study.commands.preflight import FEW, pick
 
 # A workload file with one piece to break: {features}, {labels}, {forward} and {evaluate} are filled per case.
 TEMPLATE = '''
@@ -127,7 +127,8 @@ def test_splits_of_different_shapes_are_refused(capsys, tmp_path):
 
 @pytest.mark.parametrize("spec", ["examples/digits_workload.py", "mnist-cnn", "mnist-regression"])
 def test_shipped_workloads_and_the_example_pass(spec):
-    from study import preflight, run_command
+    from study.commands import preflight
+    from study.commands import run_command
     from study.workload import resolve
 
     workload = resolve(spec)
@@ -140,7 +141,8 @@ def test_shipped_workloads_and_the_example_pass(spec):
 
 @pytest.mark.parametrize("value", ["0.5", None, True, [0.5]])
 def test_evaluate_must_return_a_number_for_every_metric(tmp_path, value):
-    from study import preflight, run_command
+    from study.commands import preflight
+    from study.commands import run_command
     from study.errors import StudyError
     from study.workload import resolve
 
@@ -183,7 +185,7 @@ def test_the_command_refuses_within_seconds(tmp_path):
 def test_memory_mapped_splits_give_up_a_few_rows(tmp_path, dtype):
     """A memory-mapped workload's splits are read a few rows at a time, as the engine streams them: uint8 patches,
     float32 labels (study.data.batches.PatchBatches)."""
-    from study import preflight
+    from study.commands import preflight
     from study.errors import StudyError
     from study.workload import Metric, Workload
 

@@ -5,8 +5,8 @@ import io
 
 import pytest
 
-from study.data import kaggle
-from study.progress import Progress
+from study.pcam import kaggle
+from study.data.progress import Progress
 from tests.test_kaggle import make_folder
 
 

@@ -14,7 +14,9 @@ import time
 import pytest
 import ray
 
-from study import cli_checks, mnist as mnist_cli
+from study.commands import cli_checks
+
+from study.mnist import command as mnist_cli
 from study.errors import StudyError
 from tests.cluster_procs import free_port
 

@@ -13,7 +13,8 @@ import pytest
 
 from analysis import report
 from study import __main__ as study_main
-from study import mnist, pcam
+from study.mnist import command as mnist
+from study.pcam import command as pcam
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

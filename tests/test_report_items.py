@@ -7,7 +7,11 @@ from types import SimpleNamespace
 
 import pandas as pd
 
-from analysis import common, mnist_report, pcam_report, stats
+from analysis import common, stats
+
+from study.mnist import report as mnist_report
+
+from study.pcam import report as pcam_report
 from analysis.figures import ReportWriter, new_figure
 
 

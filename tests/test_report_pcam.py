@@ -1,6 +1,6 @@
 """`python -m analysis.report` on a real Tune experiment shaped like the PCam study: a small trainable defined here
 reports the PCam metric keys every epoch and writes test_predictions.csv (and once submission.csv) into its last
-checkpoint, as study.trainables.train_pcam does, with one diverging and some erroring configurations. Values are
+checkpoint, as study.mnist.trainable.train_pcam does, with one diverging and some erroring configurations. Values are
 checked against the raw files, recomputed here with scikit-learn, scipy and a direct O(n^2) DeLong."""
 
 import json
@@ -216,7 +216,8 @@ def test_one_bad_seed_or_a_test_chosen_winner_is_not_a_difference():
     of the configuration with the best test AUC. Here "sgd" has one bad seed of three (DeLong p << 0.05 on it)
     and two better ones, and "lucky" has the best test AUC but not the best validation AUC: the reference is
     chosen on validation, and a paired t-test over seeds, Holm-corrected, marks neither."""
-    from analysis import pcam_report, stats
+    from analysis import stats
+    from study.pcam import report as pcam_report
 
     trials, predictions, labels = _constructed(
         {("adam", 0.001): [1.0, 1.0, 1.0], ("sgd", 0.01): [0.4, 1.15, 1.2], ("lucky", 0.1): [1.3, 0.9, 1.1]},
@@ -238,7 +239,8 @@ def test_one_bad_seed_or_a_test_chosen_winner_is_not_a_difference():
 def test_single_seeds_use_delong_and_holm_counts_every_comparison():
     """One seed per configuration: DeLong against the reference's trial on the same images; among five
     configurations one at an uncorrected p just under 0.05 is not marked after Holm, a clear one still is."""
-    from analysis import pcam_report, stats
+    from analysis import stats
+    from study.pcam import report as pcam_report
 
     effects = {("adam", 0.001): [1.0], ("sgd", 0.01): [0.3], ("a", 1): [1.0], ("b", 2): [1.02], ("c", 3): [0.98],
                ("d", 4): [0.97]}

@@ -2,7 +2,7 @@
 that resume's trimming and the report read the same rows from one file."""
 
 from analysis.load import parse_results
-from study.resume import trimmed_results
+from study.commands.resume import trimmed_results
 from study.result_rows import result_lines, rows
 
 STORED = ('{"epoch": 0, "a": NaN}\n'

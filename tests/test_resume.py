@@ -1,4 +1,4 @@
-"""A resumed stage stores each epoch once and retries out-of-memory trials (study.resume).
+"""A resumed stage stores each epoch once and retries out-of-memory trials (study.commands.resume).
 
 The trimming of stored files is checked on constructed files; the out-of-memory retry in a real MNIST study run in
 this process on a Ray node that declares one GPU (the trials run on CPU), with out-of-memory simulated by a worker
@@ -17,7 +17,7 @@ import pytest
 
 from tensorboard_checks import stored_steps
 from study import metrics as M
-from study.resume import trim_trial_folder, trimmed_progress, trimmed_results
+from study.commands.resume import trim_trial_folder, trimmed_progress, trimmed_results
 
 TESTS = Path(__file__).resolve().parent
 
@@ -68,7 +68,7 @@ def test_a_steps_trial_with_fractional_epochs_keeps_its_rows_and_events_up_to_it
     step 6 of 4-step epochs (epoch 1.5) keeps every row and event up to step 6, and drops only those after it."""
     from types import SimpleNamespace
     from torch.utils.tensorboard import SummaryWriter
-    from study.resume import restart_point
+    from study.commands.resume import restart_point
 
     steps = [0, 2, 4, 6, 8, 10]
     rows = [{M.EPOCH: s / 4, M.STEP: s, "steps_to_result": float("nan"), M.STATUS: M.STATUS_RUNNING}
@@ -119,7 +119,7 @@ def stored(stage: Path) -> dict[int, list[dict]]:
 @pytest.mark.slow
 def test_an_out_of_memory_trial_is_retried_with_the_new_share_on_retry_errored(ray_with_oom, tmp_path):
     from analysis.load import open_study
-    from study import mnist
+    from study.mnist import command as mnist
 
     argv = ["--smoke", "--lr", "1e-3", "--targets", "mean", "--batch-sizes", "16", "64", "--runs", "1",
             "--epochs", "3", "--storage-path", str(tmp_path), "--name", "s"]
@@ -154,7 +154,7 @@ def test_an_out_of_memory_trial_is_retried_with_the_new_share_on_retry_errored(r
 
 @pytest.mark.slow
 def test_a_trial_whose_snapshot_names_a_deleted_checkpoint_starts_again_from_scratch(local_ray, tmp_path, capsys):
-    from study import mnist
+    from study.mnist import command as mnist
 
     argv = ["--smoke", "--lr", "1e-3", "--targets", "mean", "--batch-sizes", "16", "64", "--runs", "1",
             "--epochs", "2", "--noise-scale", "off", "--storage-path", str(tmp_path), "--name", "s"]

@@ -189,7 +189,7 @@ def test_a_rewrite_on_s3_is_one_upload_and_never_deletes_first(s3, monkeypatch):
     """study.atomic on the S3 protocol: a --resume's trimming of a trial's files and a study file's rewrite replace
     each object by writing the new one, never by deleting the old one first (a stopped upload leaves the old)."""
     from study.atomic import replace_file
-    from study.resume import trim_trial_folder
+    from study.commands.resume import trim_trial_folder
     from tests.test_atomic_writes import V1, Dying
 
     for key, value in AWS.items():  # signed requests, as the study's own processes make them

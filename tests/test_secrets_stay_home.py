@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from study import tuning
+from study.commands import tuning
 from tests.test_cluster_security import shell_commands
 from tests.test_cluster_yaml import AUTH_TOKEN
 
@@ -99,7 +99,7 @@ def a_tree_with_secrets(root: Path, ignore_files: tuple[str, ...]) -> Path:
     root.mkdir()
     for name in ignore_files:
         shutil.copy(REPO / name, root / name)
-    for rel in [*SECRETS, "study/train.py", "tests/test_credentials.py", "cluster/head-policy.json", "docs/cluster.md"]:
+    for rel in [*SECRETS, "study/engine/train.py", "tests/test_credentials.py", "cluster/head-policy.json", "docs/cluster.md"]:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text("x")
     return root
@@ -114,7 +114,7 @@ def test_ray_job_submit_leaves_the_secrets_home(tmp_path):
         tree = a_tree_with_secrets(tmp_path / f"tree{i}", ignore_files)
         _zip_files(str(tree), [], str(tree.with_suffix(".zip")), include_gitignore=True)
         shipped = set(zipfile.ZipFile(tree.with_suffix(".zip")).namelist())
-        assert {"study/train.py", "tests/test_credentials.py", "cluster/head-policy.json", "docs/cluster.md"} <= shipped
+        assert {"study/engine/train.py", "tests/test_credentials.py", "cluster/head-policy.json", "docs/cluster.md"} <= shipped
         assert not {s for s in SECRETS if s in shipped or any(n.startswith(s + "/") for n in shipped)}, shipped
 
 
@@ -126,7 +126,7 @@ def test_ray_up_leaves_the_secrets_home(config, tmp_path):
     excludes = [a for e in config["rsync_exclude"] for a in ("--exclude", e)]
     subprocess.run(["rsync", "-a", *excludes, *filters, f"{tree}/", str(tmp_path / "node")], check=True)
     shipped = {p.relative_to(tmp_path / "node").as_posix() for p in (tmp_path / "node").rglob("*")}
-    assert "study/train.py" in shipped and not set(SECRETS) & shipped
+    assert "study/engine/train.py" in shipped and not set(SECRETS) & shipped
 
 
 @contextlib.contextmanager

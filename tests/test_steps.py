@@ -1,4 +1,4 @@
-"""study/steps.py: the Sobol configurations and their seeds, the evaluation grid, step budgets (and the driver's budget
+"""study/engine/steps.py: the Sobol configurations and their seeds, the evaluation grid, step budgets (and the driver's budget
 flags), batch sizes, per-trial limits, the rule's m and why failed trials count in its N."""
 
 import math
@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from study import steps as S
+from study.engine import steps as S
 from study.workload import Goal
 
 RANGES = {"lr": (1e-3, 1.0), "one_minus_momentum": (1e-3, 0.5)}
@@ -76,7 +76,7 @@ def test_step_budgets_starve_no_batch_size_and_the_epoch_rule_stays():
 
 def test_budget_flags_and_the_budget_of_a_study_stored_before_the_sqrt_rule():
     from study.errors import StudyError
-    from study.steps_study import budgets_of, fill, parser
+    from study.commands.steps_study import budgets_of, fill, parser
     from study.workload import resolve
 
     digits = str(Path(__file__).resolve().parents[1] / "examples" / "digits_workload.py")

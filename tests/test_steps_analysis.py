@@ -9,7 +9,7 @@ import pytest
 
 from analysis import steps as A
 from steps_sim import GOAL, LOOSE, curve_rows, replay, simulate
-from study import steps as S
+from study.engine import steps as S
 from study.workload import Goal
 
 BATCHES = [16 * 2**k for k in range(9)]  # 16 .. 4096

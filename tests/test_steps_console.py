@@ -1,11 +1,11 @@
-"""The console table of a steps-to-result study (study.steps_console): each trial's outcome and steps to result,
+"""The console table of a steps-to-result study (study.commands.steps_console): each trial's outcome and steps to result,
 from the status of its last row, not "done" for every trial."""
 
 import math
 
 from study import metrics as M
-from study import steps as S
-from study.steps_console import StepsConsole
+from study.engine import steps as S
+from study.commands.steps_console import StepsConsole
 
 
 class FakeTrial:  # what the console reads of a Tune trial

@@ -8,7 +8,7 @@ from steps_sim import GOAL, LOOSE, curve_rows
 from analysis import steps as A
 from analysis import steps_plots as P
 from analysis.steps_verdict import verdict
-from study import steps as S
+from study.engine import steps as S
 
 BATCHES = [8, 16, 32, 64, 128, 256]
 

@@ -9,7 +9,7 @@ import pytest
 
 from analysis import steps_noise as N
 from study import metrics as M
-from study import steps as S
+from study.engine import steps as S
 from steps_sim import GOAL
 
 

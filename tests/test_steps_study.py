@@ -1,4 +1,4 @@
-"""The steps-to-result study end to end: the trial's step grid and limits without Ray (study.steps_trial), bad
+"""The steps-to-result study end to end: the trial's step grid and limits without Ray (study.engine.steps_trial), bad
 input refused before anything is written, and `python -m study steps` on the example digits workload through Tune
 (stops at the goal, the rule's stops, the report's tables and figures, TensorBoard, --resume changing nothing)."""
 
@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from study import metrics as M
-from study import steps as S
+from study.engine import steps as S
 from study.__main__ import main
-from study.config import TrainConfig
+from study.engine.config import TrainConfig
 from study.errors import StudyError
-from study.steps import BUDGET, CHANCE, CONFIG, GOAL
-from study.eval_schedule import coarse_steps
-from study.steps_trial import COARSE_FACTOR, run_steps
+from study.engine.steps import BUDGET, CHANCE, CONFIG, GOAL
+from study.engine.eval_schedule import coarse_steps
+from study.engine.steps_trial import COARSE_FACTOR, run_steps
 from study.workload import Goal, resolve
 from tensorboard_checks import session_groups
 
@@ -96,7 +96,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_one_momentum_for_every_configuration_instead_of_sampling_it(tmp_path, capsys):
-    from study.steps_study import fill, parser
+    from study.commands.steps_study import fill, parser
 
     workload = resolve(DIGITS)
     args = fill(parser(workload).parse_args([DIGITS, "--optimizer", "sgd", "--momentum", "0"]), workload, 1000)
@@ -121,7 +121,7 @@ def test_bad_training_flag_is_one_line_and_exit_2_before_anything_is_written(tmp
 
 def test_too_few_training_examples_for_the_default_batch_sizes_suggests_batch_sizes():
     from study.errors import StudyError
-    from study.steps_study import fill, parser
+    from study.commands.steps_study import fill, parser
 
     workload = resolve(DIGITS)
     args = parser(workload).parse_args([DIGITS])
@@ -153,7 +153,7 @@ REPORT_FILES = ["steps_per_batch.csv", "steps_fit.csv", "steps_best_of_k.csv", "
 @pytest.mark.slow
 def test_steps_study_through_tune(local_ray, tmp_path, monkeypatch, tensorboard_api, capsys):
     from analysis.report import main as report_main
-    from study import steps_study
+    from study.commands import steps_study
 
     # A laxer rule than the study's default, so that three configurations already let it stop one (m = 2 of 3).
     monkeypatch.setattr(steps_study, "LEVEL", 0.5)
@@ -167,7 +167,7 @@ def test_steps_study_through_tune(local_ray, tmp_path, monkeypatch, tensorboard_
     console = capsys.readouterr().out
     study = tmp_path / "digits"
     saved = json.loads((study / "study.json").read_text())
-    # Epochs at the smallest batch size, steps shrinking as 1 / sqrt(B) (study.steps.step_budgets).
+    # Epochs at the smallest batch size, steps shrinking as 1 / sqrt(B) (study.engine.steps.step_budgets).
     assert saved["budget_steps"] == {"16": 225, "32": 160, "64": 113}
     assert saved["kind"] == "steps" and saved["level"] == 0.5 and saved["safety"] == 1.0
     assert saved["ranges"] == {"lr": [0.05, 0.4], "one_minus_momentum": [0.05, 0.3]}
@@ -267,8 +267,8 @@ def test_run_steps_from_python_gives_a_tune_callback_every_result(local_ray, tmp
 def test_resume_rebuilds_the_rule_from_stored_rows_and_keeps_earlier_stops(tmp_path):
     from types import SimpleNamespace
 
-    from study import steps_stopped
-    from study.study_folder import StudyFolder
+    from study.commands import steps_stopped
+    from study.commands.study_folder import StudyFolder
 
     folder = StudyFolder(str(tmp_path), "s")
     limits = S.TrialLimits(goal=Goal.from_dict(GOAL_03), budget_steps=100)

@@ -1,5 +1,5 @@
 """The steps-to-result trial honours what a workload declares as the run trial does (they share
-study.run_workload.WorkloadTrial and the one loop): augmentation in prepare_train, and memory-mapped splits
+study.engine.run_workload.WorkloadTrial and the one loop): augmentation in prepare_train, and memory-mapped splits
 streamed from their files. Without Ray: run_steps directly, on small data."""
 
 import dataclasses
@@ -10,13 +10,13 @@ import numpy as np
 import torch
 
 from study import metrics as M
-from study import run_workload
-from study import steps as S
-from study.config import TrainConfig
-from study.data import pcam as pcam_data
-from study.steps import BUDGET, CHANCE, CONFIG, GOAL
-from study.eval_schedule import coarse_steps
-from study.steps_trial import COARSE_FACTOR, run_steps
+from study.engine import run_workload
+from study.engine import steps as S
+from study.engine.config import TrainConfig
+from study.pcam import data as pcam_data
+from study.engine.steps import BUDGET, CHANCE, CONFIG, GOAL
+from study.engine.eval_schedule import coarse_steps
+from study.engine.steps_trial import COARSE_FACTOR, run_steps
 from study.workload import resolve
 
 DIGITS = str(Path(__file__).resolve().parents[1] / "examples" / "digits_workload.py")
@@ -88,7 +88,9 @@ def test_the_steps_trainable_caps_memory_and_lets_a_memory_mapped_workload_open_
 
     import ray
 
-    from study import bridge, steps_trial
+    from study.engine import bridge
+
+    from study.engine import steps_trial
 
     resources = {"CPU": torch.get_num_threads(), "GPU": 0}
     context = SimpleNamespace(get_trial_resources=lambda: SimpleNamespace(required_resources=resources))
@@ -114,7 +116,7 @@ def test_the_steps_trainable_caps_memory_and_lets_a_memory_mapped_workload_open_
 def test_one_loop_takes_the_lr_one_way():
     """The run trial and the steps trial set the same learning rate on the same step: warmup, then the decay
     schedule down to its last evaluation (the run trial's last epoch, the steps trial's budget)."""
-    from study.lr_scaling import lr_at, scaled_lr
+    from study.engine.lr_scaling import lr_at, scaled_lr
 
     workload = resolve(DIGITS)
     splits = workload.load(workload.option_values())

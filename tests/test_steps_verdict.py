@@ -11,8 +11,8 @@ from analysis import steps as A
 from analysis.steps_configs import best_of_k
 from analysis.steps_verdict import EXTRAPOLATED, MEASURED, NOT_MEASURED, verdict
 from steps_sim import GOAL, curve_rows
-from study import steps as S
-from study.steps import configs_to_wait_for
+from study.engine import steps as S
+from study.engine.steps import configs_to_wait_for
 
 BATCHES = [16 * 2**k for k in range(9)]
 
@@ -186,7 +186,7 @@ def test_the_report_says_how_the_budget_was_set():
 
 def test_the_floor_counts_the_fine_grids_steps_not_the_rows():
     """A trial on the coarse schedule stores fewer rows than the fine grid has steps: the floor is where the fine
-    grid's tenth step is (study.eval_schedule), for old studies on the grid from step 10 too."""
+    grid's tenth step is (study.engine.eval_schedule), for old studies on the grid from step 10 too."""
     from analysis.steps import FLOOR_EVALUATIONS, evaluation_number, floor_step
 
     rows = lambda steps: [{"step": s} for s in steps]  # noqa: E731

@@ -12,8 +12,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import api_pb2, metadata
 
 from study import metrics as M
-from study.console import StudyConsole, tune_console
-from study.tensorboard import RunName, StudyTensorBoard, applies, experiment_summary, session_start
+from study.commands.console import StudyConsole, tune_console
+from study.commands.tensorboard import RunName, StudyTensorBoard, applies, experiment_summary, session_start
 
 
 class Trial(SimpleNamespace):
@@ -128,7 +128,7 @@ def test_hyperparameters_that_apply():
 
 
 def test_a_workloads_own_options_are_hyperparameters_beside_the_grid():
-    from study.tensorboard import option_hparams
+    from study.commands.tensorboard import option_hparams
 
     config = {"batch_size": 16, "lr": 0.1, "stage": "sweep", "options": {"width": 32, "stage": "x", "scale": True}}
     summary = session_start(config, "sweep/t")

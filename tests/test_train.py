@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from study import metrics as M
-from study.config import MnistConfig
+from study.engine.config import MnistConfig
 from study.data import mnist
-from study.models import RegressionCNN
-from study.trainables import run_mnist
-from study.loop import fit
-from study.train import DeviceBatches, epoch_generator, make_optimizer
+from study.mnist.model import RegressionCNN
+from study.mnist.trainable import run_mnist
+from study.engine.loop import fit
+from study.engine.train import DeviceBatches, epoch_generator, make_optimizer
 
 CPU = torch.device("cpu")
 
@@ -152,8 +152,8 @@ def test_probe_seconds_are_kept_out_of_training_seconds(data, monkeypatch):
     probe_seconds and none of it into epoch or training seconds (a clock, not sleeps: two shared cores are noisy)."""
     import types
 
-    from study import loop
-    from study.noise import NoiseScale
+    from study.engine import loop
+    from study.engine.noise import NoiseScale
 
     now = [0.0]
 

@@ -1,4 +1,4 @@
-"""A trial's own errors (study.trial_errors): a bug ends its trial at once, unretried; an error another try may pass
+"""A trial's own errors (study.engine.trial_errors): a bug ends its trial at once, unretried; an error another try may pass
 is retried until it comes again at the same place; the stage ends with one line per distinct error; and a trial
 whose primary metric is NaN at its end shows as "no result" on the console, in TensorBoard and in the report.
 
@@ -19,9 +19,9 @@ from analysis.load import Trial as StoredTrial, _read_trial, open_study
 from analysis.report import main as report_main
 from study import metrics as M
 from study.__main__ import main
-from study.console import StudyConsole
-from study.tensorboard import StudyTensorBoard
-from study.trial_errors import line_of, summary
+from study.commands.console import StudyConsole
+from study.commands.tensorboard import StudyTensorBoard
+from study.engine.trial_errors import line_of, summary
 from test_tensorboard import end_status, epoch, fake_trial, read
 
 
@@ -102,7 +102,7 @@ def test_the_report_reads_an_ended_trial_as_an_error_and_a_nan_primary_as_no_res
 def test_tune_traceback_of_a_failed_trial_is_kept_off_the_console_unless_verbose():
     import logging
 
-    from study.console import TRIAL_FAILURE_LOGGER, tune_console
+    from study.commands.console import TRIAL_FAILURE_LOGGER, tune_console
 
     # A handler of our own on the logger (the filter sits on the logger, so it sees what Ray's handlers would):
     # pytest's caplog does not see a logger that does not propagate on every pytest release.
@@ -124,8 +124,8 @@ def test_tune_traceback_of_a_failed_trial_is_kept_off_the_console_unless_verbose
     assert [r.getMessage()[-7:] for r in records] == ["a_00001", "a_00002", "a_00003"]
 
 
-# Passes the preflight (study.preflight: a few examples, one training step), then breaks inside its trials, each
-# seed in its own way: the trial's process is seeded with the trial's seed (study.train.seed_everything).
+# Passes the preflight (study.commands.preflight: a few examples, one training step), then breaks inside its trials, each
+# seed in its own way: the trial's process is seeded with the trial's seed (study.engine.train.seed_everything).
 BREAKS_IN_TRIALS = '''
 import math
 from pathlib import Path

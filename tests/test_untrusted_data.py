@@ -17,8 +17,9 @@ import pytest
 
 from analysis import report
 from study import __main__ as study_main
-from study import mnist as mnist_cli
-from study.data import cifar, pcam as pcam_data
+from study.mnist import command as mnist_cli
+from study.data import cifar
+from study.pcam import data as pcam_data
 from study.errors import StudyError
 from tests.test_kaggle import make_folder
 
@@ -247,6 +248,6 @@ def test_credentials_in_a_storage_uri_are_refused_and_not_repeated(capsys, tmp_p
 @pytest.mark.parametrize("uri", ["s3://bucket/prefix", "s3://bucket/prefix?endpoint_override=http://127.0.0.1:9000",
                                  "hdfs://namenode:8020/studies", "file:///tmp/studies"])
 def test_uris_without_credentials_pass(uri):
-    from study.cli_checks import check_uri
+    from study.commands.cli_checks import check_uri
 
     check_uri(uri, "--storage-path")

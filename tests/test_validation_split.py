@@ -7,14 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from study import run_command
+from study.commands import run_command
 from study.__main__ import main
 from study.data import cifar
 from study.data import mnist as mnist_data
 from study.data.validation import carve, indices
 from study.errors import StudyError
 from study.workload import resolve
-from study.workloads import cifar10_resnet8, mnist_cnn, mnist_regression
+from study.workloads import cifar10_resnet8, mnist_cnn
+from study.mnist import workload as mnist_regression
 
 UNEVEN = np.repeat(np.arange(7), [400, 13, 250, 1, 90, 77, 169])  # 1,000 rows, one class of a single row
 np.random.default_rng(5).shuffle(UNEVEN)

@@ -203,8 +203,8 @@ def test_least_squares_smoke_study_learns_towards_the_exact_floor(local_ray, tmp
 
 
 def test_mnist_cnn_reaches_two_percent_validation_error_on_real_mnist(mnist_dir):
-    from study.config import TrainConfig
-    from study.run_workload import run_workload
+    from study.engine.config import TrainConfig
+    from study.engine.run_workload import run_workload
     from study.workloads.mnist_cnn import workload
 
     options = workload.option_values({"data_dir": str(mnist_dir), "train_limit": 12000, "val_size": 2000})

@@ -1,6 +1,6 @@
 """Shuffled PCam batches on the training device, from arrays that may be memory maps of multi-GB files.
 
-With on_device (the trial decides it against its memory budget: study.memory.plan_uploads) the split is
+With on_device (the trial decides it against its memory budget: study.engine.memory.plan_uploads) the split is
 uploaded once and every batch is an index into a permutation on the device. Otherwise each batch is one bulk
 read of its sorted indices from the memory map (sorted so the read walks the file forwards), into pinned memory,
 copied asynchronously, with a background thread reading the next batches while the model computes. Both paths

@@ -2,9 +2,9 @@
 
 PYTHONPATH=. python tests/data/steps-curves/make_curves.py PLAN [THREADS] > mnist-cnn.json (README.md here)."""
 import json, sys, time, torch
-from study.config import TrainConfig
-from study.steps import BUDGET, CHANCE, CONFIG, GOAL, config_seed
-from study.steps_trial import run_steps
+from study.engine.config import TrainConfig
+from study.engine.steps import BUDGET, CHANCE, CONFIG, GOAL, config_seed
+from study.engine.steps_trial import run_steps
 from study.workload import resolve
 torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 1)
 opts = dict(data_dir=str(__import__("pathlib").Path(__file__).resolve().parents[4] / "shared" / "data" / "mnist"), val_size=2000)
