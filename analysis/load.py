@@ -34,9 +34,10 @@ from study.metrics import CHOSEN_FILE, ERRORED_FILE, STUDY_FILE, TARGET_STATS_FI
 from study.errors import StudyError
 from study.result_rows import result_lines
 
+from analysis.papers import paper, papers
+
 WORKLOAD_KINDS = ("workload", "steps")  # study.json "kind" of a study built from a workload (study/workload.py)
 EXPERIMENT_STATE = re.compile(r"^experiment_state-.*\.json$")
-STAGES = {"mnist": ("lr_coarse", "lr_fine", "batch_sweep"), "pcam": ("grid",)}  # a workload study lists its own
 # Tune statuses of a trial that has not finished yet; a study holding one is reported as partial.
 UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
 # A last row's status of a trial that ended as planned: done, or a steps-to-result trial's end (study.engine.steps).
@@ -117,7 +118,7 @@ class Study:
     uri: str
     fs: pafs.FileSystem
     path: str  # the study folder inside fs
-    kind: str  # mnist | pcam (the studies before workloads, with their own reports) | workload | steps
+    kind: str  # a paper's KIND (analysis.papers: the studies before workloads) | workload | steps
     meta: dict  # study.json ({} when the folder is a bare Tune experiment)
     stages: dict  # stage name -> [Trial], sorted by trial id
     files: dict  # optional study-level JSON files (chosen_lr.json, target_stats.json) that exist
@@ -136,11 +137,9 @@ class Study:
     def expected_stages(self) -> list:
         if self.only_stage:
             return [self.only_stage]
-        if self.kind == "mnist" and self.args.get("lr") is not None:
-            return ["batch_sweep"]
         if self.kind in WORKLOAD_KINDS:  # study.json's stages when it names them, else the stage folders there are
             return list(self.meta.get("stages") or sorted(self.stages))
-        return list(STAGES.get(self.kind, ()))
+        return paper(self.kind).stages(self.args) if paper(self.kind) else []
 
     def partial_reasons(self) -> list:
         """Why the results are not (yet) the whole study; empty when it finished."""
@@ -249,7 +248,7 @@ def open_study(uri: str) -> Study:
     if not kind:
         raise StudyError(f"{uri}: cannot tell which study this is (study.json says {meta.get('study')!r}, kind "
                          f"{meta.get('kind')!r}, and there is no {WORKLOAD_FILE}); expected one of "
-                         f"{', '.join(STAGES)} or a workload study")
+                         f"{', '.join(papers())} or a workload study")
     primary = (files.get(WORKLOAD_FILE) or {}).get("primary") if kind == "workload" else None
     for trial in (t for trials in stages.values() for t in trials):
         trial.primary = primary if isinstance(primary, str) else ""
@@ -271,9 +270,9 @@ def _read_or_warn(fs: pafs.FileSystem, path: str, kind: type, unreadable: list, 
 
 
 def _kind(meta: dict, stages: dict, has_workload_file: bool) -> str:
-    """mnist | pcam | workload | steps, or "" when nothing says. The two studies from before workloads keep their
+    """A paper's KIND | workload | steps, or "" when nothing says. The studies from before workloads keep their
     own reports; any other study is a workload study when study.json's kind or a workload.json says so."""
-    if meta.get("study") in STAGES:
+    if meta.get("study") in papers():
         return meta["study"]
     if meta.get("kind") in WORKLOAD_KINDS:
         return meta["kind"]
@@ -284,9 +283,9 @@ def _kind(meta: dict, stages: dict, has_workload_file: bool) -> str:
 
 def _guess_kind(stages: dict) -> str:
     """For a bare Tune experiment without study.json: by the trial configs' own keys (a workload trial names its
-    workload; MNIST trials have a regression target; PCam trials their data folder); "" when none fits."""
+    workload; a paper's trials a key of their own, its DETECT); "" when none fits."""
     configs = [t.config for trials in stages.values() for t in trials]
-    for kind, key in (("workload", "workload"), ("mnist", "target"), ("pcam", "data_dir")):
+    for kind, key in (("workload", "workload"), *((kind, p.DETECT) for kind, p in papers().items())):
         if configs and all(key in c for c in configs):
             return kind
     return ""

@@ -1,8 +1,8 @@
 """The gradient noise scale in the reports: B_simple per batch size overlaid on the sensitivity figures, B_simple
 over training per batch size, and per trial how many trained epochs have an estimate, or why none does.
 
-Reads stored results only (study.engine.noise writes `noise_scale` and `noise_probes` per epoch). Used by
-study/mnist/report.py and study/pcam/report.py; a trial's B_simple is study.metrics.trial_value of its trained
+Reads stored results only (study.engine.noise writes `noise_scale` and `noise_probes` per epoch). Used by the
+papers' report sections (analysis.papers); a trial's B_simple is study.metrics.trial_value of its trained
 epochs (the last finite one; one epoch's value is the ratio of its probes' mean tr(Sigma) and mean |G|^2).
 """
 

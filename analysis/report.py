@@ -16,20 +16,14 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from analysis import steps_report, workload_report
-
-from study.mnist import report as mnist_report
-
-from study.pcam import report as pcam_report
 from analysis.common import write_failures, write_timing
 from analysis.figures import ReportWriter
 from analysis.load import WORKLOAD_FILE, Study, open_study, resolve
+from analysis.papers import paper
 from study.commands.cli_checks import check_uri
 from study.errors import StudyError
 
-TITLES = {"mnist": "MNIST regression study", "pcam": "PCam classification study"}
 OUTCOMES = ("done", "no result", "diverged", "error", "incomplete", "running", "pending")
-LABELS = {"mnist": ["target", "batch_size", "lr", "run"], "pcam": ["optimizer", "lr", "batch_size", "run"],
-          "steps": steps_report.LABELS}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,7 +62,7 @@ def output_dir(study: Study, experiment_dir: str, out: str | None) -> Path:
 
 
 def write_header(report: ReportWriter, study: Study) -> None:
-    title = TITLES.get(study.kind) or (steps_report if study.kind == "steps" else workload_report).title(study)
+    title = paper(study.kind).TITLE if paper(study.kind) else (steps_report if study.kind == "steps" else workload_report).title(study)
     report.heading(f"{title}: report", level=1)
     report.text(f"Study folder: `{study.uri}`" + (f" (stage {study.only_stage} only)" if study.only_stage else ""))
     reasons = study.partial_reasons()
@@ -107,7 +101,6 @@ def write_header(report: ReportWriter, study: Study) -> None:
         report.bullets(study.unreadable)
 
 
-SECTIONS = {"mnist": mnist_report, "pcam": pcam_report, "steps": steps_report}  # else: workload_report
 MANIFEST = ".report-files"  # the figures and tables the last run wrote
 
 
@@ -116,13 +109,13 @@ def build(study: Study, out: Path, section: str | None = None) -> Path:
     --workload-section asked for (None: not asked)."""
     report = ReportWriter(out)
     write_header(report, study)
-    # mnist and pcam: the two studies from before workloads, with their own reports; any other study is a workload's.
-    sections = SECTIONS.get(study.kind)
-    if sections is None:
+    # A paper's study (analysis.papers) and a steps study have their own sections; any other study is a workload's.
+    own = paper(study.kind) or (steps_report if study.kind == "steps" else None)
+    if own is None:
         workload_report.write(report, study, section)
     else:
-        sections.write(report, study)
-    labels = LABELS.get(study.kind) or workload_report.labels(study)
+        own.write(report, study)
+    labels = own.LABELS if own is not None else workload_report.labels(study)
     write_timing(report, study, labels)
     write_failures(report, study, labels)
     # Files an earlier run of the report wrote (listed in its manifest) and this one did not are stale; nothing
@@ -155,7 +148,7 @@ def main(argv=None) -> int:
         print(f"warning: {line}", file=sys.stderr)
     if corrupt:
         print(f"warning: {len(corrupt)} corrupt result line(s) skipped (listed in the report)", file=sys.stderr)
-    hook = study.files.get(WORKLOAD_FILE, {}).get("report") if study.kind not in SECTIONS else None
+    hook = study.files.get(WORKLOAD_FILE, {}).get("report") if study.kind == "workload" else None
     if hook and args.workload_section is None:
         print(f"note: the workload's own report section {hook} was not run: pass --workload-section to run it "
               f"from an installed package", file=sys.stderr)

@@ -21,7 +21,7 @@ from scipy import stats as scipy_stats
 from sklearn.metrics import roc_auc_score
 
 # Largest number of float64 cells (resamples x images) one bootstrap chunk holds: ~16 MB per array, so the
-# 32768-image PCam test set runs 2000 resamples in chunks of 64 without touching much memory.
+# 32768-image test set runs 2000 resamples in chunks of 64 without touching much memory.
 _CHUNK_CELLS = 1 << 21
 
 

@@ -3,7 +3,7 @@ and directions, the primary metric, goals, chance levels, grid axes) and the tri
 
 Library code for analysis/workload_report.py. `spec_of` and the two frames read a loaded Study; every other
 function is a pure function of DataFrames (tested on hand-made ones in tests/test_workload_tables.py).
-Policy, as in the MNIST and PCam reports: a trial's final and best values count only when it finished (outcome
+Policy, as in the papers' reports: a trial's final and best values count only when it finished (outcome
 done); a diverged or errored trial has none and is counted in `finished` / `outcomes`, never shown as a number.
 """
 

@@ -1,8 +1,8 @@
 """`python -m study run WORKLOAD [flags]`: a batch-size study of a shipped workload, a workload file or
 module:name (`python -m study run WORKLOAD --help` lists its flags); `python -m study steps WORKLOAD [flags]`: the
 steps-to-result study of it (study.commands.steps_study); `python -m study list`: the shipped ones; `python -m study --help`:
-the commands. Installed, `batchsize-study` is the same command line. `python -m study.mnist` and
-`python -m study.pcam` run the two original studies.
+the commands. Installed, `batchsize-study` is the same command line. Each paper package under study/ has its own
+command line, `python -m study.<paper>` (listed by --help).
 """
 
 import argparse
@@ -16,12 +16,23 @@ COMMANDS = {"run": "a batch-size study of a workload (run WORKLOAD --help: its f
             "list": "the shipped workloads"}
 
 
+def paper_commands() -> list[str]:
+    """The packages under study/ with a command line of their own (a __main__ module): the papers' studies."""
+    import importlib.util
+    import pkgutil
+    from pathlib import Path
+
+    return [f"study.{i.name}" for i in sorted(pkgutil.iter_modules([str(Path(__file__).parent)]), key=lambda i: i.name)
+            if i.ispkg and importlib.util.find_spec(f"study.{i.name}.__main__") is not None]
+
+
 def parser() -> argparse.ArgumentParser:
     """`python -m study --help`: the commands (`batchsize-study` once installed)."""
     p = argparse.ArgumentParser(prog="python -m study", description="Batch-size studies of a workload on Ray Tune.",
                                 epilog="A command's flags: python -m study run WORKLOAD --help (steps alike). "
-                                       "python -m study.mnist and python -m study.pcam run the two original "
-                                       "studies; python -m analysis.report STUDY writes a study's report.")
+                                       + " and ".join(f"python -m {m}" for m in paper_commands())
+                                       + " run the papers' original studies; python -m analysis.report STUDY "
+                                         "writes a study's report.")
     commands = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, text in COMMANDS.items():
         commands.add_parser(name, help=text, description=text)

@@ -44,11 +44,11 @@ NOISE_TRACE = "noise_trace"  # mean tr(Sigma) estimate over the probes since the
 NOISE_GRAD_SQ = "noise_grad_sq"  # mean |G|^2 estimate behind it (NOISE_SCALE is their ratio)
 STEPS_TO_RESULT = "steps_to_result"  # the step of the first evaluation at the strictest goal (NaN: none yet)
 
-# MNIST regression.
+# Regression (the mean squared error).
 VAL_MSE = "val_mse"  # on the held-out validation images; NaN when no validation split
 TEST_MSE = "test_mse"
 
-# PCam classification.
+# Binary classification with a selected epoch.
 VAL_LOSS = "val_loss"
 VAL_ACC = "val_acc"
 VAL_AUC = "val_auc"
@@ -60,9 +60,9 @@ TEST_ACC = "test_acc"
 # Files a study stores next to Tune's experiments (study.commands.driver and the commands write them; analysis/ reads them).
 STUDY_FILE = "study.json"  # what ran: the study's kind, its arguments, code version, stages
 ERRORED_FILE = "errored_trials.json"  # in each stage folder: the trial folders its last run left errored
-CHOSEN_FILE = "chosen_lr.json"  # MNIST: the learning rate stage 1 chose per target
+CHOSEN_FILE = "chosen_lr.json"  # a learning-rate search stage's choice per group
 WORKLOAD_FILE = "workload.json"  # a workload study: metrics (names, directions), primary, goals, chance, grid axes
-TARGET_STATS_FILE = "target_stats.json"  # MNIST: box-plot statistics of each target over the training images
+TARGET_STATS_FILE = "target_stats.json"  # box-plot statistics of each regression target over the training set
 LEASE_FILE = "lease.json"  # the driver running the study now (study.commands.lease); never read by analysis/
 STOPPED_FILE = "stopped_by_rule.json"  # steps study, in its stage folder: trial folder -> the step the rule stopped it
 

@@ -85,11 +85,11 @@ class Workload:
     options: tuple[Option, ...] = ()
     report: str = ""  # "module:function": the workload's own report section (analysis imports only this of it)
     unit: str = "examples"  # what one training example is, in the figures' axes ("images" for image data sets)
-    # For large data sets and fine-tuning (PCam); each is optional and off by default.
+    # For large data sets and fine-tuning; each is optional and off by default.
     memory_mapped: bool = False  # load() returns memory maps (uint8 x); each trial opens them itself and the engine
     # streams batches from them (study.data.batches), uploading a split whole when the trial's memory plan allows
     prepare_train: Callable | None = None  # (raw x, generator, options) -> training input, prepare and augment in
-    # one pass (PCam's uint8 pipeline); replaces prepare + augment on training batches
+    # one pass (a uint8 pipeline on the device); replaces prepare + augment on training batches
     select: str = ""  # a prefixed validation metric: the best epoch's weights by it are kept and tested
     files: Callable | None = None  # (outputs, y or None, options) -> {file name: write(path)}: extra files of the
     # final checkpoint, from the tested model's outputs on the test split (predictions, a submission)
@@ -151,13 +151,26 @@ class Workload:
         return values
 
 
+def _papers_workloads() -> dict:
+    """Each paper package's workload (a package under study/ whose __init__ sets WORKLOAD, its name; the workload
+    itself is the package's `workload` module): found, not named, so the engine names no paper."""
+    import pkgutil
+
+    found = {}
+    for info in sorted(pkgutil.iter_modules([str(Path(__file__).parent)]), key=lambda i: i.name):
+        if info.ispkg:
+            package = importlib.import_module(f"study.{info.name}")  # a paper's __init__ imports nothing
+            if isinstance(getattr(package, "WORKLOAD", None), str):
+                found[package.WORKLOAD] = f"study.{info.name}.workload:workload"
+    return found
+
+
 # The shipped workloads, by name: where each one is defined (imported only when asked for).
 WORKLOADS = {
     "mnist-cnn": "study.workloads.mnist_cnn:workload",
     "cifar10-resnet8": "study.workloads.cifar10_resnet8:workload",
-    "pcam": "study.pcam.workload:workload",
-    "mnist-regression": "study.mnist.workload:workload",
     "least-squares": "study.workloads.least_squares:workload",
+    **_papers_workloads(),
 }
 
 

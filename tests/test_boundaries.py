@@ -134,3 +134,21 @@ def test_packages_import_only_downwards():
                    if LAYERS[layer(d)] > LAYERS[layer(m)] or (LAYERS[layer(m)] == 2 and layer(d) not in
                                                                (layer(m), *[k for k, v in LAYERS.items() if v < 2])))
     assert wrong == []
+
+
+# How a module names a paper: its name, its packages, its configs and model.
+PAPER_NAMES = re.compile(r"pcam|mnist[-_ ]regression|regression cnn|MnistConfig|PcamConfig|VGG16Patches|"
+                         r"study[./](?:mnist|pcam)\b", re.I)
+
+
+def test_no_module_outside_the_papers_names_one():
+    """The engine, the commands, the data readers, the shipped workloads and analysis/ find the papers (study/<paper>
+    packages) without naming them: every mention, comment or code, is inside a paper's package."""
+    assert PAPER_NAMES.search("the PCam study") and PAPER_NAMES.search("from study.mnist import command")
+    assert not PAPER_NAMES.search("study.mnist_cnn and the MNIST digits")
+    papers = {ROOT / "study" / "mnist", ROOT / "study" / "pcam"}
+    named = [f"{path.relative_to(ROOT)}:{n + 1}" for path in [*(ROOT / "study").rglob("*.py"),
+                                                               *(ROOT / "analysis").rglob("*.py")]
+             if not papers & set(path.parents)
+             for n, line in enumerate(path.read_text().splitlines()) if PAPER_NAMES.search(line)]
+    assert named == []

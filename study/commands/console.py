@@ -3,7 +3,7 @@ per-trial boxes (those, and Ray's warnings, come back with --verbose).
 
 On a terminal the table is redrawn in place; in a log (stdout not a terminal) a progress line is printed now
 and then and the table once, at the end of the stage. A stage with more trials than fit a screen shows one row
-per configuration, its repeated runs (MNIST `run`, PCam `seed`) counted together.
+per configuration, its repeated runs (a grid's `run` or `seed` axis, metrics.REPEATS) counted together.
 """
 
 import contextlib

@@ -1,5 +1,5 @@
 """The one driver of every study command: `python -m study run|steps` (study.commands.run_command, study.commands.steps_study) and
-the two papers' `python -m study.mnist|pcam`, and their Python entry points (study.run_study, study.run_steps).
+the papers' own commands (`python -m study.<paper>`), and their Python entry points (study.run_study, study.run_steps).
 
 Every study goes the same way (drive): its flags are checked and its data read once and preflighted (the command's
 prepare), all before anything is written; then the study folder is taken (its lease, Ray, the per-trial resources)
@@ -122,7 +122,7 @@ def open_study(folder: StudyFolder, args) -> dict:
 
 
 def main_of(command: Command, parse_args, run, argv=None) -> int:
-    """A paper's command line (study.mnist, study.pcam): run(args) after the resume rules; a StudyError becomes one
+    """A paper's command line (`python -m study.<paper>`): run(args) after the resume rules; a StudyError becomes one
     line on stderr and exit status 2."""
     args = parse_args(argv)
     try:

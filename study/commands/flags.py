@@ -1,5 +1,5 @@
 """Every flag the study commands share, defined once: `python -m study run` (study.commands.run_command), `python -m study steps`
-(study.commands.steps_study) and the two original studies' aliases (study.mnist, study.pcam) take theirs from here, and a
+(study.commands.steps_study) and the papers' own commands (study/<paper>/command.py) take theirs from here, and a
 workload's own options become flags through `add_options`. A command passes its own defaults (the original studies
 keep theirs, stored in their study.json) and may word a flag's help for itself; the name, type, choices and the
 range `check` enforces are the table's. An on/off flag is `--name` / `--no-name` (OnOff); the commands' parser
@@ -147,5 +147,5 @@ def check(args) -> None:
                 raise StudyError(f"{flag(name)} must be {'>' if low_open else '>='} {low:g}, got {v}")
             checks.check_number(flag(name), v, low, high, low_open=low_open, high_open=high_open)
     for name in LISTS:
-        if isinstance(getattr(args, name, None), (list, tuple)):  # (study.pcam's --seeds is a count)
+        if isinstance(getattr(args, name, None), (list, tuple)):  # (a paper may keep --seeds as a count)
             checks.check_unique(flag(name), getattr(args, name))

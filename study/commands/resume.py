@@ -2,7 +2,7 @@
 runs out-of-memory trials again.
 
 - A trial restarts from its latest checkpoint (epoch e) and reports the epochs after e again: after a driver stop
-  those stored after Tune's last experiment snapshot, with PCam's --checkpoint-every > 1 those since the last
+  those stored after Tune's last experiment snapshot, with a --checkpoint-every > 1 those since the last
   checkpoint. `StoredOnce`, the first callback of every stage, removes those rows from result.json, progress.csv
   and the TensorBoard event files before the loggers reopen them, so each epoch is stored once, as the restarted
   trial reports it (on CPU the same numbers).

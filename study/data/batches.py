@@ -1,4 +1,4 @@
-"""Shuffled PCam batches on the training device, from arrays that may be memory maps of multi-GB files.
+"""Shuffled batches on the training device, from arrays that may be memory maps of multi-GB files.
 
 With on_device (the trial decides it against its memory budget: study.engine.memory.plan_uploads) the split is
 uploaded once and every batch is an index into a permutation on the device. Otherwise each batch is one bulk
@@ -114,7 +114,7 @@ class PatchBatches:
                 ready.put(err)
             ready.put(None)
 
-        reader = threading.Thread(target=produce, name="pcam-prefetch", daemon=True)
+        reader = threading.Thread(target=produce, name="batch-prefetch", daemon=True)
         reader.start()
         try:
             while (item := ready.get()) is not None:

@@ -1,4 +1,4 @@
-"""Progress of long data preparation (Kaggle conversion, decompressing PCam, converting to .npy, downloads).
+"""Progress of long data preparation (converting and decompressing a data set's files, downloads).
 
     with Progress("converting Kaggle train patches", total=220_025, unit="patches") as bar:
         bar.update(1024)

@@ -42,7 +42,7 @@ def indices(n: int, size: int, how: str = "random", seed: int = 0,
     if how != "random":
         raise ValueError(f"unknown validation split {how!r}; one of {', '.join(HOW)}")
     rng = np.random.default_rng(seed)
-    order = rng.permutation(n)  # the unstratified draw: also study.mnist's hold-out, so its rows stay the same
+    order = rng.permutation(n)  # the unstratified draw: also a paper's stored hold-out, whose rows must stay the same
     if labels is None:
         return np.sort(order[size:]), np.sort(order[:size])
     labels = np.asarray(labels)

@@ -8,7 +8,7 @@ Ray Tune, around the Ray-free trial it calls.
   `tune.report`, and with a checkpoint of the resumable state every so many epochs or seconds.
 
 The trainables are plain functions of (config, data): study.engine.run_workload.train_workload,
-study.engine.steps_trial.train_steps, and study.mnist.trainable.train_mnist / train_pcam.
+study.engine.steps_trial.train_steps, and each paper's own (study/<paper>/trainable.py).
 """
 
 import os

@@ -16,7 +16,17 @@ from analysis.load import Study, epoch_table, trial_table
 from study import metrics as M
 
 TARGET_ORDER = ("mean", "median", "std", "var")  # the variance is ~100x the others: it gets its own axis
+# What analysis.papers reads of this paper (its study.json "study" value, title, stages, labels, config key).
+KIND = "mnist"
+TITLE = "MNIST regression study"
+STAGES = ("lr_coarse", "lr_fine", "batch_sweep")
 LABELS = ["target", "batch_size", "lr", "run"]
+DETECT = "target"  # a regression target: only this paper's trials have one
+
+
+def stages(args: dict) -> list:
+    """The stages a study with these arguments runs: a given --lr skips the learning-rate search."""
+    return ["batch_sweep"] if args.get("lr") is not None else list(STAGES)
 REACH_FACTOR = 1.1  # time to reach: first epoch with test MSE <= 1.1 x the target's best final MSE
 
 

@@ -18,7 +18,13 @@ from analysis.figures import ReportWriter, batch_axis, epoch_axis, fmt, legend_b
 from analysis.load import Study, Trial, epoch_table
 from study import metrics as M
 
+# What analysis.papers reads of this paper (its study.json "study" value, title, stages, labels, config key).
+KIND = "pcam"
+TITLE = "PCam classification study"
 STAGE = "grid"
+STAGES = (STAGE,)
+LABELS = ["optimizer", "lr", "batch_size", "run"]
+DETECT = "data_dir"  # the HDF5 folder: only this paper's trials have one
 CONFIG = ["optimizer", "lr", "batch_size"]  # one configuration; its seeds differ in `run`
 N_BOOT = 2000  # bootstrap resamples of the test images per trial
 SEED = 0  # fixed: the same intervals on every run of the report
@@ -170,6 +176,10 @@ def _cell(config: pd.Series, marks: set) -> str:
     if tuple(config[k] for k in CONFIG) in marks:
         text += " *"
     return text
+
+
+def stages(args: dict) -> list:
+    return list(STAGES)
 
 
 def write(report: ReportWriter, study: Study) -> None:
