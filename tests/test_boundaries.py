@@ -152,3 +152,16 @@ def test_no_module_outside_the_papers_names_one():
              if not papers & set(path.parents)
              for n, line in enumerate(path.read_text().splitlines()) if PAPER_NAMES.search(line)]
     assert named == []
+
+
+def test_only_a_papers_report_imports_analysis():
+    import ast
+
+    importers = set()
+    for path in (ROOT / "study").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if any(n == "analysis" or n.startswith("analysis.") for n in names):
+                importers.add(str(path.relative_to(ROOT)))
+    assert importers == {"study/mnist/report.py", "study/pcam/report.py"}
