@@ -221,3 +221,14 @@ def test_from_python_an_on_off_flag_may_be_a_bool(run, module, monkeypatch):
     assert (seen["noise_scale"], seen["tf32"], seen.get("amp", "on")) == ("off", True, "on")
     getattr(module, run)("mnist-cnn", noise_scale="off")  # the value the command line stores, as before
     assert seen["noise_scale"] == "off"
+
+
+@pytest.mark.parametrize("paper", ["study.mnist", "study.pcam"])
+def test_a_papers_command_exits_non_zero_on_a_bad_flag(paper):
+    """`python -m study.<paper>` runs the package's __main__, which must pass main()'s status on to the shell."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", paper, "--epochs", "0"], cwd=ROOT, capture_output=True, text=True,
+                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert out.returncode == 2 and out.stderr.startswith("error: --epochs"), out.stderr

@@ -1,6 +1,8 @@
-"""`python -m study.mnist`: the MNIST regression study's command line (study.mnist.command)."""
+"""`python -m study.mnist`: the paper's command line (study.mnist.command); its exit status is main()'s."""
+
+import sys
 
 from study.mnist.command import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
