@@ -20,13 +20,14 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from study import metrics as M
 from study.pcam.augment import to_input
-from study.engine.config import PCAM_BATCH_SIZES, PCAM_LRS
 from study.pcam import kaggle
 from study.pcam import data as pcam_data
 from study.errors import StudyError
 from study.pcam.model import VGG16Patches, vgg16_features_state
 from study.workload import Goal, Metric, Option, Workload
 
+BATCH_SIZES = (32, 64, 128, 256, 512)  # the original's grid
+LRS = {"sgd": (0.002, 0.0002), "adam": (0.001, 0.0001)}  # the original's learning rates per optimizer (its tables)
 SMOKE_SIZES = dict(n_train=48, n_valid=16, n_test=24)
 SMOKE_FOLDER = "batchsize-study-pcam-smoke"  # under the system's temporary folder
 
@@ -50,18 +51,29 @@ def data_folder(options: dict) -> Path:
     return root
 
 
+def check_options(options: dict) -> None:
+    """The options' ranges (their types are checked by Workload.option_values), each refused with its flag, before
+    any data is read: load() calls it, and python -m study.pcam before it prepares the data."""
+    o = options
+    numbers = {"zoom": ("[0, 1)", 0 <= o["zoom"] < 1), "brightness": ("[0, 1)", 0 <= o["brightness"] < 1),
+               "val_fraction": ("(0, 1)", 0 < o["val_fraction"] < 1)}
+    for name, (interval, ok) in numbers.items():
+        if not (math.isfinite(o[name]) and ok):
+            raise StudyError(f"--{name.replace('_', '-')} must be a finite number in {interval}, got {o[name]}")
+    for name in ("train_limit", "split_seed"):
+        if o[name] < 0:
+            raise StudyError(f"--{name.replace('_', '-')} must be >= 0, got {o[name]}")
+    if not 0 <= o["freeze_blocks"] <= 5:
+        raise StudyError(f"--freeze-blocks must be in 0..5 (VGG16 has five conv blocks), got {o['freeze_blocks']}")
+    if o["weights"] not in ("imagenet", "none") and not Path(o["weights"]).expanduser().is_file():
+        raise StudyError(f"--weights {o['weights']} is not a file; pass imagenet, none, or the path of a saved VGG16 "
+                         f"state_dict")
+
+
 def load(options: dict) -> dict:
     """Memory maps of the three splits (x uint8 (N, 96, 96, 3), y uint8; the Kaggle test split has no labels).
     The driver calls it first, before Ray starts: the options are checked here."""
-    o = options
-    allowed = {"zoom": ("in [0, 1)", 0 <= o["zoom"] < 1), "brightness": ("in [0, 1)", 0 <= o["brightness"] < 1),
-               "val_fraction": ("in (0, 1)", 0 < o["val_fraction"] < 1), "train_limit": (">= 0", o["train_limit"] >= 0),
-               "freeze_blocks": ("in 0..5 (VGG16 has five conv blocks)", 0 <= o["freeze_blocks"] <= 5)}
-    for name, (text, ok) in allowed.items():
-        if not ok:
-            raise StudyError(f"--{name.replace('_', '-')} must be {text}, got {o[name]}")
-    if options["weights"] not in ("imagenet", "none") and not Path(options["weights"]).expanduser().is_file():
-        raise StudyError(f"--weights {options['weights']} is not a file; pass imagenet, none or a state_dict's path")
+    check_options(options)
     files = pcam_data.locate(data_folder(options))
     pcam_data.verify(files)
     splits = {name: pcam_data.load_split(*files[split])
@@ -130,7 +142,7 @@ workload = Workload(
     goals=(Goal("val_auc", 0.90),),  # the steps-to-result goal: our choice, not a paper's (--goal val_auc=VALUE)
     # The grid is a product: the original's SGD half (its Adam rates with --optimizers adam --lrs 0.001 0.0001;
     # python -m study.pcam runs both halves as the original's (optimizer, lr) pairs).
-    defaults=dict(batch_sizes=list(PCAM_BATCH_SIZES), optimizers=["sgd"], lrs=list(PCAM_LRS["sgd"]), epochs=55,
+    defaults=dict(batch_sizes=list(BATCH_SIZES), optimizers=["sgd"], lrs=list(LRS["sgd"]), epochs=55,
                   seeds=[0], momentum=0.9, eval_batch_size=512, amp="on"),
     smoke=dict(batch_sizes=[8], optimizers=["sgd"], lrs=[0.01], epochs=2, seeds=[0], eval_batch_size=32,
                noise_every=1, options={"synthetic": True, "weights": "none"}),
