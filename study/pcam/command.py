@@ -175,7 +175,8 @@ class PcamCommand(driver.Command):
         # (optimizer, lr) pairs are not a product, so each pair is one of Tune's points_to_evaluate (one sample per
         # pair, never a random draw); Tune crosses each point with the grid over batch size and seed.
         pairs = [{"optimizer": o, "lr": lr} for o in args.optimizers for lr in lrs_of(args, o)]
-        space = dict(stored.stored_config(config_of(args, self.data_dir, study.version), args.checkpoint_every),
+        space = dict(stored.stored_config(config_of(args, self.data_dir, study.version),
+                                          getattr(args, "checkpoint_every", 1)),
                      optimizer=tune.choice(args.optimizers),
                      lr=tune.choice(sorted({p["lr"] for p in pairs})))
         space.update(lr_scaling=grid_axis(scaling_rules(args.lr_scaling)),
