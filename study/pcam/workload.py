@@ -24,7 +24,8 @@ from study.pcam import kaggle
 from study.pcam import data as pcam_data
 from study.errors import StudyError
 from study.pcam.model import VGG16Patches, vgg16_features_state
-from study.workload import Goal, Metric, Option, Workload
+from study.pcam.options import OPTIONS, check_options
+from study.workload import Goal, Metric, Workload
 
 BATCH_SIZES = (32, 64, 128, 256, 512)  # the original's grid
 LRS = {"sgd": (0.002, 0.0002), "adam": (0.001, 0.0001)}  # the original's learning rates per optimizer (its tables)
@@ -51,28 +52,9 @@ def data_folder(options: dict) -> Path:
     return root
 
 
-def check_options(options: dict) -> None:
-    """The options' ranges (their types are checked by Workload.option_values), each refused with its flag, before
-    any data is read: load() calls it, and python -m study.pcam before it prepares the data."""
-    o = options
-    numbers = {"zoom": ("[0, 1)", 0 <= o["zoom"] < 1), "brightness": ("[0, 1)", 0 <= o["brightness"] < 1),
-               "val_fraction": ("(0, 1)", 0 < o["val_fraction"] < 1)}
-    for name, (interval, ok) in numbers.items():
-        if not (math.isfinite(o[name]) and ok):
-            raise StudyError(f"--{name.replace('_', '-')} must be a finite number in {interval}, got {o[name]}")
-    for name in ("train_limit", "split_seed"):
-        if o[name] < 0:
-            raise StudyError(f"--{name.replace('_', '-')} must be >= 0, got {o[name]}")
-    if not 0 <= o["freeze_blocks"] <= 5:
-        raise StudyError(f"--freeze-blocks must be in 0..5 (VGG16 has five conv blocks), got {o['freeze_blocks']}")
-    if o["weights"] not in ("imagenet", "none") and not Path(o["weights"]).expanduser().is_file():
-        raise StudyError(f"--weights {o['weights']} is not a file; pass imagenet, none, or the path of a saved VGG16 "
-                         f"state_dict")
-
-
 def load(options: dict) -> dict:
     """Memory maps of the three splits (x uint8 (N, 96, 96, 3), y uint8; the Kaggle test split has no labels).
-    The driver calls it first, before Ray starts: the options are checked here."""
+    The driver calls it first, before Ray starts (python -m study.pcam checks the options earlier still)."""
     check_options(options)
     files = pcam_data.locate(data_folder(options))
     pcam_data.verify(files)
@@ -146,17 +128,5 @@ workload = Workload(
                   seeds=[0], momentum=0.9, eval_batch_size=512, amp="on"),
     smoke=dict(batch_sizes=[8], optimizers=["sgd"], lrs=[0.01], epochs=2, seeds=[0], eval_batch_size=32,
                noise_every=1, options={"synthetic": True, "weights": "none"}),
-    options=(Option("data_dir", str, "", "official PCam HDF5 files, or the Kaggle layout (train/, train_labels.csv)"),
-             Option("download", bool, False, "fetch PCam through torchvision into --data-dir"),
-             Option("prepared_dir", str, "", "where Kaggle data is converted to HDF5 (default DATA_DIR/prepared-h5)"),
-             Option("val_fraction", float, 0.2, "Kaggle data: validation share"),
-             Option("split_seed", int, 0, "Kaggle data: seed of the stratified split"),
-             Option("train_limit", int, 0, "use only the first N training patches (0: all)"),
-             Option("synthetic", bool, False, "a generated PCam-like set (what --smoke uses)"),
-             Option("weights", str, "imagenet", "imagenet (torchvision's cache), none (random init) or a state_dict"),
-             Option("freeze_blocks", int, 2, "VGG16 conv blocks kept frozen"),
-             Option("no_flip", bool, False, "no random horizontal and vertical flips"),
-             Option("no_rot90", bool, False, "no random 90-degree rotations"),
-             Option("zoom", float, 0.1, "random zoom up to this fraction (0 disables)"),
-             Option("brightness", float, 0.1, "random brightness up to this fraction")),
+    options=OPTIONS,
 )
