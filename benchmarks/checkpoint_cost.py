@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from benchmarks.mnist_trial import device_name  # noqa: E402
 from benchmarks.pcam_train import write_random_set  # noqa: E402
 from study import metrics as M  # noqa: E402
-from study.engine.config import PcamConfig  # noqa: E402
+from study.pcam import stored  # noqa: E402
 from study.engine.memory import configure_cuda  # noqa: E402
 from study.pcam.trainable import run_pcam  # noqa: E402
 
@@ -40,8 +40,8 @@ def folder_bytes(folder: Path) -> int:
 
 def measure(optimizer: str, args, data_dir: str, device: torch.device, storage: Path) -> dict:
     """One trial: per epoch the checkpoint's seconds (save, persist) and size, and the trial's images/s."""
-    cfg = PcamConfig(batch_size=args.batch_size, optimizer=optimizer, lr=1e-4, epochs=args.epochs,
-                     data_dir=data_dir, weights="none")
+    cfg = stored.train_config(dict(batch_size=args.batch_size, optimizer=optimizer, lr=1e-4, epochs=args.epochs,
+                                   data_dir=data_dir, weights="none"))  # a study.pcam trial's stored layout
     configure_cuda(device, tf32=cfg.tf32, benchmark=True)
     rows = []
 

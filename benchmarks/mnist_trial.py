@@ -37,7 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from study import metrics as M  # noqa: E402
 from study.mnist import trainable as trainables  # noqa: E402
-from study.engine.config import MNIST_TARGETS, MnistConfig  # noqa: E402
+from study.engine.config import TrainConfig  # noqa: E402
+from study.mnist import stored  # noqa: E402
+from study.mnist.workload import TARGETS  # noqa: E402
 from study.data import mnist as mnist_data  # noqa: E402
 from study.errors import StudyError  # noqa: E402
 from study.mnist.model import RegressionCNN  # noqa: E402
@@ -91,7 +93,7 @@ def warm_up(device: torch.device, batch_size: int) -> None:
     sync(device)
 
 
-def run_classic(cfg: MnistConfig, train_x, train_t, test_x, test_t, device, workers: int) -> dict:
+def run_classic(cfg: TrainConfig, train_x, train_t, test_x, test_t, device, workers: int) -> dict:
     """The baseline trial: per-epoch training seconds and mean losses, the test MSE after training (untimed)."""
     torch.manual_seed(cfg.seed)  # what RegressionCNN's init and the DataLoader's shuffle draw from
     model = RegressionCNN().to(device)
@@ -127,7 +129,7 @@ def run_classic(cfg: MnistConfig, train_x, train_t, test_x, test_t, device, work
             "initial": initial}
 
 
-def run_project(cfg: MnistConfig, data: dict, device, compile_model: bool = False) -> dict:
+def run_project(cfg: TrainConfig, data: dict, device, compile_model: bool = False) -> dict:
     """run_mnist with a collecting report; also records where its batches live and the process CPU time of each
     training epoch (from the first batch drawn to the last: the span fit times, without its CUDA syncs)."""
     rows, stamps, seen, cpu_seconds = [], [], {}, []
@@ -212,7 +214,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--target", choices=MNIST_TARGETS, default="mean")
+    p.add_argument("--target", choices=TARGETS, default="mean")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=None, help="default: the batch size (the sweep's seed for run 0)")
     p.add_argument("--train-limit", type=int, default=None,
@@ -251,17 +253,18 @@ def main(argv=None) -> int:
         return 2
     if device.type == "cpu":
         torch.set_num_threads(args.threads or os.cpu_count())  # both ways get the same cores: the same footing
-    cfg = MnistConfig(target=args.target, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
-                      seed=args.batch_size if args.seed is None else args.seed, noise_scale=args.noise_scale == "on")
-    train_t, test_t = mnist_data.targets(train_x, cfg.target), mnist_data.targets(test_x, cfg.target)
-    data = {"train_x": train_x, "test_x": test_x, "targets": {cfg.target: (train_t, test_t)}}
+    cfg = stored.train_config(dict(target=args.target, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
+                                   seed=args.batch_size if args.seed is None else args.seed,
+                                   noise_scale=args.noise_scale == "on"))  # a study.mnist trial's stored layout
+    train_t, test_t = mnist_data.targets(train_x, args.target), mnist_data.targets(test_x, args.target)
+    data = {"train_x": train_x, "test_x": test_x, "targets": {args.target: (train_t, test_t)}}
 
     print("MNIST regression trial: project (study.mnist.trainable.run_mnist) vs classic (per-item Dataset + DataLoader)")
     print(f"date {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}  torch {torch.__version__}  "
           f"python {platform.python_version()}")
     print(f"device {device.type}: {device_name(device)}  torch threads {torch.get_num_threads()} "
           f"(os.cpu_count {os.cpu_count()})  load average before {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    print(f"data: {source}, {len(train_x)} train / {len(test_x)} test images; target {cfg.target}, batch "
+    print(f"data: {source}, {len(train_x)} train / {len(test_x)} test images; target {args.target}, batch "
           f"{cfg.batch_size}, epochs {cfg.epochs}, lr {cfg.lr:g}, seed {cfg.seed}, repeats {args.repeats}")
     print(f"classic: DataLoader(shuffle=True, num_workers={args.workers}, pin_memory=False), torch.optim.Adam "
           f"(default implementation), loss.item() per step;  project: noise scale {args.noise_scale}")

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks.mnist_trial import device_name  # noqa: E402
 from study.pcam.augment import to_input  # noqa: E402
-from study.engine.config import NOISE_EVERY, PCAM_BATCH_SIZES  # noqa: E402
+from study.engine.config import NOISE_EVERY  # noqa: E402
+from study.pcam.workload import BATCH_SIZES as PCAM_BATCH_SIZES  # noqa: E402
 from study.mnist.workload import BATCH_SIZES as MNIST_BATCH_SIZES  # noqa: E402
 from study.mnist.model import RegressionCNN  # noqa: E402
 from study.pcam.model import VGG16Patches  # noqa: E402

@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks.pcam_pipeline import per_item_transform, torchvision_root, write_random_split  # noqa: E402
 from study import metrics as M  # noqa: E402
-from study.engine.config import PcamConfig  # noqa: E402
+from study.pcam import stored  # noqa: E402
 from study.pcam import data as pcam  # noqa: E402
 from study.engine.memory import CUDA_CONTEXT_BYTES  # noqa: E402
 from study.engine.train import sync  # noqa: E402
@@ -115,8 +115,8 @@ def project_trial(args, data_dir: str, device: torch.device, share: float, batch
     from study.engine.memory import cap_memory, configure_cuda
     from study.pcam.trainable import run_pcam
 
-    cfg = PcamConfig(batch_size=batch_size, optimizer="sgd", lr=args.lr, epochs=epochs, data_dir=data_dir,
-                     weights="none", train_limit=args.limit)
+    cfg = stored.train_config(dict(batch_size=batch_size, optimizer="sgd", lr=args.lr, epochs=epochs,
+                                   data_dir=data_dir, weights="none", train_limit=args.limit))
     configure_cuda(device, tf32=cfg.tf32, benchmark=True)  # as train_pcam sets up a trial
     budget = cap_memory(device, share)
     seen = []

@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks.mnist_trial import device_name, load_data  # noqa: E402
 from study import metrics as M  # noqa: E402
-from study.engine.config import MNIST_TARGETS, MnistConfig  # noqa: E402
+from study.mnist import stored  # noqa: E402
+from study.mnist.workload import TARGETS  # noqa: E402
 from study.data import mnist as mnist_data  # noqa: E402
 from study.engine.memory import configure_cuda  # noqa: E402
 from study.mnist.trainable import run_mnist  # noqa: E402
@@ -29,7 +30,7 @@ from study.mnist.trainable import run_mnist  # noqa: E402
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-dir")
-    p.add_argument("--target", choices=MNIST_TARGETS, default="var")
+    p.add_argument("--target", choices=TARGETS, default="var")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--train-limit", type=int, default=20_000)
@@ -49,8 +50,8 @@ def main(argv=None) -> int:
           f"images, target {args.target}, batch {args.batch_size}, {args.epochs} epochs")
     mse = {}
     for tf32 in (False, True):
-        cfg = MnistConfig(target=args.target, batch_size=args.batch_size, epochs=args.epochs, seed=args.batch_size,
-                          tf32=tf32)
+        cfg = stored.train_config(dict(target=args.target, batch_size=args.batch_size, epochs=args.epochs,
+                                       seed=args.batch_size, tf32=tf32))
         configure_cuda(device, tf32=tf32, benchmark=False)  # as train_mnist sets up a trial
         rows = []
         run_mnist(cfg, data, device, lambda metrics, state: rows.append(metrics))

@@ -13,11 +13,17 @@ from study import metrics as M
 from study.engine import bridge
 from study.pcam import trainable as trainables
 from study.pcam.augment import to_input
-from study.engine.config import PcamConfig
+from study.pcam import stored
 from study.pcam import data as pcam_data
 from study.pcam.model import VGG16Patches
 from study.engine.train import make_optimizer
 from study.pcam.model import eval_logits
+
+
+def pcam_config(**values):
+    """A trial of python -m study.pcam, given in its stored layout (the layout's defaults for the rest)."""
+    return stored.train_config(values)
+
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.py)")]
@@ -112,7 +118,7 @@ def test_evaluation_logits_are_fp32_on_the_gpu():
 
 @pytest.mark.parametrize("packed", [False, True])  # the splits uploaded whole / pinned host batches streamed
 def test_a_resumed_gpu_trial_continues_with_the_same_dropout(tiny_pcam, packed):
-    cfg = PcamConfig(data_dir=str(tiny_pcam), weights="none", epochs=2, batch_size=16, lr=0.01, eval_batch_size=32)
+    cfg = pcam_config(data_dir=str(tiny_pcam), weights="none", epochs=2, batch_size=16, lr=0.01, eval_batch_size=32)
     # Deterministic kernels, so the only way a resumed run could differ is a random stream it did not restore.
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
     try:

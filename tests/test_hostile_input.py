@@ -21,12 +21,17 @@ from study.mnist import command as mnist_cli
 from study.pcam import command as pcam_cli
 
 from study.pcam import trainable as pcam_trainable
-from study.engine.config import PcamConfig
+from study.pcam import stored
 from study.pcam import kaggle
 from study.pcam import data as pcam_data
 from study.data.locks import step_lock
 from study.errors import StudyError
 from tests.test_kaggle import make_folder
+
+
+def pcam_config(**values):
+    """A trial of python -m study.pcam, given in its stored layout (the layout's defaults for the rest)."""
+    return stored.train_config(values)
 
 
 @pytest.fixture(autouse=True)
@@ -227,7 +232,7 @@ def test_pcam_download_decompress_and_convert_leave_no_lock_file(monkeypatch, tm
     fetched = []
     monkeypatch.setattr(pcam_data, "download", lambda root: fetched.append(root) or
                         _fetch_gzipped_pcam_with_a_chunked_train_x(root))
-    cfg = PcamConfig(data_dir=str(tmp_path / "data"), download=True)
+    cfg = pcam_config(data_dir=str(tmp_path / "data"), download=True)
     files = pcam_trainable.locate_or_fetch(cfg)
     x, y = pcam_data.load_split(*files["train"])
     assert len(fetched) == 1 and x.shape == (8, 96, 96, 3) and len(y) == 8

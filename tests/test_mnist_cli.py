@@ -30,7 +30,7 @@ def run(capsys, store, *argv):
     (["--smoke", "--batch-sizes", "100000"], "batch size 100000 is outside"),
     (["--smoke", "--lr", "0"], "positive"),
     (["--smoke", "--lr-grid", "-0.001"], "positive"),
-    (["--smoke", "--targets", "mode"], "unknown target 'mode'"),
+    (["--smoke", "--targets", "mode"], "option target must be one of mean, median, std, var, got 'mode'"),
     (["--smoke", "--optimizer", "rmsprop"], "unknown optimizer 'rmsprop'"),
     (["--smoke", "--targets"], "empty grid"),
     (["--smoke", "--val-size", "0"], "--val-size must be in 1..511"),

@@ -41,8 +41,11 @@ def test_splits_hold_out_the_same_images_and_scale_like_the_original():
                                    dict(OPTIONS, target="var", input_scale="unit", target_scale="unit"))
     assert unit["train"][0].dtype == np.float32 and float(unit["train"][0].max()) <= 1 + 1e-6
     np.testing.assert_array_equal(unit["test"][1], targets[1] * np.float32(1 / 255**2))
-    with pytest.raises(Exception, match="unknown target_scale 'big'"):
-        mnist_regression.splits(data.train_x, data.test_x, targets, dict(OPTIONS, target_scale="big"))
+    # splits takes checked options: the workload's options refuse a scale or target it does not know
+    with pytest.raises(Exception, match="option target_scale must be one of raw, unit, got 'big'"):
+        mnist_regression.workload.option_values(dict(OPTIONS, target_scale="big"))
+    with pytest.raises(Exception, match="option target must be one of mean, median, std, var, got 'mode'"):
+        mnist_regression.workload.option_values(dict(OPTIONS, target="mode"))
 
 
 def test_lr_search_flag_only_for_a_workload_that_declares_it(capsys):

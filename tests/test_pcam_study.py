@@ -18,13 +18,18 @@ from sklearn.metrics import roc_auc_score
 from analysis import report as analysis_report
 from study import metrics as M
 from study.pcam import command as cli
-from study.engine.config import PcamConfig
+from study.pcam import stored
 from study.pcam import data as pcam_data
 from study.errors import StudyError
 from study.pcam.model import VGG16_BLOCK_ENDS, VGG16Patches, vgg16_features_state
 from study.pcam.trainable import auc, bce, run_pcam
 from tests.conftest import SHARED_KAGGLE
 from tests.tensorboard_checks import check_study
+
+
+def pcam_config(**values):
+    """A trial of python -m study.pcam, given in its stored layout (the layout's defaults for the rest)."""
+    return stored.train_config(values)
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +53,13 @@ def test_bce_hand_checked():
 
 @pytest.mark.slow  # trains VGG16 on CPU
 def test_frozen_blocks_receive_no_updates(tiny_pcam):
-    cfg = PcamConfig(data_dir=str(tiny_pcam), weights="none", epochs=1, batch_size=8, lr=0.05, eval_batch_size=8)
+    cfg = pcam_config(data_dir=str(tiny_pcam), weights="none", epochs=1, batch_size=8, lr=0.05, eval_batch_size=8)
     torch.manual_seed(cfg.seed)
-    before = VGG16Patches(None, cfg.freeze_blocks).state_dict()  # the same init run_pcam draws for this seed
+    before = VGG16Patches(None, cfg.options["freeze_blocks"]).state_dict()  # the same init run_pcam draws for this seed
     rows, states = [], []
     run_pcam(cfg, None, torch.device("cpu"), lambda m, s, f: (rows.append(m), states.append(s)))
     after = states[-1]["model"]
-    frozen = VGG16_BLOCK_ENDS[cfg.freeze_blocks - 1]
+    frozen = VGG16_BLOCK_ENDS[cfg.options["freeze_blocks"] - 1]
     for name, value in after.items():
         layer = int(name.split(".")[1]) if name.startswith("features.") else None
         if layer is not None and layer < frozen:
@@ -212,7 +217,7 @@ def test_a_node_without_the_files_fetches_them_once(tmp_path, monkeypatch, tiny_
         return root / "pcam"
 
     monkeypatch.setattr(pcam_data, "download", fake_download)
-    cfg = PcamConfig(data_dir=str(tmp_path / "node-local"), download=True)
+    cfg = pcam_config(data_dir=str(tmp_path / "node-local"), download=True)
     found = []
     threads = [threading.Thread(target=lambda: found.append(locate_or_fetch(cfg))) for _ in range(4)]
     for t in threads:
@@ -221,7 +226,7 @@ def test_a_node_without_the_files_fetches_them_once(tmp_path, monkeypatch, tiny_
         t.join()
     assert len(calls) == 1 and len(found) == 4 and all(f == found[0] for f in found)
     with pytest.raises(StudyError, match="does not exist"):
-        locate_or_fetch(PcamConfig(data_dir=str(tmp_path / "elsewhere"), download=False))
+        locate_or_fetch(pcam_config(data_dir=str(tmp_path / "elsewhere"), download=False))
 
 
 def test_download_uses_files_already_there(tmp_path, monkeypatch, tiny_pcam):
@@ -236,7 +241,7 @@ def test_download_uses_files_already_there(tmp_path, monkeypatch, tiny_pcam):
 
 @pytest.mark.slow  # trains VGG16 on CPU, three times
 def test_resumed_from_a_checkpoint_ends_exactly_like_an_uninterrupted_run(tiny_pcam):
-    cfg = PcamConfig(data_dir=str(tiny_pcam), weights="none", epochs=2, batch_size=8, lr=0.01, eval_batch_size=8)
+    cfg = pcam_config(data_dir=str(tiny_pcam), weights="none", epochs=2, batch_size=8, lr=0.01, eval_batch_size=8)
     cpu = torch.device("cpu")
     full = []
     run_pcam(cfg, None, cpu, lambda m, s, f: full.append(m))

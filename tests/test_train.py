@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from study import metrics as M
-from study.engine.config import MnistConfig
+from study.mnist.stored import train_config
 from study.data import mnist
 from study.mnist.model import RegressionCNN
 from study.mnist.trainable import run_mnist
@@ -15,6 +15,11 @@ from study.engine.loop import fit
 from study.engine.train import DeviceBatches, epoch_generator, make_optimizer
 
 CPU = torch.device("cpu")
+
+
+def paper_config(**stored):
+    """A trial of python -m study.mnist, given in its stored layout (the layout's defaults for the rest)."""
+    return train_config(stored)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +66,7 @@ def test_device_batches_cover_every_image_once():
 
 
 def test_epochs_reported_from_zero_and_loss_falls(data):
-    cfg = MnistConfig(target="mean", lr=1e-3, batch_size=32, epochs=3, val_size=128, seed=5)
+    cfg = paper_config(target="mean", lr=1e-3, batch_size=32, epochs=3, val_size=128, seed=5)
     rows, _ = collect(cfg, data)
     assert [r[M.EPOCH] for r in rows] == [0, 1, 2, 3]
     assert math.isnan(rows[0][M.TRAIN_LOSS]) and rows[-1][M.STATUS] == M.STATUS_DONE
@@ -71,17 +76,17 @@ def test_epochs_reported_from_zero_and_loss_falls(data):
 
 
 def test_same_seed_same_metrics_other_seed_not(data):
-    cfg = MnistConfig(target="var", lr=1e-3, batch_size=64, epochs=2, seed=7)
+    cfg = paper_config(target="var", lr=1e-3, batch_size=64, epochs=2, seed=7)
     first, _ = collect(cfg, data)
     second, _ = collect(cfg, data)
     keys = (M.TRAIN_LOSS, M.TEST_MSE, M.NOISE_SCALE)
     assert [[r[k] for k in keys] for r in first[1:]] == [[r[k] for k in keys] for r in second[1:]]
-    other, _ = collect(MnistConfig(target="var", lr=1e-3, batch_size=64, epochs=2, seed=8), data)
+    other, _ = collect(paper_config(target="var", lr=1e-3, batch_size=64, epochs=2, seed=8), data)
     assert other[-1][M.TEST_MSE] != first[-1][M.TEST_MSE]
 
 
 def test_resume_from_a_checkpoint_ends_exactly_like_an_uninterrupted_run(data):
-    cfg = MnistConfig(target="mean", lr=1e-3, batch_size=16, epochs=3, seed=11, val_size=64)
+    cfg = paper_config(target="mean", lr=1e-3, batch_size=16, epochs=3, seed=11, val_size=64)
     full, _ = collect(cfg, data)
     crashed, states = collect(cfg, data, stop_after=1)
     # what a checkpoint round trip does to the state
@@ -93,7 +98,7 @@ def test_resume_from_a_checkpoint_ends_exactly_like_an_uninterrupted_run(data):
 
 
 def test_resume_from_epoch_0_reports_each_epoch_once(data):
-    cfg = MnistConfig(target="mean", lr=1e-3, batch_size=64, epochs=2, seed=5)
+    cfg = paper_config(target="mean", lr=1e-3, batch_size=64, epochs=2, seed=5)
     full, _ = collect(cfg, data)
     crashed, states = collect(cfg, data, stop_after=0)
     resumed, _ = collect(cfg, data, start=torch.load(_save(states[-1]), weights_only=True))
@@ -111,7 +116,7 @@ def _save(state):
 
 
 def test_nan_loss_ends_the_trial_marked_diverged(data):
-    cfg = MnistConfig(target="var", lr=10.0, optimizer="sgd", batch_size=32, epochs=5)
+    cfg = paper_config(target="var", lr=10.0, optimizer="sgd", batch_size=32, epochs=5)
     rows, _ = collect(cfg, data)
     assert rows[-1][M.DIVERGED] and rows[-1][M.STATUS] == M.STATUS_DIVERGED
     assert len(rows) < 6  # stopped at the first diverged epoch
@@ -122,7 +127,7 @@ def test_a_diverged_epoch_is_never_the_best_model():
     # NaN weights can still score (e.g. accuracy = the share of one class): selection must skip diverged epochs.
     model = torch.nn.Linear(4, 1)
     x, y = torch.randn(64, 4), torch.randn(64)
-    cfg = MnistConfig(target="mean", lr=1.0, optimizer="sgd", batch_size=16, epochs=3, noise_scale=False)
+    cfg = paper_config(target="mean", lr=1.0, optimizer="sgd", batch_size=16, epochs=3, noise_scale=False)
     loss_fn = lambda out, target: torch.nn.functional.mse_loss(out.squeeze(1), target) * torch.nan  # noqa: E731
     seen = []
     state = fit(model, make_optimizer("sgd", model.parameters(), 1.0, 0.0, torch.device("cpu")),
@@ -134,14 +139,14 @@ def test_a_diverged_epoch_is_never_the_best_model():
 
 
 def test_noise_scale_off_reports_nan(data):
-    rows, _ = collect(MnistConfig(target="mean", lr=1e-3, batch_size=64, epochs=1, noise_scale=False), data)
+    rows, _ = collect(paper_config(target="mean", lr=1e-3, batch_size=64, epochs=1, noise_scale=False), data)
     assert all(math.isnan(r[M.NOISE_SCALE]) for r in rows)
 
 
 def test_probing_every_step_trains_the_same_model(data):
     """A probe takes the batch's gradient in micro-batches: the optimizer sees the same gradient (to float rounding)."""
-    probed, _ = collect(MnistConfig(target="mean", lr=1e-3, batch_size=64, epochs=1, noise_every=1), data)
-    plain, _ = collect(MnistConfig(target="mean", lr=1e-3, batch_size=64, epochs=1, noise_scale=False), data)
+    probed, _ = collect(paper_config(target="mean", lr=1e-3, batch_size=64, epochs=1, noise_every=1), data)
+    plain, _ = collect(paper_config(target="mean", lr=1e-3, batch_size=64, epochs=1, noise_scale=False), data)
     assert probed[-1][M.NOISE_PROBES] == 10 and math.isfinite(probed[-1][M.NOISE_SCALE])  # 640 images / 64
     assert probed[-1][M.TEST_MSE] == pytest.approx(plain[-1][M.TEST_MSE], rel=1e-4)
     assert probed[-1][M.TRAIN_LOSS] == pytest.approx(plain[-1][M.TRAIN_LOSS], rel=1e-4)
@@ -169,7 +174,7 @@ def test_probe_seconds_are_kept_out_of_training_seconds(data, monkeypatch):
 
     monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=perf_counter))
     monkeypatch.setattr(NoiseScale, "probe", slow_probe)
-    rows, _ = collect(MnistConfig(target="mean", lr=1e-3, batch_size=64, epochs=2, noise_every=4), data)
+    rows, _ = collect(paper_config(target="mean", lr=1e-3, batch_size=64, epochs=2, noise_every=4), data)
     assert [r[M.NOISE_PROBES] for r in rows] == [0, 3, 3] and rows[0][M.PROBE_SECONDS] == 0.0
     for row in rows[1:]:  # 10 steps, probed at 0, 4 and 8
         assert row[M.PROBE_SECONDS] == pytest.approx(300.0, abs=0.01)
@@ -177,19 +182,19 @@ def test_probe_seconds_are_kept_out_of_training_seconds(data, monkeypatch):
         assert row[M.IMAGES_PER_SECOND] == pytest.approx(640 / row[M.EPOCH_SECONDS])
     assert rows[-1][M.TRAIN_SECONDS] == pytest.approx(sum(r[M.EPOCH_SECONDS] for r in rows))
     monkeypatch.undo()
-    off, _ = collect(MnistConfig(target="mean", lr=1e-3, batch_size=64, epochs=1, noise_scale=False), data)
+    off, _ = collect(paper_config(target="mean", lr=1e-3, batch_size=64, epochs=1, noise_scale=False), data)
     assert off[-1][M.PROBE_SECONDS] == 0.0
 
 
 def test_unit_scales(data):
-    cfg = MnistConfig(target="var", lr=1e-3, batch_size=64, epochs=1, input_scale="unit", target_scale="unit")
+    cfg = paper_config(target="var", lr=1e-3, batch_size=64, epochs=1, input_scale="unit", target_scale="unit")
     rows, _ = collect(cfg, data)
-    raw, _ = collect(MnistConfig(target="var", lr=1e-3, batch_size=64, epochs=1), data)
+    raw, _ = collect(paper_config(target="var", lr=1e-3, batch_size=64, epochs=1), data)
     assert rows[0][M.TEST_MSE] < 1 < raw[0][M.TEST_MSE]  # variance on 0..1 is below 1/4, on 0..255 thousands
 
 
 def test_lr_scaling_and_warmup_reach_the_optimizer(data):
-    cfg = MnistConfig(target="mean", lr=1e-3, batch_size=128, epochs=2, lr_scaling="linear",
+    cfg = paper_config(target="mean", lr=1e-3, batch_size=128, epochs=2, lr_scaling="linear",
                       lr_reference_batch=32, warmup_epochs=1.0)
     rows, _ = collect(cfg, data)
     assert rows[0][M.LR] == pytest.approx(4e-3 / 5)  # 640 images / 128 = 5 warmup steps; step 0 at 1/5

@@ -78,7 +78,7 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
     at = list(eval_steps) if eval_steps is not None else [e * steps_per_epoch for e in range(1, cfg.epochs + 1)]
     base_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_reference_batch, cfg.lr_scaling)
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    schedule, final = getattr(cfg, "schedule", "constant"), getattr(cfg, "final_lr_factor", 1.0)
+    schedule, final = cfg.schedule, cfg.final_lr_factor
     noise = NoiseScale(model, cfg.noise_every, seed=cfg.seed) if cfg.noise_scale else None  # the model: its BN layers
     clock = ProbeClock(device)
     state = {"epoch": epoch_of(0, steps_per_epoch, eval_steps), "step": 0, "train_seconds": 0.0,

@@ -10,6 +10,7 @@ the one driver (study.commands.driver) runs them.
 """
 
 import argparse
+import dataclasses
 import math
 import sys
 
@@ -20,16 +21,17 @@ from study.commands import driver
 from study.commands import flags
 from study import metrics as M
 from study.commands.console import StudyConsole
-from study.engine.config import MNIST_TARGETS, NOISE_EVERY, OPTIMIZERS, MnistConfig
+from study.engine.config import NOISE_EVERY, TRAIN_OPTIMIZERS, TrainConfig
 from study.data import mnist as mnist_data
 from study.errors import StudyError
 from study.engine.lr_scaling import scaling_rules
 from study.commands.lr_search import best as best_trial
 from study.commands.tensorboard import RunName, StudyTensorBoard, write_experiment
+from study.mnist import stored
 from study.mnist.trainable import train_mnist
 from study.commands.study_folder import default_name
 from study.commands.tuning import add_common_args, check_common_args, grid_axis
-from study.mnist.workload import read, workload
+from study.mnist.workload import TARGETS, read, workload
 
 SEARCH = workload.stages["lr_search"]  # the learning-rate search stage the workload declares
 OPTIONS = {o.name: o for o in workload.options}
@@ -48,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     flags.add_options(p, workload, ("train_limit", "test_limit"), group=data)
     grid = p.add_argument_group("grid (defaults: the original study)")
     # The original's own flags: the learning-rate search stage per target, and one optimizer.
-    grid.add_argument("--targets", nargs="+", default=None, help=f"of {', '.join(MNIST_TARGETS)} (default all)")
+    grid.add_argument("--targets", nargs="+", default=None, help=f"of {', '.join(TARGETS)} (default all)")
     grid.add_argument("--lr", type=float, default=None, help="use this learning rate for every target; skips stage 1")
     grid.add_argument("--lr-grid", type=float, nargs="+", default=None, help="stage 1 coarse grid")
     grid.add_argument("--fine-factors", type=float, nargs="+", default=None, help="stage 1 fine grid, x best lr")
@@ -56,7 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help=f"stage 1 batch size (default {SEARCH['batch_size']}, the original's)")
     grid.add_argument("--select-on", choices=("val", "test"), default="val",
                       help="stage 1 selects on the validation split (default) or, as the original, the test set")
-    grid.add_argument("--optimizer", default=workload.defaults["optimizers"][0], help=f"one of {', '.join(OPTIMIZERS)}")
+    grid.add_argument("--optimizer", default=workload.defaults["optimizers"][0],
+                      help=f"one of {', '.join(TRAIN_OPTIMIZERS)}")
     flags.add_options(p, workload, ("val_size",), group=grid)
     flags.add(grid, "batch_sizes", "runs", "epochs", help=dict(
         batch_sizes="stage 2 batch sizes",
@@ -71,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                      "square root; several rules are a grid axis (same seeds)"})
     add_common_args(p, gpus_per_trial=0.125)
     args = p.parse_args(argv)
-    defaults = dict(targets=list(MNIST_TARGETS), lr_grid=list(SEARCH["lr_grid"]),
+    defaults = dict(targets=list(TARGETS), lr_grid=list(SEARCH["lr_grid"]),
                     fine_factors=list(SEARCH["fine_factors"]), batch_sizes=list(workload.defaults["batch_sizes"]),
                     runs=len(workload.defaults["seeds"]), epochs=workload.defaults["epochs"],
                     val_size=OPTIONS["val_size"].default, train_limit=0, test_limit=0)
@@ -110,11 +113,6 @@ def check_grid(args, n_train: int) -> None:
     range."""
     if not args.targets or not args.batch_sizes or (args.lr is None and not (args.lr_grid and args.fine_factors)):
         raise StudyError("empty grid: --targets, --batch-sizes, --lr-grid and --fine-factors need at least one value")
-    for t in args.targets:
-        if t not in MNIST_TARGETS:
-            raise StudyError(f"unknown target {t!r}; choose from {', '.join(MNIST_TARGETS)}")
-    if args.optimizer not in OPTIMIZERS:
-        raise StudyError(f"unknown optimizer {args.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
     rates = ([args.lr] if args.lr is not None else list(args.lr_grid)) + list(args.fine_factors or [])
     for value in rates:
         if not (math.isfinite(value) and value > 0):
@@ -135,11 +133,13 @@ def load_data(args) -> tuple[mnist_data.Mnist, str]:
     return read(options), "synthetic digits (built-in)" if args.smoke else args.data_dir
 
 
-def trial_base(args, version: str) -> dict:
-    """Every config key of a trial (so each trial stores its full config), with what this study sets."""
-    return dict(MnistConfig().to_dict(), epochs=args.epochs, optimizer=args.optimizer, momentum=args.momentum,
-                input_scale=args.input_scale, target_scale=args.target_scale, noise_scale=args.noise_scale == "on",
-                tf32=getattr(args, "tf32", False), noise_every=args.noise_every, code_version=version)
+def trial_base(args, version: str) -> TrainConfig:
+    """What every trial of the study shares; each stage sets its grid on top, in the stored layout
+    (study.mnist.stored), so each trial stores its full config."""
+    return stored.train_config(dict(
+        epochs=args.epochs, optimizer=args.optimizer, momentum=args.momentum, input_scale=args.input_scale,
+        target_scale=args.target_scale, noise_scale=args.noise_scale == "on", tf32=getattr(args, "tf32", False),
+        noise_every=args.noise_every, code_version=version))
 
 
 def choose_lr(results, select_on: str) -> dict:
@@ -209,9 +209,12 @@ class MnistCommand(driver.Command):
         check_flags(args)
         self.data, self.source = load_data(args)
         check_grid(args, len(self.data.train_x))
-        for rule in scaling_rules(args.lr_scaling):  # every other flag, before Ray starts
-            MnistConfig.from_dict(dict(trial_base(args, ""), lr_scaling=rule, warmup_epochs=args.warmup_epochs,
-                                       lr_reference_batch=args.lr_reference_batch))
+        base = trial_base(args, "")  # every other flag, before Ray starts: TrainConfig's and the workload's checks
+        for target in args.targets:
+            workload.option_values(dict(base.options, target=target))
+        for rule in scaling_rules(args.lr_scaling):
+            dataclasses.replace(base, lr_scaling=rule, warmup_epochs=args.warmup_epochs,
+                                lr_reference_batch=args.lr_reference_batch)
 
     def record(self, study) -> dict:
         return dict(super().record(study), data={"source": self.source, "n_train": len(self.data.train_x),
@@ -227,7 +230,7 @@ class MnistCommand(driver.Command):
 
     def stages(self, study):
         args, folder = study.args, study.folder
-        base = trial_base(args, study.version)
+        base = stored.stored_config(trial_base(args, study.version))
         if args.lr is not None:
             chosen = {t: {"lr": args.lr, "selected_on": "--lr"} for t in args.targets}
         elif args.resume and folder.has(M.CHOSEN_FILE):

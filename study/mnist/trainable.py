@@ -13,30 +13,31 @@ import numpy as np
 import torch
 
 from study.engine.bridge import load_start, reporter, trial_device, trial_entry
-from study.engine.config import MnistConfig
+from study.engine.config import TrainConfig
 from study.engine.loop import fit
 from study.engine.train import DeviceBatches, make_optimizer, predict, seed_everything
+from study.mnist import stored
 from study.mnist import workload as regression
 
 
 @trial_entry
 def train_mnist(config: dict, data: dict) -> None:
-    """One trial of the MNIST regression study (study.mnist), as Tune runs it."""
-    cfg = MnistConfig.from_dict(config)
+    """One trial of the MNIST regression study (study.mnist), as Tune runs it: config is the study's stored layout
+    (study.mnist.stored), of today or of an earlier version."""
+    cfg = stored.train_config(config)
     trial = trial_device(tf32=cfg.tf32, benchmark=False)  # benchmark off: the last batch of an epoch is smaller
     run_mnist(cfg, data, trial.device, reporter(trial.placement), load_start())
 
 
-def run_mnist(cfg: MnistConfig, data: dict, device: torch.device, report, start: dict | None = None) -> dict:
-    """The trial without Ray (the tests call it directly), built from the mnist-regression workload. data:
+def run_mnist(cfg: TrainConfig, data: dict, device: torch.device, report, start: dict | None = None) -> dict:
+    """The trial without Ray (the tests call it directly): cfg of the mnist-regression workload. data:
     train_x/test_x (N,28,28) uint8 and targets[target] -> (train values, test values) on the 0..255 scale.
-    Unlike a workload study's trial (study.engine.run_workload), the test split is scored every epoch (the report's curves)
-    and a val_size of 0 trains on every image (val_mse NaN), as the study did before the workload redesign."""
+    Unlike a workload study's trial (study.engine.run_workload), the test split is scored every epoch (the report's
+    curves) and a val_size of 0 trains on every image (val_mse NaN), as the study did before the workload redesign."""
     seed_everything(cfg.seed)
     workload = regression.workload
-    options = {"target": cfg.target, "input_scale": cfg.input_scale, "target_scale": cfg.target_scale,
-               "val_size": cfg.val_size}
-    splits = regression.splits(data["train_x"], data["test_x"], data["targets"][cfg.target], options)
+    options = workload.option_values(cfg.options)
+    splits = regression.splits(data["train_x"], data["test_x"], data["targets"][options["target"]], options)
     # Onto the device and prepared (uint8 -> float) once per trial: MNIST is small, and nothing is augmented.
     (train_x, train_y), *scored = (
         (workload.prepare(torch.from_numpy(np.array(x)).to(device)), torch.from_numpy(np.array(y)).to(device))

@@ -10,9 +10,9 @@ split; a study on Kaggle data writes each trial's submission.csv.
 """
 
 import argparse
+import dataclasses
 import math
 import sys
-from pathlib import Path
 
 from ray import tune
 from ray.tune.search import BasicVariantGenerator
@@ -22,9 +22,10 @@ from study.commands import driver
 from study.commands import flags
 from study import metrics as M
 from study.commands.console import StudyConsole
-from study.engine.config import NOISE_EVERY, OPTIMIZERS, PCAM_BATCH_SIZES, PCAM_LRS, PcamConfig
+from study.engine.config import NOISE_EVERY, TrainConfig
 from study.pcam import kaggle
 from study.pcam import data as pcam_data
+from study.pcam import stored
 from study.errors import StudyError
 from study.engine.lr_scaling import scaling_rules
 from study.pcam.model import vgg16_features_state
@@ -35,6 +36,8 @@ from study.commands.tuning import add_common_args, check_common_args, grid_axis
 from study.pcam import workload as pcam_workload
 
 WORKLOAD = pcam_workload.workload
+LRS = pcam_workload.LRS  # the original's (optimizer, lr) tables: --sgd-lrs and --adam-lrs
+OPTIMIZERS = tuple(LRS)
 
 SMOKE = dict(batch_sizes=[8, 16], optimizers=["sgd", "adam"], sgd_lrs=[0.01], adam_lrs=[1e-4], epochs=2,
              weights="none", eval_batch_size=32, noise_every=1)
@@ -53,8 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     flags.add(grid, "batch_sizes", "optimizers", help={"optimizers": f"of {', '.join(OPTIMIZERS)} (default both)"})
     # The original's own flags: (optimizer, lr) pairs from a table per optimizer, N seeds, amp on by default (its
     # study.json stores no_amp).
-    grid.add_argument("--sgd-lrs", type=float, nargs="+", default=None, help=f"default {PCAM_LRS['sgd']}")
-    grid.add_argument("--adam-lrs", type=float, nargs="+", default=None, help=f"default {PCAM_LRS['adam']}")
+    grid.add_argument("--sgd-lrs", type=float, nargs="+", default=None, help=f"default {LRS['sgd']}")
+    grid.add_argument("--adam-lrs", type=float, nargs="+", default=None, help=f"default {LRS['adam']}")
     grid.add_argument("--seeds", type=int, default=1, help="runs per configuration, seeds 0..N-1 (default 1)")
     grid.add_argument("--amp", dest="no_amp", action=flags.OnOff, on=False, off=True, default=False,
                       help="on CUDA: bf16 autocast (default) or fp32 (--no-amp)")
@@ -69,8 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                    "< 4 %% time; --smoke: 1, its epochs have 3-6 steps)"})
     add_common_args(p, gpus_per_trial=0.25)
     args = p.parse_args(argv)
-    defaults = dict(batch_sizes=list(PCAM_BATCH_SIZES), optimizers=list(OPTIMIZERS), sgd_lrs=list(PCAM_LRS["sgd"]),
-                    adam_lrs=list(PCAM_LRS["adam"]), epochs=55, weights="imagenet", eval_batch_size=512,
+    defaults = dict(batch_sizes=list(pcam_workload.BATCH_SIZES), optimizers=list(OPTIMIZERS), sgd_lrs=list(LRS["sgd"]),
+                    adam_lrs=list(LRS["adam"]), epochs=55, weights="imagenet", eval_batch_size=512,
                     noise_every=NOISE_EVERY)
     for key, value in (SMOKE if args.smoke else defaults).items():
         if getattr(args, key) is None:
@@ -81,12 +84,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def options_of(args) -> dict:
+    """The pcam workload's options these flags give (every one, checked by the workload)."""
+    return WORKLOAD.option_values(dict(
+        synthetic=args.smoke, data_dir=args.data_dir or "", download=bool(args.download),
+        prepared_dir=args.prepared_dir or "", val_fraction=args.val_fraction, split_seed=args.split_seed,
+        train_limit=args.train_limit, weights=args.weights, freeze_blocks=args.freeze_blocks, no_flip=args.no_flip,
+        no_rot90=args.no_rot90, zoom=args.zoom, brightness=args.brightness))
+
+
 def prepare_data(args) -> tuple[str, dict[str, int]]:
     """The folder of the official HDF5 layout the trials read (converted from Kaggle data once), and its sizes."""
-    options = pcam_workload.workload.option_values(dict(
-        synthetic=args.smoke, data_dir=args.data_dir or "", download=bool(args.download),
-        prepared_dir=args.prepared_dir or "", val_fraction=args.val_fraction, split_seed=args.split_seed))
-    folder = pcam_workload.data_folder(options)
+    folder = pcam_workload.data_folder(options_of(args))
     return str(folder), pcam_data.verify(pcam_data.locate(folder))
 
 
@@ -96,17 +105,7 @@ def check_flags(args) -> None:
     check_common_args(args)
     checks.check_lr_flags(args)
     flags.check(args)
-    checks.check_number("--val-fraction", args.val_fraction, 0, 1, low_open=True, high_open=True)
-    checks.check_number("--zoom", args.zoom, 0, 1, high_open=True)
-    checks.check_number("--brightness", args.brightness, 0, 1, high_open=True)
-    for flag in ("--split-seed", "--train-limit"):
-        if getattr(args, flag[2:].replace("-", "_")) < 0:
-            raise StudyError(f"{flag} must be >= 0, got {getattr(args, flag[2:].replace('-', '_'))}")
-    if args.weights not in ("imagenet", "none") and not Path(args.weights).expanduser().is_file():
-        raise StudyError(f"--weights {args.weights} is not a file; pass imagenet, none, or the path of a saved "
-                         f"VGG16 state_dict")
-    if not 0 <= args.freeze_blocks <= 5:
-        raise StudyError(f"--freeze-blocks must be in 0..5 (VGG16 has five conv blocks), got {args.freeze_blocks}")
+    pcam_workload.check_options(options_of(args))  # the workload's own flags: its checks
     for flag in ("--seeds", "--checkpoint-every"):
         if getattr(args, flag[2:].replace("-", "_")) < 1:
             raise StudyError(f"{flag} must be >= 1, got {getattr(args, flag[2:].replace('-', '_'))}")
@@ -157,7 +156,10 @@ class PcamCommand(driver.Command):
         check_flags(args)
         self.data_dir, self.sizes = prepare_data(args)
         check_grid(args, min(self.sizes["train"], args.train_limit or self.sizes["train"]))
-        self.base = config_of(args, self.data_dir, "")  # every flag checked (PcamConfig), before Ray starts
+        base = config_of(args, self.data_dir, "")  # every flag checked (TrainConfig), before Ray starts
+        for o, lr, rule in ((o, lr, r) for o in args.optimizers for lr in lrs_of(args, o)
+                            for r in scaling_rules(args.lr_scaling)):
+            dataclasses.replace(base, optimizer=o, lr=lr, lr_scaling=rule)
         self.features = vgg16_features_state(args.weights)  # before Ray: missing weights fail here, not in every trial
 
     def record(self, study) -> dict:
@@ -173,7 +175,9 @@ class PcamCommand(driver.Command):
         # (optimizer, lr) pairs are not a product, so each pair is one of Tune's points_to_evaluate (one sample per
         # pair, never a random draw); Tune crosses each point with the grid over batch size and seed.
         pairs = [{"optimizer": o, "lr": lr} for o in args.optimizers for lr in lrs_of(args, o)]
-        space = dict(config_of(args, self.data_dir, study.version).to_dict(), optimizer=tune.choice(args.optimizers),
+        space = dict(stored.stored_config(config_of(args, self.data_dir, study.version),
+                                          getattr(args, "checkpoint_every", 1)),
+                     optimizer=tune.choice(args.optimizers),
                      lr=tune.choice(sorted({p["lr"] for p in pairs})))
         space.update(lr_scaling=grid_axis(scaling_rules(args.lr_scaling)),
                      batch_size=tune.grid_search(args.batch_sizes), run=tune.grid_search(list(range(args.seeds))),
@@ -188,15 +192,18 @@ class PcamCommand(driver.Command):
         print_summary(results)
 
 
-def config_of(args, data_dir: str, version: str) -> PcamConfig:
-    return PcamConfig(data_dir=data_dir, download=bool(args.download), momentum=args.momentum, epochs=args.epochs,
-                      weights=args.weights, freeze_blocks=args.freeze_blocks, flip=not args.no_flip,
-                      rot90=not args.no_rot90, zoom=args.zoom, brightness=args.brightness, amp=not args.no_amp,
-                      eval_batch_size=args.eval_batch_size, train_limit=args.train_limit,
-                      noise_scale=args.noise_scale == "on", lr_scaling=scaling_rules(args.lr_scaling)[0],
-                      lr_reference_batch=args.lr_reference_batch, warmup_epochs=args.warmup_epochs,
-                      tf32=getattr(args, "tf32", False), checkpoint_every=getattr(args, "checkpoint_every", 1),
-                      noise_every=args.noise_every, code_version=version)
+def config_of(args, data_dir: str, version: str) -> TrainConfig:
+    """What every trial of the grid shares (its optimizer, lr, batch size and seed are the grid's): stored in the
+    study's layout (study.pcam.stored) as the grid's base."""
+    options = dict(options_of(args), data_dir=data_dir, synthetic=False, prepared_dir="")
+    return TrainConfig(workload=stored.WORKLOAD, stage=stored.STAGE,
+                       options={k: options[k] for k in (*stored.OPTIONS, *stored.INVERTED.values())},
+                       optimizer=stored.DEFAULTS["optimizer"], lr=stored.DEFAULTS["lr"], momentum=args.momentum,
+                       epochs=args.epochs, amp=not args.no_amp,
+                       eval_batch_size=args.eval_batch_size, noise_scale=args.noise_scale == "on",
+                       lr_scaling=scaling_rules(args.lr_scaling)[0], lr_reference_batch=args.lr_reference_batch,
+                       warmup_epochs=args.warmup_epochs, tf32=getattr(args, "tf32", False),
+                       noise_every=args.noise_every, code_version=version)
 
 
 def run(args) -> int:

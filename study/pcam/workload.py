@@ -20,13 +20,15 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from study import metrics as M
 from study.pcam.augment import to_input
-from study.engine.config import PCAM_BATCH_SIZES, PCAM_LRS
 from study.pcam import kaggle
 from study.pcam import data as pcam_data
 from study.errors import StudyError
 from study.pcam.model import VGG16Patches, vgg16_features_state
-from study.workload import Goal, Metric, Option, Workload
+from study.pcam.options import OPTIONS, check_options
+from study.workload import Goal, Metric, Workload
 
+BATCH_SIZES = (32, 64, 128, 256, 512)  # the original's grid
+LRS = {"sgd": (0.002, 0.0002), "adam": (0.001, 0.0001)}  # the original's learning rates per optimizer (its tables)
 SMOKE_SIZES = dict(n_train=48, n_valid=16, n_test=24)
 SMOKE_FOLDER = "batchsize-study-pcam-smoke"  # under the system's temporary folder
 
@@ -52,16 +54,8 @@ def data_folder(options: dict) -> Path:
 
 def load(options: dict) -> dict:
     """Memory maps of the three splits (x uint8 (N, 96, 96, 3), y uint8; the Kaggle test split has no labels).
-    The driver calls it first, before Ray starts: the options are checked here."""
-    o = options
-    allowed = {"zoom": ("in [0, 1)", 0 <= o["zoom"] < 1), "brightness": ("in [0, 1)", 0 <= o["brightness"] < 1),
-               "val_fraction": ("in (0, 1)", 0 < o["val_fraction"] < 1), "train_limit": (">= 0", o["train_limit"] >= 0),
-               "freeze_blocks": ("in 0..5 (VGG16 has five conv blocks)", 0 <= o["freeze_blocks"] <= 5)}
-    for name, (text, ok) in allowed.items():
-        if not ok:
-            raise StudyError(f"--{name.replace('_', '-')} must be {text}, got {o[name]}")
-    if options["weights"] not in ("imagenet", "none") and not Path(options["weights"]).expanduser().is_file():
-        raise StudyError(f"--weights {options['weights']} is not a file; pass imagenet, none or a state_dict's path")
+    The driver calls it first, before Ray starts (python -m study.pcam checks the options earlier still)."""
+    check_options(options)
     files = pcam_data.locate(data_folder(options))
     pcam_data.verify(files)
     splits = {name: pcam_data.load_split(*files[split])
@@ -130,21 +124,9 @@ workload = Workload(
     goals=(Goal("val_auc", 0.90),),  # the steps-to-result goal: our choice, not a paper's (--goal val_auc=VALUE)
     # The grid is a product: the original's SGD half (its Adam rates with --optimizers adam --lrs 0.001 0.0001;
     # python -m study.pcam runs both halves as the original's (optimizer, lr) pairs).
-    defaults=dict(batch_sizes=list(PCAM_BATCH_SIZES), optimizers=["sgd"], lrs=list(PCAM_LRS["sgd"]), epochs=55,
+    defaults=dict(batch_sizes=list(BATCH_SIZES), optimizers=["sgd"], lrs=list(LRS["sgd"]), epochs=55,
                   seeds=[0], momentum=0.9, eval_batch_size=512, amp="on"),
     smoke=dict(batch_sizes=[8], optimizers=["sgd"], lrs=[0.01], epochs=2, seeds=[0], eval_batch_size=32,
                noise_every=1, options={"synthetic": True, "weights": "none"}),
-    options=(Option("data_dir", str, "", "official PCam HDF5 files, or the Kaggle layout (train/, train_labels.csv)"),
-             Option("download", bool, False, "fetch PCam through torchvision into --data-dir"),
-             Option("prepared_dir", str, "", "where Kaggle data is converted to HDF5 (default DATA_DIR/prepared-h5)"),
-             Option("val_fraction", float, 0.2, "Kaggle data: validation share"),
-             Option("split_seed", int, 0, "Kaggle data: seed of the stratified split"),
-             Option("train_limit", int, 0, "use only the first N training patches (0: all)"),
-             Option("synthetic", bool, False, "a generated PCam-like set (what --smoke uses)"),
-             Option("weights", str, "imagenet", "imagenet (torchvision's cache), none (random init) or a state_dict"),
-             Option("freeze_blocks", int, 2, "VGG16 conv blocks kept frozen"),
-             Option("no_flip", bool, False, "no random horizontal and vertical flips"),
-             Option("no_rot90", bool, False, "no random 90-degree rotations"),
-             Option("zoom", float, 0.1, "random zoom up to this fraction (0 disables)"),
-             Option("brightness", float, 0.1, "random brightness up to this fraction")),
+    options=OPTIONS,
 )
