@@ -41,6 +41,7 @@ from study.engine.config import TrainConfig  # noqa: E402
 from study.mnist import stored  # noqa: E402
 from study.mnist.workload import TARGETS  # noqa: E402
 from study.data import mnist as mnist_data  # noqa: E402
+from study.mnist import targets as regression_targets  # noqa: E402
 from study.errors import StudyError  # noqa: E402
 from study.mnist.model import RegressionCNN  # noqa: E402
 
@@ -256,7 +257,7 @@ def main(argv=None) -> int:
     cfg = stored.train_config(dict(target=args.target, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
                                    seed=args.batch_size if args.seed is None else args.seed,
                                    noise_scale=args.noise_scale == "on"))  # a study.mnist trial's stored layout
-    train_t, test_t = mnist_data.targets(train_x, args.target), mnist_data.targets(test_x, args.target)
+    train_t, test_t = regression_targets.targets(train_x, args.target), regression_targets.targets(test_x, args.target)
     data = {"train_x": train_x, "test_x": test_x, "targets": {args.target: (train_t, test_t)}}
 
     print("MNIST regression trial: project (study.mnist.trainable.run_mnist) vs classic (per-item Dataset + DataLoader)")

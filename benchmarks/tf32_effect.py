@@ -22,7 +22,7 @@ from benchmarks.mnist_trial import device_name, load_data  # noqa: E402
 from study import metrics as M  # noqa: E402
 from study.mnist import stored  # noqa: E402
 from study.mnist.workload import TARGETS  # noqa: E402
-from study.data import mnist as mnist_data  # noqa: E402
+from study.mnist import targets as regression_targets  # noqa: E402
 from study.engine.memory import configure_cuda  # noqa: E402
 from study.mnist.trainable import run_mnist  # noqa: E402
 
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     train_x, test_x, source = load_data(argparse.Namespace(data_dir=args.data_dir, train_limit=args.train_limit,
                                                               test_limit=args.test_limit))
-    targets = {args.target: (mnist_data.targets(train_x, args.target), mnist_data.targets(test_x, args.target))}
+    targets = {args.target: tuple(regression_targets.targets(x, args.target) for x in (train_x, test_x))}
     data = {"train_x": train_x, "test_x": test_x, "targets": targets}
     print(f"{device_name(device)}, torch {torch.__version__}; {source}, {len(train_x)} train / {len(test_x)} test "
           f"images, target {args.target}, batch {args.batch_size}, {args.epochs} epochs")

@@ -1,12 +1,13 @@
 """What a study's TensorBoard must show, read through a real server's data API (tests/conftest.py
 `tensorboard_api`): shared by the MNIST and PCam end-to-end tests."""
 
+import importlib
 import json
 import math
 import time
 from pathlib import Path
 
-from study.commands.tensorboard import HPARAMS, KEY_METRICS, SCALARS, applies
+from study.commands.tensorboard import SCALARS, applies
 
 ALL_STATUSES = ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]
 GROUPS = ("train/", "val/", "test/", "time/", "noise/", "system/")
@@ -40,6 +41,8 @@ def number(value) -> float:
 def check_study(api, study: Path, kind: str, expect_diverged: bool) -> dict:
     """Every grid hyperparameter a column, every trial a row with its values and status, key metrics there, a
     diverged trial with no finite key metric, only our grouped scalars. Returns {run name: session group}."""
+    board = importlib.import_module(f"study.{kind}.board")  # the paper's key metrics and hyperparameters
+    HPARAMS, KEY_METRICS = {kind: board.HPARAMS}, {kind: board.KEY_METRICS}
     trials = stored_trials(study)
     groups = {g["sessions"][0]["name"]: g for g in session_groups(api, len(trials))}
     assert set(groups) == set(trials)

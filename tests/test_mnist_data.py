@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from study.data import mnist
+from study.mnist import targets as regression_targets
 from study.errors import StudyError
 
 
@@ -91,14 +92,14 @@ def test_targets_on_known_images():
     img = np.zeros((2, 28, 28), np.uint8)
     img[0, :14] = 255  # half the pixels at 255: mean 127.5, median 127.5, std 127.5, var 16256.25
     img[1, 0, :4] = [10, 20, 30, 40]  # four inked pixels among 784
-    assert mnist.targets(img, "mean").tolist() == pytest.approx([127.5, 100 / 784])
-    assert mnist.targets(img, "median").tolist() == [127.5, 0.0]
-    assert mnist.targets(img, "std")[0] == pytest.approx(127.5)
-    assert mnist.targets(img, "var")[0] == pytest.approx(127.5**2)
+    assert regression_targets.targets(img, "mean").tolist() == pytest.approx([127.5, 100 / 784])
+    assert regression_targets.targets(img, "median").tolist() == [127.5, 0.0]
+    assert regression_targets.targets(img, "std")[0] == pytest.approx(127.5)
+    assert regression_targets.targets(img, "var")[0] == pytest.approx(127.5**2)
     second = np.array([10, 20, 30, 40] + [0] * 780, float)
-    assert mnist.targets(img, "var")[1] == pytest.approx(second.var(), rel=1e-6)
+    assert regression_targets.targets(img, "var")[1] == pytest.approx(second.var(), rel=1e-6)
     with pytest.raises(StudyError):
-        mnist.targets(img, "mode")
+        regression_targets.targets(img, "mode")
 
 
 def test_synthetic_digits_are_deterministic_and_digit_like():
@@ -128,8 +129,8 @@ def test_smoke_digits_go_through_the_idx_reader(tmp_path, monkeypatch):
 
 def test_target_stats_are_box_plot_statistics():
     images = mnist.synthetic(300, 10).train_x
-    stats = mnist.target_stats(images)
-    means = mnist.targets(images, "mean")
+    stats = regression_targets.target_stats(images)
+    means = regression_targets.targets(images, "mean")
     assert stats["mean"]["med"] == pytest.approx(float(np.median(means)), rel=1e-6)
     for s in stats.values():
         assert s["whislo"] <= s["q1"] <= s["med"] <= s["q3"] <= s["whishi"] and s["n"] == 300

@@ -16,6 +16,7 @@ from analysis import report
 from study.__main__ import main
 from study.commands.run_command import parser
 from study.data import mnist as mnist_data
+from study.mnist import targets as regression_targets
 from study.workload import resolve
 from study.mnist import workload as mnist_regression
 
@@ -32,7 +33,7 @@ def test_listed_and_resolved_by_name(capsys):
 
 def test_splits_hold_out_the_same_images_and_scale_like_the_original():
     data = mnist_data.synthetic(400, 50)
-    targets = (mnist_data.targets(data.train_x, "var"), mnist_data.targets(data.test_x, "var"))
+    targets = (regression_targets.targets(data.train_x, "var"), regression_targets.targets(data.test_x, "var"))
     raw = mnist_regression.splits(data.train_x, data.test_x, targets, dict(OPTIONS, target="var"))
     assert raw["train"][0].dtype == np.uint8 and len(raw["train"][0]) == 300 and len(raw["val"][0]) == 100
     order = np.random.default_rng(0).permutation(400)  # the hold-out every study before the rebuild used

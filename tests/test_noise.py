@@ -26,6 +26,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from study.data import mnist
+from study.mnist import targets as regression_targets
 from study.mnist.model import RegressionCNN
 from study.engine.noise import NoiseScale
 
@@ -290,7 +291,7 @@ def test_fast_moving_weights_adam_high_lr_small_cnn(one_thread):
     torch.manual_seed(1)
     digits = mnist.synthetic(256, 0, seed=1)
     x = torch.from_numpy(digits.train_x).float().unsqueeze(1)
-    y = torch.from_numpy(mnist.targets(digits.train_x, "mean")).float()
+    y = torch.from_numpy(regression_targets.targets(digits.train_x, "mean")).float()
     model = RegressionCNN()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.015)
     loss_of = lambda xb, yb: (model(xb) - yb).square().mean()  # noqa: E731

@@ -2,6 +2,7 @@
 with TensorBoard's own event reader. (The HTTP API of a real TensorBoard is checked on the smoke studies in
 test_mnist_study.py and test_pcam_study.py.)"""
 
+import json
 import math
 import os
 from pathlib import Path
@@ -13,6 +14,8 @@ from tensorboard.plugins.hparams import api_pb2, metadata
 
 from study import metrics as M
 from study.commands.console import StudyConsole, tune_console
+from study.mnist import board as mnist_board
+from study.pcam import board as pcam_board
 from study.commands.tensorboard import RunName, StudyTensorBoard, applies, experiment_summary, session_start
 
 
@@ -42,7 +45,7 @@ def end_status(acc) -> int:
 
 
 def test_diverged_trial_ends_failed_with_no_finite_key_metric(tmp_path):
-    writer = StudyTensorBoard("mnist", "lr_coarse")
+    writer = StudyTensorBoard("mnist", "lr_coarse", key_metrics=mnist_board.KEY_METRICS)
     cfg = {"stage": "lr_coarse", "target": "mean", "lr": 1e3, "lr_factor": 1.0, "batch_size": 32, "run": 0,
            "seed": 32, "optimizer": "adam", "momentum": 0.0}
     trial = fake_trial(tmp_path / "driver_artifacts" / "t", cfg)
@@ -66,7 +69,7 @@ def test_diverged_trial_ends_failed_with_no_finite_key_metric(tmp_path):
 
 
 def test_finished_and_errored_trials(tmp_path):
-    writer = StudyTensorBoard("pcam", "grid")
+    writer = StudyTensorBoard("pcam", "grid", key_metrics=pcam_board.KEY_METRICS)
     base = {"optimizer": "sgd", "lr": 0.002, "momentum": 0.9, "batch_size": 32, "run": 0, "seed": 0}
     done, failed = fake_trial(tmp_path / "a", base), fake_trial(tmp_path / "b", dict(base, optimizer="adam"))
     for trial in (done, failed):
@@ -86,7 +89,7 @@ def test_finished_and_errored_trials(tmp_path):
 def test_diverged_pcam_trial_keeps_the_result_of_its_tested_best_epoch(tmp_path):
     """The report counts a diverged PCam trial's test of its best-on-validation weights (from before it diverged);
     TensorBoard shows the same result, its status still failure. Diverging in epoch 1 leaves nothing tested."""
-    writer = StudyTensorBoard("pcam", "grid")
+    writer = StudyTensorBoard("pcam", "grid", key_metrics=pcam_board.KEY_METRICS)
     base = {"optimizer": "sgd", "lr": 0.5, "momentum": 0.9, "batch_size": 32, "run": 0, "seed": 0}
     late, early = fake_trial(tmp_path / "late", base), fake_trial(tmp_path / "early", dict(base, run=1))
     for trial in (late, early):
@@ -110,8 +113,8 @@ def test_diverged_pcam_trial_keeps_the_result_of_its_tested_best_epoch(tmp_path)
 def test_experiment_ticks_the_telling_hyperparameters_first():
     domains = dict(stage=["lr_coarse", "batch_sweep"], target=["mean", "std"], lr=[1e-3, 1e-2], lr_factor=[0.5, 1],
                    batch_size=[16, 32], run=[0, 1], seed=[16, 17, 32], optimizer=["adam"], lr_scaling=["none"])
-    data = metadata.parse_experiment_plugin_data(experiment_summary("mnist", domains).value[0].metadata.plugin_data
-                                                 .content)
+    summary = experiment_summary("mnist", domains, mnist_board.KEY_METRICS, order=mnist_board.HPARAMS)
+    data = metadata.parse_experiment_plugin_data(summary.value[0].metadata.plugin_data.content)
     differs = {h.name for h in data.hparam_infos if h.differs}
     assert differs == {"stage", "target", "batch_size", "lr", "run"}  # TensorBoard ticks five
     assert {h.name for h in data.hparam_infos} == set(domains)
@@ -147,13 +150,40 @@ def test_run_names_say_what_the_trial_is():
     placeholder = ("__fn_ph", "0123")  # what Tune holds for a sample_from value when it names the folder
     sweep = SimpleNamespace(trial_id="abcde_00012", config={"stage": "batch_sweep", "target": "std", "lr": placeholder,
                                                             "lr_factor": 1.0, "batch_size": 64, "run": 3})
-    assert RunName({"std": 0.002})(sweep) == "std_lr=0.002_batch=64_run=3_00012"
+    assert mnist_board.run_names({"std": 0.002})(sweep) == "std_lr=0.002_batch=64_run=3_00012"
     fine = SimpleNamespace(trial_id="abcde_00001", config={"stage": "lr_fine", "target": "mean", "lr": placeholder,
                                                            "lr_factor": 0.5, "batch_size": 32, "run": 0})
-    assert RunName({"mean": 0.01})(fine) == "mean_lr=0.005_batch=32_00001"
+    assert mnist_board.run_names({"mean": 0.01})(fine) == "mean_lr=0.005_batch=32_00001"
     pcam = SimpleNamespace(trial_id="abcde_00002", config={"optimizer": "adam", "lr": 1e-4, "lr_scaling": "sqrt",
                                                            "batch_size": 128, "run": 1, "seed": placeholder})
     assert RunName()(pcam) == "adam_lr=0.0001_scaling=sqrt_batch=128_seed=1_00002"
+    # A RunName unpickled from a study stored before it took lead and repeat (its state: lrs alone) names as it did.
+    for lrs, trial, name in (({"std": 0.002}, sweep, "std_lr=0.002_batch=64_run=3_00012"),
+                             ({"mean": 0.01}, fine, "mean_lr=0.005_batch=32_00001"),
+                             ({}, pcam, "adam_lr=0.0001_scaling=sqrt_batch=128_seed=1_00002")):
+        old = RunName.__new__(RunName)
+        old.__setstate__({"lrs": lrs})
+        assert old(trial) == name
+
+
+def test_the_stored_studies_run_names_unpickle_and_name_their_trials_as_stored():
+    """The RunName pickled in each stored v1 stage's tuner.pkl, found in the pickle and rebuilt from its state,
+    names every stored trial of the stage as its folder is named (what a --resume relies on for new trials)."""
+    import pickletools
+
+    root = Path(__file__).parent / "data"
+    for stage in [*(root / "mnist-v1").iterdir(), *(root / "pcam-v1").iterdir()]:
+        if not (stage / "tuner.pkl").is_file():
+            continue
+        ops = [(op.name, arg) for op, arg, _ in pickletools.genops((stage / "tuner.pkl").read_bytes())]
+        names = [arg for name, arg in ops if isinstance(arg, str)]
+        assert "RunName" in names and names[names.index("RunName") - 1] == "study.tensorboard", stage
+        for folder in (p for p in stage.iterdir() if (p / "params.json").is_file()):
+            config = json.loads((folder / "params.json").read_text())
+            old = RunName.__new__(RunName)
+            old.__setstate__({"lrs": {}})
+            trial = SimpleNamespace(trial_id="x_" + folder.name.rsplit("_", 1)[-1], config=config)
+            assert old(trial) == folder.name
 
 
 def test_console_table_and_progress():
@@ -203,7 +233,7 @@ def test_tune_console_quiets_ray_only_while_a_stage_runs(monkeypatch):
 def test_an_out_of_memory_trial_is_a_failure_in_tensorboard_and_finished_on_the_console(tmp_path):
     """Out of memory is reported as a last row (no exception, see bridge.trial_entry), so Tune calls the trial
     complete: TensorBoard and the console must still show it failed."""
-    writer = StudyTensorBoard("pcam", "grid")
+    writer = StudyTensorBoard("pcam", "grid", key_metrics=pcam_board.KEY_METRICS)
     trial = fake_trial(tmp_path / "oom", {"optimizer": "sgd", "lr": 0.002, "batch_size": 512, "seed": 0})
     writer.log_trial_start(trial)
     writer.log_trial_result(1, trial, epoch(0, val_auc=0.5, val_acc=0.5, best_val_acc=math.nan, best_epoch=-1))

@@ -9,6 +9,7 @@ import torch
 from study import metrics as M
 from study.mnist.stored import train_config
 from study.data import mnist
+from study.mnist import targets as regression_targets
 from study.mnist.model import RegressionCNN
 from study.mnist.trainable import run_mnist
 from study.engine.loop import fit
@@ -25,7 +26,7 @@ def paper_config(**stored):
 @pytest.fixture(scope="module")
 def data():
     d = mnist.synthetic(640, 128, seed=3)
-    targets = {t: (mnist.targets(d.train_x, t), mnist.targets(d.test_x, t)) for t in ("mean", "var")}
+    targets = {t: (regression_targets.targets(d.train_x, t), regression_targets.targets(d.test_x, t)) for t in ("mean", "var")}
     return {"train_x": d.train_x, "test_x": d.test_x, "targets": targets}
 
 

@@ -7,11 +7,13 @@
   failure, `train/diverged` tells them apart).
   A diverged or errored trial's key metrics end as NaN, so the table never shows the numbers of an epoch before
   it failed (e.g. the untrained epoch 0) as its result; except a diverged trial that was tested on its
-  best-on-validation weights from before it diverged (PCam), whose test is its result, as in the report.
+  best-on-validation weights from before it diverged, whose test is its result, as in the report.
 - SCALARS: our metrics grouped as train/, val/, test/, time/, noise/ and system/, the step being the epoch
   (0 = before training); NaN values (a metric the trial does not measure) draw no point.
-Run names (the trial folders, `RunName`) say what the trial is: `mean_lr=0.001_batch=16_run=0_00003` under the
-stage's folder for MNIST, `sgd_lr=0.002_batch=32_seed=0_00001` for PCam (the suffix is Tune's trial index).
+Run names (the trial folders, `RunName`) say what the trial is: `sgd_lr=0.002_batch=32_seed=0_00001` (the suffix is
+Tune's trial index); a command may lead with another config key, `mean_lr=0.001_batch=16_run=0_00003`.
+A paper's command passes its own key metrics and hyperparameter order (study/<paper>/board.py); a workload study's
+come from its workload.
 """
 
 import math
@@ -40,26 +42,14 @@ SCALARS = {
 }
 BEST_VAL_AUC = "val/best_auc"  # val AUC of the best-accuracy epoch (the weights that get tested)
 
-# The metrics that matter first, in HPARAMS order (tag, display name); the first ones are each study's result.
-KEY_METRICS = {
-    "mnist": [("test/mse", "test MSE"), ("val/mse", "validation MSE")],
-    "pcam": [("test/auc", "test AUC"), (BEST_VAL_AUC, "best-epoch validation AUC"),
-             ("val/best_acc", "best validation accuracy"), ("test/acc", "test accuracy")],
-}
 # HPARAMS shows a tag's last point; noise/scale draws no NaN, so its column is the trial's B_simple as
 # study.metrics.trial_value defines it for the reports (the last finite epoch value).
 COMMON_METRICS = [("train/loss", "train loss"), ("time/epoch_seconds", "epoch seconds"),
                   ("noise/scale", "noise scale B_simple"), ("train/diverged", "diverged (1) or not (0)")]
-# Values a failed trial must not keep: its result metrics (the ones before the common ones).
-FAILED_NAN = {kind: [tag for tag, _ in metrics] for kind, metrics in KEY_METRICS.items()}
-
-# The grid's hyperparameters, most telling first: TensorBoard ticks the first SHOWN that vary in a study (it puts
-# those it is told "differ" first, and ticks five), so derived ones (lr_factor sets lr; seed = batch + run) and
-# constants stay in the list, unticked.
-HPARAMS = {
-    "mnist": ["stage", "target", "lr_scaling", "batch_size", "lr", "run", "lr_factor", "seed", "optimizer"],
-    "pcam": ["optimizer", "lr", "lr_scaling", "batch_size", "seed", "momentum"],
-}
+# A command's key metrics: (tag, display name) pairs, the study's result first, in HPARAMS order before the common
+# ones; a failed trial's end as NaN. Its hyperparameters: most telling first, since TensorBoard ticks the first SHOWN
+# that vary in a study (it puts those it is told "differ" first, and ticks five), so a command lists derived ones
+# (a factor that sets lr, a seed derived from the run) and constants after them, unticked.
 SHOWN = 5  # hyperparameter columns TensorBoard 2.x ticks by default
 
 
@@ -76,23 +66,34 @@ def applies(name: str, config: dict) -> bool:
 
 
 class RunName:
-    """Tune's trial_dirname_creator: the trial's folder under its stage, which TensorBoard shows as the run name.
+    """Tune's trial_dirname_creator: the trial's folder under its stage, which TensorBoard shows as the run name:
+    the config's `lead` value (its optimizer by default), lr, lr scaling, batch size, the run index as `repeat`=
+    (where the stage repeats runs, with only_where_repeated) and Tune's trial index.
     A learning rate that Tune draws later (tune.sample_from, still a placeholder when the folder is named) comes
-    from lrs: target -> the rate that lr_factor multiplies (MNIST's fine search and batch sweep)."""
+    from lrs: the lead value -> the rate that the config's lr_factor multiplies."""
 
-    def __init__(self, lrs: dict | None = None):
-        self.lrs = dict(lrs or {})
+    def __init__(self, lrs: dict | None = None, lead: str = "optimizer", repeat: str = "seed",
+                 only_where_repeated: bool = False):
+        self.lrs, self.lead, self.repeat, self.only_where_repeated = dict(lrs or {}), lead, repeat, only_where_repeated
+
+    def __setstate__(self, state: dict) -> None:
+        # A study stored before RunName took lead and repeat pickled it with lrs alone (its tuner.pkl, unpickled on
+        # --resume): it named a config holding a regression target by that target and `run`, any other config by
+        # its optimizer and `seed`; None here keeps that rule for it.
+        self.__dict__.update({"lead": None, "repeat": None, "only_where_repeated": None, **state})
 
     def __call__(self, trial) -> str:
         c = trial.config
-        mnist = "target" in c
-        lr = c["lr"] if isinstance(c["lr"], (int, float)) else self.lrs[c["target"]] * c.get("lr_factor", 1.0)
+        lead, repeat, only_where_repeated = self.lead, self.repeat, self.only_where_repeated
+        if lead is None:  # pickled before lead and repeat (see __setstate__)
+            lead, repeat, only_where_repeated = (("target", "run", True) if "target" in c else
+                                                 ("optimizer", "seed", False))
+        lr = c["lr"] if isinstance(c["lr"], (int, float)) else self.lrs[c[lead]] * c.get("lr_factor", 1.0)
         scaling = [f"scaling={c['lr_scaling']}"] if c.get("lr_scaling", "none") != "none" else []
-        # PCam's seed is the run index (the seed itself is drawn later, like a sampled lr).
-        repeat = ([f"run={c['run']}"] if applies("run", c) else []) if mnist else [f"seed={c['run']}"]
-        parts = [c["target"] if mnist else c["optimizer"], f"lr={lr:g}", *scaling, f"batch={c['batch_size']}",
-                 *repeat, trial.trial_id.rsplit("_", 1)[-1]]
-        return "_".join(parts)
+        shown = applies("run", c) if only_where_repeated else True
+        parts = [c[lead], f"lr={lr:g}", *scaling, f"batch={c['batch_size']}",
+                 *([f"{repeat}={c['run']}"] if shown else []), trial.trial_id.rsplit("_", 1)[-1]]
+        return "_".join(str(p) for p in parts)
 
 
 def _domain(values: list) -> hp.Discrete:
@@ -108,14 +109,14 @@ def _num(v) -> float:
     return float(v) if isinstance(v, (int, float)) else math.nan
 
 
-def experiment_summary(kind: str, domains: dict, key_metrics: list | None = None) -> Summary:
+def experiment_summary(kind: str, domains: dict, key_metrics: list | None = None,
+                       order: list | None = None) -> Summary:
     """The study's HPARAMS experiment, through TensorBoard's hparams API. domains: hyperparameter -> the values the
-    study can give it (a workload study's axes, in the order given); key_metrics: a workload study's (tag, display
-    name) pairs."""
-    hparams = [hp.HParam(name, _domain(sorted(set(domains[name])))) for name in HPARAMS.get(kind, list(domains))
+    study can give it; order: the hyperparameters, most telling first (default: the domains' order); key_metrics:
+    the study's (tag, display name) pairs, its result first."""
+    hparams = [hp.HParam(name, _domain(sorted(set(domains[name])))) for name in order or list(domains)
                if domains.get(name)]
-    metrics = [hp.Metric(tag, display_name=label) for tag, label in KEY_METRICS.get(kind, key_metrics or []) +
-               COMMON_METRICS]
+    metrics = [hp.Metric(tag, display_name=label) for tag, label in list(key_metrics or []) + COMMON_METRICS]
     summary = hp.hparams_config_pb(hparams, metrics)
     # The API has no `differs` flag: TensorBoard ticks the columns flagged so, the first SHOWN that vary.
     value = summary.value[0]
@@ -129,14 +130,15 @@ def experiment_summary(kind: str, domains: dict, key_metrics: list | None = None
     return summary
 
 
-def write_experiment(folder, kind: str, domains: dict, key_metrics: list | None = None) -> None:
+def write_experiment(folder, kind: str, domains: dict, key_metrics: list | None = None,
+                     order: list | None = None) -> None:
     """Write the experiment summary at the study's root (a StudyFolder, local or remote), once per study:
     TensorBoard keeps the first summary of a tag, so it must list every stage's hyperparameters from the start."""
     from torch.utils.tensorboard import SummaryWriter
 
     with tempfile.TemporaryDirectory() as tmp:
         writer = SummaryWriter(tmp)
-        writer.file_writer.add_summary(experiment_summary(kind, domains, key_metrics))
+        writer.file_writer.add_summary(experiment_summary(kind, domains, key_metrics, order))
         writer.close()
         for event_file in Path(tmp).glob("events.out.tfevents.*"):
             with folder.fs.open_output_stream(f"{folder.path}/{event_file.name}") as out:
@@ -175,12 +177,13 @@ class StudyTensorBoard(TBXLoggerCallback):
     conflicting HPARAMS table; it shares nothing else with it."""
 
     def __init__(self, kind: str, stage: str, scalars: dict | None = None,
-                 primary: str | None = None):  # noqa: no super().__init__
-        """scalars: a workload study's metrics (name -> tag), drawn besides SCALARS; its result metrics (those
-        of its key metrics) end as NaN in a failed trial. primary: the metric a finished trial is for; NaN at its
-        end, the trial has no result (session status unknown, not success). Tune's own writer is not wanted: no
-        super().__init__."""
+                 primary: str | None = None, key_metrics: list | None = None):  # noqa: no super().__init__
+        """scalars: a workload study's metrics (name -> tag), drawn besides SCALARS. key_metrics: the study's result
+        (tag, display name) pairs, which end as NaN in a failed trial (default: the scalars' tags). primary: the
+        metric a finished trial is for; NaN at its end, the trial has no result (session status unknown, not
+        success). Tune's own writer is not wanted: no super().__init__."""
         self.kind, self.stage, self.scalars, self.primary = kind, stage, dict(scalars or {}), primary
+        self.failed_nan = [tag for tag, _ in key_metrics] if key_metrics else list(self.scalars.values())
         self._writers = {}
         self._last = {}  # trial -> (epoch, val AUC of the best epoch)
 
@@ -215,11 +218,11 @@ class StudyTensorBoard(TBXLoggerCallback):
         diverged = bool(last.get(M.DIVERGED))
         failed = failed or last.get(M.STATUS) in M.ENDED  # reported, not raised: see trial_entry
         # One policy with the report (docs/faults.md, "Diverging runs"): a diverged trial that kept a best-on-validation
-        # model from before it diverged (PCam) was tested on it, and that is its result; one without (MNIST's
-        # last-epoch result, or PCam diverging in epoch 1) has none.
+        # model from before it diverged was tested on it, and that is its result; one without (a last-epoch result,
+        # or a trial diverging in its first epoch) has none.
         tested = diverged and not failed and _num(last.get(M.BEST_EPOCH)) > 0
         if (failed or diverged) and not tested:
-            for tag in FAILED_NAN.get(self.kind, self.scalars.values()):
+            for tag in self.failed_nan:
                 writer.add_scalar(tag, math.nan, self._last.get(trial, 0))
         success = not (failed or diverged)
         writer.file_writer.add_summary(session_end(None if success and no_result(last, self.primary) else success))

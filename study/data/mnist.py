@@ -1,8 +1,8 @@
-"""MNIST: find and verify the four idx files, compute the regression targets, make synthetic digits for smoke runs
-(`load_synthetic` writes them as the four idx files and reads them back through `load`).
+"""MNIST: find and verify the four idx files, make synthetic digits for smoke runs (`load_synthetic` writes them
+as the four idx files and reads them back through `load`).
 
-Read once by the driver (`python -m study.mnist`), verified before Ray starts, then shared with every trial
-through Ray's object store. Nothing here touches the network unless `download` is called.
+Read once by a study's driver, verified before Ray starts, then shared with every trial through Ray's object
+store. Nothing here touches the network unless `download` is called.
 """
 
 import gzip
@@ -117,28 +117,6 @@ def download(root) -> Path:
         raise StudyError(f"downloading MNIST into {root} failed: {err}; without internet, "
                          f"copy the four idx files into a folder and pass --data-dir")
     return Path(root)
-
-
-def targets(images: np.ndarray, target: str) -> np.ndarray:
-    """Per-image pixel statistic on the 0..255 scale, as float32. std/var are population (numpy's ddof=0)."""
-    flat = images.reshape(len(images), -1).astype(np.float64)
-    stat = {"mean": np.mean, "median": np.median, "std": np.std, "var": np.var}.get(target)
-    if stat is None:
-        raise StudyError(f"unknown target {target!r}; choose one of mean, median, std, var")
-    return stat(flat, axis=1).astype(np.float32)
-
-
-def target_stats(images: np.ndarray) -> dict:
-    """Box-plot statistics (matplotlib `bxp` keys, 1.5 IQR whiskers) of every target over these images."""
-    stats = {}
-    for target in ("mean", "median", "std", "var"):
-        values = targets(images, target).astype(np.float64)
-        q1, med, q3 = np.percentile(values, [25, 50, 75])
-        inside = values[(values >= q1 - 1.5 * (q3 - q1)) & (values <= q3 + 1.5 * (q3 - q1))]
-        stats[target] = {"whislo": float(inside.min()), "q1": float(q1), "med": float(med), "q3": float(q3),
-                         "whishi": float(inside.max()), "mean": float(values.mean()), "min": float(values.min()),
-                         "max": float(values.max()), "n": int(len(values))}
-    return stats
 
 
 # Seven-segment strokes per digit: a, b, c, d, e, f, g (top, upper right, lower right, bottom, lower left,

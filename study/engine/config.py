@@ -3,8 +3,7 @@ workload's own options (checked by the workload, study.workload.Workload.option_
 
 Tune hands a trainable a plain dict; `from_dict` turns it back into the dataclass and refuses unknown keys, wrong
 types and out-of-range values, so a typo in a grid fails loudly instead of silently training the default. The
-papers' commands store their trials in layouts of their own and map them here (study/mnist/stored.py,
-study/pcam/stored.py).
+papers' commands store their trials in layouts of their own and map them here (each paper's stored.py).
 """
 
 import dataclasses

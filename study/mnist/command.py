@@ -23,10 +23,12 @@ from study import metrics as M
 from study.commands.console import StudyConsole
 from study.engine.config import NOISE_EVERY, TRAIN_OPTIMIZERS, TrainConfig
 from study.data import mnist as mnist_data
+from study.mnist import targets as regression_targets
 from study.errors import StudyError
 from study.engine.lr_scaling import scaling_rules
 from study.commands.lr_search import best as best_trial
-from study.commands.tensorboard import RunName, StudyTensorBoard, write_experiment
+from study.commands.tensorboard import StudyTensorBoard, write_experiment
+from study.mnist import board
 from study.mnist import stored
 from study.mnist.trainable import train_mnist
 from study.commands.study_folder import default_name
@@ -170,7 +172,7 @@ def hparam_domains(args) -> dict:
 def callbacks(args, stage: str, columns: list[str]) -> dict:
     """A stage's TensorBoard writer and console (study.commands.driver.Study.stage)."""
     metric = M.VAL_MSE if stage != "batch_sweep" and args.select_on == "val" else M.TEST_MSE
-    return dict(tensorboard=StudyTensorBoard("mnist", stage), console=StudyConsole(stage, columns, [metric]))
+    return dict(tensorboard=StudyTensorBoard("mnist", stage, key_metrics=board.KEY_METRICS), console=StudyConsole(stage, columns, [metric]))
 
 
 def lr_search(study, data, base) -> dict:
@@ -180,7 +182,7 @@ def lr_search(study, data, base) -> dict:
     coarse = study.stage("lr_coarse", train_mnist,
                          dict(common, stage="lr_coarse", target=tune.grid_search(args.targets),
                               lr=tune.grid_search(args.lr_grid)),
-                         data=data, **callbacks(args, "lr_coarse", ["target", "lr"]))
+                         data=data, run_names=board.run_names(), **callbacks(args, "lr_coarse", ["target", "lr"]))
     best = choose_lr(coarse, args.select_on)
     missing = sorted(set(args.targets) - set(best))
     if missing:
@@ -190,7 +192,7 @@ def lr_search(study, data, base) -> dict:
     fine = study.stage("lr_fine", train_mnist, dict(common, stage="lr_fine", target=tune.grid_search(args.targets),
                                                     lr=tune.sample_from(lambda c: centre[c["target"]] * c["lr_factor"]),
                                                     lr_factor=tune.grid_search(args.fine_factors)),
-                       data=data, run_names=RunName(centre),
+                       data=data, run_names=board.run_names(centre),
                        **callbacks(args, "lr_fine", ["target", "lr_factor", "lr"]))
     chosen = choose_lr(fine, args.select_on)
     for t in args.targets:  # the fine grid includes the coarse best (factor 1), so this only guards failures
@@ -222,10 +224,10 @@ class MnistCommand(driver.Command):
 
     def begin(self, study) -> None:
         args, data = study.args, self.data
-        targets = {t: (mnist_data.targets(data.train_x, t), mnist_data.targets(data.test_x, t)) for t in args.targets}
+        targets = {t: (regression_targets.targets(data.train_x, t), regression_targets.targets(data.test_x, t)) for t in args.targets}
         if not args.resume:  # the analysis draws the target distributions from this; it never reads the images
-            study.folder.write_json(M.TARGET_STATS_FILE, mnist_data.target_stats(data.train_x))
-            write_experiment(study.folder, "mnist", hparam_domains(args))
+            study.folder.write_json(M.TARGET_STATS_FILE, regression_targets.target_stats(data.train_x))
+            write_experiment(study.folder, "mnist", hparam_domains(args), board.KEY_METRICS, board.HPARAMS)
         self.shared = {"train_x": data.train_x, "test_x": data.test_x, "targets": targets}
 
     def stages(self, study):
@@ -247,7 +249,7 @@ class MnistCommand(driver.Command):
                      lr=tune.sample_from(lambda c: lrs[c["target"]]), lr_scaling=grid_axis(rules),
                      lr_reference_batch=args.lr_reference_batch, warmup_epochs=args.warmup_epochs)
         columns = ["target"] + (["lr_scaling"] if len(rules) > 1 else []) + ["batch_size", "run"]
-        return study.stage("batch_sweep", train_mnist, space, data=self.shared, run_names=RunName(lrs),
+        return study.stage("batch_sweep", train_mnist, space, data=self.shared, run_names=board.run_names(lrs),
                            **callbacks(args, "batch_sweep", columns))
 
     def end(self, study, results) -> None:

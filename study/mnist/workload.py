@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from study.data import mnist as mnist_data
+from study.mnist import targets as regression_targets
 from study.data import validation
 from study.errors import StudyError
 from study.mnist.model import RegressionCNN
@@ -72,7 +73,7 @@ def load(options: dict) -> dict:
     if not 0 < options["val_size"] < len(data.train_x):
         raise StudyError(f"--val-size must be in 1..{len(data.train_x) - 1}, got {options['val_size']}")
     t = options["target"]  # one of TARGETS: checked with the options (Workload.option_values)
-    return splits(data.train_x, data.test_x, (mnist_data.targets(data.train_x, t), mnist_data.targets(data.test_x, t)),
+    return splits(data.train_x, data.test_x, (regression_targets.targets(data.train_x, t), regression_targets.targets(data.test_x, t)),
                   options)
 
 

@@ -30,6 +30,7 @@ from study.errors import StudyError
 from study.engine.lr_scaling import scaling_rules
 from study.pcam.model import vgg16_features_state
 from study.commands.tensorboard import StudyTensorBoard, write_experiment
+from study.pcam import board
 from study.pcam.trainable import train_pcam
 from study.commands.study_folder import default_name
 from study.commands.tuning import add_common_args, check_common_args, grid_axis
@@ -168,7 +169,7 @@ class PcamCommand(driver.Command):
 
     def begin(self, study) -> None:
         if not study.args.resume:
-            write_experiment(study.folder, "pcam", hparam_domains(study.args))
+            write_experiment(study.folder, "pcam", hparam_domains(study.args), board.KEY_METRICS, board.HPARAMS)
 
     def stages(self, study):
         args = study.args
@@ -185,7 +186,7 @@ class PcamCommand(driver.Command):
         columns = ["optimizer", "lr"] + (["lr_scaling"] if len(args.lr_scaling) > 1 else []) + ["batch_size", "seed"]
         return study.stage("grid", train_pcam, space, data={"features": self.features},
                            search_alg=BasicVariantGenerator(points_to_evaluate=pairs), num_samples=len(pairs),
-                           tensorboard=StudyTensorBoard("pcam", "grid"),
+                           tensorboard=StudyTensorBoard("pcam", "grid", key_metrics=board.KEY_METRICS),
                            console=StudyConsole("grid", columns, [M.BEST_VAL_ACC, M.TEST_AUC]))
 
     def end(self, study, results) -> None:
