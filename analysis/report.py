@@ -62,7 +62,8 @@ def output_dir(study: Study, experiment_dir: str, out: str | None) -> Path:
 
 
 def write_header(report: ReportWriter, study: Study) -> None:
-    title = paper(study.kind).TITLE if paper(study.kind) else (steps_report if study.kind == "steps" else workload_report).title(study)
+    own = steps_report if study.kind == "steps" else workload_report
+    title = paper(study.kind).TITLE if paper(study.kind) else own.title(study)
     report.heading(f"{title}: report", level=1)
     report.text(f"Study folder: `{study.uri}`" + (f" (stage {study.only_stage} only)" if study.only_stage else ""))
     reasons = study.partial_reasons()

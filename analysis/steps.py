@@ -46,9 +46,9 @@ from study.engine.steps import DIVERGED, INFEASIBLE, STEP, configs_to_wait_for, 
 from study.workload import Goal
 
 # A best configuration that reached the goal at one of its first ten evaluations after step 0 sits on the floor
-# under steps to result: steps 1 to 10 on the grid from step 1 (study.engine.steps.eval_steps), where whole steps resolve
-# no better than 10 % and the start-up of training, not the batch size, sets the steps; steps 10 to 19 on the grid
-# from step 10 of studies stored before it, where nothing below the first evaluation is measured. S(B) there
+# under steps to result: steps 1 to 10 on the grid from step 1 (study.engine.steps.eval_steps), where whole steps
+# resolve no better than 10 % and the start-up of training, not the batch size, sets the steps; steps 10 to 19 on the
+# grid from step 10 of studies stored before it, where nothing below the first evaluation is measured. S(B) there
 # cannot show how much further a larger batch would cut it.
 FLOOR_EVALUATIONS = 10
 
@@ -104,8 +104,8 @@ def upper(values: np.ndarray, level: float) -> float:
 
 
 def evaluation_number(rows: list[dict], k: int) -> int:
-    """Which step of the trial's fine grid (study.engine.steps.eval_steps, from its first evaluated step) row k's step is
-    (1: the first); 0 for a row at step 0. The grid's count, not the rows': a trial on the coarse schedule
+    """Which step of the trial's fine grid (study.engine.steps.eval_steps, from its first evaluated step) row k's step
+    is (1: the first); 0 for a row at step 0. The grid's count, not the rows': a trial on the coarse schedule
     (study.engine.eval_schedule) evaluates only some of the fine grid's steps."""
     step = rows[k][STEP]
     if not step > 0:

@@ -1,8 +1,8 @@
 """`python -m study run WORKLOAD [flags]`: a batch-size study of a shipped workload, a workload file or
 module:name (`python -m study run WORKLOAD --help` lists its flags); `python -m study steps WORKLOAD [flags]`: the
-steps-to-result study of it (study.commands.steps_study); `python -m study list`: the shipped ones; `python -m study --help`:
-the commands. Installed, `batchsize-study` is the same command line. Each paper package under study/ has its own
-command line, `python -m study.<paper>` (listed by --help).
+steps-to-result study of it (study.commands.steps_study); `python -m study list`: the shipped ones; `python -m study
+--help`: the commands. Installed, `batchsize-study` is the same command line. Each paper package under study/ has its
+own command line, `python -m study.<paper>` (listed by --help).
 """
 
 import argparse

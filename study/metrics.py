@@ -34,7 +34,8 @@ STATUS_RUNNING = "running"
 STATUS_DONE = "done"
 STATUS_DIVERGED = "diverged"
 STATUS_OOM = "out_of_memory"  # ended at once by CUDA out-of-memory (never retried); MESSAGE says what to change
-STATUS_ERROR = "error"  # ended by its own exception, not retried (study.engine.trial_errors); MESSAGE: the exception's line
+# ended by its own exception, not retried (study.engine.trial_errors); MESSAGE: the exception's line
+STATUS_ERROR = "error"
 MESSAGE = "message"  # why the trial ended early (only in an out_of_memory or error row)
 ENDED = (STATUS_OOM, STATUS_ERROR)  # a last row's status of a trial that ended early, reported, not raised
 REPEATS = ("run", "seed")  # grid axes that repeat a configuration rather than make a new one
@@ -57,7 +58,8 @@ BEST_VAL_ACC = "best_val_acc"
 TEST_AUC = "test_auc"  # of the best-on-validation model; reported once, at the end
 TEST_ACC = "test_acc"
 
-# Files a study stores next to Tune's experiments (study.commands.driver and the commands write them; analysis/ reads them).
+# Files a study stores next to Tune's experiments (study.commands.driver and the commands write them; analysis/ reads
+# them).
 STUDY_FILE = "study.json"  # what ran: the study's kind, its arguments, code version, stages
 ERRORED_FILE = "errored_trials.json"  # in each stage folder: the trial folders its last run left errored
 CHOSEN_FILE = "chosen_lr.json"  # a learning-rate search stage's choice per group

@@ -176,7 +176,8 @@ class StudyConsole(tune.Callback):
             left = f"about {duration(elapsed * (epochs_total - epochs_done) / epochs_done)} left"
         else:
             left = "time left known after the first epoch"
-        return f"[{self.stage}] {finished}/{total} trials finished, {running} running; elapsed {duration(elapsed)}, {left}"
+        return (f"[{self.stage}] {finished}/{total} trials finished, {running} running; "
+                f"elapsed {duration(elapsed)}, {left}")
 
     def table(self) -> list[str]:
         rows = list(self.trials.values())

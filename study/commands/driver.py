@@ -1,5 +1,6 @@
-"""The one driver of every study command: `python -m study run|steps` (study.commands.run_command, study.commands.steps_study) and
-the papers' own commands (`python -m study.<paper>`), and their Python entry points (study.run_study, study.run_steps).
+"""The one driver of every study command: `python -m study run|steps` (study.commands.run_command,
+study.commands.steps_study) and the papers' own commands (`python -m study.<paper>`), and their Python entry points
+(study.run_study, study.run_steps).
 
 Every study goes the same way (drive): its flags are checked and its data read once and preflighted (the command's
 prepare), all before anything is written; then the study folder is taken (its lease, Ray, the per-trial resources)
@@ -59,8 +60,8 @@ class Study:
     tune_callbacks: list = field(default_factory=list)
 
     def stage(self, name: str, trainable, space: dict, *, data, tensorboard=None, console=None, **tune_options):
-        """One stage as one Tune experiment (study.commands.tuning.run_stage): the study's TensorBoard writer, its console
-        unless --verbose (which leaves the console to Tune), then the user's callbacks."""
+        """One stage as one Tune experiment (study.commands.tuning.run_stage): the study's TensorBoard writer, its
+        console unless --verbose (which leaves the console to Tune), then the user's callbacks."""
         from study.commands.tuning import run_stage
 
         callbacks = [c for c in (tensorboard, None if self.args.verbose else console) if c is not None]

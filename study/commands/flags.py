@@ -1,6 +1,6 @@
-"""Every flag the study commands share, defined once: `python -m study run` (study.commands.run_command), `python -m study steps`
-(study.commands.steps_study) and the papers' own commands (study/<paper>/command.py) take theirs from here, and a
-workload's own options become flags through `add_options`. A command passes its own defaults (the original studies
+"""Every flag the study commands share, defined once: `python -m study run` (study.commands.run_command), `python -m
+study steps` (study.commands.steps_study) and the papers' own commands (study/<paper>/command.py) take theirs from here,
+and a workload's own options become flags through `add_options`. A command passes its own defaults (the original studies
 keep theirs, stored in their study.json) and may word a flag's help for itself; the name, type, choices and the
 range `check` enforces are the table's. An on/off flag is `--name` / `--no-name` (OnOff); the commands' parser
 (Parser) still reads the older `--name on|off`, so the commands stored studies were started with run as they did.

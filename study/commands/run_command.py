@@ -1,13 +1,13 @@
 """`python -m study run WORKLOAD [flags]`, and `run_study(workload, **flags)` from Python (a notebook): a
-batch-size study of any workload, run by the one driver (study.commands.driver); this module writes only what differs: the
-flags, the grid and the stages.
+batch-size study of any workload, run by the one driver (study.commands.driver); this module writes only what differs:
+the flags, the grid and the stages.
 
 The grid is batch sizes x optimizers x learning rates x lr-scaling rules x seeds, one Tune experiment ("sweep")
 under <storage-path>/<name>/, after lr_coarse and lr_fine when the workload's learning-rate search is asked for;
 study.json holds the arguments, workload.json what the report needs to know of the workload (metric names and
 directions, goals, chance levels, the grid's axes). The flags come from where each is defined once: the grid and
-training flags from study.commands.flags (their defaults from the workload, then TrainConfig), the Ray and storage flags from
-study.commands.tuning, and the workload's own options from its Options.
+training flags from study.commands.flags (their defaults from the workload, then TrainConfig), the Ray and storage flags
+from study.commands.tuning, and the workload's own options from its Options.
 """
 
 import argparse
@@ -106,8 +106,9 @@ def check_splits(splits, workload: Workload) -> dict:
 
 
 def load_splits(workload: Workload, options: dict) -> dict:
-    """The workload's splits, loaded once and checked, after its every piece ran on a few of them (study.commands.preflight):
-    a bug in the workload is one line here, before Ray starts, not an error in every trial."""
+    """The workload's splits, loaded once and checked, after its every piece ran on a few of them
+    (study.commands.preflight): a bug in the workload is one line here, before Ray starts, not an error in every
+    trial."""
     splits = check_splits(workload.load(options), workload)
     preflight.check(workload, splits, options)
     return splits
@@ -210,7 +211,8 @@ class RunCommand(driver.Command):
 
 
 def searched_lr(study, workload: Workload, base: dict, splits: dict) -> float:
-    """--lr-search: the workload's search stages (study.commands.lr_search); a --resume reads back the rate they chose."""
+    """--lr-search: the workload's search stages (study.commands.lr_search); a --resume reads back the rate they
+    chose."""
     from study.commands.console import StudyConsole
     from study.commands.lr_search import search
     from study.engine.run_workload import train_workload

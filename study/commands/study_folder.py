@@ -1,8 +1,8 @@
 """A study's folder under the storage path (local or any pyarrow URI), the code version stored with it, and the
 resume rules: what a --resume takes back from the folder's study.json and what it may change.
 
-StudyFolder writes every file of a study whole or not at all (study.atomic); study.commands.driver takes the folder for a
-command (its lease, study.json) and study.commands.tuning runs the stages in it.
+StudyFolder writes every file of a study whole or not at all (study.atomic); study.commands.driver takes the folder for
+a command (its lease, study.json) and study.commands.tuning runs the stages in it.
 """
 
 import argparse

@@ -150,9 +150,9 @@ def fit_resources(args) -> dict:
 def run_stage(trainable, param_space: dict, *, folder: StudyFolder, stage: str, args, resources: dict,
               data: dict, search_alg=None, num_samples: int = 1, callbacks: list = (), run_names=None, stop=None):
     """Run (or, with --resume, continue) one Tune experiment of the study; returns its ResultGrid.
-    callbacks: the study's TensorBoard writer and console (study.commands.driver.Study.stage), then a user's Tune callbacks; a
-    resumed stage runs with those given now; run_names: a study.commands.tensorboard.RunName naming the trial folders;
-    stop: a tune.Stopper (the steps study's rule)."""
+    callbacks: the study's TensorBoard writer and console (study.commands.driver.Study.stage), then a user's Tune
+    callbacks; a resumed stage runs with those given now; run_names: a study.commands.tensorboard.RunName naming the
+    trial folders; stop: a tune.Stopper (the steps study's rule)."""
     from ray import tune
 
     from study.commands.console import tune_console

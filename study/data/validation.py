@@ -2,10 +2,10 @@
 
 A training file is not always in random order: MNIST's last rows are easier than the rest (a CNN trained on the
 others scored 52-61 % of the error on the last 2,000 rows that it did on four other 2,000-row slices; the numbers
-are in docs/workloads.md), so "the last N rows" makes every goal easier than on a fair sample. The default is therefore a seeded random sample, stratified by class where the
-rows have classes: each class gets its share of the split within one example. "tail", the last N rows, is what
-studies stored before this choice existed ran with (a workload declares that through Option.before, and a resumed
-study keeps it).
+are in docs/workloads.md), so "the last N rows" makes every goal easier than on a fair sample. The default is therefore
+a seeded random sample, stratified by class where the rows have classes: each class gets its share of the split within
+one example. "tail", the last N rows, is what studies stored before this choice existed ran with (a workload declares
+that through Option.before, and a resumed study keeps it).
 
 A workload declares the two options with `options(before, classes)` and calls `carve(x, y, options, classes)` in its
 load().

@@ -1,7 +1,8 @@
 """The trial bridge: what every trainable (a workload's run trial, the steps trial, the two papers') runs inside
 Ray Tune, around the Ray-free trial it calls.
 
-- `trial_entry` wraps the trainable: out of memory and the trial's own errors end this trial alone (study.engine.trial_errors).
+- `trial_entry` wraps the trainable: out of memory and the trial's own errors end this trial alone
+(study.engine.trial_errors).
 - `trial_device` takes the trial's resources: its threads, its device, its GPU memory cap, the per-trial CUDA switches,
   and the placement facts every row carries.
 - `load_start` restores the state of the trial's latest checkpoint; `reporter` reports each row with

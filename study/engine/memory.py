@@ -148,7 +148,8 @@ def plan_uploads(split_bytes: dict, *, budget_bytes: int | None, needs_bytes: in
 def configure_cuda(device: torch.device, *, tf32: bool, benchmark: bool) -> None:
     """Per-trial CUDA switches (a reused Ray worker keeps the last trial's, so every trial sets both).
     tf32: TF32 tensor cores for fp32 matmuls and convolutions (Ampere and later; 10-bit mantissa inputs).
-    benchmark: cuDNN times its algorithms once per input shape and keeps the fastest (worth it where shapes are fixed)."""
+    benchmark: cuDNN times its algorithms once per input shape and keeps the fastest (worth it where shapes are
+    fixed)."""
     if device.type != "cuda":
         return
     torch.backends.cuda.matmul.allow_tf32 = tf32

@@ -7,7 +7,8 @@ separately, because the ratio of single noisy estimates is badly biased).
 
 How: a probe step splits its training batch of n examples into k micro-batches of sizes b_i (random subsets of the
 batch: see `split_order`) and takes each one's gradient g_i on the same weights; g = sum(b_i g_i) / n is then
-exactly the step's gradient (the loss is a mean), so the optimizer steps as it would have. From E[b_i |g_i|^2] = b_i |G|^2 + tr(Sigma) and E[n |g|^2] = n |G|^2 + tr(Sigma):
+exactly the step's gradient (the loss is a mean), so the optimizer steps as it would have. From E[b_i |g_i|^2] = b_i
+|G|^2 + tr(Sigma) and E[n |g|^2] = n |G|^2 + tr(Sigma):
 
     tr(Sigma) ~ S = (sum_i b_i |g_i|^2 - n |g|^2) / (k - 1)         |G|^2 ~ |g|^2 - S / n
 
@@ -62,8 +63,8 @@ def _sq_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _set_grads(params: list[torch.Tensor], grads) -> None:
-    """The gradients into .grad as backward() leaves them after zero_grad (the training loop's, study.engine.loop, is the
-    one backward() of a step: a probe takes its gradients with autograd.grad)."""
+    """The gradients into .grad as backward() leaves them after zero_grad (the training loop's, study.engine.loop, is
+    the one backward() of a step: a probe takes its gradients with autograd.grad)."""
     for p, g in zip(params, grads):
         if g is not None:  # an unused parameter keeps grad None, so the optimizer skips it as after backward()
             p.grad = g

@@ -172,7 +172,8 @@ def hparam_domains(args) -> dict:
 def callbacks(args, stage: str, columns: list[str]) -> dict:
     """A stage's TensorBoard writer and console (study.commands.driver.Study.stage)."""
     metric = M.VAL_MSE if stage != "batch_sweep" and args.select_on == "val" else M.TEST_MSE
-    return dict(tensorboard=StudyTensorBoard("mnist", stage, key_metrics=board.KEY_METRICS), console=StudyConsole(stage, columns, [metric]))
+    return dict(tensorboard=StudyTensorBoard("mnist", stage, key_metrics=board.KEY_METRICS),
+                console=StudyConsole(stage, columns, [metric]))
 
 
 def lr_search(study, data, base) -> dict:
@@ -224,7 +225,8 @@ class MnistCommand(driver.Command):
 
     def begin(self, study) -> None:
         args, data = study.args, self.data
-        targets = {t: (regression_targets.targets(data.train_x, t), regression_targets.targets(data.test_x, t)) for t in args.targets}
+        targets = {t: tuple(regression_targets.targets(x, t) for x in (data.train_x, data.test_x))
+                   for t in args.targets}
         if not args.resume:  # the analysis draws the target distributions from this; it never reads the images
             study.folder.write_json(M.TARGET_STATS_FILE, regression_targets.target_stats(data.train_x))
             write_experiment(study.folder, "mnist", hparam_domains(args), board.KEY_METRICS, board.HPARAMS)

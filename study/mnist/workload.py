@@ -2,8 +2,8 @@
 predicts a statistic of each image's 784 pixels (--target mean | median | std | var), trained with MSE.
 
 `python -m study.mnist` runs the original two-stage study (a learning-rate search at batch 32, then the batch
-sweep; see study/mnist/command.py); `python -m study run mnist-regression --data-dir DIR` runs a plain grid of it (`--lrs`),
-`--smoke` on built-in synthetic digits. The validation split is a seeded random sample of --val-size training
+sweep; see study/mnist/command.py); `python -m study run mnist-regression --data-dir DIR` runs a plain grid of it
+(`--lrs`), `--smoke` on built-in synthetic digits. The validation split is a seeded random sample of --val-size training
 images (--split-seed, the same for every trial; not stratified: the targets are numbers, not classes), the hold-out
 the original study has drawn since it was first built (seed 0; study.data.validation); the test split is MNIST's
 own 10,000.
@@ -73,8 +73,8 @@ def load(options: dict) -> dict:
     if not 0 < options["val_size"] < len(data.train_x):
         raise StudyError(f"--val-size must be in 1..{len(data.train_x) - 1}, got {options['val_size']}")
     t = options["target"]  # one of TARGETS: checked with the options (Workload.option_values)
-    return splits(data.train_x, data.test_x, (regression_targets.targets(data.train_x, t), regression_targets.targets(data.test_x, t)),
-                  options)
+    values = tuple(regression_targets.targets(x, t) for x in (data.train_x, data.test_x))
+    return splits(data.train_x, data.test_x, values, options)
 
 
 def model(options: dict) -> nn.Module:

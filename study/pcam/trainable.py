@@ -35,7 +35,8 @@ def run_pcam(cfg: TrainConfig, features: dict | None, device: torch.device, repo
     test metrics of the best-on-validation weights and the prediction files. features: the VGG16 conv weights
     (None: random init)."""
     return run_workload(cfg, resolve(cfg.workload), None, device,
-                        lambda m, s, files=None: report(m, s, files or {}), start, memory_budget=memory_budget, packed=packed,
+                        lambda m, s, files=None: report(m, s, files or {}), start, memory_budget=memory_budget,
+                        packed=packed,
                         model_factory=lambda options: VGG16Patches(features, options["freeze_blocks"]))
 
 
