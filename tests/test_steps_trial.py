@@ -144,3 +144,31 @@ def test_every_row_of_a_steps_trial_rests_on_probes_of_its_own_interval():
     for before, row in zip(rows, rows[1:]):  # one probe for each fine interval the row covers (kept steps between)
         intervals = len([s for s in fine if before[S.STEP] < s <= row[S.STEP]])
         assert row[M.NOISE_PROBES] >= intervals >= 1 and math.isfinite(row[M.NOISE_TRACE]), (row[S.STEP], intervals)
+
+
+def test_a_screened_trial_gives_the_full_grids_steps_to_result_and_stores_no_made_up_value():
+    """least-squares (val_loss, terms >= 0) at two batch sizes: every fine step evaluated whole against the default
+    schedule (coarse, screened, refined near the goal). The same steps to result, interpolated by the analysis
+    between the same two values; the screened rows carry NaN and the examples their screen scored."""
+    from analysis.steps import steps_to_result
+    from study.workload import Goal
+
+    workload = resolve("least-squares")
+    options = workload.option_values({"train_size": 4096, "val_size": 1024})
+    splits = workload.load(options)
+    goal = {"metric": "val_loss", "value": 0.2, "higher_is_better": False}
+    extra = {GOAL: goal, BUDGET: 400, CHANCE: None, CONFIG: 0}
+    for batch in (8, 64):
+        cfg = TrainConfig(workload="least-squares", batch_size=batch, optimizer="sgd", lr=0.3, momentum=0.0,
+                          noise_every=8, options=options)
+        full, screened = [], []
+        run_steps(cfg, extra, workload, splits, CPU, lambda r, s: full.append(r), coarse=None, screen=False)
+        run_steps(cfg, extra, workload, splits, CPU, lambda r, s: screened.append(r))
+        assert full[-1][S.STEP] == screened[-1][S.STEP] and screened[-1][M.STATUS] == S.REACHED
+        assert steps_to_result(full, Goal.from_dict(goal))[0] == steps_to_result(screened, Goal.from_dict(goal))[0]
+        by_step = {r[S.STEP]: r for r in full}
+        assert screened[-2][S.STEP] in by_step and screened[-2]["val_loss"] == by_step[screened[-2][S.STEP]]["val_loss"]
+        cut = [r for r in screened if r[M.SCREENED]]
+        assert len(cut) >= len(screened) / 2 and all(math.isnan(r["val_loss"]) for r in cut)
+        assert all(r[M.EVAL_EXAMPLES] < 1024 and by_step[r[S.STEP]]["val_loss"] > 0.2 for r in cut)
+        assert [r[S.STEP] for r in screened] == sorted({r[S.STEP] for r in screened})

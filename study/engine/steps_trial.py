@@ -20,8 +20,8 @@ from study import metrics as M
 from study.engine import steps as S
 from study.engine.bridge import load_start, reporter, trial_device, trial_entry
 from study.engine.config import TrainConfig
-from study.engine.eval_schedule import coarse_steps
-from study.engine.run_workload import WorkloadTrial
+from study.engine.eval_schedule import SCREEN_PARTS, coarse_steps, near
+from study.engine.run_workload import InMemory, WorkloadTrial
 from study.engine.steps import BUDGET, CHANCE, CONFIG, GOAL
 from study.workload import Goal, Workload, resolve
 
@@ -54,17 +54,22 @@ def train_steps(config: dict, data: dict | None) -> None:
 
 def run_steps(cfg: TrainConfig, extra: dict, workload: Workload, splits: dict | None, device: torch.device, report,
               start: dict | None = None, *, memory_budget: int | None = None, packed: bool = False,
-              coarse: float | None = COARSE_FACTOR) -> dict:
+              coarse: float | None = COARSE_FACTOR, screen: bool = True, refine: bool = True) -> dict:
     """Train until the trial's limits end it; report(row, state) at every evaluation. Returns the last row.
     splits None: a memory-mapped workload's, opened here; memory_budget, packed: as for a run trial
     (study.engine.run_workload.WorkloadTrial, which sets up everything the two trials share). coarse: evaluate about this
     factor apart and evaluate back through the fine grid's kept weights at the goal (study.engine.eval_schedule); None:
-    evaluate every step of the fine grid."""
+    evaluate every step of the fine grid. screen: stop an evaluation early once it cannot reach the goal, where the
+    goal's metric declares bounds; refine: then evaluate every fine step once the goal is near."""
     trial = WorkloadTrial(cfg, workload, splits, device, memory_budget=memory_budget, packed=packed,
                           scored=("val",))
     limits = limits_of(extra, warmup_steps=round(cfg.warmup_epochs * len(trial.batches)))
     fine = S.eval_steps(limits.budget_steps)
     at = coarse_steps(fine, coarse) if coarse else fine
+    val = trial.held["val"]
+    screen = screen and workload.metric(limits.goal.metric).bounds is not None
+    if screen and isinstance(val, InMemory):  # every evaluation in the same chunks: the same outputs, screened or not
+        val.batch_size = min(val.batch_size, math.ceil(len(val.x) / SCREEN_PARTS))
     last = {}
 
     def report_row(row, state):
@@ -73,5 +78,6 @@ def run_steps(cfg: TrainConfig, extra: dict, workload: Workload, splits: dict | 
         report(row, state)
 
     trial.fit(report_row, start, eval_steps=at, stop=limits.status, keep_steps=sorted(set(fine) - set(at)),
-              rewind_on=(S.REACHED,))
+              rewind_on=(S.REACHED,), screen=screen,
+              refine=(lambda row: near(row[M.EVAL_EXAMPLES], len(val.x))) if screen and refine else None)
     return last["row"]
