@@ -21,8 +21,8 @@ knows the least and the most the whole split's mean can be: with the terms' sum 
     (S + lo (N - n)) / N  <=  the split's mean  <=  (S + hi (N - n)) / N
 
 It stops there when the trial's stop rule (study.engine.steps.TrialLimits: reached, infeasible, censored) would
-let the trial go on for every value in that range: the row is *screened*, not at the goal for certain (no
-probability), and stores no metric value (NaN, study.metrics.SCREENED, EVAL_EXAMPLES). A row is reported once the
+let the trial go on for every value in that range, and no goal of the study (a laxer one too) would be reached:
+the row is *screened*, at no goal for certain (no probability), and stores no metric value (NaN, study.metrics.SCREENED, EVAL_EXAMPLES). A row is reported once the
 next is known: when that next one reaches the goal, the screened row is evaluated whole first (from its kept
 weights), so the row before the first at the goal always has its value, and the analysis interpolates between the
 same two values as on the full grid. So the screen changes no steps to result: the rule above is unchanged, for

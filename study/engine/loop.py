@@ -58,7 +58,7 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
         *, cfg, device: torch.device, prepare: Callable | None = None, start: dict | None = None,
         select: str | None = None, maximise: bool = True, autocast_dtype: torch.dtype | None = None,
         eval_steps: Sequence[int] | None = None, stop: Callable[[dict], str | None] | None = None,
-        keep_steps: Sequence[int] = (), rewind_on: tuple = (), screen: bool = False,
+        keep_steps: Sequence[int] = (), rewind_on: tuple = (), screen: Callable[[dict], str | None] | None = None,
         refine: Callable[[dict], bool] | None = None) -> dict:
     """Train `model` until the last evaluation of the schedule, or until `stop` or divergence ends it; returns the
     final state (see `snapshot` below).
@@ -76,8 +76,8 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
     keep_steps, rewind_on: steps between evaluations whose weights are kept, not evaluated; when an evaluation's
     stop status is in rewind_on, the steps kept since the previous evaluation are evaluated in order and reported,
     and the first whose status is also in rewind_on ends training there (study.engine.eval_schedule states the rule).
-    screen: evaluate(model, settles) may stop early where settles(lows, highs) says no metric value within those
-    bounds could change the row's status (a screened row: metrics NaN, M.SCREENED); such a row is reported once the
+    screen(row) -> a status, like stop (None: no screen): evaluate(model, settles) may stop early where no metric
+    value within its bounds gives a status (a screened row: metrics NaN, M.SCREENED); such a row is reported once the
     next is known, evaluated whole first when that next one's status is in rewind_on. refine(row): on a row that
     goes on, True evaluates every kept step from then on.
     """
@@ -195,10 +195,10 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
     def scored(now: dict, since: dict | None, last: bool, rewinding: bool = False) -> dict:
         """The row at `now` with the model's metrics, decided; a screened row goes on (its screen proved it)."""
         row = row_of(now, since)
-        if not screen or last:  # the last evaluation's status never waits for a next row
+        if screen is None or last:  # the last evaluation's status never waits for a next row
             return decide({**row, **evaluate(model)}, last)
         stops_on = rewind_on if rewinding else None  # in a rewind only a row at the goal changes anything
-        row.update(evaluate(model, lambda lows, highs: not row[M.DIVERGED] and settled(stop, row, lows, highs,
+        row.update(evaluate(model, lambda lows, highs: not row[M.DIVERGED] and settled(screen, row, lows, highs,
                                                                                         stops_on)))
         return row if row.get(M.SCREENED) else decide(row, last)
 

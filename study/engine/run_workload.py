@@ -11,7 +11,9 @@ weights when the workload selects one. `WorkloadTrial`, the trial set up on its 
 steps-to-result trial (study.engine.steps_trial), which evaluates on training steps instead of epochs.
 """
 
+import json
 import math
+import zlib
 
 import numpy as np
 import torch
@@ -38,10 +40,34 @@ def train_workload(config: dict, data: dict | None) -> None:
 
 
 def to_device(split, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A split's (x, y) as tensors on the device, once per trial (np.array copies: the object store's arrays are
-    read-only)."""
+    """A split's (x, y) as tensors on the device (np.array copies: the object store's arrays are read-only)."""
     x, y = split
     return torch.from_numpy(np.array(x)).to(device), torch.from_numpy(np.array(y)).to(device)
+
+
+# The splits of the latest trial on this worker's device. Tune reuses a worker for the next trial of the same
+# stage (reuse_actors), which then finds its data there instead of copying it again; one study's data at most.
+_ON_DEVICE: dict = {}
+
+
+def identity(name: str, options: dict, splits: dict, device: torch.device) -> tuple:
+    """What tells one study's data from another's: the workload, its options, the device, and per split its shape,
+    dtype and a checksum of its first and last 64 KiB (a file changed under the same options)."""
+    def sample(a) -> int:
+        raw = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+        return zlib.crc32(raw[-65536:].tobytes(), zlib.crc32(raw[:65536].tobytes()))
+    return (name, json.dumps(options, sort_keys=True, default=str), str(device),
+            tuple((k, *((p.shape, str(p.dtype), sample(p)) if p is not None else None for p in v))
+                  for k, v in sorted(splits.items())))
+
+
+def on_device(name: str, options: dict, splits: dict, device: torch.device) -> dict:
+    """{split: (x, y) on the device}, from this worker's cache when its last trial held the same data."""
+    key = identity(name, options, splits, device)
+    if key not in _ON_DEVICE:
+        _ON_DEVICE.clear()  # the tensors go before the next study's arrive: never two studies' data at once
+        _ON_DEVICE[key] = {name: to_device(split, device) for name, split in splits.items()}
+    return dict(_ON_DEVICE[key])
 
 
 class InMemory:
@@ -101,7 +127,7 @@ class WorkloadTrial:
             held = streamed(cfg, workload, splits, self.model, device, self.amp, memory_budget, packed)
             self.batches = held.pop("train")
         else:
-            held = {name: to_device(split, device) for name, split in splits.items()}
+            held = on_device(workload.name, self.options, splits, device)
             self.batches = DeviceBatches(*held.pop("train"), cfg.batch_size)
             held = {name: InMemory(x, y, cfg.eval_batch_size) for name, (x, y) in held.items()}
         self.test = held.pop("test", None)
