@@ -155,7 +155,7 @@ def test_a_screened_trial_gives_the_full_grids_steps_to_result_and_stores_no_mad
     from study.workload import Goal
 
     workload = resolve("least-squares")
-    options = workload.option_values({"train_size": 4096, "val_size": 1024})
+    options = workload.option_values({"train_size": 4096, "val_size": 512})
     splits = workload.load(options)
     goal = {"metric": "val_loss", "value": 0.2, "higher_is_better": False}
     laxer = {**goal, "value": 0.3}  # a second goal of the study: the screen must not hide its crossing either
@@ -172,7 +172,7 @@ def test_a_screened_trial_gives_the_full_grids_steps_to_result_and_stores_no_mad
         assert screened[-2][S.STEP] in by_step and screened[-2]["val_loss"] == by_step[screened[-2][S.STEP]]["val_loss"]
         cut = [r for r in screened if r[M.SCREENED]]
         assert len(cut) >= len(screened) / 2 and all(math.isnan(r["val_loss"]) for r in cut)
-        assert all(r[M.EVAL_EXAMPLES] < 1024 and by_step[r[S.STEP]]["val_loss"] > 0.3 for r in cut)
+        assert all(r[M.EVAL_EXAMPLES] < 512 and by_step[r[S.STEP]]["val_loss"] > 0.3 for r in cut)
         assert [r[S.STEP] for r in screened] == sorted({r[S.STEP] for r in screened})
 
 
