@@ -5,9 +5,10 @@ The run trial's workload trial (study.engine.run_workload.WorkloadTrial: the mod
 from memory maps, the workload's prepare_train or prepare and augment, channels_last, AMP, the memory cap) in the
 one loop (study.engine.loop.fit) with its evaluations placed on training steps: at step 0 and on the fine grid
 study.engine.steps.eval_steps(budget), counted across epochs, as study.engine.eval_schedule places them (a coarse
-subset, evaluated back at the goal; each evaluation screened, every fine step once the goal is near). Each evaluation row carries the step, the examples seen,
-the training seconds (evaluations left out), the mean training loss and the gradient noise scale over the steps
-since the previous evaluation, and the workload's metrics with their split prefix. The trial ends on its own rows
+subset, evaluated back at the goal; each evaluation screened, every fine step once the goal is near). Each
+evaluation row carries the step, the examples seen, the training seconds (evaluations left out), the mean training
+loss and the gradient noise scale over the steps since the previous evaluation, and the workload's metrics with
+their split prefix (NaN on a screened row). The trial ends on its own rows
 (study.engine.steps.TrialLimits: the strictest goal, the budget, divergence, chance level); its last row's status says
 which. A trial restarted from a checkpoint at step s skips the epoch's first batches and goes on as an
 uninterrupted one would.
