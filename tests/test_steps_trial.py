@@ -194,3 +194,30 @@ def test_a_reused_worker_keeps_one_studys_data_on_its_device():
     changed = run_workload.WorkloadTrial(dataclasses.replace(cfg, options=other), workload, splits, CPU,
                                          scored=("val",))
     assert changed.batches.x is not moved.batches.x and len(run_workload._ON_DEVICE) == 1
+
+
+def test_a_held_screened_row_is_evaluated_whole_when_the_next_reaches_the_goal():
+    """The loop on a scripted evaluation (values by call): steps 0 and 1 screened, step 2 at the goal; the row at
+    step 1, held until then, is evaluated again whole and stored with its value, unflagged, before step 2."""
+    from study.engine.loop import fit
+    from study.engine.train import DeviceBatches
+    from study.workload import Goal
+
+    values = iter([0.9, 0.5, 0.04, 0.5])  # steps 0, 1, 2, then step 1 again, whole
+
+    def evaluate(model, settles=None):
+        v = next(values)
+        if settles is not None and settles({"val_error": 0.9 * v}, {"val_error": min(1.0, 1.1 * v)}):
+            return {"val_error": math.nan, M.SCREENED: True, M.EVAL_EXAMPLES: 10}
+        return {"val_error": v, **({M.SCREENED: False, M.EVAL_EXAMPLES: 100} if settles else {})}  # as WorkloadTrial
+
+    limits = S.TrialLimits(goal=Goal("val_error", 0.05, False), budget_steps=8)
+    model = torch.nn.Linear(2, 2)
+    rows = []
+    fit(model, torch.optim.SGD(model.parameters(), lr=0.1), DeviceBatches(torch.randn(64, 2), torch.randint(0, 2, (64,)), 8),
+        torch.nn.functional.cross_entropy, evaluate, lambda row, state: rows.append(row),
+        cfg=TrainConfig(workload=DIGITS, batch_size=8, noise_scale=False), device=CPU, eval_steps=list(range(1, 9)),
+        stop=limits.status, rewind_on=(S.REACHED,), screen=limits.status)
+    assert [(r[S.STEP], r[M.SCREENED], r[M.EVAL_EXAMPLES]) for r in rows] == [(0, True, 10), (1, False, 100),
+                                                                              (2, False, 100)]
+    assert math.isnan(rows[0]["val_error"]) and rows[1]["val_error"] == 0.5 and rows[2][M.STATUS] == S.REACHED
