@@ -2,7 +2,7 @@
 
 Steps to result are resolved by the fine grid, study.engine.steps.eval_steps (every step to 10, then <= 10 % apart).
 Evaluating the whole validation split at every fine step costs several times the training at small batch sizes
-(on 2 CPU cores one evaluation of 2,000 MNIST images costs about as much as 10 training steps at batch 16,
+(on 2 CPU cores one evaluation of 2,000 MNIST images costs about as much as 25 training steps at batch 16,
 benchmarks/RESULTS.md), so a trial evaluates only the coarse steps, a subset of the fine grid about `factor` apart,
 and keeps the weights of the fine steps in between (study.engine.loop.fit, `keep`). When a coarse evaluation
 reaches the goal, the kept fine steps since the previous coarse one are evaluated in order, and the first of them
