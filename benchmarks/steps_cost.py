@@ -4,20 +4,26 @@
                                     [--val-size 2000] [--device auto|cpu|cuda] [--threads N]
 
 Runs mnist-cnn steps trials (study.engine.steps_trial.run_steps, a trial as Tune runs it, minus Ray) at each batch size
-twice on the same seed, so on the same weights step by step: (a) the old schedule, an evaluation at every step of
-the fine grid (every step to 10, then <= 10 % apart), and (b) the new one (study.engine.eval_schedule: evaluations about
-2x apart, the fine grid's weights kept in between and evaluated back when one reaches the goal). Both must give
-the same steps to result (printed). Per trial: start-up (the trial's data onto the device and its model, up to the
+on the same seed, so on the same weights step by step, on four schedules (SCHEDULES): the old one, an evaluation at
+every step of the fine grid (every step to 10, then <= 10 % apart); evaluations about 2x apart with the fine grid's
+weights kept in between and evaluated back when one reaches the goal (study.engine.eval_schedule); the same with
+each evaluation screened (stopped once the goal is out of its reach); and the default, screened and evaluating
+every fine step once a screen says the goal is near. All must give the same steps to result (printed), "splits
+scored" says how many whole validation splits' worth of examples the evaluations scored. Per trial: start-up (the trial's data onto the device and its model, up to the
 step-0 evaluation), training (the rows' training seconds, noise probes left out), noise probes, evaluations (inside
 the evaluation function), checkpoints (torch.save of the trial's state as study.engine.bridge does, at most every
 study.engine.steps_trial.CHECKPOINT_SECONDS and at the end; to a local temporary folder), the rest (the loop's own
 bookkeeping, the kept weights' copies, reporting), and the ratio trial seconds / training seconds. Ray's share (the
 worker's start, tune.report) is not in it: benchmarks/tune_overhead.py measures that. Without MNIST's files
-(--data-dir, default ../shared/data/mnist) synthetic digits stand in. Time nothing else on the machine meanwhile.
+(--data-dir, default ../shared/data/mnist) synthetic digits stand in. Time nothing else on the machine meanwhile
+(the load average at the start is printed). After the table: a trial's start-up with its splits copied onto the
+device and taken from a reused worker's cache; --profile adds torch.profiler's table of one evaluation.
 """
 
 import argparse
 import datetime
+import os
+import statistics
 import sys
 import tempfile
 import time
@@ -36,23 +42,26 @@ from study.engine.steps import BUDGET, CHANCE, CONFIG, GOAL, REACHED  # noqa: E4
 from study.workload import resolve  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+SCHEDULES = {  # run_steps' schedule arguments: the old schedule, the coarse one alone, and the screens
+    "every fine step": dict(coarse=None, screen=False), "coarse 2x + back": dict(screen=False, refine=False),
+    "screened, coarse 2x + back": dict(refine=False), "screened, fine when near": dict()}
 LR = {16: 0.01, 32: 0.01, 64: 0.02, 128: 0.03, 256: 0.05, 512: 0.05}  # nesterov 0.9: reach 5 % error on MNIST
 
 
-def one_trial(batch: int, coarse, args, splits, options, device) -> dict:
+def one_trial(batch: int, schedule: dict, args, splits, options, device) -> dict:
     workload = resolve("mnist-cnn")
     cfg = TrainConfig(workload="mnist-cnn", batch_size=batch, optimizer="nesterov", lr=LR.get(batch, 0.02),
                       momentum=0.9, seed=0, noise_every=args.noise_every, options=options)
-    extra = {GOAL: {"metric": "val_error", "value": args.goal, "higher_is_better": False}, BUDGET: args.budget,
-             CHANCE: None, CONFIG: 0}
+    goal = {"metric": "val_error", "value": args.goal, "higher_is_better": False}
+    extra = {GOAL: goal, BUDGET: args.budget, CHANCE: None, CONFIG: 0, steps_trial.GOALS: [goal]}
     times = {"evaluations": 0.0, "checkpoints": 0.0}
     evaluate = run_workload.WorkloadTrial.evaluate
 
-    def timed_evaluate(self, model):
+    def timed_evaluate(self, model, settles=None):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         started = time.perf_counter()
-        out = evaluate(self, model)  # its scores are floats: the device was synchronised
+        out = evaluate(self, model, settles)  # its scores are floats: the device was synchronised
         times["evaluations"] += time.perf_counter() - started
         return out
 
@@ -73,7 +82,7 @@ def one_trial(batch: int, coarse, args, splits, options, device) -> dict:
     run_workload.WorkloadTrial.evaluate = timed_evaluate
     try:
         started = time.perf_counter()
-        last = steps_trial.run_steps(cfg, extra, workload, splits, device, report, coarse=coarse)
+        last = steps_trial.run_steps(cfg, extra, workload, splits, device, report, **schedule)
         total = time.perf_counter() - started
     finally:
         run_workload.WorkloadTrial.evaluate = evaluate
@@ -81,7 +90,9 @@ def one_trial(batch: int, coarse, args, splits, options, device) -> dict:
     probes = sum(r[M.PROBE_SECONDS] for r in rows)
     startup = times["first_row"] - started - times["first_evaluation"]
     rest = total - train - probes - times["evaluations"] - times["checkpoints"] - startup
+    scored = sum(r.get(M.EVAL_EXAMPLES, args.val_size) for r in rows) / args.val_size
     return {"steps": last[M.STEP] if last[M.STATUS] == REACHED else None, "rows": len(rows), "total": total,
+            "screened": sum(bool(r.get(M.SCREENED)) for r in rows), "scored": scored,
             "startup": startup, "train": train, "probes": probes, "evaluations": times["evaluations"],
             "checkpoints": times["checkpoints"], "rest": rest, "ratio": total / train}
 
@@ -96,6 +107,7 @@ def main() -> None:
     p.add_argument("--noise-every", type=int, default=32)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--profile", action="store_true", help="also torch.profiler's table of one evaluation")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -108,17 +120,50 @@ def main() -> None:
     splits = workload.load(options)
     print(f"# steps_cost {datetime.date.today()} on {device_name(device)} ({device.type}, "
           f"{torch.get_num_threads()} threads), torch {torch.__version__}; "
-          f"{'MNIST' if real else 'synthetic digits'}, val {args.val_size}, goal val_error <= {args.goal}")
-    print("| batch | schedule | steps to result | rows | trial s | start-up | training | probes | evaluations "
-          "| checkpoints | rest | trial / training |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          f"{'MNIST' if real else 'synthetic digits'}, val {args.val_size}, goal val_error <= {args.goal}; "
+          f"load average {os.getloadavg()[0]:.1f} at the start")
+    print("| batch | schedule | steps to result | rows (screened) | splits scored | trial s | start-up | training "
+          "| probes | evaluations | checkpoints | rest | trial / training |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for batch in args.batch_sizes:
-        for name, coarse in (("every fine step", None), ("coarse 2x + back", steps_trial.COARSE_FACTOR)):
-            r = one_trial(batch, coarse, args, splits, options, device)
-            print(f"| {batch} | {name} | {r['steps']} | {r['rows']} | {r['total']:.1f} | {r['startup']:.1f} | "
-                  f"{r['train']:.1f} | {r['probes']:.1f} | {r['evaluations']:.1f} | {r['checkpoints']:.2f} | "
-                  f"{r['rest']:.1f} | {r['ratio']:.2f} |", flush=True)
+        for name, schedule in SCHEDULES.items():
+            r = one_trial(batch, schedule, args, splits, options, device)
+            print(f"| {batch} | {name} | {r['steps']} | {r['rows']} ({r['screened']}) | {r['scored']:.1f} | "
+                  f"{r['total']:.1f} | {r['startup']:.1f} | {r['train']:.1f} | {r['probes']:.1f} | "
+                  f"{r['evaluations']:.1f} | {r['checkpoints']:.2f} | {r['rest']:.1f} | {r['ratio']:.2f} |", flush=True)
+    cold, warm = startup(workload, options, splits, device)
+    print(f"\nstart-up of a trial (data onto the device, model, optimizer), median of 5: {cold * 1000:.0f} ms "
+          f"copying the splits, {warm * 1000:.0f} ms from a reused worker's cache")
+    if args.profile:
+        profile(workload, options, splits, device)
 
+
+def startup(workload, options, splits, device) -> tuple[float, float]:
+    """WorkloadTrial's set-up, seconds (median of 5): the splits copied onto the device, and taken up from the
+    worker's cache (study.engine.run_workload.on_device) as a reused worker's next trial of the study does."""
+    cfg = TrainConfig(workload="mnist-cnn", batch_size=16, optimizer="nesterov", lr=0.01, options=options)
+    times = {True: [], False: []}
+    for cached in (False, True) * 5:
+        if not cached:
+            run_workload._ON_DEVICE.clear()
+        started = time.perf_counter()
+        run_workload.WorkloadTrial(cfg, workload, splits, device, scored=("val",))
+        times[cached].append(time.perf_counter() - started)
+    return statistics.median(times[False]), statistics.median(times[True])
+
+
+def profile(workload, options, splits, device) -> None:
+    """torch.profiler's table of one whole evaluation of the validation split (after one to warm up)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    cfg = TrainConfig(workload="mnist-cnn", batch_size=16, optimizer="nesterov", lr=0.01, options=options)
+    trial = run_workload.WorkloadTrial(cfg, workload, splits, device, scored=("val",))
+    trial.evaluate(trial.model)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        trial.evaluate(trial.model)
+    print("\none evaluation of the validation split, torch.profiler:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
 
 if __name__ == "__main__":
     main()

@@ -44,6 +44,10 @@ REPEATS = ("run", "seed")  # grid axes that repeat a configuration rather than m
 NOISE_TRACE = "noise_trace"  # mean tr(Sigma) estimate over the probes since the previous evaluation
 NOISE_GRAD_SQ = "noise_grad_sq"  # mean |G|^2 estimate behind it (NOISE_SCALE is their ratio)
 STEPS_TO_RESULT = "steps_to_result"  # the step of the first evaluation at the strictest goal (NaN: none yet)
+# Validation examples an evaluation scored: the split's size, or fewer where a screen stopped it early because the
+# rest could not bring the row to the goal (study.engine.eval_schedule); such a row's validation metrics are NaN.
+EVAL_EXAMPLES = "eval_examples"
+SCREENED = "screened"  # True on such a row: its validation metrics were not computed (not at the goal, certainly)
 
 # Regression (the mean squared error).
 VAL_MSE = "val_mse"  # on the held-out validation images; NaN when no validation split

@@ -25,6 +25,11 @@ OPTION_TYPES = (bool, int, float, str)
 class Metric:
     name: str  # without its split prefix: "error" is reported as val_error and test_error
     higher_is_better: bool
+    # (lo, hi): the metric is a mean of per-example terms each within [lo, hi] (error and accuracy: (0, 1); a
+    # squared error or cross-entropy: (0, inf)), so `evaluate` on a part of a split gives that part's mean. It
+    # lets a steps trial stop an evaluation early once the split's remaining examples cannot bring the metric to
+    # the goal (study.engine.eval_schedule). None: no such promise; the metric is always evaluated whole.
+    bounds: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -247,6 +252,11 @@ def check(w, spec: str) -> None:
                              f"metric's direction is the goal's)")
     for name in w.chance:
         w.metric(name)
+    for m in w.metrics:
+        lo, hi = m.bounds if m.bounds is not None and len(m.bounds) == 2 else (math.nan, math.nan)
+        if m.bounds is not None and not (lo <= hi and lo < math.inf and hi > -math.inf):
+            raise StudyError(f"workload {w.name}: metric {m.name}'s bounds must be (lo, hi) with lo <= hi (a mean of "
+                             f"per-example terms in that range; math.inf for none above), got {m.bounds!r}")
     if w.select and not w.select.startswith("val_"):
         raise StudyError(f"workload {w.name}: select must be a validation metric (val_...), got {w.select!r}")
     if w.select:

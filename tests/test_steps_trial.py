@@ -16,7 +16,7 @@ from study.engine.config import TrainConfig
 from study.pcam import data as pcam_data
 from study.engine.steps import BUDGET, CHANCE, CONFIG, GOAL
 from study.engine.eval_schedule import coarse_steps
-from study.engine.steps_trial import COARSE_FACTOR, run_steps
+from study.engine.steps_trial import COARSE_FACTOR, GOALS, run_steps
 from study.workload import resolve
 
 DIGITS = str(Path(__file__).resolve().parents[1] / "examples" / "digits_workload.py")
@@ -144,3 +144,80 @@ def test_every_row_of_a_steps_trial_rests_on_probes_of_its_own_interval():
     for before, row in zip(rows, rows[1:]):  # one probe for each fine interval the row covers (kept steps between)
         intervals = len([s for s in fine if before[S.STEP] < s <= row[S.STEP]])
         assert row[M.NOISE_PROBES] >= intervals >= 1 and math.isfinite(row[M.NOISE_TRACE]), (row[S.STEP], intervals)
+
+
+def test_a_screened_trial_gives_the_full_grids_steps_to_result_and_stores_no_made_up_value():
+    """least-squares (val_loss, terms >= 0) at two batch sizes: every fine step evaluated whole against the default
+    schedule (coarse, screened, refined near the goal). The same steps to result, interpolated by the analysis
+    between the same two values; the screened rows carry NaN and the examples their screen scored, and each was
+    above every goal of the study."""
+    from analysis.steps import steps_to_result
+    from study.workload import Goal
+
+    workload = resolve("least-squares")
+    options = workload.option_values({"train_size": 4096, "val_size": 512})
+    splits = workload.load(options)
+    goal = {"metric": "val_loss", "value": 0.2, "higher_is_better": False}
+    laxer = {**goal, "value": 0.3}  # a second goal of the study: the screen must not hide its crossing either
+    extra = {GOAL: goal, BUDGET: 400, CHANCE: None, CONFIG: 0, GOALS: [goal, laxer]}
+    for batch in (8, 64):
+        cfg = TrainConfig(workload="least-squares", batch_size=batch, optimizer="sgd", lr=0.3, momentum=0.0,
+                          noise_every=8, options=options)
+        full, screened = [], []
+        run_steps(cfg, extra, workload, splits, CPU, lambda r, s: full.append(r), coarse=None, screen=False)
+        run_steps(cfg, extra, workload, splits, CPU, lambda r, s: screened.append(r))
+        assert full[-1][S.STEP] == screened[-1][S.STEP] and screened[-1][M.STATUS] == S.REACHED
+        assert steps_to_result(full, Goal.from_dict(goal))[0] == steps_to_result(screened, Goal.from_dict(goal))[0]
+        by_step = {r[S.STEP]: r for r in full}
+        assert screened[-2][S.STEP] in by_step and screened[-2]["val_loss"] == by_step[screened[-2][S.STEP]]["val_loss"]
+        cut = [r for r in screened if r[M.SCREENED]]
+        assert len(cut) >= len(screened) / 2 and all(math.isnan(r["val_loss"]) for r in cut)
+        assert all(r[M.EVAL_EXAMPLES] < 512 and by_step[r[S.STEP]]["val_loss"] > 0.3 for r in cut)
+        assert [r[S.STEP] for r in screened] == sorted({r[S.STEP] for r in screened})
+
+
+def test_a_reused_worker_keeps_one_studys_data_on_its_device():
+    """A second trial in the same process (Tune's reused worker) takes the splits' tensors up again; another
+    study's data (other options, or other contents) replaces them, and the cache never holds two."""
+    workload = resolve("least-squares")
+    options = workload.option_values({"train_size": 512, "val_size": 128})
+    cfg = TrainConfig(workload="least-squares", batch_size=16, optimizer="sgd", lr=0.1, options=options)
+    first = run_workload.WorkloadTrial(cfg, workload, workload.load(options), CPU, scored=("val",))
+    again = run_workload.WorkloadTrial(cfg, workload, workload.load(options), CPU, scored=("val",))
+    assert again.batches.x is first.batches.x and again.held["val"].x is first.held["val"].x
+    other = workload.option_values({**options, "data_seed": 1})
+    moved = run_workload.WorkloadTrial(dataclasses.replace(cfg, options=other), workload, workload.load(other), CPU,
+                                       scored=("val",))
+    assert moved.batches.x is not first.batches.x and len(run_workload._ON_DEVICE) == 1
+    splits = workload.load(other)
+    splits["train"][0][-1] += 1.0  # the same options, other contents: the checksum tells them apart
+    changed = run_workload.WorkloadTrial(dataclasses.replace(cfg, options=other), workload, splits, CPU,
+                                         scored=("val",))
+    assert changed.batches.x is not moved.batches.x and len(run_workload._ON_DEVICE) == 1
+
+
+def test_a_held_screened_row_is_evaluated_whole_when_the_next_reaches_the_goal():
+    """The loop on a scripted evaluation (values by call): steps 0 and 1 screened, step 2 at the goal; the row at
+    step 1, held until then, is evaluated again whole and stored with its value, unflagged, before step 2."""
+    from study.engine.loop import fit
+    from study.engine.train import DeviceBatches
+    from study.workload import Goal
+
+    values = iter([0.9, 0.5, 0.04, 0.5])  # steps 0, 1, 2, then step 1 again, whole
+
+    def evaluate(model, settles=None):
+        v = next(values)
+        if settles is not None and settles({"val_error": 0.9 * v}, {"val_error": min(1.0, 1.1 * v)}):
+            return {"val_error": math.nan, M.SCREENED: True, M.EVAL_EXAMPLES: 10}
+        return {"val_error": v, **({M.SCREENED: False, M.EVAL_EXAMPLES: 100} if settles else {})}  # as WorkloadTrial
+
+    limits = S.TrialLimits(goal=Goal("val_error", 0.05, False), budget_steps=8)
+    model = torch.nn.Linear(2, 2)
+    rows = []
+    fit(model, torch.optim.SGD(model.parameters(), lr=0.1), DeviceBatches(torch.randn(64, 2), torch.randint(0, 2, (64,)), 8),
+        torch.nn.functional.cross_entropy, evaluate, lambda row, state: rows.append(row),
+        cfg=TrainConfig(workload=DIGITS, batch_size=8, noise_scale=False), device=CPU, eval_steps=list(range(1, 9)),
+        stop=limits.status, rewind_on=(S.REACHED,), screen=limits.status)
+    assert [(r[S.STEP], r[M.SCREENED], r[M.EVAL_EXAMPLES]) for r in rows] == [(0, True, 10), (1, False, 100),
+                                                                              (2, False, 100)]
+    assert math.isnan(rows[0]["val_error"]) and rows[1]["val_error"] == 0.5 and rows[2][M.STATUS] == S.REACHED

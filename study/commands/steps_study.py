@@ -25,7 +25,7 @@ from study.engine.config import TRAIN_OPTIMIZERS, TrainConfig
 from study.errors import StudyError
 from study.engine.steps import BUDGET, CHANCE, CONFIG, GOAL, STAGE
 from study.commands.steps_stopped import prime, save_stopped
-from study.engine.steps_trial import split_config, train_steps
+from study.engine.steps_trial import GOALS, split_config, train_steps
 from study.commands.tuning import add_common_args, check_common_args
 from study.workload import Goal, Workload, describe
 
@@ -244,7 +244,7 @@ class StepsCommand(driver.Command):
         self.base = dict(TrainConfig(workload=spec).to_dict(), options=self.options, stage=STAGE,
                          optimizer=args.optimizer, noise_scale=args.noise_scale == "on", tf32=args.tf32,
                          code_version="", seed=args.seed, **{k: getattr(args, k) for k in SCALARS},
-                         **{GOAL: goal.to_dict(), CHANCE: self.chance},
+                         **{GOAL: goal.to_dict(), CHANCE: self.chance, GOALS: [g.to_dict() for g in self.goals]},
                          **({"momentum": args.momentum} if getattr(args, "momentum", None) is not None else {}))
         self.steps_per_epoch = {b: math.ceil(n_train / b) for b in args.batch_sizes}
         check_trials(self.base, args.points, self.budgets, self.steps_per_epoch)

@@ -8,6 +8,7 @@ The data order of epoch e and its augmentation are drawn from (seed, e) alone, s
 checkpoint of any step, mid-epoch too, continues exactly as an uninterrupted one would (bit for bit on CPU).
 """
 
+import copy
 import math
 import time
 from typing import Callable, Sequence
@@ -15,6 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from study import metrics as M
+from study.engine.eval_schedule import settled
 from study.engine.lr_scaling import lr_at, scaled_lr, set_lr
 from study.engine.noise import NoiseScale
 from study.engine.train import epoch_generator, rng_state, set_rng_state, sync
@@ -56,7 +58,8 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
         *, cfg, device: torch.device, prepare: Callable | None = None, start: dict | None = None,
         select: str | None = None, maximise: bool = True, autocast_dtype: torch.dtype | None = None,
         eval_steps: Sequence[int] | None = None, stop: Callable[[dict], str | None] | None = None,
-        keep_steps: Sequence[int] = (), rewind_on: tuple = ()) -> dict:
+        keep_steps: Sequence[int] = (), rewind_on: tuple = (), screen: Callable[[dict], str | None] | None = None,
+        refine: Callable[[dict], bool] | None = None) -> dict:
     """Train `model` until the last evaluation of the schedule, or until `stop` or divergence ends it; returns the
     final state (see `snapshot` below).
 
@@ -73,6 +76,10 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
     keep_steps, rewind_on: steps between evaluations whose weights are kept, not evaluated; when an evaluation's
     stop status is in rewind_on, the steps kept since the previous evaluation are evaluated in order and reported,
     and the first whose status is also in rewind_on ends training there (study.engine.eval_schedule states the rule).
+    screen(row) -> a status, like stop (None: no screen): evaluate(model, settles) may stop early where no metric
+    value within its bounds gives a status (a screened row: metrics NaN, M.SCREENED); such a row is reported once the
+    next is known, evaluated whole first when that next one's status is in rewind_on. refine(row): on a row that
+    goes on, True evaluates every kept step from then on.
     """
     steps_per_epoch = len(batches)
     at = list(eval_steps) if eval_steps is not None else [e * steps_per_epoch for e in range(1, cfg.epochs + 1)]
@@ -182,32 +189,65 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
     kept = []  # (so_far(), weights) of the steps kept since the last evaluation (keep_steps)
     keeping = set(keep_steps)
     on_host = sum(t.numel() * t.element_size() for t in model.state_dict().values()) > 2**26  # > 64 MiB: host
+    held = []  # a screened row not yet reported, with a copy of its state: [(row, state)]
+    refined = [False]  # refine() asked for every kept step to be evaluated
+
+    def scored(now: dict, since: dict | None, last: bool, rewinding: bool = False) -> dict:
+        """The row at `now` with the model's metrics, decided; a screened row goes on (its screen proved it)."""
+        row = row_of(now, since)
+        if screen is None or last:  # the last evaluation's status never waits for a next row
+            return decide({**row, **evaluate(model)}, last)
+        stops_on = rewind_on if rewinding else None  # in a rewind only a row at the goal changes anything
+        row.update(evaluate(model, lambda lows, highs: not row[M.DIVERGED] and settled(screen, row, lows, highs,
+                                                                                        stops_on)))
+        return row if row.get(M.SCREENED) else decide(row, last)
+
+    def release(reached: bool) -> None:
+        """Report the held screened row; evaluated whole first when the row after it reached the goal (the
+        analysis interpolates between the two)."""
+        if not held:
+            return
+        row, saved = held.pop()
+        if reached:
+            live = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            model.load_state_dict(saved["model"])
+            row.update(evaluate(model, lambda lows, highs: False))  # a screen that never stops: whole
+            model.load_state_dict(live)
+        report(row, saved)
+
+    def put(row: dict) -> None:
+        """Report a row in step order, the held one first; a screened row is held until the next is known."""
+        release(reached=row[M.STATUS] in rewind_on)
+        if row.get(M.SCREENED):
+            held.append((row, copy.deepcopy(snapshot())))
+        else:
+            report(row, snapshot())
 
     def evaluated(now: dict, last: bool) -> bool:
         """The evaluation due now: decided, then, where its status asks for it (rewind_on), the kept steps before
         it evaluated and reported in order until one's status is in rewind_on too; True when training ends."""
         start_seconds = state["train_seconds"]
-        metrics = evaluate(model)
-        row = decide({**row_of(now), **metrics}, last)
+        row = scored(now, None, last)
         if row[M.STATUS] not in rewind_on or not kept:
             kept.clear()
-            report(row, snapshot())
+            put(row)
+            refined[0] = refined[0] or (refine is not None and row[M.STATUS] == M.STATUS_RUNNING and refine(row))
             return row[M.STATUS] != M.STATUS_RUNNING
         current = {k: v.detach().clone() for k, v in model.state_dict().items()}
         state["train_seconds"], since = start_seconds, None
         for part, weights in kept:
             model.load_state_dict(weights)
-            fine = decide({**row_of(part, since), **evaluate(model)}, last=False)
+            fine = scored(part, since, last=False, rewinding=True)
             since = part
             if fine[M.STATUS] in rewind_on:
                 kept.clear()
-                report(fine, snapshot())
+                put(fine)
                 return True
             fine[M.STATUS] = M.STATUS_RUNNING  # the later evaluation decides how the trial goes on
-            report(fine, snapshot())
+            put(fine)
         kept.clear()
         model.load_state_dict(current)
-        report(decide({**row_of(now, since), **metrics}, last), snapshot())
+        put(decide({**row, **row_of(now, since)}, last))
         return True
 
     def start_interval():
@@ -227,13 +267,24 @@ def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.
         if evaluated(zero, last=False):
             return state
     pending = [s for s in at if s > state["step"]]
+
+    def refine_pending() -> None:
+        """After refine() asked for it: the kept steps still ahead become evaluations."""
+        if refined[0] and keeping:
+            pending[:] = sorted(set(pending) | {s for s in keeping if s > state["step"]})
+            keeping.clear()
+
+    refine_pending()
     epoch, skip = divmod(state["step"], steps_per_epoch)
     loss_sum, seen, started = start_interval()
 
     def evaluation_ends_training() -> bool:
         """The evaluation due at this step: the interval's row, reported; True when training ends here."""
         pending.pop(0)
-        return evaluated(so_far(), last=not pending)
+        if evaluated(so_far(), last=not pending):
+            return True
+        refine_pending()
+        return False
 
     while pending:
         epoch += 1

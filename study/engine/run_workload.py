@@ -11,7 +11,9 @@ weights when the workload selects one. `WorkloadTrial`, the trial set up on its 
 steps-to-result trial (study.engine.steps_trial), which evaluates on training steps instead of epochs.
 """
 
+import json
 import math
+import zlib
 
 import numpy as np
 import torch
@@ -20,6 +22,7 @@ from study import metrics as M
 from study.engine.bridge import load_start, reporter, trial_device, trial_entry
 from study.engine.config import TrainConfig
 from study.data.batches import PatchBatches
+from study.engine.eval_schedule import bounds
 from study.engine.loop import fit
 from study.engine.memory import activation_bytes_per_image, plan_uploads, training_bytes
 from study.engine.train import DeviceBatches, make_optimizer, seed_everything
@@ -37,10 +40,34 @@ def train_workload(config: dict, data: dict | None) -> None:
 
 
 def to_device(split, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A split's (x, y) as tensors on the device, once per trial (np.array copies: the object store's arrays are
-    read-only)."""
+    """A split's (x, y) as tensors on the device (np.array copies: the object store's arrays are read-only)."""
     x, y = split
     return torch.from_numpy(np.array(x)).to(device), torch.from_numpy(np.array(y)).to(device)
+
+
+# The splits of the latest trial on this worker's device. Tune reuses a worker for the next trial of the same
+# stage (reuse_actors), which then finds its data there instead of copying it again; one study's data at most.
+_ON_DEVICE: dict = {}
+
+
+def identity(name: str, options: dict, splits: dict, device: torch.device) -> tuple:
+    """What tells one study's data from another's: the workload, its options, the device, and per split its shape,
+    dtype and a checksum of its first and last 64 KiB (a file changed under the same options)."""
+    def sample(a) -> int:
+        raw = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+        return zlib.crc32(raw[-65536:].tobytes(), zlib.crc32(raw[:65536].tobytes()))
+    return (name, json.dumps(options, sort_keys=True, default=str), str(device),
+            tuple((k, *((p.shape, str(p.dtype), sample(p)) if p is not None else None for p in v))
+                  for k, v in sorted(splits.items())))
+
+
+def on_device(name: str, options: dict, splits: dict, device: torch.device) -> dict:
+    """{split: (x, y) on the device}, from this worker's cache when its last trial held the same data."""
+    key = identity(name, options, splits, device)
+    if key not in _ON_DEVICE:
+        _ON_DEVICE.clear()  # the tensors go before the next study's arrive: never two studies' data at once
+        _ON_DEVICE[key] = {name: to_device(split, device) for name, split in splits.items()}
+    return dict(_ON_DEVICE[key])
 
 
 class InMemory:
@@ -100,37 +127,58 @@ class WorkloadTrial:
             held = streamed(cfg, workload, splits, self.model, device, self.amp, memory_budget, packed)
             self.batches = held.pop("train")
         else:
-            held = {name: to_device(split, device) for name, split in splits.items()}
+            held = on_device(workload.name, self.options, splits, device)
             self.batches = DeviceBatches(*held.pop("train"), cfg.batch_size)
             held = {name: InMemory(x, y, cfg.eval_batch_size) for name, (x, y) in held.items()}
         self.test = held.pop("test", None)
         self.labelled_test = self.test is not None and splits["test"][1] is not None
         self.held = held
+        self.bounds = {m.name: m.bounds for m in workload.metrics if m.bounds is not None}
 
     @torch.no_grad()
-    def outputs_of(self, split) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def outputs_of(self, split, settles=None) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+        """(outputs, labels, examples scored) over the split in order; with `settles`, (None, None, n) when after n
+        examples settles(lows, highs) holds for the metrics' possible means over the whole split (the screen,
+        study.engine.eval_schedule)."""
         model, prepare = self.model, self.workload.prepare
         model.eval()
-        outs, ys = [], []
+        outs, ys, sums, seen, total = [], [], {}, 0, len(split.x)
         for x, y in split.epoch():
             if prepare is not None:
                 x = prepare(x)
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                 outs.append(model(x).float())
             ys.append(y)
+            seen += len(x)
+            if settles is not None and y is not None and seen < total:
+                for name, value in self.workload.evaluate(outs[-1], y).items():  # each a mean of per-example terms
+                    sums[name] = sums.get(name, 0.0) + value * len(y)
+                if settles(*bounds(sums, seen, total, self.bounds)):
+                    model.train()
+                    return None, None, seen
         model.train()
-        return torch.cat(outs), None if ys[0] is None else torch.cat(ys)
+        return torch.cat(outs), None if ys[0] is None else torch.cat(ys), seen
 
     def scores(self, split: str, outputs, y) -> dict:
         if not torch.isfinite(outputs).all():  # a diverged model has no score, only NaN
             return {f"{split}_{m.name}": math.nan for m in self.workload.metrics}
         return {f"{split}_{name}": float(value) for name, value in self.workload.evaluate(outputs, y).items()}
 
-    def evaluate(self, model) -> dict:
+    def evaluate(self, model, settles=None) -> dict:
+        """The held splits' metrics; with `settles`, the validation split's screened (outputs_of): a screened row
+        has them NaN, M.SCREENED True and M.EVAL_EXAMPLES the examples it scored."""
         cuda = self.device.type == "cuda"
         out = {M.GPU_MEMORY_MB: torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else math.nan}
         for split, batches_of in self.held.items():
-            out.update(self.scores(split, *self.outputs_of(batches_of)))
+            screen = (lambda lows, highs: settles(*(
+                {f"{split}_{k}": v for k, v in side.items()} for side in (lows, highs)))) if settles else None
+            outputs, y, seen = self.outputs_of(batches_of, screen if split == "val" else None)
+            if outputs is None:
+                out.update({f"{split}_{m.name}": math.nan for m in self.workload.metrics})
+            else:
+                out.update(self.scores(split, outputs, y))
+            if settles is not None and split == "val":
+                out.update({M.SCREENED: outputs is None, M.EVAL_EXAMPLES: seen})
         if self.labelled_test:  # scored once, at the end (test_at_end)
             out.update({f"test_{m.name}": math.nan for m in self.workload.metrics})
         return out
@@ -143,7 +191,7 @@ class WorkloadTrial:
         if workload.select:  # the checkpoint's state references the live weights: they are put back afterwards
             last = {k: v.detach().clone() for k, v in model.state_dict().items()}
             model.load_state_dict(state["best_model"])
-        outputs, y = self.outputs_of(self.test)
+        outputs, y, _ = self.outputs_of(self.test)
         if workload.select:
             model.load_state_dict(last)
         if self.labelled_test:

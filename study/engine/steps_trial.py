@@ -3,10 +3,12 @@
 
 The run trial's workload trial (study.engine.run_workload.WorkloadTrial: the model, the splits on the device or streamed
 from memory maps, the workload's prepare_train or prepare and augment, channels_last, AMP, the memory cap) in the
-one loop (study.engine.loop.fit) with its evaluations placed on training steps: at step 0 and at every step of
-study.engine.steps.eval_steps(budget), counted across epochs. Each evaluation row carries the step, the examples seen,
-the training seconds (evaluations left out), the mean training loss and the gradient noise scale over the steps
-since the previous evaluation, and the workload's metrics with their split prefix. The trial ends on its own rows
+one loop (study.engine.loop.fit) with its evaluations placed on training steps: at step 0 and on the fine grid
+study.engine.steps.eval_steps(budget), counted across epochs, as study.engine.eval_schedule places them (a coarse
+subset, evaluated back at the goal; each evaluation screened, every fine step once the goal is near). Each
+evaluation row carries the step, the examples seen, the training seconds (evaluations left out), the mean training
+loss and the gradient noise scale over the steps since the previous evaluation, and the workload's metrics with
+their split prefix (NaN on a screened row). The trial ends on its own rows
 (study.engine.steps.TrialLimits: the strictest goal, the budget, divergence, chance level); its last row's status says
 which. A trial restarted from a checkpoint at step s skips the epoch's first batches and goes on as an
 uninterrupted one would.
@@ -20,18 +22,21 @@ from study import metrics as M
 from study.engine import steps as S
 from study.engine.bridge import load_start, reporter, trial_device, trial_entry
 from study.engine.config import TrainConfig
-from study.engine.eval_schedule import coarse_steps
-from study.engine.run_workload import WorkloadTrial
+from study.engine.eval_schedule import SCREEN_PARTS, coarse_steps, near
+from study.engine.run_workload import InMemory, WorkloadTrial
 from study.engine.steps import BUDGET, CHANCE, CONFIG, GOAL
 from study.workload import Goal, Workload, resolve
 
-STEP_KEYS = (BUDGET, GOAL, CHANCE, CONFIG)
+# Every goal of the study (its stored form): the screen stops an evaluation only where none can be reached, so a
+# laxer goal's crossing keeps its value too. Configs stored before it lack it; their trials are never screened.
+GOALS = "goals"
+STEP_KEYS = (BUDGET, GOAL, CHANCE, CONFIG, GOALS)
 COARSE_FACTOR = 2.0  # evaluations about this far apart, the fine grid's in between evaluated back at the goal
 CHECKPOINT_SECONDS = 60.0  # a checkpoint at most this often (and at the end): the state is written, not free
 
 
 def split_config(config: dict) -> tuple[TrainConfig, dict]:
-    extra = {k: config[k] for k in STEP_KEYS}
+    extra = {k: config[k] for k in STEP_KEYS if k in config}
     return TrainConfig.from_dict({k: v for k, v in config.items() if k not in STEP_KEYS}), extra
 
 
@@ -52,19 +57,33 @@ def train_steps(config: dict, data: dict | None) -> None:
               memory_budget=trial.memory_budget, packed=trial.packed)
 
 
+def screening(limits: S.TrialLimits, goals: list[Goal]):
+    """The statuses a screen must rule out: the trial's own (limits.status), and any goal of the study reached."""
+    def status(row: dict) -> str | None:
+        return limits.status(row) or (S.REACHED if any(g.reached(float(row[g.metric])) for g in goals) else None)
+    return status
+
+
 def run_steps(cfg: TrainConfig, extra: dict, workload: Workload, splits: dict | None, device: torch.device, report,
               start: dict | None = None, *, memory_budget: int | None = None, packed: bool = False,
-              coarse: float | None = COARSE_FACTOR) -> dict:
+              coarse: float | None = COARSE_FACTOR, screen: bool = True, refine: bool = True) -> dict:
     """Train until the trial's limits end it; report(row, state) at every evaluation. Returns the last row.
     splits None: a memory-mapped workload's, opened here; memory_budget, packed: as for a run trial
     (study.engine.run_workload.WorkloadTrial, which sets up everything the two trials share). coarse: evaluate about this
     factor apart and evaluate back through the fine grid's kept weights at the goal (study.engine.eval_schedule); None:
-    evaluate every step of the fine grid."""
+    evaluate every step of the fine grid. screen: stop an evaluation early once it cannot reach any of the study's
+    goals (extra[GOALS]; none listed: no screen), where the goal's metric declares bounds; refine: then evaluate
+    every fine step once the goal is near."""
     trial = WorkloadTrial(cfg, workload, splits, device, memory_budget=memory_budget, packed=packed,
                           scored=("val",))
     limits = limits_of(extra, warmup_steps=round(cfg.warmup_epochs * len(trial.batches)))
     fine = S.eval_steps(limits.budget_steps)
     at = coarse_steps(fine, coarse) if coarse else fine
+    val = trial.held["val"]
+    goals = [Goal.from_dict(g) for g in extra.get(GOALS, [])]
+    screen = screen and bool(goals) and workload.metric(limits.goal.metric).bounds is not None
+    if screen and isinstance(val, InMemory):  # every evaluation in the same chunks: the same outputs, screened or not
+        val.batch_size = min(val.batch_size, math.ceil(len(val.x) / SCREEN_PARTS))
     last = {}
 
     def report_row(row, state):
@@ -73,5 +92,6 @@ def run_steps(cfg: TrainConfig, extra: dict, workload: Workload, splits: dict | 
         report(row, state)
 
     trial.fit(report_row, start, eval_steps=at, stop=limits.status, keep_steps=sorted(set(fine) - set(at)),
-              rewind_on=(S.REACHED,))
+              rewind_on=(S.REACHED,), screen=screening(limits, goals) if screen else None,
+              refine=(lambda row: near(row[M.EVAL_EXAMPLES], len(val.x))) if screen and refine else None)
     return last["row"]

@@ -10,6 +10,8 @@ fetches it), or `--smoke` on generated CIFAR-10 files (study.data.cifar.load_syn
 CIFAR-10's own.
 """
 
+import math
+
 import torch
 from torch import nn
 
@@ -95,7 +97,7 @@ workload = Workload(
     name="cifar10-resnet8", unit="images",
     summary="CIFAR-10, ResNet-8 as in Shallue et al. 2019, pad-crop-flip on the device; goal 30 % validation error",
     load=load, model=model, loss=nn.functional.cross_entropy, prepare=prepare, augment=augment, evaluate=evaluate,
-    metrics=(Metric("error", False), Metric("loss", False)), primary="val_error",
+    metrics=(Metric("error", False, bounds=(0, 1)), Metric("loss", False, bounds=(0, math.inf))), primary="val_error",
     goals=(Goal("val_error", 0.30),), chance={"val_error": 0.9, "test_error": 0.9},
     defaults=dict(batch_sizes=[32, 64, 128, 256, 512, 1024], optimizers=["nesterov"], lrs=[0.05, 0.1, 0.2],
                   epochs=30, seeds=[0, 1, 2], momentum=0.9, weight_decay=5e-4, schedule="cosine"),

@@ -22,6 +22,8 @@ training set (--train-size 262,144) keeps 1,000 steps at batch 256 inside one.
 measurements are checked against (tests/test_least_squares.py).
 """
 
+import math
+
 import numpy as np
 import torch
 from torch import nn
@@ -121,7 +123,7 @@ workload = Workload(
     name="least-squares",
     summary="least squares on Gaussian inputs, B_simple and SGD's expected loss known exactly (a check to trust)",
     load=load, model=model, loss=loss, evaluate=evaluate,
-    metrics=(Metric("loss", False),), primary="val_loss",
+    metrics=(Metric("loss", False, bounds=(0, math.inf)),), primary="val_loss",
     goals=(Goal("val_loss", 0.2),),  # noise^2 / 2 = 0.125 is the floor at the defaults; the start is ~2.6
     defaults=dict(batch_sizes=[8, 16, 32, 64, 128, 256, 512], optimizers=["sgd"], lrs=[0.1, 0.3, 1.0], epochs=1,
                   seeds=[0], momentum=0.0),

@@ -8,6 +8,8 @@ last N, --val-split tail, make every goal easier; studies stored before 2026-12-
 the test split is MNIST's own 10,000.
 """
 
+import math
+
 import torch
 from torch import nn
 
@@ -61,7 +63,7 @@ workload = Workload(
     name="mnist-cnn", unit="images",
     summary="MNIST digits, the simple CNN of Shallue et al. 2019 (2 conv + 2 fc); goal 1 % validation error",
     load=load, model=model, loss=nn.functional.cross_entropy, prepare=prepare, evaluate=evaluate,
-    metrics=(Metric("error", False), Metric("loss", False)), primary="val_error",
+    metrics=(Metric("error", False, bounds=(0, 1)), Metric("loss", False, bounds=(0, math.inf))), primary="val_error",
     goals=(Goal("val_error", 0.01),), chance={"val_error": 0.9, "test_error": 0.9},
     defaults=dict(batch_sizes=[16, 32, 64, 128, 256, 512, 1024], optimizers=["nesterov"], lrs=[0.01, 0.03, 0.1],
                   epochs=10, seeds=[0, 1, 2], momentum=0.9),
