@@ -3,7 +3,7 @@
     python benchmarks/steps_cost.py [--data-dir ../shared/data/mnist] [--batch-sizes 16 256] [--goal 0.05]
                                     [--val-size 2000] [--device auto|cpu|cuda] [--threads N]
 
-Runs mnist-cnn steps trials (study.engine.steps_trial.run_steps, a trial as Tune runs it, minus Ray) at each batch size
+Runs mnist-cnn steps trials (study.engine.steps_trial.run_steps_trial, a trial as Tune runs it, minus Ray) at each batch size
 on the same seed, so on the same weights step by step, on four schedules (SCHEDULES): the old one, an evaluation at
 every step of the fine grid (every step to 10, then <= 10 % apart); evaluations about 2x apart with the fine grid's
 weights kept in between and evaluated back when one reaches the goal (study.engine.eval_schedule); the same with
@@ -42,7 +42,7 @@ from study.engine.steps import BUDGET, CHANCE, CONFIG, GOAL, REACHED  # noqa: E4
 from study.workload import resolve  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEDULES = {  # run_steps' schedule arguments: the old schedule, the coarse one alone, and the screens
+SCHEDULES = {  # run_steps_trial' schedule arguments: the old schedule, the coarse one alone, and the screens
     "every fine step": dict(coarse=None, screen=False), "coarse 2x + back": dict(screen=False, refine=False),
     "screened, coarse 2x + back": dict(refine=False), "screened, fine when near": dict()}
 LR = {16: 0.01, 32: 0.01, 64: 0.02, 128: 0.03, 256: 0.05, 512: 0.05}  # nesterov 0.9: reach 5 % error on MNIST
@@ -82,7 +82,7 @@ def one_trial(batch: int, schedule: dict, args, splits, options, device) -> dict
     run_workload.WorkloadTrial.evaluate = timed_evaluate
     try:
         started = time.perf_counter()
-        last = steps_trial.run_steps(cfg, extra, workload, splits, device, report, **schedule)
+        last = steps_trial.run_steps_trial(cfg, extra, workload, splits, device, report, **schedule)
         total = time.perf_counter() - started
     finally:
         run_workload.WorkloadTrial.evaluate = evaluate

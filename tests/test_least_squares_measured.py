@@ -7,7 +7,7 @@ seeds, is that curve: a check of the trial's SGD, batching, learning rate and ev
 (2) Steps to result are a first passage of one run, the best over configurations: at batch sizes where the step
 is noise-dominated (below B_crit) one run dips under the goal before its expectation does and the best of N picks
 the luckiest, so the measurement lies below the exact curve; above B_crit, where runs barely differ, it is the exact
-curve. The trials run without Ray (study.engine.steps_trial.run_steps), as Tune runs them.
+curve. The trials run without Ray (study.engine.steps_trial.run_steps_trial), as Tune runs them.
 """
 
 import math
@@ -18,7 +18,7 @@ import torch
 
 from study.engine.config import TrainConfig
 from study.engine.steps import BUDGET, CHANCE, CONFIG, GOAL, REACHED, config_seed
-from study.engine.steps_trial import run_steps
+from study.engine.steps_trial import run_steps_trial
 from study.workload import resolve
 from study.workloads import least_squares as ls
 
@@ -39,7 +39,7 @@ def curve(problem, batch: int, lr: float, budget: int, seed: int, goal: float = 
     extra = {GOAL: {"metric": "val_loss", "value": goal, "higher_is_better": False}, BUDGET: budget, CHANCE: None,
              CONFIG: 0}
     rows = []
-    run_steps(cfg, extra, workload, splits, torch.device("cpu"), lambda row, state: rows.append(row))
+    run_steps_trial(cfg, extra, workload, splits, torch.device("cpu"), lambda row, state: rows.append(row))
     return rows
 
 

@@ -16,7 +16,7 @@ from study.engine.config import TrainConfig
 from study.errors import StudyError
 from study.engine.steps import BUDGET, CHANCE, CONFIG, GOAL
 from study.engine.eval_schedule import coarse_steps
-from study.engine.steps_trial import COARSE_FACTOR, run_steps
+from study.engine.steps_trial import COARSE_FACTOR, run_steps_trial
 from study.workload import Goal, resolve
 from tensorboard_checks import session_groups
 
@@ -32,7 +32,7 @@ def trial(goal: dict, budget: int, batch_size: int = 64, lr: float = 0.2, chance
                       noise_every=4)
     extra = {GOAL: goal, BUDGET: budget, CHANCE: chance, CONFIG: 0}
     rows = []
-    last = run_steps(cfg, extra, workload, workload.load(workload.option_values()), torch.device("cpu"),
+    last = run_steps_trial(cfg, extra, workload, workload.load(workload.option_values()), torch.device("cpu"),
                      lambda row, state: rows.append(row), coarse=coarse)
     return rows, last
 
@@ -325,9 +325,9 @@ def test_trial_restarted_from_a_mid_epoch_checkpoint_goes_on_exactly(augment):
         if 19 < row["step"] < 38 and not saved:  # the first evaluation inside the second epoch
             saved.update(copy.deepcopy(state))
 
-    run_steps(cfg, extra, workload, splits, torch.device("cpu"), report)
+    run_steps_trial(cfg, extra, workload, splits, torch.device("cpu"), report)
     again = []
-    run_steps(cfg, extra, workload, splits, torch.device("cpu"), lambda row, state: again.append(row), saved)
+    run_steps_trial(cfg, extra, workload, splits, torch.device("cpu"), lambda row, state: again.append(row), saved)
     after = [r for r in rows if r["step"] > saved["step"]]
     keys = ["step", "examples", "train_loss", "val_error", "val_loss", "noise_scale", "status"]
     assert [[r[k] for k in keys] for r in again] == [[r[k] for k in keys] for r in after] and after

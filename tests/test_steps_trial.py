@@ -1,6 +1,6 @@
 """The steps-to-result trial honours what a workload declares as the run trial does (they share
 study.engine.run_workload.WorkloadTrial and the one loop): augmentation in prepare_train, and memory-mapped splits
-streamed from their files. Without Ray: run_steps directly, on small data."""
+streamed from their files. Without Ray: run_steps_trial directly, on small data."""
 
 import dataclasses
 import math
@@ -16,7 +16,7 @@ from study.engine.config import TrainConfig
 from study.pcam import data as pcam_data
 from study.engine.steps import BUDGET, CHANCE, CONFIG, GOAL
 from study.engine.eval_schedule import coarse_steps
-from study.engine.steps_trial import COARSE_FACTOR, GOALS, run_steps
+from study.engine.steps_trial import COARSE_FACTOR, GOALS, run_steps_trial
 from study.workload import resolve
 
 DIGITS = str(Path(__file__).resolve().parents[1] / "examples" / "digits_workload.py")
@@ -25,7 +25,7 @@ CPU = torch.device("cpu")
 
 def steps_trial(workload, splits, cfg: TrainConfig, goal: dict, budget: int) -> tuple[list[dict], dict]:
     rows = []
-    last = run_steps(cfg, {GOAL: goal, BUDGET: budget, CHANCE: None, CONFIG: 0}, workload, splits, CPU,
+    last = run_steps_trial(cfg, {GOAL: goal, BUDGET: budget, CHANCE: None, CONFIG: 0}, workload, splits, CPU,
                      lambda row, state: rows.append(row))
     return rows, last
 
@@ -82,7 +82,7 @@ def test_a_steps_trial_streams_memory_mapped_pcam_splits_and_augments_them(tmp_p
 
 
 def test_the_steps_trainable_caps_memory_and_lets_a_memory_mapped_workload_open_its_files(monkeypatch):
-    """train_steps as Tune runs it, up to run_steps: its device and memory cap come from the trial bridge (as a
+    """train_steps as Tune runs it, up to run_steps_trial: its device and memory cap come from the trial bridge (as a
     run trial's), and a memory-mapped workload's splits are opened by the trial, not taken from the object store."""
     from types import SimpleNamespace
 
@@ -102,7 +102,7 @@ def test_the_steps_trainable_caps_memory_and_lets_a_memory_mapped_workload_open_
     monkeypatch.setattr(bridge, "cuda_budget", lambda device, share: budgets.append(share) or (123, True))
     runs, reported = [], []
     monkeypatch.setattr(bridge.tune, "report", lambda metrics, checkpoint=None: reported.append(metrics))
-    monkeypatch.setattr(steps_trial, "run_steps", lambda cfg, extra, workload, splits, device, report, start, **kw:
+    monkeypatch.setattr(steps_trial, "run_steps_trial", lambda cfg, extra, workload, splits, device, report, start, **kw:
                         runs.append(dict(splits=splits, device=device, **kw)))
     steps = {GOAL: {"metric": "val_auc", "value": 0.9, "higher_is_better": True}, BUDGET: 10, CHANCE: 0.5,
              CONFIG: 0}
@@ -164,8 +164,8 @@ def test_a_screened_trial_gives_the_full_grids_steps_to_result_and_stores_no_mad
         cfg = TrainConfig(workload="least-squares", batch_size=batch, optimizer="sgd", lr=0.3, momentum=0.0,
                           noise_every=8, options=options)
         full, screened = [], []
-        run_steps(cfg, extra, workload, splits, CPU, lambda r, s: full.append(r), coarse=None, screen=False)
-        run_steps(cfg, extra, workload, splits, CPU, lambda r, s: screened.append(r))
+        run_steps_trial(cfg, extra, workload, splits, CPU, lambda r, s: full.append(r), coarse=None, screen=False)
+        run_steps_trial(cfg, extra, workload, splits, CPU, lambda r, s: screened.append(r))
         assert full[-1][S.STEP] == screened[-1][S.STEP] and screened[-1][M.STATUS] == S.REACHED
         assert steps_to_result(full, Goal.from_dict(goal))[0] == steps_to_result(screened, Goal.from_dict(goal))[0]
         by_step = {r[S.STEP]: r for r in full}

@@ -156,10 +156,11 @@ def test_probing_every_step_trains_the_same_model(data):
 def test_probe_seconds_are_kept_out_of_training_seconds(data, monkeypatch):
     """On a clock where every probe takes 100 s and anything else 1 ms a reading, the probes' time goes to
     probe_seconds and none of it into epoch or training seconds (a clock, not sleeps: two shared cores are noisy)."""
+    import sys
     import types
 
     from study.engine import loop
-    from study.engine.noise import NoiseScale
+    from study.engine.noise import NoiseScale, ProbeClock
 
     now = [0.0]
 
@@ -173,7 +174,9 @@ def test_probe_seconds_are_kept_out_of_training_seconds(data, monkeypatch):
         now[0] += 100.0
         return probe(self, *args, **kwargs)
 
-    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    clock = types.SimpleNamespace(perf_counter=perf_counter)
+    monkeypatch.setattr(loop, "time", clock)
+    monkeypatch.setattr(sys.modules[ProbeClock.__module__], "time", clock)  # the probes' clock (study.engine.noise)
     monkeypatch.setattr(NoiseScale, "probe", slow_probe)
     rows, _ = collect(paper_config(target="mean", lr=1e-3, batch_size=64, epochs=2, noise_every=4), data)
     assert [r[M.NOISE_PROBES] for r in rows] == [0, 3, 3] and rows[0][M.PROBE_SECONDS] == 0.0

@@ -18,40 +18,10 @@ import torch
 from study import metrics as M
 from study.engine.eval_schedule import settled
 from study.engine.lr_scaling import lr_at, scaled_lr, set_lr
-from study.engine.noise import NoiseScale
+from study.engine.noise import NoiseScale, ProbeClock
 from study.engine.train import epoch_generator, rng_state, set_rng_state, sync
 
 AUG_STATE = "aug_state"  # in a mid-epoch checkpoint: the augmentation generator's state at the checkpoint's step
-
-
-class ProbeClock:
-    """Seconds an evaluation interval spends inside noise probes, with no host sync per probe: on CUDA a pair of
-    events per probe, read once after the interval's closing sync; on CPU, where kernels run as they are called,
-    perf_counter."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.start_epoch()
-
-    def start_epoch(self) -> None:
-        self._events, self._seconds = [], 0.0
-
-    def start(self) -> None:
-        if self.cuda:
-            self._events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
-            self._events[-1][0].record()
-        else:
-            self._started = time.perf_counter()
-
-    def stop(self) -> None:
-        if self.cuda:
-            self._events[-1][1].record()
-        else:
-            self._seconds += time.perf_counter() - self._started
-
-    def seconds(self) -> float:
-        """The interval's probe seconds; on CUDA only after the device was synchronised."""
-        return self._seconds + sum(a.elapsed_time(b) for a, b in self._events) / 1000.0
 
 
 def fit(model, optimizer, batches, loss_fn: Callable, evaluate: Callable[[torch.nn.Module], dict], report: Callable,

@@ -40,6 +40,7 @@ Why this design (measured, one CPU thread; figures in benchmarks/RESULTS.md):
 """
 
 import math
+import time
 from collections.abc import Callable, Iterable
 
 import torch
@@ -196,3 +197,33 @@ class NoiseScale:
         self._trace.zero_()
         self._grad_sq.zero_()
         self.probes = 0
+
+
+class ProbeClock:
+    """Seconds an evaluation interval spends inside noise probes, with no host sync per probe: on CUDA a pair of
+    events per probe, read once after the interval's closing sync; on CPU, where kernels run as they are called,
+    perf_counter."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.start_epoch()
+
+    def start_epoch(self) -> None:
+        self._events, self._seconds = [], 0.0
+
+    def start(self) -> None:
+        if self.cuda:
+            self._events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            self._events[-1][0].record()
+        else:
+            self._started = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            self._events[-1][1].record()
+        else:
+            self._seconds += time.perf_counter() - self._started
+
+    def seconds(self) -> float:
+        """The interval's probe seconds; on CUDA only after the device was synchronised."""
+        return self._seconds + sum(a.elapsed_time(b) for a, b in self._events) / 1000.0

@@ -1,5 +1,5 @@
 """The trial of a steps-to-result study (`python -m study steps`): `train_steps(config, data)` as Tune runs it, and
-`run_steps`, the same trial without Ray (the tests call it directly).
+`run_steps_trial`, the same trial without Ray (the tests call it directly).
 
 The run trial's workload trial (study.engine.run_workload.WorkloadTrial: the model, the splits on the device or streamed
 from memory maps, the workload's prepare_train or prepare and augment, channels_last, AMP, the memory cap) in the
@@ -52,7 +52,7 @@ def train_steps(config: dict, data: dict | None) -> None:
     cfg, extra = split_config(config)
     workload = resolve(cfg.workload)
     trial = trial_device(tf32=cfg.tf32, benchmark=False)  # benchmark off: an epoch's last batch is smaller
-    run_steps(cfg, extra, workload, None if workload.memory_mapped else data, trial.device,
+    run_steps_trial(cfg, extra, workload, None if workload.memory_mapped else data, trial.device,
               reporter(trial.placement, seconds=CHECKPOINT_SECONDS), load_start(),
               memory_budget=trial.memory_budget, packed=trial.packed)
 
@@ -64,9 +64,9 @@ def screening(limits: S.TrialLimits, goals: list[Goal]):
     return status
 
 
-def run_steps(cfg: TrainConfig, extra: dict, workload: Workload, splits: dict | None, device: torch.device, report,
-              start: dict | None = None, *, memory_budget: int | None = None, packed: bool = False,
-              coarse: float | None = COARSE_FACTOR, screen: bool = True, refine: bool = True) -> dict:
+def run_steps_trial(cfg: TrainConfig, extra: dict, workload: Workload, splits: dict | None, device: torch.device,
+                    report, start: dict | None = None, *, memory_budget: int | None = None, packed: bool = False,
+                    coarse: float | None = COARSE_FACTOR, screen: bool = True, refine: bool = True) -> dict:
     """Train until the trial's limits end it; report(row, state) at every evaluation. Returns the last row.
     splits None: a memory-mapped workload's, opened here; memory_budget, packed: as for a run trial
     (study.engine.run_workload.WorkloadTrial, which sets up everything the two trials share). coarse: evaluate about this
