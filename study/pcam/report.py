@@ -15,7 +15,8 @@ import pandas as pd
 from analysis import noise_figures, stats
 from analysis.common import fold_lr_scaling
 from analysis.figures import ReportWriter, batch_axis, epoch_axis, fmt, legend_below, new_figure
-from analysis.load import Study, Trial, epoch_table
+from analysis.load import Study, epoch_table
+from analysis.trials import Trial
 from study import metrics as M
 
 # What analysis.papers reads of this paper (its study.json "study" value, title, stages, labels, config key).
