@@ -9,7 +9,7 @@ import pandas as pd
 
 from analysis import common, stats
 
-from study.mnist import report as mnist_report
+from study.mnist import report_time as mnist_time
 
 from study.pcam import report as pcam_report, report_auc as pcam_auc
 from analysis.figures import ReportWriter, new_figure
@@ -89,8 +89,8 @@ def test_auc_axis_stays_within_zero_and_one():
 def test_time_to_reach_names_what_it_leaves_out():
     table = pd.DataFrame({"target": ["mean", "mean", "std"], "batch_size": [16, 1024, 512],
                           "runs_reached": [3, 0, 0]})
-    assert mnist_report.not_reached(table) == "target mean: batch 1024; target std: batch 512"
-    assert mnist_report.not_reached(table.iloc[:1]) == ""
+    assert mnist_time.not_reached(table) == "target mean: batch 1024; target std: batch 512"
+    assert mnist_time.not_reached(table.iloc[:1]) == ""
 
 
 def test_short_node_ids_and_timeline_colours_by_configuration():
