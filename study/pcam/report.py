@@ -18,7 +18,8 @@ from analysis.common import fold_lr_scaling
 from analysis.figures import ReportWriter, batch_axis, epoch_axis, fmt, legend_below, new_figure
 from analysis.load import Study, epoch_table
 from study import metrics as M
-from study.pcam.report_auc import ALPHA, CONFIG, N_BOOT, SEED, STAGE, _of, config_table, config_tests, trial_table
+from study.pcam.report_auc import (ALPHA, CONFIG, N_BOOT, SEED, STAGE, config_table, config_tests, rows_of,
+                                   trial_table)
 
 # What analysis.papers reads of this paper (its study.json "study" value, title, stages, labels, config key).
 KIND = "pcam"
@@ -68,7 +69,7 @@ def best_description(configs: pd.DataFrame, best: tuple) -> str:
     """The reference configuration in words, with the validation AUC that chose it."""
     if not best:
         return "none (no configuration has both a validation and a test AUC)"
-    row = _of(configs, best).iloc[0]
+    row = rows_of(configs, best).iloc[0]
     return (", ".join(f"{k} {fmt(v)}" for k, v in zip(CONFIG, best))
             + f" (mean validation AUC {fmt(row['mean_val_auc'])}, test AUC {fmt(row['mean_test_auc'])})")
 

@@ -101,7 +101,7 @@ def reference_config(configs: pd.DataFrame) -> tuple:
     return tuple(top[k] for k in CONFIG)
 
 
-def _of(trials: pd.DataFrame, key: tuple) -> pd.DataFrame:
+def rows_of(trials: pd.DataFrame, key: tuple) -> pd.DataFrame:
     return trials[(trials[CONFIG] == pd.Series(dict(zip(CONFIG, key)))).all(axis=1)]
 
 
@@ -147,7 +147,7 @@ def config_tests(trials: pd.DataFrame, configs: pd.DataFrame, predictions: dict)
             continue
         record = {**dict(zip(CONFIG, key)), "test": "", "seeds": "", "test_auc": math.nan,
                   "reference_auc": math.nan, "difference": math.nan, "p_value": math.nan, "note": ""}
-        record.update(_compare(_of(trials, key), _of(trials, best), predictions))
+        record.update(_compare(rows_of(trials, key), rows_of(trials, best), predictions))
         rows.append(record)
     table = pd.DataFrame.from_records(rows, columns=[*CONFIG, "test", "seeds", "test_auc", "reference_auc",
                                                      "difference", "p_value", "note"])
