@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 
 from analysis.figures import ReportWriter, fmt, new_figure
-from analysis.load import Study, Trial
+from analysis.load import Study
+from analysis.trials import Trial
 from study import metrics as M
 from study.metrics import REPEATS
 

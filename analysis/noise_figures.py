@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.figures import ReportWriter, epoch_axis, new_figure
-from analysis.load import Trial
+from analysis.trials import Trial
 from study import metrics as M
 from study.metrics import trial_value
 

@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the checkout
 
 from study.pcam.augment import IMAGENET_MEAN, IMAGENET_STD, to_input  # noqa: E402
-from study.pcam import data as pcam  # noqa: E402
+from study.pcam import data as pcam, writer as pcam_writer  # noqa: E402
 from study.data.batches import PatchBatches  # noqa: E402
 from study.engine.memory import plan_uploads  # noqa: E402
 
@@ -44,7 +44,7 @@ def write_random_split(folder: Path, n: int) -> tuple[Path, Path]:
     """n random patches and labels as the official train split (random bytes: the content does not matter)."""
     rng = np.random.default_rng(0)
     blocks = (rng.integers(0, 256, (min(1024, n - s), 96, 96, 3), dtype=np.uint8) for s in range(0, n, 1024))
-    return pcam.write_split(folder, "train", blocks, rng.integers(0, 2, n), n=n)
+    return pcam_writer.write_split(folder, "train", blocks, rng.integers(0, 2, n), n=n)
 
 
 def torchvision_root(x_path: Path, y_path: Path, folder: Path) -> Path:

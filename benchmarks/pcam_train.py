@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from benchmarks.pcam_pipeline import per_item_transform, torchvision_root, write_random_split  # noqa: E402
 from study import metrics as M  # noqa: E402
 from study.pcam import stored  # noqa: E402
-from study.pcam import data as pcam  # noqa: E402
+from study.pcam import data as pcam, writer as pcam_writer  # noqa: E402
 from study.engine.memory import CUDA_CONTEXT_BYTES  # noqa: E402
 from study.engine.train import sync  # noqa: E402
 
@@ -62,7 +62,7 @@ def write_random_set(folder: Path, n: int, n_eval: int) -> Path:
     write_random_split(folder, n)
     rng = np.random.default_rng(1)
     for split in ("valid", "test"):
-        pcam.write_split(folder, split, rng.integers(0, 256, (n_eval, 96, 96, 3), dtype=np.uint8),
+        pcam_writer.write_split(folder, split, rng.integers(0, 256, (n_eval, 96, 96, 3), dtype=np.uint8),
                          rng.integers(0, 2, n_eval))
     return folder
 

@@ -1,6 +1,6 @@
 """A trial's stored rows: Tune's result.json, a JSON object per line, read one way by everything that reads it
-(study.commands.resume trims it, study.commands.steps_stopped primes its stopping rule from it, analysis.load reports
-it).
+(study.commands.resume trims it, study.commands.steps_stopped primes its stopping rule from it, analysis.trials
+reads it).
 
 Tune ends every row with a newline, so a last line without one was cut short (a killed driver, or a row being
 written now) even when what it holds parses; a line that is not a JSON object is corrupt. Each reader decides what

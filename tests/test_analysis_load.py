@@ -10,7 +10,8 @@ import math
 import pandas as pd
 import pytest
 
-from analysis.load import epoch_table, error_reason, open_study, parse_results, trial_table
+from analysis.load import epoch_table, open_study, trial_table
+from analysis.trials import error_reason, parse_results
 from study.errors import StudyError
 
 TUNE_ERROR = ("Failure # 1 (occurred at 2026-01-01_10-00-00)\n"

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
-from study.pcam import augment
+from study.pcam import augment, augment_u8
 from study.pcam.augment import IMAGENET_MEAN, IMAGENET_STD, to_input
 
 # The CUDA cases are marked `cuda` (benchmarks/gpu_check.py runs them with -m cuda) and skip without a GPU.
@@ -153,8 +153,8 @@ def test_grouped_zoom_is_grid_sample_at_the_quantised_factor():
     x, u = random_batch(64), torch.rand(64, generator=gen(3))
     sizes, s_min, s_max = augment._crop_sizes(u, 96, 0.1)
     assert (sizes > 96).any() and (sizes < 96).any()
-    y, order = augment._zoom_u8(x, None, None, sizes.numpy(), s_min, s_max)
-    y = y.index_select(0, torch.from_numpy(augment._inverse(order))).float()
+    y, order = augment_u8._zoom_u8(x, None, None, sizes.numpy(), s_min, s_max)
+    y = y.index_select(0, torch.from_numpy(augment_u8._inverse(order))).float()
     c = ((torch.arange(96) * 2 + 1) / 96 - 1) * sizes.view(64, 1) / 96
     grid = torch.stack(torch.broadcast_tensors(c.view(64, 1, 96), c.view(64, 96, 1)), dim=-1)
     ref = F.grid_sample(x.permute(0, 3, 1, 2).float(), grid, padding_mode="reflection", align_corners=False)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from study.pcam import data as pcam
+from study.pcam import data as pcam, writer as pcam_writer
 from study.data.batches import PatchBatches
 
 
@@ -80,7 +80,7 @@ def test_host_and_device_paths_give_identical_batches(prefetch):
 
 def test_reads_a_memmapped_split(tmp_path):
     x, y = indexed(40)
-    pcam.write_split(tmp_path, "train", x, y % 2)
+    pcam_writer.write_split(tmp_path, "train", x, y % 2)
     mx, my = pcam.load_split(tmp_path / pcam.file_name("train", "x"), tmp_path / pcam.file_name("train", "y"))
     assert isinstance(mx, np.memmap)
     out = collect(PatchBatches(mx, my, 16, "cpu"))

@@ -14,7 +14,7 @@ from study.engine import bridge
 from study.pcam import trainable as trainables
 from study.pcam.augment import to_input
 from study.pcam import stored
-from study.pcam import data as pcam_data
+from study.pcam import writer as pcam_writer
 from study.pcam.model import VGG16Patches
 from study.engine.train import make_optimizer
 from study.pcam.model import eval_logits
@@ -41,7 +41,7 @@ def capped():
 
 @pytest.fixture(scope="module")
 def tiny_pcam(tmp_path_factory):
-    return pcam_data.make_synthetic(tmp_path_factory.mktemp("pcam"), n_train=64, n_valid=32, n_test=32, seed=1)
+    return pcam_writer.make_synthetic(tmp_path_factory.mktemp("pcam"), n_train=64, n_valid=32, n_test=32, seed=1)
 
 
 def test_the_cap_holds_and_an_out_of_memory_trial_frees_what_it_took(capped, monkeypatch):

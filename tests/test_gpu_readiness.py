@@ -310,7 +310,7 @@ def test_the_analysis_reads_an_out_of_memory_trial_as_failed_with_its_message(tm
 
     import pyarrow.fs as pafs
 
-    from analysis.load import _read_trial
+    from analysis.trials import _read_trial
 
     folder = tmp_path / "train_pcam_00000"
     folder.mkdir()

@@ -23,7 +23,7 @@ from study.pcam import command as pcam_cli
 from study.pcam import trainable as pcam_trainable
 from study.pcam import stored
 from study.pcam import kaggle
-from study.pcam import data as pcam_data
+from study.pcam import data as pcam_data, writer as pcam_writer
 from study.data.locks import step_lock
 from study.errors import StudyError
 from tests.test_kaggle import make_folder
@@ -215,7 +215,7 @@ def test_kaggle_conversion_leaves_no_lock_file(tmp_path):
 def _fetch_gzipped_pcam_with_a_chunked_train_x(root) -> Path:
     """A stand-in for PCam's download (no network): the official layout, gzipped, its train patches stored in
     chunks so that loading converts them into the cache (the second locked step)."""
-    out = pcam_data.make_synthetic(Path(root) / "pcam", 8, 4, 4)
+    out = pcam_writer.make_synthetic(Path(root) / "pcam", 8, 4, 4)
     x = out / pcam_data.file_name("train", "x")
     with h5py.File(x, "r") as f:
         patches = f["x"][()]

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from cluster_procs import free_port
-from study.commands import lease
+from study.commands import lease, lease_file
 from study.errors import StudyError
 from study.metrics import LEASE_FILE, STUDY_FILE
 from study.commands.study_folder import StudyFolder
@@ -32,7 +32,7 @@ FAST = dict(every=0.1, missed=5, settle=0.2)  # stale after 0.5 s without a hear
 # A driver's start, as open_study takes the lease: holds the folders named, prints "held", renews every 0.1 s.
 HOLDER = textwrap.dedent("""
     import sys, time
-    from study.commands import lease
+    from study.commands import lease, lease_file
     from study.commands.study_folder import StudyFolder
     held = [lease.take(StudyFolder(sys.argv[1], name), every=0.1) for name in sys.argv[2:]]
     print("held", flush=True)
@@ -58,7 +58,7 @@ def write_lease(folder: StudyFolder, **fields) -> None:
 
 def read_lease(folder: StudyFolder) -> dict | None:
     if "://" not in folder.uri:  # as drivers read it: under its lock (a renewal rewrites it in place)
-        with lease._locked(f"{folder.path}/{LEASE_FILE}") as fd:
+        with lease_file.locked(f"{folder.path}/{LEASE_FILE}") as fd:
             return None if fd is None else json.loads(os.pread(fd, 1 << 16, 0))
     for attempt in range(20):  # S3 through pyarrow: a size, then byte ranges; a renewal in between reads torn
         try:

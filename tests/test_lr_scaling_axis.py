@@ -47,7 +47,7 @@ def test_two_rules_are_a_grid_axis_with_the_same_seeds(local_ray, tmp_path):
 
 def test_fold_joins_the_rule_only_when_several_ran():
     from analysis.common import base_value, fold_lr_scaling
-    from analysis.load import Trial
+    from analysis.trials import Trial
 
     one = [Trial("grid", f"t{i}", "", {"optimizer": "sgd", "lr_scaling": "none"}) for i in range(2)]
     assert not fold_lr_scaling(one, "optimizer") and [t.config["optimizer"] for t in one] == ["sgd", "sgd"]

@@ -8,7 +8,7 @@ import pytest
 
 from analysis import noise_figures
 from analysis.figures import ReportWriter, new_figure
-from analysis.load import Trial
+from analysis.trials import Trial
 from study import metrics as M
 from study.engine.noise import trial_value
 

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from study.pcam import data as pcam
+from study.pcam import data as pcam, writer as pcam_writer
 from study.errors import StudyError
 
 SIZES = {"train": 6, "valid": 4, "test": 5}
@@ -22,7 +22,7 @@ def write_set(folder: Path, seed: int = 0, test_labels: bool = True) -> dict:
     for split, n in SIZES.items():
         x = rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8)
         y = rng.integers(0, 2, n).astype(np.uint8)
-        pcam.write_split(folder, split, x, y if split != "test" or test_labels else None)
+        pcam_writer.write_split(folder, split, x, y if split != "test" or test_labels else None)
         arrays[split] = (x, y)
     return arrays
 
@@ -210,18 +210,18 @@ def test_chunked_dataset_is_converted_once_to_npy(official, monkeypatch):
 
 def test_write_split_streams_blocks(tmp_path):
     x = np.random.default_rng(1).integers(0, 256, (7, 96, 96, 3), dtype=np.uint8)
-    x_path, y_path = pcam.write_split(tmp_path, "valid", [x[:3], x[3:]], np.ones(7), n=7)
+    x_path, y_path = pcam_writer.write_split(tmp_path, "valid", [x[:3], x[3:]], np.ones(7), n=7)
     np.testing.assert_array_equal(pcam.load_split(x_path, y_path)[0], x)
     with pytest.raises(StudyError, match="expected 8"):
-        pcam.write_split(tmp_path, "valid", [x], None, n=8)
+        pcam_writer.write_split(tmp_path, "valid", [x], None, n=8)
     with pytest.raises(StudyError, match="unknown PCam split"):
-        pcam.write_split(tmp_path, "val", x, None)
+        pcam_writer.write_split(tmp_path, "val", x, None)
 
 
 def test_synthetic_set_is_deterministic_balanced_and_learnable(tmp_path):
-    a = pcam.make_synthetic(tmp_path / "a", seed=3)
-    b = pcam.make_synthetic(tmp_path / "b", seed=3)
-    c = pcam.make_synthetic(tmp_path / "c", seed=4)
+    a = pcam_writer.make_synthetic(tmp_path / "a", seed=3)
+    b = pcam_writer.make_synthetic(tmp_path / "b", seed=3)
+    c = pcam_writer.make_synthetic(tmp_path / "c", seed=4)
     files = pcam.locate(a)
     assert pcam.verify(files) == {"train": 64, "valid": 24, "test": 24}
     xa, ya = pcam.load_split(*files["train"])

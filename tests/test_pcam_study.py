@@ -19,7 +19,7 @@ from analysis import report as analysis_report
 from study import metrics as M
 from study.pcam import command as cli
 from study.pcam import stored
-from study.pcam import data as pcam_data
+from study.pcam import data as pcam_data, writer as pcam_writer
 from study.errors import StudyError
 from study.pcam.model import VGG16_BLOCK_ENDS, VGG16Patches, vgg16_features_state
 from study.pcam.trainable import auc, bce, run_pcam
@@ -34,7 +34,7 @@ def pcam_config(**values):
 
 @pytest.fixture(scope="module")
 def tiny_pcam(tmp_path_factory):
-    return pcam_data.make_synthetic(tmp_path_factory.mktemp("pcam"), n_train=16, n_valid=8, n_test=8, seed=1)
+    return pcam_writer.make_synthetic(tmp_path_factory.mktemp("pcam"), n_train=16, n_valid=8, n_test=8, seed=1)
 
 
 def test_auc_hand_checked():

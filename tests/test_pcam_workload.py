@@ -143,10 +143,10 @@ def test_workload_cli_smoke_study(ray_here, tmp_path):
 
 def test_memory_mapped_splits_are_uploaded_only_when_the_budget_holds_them(tmp_path):
     from study.engine.config import TrainConfig
-    from study.pcam import data as pcam_data
+    from study.pcam import writer as pcam_writer
     from study.engine.run_workload import streamed
 
-    pcam_data.make_synthetic(tmp_path, n_train=8, n_valid=4, n_test=4)
+    pcam_writer.make_synthetic(tmp_path, n_train=8, n_valid=4, n_test=4)
     workload = resolve("pcam")
     options = workload.option_values({"data_dir": str(tmp_path), "weights": "none"})
     splits = workload.load(options)

@@ -9,9 +9,9 @@ import pandas as pd
 
 from analysis import common, stats
 
-from study.mnist import report as mnist_report
+from study.mnist import report_time as mnist_time
 
-from study.pcam import report as pcam_report
+from study.pcam import report as pcam_report, report_auc as pcam_auc
 from analysis.figures import ReportWriter, new_figure
 
 
@@ -29,7 +29,7 @@ def paired(rows):
         dict(optimizer=o, lr=lr, batch_size=b, test="DeLong", seeds="0 vs 0", test_auc=0.8, reference_auc=0.9,
              difference=-0.1, p_value=p, note="") for o, lr, b, p in rows])
     table["p_holm"] = stats.holm(table["p_value"])
-    table["significant"] = table["p_holm"] < pcam_report.ALPHA
+    table["significant"] = table["p_holm"] < pcam_auc.ALPHA
     return table
 
 
@@ -43,12 +43,12 @@ def test_the_reference_is_chosen_on_validation_and_named_with_it(tmp_path):
     # adam wins on test AUC, sgd batch 8 on validation AUC: the reference is the validation winner
     cfg = configs(("sgd", 0.01, 8, 0.9, 0.85, 0.95, 0.97), ("adam", 1e-4, 16, 0.95, 0.9, 0.99, 0.93),
                   ("sgd", 0.01, 16, 0.7, 0.5, 0.9, 0.97))
-    best = pcam_report.reference_config(cfg)
+    best = pcam_auc.reference_config(cfg)
     assert best == ("sgd", 0.01, 8)  # the tie on validation goes to the first in grid order
     text = written(tmp_path, cfg, paired([("adam", 1e-4, 16, 0.5), ("sgd", 0.01, 16, 0.5)]), best)
     assert "Reference configuration: optimizer sgd, lr 0.01, batch_size 8 (mean validation AUC 0.97" in text
     no_val = cfg.assign(mean_val_auc=math.nan)
-    assert pcam_report.reference_config(no_val) == ()
+    assert pcam_auc.reference_config(no_val) == ()
 
 
 def test_auc_csvs_hold_numbers_and_footnotes_stand_only_under_marks(tmp_path):
@@ -73,7 +73,7 @@ def test_trials_table_gives_momentum_to_sgd_only():
                                                           "run": 0, "momentum": 0.9},
                                outcome="done", rows=[{}], checkpoint_files=[], last=lambda k, d=math.nan: d)
     study = SimpleNamespace(trials=lambda stage: [trial("sgd", "a"), trial("adam", "b")])
-    table, _ = pcam_report.trial_table(study)
+    table, _ = pcam_auc.trial_table(study)
     momentum = dict(zip(table["optimizer"], table["momentum"]))
     assert momentum["sgd"] == 0.9 and (momentum["adam"] is None or math.isnan(momentum["adam"]))
 
@@ -89,8 +89,8 @@ def test_auc_axis_stays_within_zero_and_one():
 def test_time_to_reach_names_what_it_leaves_out():
     table = pd.DataFrame({"target": ["mean", "mean", "std"], "batch_size": [16, 1024, 512],
                           "runs_reached": [3, 0, 0]})
-    assert mnist_report.not_reached(table) == "target mean: batch 1024; target std: batch 512"
-    assert mnist_report.not_reached(table.iloc[:1]) == ""
+    assert mnist_time.not_reached(table) == "target mean: batch 1024; target std: batch 512"
+    assert mnist_time.not_reached(table.iloc[:1]) == ""
 
 
 def test_short_node_ids_and_timeline_colours_by_configuration():

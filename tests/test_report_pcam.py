@@ -217,7 +217,7 @@ def test_one_bad_seed_or_a_test_chosen_winner_is_not_a_difference():
     and two better ones, and "lucky" has the best test AUC but not the best validation AUC: the reference is
     chosen on validation, and a paired t-test over seeds, Holm-corrected, marks neither."""
     from analysis import stats
-    from study.pcam import report as pcam_report
+    from study.pcam import report_auc as pcam_report
 
     trials, predictions, labels = _constructed(
         {("adam", 0.001): [1.0, 1.0, 1.0], ("sgd", 0.01): [0.4, 1.15, 1.2], ("lucky", 0.1): [1.3, 0.9, 1.1]},
@@ -240,7 +240,7 @@ def test_single_seeds_use_delong_and_holm_counts_every_comparison():
     """One seed per configuration: DeLong against the reference's trial on the same images; among five
     configurations one at an uncorrected p just under 0.05 is not marked after Holm, a clear one still is."""
     from analysis import stats
-    from study.pcam import report as pcam_report
+    from study.pcam import report_auc as pcam_report
 
     effects = {("adam", 0.001): [1.0], ("sgd", 0.01): [0.3], ("a", 1): [1.0], ("b", 2): [1.02], ("c", 3): [0.98],
                ("d", 4): [0.97]}

@@ -1,7 +1,7 @@
 """study.result_rows, the one reader of a trial's result.json: what it makes of blank, corrupt and cut lines, and
 that resume's trimming and the report read the same rows from one file."""
 
-from analysis.load import parse_results
+from analysis.trials import parse_results
 from study.commands.resume import trimmed_results
 from study.result_rows import result_lines, rows
 

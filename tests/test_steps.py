@@ -76,7 +76,8 @@ def test_step_budgets_starve_no_batch_size_and_the_epoch_rule_stays():
 
 def test_budget_flags_and_the_budget_of_a_study_stored_before_the_sqrt_rule():
     from study.errors import StudyError
-    from study.commands.steps_study import budgets_of, fill, parser
+    from study.commands.steps_args import budgets_of, fill
+    from study.commands.steps_study import parser
     from study.workload import resolve
 
     digits = str(Path(__file__).resolve().parents[1] / "examples" / "digits_workload.py")

@@ -96,7 +96,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_one_momentum_for_every_configuration_instead_of_sampling_it(tmp_path, capsys):
-    from study.commands.steps_study import fill, parser
+    from study.commands.steps_args import fill
+    from study.commands.steps_study import parser
 
     workload = resolve(DIGITS)
     args = fill(parser(workload).parse_args([DIGITS, "--optimizer", "sgd", "--momentum", "0"]), workload, 1000)
@@ -121,7 +122,8 @@ def test_bad_training_flag_is_one_line_and_exit_2_before_anything_is_written(tmp
 
 def test_too_few_training_examples_for_the_default_batch_sizes_suggests_batch_sizes():
     from study.errors import StudyError
-    from study.commands.steps_study import fill, parser
+    from study.commands.steps_args import fill
+    from study.commands.steps_study import parser
 
     workload = resolve(DIGITS)
     args = parser(workload).parse_args([DIGITS])

@@ -13,7 +13,7 @@ from study import metrics as M
 from study.engine import run_workload
 from study.engine import steps as S
 from study.engine.config import TrainConfig
-from study.pcam import data as pcam_data
+from study.pcam import writer as pcam_writer
 from study.engine.steps import BUDGET, CHANCE, CONFIG, GOAL
 from study.engine.eval_schedule import coarse_steps
 from study.engine.steps_trial import COARSE_FACTOR, GOALS, run_steps_trial
@@ -55,7 +55,7 @@ def test_a_steps_trial_streams_memory_mapped_pcam_splits_and_augments_them(tmp_p
     """PCam's splits are memory maps: the trial opens them itself (splits None, as train_steps passes for a
     memory-mapped workload) and reads its batches from the files (PatchBatches), augmented by PCam's prepare_train;
     the test split is not touched."""
-    pcam_data.make_synthetic(tmp_path, n_train=8, n_valid=4, n_test=4)
+    pcam_writer.make_synthetic(tmp_path, n_train=8, n_valid=4, n_test=4)
     workload = resolve("pcam")
     streamed, augmented = [], []
 

@@ -15,7 +15,8 @@ import pyarrow.fs as pafs
 import pytest
 from tensorboard.plugins.hparams import api_pb2
 
-from analysis.load import Trial as StoredTrial, _read_trial, open_study
+from analysis.load import open_study
+from analysis.trials import Trial as StoredTrial, _read_trial
 from analysis.report import main as report_main
 from study import metrics as M
 from study.__main__ import main

@@ -19,7 +19,7 @@ from analysis import report
 from study import __main__ as study_main
 from study.mnist import command as mnist_cli
 from study.data import cifar
-from study.pcam import data as pcam_data
+from study.pcam import data as pcam_data, writer as pcam_writer
 from study.errors import StudyError
 from tests.test_kaggle import make_folder
 
@@ -127,7 +127,7 @@ def test_bytes_as_protocol_2_writes_them_but_no_other_codec(tmp_path):
 
 
 def gzipped_pcam(root: Path) -> Path:
-    out = pcam_data.make_synthetic(root, 4, 2, 2)
+    out = pcam_writer.make_synthetic(root, 4, 2, 2)
     for h5 in out.glob("*.h5"):
         h5.with_name(h5.name + ".gz").write_bytes(gzip.compress(h5.read_bytes(), compresslevel=1))
         h5.unlink()

@@ -11,7 +11,8 @@ import pytest
 from scipy import stats as scipy_stats
 
 from analysis import workload_tables as T
-from analysis.load import WORKLOAD_FILE, Trial
+from analysis.load import WORKLOAD_FILE
+from analysis.trials import Trial
 
 
 def spec(**changes) -> T.Spec:

@@ -9,7 +9,8 @@ process has exited (a SIGKILLed driver leaves its lease behind). Heartbeats are 
 with the reader's: the machines' clocks must agree to well within that time (NTP does).
 
 Local folders (and shared filesystems with POSIX locks, e.g. NFSv4): the lease is created with O_CREAT|O_EXCL
-and read, renewed, taken over and removed only under flock on the file itself, so no two drivers both win.
+and read, renewed, taken over and removed only under flock on the file itself (lease_file.py), so no two drivers
+both win.
 Remote stores through pyarrow (s3://, gs://) have no atomic create: a driver writes the lease with a token of its
 own, waits SETTLE_S seconds and reads it back; whoever's token is there holds the folder and the others are
 refused. Two drivers both win only when one of them stalls for longer than SETTLE_S between reading the lease
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from study.commands.lease_file import locked, parse, read, rewrite, token
 from study.errors import StudyError
 from study.metrics import LEASE_FILE
 
@@ -158,14 +160,14 @@ class Lease:
             self._thread.join(timeout=10)
         try:
             if self.local:
-                with _locked(self.path) as fd:
-                    if fd is not None and _token(_read(fd)) == self.mine["token"]:
+                with locked(self.path) as fd:
+                    if fd is not None and token(read(fd)) == self.mine["token"]:
                         os.unlink(self.path)
                 for folder in self._made:
                     folder.rmdir()  # OSError once it is not empty: the study, or someone else's files
             else:
                 held, _ = self._read_remote()
-                if _token(held) == self.mine["token"]:
+                if token(held) == self.mine["token"]:
                     self.folder.fs.delete_file(self.path)
         except OSError:
             pass  # the lease goes stale on its own: no heartbeat from now on
@@ -192,7 +194,7 @@ class Lease:
             return False
         try:  # a reader between the create and the lock finds it empty and new: in use, as it is
             fcntl.flock(fd, fcntl.LOCK_EX)
-            _rewrite(fd, self._encoded())
+            rewrite(fd, self._encoded())
         finally:
             os.close(fd)
         return True
@@ -202,21 +204,21 @@ class Lease:
         self._made = [p for p in (folder, *folder.parents) if not p.exists()]
         folder.mkdir(parents=True, exist_ok=True)
         while not self._create_local():
-            with _locked(self.path) as fd:
+            with locked(self.path) as fd:
                 if fd is not None:  # else given back meanwhile: create it again
-                    self._refuse_or_note(_read(fd), os.fstat(fd).st_mtime)
-                    _rewrite(fd, self._encoded())
+                    self._refuse_or_note(read(fd), os.fstat(fd).st_mtime)
+                    rewrite(fd, self._encoded())
                     return
 
     def _renew_local(self) -> str | None:
         """Renew the heartbeat; the holder in words when another driver holds the lease now."""
         while True:
-            with _locked(self.path) as fd:
+            with locked(self.path) as fd:
                 if fd is not None:
-                    held = _read(fd)
-                    if _token(held) != self.mine["token"]:
+                    held = read(fd)
+                    if token(held) != self.mine["token"]:
                         return self._judge(held, os.fstat(fd).st_mtime)[1]
-                    _rewrite(fd, self._encoded())
+                    rewrite(fd, self._encoded())
                     return None
             if self._create_local():  # removed by hand while this driver runs: ours again
                 return None
@@ -232,7 +234,7 @@ class Lease:
                 return None, None
             try:
                 with self.folder.fs.open_input_stream(self.path) as src:
-                    held = _parse(src.read())
+                    held = parse(src.read())
             except FileNotFoundError:  # given back between the two calls
                 return None, None
             if held is not None or attempt == tries - 1:
@@ -248,59 +250,12 @@ class Lease:
         self._write_remote()
         time.sleep(self.settle)
         held, mtime = self._read_remote()
-        if _token(held) != self.mine["token"]:  # another driver wrote after this one: it holds the folder
+        if token(held) != self.mine["token"]:  # another driver wrote after this one: it holds the folder
             raise self._refusal(self._judge(held, mtime)[1])
 
     def _renew_remote(self) -> str | None:
         held, mtime = self._read_remote()
-        if mtime is not None and _token(held) != self.mine["token"]:
+        if mtime is not None and token(held) != self.mine["token"]:
             return self._judge(held, mtime)[1]
         self._write_remote()
         return None
-
-
-def _parse(raw: bytes) -> dict | None:
-    """A lease as written by Lease; None when the bytes are not one (cut short, empty while being created)."""
-    try:
-        held = json.loads(raw)
-    except ValueError:
-        return None
-    ok = isinstance(held, dict) and isinstance(held.get("heartbeat"), (int, float)) and "token" in held
-    return held if ok else None
-
-
-def _token(held: dict | None) -> str | None:
-    return (held or {}).get("token")
-
-
-def _read(fd: int) -> dict | None:
-    return _parse(os.pread(fd, 1 << 16, 0))
-
-
-@contextlib.contextmanager
-def _locked(path: str):
-    """The lease file, open and flock'ed; None when there is none. A file given back while this waited for the
-    lock is looked up again."""
-    while True:
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except FileNotFoundError:
-            yield None
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                current = os.stat(path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                current = False
-            if current:
-                yield fd
-                return
-        finally:
-            os.close(fd)  # and with it the lock
-
-
-def _rewrite(fd: int, data: bytes) -> None:
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, data, 0)
-    os.fsync(fd)

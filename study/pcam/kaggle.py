@@ -19,7 +19,8 @@ import pandas as pd
 from PIL import Image
 
 from study.data.locks import step_lock
-from study.pcam.data import SHAPE, SPLITS, file_name, write_split
+from study.pcam.data import SHAPE, SPLITS, file_name
+from study.pcam.writer import write_split
 from study.errors import StudyError
 from study.data.progress import Progress
 

@@ -21,7 +21,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 from study import metrics as M
 from study.pcam.augment import to_input
 from study.pcam import kaggle
-from study.pcam import data as pcam_data
+from study.pcam import data as pcam_data, writer as pcam_writer
 from study.errors import StudyError
 from study.pcam.model import VGG16Patches, vgg16_features_state
 from study.pcam.options import OPTIONS, check_options
@@ -39,7 +39,7 @@ def data_folder(options: dict) -> Path:
     if options["synthetic"]:
         folder = Path(tempfile.gettempdir()) / SMOKE_FOLDER
         if not (folder / pcam_data.file_name("test", "y")).is_file():
-            pcam_data.make_synthetic(folder, **SMOKE_SIZES)
+            pcam_writer.make_synthetic(folder, **SMOKE_SIZES)
         return folder
     if not options["data_dir"]:
         raise StudyError("no data: pass --data-dir DIR (add --download to fetch PCam there), or --smoke")
