@@ -251,16 +251,26 @@ def test_steps_study_through_tune(local_ray, tmp_path, monkeypatch, tensorboard_
 
 
 @pytest.mark.slow
-def test_run_steps_from_python_gives_a_tune_callback_every_result(local_ray, tmp_path, result_recorder):
+@pytest.mark.parametrize("workload", [DIGITS, "mnist-cnn"])
+def test_run_steps_from_python_gives_a_tune_callback_every_result(local_ray, tmp_path, result_recorder, workload):
+    """Also the screen through Tune: mnist-cnn's val_error declares its bounds, so its smoke trial (a goal of 1 %,
+    out of reach on the smoke data) stores screened rows, NaN and the examples they scored, and a whole last row."""
     import study
 
     seen = result_recorder()
-    uri = study.run_steps(DIGITS, smoke=True, configs=1, batch_sizes=[16], budget_epochs=1.0, gpus_per_trial=0,
+    uri = study.run_steps(workload, smoke=True, configs=1, batch_sizes=[16], budget_epochs=1.0, gpus_per_trial=0,
                           storage_path=str(tmp_path), name="s", callbacks=[seen])
     rows = [r for trial_rows in stored(Path(uri)).values() for r in trial_rows]
     assert len(rows) >= 2 and rows[-1]["step"] > 0
-    key = lambda r: (r["trial_id"], r["training_iteration"], r["step"], r["val_error"])  # noqa: E731
+    key = lambda r: (r["trial_id"], r["training_iteration"], r["step"], str(r["val_error"]))  # noqa: E731 (NaN)
     assert sorted(map(key, seen.results)) == sorted(map(key, rows))
+    screened = [r for r in rows if r.get(M.SCREENED)]
+    if workload == DIGITS:  # declares no bounds: never screened
+        assert screened == []
+    else:
+        val = json.loads((Path(uri) / M.STUDY_FILE).read_text())["data"]["val"]  # the split's size, as stored
+        assert screened and all(math.isnan(r["val_error"]) and 0 < r[M.EVAL_EXAMPLES] < val for r in screened)
+        assert not rows[-1].get(M.SCREENED) and math.isfinite(rows[-1]["val_error"]), rows[-1]
     with pytest.raises(StudyError, match="callbacks must be a list of ray.tune.Callback"):
         study.run_steps(DIGITS, smoke=True, storage_path=str(tmp_path), name="t", callbacks=[print])
     assert not (tmp_path / "t").exists()
