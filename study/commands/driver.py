@@ -88,6 +88,18 @@ def drive(command: Command, args, tune_callbacks: list = ()) -> tuple[int, str]:
     return finished(folder.uri, results), folder.uri
 
 
+def paper_defaults(parser: argparse.ArgumentParser, args, defaults: dict, smoke: dict, name: str):
+    """A paper's parsed flags completed: its defaults (`smoke`'s with --smoke) for every flag not given, and the
+    study's name (default: `name`, `name`-smoke with --smoke, and the time); --resume needs --name."""
+    for key, value in (smoke if args.smoke else defaults).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.resume and not args.name:
+        parser.error("--resume needs --name: the study folder to continue")
+    args.name = args.name or default_name(f"{name}-smoke" if args.smoke else name)
+    return args
+
+
 def resumed(args, command: Command, name: str, before: dict | None = None) -> argparse.Namespace:
     """The study's name (default: `name` and the time) and storage checked and, with --resume, the stored arguments
     (study.commands.study_folder.restore_args; `before`: what a study stored before an option existed ran with)."""

@@ -80,6 +80,17 @@ def _choice(name, value, allowed):
         raise StudyError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
 
 
+def stored_keys(stored, known: dict, what: str) -> dict:
+    """A trial config stored in a layout of its own (a paper's) completed with `known`'s defaults; not a dict, or a
+    key `known` lacks, refused in one line."""
+    if not isinstance(stored, dict):
+        raise StudyError(f"{what} must be a dict, got {type(stored).__name__}")
+    unknown = sorted(set(stored) - set(known))
+    if unknown:
+        raise StudyError(f"unknown {what} keys: {', '.join(unknown)}; known: {', '.join(known)}")
+    return {**known, **stored}
+
+
 def _from_dict(cls, values: dict):
     if not isinstance(values, dict):
         raise StudyError(f"{cls.__name__} needs a dict, got {type(values).__name__}")

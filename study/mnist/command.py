@@ -31,7 +31,6 @@ from study.commands.tensorboard import StudyTensorBoard, write_experiment
 from study.mnist import board
 from study.mnist import stored
 from study.mnist.trainable import train_mnist
-from study.commands.study_folder import default_name
 from study.commands.tuning import add_common_args, check_common_args, grid_axis
 from study.mnist.workload import TARGETS, read, workload
 
@@ -80,13 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     fine_factors=list(SEARCH["fine_factors"]), batch_sizes=list(workload.defaults["batch_sizes"]),
                     runs=len(workload.defaults["seeds"]), epochs=workload.defaults["epochs"],
                     val_size=OPTIONS["val_size"].default, train_limit=0, test_limit=0)
-    for key, value in (SMOKE if args.smoke else defaults).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.resume and not args.name:
-        p.error("--resume needs --name: the study folder to continue")
-    args.name = args.name or default_name("mnist-smoke" if args.smoke else "mnist")
-    return args
+    return driver.paper_defaults(p, args, defaults, SMOKE, "mnist")
 
 
 def check_flags(args) -> None:

@@ -8,8 +8,7 @@ trial, resumed or new, of either age is mapped here alone. Imports no torch: ana
 
 import dataclasses
 
-from study.engine.config import NOISE_EVERY, TrainConfig
-from study.errors import StudyError
+from study.engine.config import NOISE_EVERY, TrainConfig, stored_keys
 
 WORKLOAD = "mnist-regression"  # study/mnist/workload.py
 # Every stored key with the value a trial that stores none ran with (the stored layout's defaults).
@@ -26,12 +25,7 @@ FIXED = dict(workload=WORKLOAD, weight_decay=0.0, schedule="constant", final_lr_
 
 def train_config(stored: dict) -> TrainConfig:
     """A stored trial config (any age of the layout) as the TrainConfig its trial runs; unknown keys refused."""
-    if not isinstance(stored, dict):
-        raise StudyError(f"an MNIST trial config must be a dict, got {type(stored).__name__}")
-    unknown = sorted(set(stored) - set(DEFAULTS))
-    if unknown:
-        raise StudyError(f"unknown MNIST trial config keys: {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
-    values = {k: v for k, v in {**DEFAULTS, **stored}.items() if k not in LABELS}
+    values = {k: v for k, v in stored_keys(stored, DEFAULTS, "MNIST trial config").items() if k not in LABELS}
     options = {k: _plain(values.pop(k)) for k in OPTIONS}
     return TrainConfig.from_dict(dict(values, **FIXED, options=options))
 

@@ -32,7 +32,6 @@ from study.pcam.model import vgg16_features_state
 from study.commands.tensorboard import StudyTensorBoard, write_experiment
 from study.pcam import board
 from study.pcam.trainable import train_pcam
-from study.commands.study_folder import default_name
 from study.commands.tuning import add_common_args, check_common_args, grid_axis
 from study.pcam import workload as pcam_workload
 
@@ -76,13 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     defaults = dict(batch_sizes=list(pcam_workload.BATCH_SIZES), optimizers=list(OPTIMIZERS), sgd_lrs=list(LRS["sgd"]),
                     adam_lrs=list(LRS["adam"]), epochs=55, weights="imagenet", eval_batch_size=512,
                     noise_every=NOISE_EVERY)
-    for key, value in (SMOKE if args.smoke else defaults).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.resume and not args.name:
-        p.error("--resume needs --name: the study folder to continue")
-    args.name = args.name or default_name("pcam-smoke" if args.smoke else "pcam")
-    return args
+    return driver.paper_defaults(p, args, defaults, SMOKE, "pcam")
 
 
 def options_of(args) -> dict:

@@ -9,7 +9,7 @@ workload's no_flip and no_rot90, inverted. Imports no torch: analysis may read t
 
 import dataclasses
 
-from study.engine.config import NOISE_EVERY, TrainConfig
+from study.engine.config import NOISE_EVERY, TrainConfig, stored_keys
 from study.errors import StudyError
 
 WORKLOAD = "pcam"  # study/pcam/workload.py
@@ -59,12 +59,7 @@ def stored_config(cfg: TrainConfig, checkpoint_every: int = 1) -> dict:
 
 
 def _complete(stored: dict) -> dict:
-    if not isinstance(stored, dict):
-        raise StudyError(f"a PCam trial config must be a dict, got {type(stored).__name__}")
-    unknown = sorted(set(stored) - set(DEFAULTS))
-    if unknown:
-        raise StudyError(f"unknown PCam trial config keys: {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
-    return {**DEFAULTS, **stored}
+    return stored_keys(stored, DEFAULTS, "PCam trial config")
 
 
 def _plain(value):
